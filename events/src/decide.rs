@@ -1,0 +1,535 @@
+//! `decide`: the pure verdict on one publish/play request. No I/O, no clock, no randomness.
+//!
+//! Order: app → stream resolution (publish-name mapping, registered-only) → CIDR gate →
+//! any-of the enabled methods. When no method accepts, the denial names the most specific
+//! failure (an expired token says `token_expired`, not `token_not_found`); when the app also
+//! asks a webhook, the verdict is `AskWebhook` and the shell makes the call.
+
+use std::sync::Arc;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+use hmac::{Hmac, KeyInit, Mac};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::decision::{AccessRequest, Decision, Effect, Outcome, Reason};
+use crate::event::token_id;
+use crate::ids::{Action, AppName, StreamName, Timestamp, cidrs_allow};
+use crate::policy::Method;
+use crate::secret::{Sha256Digest, ct_eq};
+use crate::state::{App, AuthState, TokenStatus};
+
+/// What one method says about a request.
+enum Check {
+    Allow {
+        subject: Option<String>,
+        effects: Vec<Effect>,
+    },
+    /// The request carries no credential of this method's shape.
+    Absent,
+    /// Refused; `specificity` ranks how surely the credential was meant for this method
+    /// (0: could be anything, 3: recognised and specifically wrong).
+    Deny(Reason, u8),
+}
+
+/// The inputs every method check shares.
+struct Ctx<'a> {
+    app_name: &'a AppName,
+    app: &'a App,
+    req: &'a AccessRequest,
+    /// The public name, after publish-name mapping.
+    stream: &'a StreamName,
+    now: Timestamp,
+}
+
+pub fn decide(state: &AuthState, req: &AccessRequest, now: Timestamp) -> Decision {
+    let deny = |reason: Reason, stream: &StreamName| Decision {
+        id: req.id,
+        outcome: Outcome::Deny,
+        reason,
+        method: None,
+        subject: None,
+        stream: stream.clone(),
+        position: state.position(),
+        effects: Vec::new(),
+    };
+
+    let Some((app_name, app)) = state.apps.get_key_value(&req.app) else {
+        return deny(Reason::AppNotFound, &req.stream);
+    };
+    let policy = app.policy.for_action(req.action);
+
+    let (stream, registered) = match resolve_stream(app, req) {
+        Ok(found) => found,
+        Err(reason) => return deny(reason, &req.stream),
+    };
+    if !registered && !policy.accept_undefined_streams {
+        return deny(Reason::StreamNotRegistered, stream);
+    }
+    if !cidrs_allow(&policy.cidrs, req.client_ip) {
+        return deny(Reason::CidrDenied, stream);
+    }
+    if policy.methods.is_empty() {
+        return deny(Reason::NoMethodEnabled, stream);
+    }
+
+    let ctx = Ctx {
+        app_name,
+        app,
+        req,
+        stream,
+        now,
+    };
+    let mut best: Option<(Reason, u8, Method)> = None;
+    // Cheapest and effect-free first; methods that consume something last.
+    for method in [
+        Method::Open,
+        Method::Hash,
+        Method::Hmac,
+        Method::Jwt,
+        Method::OneTimeToken,
+        Method::Totp,
+    ] {
+        if !policy.methods.contains(&method) {
+            continue;
+        }
+        let check = match method {
+            Method::Open => Check::Allow {
+                subject: None,
+                effects: Vec::new(),
+            },
+            Method::Hash => check_hash(&ctx),
+            Method::Hmac => check_hmac(&ctx),
+            Method::Jwt => check_jwt(&ctx),
+            Method::OneTimeToken => check_one_time(state, &ctx),
+            Method::Totp => check_totp(&ctx),
+            Method::Webhook => Check::Absent,
+        };
+        match check {
+            Check::Allow { subject, effects } => {
+                return Decision {
+                    id: req.id,
+                    outcome: Outcome::Allow,
+                    reason: Reason::Allowed,
+                    method: Some(method),
+                    subject,
+                    stream: stream.clone(),
+                    position: state.position(),
+                    effects,
+                };
+            }
+            Check::Absent => {}
+            Check::Deny(reason, spec) => {
+                if best.is_none_or(|(_, s, _)| spec > s) {
+                    best = Some((reason, spec, method));
+                }
+            }
+        }
+    }
+
+    if policy.methods.contains(&Method::Webhook)
+        && let Some(hook) = &app.policy.webhook
+    {
+        return Decision {
+            id: req.id,
+            outcome: Outcome::AskWebhook {
+                url: hook.url.clone(),
+                timeout_ms: hook.timeout_ms,
+            },
+            reason: Reason::WebhookRequired,
+            method: Some(Method::Webhook),
+            subject: None,
+            stream: stream.clone(),
+            position: state.position(),
+            effects: Vec::new(),
+        };
+    }
+
+    let (reason, method) = match best {
+        Some((reason, _, method)) => (reason, Some(method)),
+        None => (Reason::CredentialMissing, None),
+    };
+    Decision {
+        method,
+        ..deny(reason, stream)
+    }
+}
+
+/// Maps the name the client sent to the stream's public name. Returns whether it is
+/// registered. A publisher must use the publish name when one is set; a player can never
+/// use a publish name (it is a secret, and naming it must not reveal that it exists).
+fn resolve_stream<'a>(
+    app: &'a App,
+    req: &'a AccessRequest,
+) -> Result<(&'a StreamName, bool), Reason> {
+    match req.action {
+        Action::Publish => {
+            if let Some(public) = app.publish_names.get(&req.stream) {
+                return Ok((public, true));
+            }
+            match app.streams.get(&req.stream) {
+                Some(s) if s.publish_name.is_some() => Err(Reason::PublishNameRequired),
+                Some(_) => Ok((&req.stream, true)),
+                None => Ok((&req.stream, false)),
+            }
+        }
+        Action::Play => {
+            if app.streams.contains_key(&req.stream) {
+                Ok((&req.stream, true))
+            } else if app.publish_names.contains_key(&req.stream) {
+                Err(Reason::StreamNotRegistered)
+            } else {
+                Ok((&req.stream, false))
+            }
+        }
+    }
+}
+
+fn app_secret(app: &App, kind: crate::policy::SecretKind) -> Option<&Arc<[u8]>> {
+    app.secrets.get(&kind)?.plain.as_ref()
+}
+
+/// Ant Media's hash: `hex(sha256(stream + role + secret))`.
+pub fn stream_hash(stream: &str, action: Action, secret: &[u8]) -> Sha256Digest {
+    let mut h = Sha256::new();
+    h.update(stream.as_bytes());
+    h.update(action.as_str().as_bytes());
+    h.update(secret);
+    Sha256Digest(h.finalize().into())
+}
+
+fn check_hash(ctx: &Ctx<'_>) -> Check {
+    let Some(token) = &ctx.req.credential.token else {
+        return Check::Absent;
+    };
+    let Some(secret) = app_secret(ctx.app, crate::policy::SecretKind::Hash) else {
+        return Check::Deny(Reason::SecretUnavailable, 2);
+    };
+    let Ok(presented) = Sha256Digest::parse_hex(token.expose()) else {
+        return Check::Deny(Reason::HashMismatch, 0);
+    };
+    if stream_hash(ctx.stream.as_str(), ctx.req.action, secret).ct_eq(&presented) {
+        Check::Allow {
+            subject: Some("hash".into()),
+            effects: Vec::new(),
+        }
+    } else {
+        Check::Deny(Reason::HashMismatch, 2)
+    }
+}
+
+/// `hmac_sha256(stream + role + expires, secret)`, the MAC the `hmac` method expects
+/// (base64 on the wire).
+pub fn stream_hmac(stream: &str, action: Action, expires: i64, secret: &[u8]) -> [u8; 32] {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).unwrap_or_else(|_| {
+        <Hmac<Sha256> as KeyInit>::new_from_slice(&[0]).expect("HMAC takes any key length")
+    });
+    mac.update(stream.as_bytes());
+    mac.update(action.as_str().as_bytes());
+    mac.update(expires.to_string().as_bytes());
+    mac.finalize().into_bytes().into()
+}
+
+fn decode_base64_any(s: &str) -> Option<Vec<u8>> {
+    [&STANDARD, &URL_SAFE, &STANDARD_NO_PAD, &URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|engine| engine.decode(s).ok())
+}
+
+fn check_hmac(ctx: &Ctx<'_>) -> Check {
+    let (Some(token), Some(expires)) = (&ctx.req.credential.token, ctx.req.credential.expires)
+    else {
+        return Check::Absent;
+    };
+    let Some(secret) = app_secret(ctx.app, crate::policy::SecretKind::Hash) else {
+        return Check::Deny(Reason::SecretUnavailable, 2);
+    };
+    let Some(presented) = decode_base64_any(token.expose()) else {
+        return Check::Deny(Reason::HmacMalformed, 1);
+    };
+    let mut mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(secret) {
+        Ok(m) => m,
+        Err(_) => return Check::Deny(Reason::SecretUnavailable, 2),
+    };
+    mac.update(ctx.stream.as_str().as_bytes());
+    mac.update(ctx.req.action.as_str().as_bytes());
+    mac.update(expires.to_string().as_bytes());
+    // verify_slice compares in constant time.
+    if mac.verify_slice(&presented).is_err() {
+        return Check::Deny(Reason::HmacMismatch, 2);
+    }
+    if expires <= ctx.now.as_secs() {
+        return Check::Deny(Reason::HmacExpired, 3);
+    }
+    Check::Allow {
+        subject: Some("hmac".into()),
+        effects: Vec::new(),
+    }
+}
+
+/// A claim that names one value, several, or `*`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn admits(&self, value: &str) -> bool {
+        match self {
+            OneOrMany::One(v) => v == "*" || v == value,
+            OneOrMany::Many(vs) => vs.iter().any(|v| v == "*" || v == value),
+        }
+    }
+}
+
+/// Stream-JWT claims. `streamId` and `type` are accepted as Ant Media's names for
+/// `stream` and `action`.
+#[derive(Deserialize)]
+struct StreamClaims {
+    exp: Option<f64>,
+    nbf: Option<f64>,
+    sub: Option<String>,
+    app: Option<String>,
+    #[serde(alias = "streamId")]
+    stream: Option<OneOrMany>,
+    #[serde(alias = "type")]
+    action: Option<OneOrMany>,
+}
+
+#[derive(Deserialize)]
+struct JwtHeader {
+    alg: String,
+    kid: Option<String>,
+}
+
+fn check_jwt(ctx: &Ctx<'_>) -> Check {
+    let Some(token) = &ctx.req.credential.token else {
+        return Check::Absent;
+    };
+    let token = token.expose();
+    let mut parts = token.split('.');
+    let (Some(head), Some(_), Some(_), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Check::Deny(Reason::JwtMalformed, 0);
+    };
+    // Read the header ourselves so that `alg: none` and unknown algorithms are named as such.
+    let Some(header) = URL_SAFE_NO_PAD
+        .decode(head)
+        .ok()
+        .and_then(|h| serde_json::from_slice::<JwtHeader>(&h).ok())
+    else {
+        return Check::Deny(Reason::JwtMalformed, 1);
+    };
+    let key: &DecodingKey;
+    let alg = match header.alg.as_str() {
+        "HS256" => {
+            match ctx
+                .app
+                .secrets
+                .get(&crate::policy::SecretKind::Jwt)
+                .and_then(|s| s.hs256.as_ref())
+            {
+                Some(k) => key = k,
+                None if ctx
+                    .app
+                    .secrets
+                    .contains_key(&crate::policy::SecretKind::Jwt) =>
+                {
+                    return Check::Deny(Reason::SecretUnavailable, 2);
+                }
+                // No HS256 secret configured: an HS256 token may be an attempt to sign with
+                // a public key (algorithm confusion). Refuse by name.
+                None => return Check::Deny(Reason::JwtAlgorithmRefused, 3),
+            }
+            Algorithm::HS256
+        }
+        "RS256" | "ES256" => {
+            let alg = if header.alg == "RS256" {
+                Algorithm::RS256
+            } else {
+                Algorithm::ES256
+            };
+            let keys = ctx
+                .app
+                .jwks
+                .as_ref()
+                .map(|j| j.keys.as_slice())
+                .unwrap_or(&[]);
+            let found = keys.iter().find(|k| {
+                k.alg == alg && (header.kid.is_none() || k.kid.as_deref() == header.kid.as_deref())
+            });
+            match found {
+                Some(k) => key = &k.key,
+                None => return Check::Deny(Reason::JwtKeyUnknown, 3),
+            }
+            alg
+        }
+        _ => return Check::Deny(Reason::JwtAlgorithmRefused, 3),
+    };
+
+    // Time claims are checked below against `now`; the library must not read the clock.
+    let mut validation = Validation::new(alg);
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    validation.required_spec_claims.clear();
+    let claims = match jsonwebtoken::decode::<StreamClaims>(token, key, &validation) {
+        Ok(data) => data.claims,
+        Err(e) => {
+            return match e.kind() {
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    Check::Deny(Reason::JwtBadSignature, 3)
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
+                    Check::Deny(Reason::JwtAlgorithmRefused, 3)
+                }
+                _ => Check::Deny(Reason::JwtMalformed, 2),
+            };
+        }
+    };
+    let now = ctx.now.0 as f64 / 1000.0;
+    match claims.exp {
+        None => return Check::Deny(Reason::JwtMalformed, 3),
+        Some(exp) if exp <= now => return Check::Deny(Reason::JwtExpired, 3),
+        Some(_) => {}
+    }
+    if claims.nbf.is_some_and(|nbf| nbf > now) {
+        return Check::Deny(Reason::JwtNotYetValid, 3);
+    }
+    if claims
+        .app
+        .as_deref()
+        .is_some_and(|a| a != "*" && a != ctx.app_name.as_str())
+    {
+        return Check::Deny(Reason::JwtWrongApp, 3);
+    }
+    if !claims
+        .stream
+        .as_ref()
+        .is_some_and(|s| s.admits(ctx.stream.as_str()))
+    {
+        return Check::Deny(Reason::JwtWrongStream, 3);
+    }
+    let action_ok = claims.action.as_ref().is_some_and(|a| {
+        a.admits(ctx.req.action.as_str())
+            // SRT's word for play.
+            || (ctx.req.action == Action::Play && a.admits("request"))
+    });
+    if !action_ok {
+        return Check::Deny(Reason::JwtWrongAction, 3);
+    }
+    let subject = Some(match claims.sub {
+        Some(sub) => format!("jwt:{sub}"),
+        None => "jwt".to_owned(),
+    });
+    Check::Allow {
+        subject,
+        effects: Vec::new(),
+    }
+}
+
+fn check_one_time(state: &AuthState, ctx: &Ctx<'_>) -> Check {
+    let Some(token) = &ctx.req.credential.token else {
+        return Check::Absent;
+    };
+    let digest = Sha256Digest::of(token.expose().as_bytes());
+    let Some(t) = state.tokens.get(&digest) else {
+        return Check::Deny(Reason::TokenNotFound, 1);
+    };
+    let reason = if t.app != *ctx.app_name || t.stream != *ctx.stream {
+        Reason::TokenWrongStream
+    } else if t.action != ctx.req.action {
+        Reason::TokenWrongAction
+    } else if t.status == TokenStatus::Revoked {
+        Reason::TokenRevoked
+    } else if t.status == TokenStatus::Consumed {
+        Reason::TokenConsumed
+    } else if t.expires_at.is_some_and(|e| e <= ctx.now) {
+        Reason::TokenExpired
+    } else {
+        return Check::Allow {
+            subject: Some(format!("token:{}", token_id(&digest))),
+            effects: vec![Effect::ConsumeToken {
+                token_sha256: digest,
+            }],
+        };
+    };
+    Check::Deny(reason, 3)
+}
+
+/// The TOTP code for `secret` at `step` (RFC 6238, HMAC-SHA1).
+pub fn totp_code(secret: &[u8], digits: u8, period_secs: u32, step: u64) -> Option<String> {
+    let totp = totp_rs::Builder::new()
+        .with_algorithm(totp_rs::Algorithm::SHA1)
+        .with_digits(digits)
+        .with_step_duration(u64::from(period_secs))
+        .with_secret(secret.to_vec())
+        .build()
+        .ok()?;
+    Some(
+        totp.generate(step.checked_mul(u64::from(period_secs))?)
+            .to_string(),
+    )
+}
+
+fn check_totp(ctx: &Ctx<'_>) -> Check {
+    let cred = &ctx.req.credential;
+    let (Some(id), Some(code)) = (&cred.subscriber_id, &cred.subscriber_code) else {
+        return match (&cred.subscriber_id, &cred.subscriber_code) {
+            (None, None) => Check::Absent,
+            _ => Check::Deny(Reason::TotpInvalid, 2),
+        };
+    };
+    let Some(sub) = ctx.app.subscribers.get(&(ctx.stream.clone(), id.clone())) else {
+        return Check::Deny(Reason::SubscriberNotFound, 3);
+    };
+    if sub.action.is_some_and(|a| a != ctx.req.action) {
+        return Check::Deny(Reason::SubscriberWrongAction, 3);
+    }
+    if sub.blocked_until.is_some_and(|until| until > ctx.now) {
+        return Check::Deny(Reason::SubscriberBlocked, 3);
+    }
+    let Some(secret) = &sub.plain else {
+        return Check::Deny(Reason::SecretUnavailable, 3);
+    };
+    let settings = ctx.app.policy.totp;
+    let code = code.expose();
+    if code.len() != usize::from(settings.digits) || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return Check::Deny(Reason::TotpInvalid, 3);
+    }
+    let Ok(now_secs) = u64::try_from(ctx.now.as_secs()) else {
+        return Check::Deny(Reason::TotpInvalid, 3);
+    };
+    let current = now_secs / u64::from(settings.period_secs);
+    // Current step first (the common case costs one HMAC), then ±1 step of clock skew.
+    for step in [
+        Some(current),
+        current.checked_sub(1),
+        current.checked_add(1),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let Some(expected) = totp_code(secret, settings.digits, settings.period_secs, step) else {
+            return Check::Deny(Reason::SecretUnavailable, 3);
+        };
+        if ct_eq(expected.as_bytes(), code.as_bytes()) {
+            if sub.last_step.is_some_and(|last| step <= last) {
+                return Check::Deny(Reason::TotpReplayed, 3);
+            }
+            return Check::Allow {
+                subject: Some(format!("subscriber:{id}")),
+                effects: vec![Effect::UseTotpStep {
+                    subscriber_id: id.clone(),
+                    step,
+                }],
+            };
+        }
+    }
+    Check::Deny(Reason::TotpInvalid, 3)
+}

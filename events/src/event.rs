@@ -1,0 +1,446 @@
+//! The event catalog: every fact Sluice records, past tense, with a stable type name, a
+//! schema version and the log stream it belongs to. Type names are never renamed; shapes
+//! only grow (new optional fields); every event ever written must keep deserializing.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::decision::DecisionRecord;
+use crate::ids::{
+    Action, AppName, Cidr, KeyId, NodeId, Position, Protocol, Role, StreamName, SubscriberId,
+    Timestamp,
+};
+use crate::policy::{Policy, SecretKind};
+use crate::secret::{Sealed, Sha256Digest};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiKeyCreated {
+    pub key_id: KeyId,
+    pub name: String,
+    pub role: Role,
+    /// SHA-256 of the secret; the secret itself is shown once and never stored.
+    pub secret_sha256: Sha256Digest,
+    #[serde(default)]
+    pub cidrs: Vec<Cidr>,
+    #[serde(default)]
+    pub expires_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiKeyRevoked {
+    pub key_id: KeyId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AppCreated {
+    pub app: AppName,
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AppPolicyChanged {
+    pub app: AppName,
+    pub policy: Policy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AppSecretRotated {
+    pub app: AppName,
+    pub kind: SecretKind,
+    pub secret: Sealed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AppDeleted {
+    pub app: AppName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StreamRegistered {
+    pub app: AppName,
+    pub name: StreamName,
+    /// Secret name the publisher uses (a stream key); players use `name`.
+    #[serde(default)]
+    pub publish_name: Option<StreamName>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// Replaces a stream's mutable fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StreamUpdated {
+    pub app: AppName,
+    pub name: StreamName,
+    #[serde(default)]
+    pub publish_name: Option<StreamName>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct StreamDeleted {
+    pub app: AppName,
+    pub name: StreamName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenIssued {
+    /// SHA-256 of the token; the token itself is returned once and never stored.
+    pub token_sha256: Sha256Digest,
+    pub app: AppName,
+    pub stream: StreamName,
+    pub action: Action,
+    #[serde(default)]
+    pub expires_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenConsumed {
+    pub token_sha256: Sha256Digest,
+    /// The decision that used it.
+    #[serde(default)]
+    pub decision_id: Option<Uuid>,
+    #[serde(default)]
+    pub node: Option<NodeId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TokenRevoked {
+    pub token_sha256: Sha256Digest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SubscriberAdded {
+    pub app: AppName,
+    pub stream: StreamName,
+    pub subscriber_id: SubscriberId,
+    /// The action the subscriber may take; `None` means both.
+    #[serde(default)]
+    pub action: Option<Action>,
+    /// The TOTP secret (raw bytes, sealed).
+    pub secret: Sealed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SubscriberRemoved {
+    pub app: AppName,
+    pub stream: StreamName,
+    pub subscriber_id: SubscriberId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SubscriberBlocked {
+    pub app: AppName,
+    pub stream: StreamName,
+    pub subscriber_id: SubscriberId,
+    /// Refused until this time (an unblock is a block until the past).
+    pub until: Timestamp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct TotpStepUsed {
+    pub app: AppName,
+    pub stream: StreamName,
+    pub subscriber_id: SubscriberId,
+    /// The TOTP step (Unix seconds / period) whose code was accepted.
+    pub step: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct JwksRefreshed {
+    pub app: AppName,
+    /// The JWK set as fetched (public keys only: private members are dropped by the fetcher).
+    pub jwks: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NodeRegistered {
+    pub node_id: NodeId,
+    pub version: String,
+    #[serde(default)]
+    pub protocols: Vec<Protocol>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AccessDecided {
+    pub decision: DecisionRecord,
+}
+
+/// One REST call as the API saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiAccess {
+    pub at: Timestamp,
+    /// `key:<id>`, `jwt:<sub>`, `basic:<user>` or `anonymous`.
+    pub subject: String,
+    pub method: String,
+    pub route: String,
+    pub client_ip: std::net::IpAddr,
+    pub status: u16,
+}
+
+/// A batch of API calls, recorded together so auditing costs no round trip per request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ApiAccessed {
+    pub instance: String,
+    pub entries: Vec<ApiAccess>,
+}
+
+macro_rules! catalog {
+    ($($variant:ident => $category:literal),+ $(,)?) => {
+        /// Every event type. Serialized as `{"type": "...", "data": {...}}`.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+        #[serde(tag = "type", content = "data")]
+        pub enum Event { $($variant($variant)),+ }
+
+        impl Event {
+            /// All type names, in catalog order.
+            pub const TYPES: &'static [&'static str] = &[$(stringify!($variant)),+];
+
+            /// The stable type name (the `type` column).
+            pub fn event_type(&self) -> &'static str {
+                match self { $(Event::$variant(_) => stringify!($variant)),+ }
+            }
+
+            /// The category: the log stream's prefix and the NATS subject's last token.
+            pub fn category(&self) -> &'static str {
+                match self { $(Event::$variant(_) => $category),+ }
+            }
+
+            /// The payload alone (the `data` column).
+            pub fn data(&self) -> serde_json::Value {
+                match self {
+                    // Serializing these plain structs to a Value cannot fail.
+                    $(Event::$variant(e) => serde_json::to_value(e).unwrap_or_default()),+
+                }
+            }
+        }
+
+        $(impl From<$variant> for Event {
+            fn from(e: $variant) -> Event { Event::$variant(e) }
+        })+
+    };
+}
+
+catalog! {
+    ApiKeyCreated => "key",
+    ApiKeyRevoked => "key",
+    AppCreated => "app",
+    AppPolicyChanged => "app",
+    AppSecretRotated => "app",
+    AppDeleted => "app",
+    StreamRegistered => "stream",
+    StreamUpdated => "stream",
+    StreamDeleted => "stream",
+    TokenIssued => "token",
+    TokenConsumed => "token",
+    TokenRevoked => "token",
+    SubscriberAdded => "subscriber",
+    SubscriberRemoved => "subscriber",
+    SubscriberBlocked => "subscriber",
+    TotpStepUsed => "subscriber",
+    JwksRefreshed => "jwks",
+    NodeRegistered => "node",
+    AccessDecided => "decisions",
+    ApiAccessed => "api",
+}
+
+/// Why a stored row could not become an `Event`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown event type {event_type:?} (written by a newer Sluice?)")]
+    UnknownType { event_type: String },
+    #[error("event type {event_type} has schema version {version}; this build reads up to {max}")]
+    UnknownVersion {
+        event_type: String,
+        version: u16,
+        max: u16,
+    },
+    #[error("event data of type {event_type} does not match its schema: {detail}")]
+    BadData { event_type: String, detail: String },
+}
+
+impl Event {
+    /// The schema version written with every new event of this type.
+    pub const fn schema_version(&self) -> u16 {
+        1
+    }
+
+    /// Rebuilds an event from its stored parts, upcasting older schema versions.
+    pub fn decode(
+        event_type: &str,
+        version: u16,
+        data: &serde_json::Value,
+    ) -> Result<Event, DecodeError> {
+        if !Event::TYPES.contains(&event_type) {
+            return Err(DecodeError::UnknownType {
+                event_type: event_type.to_owned(),
+            });
+        }
+        if version == 0 || version > 1 {
+            return Err(DecodeError::UnknownVersion {
+                event_type: event_type.to_owned(),
+                version,
+                max: 1,
+            });
+        }
+        let tagged = serde_json::json!({ "type": event_type, "data": data });
+        serde_json::from_value(tagged).map_err(|e| DecodeError::BadData {
+            event_type: event_type.to_owned(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// The log stream this event belongs to; optimistic concurrency works per stream.
+    pub fn log_stream(&self) -> String {
+        match self {
+            Event::ApiKeyCreated(e) => format!("key-{}", e.key_id),
+            Event::ApiKeyRevoked(e) => format!("key-{}", e.key_id),
+            Event::AppCreated(e) => format!("app-{}", e.app),
+            Event::AppPolicyChanged(e) => format!("app-{}", e.app),
+            Event::AppSecretRotated(e) => format!("app-{}", e.app),
+            Event::AppDeleted(e) => format!("app-{}", e.app),
+            Event::StreamRegistered(e) => stream_log(&e.app, &e.name),
+            Event::StreamUpdated(e) => stream_log(&e.app, &e.name),
+            Event::StreamDeleted(e) => stream_log(&e.app, &e.name),
+            Event::TokenIssued(e) => token_log(&e.token_sha256),
+            Event::TokenConsumed(e) => token_log(&e.token_sha256),
+            Event::TokenRevoked(e) => token_log(&e.token_sha256),
+            Event::SubscriberAdded(e) => subscriber_log(&e.app, &e.stream, &e.subscriber_id),
+            Event::SubscriberRemoved(e) => subscriber_log(&e.app, &e.stream, &e.subscriber_id),
+            Event::SubscriberBlocked(e) => subscriber_log(&e.app, &e.stream, &e.subscriber_id),
+            Event::TotpStepUsed(e) => subscriber_log(&e.app, &e.stream, &e.subscriber_id),
+            Event::JwksRefreshed(e) => format!("jwks-{}", e.app),
+            Event::NodeRegistered(e) => format!("node-{}", e.node_id),
+            Event::AccessDecided(e) => format!(
+                "decisions-{}",
+                e.decision
+                    .node
+                    .as_ref()
+                    .map(NodeId::as_str)
+                    .unwrap_or("local")
+            ),
+            Event::ApiAccessed(e) => format!("api-{}", e.instance),
+        }
+    }
+}
+
+pub fn stream_log(app: &AppName, name: &StreamName) -> String {
+    format!("stream-{app}.{name}")
+}
+
+pub fn subscriber_log(app: &AppName, stream: &StreamName, id: &SubscriberId) -> String {
+    format!("subscriber-{app}.{stream}.{id}")
+}
+
+/// The token's short public id: the first 16 hex digits of its SHA-256.
+pub fn token_id(digest: &Sha256Digest) -> String {
+    digest.to_hex()[..16].to_owned()
+}
+
+pub fn token_log(digest: &Sha256Digest) -> String {
+    format!("token-{}", token_id(digest))
+}
+
+/// Who caused an event and on what request: stored beside it, never folded into state.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct Metadata {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<std::net::IpAddr>,
+}
+
+/// An event about to be appended: its id makes re-appending idempotent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event: Event,
+}
+
+/// An event as the log holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecordedEvent {
+    pub position: Position,
+    pub event_id: Uuid,
+    pub stream: String,
+    /// Version within `stream`, from 0.
+    pub version: u64,
+    pub event: Event,
+    pub metadata: Metadata,
+    pub recorded_at: Timestamp,
+    pub hash: Sha256Digest,
+}
+
+/// The canonical bytes of an event for the hash chain. Object keys are sorted here rather
+/// than trusting serde_json's map order (a `preserve_order` feature anywhere in the build, or
+/// jsonb's own key order on read-back, would otherwise change the bytes).
+pub fn canonical_bytes(
+    position: Position,
+    event_id: &Uuid,
+    stream: &str,
+    version: u64,
+    event_type: &str,
+    type_version: u16,
+    data: &serde_json::Value,
+) -> Vec<u8> {
+    let head = serde_json::json!([
+        position.0,
+        event_id,
+        stream,
+        version,
+        event_type,
+        type_version
+    ]);
+    let mut out = Vec::with_capacity(256);
+    write_canonical(&head, &mut out);
+    out.push(b'|');
+    write_canonical(data, &mut out);
+    out
+}
+
+/// Writes `v` as JSON with object keys in byte order, no whitespace.
+pub fn write_canonical(v: &serde_json::Value, out: &mut Vec<u8>) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push(b'{');
+            for (i, k) in keys.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(Value::String((*k).clone()).to_string().as_bytes());
+                out.push(b':');
+                write_canonical(&map[k.as_str()], out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => out.extend_from_slice(scalar.to_string().as_bytes()),
+    }
+}
+
+/// `sha256(previous ‖ canonical event)`: each hash commits to the whole log before it.
+pub fn chain_hash(previous: &Sha256Digest, canonical: &[u8]) -> Sha256Digest {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(previous.0);
+    h.update(canonical);
+    Sha256Digest(h.finalize().into())
+}
+
+/// The hash before position 1.
+pub const GENESIS: Sha256Digest = Sha256Digest([0u8; 32]);

@@ -1,0 +1,520 @@
+//! `AuthState`: the fold of the log that both planes decide from. `apply` is total (it never
+//! panics on any event), idempotent per position, and reports gaps.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey};
+use sha2::{Digest, Sha256};
+
+use crate::event::{Event, RecordedEvent};
+use crate::ids::{
+    Action, AppName, Cidr, KeyId, NodeId, Position, Protocol, Role, StreamName, SubscriberId,
+    Timestamp,
+};
+use crate::policy::{Policy, SecretKind};
+use crate::secret::{Keyring, Sealed, Sha256Digest};
+
+/// Where the purpose string of a sealed app secret comes from; binding it stops a sealed
+/// value from being replayed into another app or field.
+pub fn app_secret_purpose(app: &AppName, kind: SecretKind) -> String {
+    format!("app/{app}/{}", kind.as_str())
+}
+
+pub fn subscriber_secret_purpose(app: &AppName, stream: &StreamName, id: &SubscriberId) -> String {
+    format!("subscriber/{app}/{stream}/{id}")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub name: String,
+    pub role: Role,
+    pub secret_sha256: Sha256Digest,
+    pub cidrs: Vec<Cidr>,
+    pub expires_at: Option<Timestamp>,
+    pub revoked: bool,
+}
+
+/// A sealed secret and, when this node holds the key, its opened bytes.
+#[derive(Debug, Clone)]
+pub struct AppSecret {
+    pub sealed: Sealed,
+    pub(crate) plain: Option<Arc<[u8]>>,
+    pub(crate) hs256: Option<DecodingKey>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct JwkKey {
+    pub kid: Option<String>,
+    pub alg: Algorithm,
+    pub key: DecodingKey,
+}
+
+#[derive(Debug, Clone)]
+pub struct Jwks {
+    pub raw: serde_json::Value,
+    pub(crate) keys: Vec<JwkKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stream {
+    pub publish_name: Option<StreamName>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Subscriber {
+    pub action: Option<Action>,
+    pub secret: Sealed,
+    pub(crate) plain: Option<Arc<[u8]>>,
+    pub blocked_until: Option<Timestamp>,
+    /// The last TOTP step accepted: a code at or before it is a replay.
+    pub last_step: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct App {
+    pub policy: Policy,
+    pub secrets: BTreeMap<SecretKind, AppSecret>,
+    pub jwks: Option<Jwks>,
+    pub streams: BTreeMap<StreamName, Stream>,
+    /// publish name → public name.
+    pub publish_names: HashMap<StreamName, StreamName>,
+    pub subscribers: BTreeMap<(StreamName, SubscriberId), Subscriber>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStatus {
+    Active,
+    Consumed,
+    Revoked,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Token {
+    pub app: AppName,
+    pub stream: StreamName,
+    pub action: Action,
+    pub expires_at: Option<Timestamp>,
+    pub status: TokenStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub version: String,
+    pub protocols: Vec<Protocol>,
+}
+
+/// Why an event was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    #[error("log gap: state is at position {at}, next event is at {got} (events were missed)")]
+    Gap { at: Position, got: Position },
+}
+
+/// The access tables at one log position.
+#[derive(Debug, Clone, Default)]
+pub struct AuthState {
+    position: Position,
+    keyring: Option<Arc<Keyring>>,
+    pub api_keys: BTreeMap<KeyId, ApiKey>,
+    pub apps: BTreeMap<AppName, App>,
+    pub tokens: HashMap<Sha256Digest, Token>,
+    pub nodes: BTreeMap<NodeId, Node>,
+}
+
+impl AuthState {
+    /// An empty state that cannot open sealed secrets (hash/HMAC/JWT-HS256/TOTP then fail
+    /// closed with `secret_unavailable`).
+    pub fn new() -> Self {
+        AuthState::default()
+    }
+
+    /// An empty state that opens sealed secrets with `keyring` as events arrive.
+    pub fn with_keyring(keyring: Arc<Keyring>) -> Self {
+        AuthState {
+            keyring: Some(keyring),
+            ..AuthState::default()
+        }
+    }
+
+    pub fn position(&self) -> Position {
+        self.position
+    }
+
+    pub fn keyring(&self) -> Option<&Keyring> {
+        self.keyring.as_deref()
+    }
+
+    /// Folds one recorded event in. An event at or below the current position is a
+    /// re-delivery and changes nothing; one past the next position is a gap.
+    pub fn apply(&mut self, recorded: &RecordedEvent) -> Result<(), ApplyError> {
+        if recorded.position <= self.position {
+            return Ok(());
+        }
+        if recorded.position != self.position.next() {
+            return Err(ApplyError::Gap {
+                at: self.position,
+                got: recorded.position,
+            });
+        }
+        self.apply_event(&recorded.event, recorded.recorded_at);
+        self.position = recorded.position;
+        Ok(())
+    }
+
+    fn open(&self, sealed: &Sealed, purpose: &str) -> Option<Arc<[u8]>> {
+        // A secret we cannot open stays sealed: methods that need it fail closed.
+        self.keyring
+            .as_ref()?
+            .open(sealed, purpose)
+            .ok()
+            .map(Arc::from)
+    }
+
+    fn apply_event(&mut self, event: &Event, _at: Timestamp) {
+        match event {
+            Event::ApiKeyCreated(e) => {
+                self.api_keys.insert(
+                    e.key_id.clone(),
+                    ApiKey {
+                        name: e.name.clone(),
+                        role: e.role,
+                        secret_sha256: e.secret_sha256,
+                        cidrs: e.cidrs.clone(),
+                        expires_at: e.expires_at,
+                        revoked: false,
+                    },
+                );
+            }
+            Event::ApiKeyRevoked(e) => {
+                if let Some(k) = self.api_keys.get_mut(&e.key_id) {
+                    k.revoked = true;
+                }
+            }
+            Event::AppCreated(e) => {
+                self.apps.insert(
+                    e.app.clone(),
+                    App {
+                        policy: e.policy.clone(),
+                        secrets: BTreeMap::new(),
+                        jwks: None,
+                        streams: BTreeMap::new(),
+                        publish_names: HashMap::new(),
+                        subscribers: BTreeMap::new(),
+                    },
+                );
+            }
+            Event::AppPolicyChanged(e) => {
+                if let Some(app) = self.apps.get_mut(&e.app) {
+                    app.policy = e.policy.clone();
+                }
+            }
+            Event::AppSecretRotated(e) => {
+                let plain = self.open(&e.secret, &app_secret_purpose(&e.app, e.kind));
+                if let Some(app) = self.apps.get_mut(&e.app) {
+                    let hs256 = match (e.kind, &plain) {
+                        (SecretKind::Jwt, Some(p)) => Some(DecodingKey::from_secret(p)),
+                        _ => None,
+                    };
+                    app.secrets.insert(
+                        e.kind,
+                        AppSecret {
+                            sealed: e.secret.clone(),
+                            plain,
+                            hs256,
+                        },
+                    );
+                }
+            }
+            Event::AppDeleted(e) => {
+                if self.apps.remove(&e.app).is_some() {
+                    // Tokens die with their app, so re-creating the app does not revive them.
+                    self.tokens.retain(|_, t| t.app != e.app);
+                }
+            }
+            Event::StreamRegistered(e) => {
+                if let Some(app) = self.apps.get_mut(&e.app) {
+                    if let Some(p) = &e.publish_name {
+                        app.publish_names.insert(p.clone(), e.name.clone());
+                    }
+                    app.streams.insert(
+                        e.name.clone(),
+                        Stream {
+                            publish_name: e.publish_name.clone(),
+                            description: e.description.clone(),
+                        },
+                    );
+                }
+            }
+            Event::StreamUpdated(e) => {
+                if let Some(app) = self.apps.get_mut(&e.app)
+                    && let Some(stream) = app.streams.get_mut(&e.name)
+                {
+                    if let Some(old) = stream.publish_name.take() {
+                        app.publish_names.remove(&old);
+                    }
+                    if let Some(p) = &e.publish_name {
+                        app.publish_names.insert(p.clone(), e.name.clone());
+                    }
+                    stream.publish_name = e.publish_name.clone();
+                    stream.description = e.description.clone();
+                }
+            }
+            Event::StreamDeleted(e) => {
+                if let Some(app) = self.apps.get_mut(&e.app)
+                    && let Some(stream) = app.streams.remove(&e.name)
+                {
+                    if let Some(p) = stream.publish_name {
+                        app.publish_names.remove(&p);
+                    }
+                    app.subscribers.retain(|(s, _), _| *s != e.name);
+                }
+            }
+            Event::TokenIssued(e) => {
+                // Share the name allocations the registry already holds.
+                let (app, stream) = match self.apps.get_key_value(&e.app) {
+                    Some((a, entry)) => (
+                        a.clone(),
+                        entry
+                            .streams
+                            .get_key_value(&e.stream)
+                            .map(|(s, _)| s.clone())
+                            .unwrap_or_else(|| e.stream.clone()),
+                    ),
+                    None => (e.app.clone(), e.stream.clone()),
+                };
+                self.tokens.insert(
+                    e.token_sha256,
+                    Token {
+                        app,
+                        stream,
+                        action: e.action,
+                        expires_at: e.expires_at,
+                        status: TokenStatus::Active,
+                    },
+                );
+            }
+            Event::TokenConsumed(e) => {
+                if let Some(t) = self.tokens.get_mut(&e.token_sha256)
+                    && t.status == TokenStatus::Active
+                {
+                    t.status = TokenStatus::Consumed;
+                }
+            }
+            Event::TokenRevoked(e) => {
+                if let Some(t) = self.tokens.get_mut(&e.token_sha256) {
+                    t.status = TokenStatus::Revoked;
+                }
+            }
+            Event::SubscriberAdded(e) => {
+                let plain = self.open(
+                    &e.secret,
+                    &subscriber_secret_purpose(&e.app, &e.stream, &e.subscriber_id),
+                );
+                if let Some(app) = self.apps.get_mut(&e.app) {
+                    app.subscribers.insert(
+                        (e.stream.clone(), e.subscriber_id.clone()),
+                        Subscriber {
+                            action: e.action,
+                            secret: e.secret.clone(),
+                            plain,
+                            blocked_until: None,
+                            last_step: None,
+                        },
+                    );
+                }
+            }
+            Event::SubscriberRemoved(e) => {
+                if let Some(app) = self.apps.get_mut(&e.app) {
+                    app.subscribers
+                        .remove(&(e.stream.clone(), e.subscriber_id.clone()));
+                }
+            }
+            Event::SubscriberBlocked(e) => {
+                if let Some(s) = self.subscriber_mut(&e.app, &e.stream, &e.subscriber_id) {
+                    s.blocked_until = Some(e.until);
+                }
+            }
+            Event::TotpStepUsed(e) => {
+                if let Some(s) = self.subscriber_mut(&e.app, &e.stream, &e.subscriber_id) {
+                    s.last_step = Some(s.last_step.map_or(e.step, |l| l.max(e.step)));
+                }
+            }
+            Event::JwksRefreshed(e) => {
+                if let Some(app) = self.apps.get_mut(&e.app) {
+                    app.jwks = Some(Jwks {
+                        raw: e.jwks.clone(),
+                        keys: jwks_keys(&e.jwks),
+                    });
+                }
+            }
+            Event::NodeRegistered(e) => {
+                self.nodes.insert(
+                    e.node_id.clone(),
+                    Node {
+                        version: e.version.clone(),
+                        protocols: e.protocols.clone(),
+                    },
+                );
+            }
+            // Facts about the past that change no access table.
+            Event::AccessDecided(_) | Event::ApiAccessed(_) => {}
+        }
+    }
+
+    fn subscriber_mut(
+        &mut self,
+        app: &AppName,
+        stream: &StreamName,
+        id: &SubscriberId,
+    ) -> Option<&mut Subscriber> {
+        self.apps
+            .get_mut(app)?
+            .subscribers
+            .get_mut(&(stream.clone(), id.clone()))
+    }
+
+    /// A stable SHA-256 over the whole state (not over how it was reached): equal on any
+    /// two nodes that applied the same events, whatever their keyrings or map orders.
+    pub fn digest(&self) -> Sha256Digest {
+        let mut h = DigestWriter(Sha256::new());
+        h.u64(self.position.0);
+        h.u64(self.api_keys.len() as u64);
+        for (id, k) in &self.api_keys {
+            h.str(id.as_str());
+            h.str(&k.name);
+            h.str(k.role.as_str());
+            h.bytes(&k.secret_sha256.0);
+            h.cidrs(&k.cidrs);
+            h.opt_i64(k.expires_at.map(|t| t.0));
+            h.u64(k.revoked as u64);
+        }
+        h.u64(self.apps.len() as u64);
+        for (name, app) in &self.apps {
+            h.str(name.as_str());
+            h.json(&serde_json::to_value(&app.policy).unwrap_or_default());
+            h.u64(app.secrets.len() as u64);
+            for (kind, s) in &app.secrets {
+                h.str(kind.as_str());
+                h.sealed(&s.sealed);
+            }
+            match &app.jwks {
+                Some(j) => h.json(&j.raw),
+                None => h.u64(0),
+            }
+            h.u64(app.streams.len() as u64);
+            for (sname, s) in &app.streams {
+                h.str(sname.as_str());
+                h.opt_str(s.publish_name.as_ref().map(|p| p.as_str()));
+                h.opt_str(s.description.as_deref());
+            }
+            h.u64(app.subscribers.len() as u64);
+            for ((stream, id), s) in &app.subscribers {
+                h.str(stream.as_str());
+                h.str(id.as_str());
+                h.opt_str(s.action.map(Action::as_str));
+                h.sealed(&s.secret);
+                h.opt_i64(s.blocked_until.map(|t| t.0));
+                h.opt_i64(s.last_step.map(|v| v as i64));
+            }
+        }
+        let mut tokens: Vec<(&Sha256Digest, &Token)> = self.tokens.iter().collect();
+        tokens.sort_unstable_by_key(|(k, _)| **k);
+        h.u64(tokens.len() as u64);
+        for (digest, t) in tokens {
+            h.bytes(&digest.0);
+            h.str(t.app.as_str());
+            h.str(t.stream.as_str());
+            h.str(t.action.as_str());
+            h.opt_i64(t.expires_at.map(|t| t.0));
+            h.u64(t.status as u64);
+        }
+        h.u64(self.nodes.len() as u64);
+        for (id, n) in &self.nodes {
+            h.str(id.as_str());
+            h.str(&n.version);
+            for p in &n.protocols {
+                h.str(p.as_str());
+            }
+        }
+        Sha256Digest(h.0.finalize().into())
+    }
+}
+
+/// Length-prefixed writes, so that no two different states feed the same bytes.
+struct DigestWriter(Sha256);
+
+impl DigestWriter {
+    fn u64(&mut self, v: u64) {
+        self.0.update(v.to_le_bytes());
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.u64(b.len() as u64);
+        self.0.update(b);
+    }
+    fn str(&mut self, s: &str) {
+        self.bytes(s.as_bytes());
+    }
+    fn opt_str(&mut self, s: Option<&str>) {
+        match s {
+            Some(s) => {
+                self.u64(1);
+                self.str(s);
+            }
+            None => self.u64(0),
+        }
+    }
+    fn opt_i64(&mut self, v: Option<i64>) {
+        match v {
+            Some(v) => {
+                self.u64(1);
+                self.0.update(v.to_le_bytes());
+            }
+            None => self.u64(0),
+        }
+    }
+    fn cidrs(&mut self, cidrs: &[Cidr]) {
+        self.u64(cidrs.len() as u64);
+        for c in cidrs {
+            self.str(&c.to_string());
+        }
+    }
+    fn sealed(&mut self, s: &Sealed) {
+        self.str(&s.kid);
+        self.str(&s.nonce);
+        self.str(&s.ct);
+    }
+    fn json(&mut self, v: &serde_json::Value) {
+        let mut out = Vec::new();
+        crate::event::write_canonical(v, &mut out);
+        self.bytes(&out);
+    }
+}
+
+/// The public keys of a JWK set that Sluice accepts: RSA (RS256) and P-256 (ES256). Symmetric
+/// keys in a JWKS are ignored, so an HMAC key can never be confused with a public key.
+fn jwks_keys(raw: &serde_json::Value) -> Vec<JwkKey> {
+    let Ok(set) = serde_json::from_value::<JwkSet>(raw.clone()) else {
+        return Vec::new();
+    };
+    set.keys
+        .iter()
+        .filter_map(|jwk| {
+            let alg = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
+                    Algorithm::ES256
+                }
+                _ => return None,
+            };
+            let key = DecodingKey::from_jwk(jwk).ok()?;
+            Some(JwkKey {
+                kid: jwk.common.key_id.clone(),
+                alg,
+                key,
+            })
+        })
+        .collect()
+}

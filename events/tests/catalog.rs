@@ -1,0 +1,272 @@
+//! The event catalog: a snapshot of every event type's JSON, and proof that every committed
+//! snapshot still decodes (old events must deserialize forever).
+
+mod support;
+
+use serde_json::json;
+use sluice_events::decision::{RecordedRequest, WebhookAnswer};
+use sluice_events::event::*;
+use sluice_events::*;
+use support::*;
+
+fn sealed(n: u8) -> Sealed {
+    key().seal("example", b"example-secret", [n; 24])
+}
+
+/// One example of every event type, in catalog order.
+fn examples() -> Vec<Event> {
+    let alice = SubscriberId::parse("alice").unwrap();
+    let tok = Sha256Digest::of(b"tok-publish");
+    vec![
+        ApiKeyCreated {
+            key_id: KeyId::parse("k1").unwrap(),
+            name: "ci".into(),
+            role: Role::Write,
+            secret_sha256: Sha256Digest::of(b"secret"),
+            cidrs: vec![Cidr::parse("10.0.0.0/8").unwrap()],
+            expires_at: Some(T0),
+        }
+        .into(),
+        ApiKeyRevoked { key_id: KeyId::parse("k1").unwrap() }.into(),
+        AppCreated { app: app(), policy: Policy::sls() }.into(),
+        AppPolicyChanged { app: app(), policy: policy_with(&[Method::Jwt, Method::Totp]) }.into(),
+        AppSecretRotated { app: app(), kind: SecretKind::Jwt, secret: sealed(1) }.into(),
+        AppDeleted { app: app() }.into(),
+        StreamRegistered { app: app(), name: name("cam1"), publish_name: Some(name("cam1-key")), description: Some("lobby".into()) }.into(),
+        StreamUpdated { app: app(), name: name("cam1"), publish_name: None, description: None }.into(),
+        StreamDeleted { app: app(), name: name("cam1") }.into(),
+        TokenIssued { token_sha256: tok, app: app(), stream: name("cam1"), action: Action::Publish, expires_at: Some(T0) }.into(),
+        TokenConsumed { token_sha256: tok, decision_id: Some(uuid::Uuid::from_u128(9)), node: Some(NodeId::parse("edge-1").unwrap()) }.into(),
+        TokenRevoked { token_sha256: tok }.into(),
+        SubscriberAdded { app: app(), stream: name("cam1"), subscriber_id: alice.clone(), action: Some(Action::Play), secret: sealed(2) }.into(),
+        SubscriberRemoved { app: app(), stream: name("cam1"), subscriber_id: alice.clone() }.into(),
+        SubscriberBlocked { app: app(), stream: name("cam1"), subscriber_id: alice.clone(), until: T0 }.into(),
+        TotpStepUsed { app: app(), stream: name("cam1"), subscriber_id: alice, step: 30_000_000 }.into(),
+        JwksRefreshed { app: app(), jwks: json!({"keys": [{"kty": "EC", "kid": "ec-1", "crv": "P-256", "x": "AA", "y": "AA"}]}) }.into(),
+        NodeRegistered { node_id: NodeId::parse("edge-1").unwrap(), version: "0.1.0".into(), protocols: vec![Protocol::Rtmp, Protocol::Srt] }.into(),
+        AccessDecided {
+            decision: DecisionRecord {
+                decision: Decision {
+                    id: uuid::Uuid::from_u128(9),
+                    outcome: Outcome::Allow,
+                    reason: Reason::Allowed,
+                    method: Some(Method::OneTimeToken),
+                    subject: Some("token:5b1d0e5f2a6b9d8c".into()),
+                    stream: name("cam1"),
+                    position: Position(41),
+                    effects: vec![Effect::ConsumeToken { token_sha256: tok }],
+                },
+                allowed: true,
+                final_reason: Reason::Allowed,
+                request: RecordedRequest {
+                    app: app(),
+                    stream: name("cam1-key"),
+                    action: Action::Publish,
+                    protocol: Protocol::Rtmp,
+                    client_ip: "10.0.0.5".parse().unwrap(),
+                    subscriber_id: None,
+                    expires: None,
+                    credential: Some(sealed(3)),
+                },
+                decided_at: T0,
+                node: Some(NodeId::parse("edge-1").unwrap()),
+                webhook: Some(WebhookAnswer { status: Some(200), allowed: true }),
+                sequence: Some(17),
+            },
+        }
+        .into(),
+        ApiAccessed {
+            instance: "cp-1".into(),
+            entries: vec![ApiAccess {
+                at: T0,
+                subject: "key:k1".into(),
+                method: "POST".into(),
+                route: "/v1/apps".into(),
+                client_ip: "127.0.0.1".parse().unwrap(),
+                status: 201,
+            }],
+        }
+        .into(),
+    ]
+}
+
+#[test]
+fn every_event_type_has_an_example() {
+    let types: Vec<&str> = examples().iter().map(Event::event_type).collect();
+    assert_eq!(types, Event::TYPES);
+}
+
+#[test]
+fn event_json_snapshots() {
+    for e in examples() {
+        let stored = json!({
+            "type": e.event_type(),
+            "schema_version": e.schema_version(),
+            "stream": e.log_stream(),
+            "data": e.data(),
+        });
+        insta::assert_json_snapshot!(e.event_type(), stored);
+    }
+}
+
+/// Every committed snapshot is a stored event from some version of Sluice; each must decode
+/// with this build, forever.
+#[test]
+fn every_committed_snapshot_still_decodes() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+    let mut decoded = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        if !path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("catalog__")
+        {
+            continue;
+        }
+        // insta files: a `---` front matter, then the JSON body.
+        let body = text.splitn(3, "---").nth(2).unwrap();
+        let stored: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+        let event = Event::decode(
+            stored["type"].as_str().unwrap(),
+            stored["schema_version"].as_u64().unwrap() as u16,
+            &stored["data"],
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(event.log_stream(), stored["stream"].as_str().unwrap());
+        decoded += 1;
+    }
+    assert!(
+        decoded >= Event::TYPES.len(),
+        "found only {decoded} snapshots"
+    );
+}
+
+#[test]
+fn round_trip_through_type_and_data() {
+    for e in examples() {
+        assert_eq!(Event::decode(e.event_type(), 1, &e.data()).unwrap(), e);
+    }
+}
+
+#[test]
+fn bad_rows_are_typed_errors() {
+    assert_eq!(
+        Event::decode("AppRenamed", 1, &json!({})),
+        Err(DecodeError::UnknownType {
+            event_type: "AppRenamed".into()
+        })
+    );
+    assert!(matches!(
+        Event::decode("AppCreated", 2, &json!({})),
+        Err(DecodeError::UnknownVersion { version: 2, .. })
+    ));
+    let err = Event::decode("AppDeleted", 1, &json!({"app": 12})).unwrap_err();
+    assert!(matches!(err, DecodeError::BadData { .. }));
+    assert!(err.to_string().contains("AppDeleted"));
+    let err = Event::decode("AppDeleted", 1, &json!({"app": "bad name"})).unwrap_err();
+    assert!(
+        err.to_string().contains("app name may only contain"),
+        "{err}"
+    );
+}
+
+#[test]
+fn newer_optional_fields_are_tolerated() {
+    // A newer writer added a field: an older reader must still fold the event.
+    let e = Event::decode(
+        "AppDeleted",
+        1,
+        &json!({"app": "live", "reason": "retired"}),
+    )
+    .unwrap();
+    assert_eq!(e, Event::AppDeleted(AppDeleted { app: app() }));
+}
+
+#[test]
+fn no_secret_in_plaintext_in_any_event() {
+    for e in examples() {
+        let text = e.data().to_string();
+        for secret in ["example-secret", "tok-publish"] {
+            assert!(
+                !text.contains(secret),
+                "{} leaks {secret}: {text}",
+                e.event_type()
+            );
+        }
+    }
+}
+
+#[test]
+fn canonical_bytes_ignore_key_order() {
+    let a = json!({"b": 1, "a": {"d": [1, {"y": 2, "x": 1}], "c": null}});
+    let b: serde_json::Value =
+        serde_json::from_str(r#"{"a":{"c":null,"d":[1,{"x":1,"y":2}]},"b":1}"#).unwrap();
+    let id = uuid::Uuid::from_u128(1);
+    assert_eq!(
+        canonical_bytes(Position(1), &id, "s", 0, "T", 1, &a),
+        canonical_bytes(Position(1), &id, "s", 0, "T", 1, &b)
+    );
+    let h1 = chain_hash(
+        &GENESIS,
+        &canonical_bytes(Position(1), &id, "s", 0, "T", 1, &a),
+    );
+    let h2 = chain_hash(
+        &GENESIS,
+        &canonical_bytes(Position(1), &id, "s", 1, "T", 1, &a),
+    );
+    assert_ne!(h1, h2);
+}
+
+#[test]
+fn core_has_no_io_dependencies() {
+    let manifest = include_str!("../Cargo.toml");
+    let deps = manifest
+        .split("[dependencies]")
+        .nth(1)
+        .unwrap()
+        .split("\n[")
+        .next()
+        .unwrap();
+    for banned in [
+        "tokio",
+        "sqlx",
+        "axum",
+        "monoio",
+        "async-nats",
+        "reqwest",
+        "hyper",
+        "rand",
+        "getrandom",
+        "chrono",
+    ] {
+        assert!(
+            !deps
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{banned} "))
+                    || l.trim_start().starts_with(&format!("{banned}."))),
+            "events/ must stay pure, but depends on {banned}"
+        );
+    }
+}
+
+#[test]
+fn committed_schema_matches_the_code() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../schemas/events.schema.json");
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    let generated = sluice_events::schema::events_schema_text();
+    if committed != generated {
+        if std::env::var_os("SLUICE_UPDATE_SCHEMAS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+            return;
+        }
+        panic!(
+            "schemas/events.schema.json is out of date with the event types; regenerate it with\n  \
+             SLUICE_UPDATE_SCHEMAS=1 cargo test -p sluice-events --test catalog committed_schema\n\
+             (or `sluice-control schema`) and review the diff"
+        );
+    }
+}
