@@ -1,5 +1,5 @@
 //! Given / when / then for the core: build a state from events, decide or handle a command.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::IpAddr;
 use std::sync::Arc;
