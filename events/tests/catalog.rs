@@ -1,5 +1,6 @@
 //! The event catalog: a snapshot of every event type's JSON, and proof that every committed
 //! snapshot still decodes (old events must deserialize forever).
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

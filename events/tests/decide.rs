@@ -1,5 +1,6 @@
 //! `decide` table: every method × valid / expired / wrong stream / wrong action / wrong
 //! secret / malformed / CIDR outside, plus stream resolution and any-of semantics.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

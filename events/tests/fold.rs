@@ -1,4 +1,5 @@
 //! Commands (given / when / then) and properties of the fold and of `decide`.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 
