@@ -1,1 +1,21 @@
-//! placeholder
+//! Sluice's control plane: the Postgres event store, the projection, the HTTP API and the
+//! bootstrap of a fresh log. The decisions themselves live in `sluice-events`.
+#![forbid(unsafe_code)]
+
+pub mod bootstrap;
+pub mod config;
+pub mod http;
+pub mod projection;
+pub mod store;
+
+pub use store::{Appended, EventStore, ExpectedVersion, StoreError, VerifyError, VerifyReport};
+
+/// Connects a pool (short acquire timeout, so an unreachable Postgres is a clear error fast).
+pub async fn connect(database_url: &str) -> Result<sqlx::PgPool, StoreError> {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(16)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect(database_url)
+        .await
+        .map_err(StoreError::from)
+}

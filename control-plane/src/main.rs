@@ -1,1 +1,202 @@
-fn main() {}
+//! `sluice-control`: serve the API, migrate, verify the log's hash chain, replay the log.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use sluice_control_plane::bootstrap::{self, Bootstrap};
+use sluice_control_plane::config::Config;
+use sluice_control_plane::http::{self, AppState};
+use sluice_control_plane::projection::Projection;
+use sluice_control_plane::{EventStore, connect, store};
+use sluice_events::{AuthState, Keyring, Position, Timestamp};
+
+#[derive(Parser, Debug)]
+#[command(name = "sluice-control", version, about = "Sluice control plane")]
+struct Cli {
+    /// TOML config file; every setting can also come from SLUICE_<NAME>.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Migrate, bootstrap an empty log, fold it and serve HTTP until SIGTERM/Ctrl-C.
+    Serve,
+    /// Apply the database migrations and exit.
+    Migrate,
+    /// Walk the hash chain; exit 1 and name the first bad position if it is broken.
+    VerifyLog,
+    /// Rebuild the state from the log and print its position and digest.
+    Replay {
+        /// Stop after this position.
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Print the JSON Schema of every event (the content of schemas/events.schema.json).
+    Schema,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Cmd::Schema = cli.command {
+        print!("{}", sluice_events::schema::events_schema_text());
+        return ExitCode::SUCCESS;
+    }
+    let config = match Config::load(cli.config.as_deref(), std::env::vars().collect()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("sluice-control: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluice-control: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, config)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sluice-control: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp(chrono::Utc::now().timestamp_millis())
+}
+
+async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let pool = connect(&config.database_url).await?;
+    match command {
+        Cmd::Migrate => {
+            store::migrate(&pool).await?;
+            println!("migrations applied");
+        }
+        Cmd::VerifyLog => {
+            let store = EventStore::start(pool);
+            match store.verify().await {
+                Ok(r) => println!(
+                    "ok: {} events, head {}, head hash {}",
+                    r.events,
+                    r.head,
+                    r.head_hash.to_hex()
+                ),
+                Err(e) => {
+                    match e.position() {
+                        Some(p) => println!("BROKEN at position {p}: {e}"),
+                        None => println!("could not verify: {e}"),
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
+        }
+        Cmd::Replay { to } => {
+            let store = EventStore::start(pool);
+            let limit = to.map(Position).unwrap_or(Position(u64::MAX));
+            let mut state = AuthState::new();
+            'pages: loop {
+                let page = store.read_all(state.position(), 5000).await?;
+                if page.is_empty() {
+                    break;
+                }
+                for e in &page {
+                    if e.position > limit {
+                        break 'pages;
+                    }
+                    state.apply(e)?;
+                }
+            }
+            println!(
+                "position {} digest {}",
+                state.position(),
+                state.digest().to_hex()
+            );
+        }
+        Cmd::Serve => serve(pool, config).await?,
+        Cmd::Schema => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let sealing = config.require_sealing_key()?.clone();
+    store::migrate(&pool).await?;
+    let store = EventStore::start(pool);
+    match bootstrap::run(
+        &store,
+        config.bootstrap_admin_key.as_deref(),
+        &config.sls_app,
+        now(),
+    )
+    .await?
+    {
+        Bootstrap::Created {
+            key_id,
+            generated: Some(secret),
+        } => {
+            // Printed once, to stdout only: the log keeps just its SHA-256.
+            println!(
+                "==> First start: created admin API key {key_id}. Save it now; it is not shown again:"
+            );
+            println!("    SLUICE_ADMIN_KEY={secret}");
+            println!("    (use it as: Authorization: Bearer $SLUICE_ADMIN_KEY)");
+        }
+        Bootstrap::Created {
+            key_id,
+            generated: None,
+        } => {
+            println!(
+                "==> First start: admin API key {key_id} created from SLUICE_BOOTSTRAP_ADMIN_KEY"
+            );
+        }
+        Bootstrap::NotNeeded => {}
+    }
+    let projection = Projection::start(&store, Some(Arc::new(Keyring::new(sealing)))).await?;
+    tracing::info!(position = %projection.position(), "projection caught up");
+    let app = http::router(AppState { store, projection });
+    let listener = tokio::net::TcpListener::bind(config.api_listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {} (SLUICE_API_LISTEN): {e}",
+                config.api_listen
+            )
+        })?;
+    tracing::info!(addr = %config.api_listen, "sluice-control listening");
+    println!("sluice-control listening on http://{}", config.api_listen);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    tracing::info!("sluice-control stopped");
+    Ok(())
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

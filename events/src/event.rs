@@ -377,28 +377,37 @@ pub struct RecordedEvent {
 /// The canonical bytes of an event for the hash chain. Object keys are sorted here rather
 /// than trusting serde_json's map order (a `preserve_order` feature anywhere in the build, or
 /// jsonb's own key order on read-back, would otherwise change the bytes).
-pub fn canonical_bytes(
-    position: Position,
-    event_id: &Uuid,
-    stream: &str,
-    version: u64,
-    event_type: &str,
-    type_version: u16,
-    data: &serde_json::Value,
-) -> Vec<u8> {
+pub fn canonical_bytes(row: &CanonicalRow<'_>) -> Vec<u8> {
     let head = serde_json::json!([
-        position.0,
-        event_id,
-        stream,
-        version,
-        event_type,
-        type_version
+        row.position.0,
+        row.event_id,
+        row.stream,
+        row.version,
+        row.event_type,
+        row.type_version,
+        row.recorded_at.0
     ]);
     let mut out = Vec::with_capacity(256);
     write_canonical(&head, &mut out);
     out.push(b'|');
-    write_canonical(data, &mut out);
+    write_canonical(row.data, &mut out);
+    out.push(b'|');
+    write_canonical(row.metadata, &mut out);
     out
+}
+
+/// Everything the hash chain covers: the row as stored, metadata (who did it) and time included.
+#[derive(Debug, Clone, Copy)]
+pub struct CanonicalRow<'a> {
+    pub position: Position,
+    pub event_id: &'a Uuid,
+    pub stream: &'a str,
+    pub version: u64,
+    pub event_type: &'a str,
+    pub type_version: u16,
+    pub recorded_at: Timestamp,
+    pub data: &'a serde_json::Value,
+    pub metadata: &'a serde_json::Value,
 }
 
 /// Writes `v` as JSON with object keys in byte order, no whitespace.

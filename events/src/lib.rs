@@ -13,6 +13,7 @@ pub mod ids;
 pub mod policy;
 pub mod schema;
 pub mod secret;
+pub mod settings;
 pub mod state;
 pub mod wire;
 

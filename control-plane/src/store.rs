@@ -1,0 +1,677 @@
+//! The Postgres event store: `append` (group-committed under one advisory lock, gap-free
+//! positions, optimistic concurrency, idempotent by event id, hash-chained), `read_all`,
+//! `read_stream`, `subscribe` (LISTEN/NOTIFY wake-ups, then read from the last position) and
+//! `verify` (walks the chain).
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use sluice_events::event::{CanonicalRow, GENESIS, canonical_bytes, chain_hash};
+use sluice_events::{
+    DecodeError, Event, Metadata, NewEvent, Position, RecordedEvent, Sha256Digest, Timestamp,
+};
+use sqlx::postgres::{PgListener, PgPool, PgRow};
+use sqlx::{Postgres, Row, Transaction};
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+/// Every appender takes this transaction-scoped advisory lock ("sluice" + 1).
+const APPEND_LOCK: i64 = 0x736c_7569_6365_0001;
+/// Most requests folded into one transaction.
+const MAX_BATCH_REQUESTS: usize = 256;
+/// Rows read per page.
+const PAGE: i64 = 1000;
+
+/// What the appender believes the stream's version is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedVersion {
+    /// No check (used for facts that cannot conflict, such as decisions).
+    Any,
+    /// The stream must not exist yet.
+    NoStream,
+    /// The stream's last event has this version.
+    Exact(u64),
+}
+
+impl std::fmt::Display for ExpectedVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExpectedVersion::Any => f.write_str("any"),
+            ExpectedVersion::NoStream => f.write_str("no stream"),
+            ExpectedVersion::Exact(v) => write!(f, "version {v}"),
+        }
+    }
+}
+
+/// The outcome of an append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub positions: Vec<Position>,
+    /// The stream's version after the append.
+    pub stream_version: Option<u64>,
+    /// True when every event id was already in the log: nothing was written.
+    pub duplicate: bool,
+}
+
+impl Appended {
+    pub fn last_position(&self) -> Option<Position> {
+        self.positions.last().copied()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    #[error("version conflict on stream {stream}: expected {expected}, found {}", actual.map_or("no stream".to_owned(), |v| format!("version {v}")))]
+    Conflict {
+        stream: String,
+        expected: ExpectedVersion,
+        actual: Option<u64>,
+    },
+    #[error("event {event_id} was already appended with a different batch of events")]
+    IdempotencyMismatch { event_id: Uuid },
+    #[error("invalid append: {0}")]
+    InvalidAppend(String),
+    #[error("cannot read the event at position {position}: {source}")]
+    Decode {
+        position: Position,
+        source: DecodeError,
+    },
+    #[error("Postgres is unreachable: {0}")]
+    Unavailable(String),
+    #[error("Postgres error: {0}")]
+    Database(String),
+    #[error("the event store's writer has stopped")]
+    WriterGone,
+}
+
+impl StoreError {
+    fn from_sqlx(e: sqlx::Error) -> StoreError {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+            sqlx::Error::Database(db) if db.code().as_deref() == Some("57P01") => {
+                StoreError::Unavailable(e.to_string())
+            }
+            _ => StoreError::Database(e.to_string()),
+        }
+    }
+
+    /// True for failures worth retrying later (the database went away), as opposed to
+    /// requests that are wrong.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::WriterGone)
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::from_sqlx(e)
+    }
+}
+
+struct AppendRequest {
+    stream: String,
+    expected: ExpectedVersion,
+    events: Vec<NewEvent>,
+    metadata: Metadata,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// Handle to the store; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct EventStore {
+    pool: PgPool,
+    writer: mpsc::Sender<AppendRequest>,
+}
+
+impl std::fmt::Debug for AppendRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppendRequest")
+            .field("stream", &self.stream)
+            .field("events", &self.events.len())
+            .finish()
+    }
+}
+
+/// Runs the embedded migrations.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::migrate!("../migrations")
+        .run(pool)
+        .await
+        .map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(inner) => StoreError::from_sqlx(inner),
+            other => StoreError::Database(other.to_string()),
+        })
+}
+
+fn to_datetime(t: Timestamp) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(t.0).single().unwrap_or_default()
+}
+
+/// Wall-clock now, truncated to milliseconds so it survives the database round trip exactly.
+fn now_ms() -> Timestamp {
+    Timestamp(Utc::now().timestamp_millis())
+}
+
+/// A row as stored, before decoding: what verification hashes.
+struct RawRow {
+    position: Position,
+    event_id: Uuid,
+    stream: String,
+    version: u64,
+    event_type: String,
+    type_version: u16,
+    data: serde_json::Value,
+    metadata: serde_json::Value,
+    recorded_at: Timestamp,
+    hash: Vec<u8>,
+}
+
+/// The row columns, with a fixed tail; sqlx wants a `&'static str`.
+macro_rules! select_rows {
+    ($tail:literal) => {
+        concat!(
+            "SELECT position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash FROM events",
+            $tail
+        )
+    };
+}
+
+impl RawRow {
+    fn from_row(row: &PgRow) -> Result<RawRow, sqlx::Error> {
+        let recorded_at: DateTime<Utc> = row.try_get("recorded_at")?;
+        Ok(RawRow {
+            position: Position(row.try_get::<i64, _>("position")? as u64),
+            event_id: row.try_get("event_id")?,
+            stream: row.try_get("stream")?,
+            version: row.try_get::<i64, _>("version")? as u64,
+            event_type: row.try_get("type")?,
+            type_version: row.try_get::<i16, _>("type_version")? as u16,
+            data: row.try_get("data")?,
+            metadata: row.try_get("metadata")?,
+            recorded_at: Timestamp(recorded_at.timestamp_millis()),
+            hash: row.try_get("hash")?,
+        })
+    }
+
+    fn canonical(&self) -> Vec<u8> {
+        canonical_bytes(&CanonicalRow {
+            position: self.position,
+            event_id: &self.event_id,
+            stream: &self.stream,
+            version: self.version,
+            event_type: &self.event_type,
+            type_version: self.type_version,
+            recorded_at: self.recorded_at,
+            data: &self.data,
+            metadata: &self.metadata,
+        })
+    }
+
+    fn decode(self) -> Result<RecordedEvent, StoreError> {
+        let event =
+            Event::decode(&self.event_type, self.type_version, &self.data).map_err(|source| {
+                StoreError::Decode {
+                    position: self.position,
+                    source,
+                }
+            })?;
+        let hash: [u8; 32] = self.hash.as_slice().try_into().unwrap_or([0; 32]);
+        Ok(RecordedEvent {
+            position: self.position,
+            event_id: self.event_id,
+            stream: self.stream,
+            version: self.version,
+            event,
+            // Metadata is informational: an unreadable one must not make the event unreadable.
+            metadata: serde_json::from_value(self.metadata).unwrap_or_default(),
+            recorded_at: self.recorded_at,
+            hash: Sha256Digest(hash),
+        })
+    }
+}
+
+impl EventStore {
+    /// Starts the group-commit writer. The pool should already be migrated.
+    pub fn start(pool: PgPool) -> EventStore {
+        let (tx, rx) = mpsc::channel(4096);
+        tokio::spawn(writer(pool.clone(), rx));
+        EventStore { pool, writer: tx }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Appends `events` to `stream` if its version is `expected`; answers once committed.
+    pub async fn append(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        metadata: Metadata,
+    ) -> Result<Appended, StoreError> {
+        if let Some(e) = events.iter().find(|e| e.event.log_stream() != stream) {
+            return Err(StoreError::InvalidAppend(format!(
+                "{} belongs to stream {}, not {stream}",
+                e.event.event_type(),
+                e.event.log_stream()
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        let request = AppendRequest {
+            stream: stream.to_owned(),
+            expected,
+            events,
+            metadata,
+            reply,
+        };
+        self.writer
+            .send(request)
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// The last position in the log (0 when empty).
+    pub async fn head(&self) -> Result<Position, StoreError> {
+        let p: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(Position(p.unwrap_or(0) as u64))
+    }
+
+    /// The version of a stream's last event, or `None` if it has none.
+    pub async fn stream_version(&self, stream: &str) -> Result<Option<u64>, StoreError> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT max(version) FROM events WHERE stream = $1")
+                .bind(stream)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(v.map(|v| v as u64))
+    }
+
+    /// Events after `after`, in log order, at most `limit`. An event this build cannot decode
+    /// ends the page: the events before it are returned, and a read that starts at it fails
+    /// with `Decode`, so a reader neither skips it nor loses what precedes it.
+    pub async fn read_all(
+        &self,
+        after: Position,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(select_rows!(
+            " WHERE position > $1 ORDER BY position LIMIT $2"
+        ))
+        .bind(after.0 as i64)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            match RawRow::from_row(row)
+                .map_err(StoreError::from)
+                .and_then(RawRow::decode)
+            {
+                Ok(e) => events.push(e),
+                Err(e) if events.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(events)
+    }
+
+    /// Every event of one stream, in version order.
+    pub async fn read_stream(&self, stream: &str) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(select_rows!(" WHERE stream = $1 ORDER BY version"))
+            .bind(stream)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| RawRow::from_row(r).map_err(StoreError::from)?.decode())
+            .collect()
+    }
+
+    /// Live tail from `after`: catches up, then wakes on NOTIFY (and every second, in case a
+    /// notification was missed) and reads from the last delivered position. It listens before
+    /// it reads, so nothing committed between catch-up and live is lost. A decode error ends
+    /// the subscription with that error: a reader must never skip an event.
+    pub async fn subscribe(&self, after: Position) -> Result<Subscription, StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen("sluice_events").await?;
+        let (tx, rx) = mpsc::channel(1024);
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut last = after;
+            loop {
+                match store.read_all(last, PAGE).await {
+                    Ok(events) if !events.is_empty() => {
+                        for e in events {
+                            last = e.position;
+                            if tx.send(Ok(e)).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e @ StoreError::Decode { .. }) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "event subscription could not read; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+                tokio::select! {
+                    n = listener.recv() => {
+                        if let Err(e) = n {
+                            tracing::warn!(error = %e, "event subscription lost its LISTEN connection; reconnecting");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                        }
+                    }
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Subscription { rx })
+    }
+
+    /// Walks the whole chain: positions contiguous from 1, every hash recomputed.
+    pub async fn verify(&self) -> Result<VerifyReport, VerifyError> {
+        let mut prev = GENESIS;
+        let mut last = Position::ZERO;
+        loop {
+            let rows = sqlx::query(select_rows!(
+                " WHERE position > $1 ORDER BY position LIMIT $2"
+            ))
+            .bind(last.0 as i64)
+            .bind(PAGE)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| VerifyError::Store(StoreError::from(e)))?;
+            if rows.is_empty() {
+                return Ok(VerifyReport {
+                    events: last.0,
+                    head: last,
+                    head_hash: prev,
+                });
+            }
+            for row in &rows {
+                let raw = RawRow::from_row(row).map_err(|e| VerifyError::Store(e.into()))?;
+                if raw.position != last.next() {
+                    return Err(VerifyError::Gap {
+                        expected: last.next(),
+                        found: raw.position,
+                    });
+                }
+                let expected = chain_hash(&prev, &raw.canonical());
+                if expected.0.as_slice() != raw.hash.as_slice() {
+                    return Err(VerifyError::HashMismatch {
+                        position: raw.position,
+                    });
+                }
+                prev = expected;
+                last = raw.position;
+            }
+        }
+    }
+}
+
+/// A live tail of the log.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: mpsc::Receiver<Result<RecordedEvent, StoreError>>,
+}
+
+impl Subscription {
+    pub async fn recv(&mut self) -> Option<Result<RecordedEvent, StoreError>> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is already waiting.
+    pub fn try_recv(&mut self) -> Option<Result<RecordedEvent, StoreError>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub events: u64,
+    pub head: Position,
+    pub head_hash: Sha256Digest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error(
+        "hash chain broken at position {position}: the stored hash does not match the event (tampered or corrupted)"
+    )]
+    HashMismatch { position: Position },
+    #[error("position gap: expected {expected}, found {found}")]
+    Gap { expected: Position, found: Position },
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl VerifyError {
+    /// The first bad position, if the chain itself is broken.
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            VerifyError::HashMismatch { position } => Some(*position),
+            VerifyError::Gap { expected, .. } => Some(*expected),
+            VerifyError::Store(_) => None,
+        }
+    }
+}
+
+async fn writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>) {
+    let mut batch: Vec<AppendRequest> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        // Everything that queued up while the previous transaction committed goes together.
+        while batch.len() < MAX_BATCH_REQUESTS {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let results = match commit_batch(&pool, &batch).await {
+            Ok(results) => results,
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for (req, result) in batch.drain(..).zip(results) {
+            let _ = req.reply.send(result);
+        }
+    }
+}
+
+/// Column vectors for one multi-row INSERT … SELECT FROM UNNEST.
+#[derive(Default)]
+struct Columns {
+    position: Vec<i64>,
+    event_id: Vec<Uuid>,
+    stream: Vec<String>,
+    version: Vec<i64>,
+    event_type: Vec<String>,
+    type_version: Vec<i16>,
+    data: Vec<serde_json::Value>,
+    metadata: Vec<serde_json::Value>,
+    recorded_at: Vec<DateTime<Utc>>,
+    hash: Vec<Vec<u8>>,
+}
+
+async fn commit_batch(
+    pool: &PgPool,
+    batch: &[AppendRequest],
+) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut *tx)
+        .await?;
+
+    let head = sqlx::query("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
+        .fetch_optional(&mut *tx)
+        .await?;
+    let (mut position, mut prev) = match head {
+        Some(row) => {
+            let hash: Vec<u8> = row.try_get("hash")?;
+            (
+                Position(row.try_get::<i64, _>("position")? as u64),
+                Sha256Digest(hash.as_slice().try_into().unwrap_or([0; 32])),
+            )
+        }
+        None => (Position::ZERO, GENESIS),
+    };
+
+    let ids: Vec<Uuid> = batch
+        .iter()
+        .flat_map(|r| r.events.iter().map(|e| e.event_id))
+        .collect();
+    let mut known: HashMap<Uuid, Position> = HashMap::new();
+    for row in sqlx::query("SELECT event_id, position FROM events WHERE event_id = ANY($1)")
+        .bind(&ids)
+        .fetch_all(&mut *tx)
+        .await?
+    {
+        known.insert(
+            row.try_get("event_id")?,
+            Position(row.try_get::<i64, _>("position")? as u64),
+        );
+    }
+
+    let streams: Vec<String> = batch
+        .iter()
+        .map(|r| r.stream.clone())
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut versions: HashMap<String, u64> = HashMap::new();
+    for row in sqlx::query(
+        "SELECT stream, max(version) AS v FROM events WHERE stream = ANY($1) GROUP BY stream",
+    )
+    .bind(&streams)
+    .fetch_all(&mut *tx)
+    .await?
+    {
+        versions.insert(row.try_get("stream")?, row.try_get::<i64, _>("v")? as u64);
+    }
+
+    let recorded_at = now_ms();
+    let mut cols = Columns::default();
+    let mut results = Vec::with_capacity(batch.len());
+    for req in batch {
+        let current = versions.get(&req.stream).copied();
+        if req.events.is_empty() {
+            results.push(Ok(Appended {
+                positions: vec![],
+                stream_version: current,
+                duplicate: false,
+            }));
+            continue;
+        }
+        // A retry of an append that already happened (here or earlier in this batch).
+        let seen: Vec<Option<Position>> = req
+            .events
+            .iter()
+            .map(|e| known.get(&e.event_id).copied())
+            .collect();
+        if seen.iter().any(Option::is_some) {
+            results.push(match seen.iter().position(Option::is_none) {
+                Some(i) => Err(StoreError::IdempotencyMismatch {
+                    event_id: req.events[i].event_id,
+                }),
+                None => Ok(Appended {
+                    positions: seen.into_iter().flatten().collect(),
+                    stream_version: current,
+                    duplicate: true,
+                }),
+            });
+            continue;
+        }
+        let ok = match req.expected {
+            ExpectedVersion::Any => true,
+            ExpectedVersion::NoStream => current.is_none(),
+            ExpectedVersion::Exact(v) => current == Some(v),
+        };
+        if !ok {
+            results.push(Err(StoreError::Conflict {
+                stream: req.stream.clone(),
+                expected: req.expected,
+                actual: current,
+            }));
+            continue;
+        }
+        let metadata = serde_json::to_value(&req.metadata).unwrap_or_default();
+        let mut version = current;
+        let mut positions = Vec::with_capacity(req.events.len());
+        for e in &req.events {
+            position = position.next();
+            let v = version.map_or(0, |v| v + 1);
+            version = Some(v);
+            let data = e.event.data();
+            let canonical = canonical_bytes(&CanonicalRow {
+                position,
+                event_id: &e.event_id,
+                stream: &req.stream,
+                version: v,
+                event_type: e.event.event_type(),
+                type_version: e.event.schema_version(),
+                recorded_at,
+                data: &data,
+                metadata: &metadata,
+            });
+            prev = chain_hash(&prev, &canonical);
+            known.insert(e.event_id, position);
+            positions.push(position);
+            cols.position.push(position.0 as i64);
+            cols.event_id.push(e.event_id);
+            cols.stream.push(req.stream.clone());
+            cols.version.push(v as i64);
+            cols.event_type.push(e.event.event_type().to_owned());
+            cols.type_version.push(e.event.schema_version() as i16);
+            cols.data.push(data);
+            cols.metadata.push(metadata.clone());
+            cols.recorded_at.push(to_datetime(recorded_at));
+            cols.hash.push(prev.0.to_vec());
+        }
+        if let Some(v) = version {
+            versions.insert(req.stream.clone(), v);
+        }
+        results.push(Ok(Appended {
+            positions,
+            stream_version: version,
+            duplicate: false,
+        }));
+    }
+
+    if cols.position.is_empty() {
+        tx.rollback().await?;
+        return Ok(results);
+    }
+    sqlx::query(
+        "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash) \
+         SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::smallint[], \
+                              $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::bytea[])",
+    )
+    .bind(&cols.position)
+    .bind(&cols.event_id)
+    .bind(&cols.stream)
+    .bind(&cols.version)
+    .bind(&cols.event_type)
+    .bind(&cols.type_version)
+    .bind(&cols.data)
+    .bind(&cols.metadata)
+    .bind(&cols.recorded_at)
+    .bind(&cols.hash)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(results)
+}

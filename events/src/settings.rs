@@ -1,0 +1,220 @@
+//! Reading settings: a TOML file overlaid by `SLUICE_<NAME>` environment variables (SRS
+//! style: anything in the file can come from the environment instead). Pure: the shell passes
+//! the file's text and the environment in. Errors name the setting and what was expected,
+//! and never echo a value (it may be a secret).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+/// Where a setting's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Environment,
+    File,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    #[error("missing setting {env}: expected {expected} (set {env} or `{key}` in the config file)")]
+    Missing {
+        env: String,
+        key: String,
+        expected: &'static str,
+    },
+    #[error("invalid setting {env} ({origin}): expected {expected}")]
+    Invalid {
+        env: String,
+        origin: OriginText,
+        expected: &'static str,
+    },
+    #[error("config file is not valid TOML: {0}")]
+    File(String),
+    #[error("unknown setting `{0}` in the config file")]
+    UnknownKey(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OriginText(pub Origin);
+
+impl fmt::Display for OriginText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Origin::Environment => "from the environment",
+            Origin::File => "from the config file",
+        })
+    }
+}
+
+/// A file and an environment to read settings from.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    file: BTreeMap<String, String>,
+    env: BTreeMap<String, String>,
+}
+
+impl Sources {
+    /// `file` is the config file's text, if one was given; `env` the process environment.
+    /// `known` lists the keys this program reads, so a typo in the file is an error.
+    pub fn new(
+        file: Option<&str>,
+        env: BTreeMap<String, String>,
+        known: &[&str],
+    ) -> Result<Self, SettingsError> {
+        let mut flat = BTreeMap::new();
+        if let Some(text) = file {
+            let table: toml::Table = text
+                .parse()
+                .map_err(|e: toml::de::Error| SettingsError::File(e.message().to_owned()))?;
+            for (k, v) in table {
+                if !known.contains(&k.as_str()) {
+                    return Err(SettingsError::UnknownKey(k));
+                }
+                let text = match v {
+                    toml::Value::String(s) => s,
+                    other => other.to_string(),
+                };
+                flat.insert(k, text);
+            }
+        }
+        Ok(Sources { file: flat, env })
+    }
+
+    fn env_name(key: &str) -> String {
+        format!("SLUICE_{}", key.to_ascii_uppercase())
+    }
+
+    /// The raw value: environment first, then file. Empty environment values count as unset.
+    pub fn raw(&self, key: &str) -> Option<(&str, Origin)> {
+        if let Some(v) = self.env.get(&Self::env_name(key)).filter(|v| !v.is_empty()) {
+            return Some((v, Origin::Environment));
+        }
+        self.file.get(key).map(|v| (v.as_str(), Origin::File))
+    }
+
+    /// A raw environment variable outside the `SLUICE_` namespace (e.g. `DATABASE_URL`).
+    pub fn env_var(&self, name: &str) -> Option<&str> {
+        self.env
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn optional<T: FromStr>(
+        &self,
+        key: &str,
+        expected: &'static str,
+    ) -> Result<Option<T>, SettingsError> {
+        match self.raw(key) {
+            None => Ok(None),
+            Some((v, origin)) => v
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|_| SettingsError::Invalid {
+                    env: Self::env_name(key),
+                    origin: OriginText(origin),
+                    expected,
+                }),
+        }
+    }
+
+    pub fn or<T: FromStr>(
+        &self,
+        key: &str,
+        default: T,
+        expected: &'static str,
+    ) -> Result<T, SettingsError> {
+        Ok(self.optional(key, expected)?.unwrap_or(default))
+    }
+
+    pub fn required<T: FromStr>(
+        &self,
+        key: &str,
+        expected: &'static str,
+    ) -> Result<T, SettingsError> {
+        self.optional(key, expected)?
+            .ok_or_else(|| self.missing(key, expected))
+    }
+
+    pub fn missing(&self, key: &str, expected: &'static str) -> SettingsError {
+        SettingsError::Missing {
+            env: Self::env_name(key),
+            key: key.to_owned(),
+            expected,
+        }
+    }
+
+    /// Checks a value already read with a custom parser, producing the same error shape.
+    pub fn invalid(&self, key: &str, expected: &'static str) -> SettingsError {
+        let origin = self.raw(key).map(|(_, o)| o).unwrap_or(Origin::Environment);
+        SettingsError::Invalid {
+            env: Self::env_name(key),
+            origin: OriginText(origin),
+            expected,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let s = Sources::new(
+            Some("api_listen = \"0.0.0.0:1\"\nport = 5"),
+            env(&[("SLUICE_API_LISTEN", "127.0.0.1:2")]),
+            &["api_listen", "port"],
+        )
+        .unwrap();
+        let v: std::net::SocketAddr = s.required("api_listen", "host:port").unwrap();
+        assert_eq!(v.port(), 2);
+        assert_eq!(s.or::<u16>("port", 0, "a port").unwrap(), 5);
+    }
+
+    #[test]
+    fn errors_name_the_setting_and_hide_the_value() {
+        let s = Sources::new(
+            None,
+            env(&[("SLUICE_API_LISTEN", "secret-looking-value")]),
+            &[],
+        )
+        .unwrap();
+        let err = s
+            .required::<std::net::SocketAddr>("api_listen", "host:port like 127.0.0.1:8080")
+            .unwrap_err();
+        let line = err.to_string();
+        assert_eq!(
+            line,
+            "invalid setting SLUICE_API_LISTEN (from the environment): expected host:port like 127.0.0.1:8080"
+        );
+        assert!(!line.contains("secret-looking-value"));
+        let err = s
+            .required::<String>("database_url", "a postgres:// URL")
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("missing setting SLUICE_DATABASE_URL")
+        );
+    }
+
+    #[test]
+    fn bad_file_and_unknown_keys_are_refused() {
+        assert!(matches!(
+            Sources::new(Some("= nope"), BTreeMap::new(), &[]),
+            Err(SettingsError::File(_))
+        ));
+        assert_eq!(
+            Sources::new(Some("api_lisen = \"x\""), BTreeMap::new(), &["api_listen"]).unwrap_err(),
+            SettingsError::UnknownKey("api_lisen".into())
+        );
+    }
+}

@@ -1,0 +1,609 @@
+//! The event store against a real Postgres 15: every log invariant of DESIGN.md §4 and every
+//! bad-input case of the foundation issue.
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use sluice_control_plane::store::{self, ExpectedVersion};
+use sluice_control_plane::{EventStore, StoreError, VerifyError, connect};
+use sluice_events::event::{AppCreated, AppDeleted, AppPolicyChanged};
+use sluice_events::{AppName, DecodeError, Event, Metadata, NewEvent, Policy, Position};
+use sluice_tests::Postgres;
+use uuid::Uuid;
+
+async fn given_a_store() -> (Postgres, EventStore) {
+    let pg = Postgres::start().unwrap();
+    let pool = connect(&pg.url()).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    (pg, EventStore::start(pool))
+}
+
+fn app(n: &str) -> AppName {
+    AppName::parse(n).unwrap()
+}
+
+fn created(n: &str) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::new_v4(),
+        event: AppCreated {
+            app: app(n),
+            policy: Policy::default(),
+        }
+        .into(),
+    }
+}
+
+fn changed(n: &str) -> NewEvent {
+    NewEvent {
+        event_id: Uuid::new_v4(),
+        event: AppPolicyChanged {
+            app: app(n),
+            policy: Policy::sls(),
+        }
+        .into(),
+    }
+}
+
+fn meta() -> Metadata {
+    Metadata {
+        actor: Some("test".into()),
+        ..Metadata::default()
+    }
+}
+
+#[tokio::test]
+async fn append_then_read_in_order_with_versions() {
+    let (_pg, store) = given_a_store().await;
+    let a = store
+        .append(
+            "app-a",
+            ExpectedVersion::NoStream,
+            vec![created("a"), changed("a")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.positions, vec![Position(1), Position(2)]);
+    assert_eq!(a.stream_version, Some(1));
+    let b = store
+        .append(
+            "app-b",
+            ExpectedVersion::NoStream,
+            vec![created("b")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(b.positions, vec![Position(3)]);
+    let all = store.read_all(Position::ZERO, 100).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.position.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(all[0].metadata.actor.as_deref(), Some("test"));
+    let stream = store.read_stream("app-a").await.unwrap();
+    assert_eq!(
+        stream.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    assert_eq!(store.read_all(Position(2), 100).await.unwrap().len(), 1);
+    assert_eq!(store.head().await.unwrap(), Position(3));
+    assert_eq!(store.stream_version("app-a").await.unwrap(), Some(1));
+    assert_eq!(store.stream_version("app-zz").await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn version_mismatch_is_a_conflict_never_an_overwrite() {
+    let (_pg, store) = given_a_store().await;
+    store
+        .append(
+            "app-a",
+            ExpectedVersion::NoStream,
+            vec![created("a")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    let err = store
+        .append(
+            "app-a",
+            ExpectedVersion::NoStream,
+            vec![created("a")],
+            meta(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::Conflict {
+            stream: "app-a".into(),
+            expected: ExpectedVersion::NoStream,
+            actual: Some(0)
+        }
+    );
+    assert!(
+        err.to_string()
+            .contains("expected no stream, found version 0")
+    );
+    let err = store
+        .append(
+            "app-a",
+            ExpectedVersion::Exact(5),
+            vec![changed("a")],
+            meta(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        StoreError::Conflict {
+            actual: Some(0),
+            ..
+        }
+    ));
+    store
+        .append(
+            "app-a",
+            ExpectedVersion::Exact(0),
+            vec![changed("a")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.read_stream("app-a").await.unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn concurrent_writers_on_one_stream_exactly_one_wins_each_version() {
+    let (_pg, store) = given_a_store().await;
+    store
+        .append(
+            "app-a",
+            ExpectedVersion::NoStream,
+            vec![created("a")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    // 16 writers all expect version 0: group commit puts them in one batch, the first wins,
+    // the rest fail alone with a conflict.
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                s.append(
+                    "app-a",
+                    ExpectedVersion::Exact(0),
+                    vec![changed("a")],
+                    meta(),
+                )
+                .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut conflicts = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(StoreError::Conflict { .. }) => conflicts += 1,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!((ok, conflicts), (1, 15));
+}
+
+#[tokio::test]
+async fn concurrent_appends_are_gap_free_and_chain_verifies() {
+    let (_pg, store) = given_a_store().await;
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                let mut mine = Vec::new();
+                for i in 0..40 {
+                    let name = format!("w{w}-{i}");
+                    let a = s
+                        .append(
+                            &format!("app-{name}"),
+                            ExpectedVersion::NoStream,
+                            vec![created(&name)],
+                            meta(),
+                        )
+                        .await
+                        .unwrap();
+                    mine.extend(a.positions);
+                }
+                mine
+            })
+        })
+        .collect();
+    let mut positions: Vec<u64> = Vec::new();
+    for t in tasks {
+        positions.extend(t.await.unwrap().iter().map(|p| p.0));
+    }
+    positions.sort_unstable();
+    assert_eq!(
+        positions,
+        (1..=320).collect::<Vec<_>>(),
+        "every position once, no gap"
+    );
+    let report = store.verify().await.unwrap();
+    assert_eq!((report.events, report.head), (320, Position(320)));
+}
+
+#[tokio::test]
+async fn reappending_an_event_id_returns_the_original_positions() {
+    let (_pg, store) = given_a_store().await;
+    let batch = vec![created("a"), changed("a")];
+    let first = store
+        .append("app-a", ExpectedVersion::NoStream, batch.clone(), meta())
+        .await
+        .unwrap();
+    // A client retry after a lost answer: same ids, same (now stale) expectation.
+    let again = store
+        .append("app-a", ExpectedVersion::NoStream, batch.clone(), meta())
+        .await
+        .unwrap();
+    assert_eq!(again.positions, first.positions);
+    assert!(again.duplicate && !first.duplicate);
+    assert_eq!(
+        store.head().await.unwrap(),
+        Position(2),
+        "nothing written twice"
+    );
+    // Retries racing in one batch are deduplicated too.
+    let racing = vec![created("b")];
+    let (x, y) = tokio::join!(
+        store.append("app-b", ExpectedVersion::NoStream, racing.clone(), meta()),
+        store.append("app-b", ExpectedVersion::NoStream, racing.clone(), meta()),
+    );
+    assert_eq!(x.unwrap().positions, y.unwrap().positions);
+    // Mixing an old id with a new one is refused, not half-applied.
+    let mixed = vec![batch[0].clone(), changed("a")];
+    let err = store
+        .append("app-a", ExpectedVersion::Any, mixed.clone(), meta())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::IdempotencyMismatch {
+            event_id: mixed[1].event_id
+        }
+    );
+    assert_eq!(store.head().await.unwrap(), Position(3));
+}
+
+#[tokio::test]
+async fn events_must_belong_to_the_stream_they_are_appended_to() {
+    let (_pg, store) = given_a_store().await;
+    let err = store
+        .append("app-b", ExpectedVersion::Any, vec![created("a")], meta())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::InvalidAppend(_)), "{err}");
+}
+
+#[tokio::test]
+async fn update_delete_and_truncate_are_refused() {
+    let (_pg, store) = given_a_store().await;
+    store
+        .append(
+            "app-a",
+            ExpectedVersion::NoStream,
+            vec![created("a")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    for sql in [
+        "UPDATE events SET stream = 'x'",
+        "DELETE FROM events",
+        "TRUNCATE events",
+    ] {
+        let err = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(store.pool())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{sql}: {err}");
+    }
+    assert_eq!(store.read_all(Position::ZERO, 10).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn verify_log_names_the_first_tampered_position() {
+    let (_pg, store) = given_a_store().await;
+    for n in ["a", "b", "c", "d"] {
+        store
+            .append(
+                &format!("app-{n}"),
+                ExpectedVersion::NoStream,
+                vec![created(n)],
+                meta(),
+            )
+            .await
+            .unwrap();
+    }
+    assert_eq!(store.verify().await.unwrap().head, Position(4));
+    // Someone with the owner's rights switches the guard off and edits history.
+    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_no_update_delete")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE events SET data = jsonb_set(data, '{app}', '\"evil\"') WHERE position = 3")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let err = store.verify().await.unwrap_err();
+    assert_eq!(
+        err,
+        VerifyError::HashMismatch {
+            position: Position(3)
+        }
+    );
+    // Editing the metadata (who did it) is caught too.
+    sqlx::query("UPDATE events SET metadata = '{\"actor\":\"someone-else\"}' WHERE position = 2")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.verify().await.unwrap_err().position(),
+        Some(Position(2))
+    );
+    // And so is a deleted row.
+    sqlx::query("DELETE FROM events WHERE position = 1")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.verify().await.unwrap_err(),
+        VerifyError::Gap {
+            expected: Position(1),
+            found: Position(2)
+        }
+    );
+}
+
+/// Inserts a row behind the writer's back (as a newer or broken writer might have).
+async fn insert_raw(store: &EventStore, position: i64, ty: &str, data: &str) {
+    sqlx::query(
+        "INSERT INTO events (position, event_id, stream, version, type, data, recorded_at, hash) \
+         VALUES ($1, $2, 'raw', $1, $3, $4::jsonb, now(), decode(repeat('00', 32), 'hex'))",
+    )
+    .bind(position)
+    .bind(Uuid::new_v4())
+    .bind(ty)
+    .bind(data)
+    .execute(store.pool())
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn unknown_types_and_corrupt_data_are_typed_errors_and_lose_nothing() {
+    let (_pg, store) = given_a_store().await;
+    store
+        .append(
+            "app-a",
+            ExpectedVersion::NoStream,
+            vec![created("a")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    insert_raw(&store, 2, "AppTeleported", "{}").await;
+    // The good event before it is delivered; the read that reaches the bad row fails.
+    assert_eq!(store.read_all(Position::ZERO, 10).await.unwrap().len(), 1);
+    let err = store.read_all(Position(1), 10).await.unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::Decode {
+            position: Position(2),
+            source: DecodeError::UnknownType {
+                event_type: "AppTeleported".into()
+            }
+        }
+    );
+    assert!(err.to_string().contains("position 2") && err.to_string().contains("AppTeleported"));
+    insert_raw(&store, 3, "AppDeleted", r#"{"app": 42}"#).await;
+    let err = store.read_all(Position(2), 10).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Decode {
+                position: Position(3),
+                source: DecodeError::BadData { .. }
+            }
+        ),
+        "{err}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(rows, 3);
+}
+
+#[tokio::test]
+async fn a_subscription_stops_at_an_unreadable_event_instead_of_skipping_it() {
+    let (_pg, store) = given_a_store().await;
+    store
+        .append(
+            "app-a",
+            ExpectedVersion::NoStream,
+            vec![created("a")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    insert_raw(&store, 2, "AppTeleported", "{}").await;
+    let mut sub = store.subscribe(Position::ZERO).await.unwrap();
+    assert_eq!(sub.recv().await.unwrap().unwrap().position, Position(1));
+    assert!(matches!(
+        sub.recv().await.unwrap(),
+        Err(StoreError::Decode {
+            position: Position(2),
+            ..
+        })
+    ));
+    assert!(sub.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn subscribe_catches_up_then_follows_live_without_loss() {
+    let (_pg, store) = given_a_store().await;
+    for i in 0..50 {
+        store
+            .append(
+                &format!("app-c{i}"),
+                ExpectedVersion::NoStream,
+                vec![created(&format!("c{i}"))],
+                meta(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut sub = store.subscribe(Position(10)).await.unwrap();
+    let writer = {
+        let s = store.clone();
+        tokio::spawn(async move {
+            for i in 0..100 {
+                s.append(
+                    &format!("app-l{i}"),
+                    ExpectedVersion::NoStream,
+                    vec![created(&format!("l{i}"))],
+                    meta(),
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    let mut seen = Vec::new();
+    while seen.len() < 140 {
+        let e = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+            .await
+            .expect("live event within 10 s")
+            .unwrap()
+            .unwrap();
+        seen.push(e.position.0);
+    }
+    writer.await.unwrap();
+    assert_eq!(
+        seen,
+        (11..=150).collect::<Vec<_>>(),
+        "in order, exactly once, from 11"
+    );
+}
+
+#[tokio::test]
+async fn two_instances_on_one_database_interleave_and_see_each_other() {
+    let (pg, one) = given_a_store().await;
+    let two = EventStore::start(connect(&pg.url()).await.unwrap());
+    let mut sub_on_two = two.subscribe(Position::ZERO).await.unwrap();
+    let (a, b) = tokio::join!(
+        async {
+            for i in 0..30 {
+                one.append(
+                    &format!("app-x{i}"),
+                    ExpectedVersion::NoStream,
+                    vec![created(&format!("x{i}"))],
+                    meta(),
+                )
+                .await
+                .unwrap();
+            }
+        },
+        async {
+            for i in 0..30 {
+                two.append(
+                    &format!("app-y{i}"),
+                    ExpectedVersion::NoStream,
+                    vec![created(&format!("y{i}"))],
+                    meta(),
+                )
+                .await
+                .unwrap();
+            }
+        }
+    );
+    let ((), ()) = (a, b);
+    let mut n = 0;
+    while n < 60 {
+        let e = tokio::time::timeout(Duration::from_secs(5), sub_on_two.recv())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        n += 1;
+        assert_eq!(e.position, Position(n));
+    }
+    assert_eq!(one.verify().await.unwrap().events, 60);
+}
+
+#[tokio::test]
+async fn postgres_unreachable_is_a_clear_typed_error() {
+    let mut pg = Postgres::start().unwrap();
+    let url = pg.url();
+    let pool = connect(&url).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    let store = EventStore::start(pool);
+    store
+        .append(
+            "app-a",
+            ExpectedVersion::NoStream,
+            vec![created("a")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    pg.stop();
+    let err = store
+        .append(
+            "app-b",
+            ExpectedVersion::NoStream,
+            vec![created("b")],
+            meta(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        err.to_string().starts_with("Postgres is unreachable"),
+        "{err}"
+    );
+    let err = connect(&url).await.unwrap_err();
+    assert!(err.is_unavailable(), "{err:?}");
+    assert!(
+        !err.to_string().contains("postgres://"),
+        "no URL in errors: {err}"
+    );
+}
+
+#[tokio::test]
+async fn recorded_events_fold_into_the_state() {
+    let (_pg, store) = given_a_store().await;
+    store
+        .append(
+            "app-a",
+            ExpectedVersion::NoStream,
+            vec![created("a")],
+            meta(),
+        )
+        .await
+        .unwrap();
+    let del = NewEvent {
+        event_id: Uuid::new_v4(),
+        event: Event::AppDeleted(AppDeleted { app: app("a") }),
+    };
+    store
+        .append("app-a", ExpectedVersion::Exact(0), vec![del], meta())
+        .await
+        .unwrap();
+    let mut state = sluice_events::AuthState::new();
+    for e in store.read_all(Position::ZERO, 10).await.unwrap() {
+        state.apply(&e).unwrap();
+    }
+    assert_eq!(state.position(), Position(2));
+    assert!(state.apps.is_empty());
+}
