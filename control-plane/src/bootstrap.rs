@@ -3,9 +3,7 @@
 
 use base64::Engine as _;
 use rand::RngCore;
-use sluice_events::{
-    Command, Event, KeyId, Metadata, NewEvent, Policy, Role, Sha256Digest, Timestamp, handle,
-};
+use sluice_events::{Command, Event, KeyId, Metadata, NewEvent, Policy, Role, Sha256Digest, Timestamp, handle};
 use uuid::Uuid;
 
 use crate::store::{EventStore, ExpectedVersion, StoreError};
@@ -20,20 +18,14 @@ pub enum Bootstrap {
     /// The log already had events: nothing done.
     NotNeeded,
     /// Created now. `generated` holds the secret when Sluice made it (print it once).
-    Created {
-        key_id: KeyId,
-        generated: Option<String>,
-    },
+    Created { key_id: KeyId, generated: Option<String> },
 }
 
 /// A new API key secret: 32 random bytes, URL-safe base64, with a recognisable prefix.
 pub fn generate_key_secret() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    format!(
-        "sk_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
-    )
+    format!("sk_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
 }
 
 pub async fn run(
@@ -45,8 +37,7 @@ pub async fn run(
     if store.head().await? != sluice_events::Position::ZERO {
         return Ok(Bootstrap::NotNeeded);
     }
-    let key_id =
-        KeyId::parse("bootstrap-admin").map_err(|e| StoreError::InvalidAppend(e.to_string()))?;
+    let key_id = KeyId::parse("bootstrap-admin").map_err(|e| StoreError::InvalidAppend(e.to_string()))?;
     let (secret, generated) = match supplied {
         Some(s) => (s.to_owned(), None),
         None => {
@@ -68,26 +59,12 @@ pub async fn run(
         now,
     )
     .map_err(|e| StoreError::InvalidAppend(e.to_string()))?;
-    let app_events = handle(
-        &empty,
-        Command::CreateApp {
-            app: sls_app.clone(),
-            policy: Policy::sls(),
-        },
-        now,
-    )
-    .map_err(|e| StoreError::InvalidAppend(e.to_string()))?;
-    let metadata = Metadata {
-        actor: Some("bootstrap".into()),
-        ..Metadata::default()
-    };
+    let app_events = handle(&empty, Command::CreateApp { app: sls_app.clone(), policy: Policy::sls() }, now)
+        .map_err(|e| StoreError::InvalidAppend(e.to_string()))?;
+    let metadata = Metadata { actor: Some("bootstrap".into()), ..Metadata::default() };
     let key_result = append_fixed(store, key_events, "key", &metadata).await?;
     append_fixed(store, app_events, "app", &metadata).await?;
-    if key_result {
-        Ok(Bootstrap::Created { key_id, generated })
-    } else {
-        Ok(Bootstrap::NotNeeded)
-    }
+    if key_result { Ok(Bootstrap::Created { key_id, generated }) } else { Ok(Bootstrap::NotNeeded) }
 }
 
 /// Appends with a deterministic id; returns false when another instance got there first.
@@ -104,15 +81,9 @@ async fn append_fixed(
     let new: Vec<NewEvent> = events
         .into_iter()
         .enumerate()
-        .map(|(i, event)| NewEvent {
-            event_id: Uuid::new_v5(&BOOTSTRAP_NS, format!("{tag}/{i}").as_bytes()),
-            event,
-        })
+        .map(|(i, event)| NewEvent { event_id: Uuid::new_v5(&BOOTSTRAP_NS, format!("{tag}/{i}").as_bytes()), event })
         .collect();
-    match store
-        .append(&stream, ExpectedVersion::NoStream, new, metadata.clone())
-        .await
-    {
+    match store.append(&stream, ExpectedVersion::NoStream, new, metadata.clone()).await {
         Ok(a) => Ok(!a.duplicate),
         Err(StoreError::Conflict { .. }) => Ok(false),
         Err(e) => Err(e),

@@ -36,14 +36,8 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("nats_url", &self.nats_url)
             .field("api_listen", &self.api_listen)
-            .field(
-                "bootstrap_admin_key",
-                &self.bootstrap_admin_key.as_ref().map(|_| "<set>"),
-            )
-            .field(
-                "sealing_key",
-                &self.sealing_key.as_ref().map(SealingKey::id),
-            )
+            .field("bootstrap_admin_key", &self.bootstrap_admin_key.as_ref().map(|_| "<set>"))
+            .field("sealing_key", &self.sealing_key.as_ref().map(SealingKey::id))
             .field("sls_app", &self.sls_app)
             .field("instance_id", &self.instance_id)
             .finish_non_exhaustive()
@@ -52,14 +46,10 @@ impl std::fmt::Debug for Config {
 
 impl Config {
     /// Reads the file (if any) and the given environment.
-    pub fn load(
-        file: Option<&Path>,
-        env: BTreeMap<String, String>,
-    ) -> Result<Config, SettingsError> {
+    pub fn load(file: Option<&Path>, env: BTreeMap<String, String>) -> Result<Config, SettingsError> {
         let text = match file {
             Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| SettingsError::File(format!("{}: {e}", path.display())))?,
+                std::fs::read_to_string(path).map_err(|e| SettingsError::File(format!("{}: {e}", path.display())))?,
             ),
             None => None,
         };
@@ -75,28 +65,20 @@ impl Config {
             return Err(s.invalid("database_url", "a postgres:// URL"));
         }
         let sealing_key = match (s.raw("sealing_key"), s.raw("sealing_key_file")) {
-            (Some((text, _)), _) => Some(
-                SealingKey::from_base64(text)
-                    .map_err(|_| s.invalid("sealing_key", "base64 of 32 random bytes"))?,
-            ),
+            (Some((text, _)), _) => {
+                Some(SealingKey::from_base64(text).map_err(|_| s.invalid("sealing_key", "base64 of 32 random bytes"))?)
+            }
             (None, Some((path, _))) => {
-                let text = std::fs::read_to_string(path.trim()).map_err(|_| {
-                    s.invalid(
-                        "sealing_key_file",
-                        "a readable file holding base64 of 32 random bytes",
-                    )
-                })?;
-                Some(SealingKey::from_base64(&text).map_err(|_| {
-                    s.invalid(
-                        "sealing_key_file",
-                        "a file holding base64 of 32 random bytes",
-                    )
-                })?)
+                let text = std::fs::read_to_string(path.trim())
+                    .map_err(|_| s.invalid("sealing_key_file", "a readable file holding base64 of 32 random bytes"))?;
+                Some(
+                    SealingKey::from_base64(&text)
+                        .map_err(|_| s.invalid("sealing_key_file", "a file holding base64 of 32 random bytes"))?,
+                )
             }
             (None, None) => None,
         };
-        let bootstrap_admin_key: Option<String> =
-            s.optional("bootstrap_admin_key", "an API key secret")?;
+        let bootstrap_admin_key: Option<String> = s.optional("bootstrap_admin_key", "an API key secret")?;
         if bootstrap_admin_key
             .as_ref()
             .is_some_and(|k| k.len() < 24 || k.len() > 256 || k.chars().any(char::is_whitespace))
@@ -105,16 +87,10 @@ impl Config {
         }
         Ok(Config {
             database_url,
-            nats_url: s.or(
-                "nats_url",
-                "nats://127.0.0.1:4222".to_owned(),
-                "a nats:// URL",
-            )?,
+            nats_url: s.or("nats_url", "nats://127.0.0.1:4222".to_owned(), "a nats:// URL")?,
             api_listen: s.or(
                 "api_listen",
-                "127.0.0.1:8080"
-                    .parse()
-                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+                "127.0.0.1:8080".parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
                 "host:port like 127.0.0.1:8080",
             )?,
             bootstrap_admin_key,
@@ -151,10 +127,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -164,10 +137,7 @@ mod tests {
         assert_eq!(c.api_listen.to_string(), "127.0.0.1:8080");
         assert_eq!(c.sls_app.as_str(), "live");
         let err = Config::load(None, env(&[])).unwrap_err().to_string();
-        assert!(
-            err.starts_with("missing setting SLUICE_DATABASE_URL"),
-            "{err}"
-        );
+        assert!(err.starts_with("missing setting SLUICE_DATABASE_URL"), "{err}");
     }
 
     #[test]
@@ -182,15 +152,8 @@ mod tests {
         );
         let mut e = env(&base);
         e.insert("SLUICE_API_LISTEN".into(), "localhost".into());
-        assert!(
-            Config::load(None, e)
-                .unwrap_err()
-                .to_string()
-                .contains("SLUICE_API_LISTEN")
-        );
-        let err = Config::load(None, env(&[("SLUICE_DATABASE_URL", "mysql://u:pw@h")]))
-            .unwrap_err()
-            .to_string();
+        assert!(Config::load(None, e).unwrap_err().to_string().contains("SLUICE_API_LISTEN"));
+        let err = Config::load(None, env(&[("SLUICE_DATABASE_URL", "mysql://u:pw@h")])).unwrap_err().to_string();
         assert!(!err.contains("pw"), "{err}");
         assert!(!format!("{:?}", Config::load(None, env(&base)).unwrap()).contains("pw"));
     }

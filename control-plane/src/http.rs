@@ -18,10 +18,7 @@ pub struct AppState {
 }
 
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .with_state(state)
+    Router::new().route("/health", get(health)).route("/ready", get(ready)).with_state(state)
 }
 
 async fn health() -> impl IntoResponse {
@@ -33,15 +30,8 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         Ok(head) => {
             let applied = state.projection.position();
             let ok = applied >= head;
-            let status = if ok {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            (
-                status,
-                Json(json!({"ready": ok, "log_head": head.0, "applied": applied.0})),
-            )
+            let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (status, Json(json!({"ready": ok, "log_head": head.0, "applied": applied.0})))
         }
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -44,8 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -90,12 +89,7 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
         Cmd::VerifyLog => {
             let store = EventStore::start(pool);
             match store.verify().await {
-                Ok(r) => println!(
-                    "ok: {} events, head {}, head hash {}",
-                    r.events,
-                    r.head,
-                    r.head_hash.to_hex()
-                ),
+                Ok(r) => println!("ok: {} events, head {}, head hash {}", r.events, r.head, r.head_hash.to_hex()),
                 Err(e) => {
                     match e.position() {
                         Some(p) => println!("BROKEN at position {p}: {e}"),
@@ -121,11 +115,7 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
                     state.apply(e)?;
                 }
             }
-            println!(
-                "position {} digest {}",
-                state.position(),
-                state.digest().to_hex()
-            );
+            println!("position {} digest {}", state.position(), state.digest().to_hex());
         }
         Cmd::Serve => serve(pool, config).await?,
         Cmd::Schema => {}
@@ -137,32 +127,15 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     let sealing = config.require_sealing_key()?.clone();
     store::migrate(&pool).await?;
     let store = EventStore::start(pool);
-    match bootstrap::run(
-        &store,
-        config.bootstrap_admin_key.as_deref(),
-        &config.sls_app,
-        now(),
-    )
-    .await?
-    {
-        Bootstrap::Created {
-            key_id,
-            generated: Some(secret),
-        } => {
+    match bootstrap::run(&store, config.bootstrap_admin_key.as_deref(), &config.sls_app, now()).await? {
+        Bootstrap::Created { key_id, generated: Some(secret) } => {
             // Printed once, to stdout only: the log keeps just its SHA-256.
-            println!(
-                "==> First start: created admin API key {key_id}. Save it now; it is not shown again:"
-            );
+            println!("==> First start: created admin API key {key_id}. Save it now; it is not shown again:");
             println!("    SLUICE_ADMIN_KEY={secret}");
             println!("    (use it as: Authorization: Bearer $SLUICE_ADMIN_KEY)");
         }
-        Bootstrap::Created {
-            key_id,
-            generated: None,
-        } => {
-            println!(
-                "==> First start: admin API key {key_id} created from SLUICE_BOOTSTRAP_ADMIN_KEY"
-            );
+        Bootstrap::Created { key_id, generated: None } => {
+            println!("==> First start: admin API key {key_id} created from SLUICE_BOOTSTRAP_ADMIN_KEY");
         }
         Bootstrap::NotNeeded => {}
     }
@@ -171,17 +144,10 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     let app = http::router(AppState { store, projection });
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
-        .map_err(|e| {
-            format!(
-                "cannot listen on {} (SLUICE_API_LISTEN): {e}",
-                config.api_listen
-            )
-        })?;
+        .map_err(|e| format!("cannot listen on {} (SLUICE_API_LISTEN): {e}", config.api_listen))?;
     tracing::info!(addr = %config.api_listen, "sluice-control listening");
     println!("sluice-control listening on http://{}", config.api_listen);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
     tracing::info!("sluice-control stopped");
     Ok(())
 }

@@ -15,10 +15,7 @@ pub struct Projection {
 
 impl Projection {
     /// Folds the whole log, then keeps folding in the background.
-    pub async fn start(
-        store: &EventStore,
-        keyring: Option<Arc<Keyring>>,
-    ) -> Result<Projection, StoreError> {
+    pub async fn start(store: &EventStore, keyring: Option<Arc<Keyring>>) -> Result<Projection, StoreError> {
         let mut state = match keyring {
             Some(k) => AuthState::with_keyring(k),
             None => AuthState::new(),
@@ -32,9 +29,7 @@ impl Projection {
                 apply_or_log(&mut state, e);
             }
         }
-        let projection = Projection {
-            state: Arc::new(RwLock::new(Arc::new(state))),
-        };
+        let projection = Projection { state: Arc::new(RwLock::new(Arc::new(state))) };
         let mut sub = store.subscribe(projection.position()).await?;
         let live = projection.clone();
         tokio::spawn(async move {

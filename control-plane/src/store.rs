@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use sluice_events::event::{CanonicalRow, GENESIS, canonical_bytes, chain_hash};
-use sluice_events::{
-    DecodeError, Event, Metadata, NewEvent, Position, RecordedEvent, Sha256Digest, Timestamp,
-};
+use sluice_events::{DecodeError, Event, Metadata, NewEvent, Position, RecordedEvent, Sha256Digest, Timestamp};
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot};
@@ -63,20 +61,13 @@ impl Appended {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("version conflict on stream {stream}: expected {expected}, found {}", actual.map_or("no stream".to_owned(), |v| format!("version {v}")))]
-    Conflict {
-        stream: String,
-        expected: ExpectedVersion,
-        actual: Option<u64>,
-    },
+    Conflict { stream: String, expected: ExpectedVersion, actual: Option<u64> },
     #[error("event {event_id} was already appended with a different batch of events")]
     IdempotencyMismatch { event_id: Uuid },
     #[error("invalid append: {0}")]
     InvalidAppend(String),
     #[error("cannot read the event at position {position}: {source}")]
-    Decode {
-        position: Position,
-        source: DecodeError,
-    },
+    Decode { position: Position, source: DecodeError },
     #[error("Postgres is unreachable: {0}")]
     Unavailable(String),
     #[error("Postgres error: {0}")]
@@ -130,22 +121,16 @@ pub struct EventStore {
 
 impl std::fmt::Debug for AppendRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppendRequest")
-            .field("stream", &self.stream)
-            .field("events", &self.events.len())
-            .finish()
+        f.debug_struct("AppendRequest").field("stream", &self.stream).field("events", &self.events.len()).finish()
     }
 }
 
 /// Runs the embedded migrations.
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::migrate!("../migrations")
-        .run(pool)
-        .await
-        .map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(inner) => StoreError::from_sqlx(inner),
-            other => StoreError::Database(other.to_string()),
-        })
+    sqlx::migrate!("../migrations").run(pool).await.map_err(|e| match e {
+        sqlx::migrate::MigrateError::Execute(inner) => StoreError::from_sqlx(inner),
+        other => StoreError::Database(other.to_string()),
+    })
 }
 
 fn to_datetime(t: Timestamp) -> DateTime<Utc> {
@@ -213,13 +198,8 @@ impl RawRow {
     }
 
     fn decode(self) -> Result<RecordedEvent, StoreError> {
-        let event =
-            Event::decode(&self.event_type, self.type_version, &self.data).map_err(|source| {
-                StoreError::Decode {
-                    position: self.position,
-                    source,
-                }
-            })?;
+        let event = Event::decode(&self.event_type, self.type_version, &self.data)
+            .map_err(|source| StoreError::Decode { position: self.position, source })?;
         let hash: [u8; 32] = self.hash.as_slice().try_into().unwrap_or([0; 32]);
         Ok(RecordedEvent {
             position: self.position,
@@ -263,59 +243,38 @@ impl EventStore {
             )));
         }
         let (reply, answer) = oneshot::channel();
-        let request = AppendRequest {
-            stream: stream.to_owned(),
-            expected,
-            events,
-            metadata,
-            reply,
-        };
-        self.writer
-            .send(request)
-            .await
-            .map_err(|_| StoreError::WriterGone)?;
+        let request = AppendRequest { stream: stream.to_owned(), expected, events, metadata, reply };
+        self.writer.send(request).await.map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
     }
 
     /// The last position in the log (0 when empty).
     pub async fn head(&self) -> Result<Position, StoreError> {
-        let p: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
-            .fetch_one(&self.pool)
-            .await?;
+        let p: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events").fetch_one(&self.pool).await?;
         Ok(Position(p.unwrap_or(0) as u64))
     }
 
     /// The version of a stream's last event, or `None` if it has none.
     pub async fn stream_version(&self, stream: &str) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT max(version) FROM events WHERE stream = $1")
-                .bind(stream)
-                .fetch_one(&self.pool)
-                .await?;
+        let v: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM events WHERE stream = $1")
+            .bind(stream)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(v.map(|v| v as u64))
     }
 
     /// Events after `after`, in log order, at most `limit`. An event this build cannot decode
     /// ends the page: the events before it are returned, and a read that starts at it fails
     /// with `Decode`, so a reader neither skips it nor loses what precedes it.
-    pub async fn read_all(
-        &self,
-        after: Position,
-        limit: i64,
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(select_rows!(
-            " WHERE position > $1 ORDER BY position LIMIT $2"
-        ))
-        .bind(after.0 as i64)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
+    pub async fn read_all(&self, after: Position, limit: i64) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(select_rows!(" WHERE position > $1 ORDER BY position LIMIT $2"))
+            .bind(after.0 as i64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
-            match RawRow::from_row(row)
-                .map_err(StoreError::from)
-                .and_then(RawRow::decode)
-            {
+            match RawRow::from_row(row).map_err(StoreError::from).and_then(RawRow::decode) {
                 Ok(e) => events.push(e),
                 Err(e) if events.is_empty() => return Err(e),
                 Err(_) => break,
@@ -326,13 +285,9 @@ impl EventStore {
 
     /// Every event of one stream, in version order.
     pub async fn read_stream(&self, stream: &str) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(select_rows!(" WHERE stream = $1 ORDER BY version"))
-            .bind(stream)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|r| RawRow::from_row(r).map_err(StoreError::from)?.decode())
-            .collect()
+        let rows =
+            sqlx::query(select_rows!(" WHERE stream = $1 ORDER BY version")).bind(stream).fetch_all(&self.pool).await?;
+        rows.iter().map(|r| RawRow::from_row(r).map_err(StoreError::from)?.decode()).collect()
     }
 
     /// Live tail from `after`: catches up, then wakes on NOTIFY (and every second, in case a
@@ -387,34 +342,23 @@ impl EventStore {
         let mut prev = GENESIS;
         let mut last = Position::ZERO;
         loop {
-            let rows = sqlx::query(select_rows!(
-                " WHERE position > $1 ORDER BY position LIMIT $2"
-            ))
-            .bind(last.0 as i64)
-            .bind(PAGE)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| VerifyError::Store(StoreError::from(e)))?;
+            let rows = sqlx::query(select_rows!(" WHERE position > $1 ORDER BY position LIMIT $2"))
+                .bind(last.0 as i64)
+                .bind(PAGE)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| VerifyError::Store(StoreError::from(e)))?;
             if rows.is_empty() {
-                return Ok(VerifyReport {
-                    events: last.0,
-                    head: last,
-                    head_hash: prev,
-                });
+                return Ok(VerifyReport { events: last.0, head: last, head_hash: prev });
             }
             for row in &rows {
                 let raw = RawRow::from_row(row).map_err(|e| VerifyError::Store(e.into()))?;
                 if raw.position != last.next() {
-                    return Err(VerifyError::Gap {
-                        expected: last.next(),
-                        found: raw.position,
-                    });
+                    return Err(VerifyError::Gap { expected: last.next(), found: raw.position });
                 }
                 let expected = chain_hash(&prev, &raw.canonical());
                 if expected.0.as_slice() != raw.hash.as_slice() {
-                    return Err(VerifyError::HashMismatch {
-                        position: raw.position,
-                    });
+                    return Err(VerifyError::HashMismatch { position: raw.position });
                 }
                 prev = expected;
                 last = raw.position;
@@ -506,15 +450,9 @@ struct Columns {
     hash: Vec<Vec<u8>>,
 }
 
-async fn commit_batch(
-    pool: &PgPool,
-    batch: &[AppendRequest],
-) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+async fn commit_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
     let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(APPEND_LOCK)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *tx).await?;
 
     let head = sqlx::query("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
         .fetch_optional(&mut *tx)
@@ -530,35 +468,22 @@ async fn commit_batch(
         None => (Position::ZERO, GENESIS),
     };
 
-    let ids: Vec<Uuid> = batch
-        .iter()
-        .flat_map(|r| r.events.iter().map(|e| e.event_id))
-        .collect();
+    let ids: Vec<Uuid> = batch.iter().flat_map(|r| r.events.iter().map(|e| e.event_id)).collect();
     let mut known: HashMap<Uuid, Position> = HashMap::new();
     for row in sqlx::query("SELECT event_id, position FROM events WHERE event_id = ANY($1)")
         .bind(&ids)
         .fetch_all(&mut *tx)
         .await?
     {
-        known.insert(
-            row.try_get("event_id")?,
-            Position(row.try_get::<i64, _>("position")? as u64),
-        );
+        known.insert(row.try_get("event_id")?, Position(row.try_get::<i64, _>("position")? as u64));
     }
 
-    let streams: Vec<String> = batch
-        .iter()
-        .map(|r| r.stream.clone())
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
+    let streams: Vec<String> = batch.iter().map(|r| r.stream.clone()).collect::<HashSet<_>>().into_iter().collect();
     let mut versions: HashMap<String, u64> = HashMap::new();
-    for row in sqlx::query(
-        "SELECT stream, max(version) AS v FROM events WHERE stream = ANY($1) GROUP BY stream",
-    )
-    .bind(&streams)
-    .fetch_all(&mut *tx)
-    .await?
+    for row in sqlx::query("SELECT stream, max(version) AS v FROM events WHERE stream = ANY($1) GROUP BY stream")
+        .bind(&streams)
+        .fetch_all(&mut *tx)
+        .await?
     {
         versions.insert(row.try_get("stream")?, row.try_get::<i64, _>("v")? as u64);
     }
@@ -569,24 +494,14 @@ async fn commit_batch(
     for req in batch {
         let current = versions.get(&req.stream).copied();
         if req.events.is_empty() {
-            results.push(Ok(Appended {
-                positions: vec![],
-                stream_version: current,
-                duplicate: false,
-            }));
+            results.push(Ok(Appended { positions: vec![], stream_version: current, duplicate: false }));
             continue;
         }
         // A retry of an append that already happened (here or earlier in this batch).
-        let seen: Vec<Option<Position>> = req
-            .events
-            .iter()
-            .map(|e| known.get(&e.event_id).copied())
-            .collect();
+        let seen: Vec<Option<Position>> = req.events.iter().map(|e| known.get(&e.event_id).copied()).collect();
         if seen.iter().any(Option::is_some) {
             results.push(match seen.iter().position(Option::is_none) {
-                Some(i) => Err(StoreError::IdempotencyMismatch {
-                    event_id: req.events[i].event_id,
-                }),
+                Some(i) => Err(StoreError::IdempotencyMismatch { event_id: req.events[i].event_id }),
                 None => Ok(Appended {
                     positions: seen.into_iter().flatten().collect(),
                     stream_version: current,
@@ -644,11 +559,7 @@ async fn commit_batch(
         if let Some(v) = version {
             versions.insert(req.stream.clone(), v);
         }
-        results.push(Ok(Appended {
-            positions,
-            stream_version: version,
-            duplicate: false,
-        }));
+        results.push(Ok(Appended { positions, stream_version: version, duplicate: false }));
     }
 
     if cols.position.is_empty() {

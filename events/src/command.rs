@@ -6,9 +6,7 @@ use uuid::Uuid;
 
 use crate::decision::DecisionRecord;
 use crate::event::*;
-use crate::ids::{
-    Action, AppName, Cidr, KeyId, NodeId, Protocol, Role, StreamName, SubscriberId, Timestamp,
-};
+use crate::ids::{Action, AppName, Cidr, KeyId, NodeId, Protocol, Role, StreamName, SubscriberId, Timestamp};
 use crate::policy::{Policy, SecretKind};
 use crate::secret::{Sealed, SealingKey, Sha256Digest};
 use crate::state::{AuthState, TokenStatus, app_secret_purpose, subscriber_secret_purpose};
@@ -23,20 +21,10 @@ pub struct NewSecret {
 
 impl NewSecret {
     pub fn seal(key: &SealingKey, purpose: String, plaintext: &[u8], nonce: [u8; 24]) -> Self {
-        NewSecret {
-            sealed: key.seal(&purpose, plaintext, nonce),
-            purpose,
-            len: plaintext.len(),
-        }
+        NewSecret { sealed: key.seal(&purpose, plaintext, nonce), purpose, len: plaintext.len() }
     }
 
-    pub fn for_app(
-        key: &SealingKey,
-        app: &AppName,
-        kind: SecretKind,
-        plaintext: &[u8],
-        nonce: [u8; 24],
-    ) -> Self {
+    pub fn for_app(key: &SealingKey, app: &AppName, kind: SecretKind, plaintext: &[u8], nonce: [u8; 24]) -> Self {
         Self::seal(key, app_secret_purpose(app, kind), plaintext, nonce)
     }
 
@@ -48,12 +36,7 @@ impl NewSecret {
         plaintext: &[u8],
         nonce: [u8; 24],
     ) -> Self {
-        Self::seal(
-            key,
-            subscriber_secret_purpose(app, stream, id),
-            plaintext,
-            nonce,
-        )
+        Self::seal(key, subscriber_secret_purpose(app, stream, id), plaintext, nonce)
     }
 }
 
@@ -167,24 +150,15 @@ pub enum Rejection {
 }
 
 fn not_found(what: &'static str, id: impl ToString) -> Rejection {
-    Rejection::NotFound {
-        what,
-        id: id.to_string(),
-    }
+    Rejection::NotFound { what, id: id.to_string() }
 }
 
 fn exists(what: &'static str, id: impl ToString) -> Rejection {
-    Rejection::AlreadyExists {
-        what,
-        id: id.to_string(),
-    }
+    Rejection::AlreadyExists { what, id: id.to_string() }
 }
 
 fn invalid(field: &'static str, detail: impl Into<String>) -> Rejection {
-    Rejection::Invalid {
-        field,
-        detail: detail.into(),
-    }
+    Rejection::Invalid { field, detail: detail.into() }
 }
 
 const MAX_TEXT: usize = 1024;
@@ -192,54 +166,29 @@ const MAX_TEXT: usize = 1024;
 fn check_text(field: &'static str, s: &Option<String>) -> Result<(), Rejection> {
     match s {
         Some(s) if s.len() > MAX_TEXT => Err(invalid(field, format!("at most {MAX_TEXT} bytes"))),
-        Some(s) if s.chars().any(char::is_control) => {
-            Err(invalid(field, "control characters are not allowed"))
-        }
+        Some(s) if s.chars().any(char::is_control) => Err(invalid(field, "control characters are not allowed")),
         _ => Ok(()),
     }
 }
 
-fn check_future(
-    field: &'static str,
-    t: Option<Timestamp>,
-    now: Timestamp,
-) -> Result<(), Rejection> {
+fn check_future(field: &'static str, t: Option<Timestamp>, now: Timestamp) -> Result<(), Rejection> {
     match t {
         Some(t) if t <= now => Err(invalid(field, "must be in the future")),
         _ => Ok(()),
     }
 }
 
-pub fn handle(
-    state: &AuthState,
-    command: Command,
-    now: Timestamp,
-) -> Result<Vec<Event>, Rejection> {
+pub fn handle(state: &AuthState, command: Command, now: Timestamp) -> Result<Vec<Event>, Rejection> {
     let app_of = |app: &AppName| state.apps.get(app).ok_or_else(|| not_found("app", app));
     let one = |e: Event| Ok(vec![e]);
     match command {
-        Command::CreateApiKey {
-            key_id,
-            name,
-            role,
-            secret_sha256,
-            cidrs,
-            expires_at,
-        } => {
+        Command::CreateApiKey { key_id, name, role, secret_sha256, cidrs, expires_at } => {
             if state.api_keys.contains_key(&key_id) {
                 return Err(exists("key", key_id));
             }
             check_text("name", &Some(name.clone()))?;
             check_future("expires_at", expires_at, now)?;
-            one(ApiKeyCreated {
-                key_id,
-                name,
-                role,
-                secret_sha256,
-                cidrs,
-                expires_at,
-            }
-            .into())
+            one(ApiKeyCreated { key_id, name, role, secret_sha256, cidrs, expires_at }.into())
         }
         Command::RevokeApiKey { key_id } => match state.api_keys.get(&key_id) {
             Some(k) if !k.revoked => one(ApiKeyRevoked { key_id }.into()),
@@ -249,16 +198,12 @@ pub fn handle(
             if state.apps.contains_key(&app) {
                 return Err(exists("app", app));
             }
-            policy
-                .validate()
-                .map_err(|e| invalid("policy", e.to_string()))?;
+            policy.validate().map_err(|e| invalid("policy", e.to_string()))?;
             one(AppCreated { app, policy }.into())
         }
         Command::SetPolicy { app, policy } => {
             app_of(&app)?;
-            policy
-                .validate()
-                .map_err(|e| invalid("policy", e.to_string()))?;
+            policy.validate().map_err(|e| invalid("policy", e.to_string()))?;
             one(AppPolicyChanged { app, policy }.into())
         }
         Command::RotateAppSecret { app, kind, secret } => {
@@ -269,66 +214,32 @@ pub fn handle(
             if secret.len < kind.min_len() {
                 return Err(invalid(
                     "secret",
-                    format!(
-                        "a {} secret needs at least {} bytes",
-                        kind.as_str(),
-                        kind.min_len()
-                    ),
+                    format!("a {} secret needs at least {} bytes", kind.as_str(), kind.min_len()),
                 ));
             }
-            one(AppSecretRotated {
-                app,
-                kind,
-                secret: secret.sealed,
-            }
-            .into())
+            one(AppSecretRotated { app, kind, secret: secret.sealed }.into())
         }
         Command::DeleteApp { app } => {
             app_of(&app)?;
             one(AppDeleted { app }.into())
         }
-        Command::RegisterStream {
-            app,
-            name,
-            publish_name,
-            description,
-        } => {
+        Command::RegisterStream { app, name, publish_name, description } => {
             let a = app_of(&app)?;
             if a.streams.contains_key(&name) || a.publish_names.contains_key(&name) {
                 return Err(exists("stream", &name));
             }
             check_publish_name(a, &name, publish_name.as_ref())?;
             check_text("description", &description)?;
-            one(StreamRegistered {
-                app,
-                name,
-                publish_name,
-                description,
-            }
-            .into())
+            one(StreamRegistered { app, name, publish_name, description }.into())
         }
-        Command::UpdateStream {
-            app,
-            name,
-            publish_name,
-            description,
-        } => {
+        Command::UpdateStream { app, name, publish_name, description } => {
             let a = app_of(&app)?;
-            let current = a
-                .streams
-                .get(&name)
-                .ok_or_else(|| not_found("stream", &name))?;
+            let current = a.streams.get(&name).ok_or_else(|| not_found("stream", &name))?;
             if current.publish_name != publish_name {
                 check_publish_name(a, &name, publish_name.as_ref())?;
             }
             check_text("description", &description)?;
-            one(StreamUpdated {
-                app,
-                name,
-                publish_name,
-                description,
-            }
-            .into())
+            one(StreamUpdated { app, name, publish_name, description }.into())
         }
         Command::DeleteStream { app, name } => {
             if !app_of(&app)?.streams.contains_key(&name) {
@@ -336,64 +247,30 @@ pub fn handle(
             }
             one(StreamDeleted { app, name }.into())
         }
-        Command::IssueToken {
-            app,
-            stream,
-            action,
-            token_sha256,
-            expires_at,
-        } => {
+        Command::IssueToken { app, stream, action, token_sha256, expires_at } => {
             let a = app_of(&app)?;
-            if !a.streams.contains_key(&stream)
-                && !a.policy.for_action(action).accept_undefined_streams
-            {
+            if !a.streams.contains_key(&stream) && !a.policy.for_action(action).accept_undefined_streams {
                 return Err(not_found("stream", stream));
             }
             if state.tokens.contains_key(&token_sha256) {
                 return Err(exists("token", token_id(&token_sha256)));
             }
             check_future("expires_at", expires_at, now)?;
-            one(TokenIssued {
-                token_sha256,
-                app,
-                stream,
-                action,
-                expires_at,
-            }
-            .into())
+            one(TokenIssued { token_sha256, app, stream, action, expires_at }.into())
         }
         Command::RevokeToken { token_sha256 } => match state.tokens.get(&token_sha256) {
-            Some(t) if t.status != TokenStatus::Revoked => {
-                one(TokenRevoked { token_sha256 }.into())
-            }
+            Some(t) if t.status != TokenStatus::Revoked => one(TokenRevoked { token_sha256 }.into()),
             _ => Err(not_found("token", token_id(&token_sha256))),
         },
-        Command::ConsumeToken {
-            token_sha256,
-            decision_id,
-            node,
-        } => match state.tokens.get(&token_sha256) {
-            Some(t) if t.status == TokenStatus::Active => one(TokenConsumed {
-                token_sha256,
-                decision_id,
-                node,
-            }
-            .into()),
+        Command::ConsumeToken { token_sha256, decision_id, node } => match state.tokens.get(&token_sha256) {
+            Some(t) if t.status == TokenStatus::Active => one(TokenConsumed { token_sha256, decision_id, node }.into()),
             // Re-delivered or raced: the token is already used up, nothing new to record.
             Some(_) => Ok(vec![]),
             None => Err(not_found("token", token_id(&token_sha256))),
         },
-        Command::AddSubscriber {
-            app,
-            stream,
-            subscriber_id,
-            action,
-            secret,
-        } => {
+        Command::AddSubscriber { app, stream, subscriber_id, action, secret } => {
             let a = app_of(&app)?;
-            if a.subscribers
-                .contains_key(&(stream.clone(), subscriber_id.clone()))
-            {
+            if a.subscribers.contains_key(&(stream.clone(), subscriber_id.clone())) {
                 return Err(exists("subscriber", &subscriber_id));
             }
             if secret.purpose != subscriber_secret_purpose(&app, &stream, &subscriber_id) {
@@ -403,59 +280,21 @@ pub fn handle(
             if secret.len < 16 {
                 return Err(invalid("secret", "a TOTP secret needs at least 16 bytes"));
             }
-            one(SubscriberAdded {
-                app,
-                stream,
-                subscriber_id,
-                action,
-                secret: secret.sealed,
-            }
-            .into())
+            one(SubscriberAdded { app, stream, subscriber_id, action, secret: secret.sealed }.into())
         }
-        Command::RemoveSubscriber {
-            app,
-            stream,
-            subscriber_id,
-        } => {
-            if !app_of(&app)?
-                .subscribers
-                .contains_key(&(stream.clone(), subscriber_id.clone()))
-            {
+        Command::RemoveSubscriber { app, stream, subscriber_id } => {
+            if !app_of(&app)?.subscribers.contains_key(&(stream.clone(), subscriber_id.clone())) {
                 return Err(not_found("subscriber", subscriber_id));
             }
-            one(SubscriberRemoved {
-                app,
-                stream,
-                subscriber_id,
-            }
-            .into())
+            one(SubscriberRemoved { app, stream, subscriber_id }.into())
         }
-        Command::BlockSubscriber {
-            app,
-            stream,
-            subscriber_id,
-            until,
-        } => {
-            if !app_of(&app)?
-                .subscribers
-                .contains_key(&(stream.clone(), subscriber_id.clone()))
-            {
+        Command::BlockSubscriber { app, stream, subscriber_id, until } => {
+            if !app_of(&app)?.subscribers.contains_key(&(stream.clone(), subscriber_id.clone())) {
                 return Err(not_found("subscriber", subscriber_id));
             }
-            one(SubscriberBlocked {
-                app,
-                stream,
-                subscriber_id,
-                until,
-            }
-            .into())
+            one(SubscriberBlocked { app, stream, subscriber_id, until }.into())
         }
-        Command::UseTotpStep {
-            app,
-            stream,
-            subscriber_id,
-            step,
-        } => {
+        Command::UseTotpStep { app, stream, subscriber_id, step } => {
             let a = app_of(&app)?;
             let sub = a
                 .subscribers
@@ -464,45 +303,21 @@ pub fn handle(
             if sub.last_step.is_some_and(|last| step <= last) {
                 return Ok(vec![]);
             }
-            one(TotpStepUsed {
-                app,
-                stream,
-                subscriber_id,
-                step,
-            }
-            .into())
+            one(TotpStepUsed { app, stream, subscriber_id, step }.into())
         }
         Command::RefreshJwks { app, jwks } => {
             app_of(&app)?;
             check_jwks(&jwks)?;
-            if state
-                .apps
-                .get(&app)
-                .and_then(|a| a.jwks.as_ref())
-                .is_some_and(|j| j.raw == jwks)
-            {
+            if state.apps.get(&app).and_then(|a| a.jwks.as_ref()).is_some_and(|j| j.raw == jwks) {
                 return Ok(vec![]);
             }
             one(JwksRefreshed { app, jwks }.into())
         }
-        Command::RegisterNode {
-            node_id,
-            version,
-            protocols,
-        } => {
-            if state
-                .nodes
-                .get(&node_id)
-                .is_some_and(|n| n.version == version && n.protocols == protocols)
-            {
+        Command::RegisterNode { node_id, version, protocols } => {
+            if state.nodes.get(&node_id).is_some_and(|n| n.version == version && n.protocols == protocols) {
                 return Ok(vec![]);
             }
-            one(NodeRegistered {
-                node_id,
-                version,
-                protocols,
-            }
-            .into())
+            one(NodeRegistered { node_id, version, protocols }.into())
         }
         Command::RecordDecision { record } => one(AccessDecided { decision: *record }.into()),
     }
@@ -532,17 +347,9 @@ fn check_jwks(jwks: &serde_json::Value) -> Result<(), Rejection> {
         .and_then(|k| k.as_array())
         .ok_or_else(|| invalid("jwks", "expected an object with a `keys` array"))?;
     for key in keys {
-        let obj = key
-            .as_object()
-            .ok_or_else(|| invalid("jwks", "every key must be an object"))?;
-        if ["d", "p", "q", "dp", "dq", "qi", "k"]
-            .iter()
-            .any(|m| obj.contains_key(*m))
-        {
-            return Err(invalid(
-                "jwks",
-                "contains private or symmetric key material",
-            ));
+        let obj = key.as_object().ok_or_else(|| invalid("jwks", "every key must be an object"))?;
+        if ["d", "p", "q", "dp", "dq", "qi", "k"].iter().any(|m| obj.contains_key(*m)) {
+            return Err(invalid("jwks", "contains private or symmetric key material"));
         }
     }
     Ok(())

@@ -75,31 +75,15 @@ pub fn decide(state: &AuthState, req: &AccessRequest, now: Timestamp) -> Decisio
         return deny(Reason::NoMethodEnabled, stream);
     }
 
-    let ctx = Ctx {
-        app_name,
-        app,
-        req,
-        stream,
-        now,
-    };
+    let ctx = Ctx { app_name, app, req, stream, now };
     let mut best: Option<(Reason, u8, Method)> = None;
     // Cheapest and effect-free first; methods that consume something last.
-    for method in [
-        Method::Open,
-        Method::Hash,
-        Method::Hmac,
-        Method::Jwt,
-        Method::OneTimeToken,
-        Method::Totp,
-    ] {
+    for method in [Method::Open, Method::Hash, Method::Hmac, Method::Jwt, Method::OneTimeToken, Method::Totp] {
         if !policy.methods.contains(&method) {
             continue;
         }
         let check = match method {
-            Method::Open => Check::Allow {
-                subject: None,
-                effects: Vec::new(),
-            },
+            Method::Open => Check::Allow { subject: None, effects: Vec::new() },
             Method::Hash => check_hash(&ctx),
             Method::Hmac => check_hmac(&ctx),
             Method::Jwt => check_jwt(&ctx),
@@ -134,10 +118,7 @@ pub fn decide(state: &AuthState, req: &AccessRequest, now: Timestamp) -> Decisio
     {
         return Decision {
             id: req.id,
-            outcome: Outcome::AskWebhook {
-                url: hook.url.clone(),
-                timeout_ms: hook.timeout_ms,
-            },
+            outcome: Outcome::AskWebhook { url: hook.url.clone(), timeout_ms: hook.timeout_ms },
             reason: Reason::WebhookRequired,
             method: Some(Method::Webhook),
             subject: None,
@@ -151,19 +132,13 @@ pub fn decide(state: &AuthState, req: &AccessRequest, now: Timestamp) -> Decisio
         Some((reason, _, method)) => (reason, Some(method)),
         None => (Reason::CredentialMissing, None),
     };
-    Decision {
-        method,
-        ..deny(reason, stream)
-    }
+    Decision { method, ..deny(reason, stream) }
 }
 
 /// Maps the name the client sent to the stream's public name. Returns whether it is
 /// registered. A publisher must use the publish name when one is set; a player can never
 /// use a publish name (it is a secret, and naming it must not reveal that it exists).
-fn resolve_stream<'a>(
-    app: &'a App,
-    req: &'a AccessRequest,
-) -> Result<(&'a StreamName, bool), Reason> {
+fn resolve_stream<'a>(app: &'a App, req: &'a AccessRequest) -> Result<(&'a StreamName, bool), Reason> {
     match req.action {
         Action::Publish => {
             if let Some(public) = app.publish_names.get(&req.stream) {
@@ -211,10 +186,7 @@ fn check_hash(ctx: &Ctx<'_>) -> Check {
         return Check::Deny(Reason::HashMismatch, 0);
     };
     if stream_hash(ctx.stream.as_str(), ctx.req.action, secret).ct_eq(&presented) {
-        Check::Allow {
-            subject: Some("hash".into()),
-            effects: Vec::new(),
-        }
+        Check::Allow { subject: Some("hash".into()), effects: Vec::new() }
     } else {
         Check::Deny(Reason::HashMismatch, 2)
     }
@@ -223,9 +195,8 @@ fn check_hash(ctx: &Ctx<'_>) -> Check {
 /// `hmac_sha256(stream + role + expires, secret)`, the MAC the `hmac` method expects
 /// (base64 on the wire).
 pub fn stream_hmac(stream: &str, action: Action, expires: i64, secret: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).unwrap_or_else(|_| {
-        <Hmac<Sha256> as KeyInit>::new_from_slice(&[0]).expect("HMAC takes any key length")
-    });
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
+        .unwrap_or_else(|_| <Hmac<Sha256> as KeyInit>::new_from_slice(&[0]).expect("HMAC takes any key length"));
     mac.update(stream.as_bytes());
     mac.update(action.as_str().as_bytes());
     mac.update(expires.to_string().as_bytes());
@@ -233,14 +204,11 @@ pub fn stream_hmac(stream: &str, action: Action, expires: i64, secret: &[u8]) ->
 }
 
 fn decode_base64_any(s: &str) -> Option<Vec<u8>> {
-    [&STANDARD, &URL_SAFE, &STANDARD_NO_PAD, &URL_SAFE_NO_PAD]
-        .iter()
-        .find_map(|engine| engine.decode(s).ok())
+    [&STANDARD, &URL_SAFE, &STANDARD_NO_PAD, &URL_SAFE_NO_PAD].iter().find_map(|engine| engine.decode(s).ok())
 }
 
 fn check_hmac(ctx: &Ctx<'_>) -> Check {
-    let (Some(token), Some(expires)) = (&ctx.req.credential.token, ctx.req.credential.expires)
-    else {
+    let (Some(token), Some(expires)) = (&ctx.req.credential.token, ctx.req.credential.expires) else {
         return Check::Absent;
     };
     let Some(secret) = app_secret(ctx.app, crate::policy::SecretKind::Hash) else {
@@ -263,10 +231,7 @@ fn check_hmac(ctx: &Ctx<'_>) -> Check {
     if expires <= ctx.now.as_secs() {
         return Check::Deny(Reason::HmacExpired, 3);
     }
-    Check::Allow {
-        subject: Some("hmac".into()),
-        effects: Vec::new(),
-    }
+    Check::Allow { subject: Some("hmac".into()), effects: Vec::new() }
 }
 
 /// A claim that names one value, several, or `*`.
@@ -312,34 +277,20 @@ fn check_jwt(ctx: &Ctx<'_>) -> Check {
     };
     let token = token.expose();
     let mut parts = token.split('.');
-    let (Some(head), Some(_), Some(_), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(head), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Check::Deny(Reason::JwtMalformed, 0);
     };
     // Read the header ourselves so that `alg: none` and unknown algorithms are named as such.
-    let Some(header) = URL_SAFE_NO_PAD
-        .decode(head)
-        .ok()
-        .and_then(|h| serde_json::from_slice::<JwtHeader>(&h).ok())
+    let Some(header) = URL_SAFE_NO_PAD.decode(head).ok().and_then(|h| serde_json::from_slice::<JwtHeader>(&h).ok())
     else {
         return Check::Deny(Reason::JwtMalformed, 1);
     };
     let key: &DecodingKey;
     let alg = match header.alg.as_str() {
         "HS256" => {
-            match ctx
-                .app
-                .secrets
-                .get(&crate::policy::SecretKind::Jwt)
-                .and_then(|s| s.hs256.as_ref())
-            {
+            match ctx.app.secrets.get(&crate::policy::SecretKind::Jwt).and_then(|s| s.hs256.as_ref()) {
                 Some(k) => key = k,
-                None if ctx
-                    .app
-                    .secrets
-                    .contains_key(&crate::policy::SecretKind::Jwt) =>
-                {
+                None if ctx.app.secrets.contains_key(&crate::policy::SecretKind::Jwt) => {
                     return Check::Deny(Reason::SecretUnavailable, 2);
                 }
                 // No HS256 secret configured: an HS256 token may be an attempt to sign with
@@ -349,20 +300,11 @@ fn check_jwt(ctx: &Ctx<'_>) -> Check {
             Algorithm::HS256
         }
         "RS256" | "ES256" => {
-            let alg = if header.alg == "RS256" {
-                Algorithm::RS256
-            } else {
-                Algorithm::ES256
-            };
-            let keys = ctx
-                .app
-                .jwks
-                .as_ref()
-                .map(|j| j.keys.as_slice())
-                .unwrap_or(&[]);
-            let found = keys.iter().find(|k| {
-                k.alg == alg && (header.kid.is_none() || k.kid.as_deref() == header.kid.as_deref())
-            });
+            let alg = if header.alg == "RS256" { Algorithm::RS256 } else { Algorithm::ES256 };
+            let keys = ctx.app.jwks.as_ref().map(|j| j.keys.as_slice()).unwrap_or(&[]);
+            let found = keys
+                .iter()
+                .find(|k| k.alg == alg && (header.kid.is_none() || k.kid.as_deref() == header.kid.as_deref()));
             match found {
                 Some(k) => key = &k.key,
                 None => return Check::Deny(Reason::JwtKeyUnknown, 3),
@@ -382,12 +324,8 @@ fn check_jwt(ctx: &Ctx<'_>) -> Check {
         Ok(data) => data.claims,
         Err(e) => {
             return match e.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
-                    Check::Deny(Reason::JwtBadSignature, 3)
-                }
-                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => {
-                    Check::Deny(Reason::JwtAlgorithmRefused, 3)
-                }
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => Check::Deny(Reason::JwtBadSignature, 3),
+                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => Check::Deny(Reason::JwtAlgorithmRefused, 3),
                 _ => Check::Deny(Reason::JwtMalformed, 2),
             };
         }
@@ -401,18 +339,10 @@ fn check_jwt(ctx: &Ctx<'_>) -> Check {
     if claims.nbf.is_some_and(|nbf| nbf > now) {
         return Check::Deny(Reason::JwtNotYetValid, 3);
     }
-    if claims
-        .app
-        .as_deref()
-        .is_some_and(|a| a != "*" && a != ctx.app_name.as_str())
-    {
+    if claims.app.as_deref().is_some_and(|a| a != "*" && a != ctx.app_name.as_str()) {
         return Check::Deny(Reason::JwtWrongApp, 3);
     }
-    if !claims
-        .stream
-        .as_ref()
-        .is_some_and(|s| s.admits(ctx.stream.as_str()))
-    {
+    if !claims.stream.as_ref().is_some_and(|s| s.admits(ctx.stream.as_str())) {
         return Check::Deny(Reason::JwtWrongStream, 3);
     }
     let action_ok = claims.action.as_ref().is_some_and(|a| {
@@ -427,10 +357,7 @@ fn check_jwt(ctx: &Ctx<'_>) -> Check {
         Some(sub) => format!("jwt:{sub}"),
         None => "jwt".to_owned(),
     });
-    Check::Allow {
-        subject,
-        effects: Vec::new(),
-    }
+    Check::Allow { subject, effects: Vec::new() }
 }
 
 fn check_one_time(state: &AuthState, ctx: &Ctx<'_>) -> Check {
@@ -454,9 +381,7 @@ fn check_one_time(state: &AuthState, ctx: &Ctx<'_>) -> Check {
     } else {
         return Check::Allow {
             subject: Some(format!("token:{}", token_id(&digest))),
-            effects: vec![Effect::ConsumeToken {
-                token_sha256: digest,
-            }],
+            effects: vec![Effect::ConsumeToken { token_sha256: digest }],
         };
     };
     Check::Deny(reason, 3)
@@ -471,10 +396,7 @@ pub fn totp_code(secret: &[u8], digits: u8, period_secs: u32, step: u64) -> Opti
         .with_secret(secret.to_vec())
         .build()
         .ok()?;
-    Some(
-        totp.generate(step.checked_mul(u64::from(period_secs))?)
-            .to_string(),
-    )
+    Some(totp.generate(step.checked_mul(u64::from(period_secs))?).to_string())
 }
 
 fn check_totp(ctx: &Ctx<'_>) -> Check {
@@ -507,14 +429,7 @@ fn check_totp(ctx: &Ctx<'_>) -> Check {
     };
     let current = now_secs / u64::from(settings.period_secs);
     // Current step first (the common case costs one HMAC), then ±1 step of clock skew.
-    for step in [
-        Some(current),
-        current.checked_sub(1),
-        current.checked_add(1),
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for step in [Some(current), current.checked_sub(1), current.checked_add(1)].into_iter().flatten() {
         let Some(expected) = totp_code(secret, settings.digits, settings.period_secs, step) else {
             return Check::Deny(Reason::SecretUnavailable, 3);
         };
@@ -524,10 +439,7 @@ fn check_totp(ctx: &Ctx<'_>) -> Check {
             }
             return Check::Allow {
                 subject: Some(format!("subscriber:{id}")),
-                effects: vec![Effect::UseTotpStep {
-                    subscriber_id: id.clone(),
-                    step,
-                }],
+                effects: vec![Effect::UseTotpStep { subscriber_id: id.clone(), step }],
             };
         }
     }

@@ -6,9 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::ids::{
-    Action, AppName, NodeId, Position, Protocol, StreamName, SubscriberId, Timestamp,
-};
+use crate::ids::{Action, AppName, NodeId, Position, Protocol, StreamName, SubscriberId, Timestamp};
 use crate::policy::Method;
 use crate::secret::{Sealed, SecretString, Sha256Digest};
 
@@ -31,10 +29,7 @@ impl Credential {
     }
 
     pub fn token(t: &str) -> Self {
-        Credential {
-            token: Some(SecretString::new(t)),
-            ..Credential::default()
-        }
+        Credential { token: Some(SecretString::new(t)), ..Credential::default() }
     }
 }
 
@@ -67,9 +62,7 @@ pub enum Outcome {
 }
 
 /// A stable, machine-readable reason. Clients see it; dashboards count it; never renamed.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     Allowed,
@@ -162,10 +155,7 @@ pub enum Effect {
     /// Consume this one-time token cluster-wide before admitting the client.
     ConsumeToken { token_sha256: Sha256Digest },
     /// Mark this TOTP step as used so the code cannot be replayed.
-    UseTotpStep {
-        subscriber_id: SubscriberId,
-        step: u64,
-    },
+    UseTotpStep { subscriber_id: SubscriberId, step: u64 },
 }
 
 /// The credential-independent part of a decision, returned by `decide`.

@@ -7,10 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::decision::DecisionRecord;
-use crate::ids::{
-    Action, AppName, Cidr, KeyId, NodeId, Position, Protocol, Role, StreamName, SubscriberId,
-    Timestamp,
-};
+use crate::ids::{Action, AppName, Cidr, KeyId, NodeId, Position, Protocol, Role, StreamName, SubscriberId, Timestamp};
 use crate::policy::{Policy, SecretKind};
 use crate::secret::{Sealed, Sha256Digest};
 
@@ -251,11 +248,7 @@ pub enum DecodeError {
     #[error("unknown event type {event_type:?} (written by a newer Sluice?)")]
     UnknownType { event_type: String },
     #[error("event type {event_type} has schema version {version}; this build reads up to {max}")]
-    UnknownVersion {
-        event_type: String,
-        version: u16,
-        max: u16,
-    },
+    UnknownVersion { event_type: String, version: u16, max: u16 },
     #[error("event data of type {event_type} does not match its schema: {detail}")]
     BadData { event_type: String, detail: String },
 }
@@ -267,28 +260,16 @@ impl Event {
     }
 
     /// Rebuilds an event from its stored parts, upcasting older schema versions.
-    pub fn decode(
-        event_type: &str,
-        version: u16,
-        data: &serde_json::Value,
-    ) -> Result<Event, DecodeError> {
+    pub fn decode(event_type: &str, version: u16, data: &serde_json::Value) -> Result<Event, DecodeError> {
         if !Event::TYPES.contains(&event_type) {
-            return Err(DecodeError::UnknownType {
-                event_type: event_type.to_owned(),
-            });
+            return Err(DecodeError::UnknownType { event_type: event_type.to_owned() });
         }
         if version == 0 || version > 1 {
-            return Err(DecodeError::UnknownVersion {
-                event_type: event_type.to_owned(),
-                version,
-                max: 1,
-            });
+            return Err(DecodeError::UnknownVersion { event_type: event_type.to_owned(), version, max: 1 });
         }
         let tagged = serde_json::json!({ "type": event_type, "data": data });
-        serde_json::from_value(tagged).map_err(|e| DecodeError::BadData {
-            event_type: event_type.to_owned(),
-            detail: e.to_string(),
-        })
+        serde_json::from_value(tagged)
+            .map_err(|e| DecodeError::BadData { event_type: event_type.to_owned(), detail: e.to_string() })
     }
 
     /// The log stream this event belongs to; optimistic concurrency works per stream.
@@ -312,14 +293,9 @@ impl Event {
             Event::TotpStepUsed(e) => subscriber_log(&e.app, &e.stream, &e.subscriber_id),
             Event::JwksRefreshed(e) => format!("jwks-{}", e.app),
             Event::NodeRegistered(e) => format!("node-{}", e.node_id),
-            Event::AccessDecided(e) => format!(
-                "decisions-{}",
-                e.decision
-                    .node
-                    .as_ref()
-                    .map(NodeId::as_str)
-                    .unwrap_or("local")
-            ),
+            Event::AccessDecided(e) => {
+                format!("decisions-{}", e.decision.node.as_ref().map(NodeId::as_str).unwrap_or("local"))
+            }
             Event::ApiAccessed(e) => format!("api-{}", e.instance),
         }
     }

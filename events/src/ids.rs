@@ -15,21 +15,11 @@ pub enum ParseError {
     #[error("{what} must not be empty")]
     Empty { what: &'static str },
     #[error("{what} is {len} characters long; at most {max} are allowed")]
-    TooLong {
-        what: &'static str,
-        len: usize,
-        max: usize,
-    },
+    TooLong { what: &'static str, len: usize, max: usize },
     #[error("{what} may only contain {allowed}")]
-    BadCharacter {
-        what: &'static str,
-        allowed: &'static str,
-    },
+    BadCharacter { what: &'static str, allowed: &'static str },
     #[error("{what} must be one of: {expected}")]
-    UnknownVariant {
-        what: &'static str,
-        expected: &'static str,
-    },
+    UnknownVariant { what: &'static str, expected: &'static str },
     #[error("{what} is not valid: {detail}")]
     Invalid { what: &'static str, detail: String },
 }
@@ -47,11 +37,7 @@ fn check_name(
         return Err(ParseError::Empty { what });
     }
     if s.len() > max {
-        return Err(ParseError::TooLong {
-            what,
-            len: s.len(),
-            max,
-        });
+        return Err(ParseError::TooLong { what, len: s.len(), max });
     }
     if !s.bytes().all(ok) {
         return Err(ParseError::BadCharacter { what, allowed });
@@ -156,20 +142,7 @@ name_type!(
 );
 
 /// A position in the global log: 1 is the first event; 0 means "nothing applied yet".
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Default,
-    Serialize,
-    Deserialize,
-    JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Position(pub u64);
 
@@ -177,12 +150,7 @@ impl Position {
     pub const ZERO: Position = Position(0);
 
     pub fn parse(s: &str) -> Result<Self, ParseError> {
-        s.parse::<u64>()
-            .map(Position)
-            .map_err(|e| ParseError::Invalid {
-                what: "position",
-                detail: e.to_string(),
-            })
+        s.parse::<u64>().map(Position).map_err(|e| ParseError::Invalid { what: "position", detail: e.to_string() })
     }
 
     pub fn next(self) -> Position {
@@ -197,20 +165,7 @@ impl fmt::Display for Position {
 }
 
 /// Milliseconds since the Unix epoch. The core never reads a clock: every `now` is an argument.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Default,
-    Serialize,
-    Deserialize,
-    JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(transparent)]
 pub struct Timestamp(pub i64);
 
@@ -239,12 +194,10 @@ impl Cidr {
         if let Ok(net) = s.parse::<ipnet::IpNet>() {
             return Ok(Cidr(net.trunc()));
         }
-        s.parse::<IpAddr>()
-            .map(|ip| Cidr(ipnet::IpNet::from(ip)))
-            .map_err(|_| ParseError::Invalid {
-                what: "CIDR",
-                detail: "expected an address or a network like 10.0.0.0/8".into(),
-            })
+        s.parse::<IpAddr>().map(|ip| Cidr(ipnet::IpNet::from(ip))).map_err(|_| ParseError::Invalid {
+            what: "CIDR",
+            detail: "expected an address or a network like 10.0.0.0/8".into(),
+        })
     }
 
     /// Whether `ip` is inside; an IPv4-mapped IPv6 address counts as its IPv4 form.
@@ -366,22 +319,9 @@ mod tests {
     #[test]
     fn names_parse_and_refuse_with_clear_errors() {
         assert_eq!(AppName::parse("live").unwrap().as_str(), "live");
-        assert_eq!(
-            AppName::parse("").unwrap_err().to_string(),
-            "app name must not be empty"
-        );
-        assert!(matches!(
-            AppName::parse("a/b"),
-            Err(ParseError::BadCharacter { .. })
-        ));
-        assert!(matches!(
-            StreamName::parse(&"x".repeat(129)),
-            Err(ParseError::TooLong {
-                len: 129,
-                max: 128,
-                ..
-            })
-        ));
+        assert_eq!(AppName::parse("").unwrap_err().to_string(), "app name must not be empty");
+        assert!(matches!(AppName::parse("a/b"), Err(ParseError::BadCharacter { .. })));
+        assert!(matches!(StreamName::parse(&"x".repeat(129)), Err(ParseError::TooLong { len: 129, max: 128, .. })));
         assert!(StreamName::parse("cam-1.hd~x_y").is_ok());
         assert!(StreamName::parse("cam 1").is_err());
         assert!(StreamName::parse("caméra").is_err());
@@ -399,10 +339,7 @@ mod tests {
         assert!(c.contains("10.1.2.3".parse().unwrap()));
         assert!(c.contains("::ffff:10.1.2.3".parse().unwrap()));
         assert!(!c.contains("10.2.0.1".parse().unwrap()));
-        assert_eq!(
-            Cidr::parse("127.0.0.1").unwrap().to_string(),
-            "127.0.0.1/32"
-        );
+        assert_eq!(Cidr::parse("127.0.0.1").unwrap().to_string(), "127.0.0.1/32");
         assert_eq!(Cidr::parse("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
         assert!(Cidr::parse("10.0.0.0/33").is_err());
         assert!(cidrs_allow(&[], "1.2.3.4".parse().unwrap()));
@@ -413,10 +350,7 @@ mod tests {
         assert_eq!(Action::parse("publish"), Ok(Action::Publish));
         assert_eq!(Role::parse("read"), Ok(Role::Read));
         assert_eq!(Protocol::parse("srt"), Ok(Protocol::Srt));
-        assert_eq!(
-            Action::parse("PLAY").unwrap_err().to_string(),
-            "action must be one of: publish play "
-        );
+        assert_eq!(Action::parse("PLAY").unwrap_err().to_string(), "action must be one of: publish play ");
     }
 
     #[test]

@@ -22,8 +22,7 @@ pub use decide::decide;
 pub use decision::{AccessRequest, Credential, Decision, DecisionRecord, Effect, Outcome, Reason};
 pub use event::{DecodeError, Event, Metadata, NewEvent, RecordedEvent};
 pub use ids::{
-    Action, AppName, Cidr, KeyId, NodeId, ParseError, Position, Protocol, Role, StreamName,
-    SubscriberId, Timestamp,
+    Action, AppName, Cidr, KeyId, NodeId, ParseError, Position, Protocol, Role, StreamName, SubscriberId, Timestamp,
 };
 pub use policy::{ActionPolicy, Method, OfflineOneTime, Policy, SecretKind};
 pub use secret::{Keyring, Sealed, SealingKey, SecretString, Sha256Digest};

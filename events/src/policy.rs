@@ -9,9 +9,7 @@ use crate::ids::{Action, Cidr, ParseError};
 
 /// How a publisher or player may prove it is allowed. Any enabled method that accepts the
 /// request is enough.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Method {
     /// No credential: the (registered) name is enough.
@@ -64,11 +62,7 @@ fn yes() -> bool {
 
 impl ActionPolicy {
     pub fn open() -> Self {
-        ActionPolicy {
-            methods: [Method::Open].into(),
-            cidrs: vec![],
-            accept_undefined_streams: true,
-        }
+        ActionPolicy { methods: [Method::Open].into(), cidrs: vec![], accept_undefined_streams: true }
     }
 
     pub fn registered_only(mut self) -> Self {
@@ -88,10 +82,7 @@ pub struct TotpSettings {
 
 impl Default for TotpSettings {
     fn default() -> Self {
-        TotpSettings {
-            period_secs: 60,
-            digits: 6,
-        }
+        TotpSettings { period_secs: 60, digits: 6 }
     }
 }
 
@@ -184,9 +175,7 @@ impl Policy {
             });
         }
         if let Some(w) = &self.webhook {
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://"))
-                || w.url.len() > 2048
-            {
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) || w.url.len() > 2048 {
                 return Err(ParseError::Invalid {
                     what: "policy.webhook.url",
                     detail: "expected an http:// or https:// URL of at most 2048 characters".into(),
@@ -200,10 +189,7 @@ impl Policy {
             }
         }
         if !(6..=8).contains(&self.totp.digits) {
-            return Err(ParseError::Invalid {
-                what: "policy.totp.digits",
-                detail: "expected 6, 7 or 8".into(),
-            });
+            return Err(ParseError::Invalid { what: "policy.totp.digits", detail: "expected 6, 7 or 8".into() });
         }
         if !(15..=300).contains(&self.totp.period_secs) {
             return Err(ParseError::Invalid {
@@ -225,9 +211,7 @@ impl Policy {
 }
 
 /// Which of an app's secrets a rotation replaces.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SecretKind {
     /// Shared by the `hash` and `hmac` methods (Ant Media's `tokenHashSecret`).
@@ -273,30 +257,17 @@ mod tests {
     fn webhook_method_needs_a_url() {
         let mut p = Policy::default();
         p.publish.methods.insert(Method::Webhook);
-        assert!(
-            p.validate()
-                .unwrap_err()
-                .to_string()
-                .contains("webhook.url")
-        );
-        p.webhook = Some(WebhookSettings {
-            url: "ftp://x".into(),
-            timeout_ms: 100,
-        });
+        assert!(p.validate().unwrap_err().to_string().contains("webhook.url"));
+        p.webhook = Some(WebhookSettings { url: "ftp://x".into(), timeout_ms: 100 });
         assert!(p.validate().is_err());
-        p.webhook = Some(WebhookSettings {
-            url: "http://127.0.0.1/hook".into(),
-            timeout_ms: 100,
-        });
+        p.webhook = Some(WebhookSettings { url: "http://127.0.0.1/hook".into(), timeout_ms: 100 });
         assert!(p.validate().is_ok());
     }
 
     #[test]
     fn bad_values_are_refused() {
-        let err = serde_json::from_str::<Policy>(
-            r#"{"publish":{"methods":["magic"]},"play":{"methods":[]}}"#,
-        )
-        .unwrap_err();
+        let err =
+            serde_json::from_str::<Policy>(r#"{"publish":{"methods":["magic"]},"play":{"methods":[]}}"#).unwrap_err();
         assert!(err.to_string().contains("unknown variant `magic`"));
         let mut p = Policy::default();
         p.totp.digits = 9;

@@ -139,13 +139,8 @@ impl SealingKey {
     /// Parses `base64(32 bytes)`. The id is derived from the key, so every node that holds
     /// the same key names it the same way without configuration.
     pub fn from_base64(text: &str) -> Result<Self, SealError> {
-        let bytes = B64
-            .decode(text.trim())
-            .map_err(|_| SealError::KeyEncoding)?;
-        let key: [u8; 32] = bytes
-            .as_slice()
-            .try_into()
-            .map_err(|_| SealError::KeyLength(bytes.len()))?;
+        let bytes = B64.decode(text.trim()).map_err(|_| SealError::KeyEncoding)?;
+        let key: [u8; 32] = bytes.as_slice().try_into().map_err(|_| SealError::KeyLength(bytes.len()))?;
         let id = format!("k{}", &Sha256Digest::of(&key).to_hex()[..8]);
         Ok(SealingKey { id, key })
     }
@@ -161,39 +156,19 @@ impl SealingKey {
         let cipher = XChaCha20Poly1305::new((&self.key).into());
         let aad = aad(&self.id, purpose);
         // Encryption with a valid 32-byte key and 24-byte nonce cannot fail.
-        let ct = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
-            .unwrap_or_default();
-        Sealed {
-            kid: self.id.clone(),
-            nonce: B64.encode(nonce),
-            ct: B64.encode(ct),
-        }
+        let ct = cipher.encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad }).unwrap_or_default();
+        Sealed { kid: self.id.clone(), nonce: B64.encode(nonce), ct: B64.encode(ct) }
     }
 
     fn open(&self, sealed: &Sealed, purpose: &str) -> Result<Vec<u8>, SealError> {
-        let nonce = B64
-            .decode(&sealed.nonce)
-            .map_err(|_| SealError::Malformed)?;
+        let nonce = B64.decode(&sealed.nonce).map_err(|_| SealError::Malformed)?;
         if nonce.len() != 24 {
             return Err(SealError::Malformed);
         }
         let ct = B64.decode(&sealed.ct).map_err(|_| SealError::Malformed)?;
         let cipher = XChaCha20Poly1305::new((&self.key).into());
         cipher
-            .decrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: &ct,
-                    aad: &aad(&self.id, purpose),
-                },
-            )
+            .decrypt(XNonce::from_slice(&nonce), Payload { msg: &ct, aad: &aad(&self.id, purpose) })
             .map_err(|_| SealError::Authentication(self.id.clone()))
     }
 }
@@ -217,10 +192,7 @@ pub struct Keyring {
 impl Keyring {
     pub fn new(current: SealingKey) -> Self {
         let id = current.id.clone();
-        Keyring {
-            current: Some(id.clone()),
-            keys: BTreeMap::from([(id, current)]),
-        }
+        Keyring { current: Some(id.clone()), keys: BTreeMap::from([(id, current)]) }
     }
 
     /// Adds an older key that can still open values sealed under it.
@@ -234,10 +206,7 @@ impl Keyring {
     }
 
     pub fn open(&self, sealed: &Sealed, purpose: &str) -> Result<Vec<u8>, SealError> {
-        let key = self
-            .keys
-            .get(&sealed.kid)
-            .ok_or_else(|| SealError::UnknownKey(sealed.kid.clone()))?;
+        let key = self.keys.get(&sealed.kid).ok_or_else(|| SealError::UnknownKey(sealed.kid.clone()))?;
         key.open(sealed, purpose)
     }
 }
@@ -264,26 +233,17 @@ mod tests {
     #[test]
     fn seal_then_open_round_trips_and_binds_purpose() {
         let ring = Keyring::new(key(1));
-        let sealed = ring
-            .current()
-            .unwrap()
-            .seal("app.live.jwt", b"s3cret", [7; 24]);
+        let sealed = ring.current().unwrap().seal("app.live.jwt", b"s3cret", [7; 24]);
         assert!(!sealed.ct.contains("s3cret"));
         assert_eq!(ring.open(&sealed, "app.live.jwt").unwrap(), b"s3cret");
-        assert!(matches!(
-            ring.open(&sealed, "app.other.jwt"),
-            Err(SealError::Authentication(_))
-        ));
+        assert!(matches!(ring.open(&sealed, "app.other.jwt"), Err(SealError::Authentication(_))));
     }
 
     #[test]
     fn wrong_or_unknown_key_fails_closed() {
         let sealed = key(1).seal("p", b"x", [0; 24]);
         let other = Keyring::new(key(2));
-        assert!(matches!(
-            other.open(&sealed, "p"),
-            Err(SealError::UnknownKey(_))
-        ));
+        assert!(matches!(other.open(&sealed, "p"), Err(SealError::UnknownKey(_))));
         let rotated = Keyring::new(key(2)).with_previous(key(1));
         assert_eq!(rotated.open(&sealed, "p").unwrap(), b"x");
         let mut tampered = sealed.clone();
@@ -294,14 +254,8 @@ mod tests {
     #[test]
     fn key_parsing_errors_never_echo_the_key() {
         let err = SealingKey::from_base64(&B64.encode([9u8; 16])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "sealing key must be 32 bytes of base64 (got 16 bytes)"
-        );
-        assert_eq!(
-            SealingKey::from_base64("!!!").unwrap_err(),
-            SealError::KeyEncoding
-        );
+        assert_eq!(err.to_string(), "sealing key must be 32 bytes of base64 (got 16 bytes)");
+        assert_eq!(SealingKey::from_base64("!!!").unwrap_err(), SealError::KeyEncoding);
         assert!(!format!("{:?}", key(3)).contains("3, 3"));
     }
 
@@ -314,10 +268,7 @@ mod tests {
     #[test]
     fn digest_hex_round_trip() {
         let d = Sha256Digest::of(b"abc");
-        assert_eq!(
-            d.to_hex(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(d.to_hex(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert_eq!(Sha256Digest::parse_hex(&d.to_hex()).unwrap(), d);
         assert!(Sha256Digest::parse_hex("zz").is_err());
     }

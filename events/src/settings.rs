@@ -17,17 +17,9 @@ pub enum Origin {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SettingsError {
     #[error("missing setting {env}: expected {expected} (set {env} or `{key}` in the config file)")]
-    Missing {
-        env: String,
-        key: String,
-        expected: &'static str,
-    },
+    Missing { env: String, key: String, expected: &'static str },
     #[error("invalid setting {env} ({origin}): expected {expected}")]
-    Invalid {
-        env: String,
-        origin: OriginText,
-        expected: &'static str,
-    },
+    Invalid { env: String, origin: OriginText, expected: &'static str },
     #[error("config file is not valid TOML: {0}")]
     File(String),
     #[error("unknown setting `{0}` in the config file")]
@@ -56,16 +48,11 @@ pub struct Sources {
 impl Sources {
     /// `file` is the config file's text, if one was given; `env` the process environment.
     /// `known` lists the keys this program reads, so a typo in the file is an error.
-    pub fn new(
-        file: Option<&str>,
-        env: BTreeMap<String, String>,
-        known: &[&str],
-    ) -> Result<Self, SettingsError> {
+    pub fn new(file: Option<&str>, env: BTreeMap<String, String>, known: &[&str]) -> Result<Self, SettingsError> {
         let mut flat = BTreeMap::new();
         if let Some(text) = file {
-            let table: toml::Table = text
-                .parse()
-                .map_err(|e: toml::de::Error| SettingsError::File(e.message().to_owned()))?;
+            let table: toml::Table =
+                text.parse().map_err(|e: toml::de::Error| SettingsError::File(e.message().to_owned()))?;
             for (k, v) in table {
                 if !known.contains(&k.as_str()) {
                     return Err(SettingsError::UnknownKey(k));
@@ -94,65 +81,36 @@ impl Sources {
 
     /// A raw environment variable outside the `SLUICE_` namespace (e.g. `DATABASE_URL`).
     pub fn env_var(&self, name: &str) -> Option<&str> {
-        self.env
-            .get(name)
-            .map(String::as_str)
-            .filter(|v| !v.is_empty())
+        self.env.get(name).map(String::as_str).filter(|v| !v.is_empty())
     }
 
-    pub fn optional<T: FromStr>(
-        &self,
-        key: &str,
-        expected: &'static str,
-    ) -> Result<Option<T>, SettingsError> {
+    pub fn optional<T: FromStr>(&self, key: &str, expected: &'static str) -> Result<Option<T>, SettingsError> {
         match self.raw(key) {
             None => Ok(None),
-            Some((v, origin)) => v
-                .trim()
-                .parse()
-                .map(Some)
-                .map_err(|_| SettingsError::Invalid {
-                    env: Self::env_name(key),
-                    origin: OriginText(origin),
-                    expected,
-                }),
+            Some((v, origin)) => v.trim().parse().map(Some).map_err(|_| SettingsError::Invalid {
+                env: Self::env_name(key),
+                origin: OriginText(origin),
+                expected,
+            }),
         }
     }
 
-    pub fn or<T: FromStr>(
-        &self,
-        key: &str,
-        default: T,
-        expected: &'static str,
-    ) -> Result<T, SettingsError> {
+    pub fn or<T: FromStr>(&self, key: &str, default: T, expected: &'static str) -> Result<T, SettingsError> {
         Ok(self.optional(key, expected)?.unwrap_or(default))
     }
 
-    pub fn required<T: FromStr>(
-        &self,
-        key: &str,
-        expected: &'static str,
-    ) -> Result<T, SettingsError> {
-        self.optional(key, expected)?
-            .ok_or_else(|| self.missing(key, expected))
+    pub fn required<T: FromStr>(&self, key: &str, expected: &'static str) -> Result<T, SettingsError> {
+        self.optional(key, expected)?.ok_or_else(|| self.missing(key, expected))
     }
 
     pub fn missing(&self, key: &str, expected: &'static str) -> SettingsError {
-        SettingsError::Missing {
-            env: Self::env_name(key),
-            key: key.to_owned(),
-            expected,
-        }
+        SettingsError::Missing { env: Self::env_name(key), key: key.to_owned(), expected }
     }
 
     /// Checks a value already read with a custom parser, producing the same error shape.
     pub fn invalid(&self, key: &str, expected: &'static str) -> SettingsError {
         let origin = self.raw(key).map(|(_, o)| o).unwrap_or(Origin::Environment);
-        SettingsError::Invalid {
-            env: Self::env_name(key),
-            origin: OriginText(origin),
-            expected,
-        }
+        SettingsError::Invalid { env: Self::env_name(key), origin: OriginText(origin), expected }
     }
 }
 
@@ -161,10 +119,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -182,36 +137,21 @@ mod tests {
 
     #[test]
     fn errors_name_the_setting_and_hide_the_value() {
-        let s = Sources::new(
-            None,
-            env(&[("SLUICE_API_LISTEN", "secret-looking-value")]),
-            &[],
-        )
-        .unwrap();
-        let err = s
-            .required::<std::net::SocketAddr>("api_listen", "host:port like 127.0.0.1:8080")
-            .unwrap_err();
+        let s = Sources::new(None, env(&[("SLUICE_API_LISTEN", "secret-looking-value")]), &[]).unwrap();
+        let err = s.required::<std::net::SocketAddr>("api_listen", "host:port like 127.0.0.1:8080").unwrap_err();
         let line = err.to_string();
         assert_eq!(
             line,
             "invalid setting SLUICE_API_LISTEN (from the environment): expected host:port like 127.0.0.1:8080"
         );
         assert!(!line.contains("secret-looking-value"));
-        let err = s
-            .required::<String>("database_url", "a postgres:// URL")
-            .unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("missing setting SLUICE_DATABASE_URL")
-        );
+        let err = s.required::<String>("database_url", "a postgres:// URL").unwrap_err();
+        assert!(err.to_string().starts_with("missing setting SLUICE_DATABASE_URL"));
     }
 
     #[test]
     fn bad_file_and_unknown_keys_are_refused() {
-        assert!(matches!(
-            Sources::new(Some("= nope"), BTreeMap::new(), &[]),
-            Err(SettingsError::File(_))
-        ));
+        assert!(matches!(Sources::new(Some("= nope"), BTreeMap::new(), &[]), Err(SettingsError::File(_))));
         assert_eq!(
             Sources::new(Some("api_lisen = \"x\""), BTreeMap::new(), &["api_listen"]).unwrap_err(),
             SettingsError::UnknownKey("api_lisen".into())

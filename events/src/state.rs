@@ -9,10 +9,7 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 use sha2::{Digest, Sha256};
 
 use crate::event::{Event, RecordedEvent};
-use crate::ids::{
-    Action, AppName, Cidr, KeyId, NodeId, Position, Protocol, Role, StreamName, SubscriberId,
-    Timestamp,
-};
+use crate::ids::{Action, AppName, Cidr, KeyId, NodeId, Position, Protocol, Role, StreamName, SubscriberId, Timestamp};
 use crate::policy::{Policy, SecretKind};
 use crate::secret::{Keyring, Sealed, Sha256Digest};
 
@@ -133,10 +130,7 @@ impl AuthState {
 
     /// An empty state that opens sealed secrets with `keyring` as events arrive.
     pub fn with_keyring(keyring: Arc<Keyring>) -> Self {
-        AuthState {
-            keyring: Some(keyring),
-            ..AuthState::default()
-        }
+        AuthState { keyring: Some(keyring), ..AuthState::default() }
     }
 
     pub fn position(&self) -> Position {
@@ -154,10 +148,7 @@ impl AuthState {
             return Ok(());
         }
         if recorded.position != self.position.next() {
-            return Err(ApplyError::Gap {
-                at: self.position,
-                got: recorded.position,
-            });
+            return Err(ApplyError::Gap { at: self.position, got: recorded.position });
         }
         self.apply_event(&recorded.event, recorded.recorded_at);
         self.position = recorded.position;
@@ -166,11 +157,7 @@ impl AuthState {
 
     fn open(&self, sealed: &Sealed, purpose: &str) -> Option<Arc<[u8]>> {
         // A secret we cannot open stays sealed: methods that need it fail closed.
-        self.keyring
-            .as_ref()?
-            .open(sealed, purpose)
-            .ok()
-            .map(Arc::from)
+        self.keyring.as_ref()?.open(sealed, purpose).ok().map(Arc::from)
     }
 
     fn apply_event(&mut self, event: &Event, _at: Timestamp) {
@@ -218,14 +205,7 @@ impl AuthState {
                         (SecretKind::Jwt, Some(p)) => Some(DecodingKey::from_secret(p)),
                         _ => None,
                     };
-                    app.secrets.insert(
-                        e.kind,
-                        AppSecret {
-                            sealed: e.secret.clone(),
-                            plain,
-                            hs256,
-                        },
-                    );
+                    app.secrets.insert(e.kind, AppSecret { sealed: e.secret.clone(), plain, hs256 });
                 }
             }
             Event::AppDeleted(e) => {
@@ -241,10 +221,7 @@ impl AuthState {
                     }
                     app.streams.insert(
                         e.name.clone(),
-                        Stream {
-                            publish_name: e.publish_name.clone(),
-                            description: e.description.clone(),
-                        },
+                        Stream { publish_name: e.publish_name.clone(), description: e.description.clone() },
                     );
                 }
             }
@@ -287,13 +264,7 @@ impl AuthState {
                 };
                 self.tokens.insert(
                     e.token_sha256,
-                    Token {
-                        app,
-                        stream,
-                        action: e.action,
-                        expires_at: e.expires_at,
-                        status: TokenStatus::Active,
-                    },
+                    Token { app, stream, action: e.action, expires_at: e.expires_at, status: TokenStatus::Active },
                 );
             }
             Event::TokenConsumed(e) => {
@@ -309,10 +280,7 @@ impl AuthState {
                 }
             }
             Event::SubscriberAdded(e) => {
-                let plain = self.open(
-                    &e.secret,
-                    &subscriber_secret_purpose(&e.app, &e.stream, &e.subscriber_id),
-                );
+                let plain = self.open(&e.secret, &subscriber_secret_purpose(&e.app, &e.stream, &e.subscriber_id));
                 if let Some(app) = self.apps.get_mut(&e.app) {
                     app.subscribers.insert(
                         (e.stream.clone(), e.subscriber_id.clone()),
@@ -328,8 +296,7 @@ impl AuthState {
             }
             Event::SubscriberRemoved(e) => {
                 if let Some(app) = self.apps.get_mut(&e.app) {
-                    app.subscribers
-                        .remove(&(e.stream.clone(), e.subscriber_id.clone()));
+                    app.subscribers.remove(&(e.stream.clone(), e.subscriber_id.clone()));
                 }
             }
             Event::SubscriberBlocked(e) => {
@@ -344,36 +311,20 @@ impl AuthState {
             }
             Event::JwksRefreshed(e) => {
                 if let Some(app) = self.apps.get_mut(&e.app) {
-                    app.jwks = Some(Jwks {
-                        raw: e.jwks.clone(),
-                        keys: jwks_keys(&e.jwks),
-                    });
+                    app.jwks = Some(Jwks { raw: e.jwks.clone(), keys: jwks_keys(&e.jwks) });
                 }
             }
             Event::NodeRegistered(e) => {
-                self.nodes.insert(
-                    e.node_id.clone(),
-                    Node {
-                        version: e.version.clone(),
-                        protocols: e.protocols.clone(),
-                    },
-                );
+                self.nodes
+                    .insert(e.node_id.clone(), Node { version: e.version.clone(), protocols: e.protocols.clone() });
             }
             // Facts about the past that change no access table.
             Event::AccessDecided(_) | Event::ApiAccessed(_) => {}
         }
     }
 
-    fn subscriber_mut(
-        &mut self,
-        app: &AppName,
-        stream: &StreamName,
-        id: &SubscriberId,
-    ) -> Option<&mut Subscriber> {
-        self.apps
-            .get_mut(app)?
-            .subscribers
-            .get_mut(&(stream.clone(), id.clone()))
+    fn subscriber_mut(&mut self, app: &AppName, stream: &StreamName, id: &SubscriberId) -> Option<&mut Subscriber> {
+        self.apps.get_mut(app)?.subscribers.get_mut(&(stream.clone(), id.clone()))
     }
 
     /// A stable SHA-256 over the whole state (not over how it was reached): equal on any
@@ -504,17 +455,11 @@ fn jwks_keys(raw: &serde_json::Value) -> Vec<JwkKey> {
         .filter_map(|jwk| {
             let alg = match &jwk.algorithm {
                 AlgorithmParameters::RSA(_) => Algorithm::RS256,
-                AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => {
-                    Algorithm::ES256
-                }
+                AlgorithmParameters::EllipticCurve(ec) if ec.curve == EllipticCurve::P256 => Algorithm::ES256,
                 _ => return None,
             };
             let key = DecodingKey::from_jwk(jwk).ok()?;
-            Some(JwkKey {
-                kid: jwk.common.key_id.clone(),
-                alg,
-                key,
-            })
+            Some(JwkKey { kid: jwk.common.key_id.clone(), alg, key })
         })
         .collect()
 }

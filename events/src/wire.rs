@@ -22,10 +22,7 @@ pub enum WireError {
     #[error("key {0:?} appears more than once")]
     DuplicateKey(String),
     #[error("malformed {what}: {detail}")]
-    Malformed {
-        what: &'static str,
-        detail: &'static str,
-    },
+    Malformed { what: &'static str, detail: &'static str },
     #[error("unknown mode {0:?} (expected publish or request)")]
     UnknownMode(String),
     #[error("{0}")]
@@ -51,10 +48,7 @@ fn check_len(s: &str) -> Result<(), WireError> {
 }
 
 fn decode(value: &str) -> Result<String, WireError> {
-    percent_decode_str(value)
-        .decode_utf8()
-        .map(|v| v.into_owned())
-        .map_err(|_| WireError::NotUtf8)
+    percent_decode_str(value).decode_utf8().map(|v| v.into_owned()).map_err(|_| WireError::NotUtf8)
 }
 
 /// Collects credential keys, refusing duplicates (a second `token=` could smuggle a
@@ -89,10 +83,9 @@ impl CredentialBuilder {
 
     fn finish(mut self) -> Result<Credential, WireError> {
         if let Some(raw) = self.expires_raw {
-            let secs = raw.parse::<i64>().map_err(|_| WireError::Malformed {
-                what: "expires",
-                detail: "expected Unix seconds",
-            })?;
+            let secs = raw
+                .parse::<i64>()
+                .map_err(|_| WireError::Malformed { what: "expires", detail: "expected Unix seconds" })?;
             self.cred.expires = Some(secs);
         }
         Ok(self.cred)
@@ -127,11 +120,7 @@ pub fn parse_rtmp(app: &str, stream_key: &str) -> Result<WireTarget, WireError> 
             _ => {}
         }
     }
-    Ok(WireTarget {
-        app,
-        stream,
-        credential: b.finish()?,
-    })
+    Ok(WireTarget { app, stream, credential: b.finish()? })
 }
 
 /// A parsed SRT streamid: the target and the mode the caller asked for.
@@ -142,10 +131,8 @@ pub struct SrtStreamId {
 }
 
 fn split_resource(r: &str) -> Result<(AppName, StreamName), WireError> {
-    let (app, stream) = r.split_once('/').ok_or(WireError::Malformed {
-        what: "resource",
-        detail: "expected app/stream",
-    })?;
+    let (app, stream) =
+        r.split_once('/').ok_or(WireError::Malformed { what: "resource", detail: "expected app/stream" })?;
     Ok((AppName::parse(app)?, StreamName::parse(stream)?))
 }
 
@@ -168,10 +155,9 @@ pub fn parse_srt_streamid(raw: &[u8]) -> Result<SrtStreamId, WireError> {
     let mut action = Action::Play;
     let mut seen: Vec<&str> = Vec::new();
     for part in parts {
-        let (k, v) = part.split_once('=').ok_or(WireError::Malformed {
-            what: "streamid",
-            detail: "expected key=value after the resource",
-        })?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or(WireError::Malformed { what: "streamid", detail: "expected key=value after the resource" })?;
         if seen.contains(&k) {
             return Err(WireError::DuplicateKey(k.to_owned()));
         }
@@ -185,14 +171,7 @@ pub fn parse_srt_streamid(raw: &[u8]) -> Result<SrtStreamId, WireError> {
             _ => {}
         }
     }
-    Ok(SrtStreamId {
-        target: WireTarget {
-            app,
-            stream,
-            credential: b.finish()?,
-        },
-        action,
-    })
+    Ok(SrtStreamId { target: WireTarget { app, stream, credential: b.finish()? }, action })
 }
 
 fn parse_mode(v: &str) -> Result<Action, WireError> {
@@ -211,10 +190,9 @@ fn parse_access_control(body: &str) -> Result<SrtStreamId, WireError> {
     let mut b = CredentialBuilder::default();
     let mut seen: Vec<&str> = Vec::new();
     for part in body.split(',').filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').ok_or(WireError::Malformed {
-            what: "streamid",
-            detail: "expected key=value pairs after #!::",
-        })?;
+        let (k, v) = part
+            .split_once('=')
+            .ok_or(WireError::Malformed { what: "streamid", detail: "expected key=value pairs after #!::" })?;
         if seen.contains(&k) {
             return Err(WireError::DuplicateKey(k.to_owned()));
         }
@@ -229,23 +207,13 @@ fn parse_access_control(body: &str) -> Result<SrtStreamId, WireError> {
             _ => {}
         }
     }
-    let resource = resource.ok_or(WireError::Malformed {
-        what: "streamid",
-        detail: "missing r=app/stream",
-    })?;
+    let resource = resource.ok_or(WireError::Malformed { what: "streamid", detail: "missing r=app/stream" })?;
     let (app, stream) = split_resource(resource)?;
     let action = match mode {
         None => Action::Play,
         Some(m) => parse_mode(m)?,
     };
-    Ok(SrtStreamId {
-        target: WireTarget {
-            app,
-            stream,
-            credential: b.finish()?,
-        },
-        action,
-    })
+    Ok(SrtStreamId { target: WireTarget { app, stream, credential: b.finish()? }, action })
 }
 
 #[cfg(test)]
@@ -276,30 +244,12 @@ mod tests {
     #[test]
     fn rtmp_bad_input_is_a_typed_error() {
         assert_eq!(parse_rtmp("live", ""), Err(WireError::Empty));
-        assert_eq!(
-            parse_rtmp("live", &"a".repeat(513)),
-            Err(WireError::TooLong(513))
-        );
-        assert_eq!(
-            parse_rtmp("live", "cam1?token=a&token=b"),
-            Err(WireError::DuplicateKey("token".into()))
-        );
-        assert!(matches!(
-            parse_rtmp("live", "ca m?token=a"),
-            Err(WireError::Name(_))
-        ));
-        assert!(matches!(
-            parse_rtmp("live", "cam1?expires=soon"),
-            Err(WireError::Malformed { .. })
-        ));
-        assert_eq!(
-            parse_rtmp("live", "cam1?token=%FF"),
-            Err(WireError::NotUtf8)
-        );
-        assert!(matches!(
-            parse_rtmp("li/ve", "cam1"),
-            Err(WireError::Name(_))
-        ));
+        assert_eq!(parse_rtmp("live", &"a".repeat(513)), Err(WireError::TooLong(513)));
+        assert_eq!(parse_rtmp("live", "cam1?token=a&token=b"), Err(WireError::DuplicateKey("token".into())));
+        assert!(matches!(parse_rtmp("live", "ca m?token=a"), Err(WireError::Name(_))));
+        assert!(matches!(parse_rtmp("live", "cam1?expires=soon"), Err(WireError::Malformed { .. })));
+        assert_eq!(parse_rtmp("live", "cam1?token=%FF"), Err(WireError::NotUtf8));
+        assert!(matches!(parse_rtmp("li/ve", "cam1"), Err(WireError::Name(_))));
     }
 
     #[test]
@@ -311,12 +261,7 @@ mod tests {
         let s = parse_srt_streamid(b"#!::r=live/cam1,u=bob,s=654321").unwrap();
         assert_eq!(s.action, Action::Play, "missing m means request");
         assert_eq!(s.target.credential.subscriber_id.unwrap().as_str(), "bob");
-        assert_eq!(
-            parse_srt_streamid(b"#!::m=request,r=live/c")
-                .unwrap()
-                .action,
-            Action::Play
-        );
+        assert_eq!(parse_srt_streamid(b"#!::m=request,r=live/c").unwrap().action, Action::Play);
     }
 
     #[test]
@@ -332,34 +277,16 @@ mod tests {
     #[test]
     fn srt_bad_input_is_a_typed_error() {
         assert_eq!(parse_srt_streamid(b""), Err(WireError::Empty));
-        assert_eq!(
-            parse_srt_streamid(&[b'a'; 513]),
-            Err(WireError::TooLong(513))
-        );
+        assert_eq!(parse_srt_streamid(&[b'a'; 513]), Err(WireError::TooLong(513)));
         assert_eq!(parse_srt_streamid(&[0xff, 0xfe]), Err(WireError::NotUtf8));
-        assert!(matches!(
-            parse_srt_streamid(b"#!::m=publish"),
-            Err(WireError::Malformed { .. })
-        ));
-        assert_eq!(
-            parse_srt_streamid(b"#!::r=live/a,r=live/b"),
-            Err(WireError::DuplicateKey("r".into()))
-        );
+        assert!(matches!(parse_srt_streamid(b"#!::m=publish"), Err(WireError::Malformed { .. })));
+        assert_eq!(parse_srt_streamid(b"#!::r=live/a,r=live/b"), Err(WireError::DuplicateKey("r".into())));
         assert_eq!(
             parse_srt_streamid(b"#!::r=live/a,m=bidirectional"),
             Err(WireError::UnknownMode("bidirectional".into()))
         );
-        assert!(matches!(
-            parse_srt_streamid(b"#!::garbage"),
-            Err(WireError::Malformed { .. })
-        ));
-        assert!(matches!(
-            parse_srt_streamid(b"nostream"),
-            Err(WireError::Malformed { .. })
-        ));
-        assert!(matches!(
-            parse_srt_streamid(b"live/a,token"),
-            Err(WireError::Malformed { .. })
-        ));
+        assert!(matches!(parse_srt_streamid(b"#!::garbage"), Err(WireError::Malformed { .. })));
+        assert!(matches!(parse_srt_streamid(b"nostream"), Err(WireError::Malformed { .. })));
+        assert!(matches!(parse_srt_streamid(b"live/a,token"), Err(WireError::Malformed { .. })));
     }
 }

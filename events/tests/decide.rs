@@ -40,15 +40,7 @@ fn row(
     cred: Credential,
     want: Reason,
 ) -> Row {
-    Row {
-        method,
-        case,
-        action,
-        stream,
-        cred,
-        ip: "10.0.0.5",
-        want,
-    }
+    Row { method, case, action, stream, cred, ip: "10.0.0.5", want }
 }
 
 fn table() -> Vec<Row> {
@@ -62,210 +54,39 @@ fn table() -> Vec<Row> {
     };
     vec![
         // open
-        row(
-            Open,
-            "valid",
-            PUB,
-            "cam1-key",
-            Credential::default(),
-            Allowed,
-        ),
-        row(
-            Open,
-            "valid play",
-            PLAY,
-            "cam1",
-            Credential::default(),
-            Allowed,
-        ),
-        row(
-            Open,
-            "wrong stream (unregistered)",
-            PUB,
-            "nope",
-            Credential::default(),
-            StreamNotRegistered,
-        ),
-        row(
-            Open,
-            "public name used to publish",
-            PUB,
-            "cam1",
-            Credential::default(),
-            PublishNameRequired,
-        ),
-        row(
-            Open,
-            "publish name used to play",
-            PLAY,
-            "cam1-key",
-            Credential::default(),
-            StreamNotRegistered,
-        ),
-        outside(row(
-            Open,
-            "",
-            PUB,
-            "cam1-key",
-            Credential::default(),
-            Allowed,
-        )),
+        row(Open, "valid", PUB, "cam1-key", Credential::default(), Allowed),
+        row(Open, "valid play", PLAY, "cam1", Credential::default(), Allowed),
+        row(Open, "wrong stream (unregistered)", PUB, "nope", Credential::default(), StreamNotRegistered),
+        row(Open, "public name used to publish", PUB, "cam1", Credential::default(), PublishNameRequired),
+        row(Open, "publish name used to play", PLAY, "cam1-key", Credential::default(), StreamNotRegistered),
+        outside(row(Open, "", PUB, "cam1-key", Credential::default(), Allowed)),
         // one-time token (issued for publish on cam1)
-        row(
-            OneTimeToken,
-            "valid",
-            PUB,
-            "cam1-key",
-            Credential::token("tok-publish"),
-            Allowed,
-        ),
-        row(
-            OneTimeToken,
-            "wrong stream",
-            PUB,
-            "cam2",
-            Credential::token("tok-publish"),
-            TokenWrongStream,
-        ),
-        row(
-            OneTimeToken,
-            "wrong action",
-            PLAY,
-            "cam1",
-            Credential::token("tok-publish"),
-            TokenWrongAction,
-        ),
-        row(
-            OneTimeToken,
-            "wrong secret",
-            PUB,
-            "cam1-key",
-            Credential::token("tok-other"),
-            TokenNotFound,
-        ),
-        row(
-            OneTimeToken,
-            "malformed (missing)",
-            PUB,
-            "cam1-key",
-            Credential::default(),
-            CredentialMissing,
-        ),
-        outside(row(
-            OneTimeToken,
-            "",
-            PUB,
-            "cam1-key",
-            Credential::token("tok-publish"),
-            Allowed,
-        )),
+        row(OneTimeToken, "valid", PUB, "cam1-key", Credential::token("tok-publish"), Allowed),
+        row(OneTimeToken, "wrong stream", PUB, "cam2", Credential::token("tok-publish"), TokenWrongStream),
+        row(OneTimeToken, "wrong action", PLAY, "cam1", Credential::token("tok-publish"), TokenWrongAction),
+        row(OneTimeToken, "wrong secret", PUB, "cam1-key", Credential::token("tok-other"), TokenNotFound),
+        row(OneTimeToken, "malformed (missing)", PUB, "cam1-key", Credential::default(), CredentialMissing),
+        outside(row(OneTimeToken, "", PUB, "cam1-key", Credential::token("tok-publish"), Allowed)),
         // hash
-        row(
-            Hash,
-            "valid",
-            PUB,
-            "cam1-key",
-            hash_token("cam1", PUB, HASH_SECRET),
-            Allowed,
-        ),
-        row(
-            Hash,
-            "valid play",
-            PLAY,
-            "cam2",
-            hash_token("cam2", PLAY, HASH_SECRET),
-            Allowed,
-        ),
-        row(
-            Hash,
-            "wrong stream",
-            PUB,
-            "cam2",
-            hash_token("cam1", PUB, HASH_SECRET),
-            HashMismatch,
-        ),
-        row(
-            Hash,
-            "wrong action",
-            PLAY,
-            "cam1",
-            hash_token("cam1", PUB, HASH_SECRET),
-            HashMismatch,
-        ),
-        row(
-            Hash,
-            "wrong secret",
-            PUB,
-            "cam1-key",
-            hash_token("cam1", PUB, b"not-the-secret"),
-            HashMismatch,
-        ),
-        row(
-            Hash,
-            "malformed",
-            PUB,
-            "cam1-key",
-            Credential::token("zz-not-hex"),
-            HashMismatch,
-        ),
-        outside(row(
-            Hash,
-            "",
-            PUB,
-            "cam1-key",
-            hash_token("cam1", PUB, HASH_SECRET),
-            Allowed,
-        )),
+        row(Hash, "valid", PUB, "cam1-key", hash_token("cam1", PUB, HASH_SECRET), Allowed),
+        row(Hash, "valid play", PLAY, "cam2", hash_token("cam2", PLAY, HASH_SECRET), Allowed),
+        row(Hash, "wrong stream", PUB, "cam2", hash_token("cam1", PUB, HASH_SECRET), HashMismatch),
+        row(Hash, "wrong action", PLAY, "cam1", hash_token("cam1", PUB, HASH_SECRET), HashMismatch),
+        row(Hash, "wrong secret", PUB, "cam1-key", hash_token("cam1", PUB, b"not-the-secret"), HashMismatch),
+        row(Hash, "malformed", PUB, "cam1-key", Credential::token("zz-not-hex"), HashMismatch),
+        outside(row(Hash, "", PUB, "cam1-key", hash_token("cam1", PUB, HASH_SECRET), Allowed)),
         // hmac with expiry
-        row(
-            Hmac,
-            "valid",
-            PUB,
-            "cam1-key",
-            hmac_token("cam1", PUB, exp_ok(), HASH_SECRET),
-            Allowed,
-        ),
-        row(
-            Hmac,
-            "expired",
-            PUB,
-            "cam1-key",
-            hmac_token("cam1", PUB, exp_past(), HASH_SECRET),
-            HmacExpired,
-        ),
-        row(
-            Hmac,
-            "wrong stream",
-            PUB,
-            "cam2",
-            hmac_token("cam1", PUB, exp_ok(), HASH_SECRET),
-            HmacMismatch,
-        ),
-        row(
-            Hmac,
-            "wrong action",
-            PLAY,
-            "cam1",
-            hmac_token("cam1", PUB, exp_ok(), HASH_SECRET),
-            HmacMismatch,
-        ),
-        row(
-            Hmac,
-            "wrong secret",
-            PUB,
-            "cam1-key",
-            hmac_token("cam1", PUB, exp_ok(), b"other-secret"),
-            HmacMismatch,
-        ),
+        row(Hmac, "valid", PUB, "cam1-key", hmac_token("cam1", PUB, exp_ok(), HASH_SECRET), Allowed),
+        row(Hmac, "expired", PUB, "cam1-key", hmac_token("cam1", PUB, exp_past(), HASH_SECRET), HmacExpired),
+        row(Hmac, "wrong stream", PUB, "cam2", hmac_token("cam1", PUB, exp_ok(), HASH_SECRET), HmacMismatch),
+        row(Hmac, "wrong action", PLAY, "cam1", hmac_token("cam1", PUB, exp_ok(), HASH_SECRET), HmacMismatch),
+        row(Hmac, "wrong secret", PUB, "cam1-key", hmac_token("cam1", PUB, exp_ok(), b"other-secret"), HmacMismatch),
         row(
             Hmac,
             "malformed",
             PUB,
             "cam1-key",
-            Credential {
-                expires: Some(exp_ok()),
-                ..Credential::token("%%%not base64%%%")
-            },
+            Credential { expires: Some(exp_ok()), ..Credential::token("%%%not base64%%%") },
             HmacMalformed,
         ),
         row(
@@ -273,38 +94,18 @@ fn table() -> Vec<Row> {
             "expires tampered",
             PUB,
             "cam1-key",
-            Credential {
-                expires: Some(exp_ok() + 86_400),
-                ..hmac_token("cam1", PUB, exp_ok(), HASH_SECRET)
-            },
+            Credential { expires: Some(exp_ok() + 86_400), ..hmac_token("cam1", PUB, exp_ok(), HASH_SECRET) },
             HmacMismatch,
         ),
-        outside(row(
-            Hmac,
-            "",
-            PUB,
-            "cam1-key",
-            hmac_token("cam1", PUB, exp_ok(), HASH_SECRET),
-            Allowed,
-        )),
+        outside(row(Hmac, "", PUB, "cam1-key", hmac_token("cam1", PUB, exp_ok(), HASH_SECRET), Allowed)),
         // JWT HS256
-        row(
-            Jwt,
-            "valid HS256",
-            PUB,
-            "cam1-key",
-            jwt_hs(claims("cam1", "publish", exp_ok()), JWT_SECRET),
-            Allowed,
-        ),
+        row(Jwt, "valid HS256", PUB, "cam1-key", jwt_hs(claims("cam1", "publish", exp_ok()), JWT_SECRET), Allowed),
         row(
             Jwt,
             "valid list of streams",
             PLAY,
             "cam2",
-            jwt_hs(
-                json!({"stream": ["cam1", "cam2"], "action": ["play"], "exp": exp_ok()}),
-                JWT_SECRET,
-            ),
+            jwt_hs(json!({"stream": ["cam1", "cam2"], "action": ["play"], "exp": exp_ok()}), JWT_SECRET),
             Allowed,
         ),
         row(
@@ -312,29 +113,16 @@ fn table() -> Vec<Row> {
             "valid wildcard, SRT request, Ant names",
             PLAY,
             "cam2",
-            jwt_hs(
-                json!({"streamId": "*", "type": "request", "exp": exp_ok()}),
-                JWT_SECRET,
-            ),
+            jwt_hs(json!({"streamId": "*", "type": "request", "exp": exp_ok()}), JWT_SECRET),
             Allowed,
         ),
-        row(
-            Jwt,
-            "expired",
-            PUB,
-            "cam1-key",
-            jwt_hs(claims("cam1", "publish", exp_past()), JWT_SECRET),
-            JwtExpired,
-        ),
+        row(Jwt, "expired", PUB, "cam1-key", jwt_hs(claims("cam1", "publish", exp_past()), JWT_SECRET), JwtExpired),
         row(
             Jwt,
             "not yet valid",
             PUB,
             "cam1-key",
-            jwt_hs(
-                json!({"stream": "cam1", "action": "publish", "exp": exp_ok(), "nbf": exp_ok() - 10}),
-                JWT_SECRET,
-            ),
+            jwt_hs(json!({"stream": "cam1", "action": "publish", "exp": exp_ok(), "nbf": exp_ok() - 10}), JWT_SECRET),
             JwtNotYetValid,
         ),
         row(
@@ -350,10 +138,7 @@ fn table() -> Vec<Row> {
             "wrong app",
             PUB,
             "cam1-key",
-            jwt_hs(
-                json!({"app": "other", "stream": "cam1", "action": "publish", "exp": exp_ok()}),
-                JWT_SECRET,
-            ),
+            jwt_hs(json!({"app": "other", "stream": "cam1", "action": "publish", "exp": exp_ok()}), JWT_SECRET),
             JwtWrongApp,
         ),
         row(
@@ -364,41 +149,17 @@ fn table() -> Vec<Row> {
             jwt_hs(claims("cam2", "publish", exp_ok()), JWT_SECRET),
             JwtWrongStream,
         ),
-        row(
-            Jwt,
-            "wrong action",
-            PLAY,
-            "cam1",
-            jwt_hs(claims("cam1", "publish", exp_ok()), JWT_SECRET),
-            JwtWrongAction,
-        ),
+        row(Jwt, "wrong action", PLAY, "cam1", jwt_hs(claims("cam1", "publish", exp_ok()), JWT_SECRET), JwtWrongAction),
         row(
             Jwt,
             "wrong secret",
             PUB,
             "cam1-key",
-            jwt_hs(
-                claims("cam1", "publish", exp_ok()),
-                b"another-secret-of-at-least-32-bytes!!",
-            ),
+            jwt_hs(claims("cam1", "publish", exp_ok()), b"another-secret-of-at-least-32-bytes!!"),
             JwtBadSignature,
         ),
-        row(
-            Jwt,
-            "malformed",
-            PUB,
-            "cam1-key",
-            Credential::token("not-a-jwt"),
-            JwtMalformed,
-        ),
-        row(
-            Jwt,
-            "malformed header",
-            PUB,
-            "cam1-key",
-            Credential::token("e30x.e30.sig"),
-            JwtMalformed,
-        ),
+        row(Jwt, "malformed", PUB, "cam1-key", Credential::token("not-a-jwt"), JwtMalformed),
+        row(Jwt, "malformed header", PUB, "cam1-key", Credential::token("e30x.e30.sig"), JwtMalformed),
         // {"alg":"none","typ":"JWT"} . {"stream":"cam1","action":"publish","exp":9999999999} .
         row(
             Jwt,
@@ -411,22 +172,8 @@ fn table() -> Vec<Row> {
             JwtAlgorithmRefused,
         ),
         // {"alg":"HS512"}
-        row(
-            Jwt,
-            "alg HS512",
-            PUB,
-            "cam1-key",
-            Credential::token("eyJhbGciOiJIUzUxMiJ9.e30.c2ln"),
-            JwtAlgorithmRefused,
-        ),
-        outside(row(
-            Jwt,
-            "",
-            PUB,
-            "cam1-key",
-            jwt_hs(claims("cam1", "publish", exp_ok()), JWT_SECRET),
-            Allowed,
-        )),
+        row(Jwt, "alg HS512", PUB, "cam1-key", Credential::token("eyJhbGciOiJIUzUxMiJ9.e30.c2ln"), JwtAlgorithmRefused),
+        outside(row(Jwt, "", PUB, "cam1-key", jwt_hs(claims("cam1", "publish", exp_ok()), JWT_SECRET), Allowed)),
         // JWT from the JWKS (ES256 and RS256)
         row(
             Jwt,
@@ -444,14 +191,7 @@ fn table() -> Vec<Row> {
             jwt_es(claims("cam1", "publish", exp_ok()), None),
             Allowed,
         ),
-        row(
-            Jwt,
-            "valid RS256",
-            PLAY,
-            "cam2",
-            jwt_rs(claims("cam2", "play", exp_ok())),
-            Allowed,
-        ),
+        row(Jwt, "valid RS256", PLAY, "cam2", jwt_rs(claims("cam2", "play", exp_ok())), Allowed),
         row(
             Jwt,
             "ES256 unknown kid",
@@ -460,72 +200,20 @@ fn table() -> Vec<Row> {
             jwt_es(claims("cam1", "publish", exp_ok()), Some("rotated-away")),
             JwtKeyUnknown,
         ),
-        row(
-            Jwt,
-            "RS256 expired",
-            PLAY,
-            "cam2",
-            jwt_rs(claims("cam2", "play", exp_past())),
-            JwtExpired,
-        ),
+        row(Jwt, "RS256 expired", PLAY, "cam2", jwt_rs(claims("cam2", "play", exp_past())), JwtExpired),
         // TOTP (alice may publish cam1)
-        row(
-            Totp,
-            "valid",
-            PUB,
-            "cam1-key",
-            totp("alice", T0, 0),
-            Allowed,
-        ),
-        row(
-            Totp,
-            "valid previous step (skew)",
-            PUB,
-            "cam1-key",
-            totp("alice", T0, -1),
-            Allowed,
-        ),
-        row(
-            Totp,
-            "expired (two steps old)",
-            PUB,
-            "cam1-key",
-            totp("alice", T0, -2),
-            TotpInvalid,
-        ),
-        row(
-            Totp,
-            "wrong stream",
-            PUB,
-            "cam2",
-            totp("alice", T0, 0),
-            SubscriberNotFound,
-        ),
-        row(
-            Totp,
-            "wrong action",
-            PLAY,
-            "cam1",
-            totp("alice", T0, 0),
-            SubscriberWrongAction,
-        ),
-        row(
-            Totp,
-            "wrong secret (unknown subscriber)",
-            PUB,
-            "cam1-key",
-            totp("bob", T0, 0),
-            SubscriberNotFound,
-        ),
+        row(Totp, "valid", PUB, "cam1-key", totp("alice", T0, 0), Allowed),
+        row(Totp, "valid previous step (skew)", PUB, "cam1-key", totp("alice", T0, -1), Allowed),
+        row(Totp, "expired (two steps old)", PUB, "cam1-key", totp("alice", T0, -2), TotpInvalid),
+        row(Totp, "wrong stream", PUB, "cam2", totp("alice", T0, 0), SubscriberNotFound),
+        row(Totp, "wrong action", PLAY, "cam1", totp("alice", T0, 0), SubscriberWrongAction),
+        row(Totp, "wrong secret (unknown subscriber)", PUB, "cam1-key", totp("bob", T0, 0), SubscriberNotFound),
         row(
             Totp,
             "malformed code",
             PUB,
             "cam1-key",
-            Credential {
-                subscriber_code: Some(SecretString::new("12ab56")),
-                ..totp("alice", T0, 0)
-            },
+            Credential { subscriber_code: Some(SecretString::new("12ab56")), ..totp("alice", T0, 0) },
             TotpInvalid,
         ),
         row(
@@ -533,20 +221,10 @@ fn table() -> Vec<Row> {
             "code without id",
             PUB,
             "cam1-key",
-            Credential {
-                subscriber_id: None,
-                ..totp("alice", T0, 0)
-            },
+            Credential { subscriber_id: None, ..totp("alice", T0, 0) },
             TotpInvalid,
         ),
-        outside(row(
-            Totp,
-            "",
-            PUB,
-            "cam1-key",
-            totp("alice", T0, 0),
-            Allowed,
-        )),
+        outside(row(Totp, "", PUB, "cam1-key", totp("alice", T0, 0), Allowed)),
     ]
 }
 
@@ -560,40 +238,22 @@ fn every_method_against_every_case() {
         let d = w.when(&req, T0);
         let want_allow = r.want == Reason::Allowed;
         if d.reason != r.want || d.is_allow() != want_allow {
-            failures.push(format!(
-                "{:?} / {}: got {:?} ({:?}), want {:?}",
-                r.method, r.case, d.reason, d.outcome, r.want
-            ));
+            failures
+                .push(format!("{:?} / {}: got {:?} ({:?}), want {:?}", r.method, r.case, d.reason, d.outcome, r.want));
         }
         assert_eq!(d.position, w.state.position());
         assert_eq!(d.id, req.id);
     }
-    assert!(
-        failures.is_empty(),
-        "decide table failures:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "decide table failures:\n{}", failures.join("\n"));
 }
 
 #[test]
 fn one_time_token_allow_carries_the_consume_effect_and_maps_the_name() {
     let w = world(&[Method::OneTimeToken]);
-    let d = w.when(
-        &request(PUB, "cam1-key", Credential::token("tok-publish")),
-        T0,
-    );
-    assert_eq!(
-        d.stream.as_str(),
-        "cam1",
-        "publish name maps to the public name"
-    );
+    let d = w.when(&request(PUB, "cam1-key", Credential::token("tok-publish")), T0);
+    assert_eq!(d.stream.as_str(), "cam1", "publish name maps to the public name");
     assert_eq!(d.method, Some(Method::OneTimeToken));
-    assert_eq!(
-        d.effects,
-        vec![Effect::ConsumeToken {
-            token_sha256: Sha256Digest::of(b"tok-publish")
-        }]
-    );
+    assert_eq!(d.effects, vec![Effect::ConsumeToken { token_sha256: Sha256Digest::of(b"tok-publish") }]);
     assert!(d.subject.unwrap().starts_with("token:"));
 }
 
@@ -601,27 +261,14 @@ fn one_time_token_allow_carries_the_consume_effect_and_maps_the_name() {
 fn one_time_token_expired_consumed_revoked() {
     let mut w = world(&[Method::OneTimeToken]);
     let req = request(PUB, "cam1-key", Credential::token("tok-publish"));
-    assert_eq!(
-        w.when(&req, T0.plus_secs(3600)).reason,
-        Reason::TokenExpired
-    );
+    assert_eq!(w.when(&req, T0.plus_secs(3600)).reason, Reason::TokenExpired);
     w.command(
-        Command::ConsumeToken {
-            token_sha256: Sha256Digest::of(b"tok-publish"),
-            decision_id: None,
-            node: None,
-        },
+        Command::ConsumeToken { token_sha256: Sha256Digest::of(b"tok-publish"), decision_id: None, node: None },
         T0,
     )
     .unwrap();
     assert_eq!(w.when(&req, T0).reason, Reason::TokenConsumed);
-    w.command(
-        Command::RevokeToken {
-            token_sha256: Sha256Digest::of(b"tok-publish"),
-        },
-        T0,
-    )
-    .unwrap();
+    w.command(Command::RevokeToken { token_sha256: Sha256Digest::of(b"tok-publish") }, T0).unwrap();
     assert_eq!(w.when(&req, T0).reason, Reason::TokenRevoked);
 }
 
@@ -645,19 +292,9 @@ fn totp_code_is_not_accepted_twice() {
     .unwrap();
     assert_eq!(w.when(&req, T0).reason, Reason::TotpReplayed);
     // An older step is a replay too, even inside the skew window.
-    assert_eq!(
-        w.when(&request(PUB, "cam1-key", totp("alice", T0, -1)), T0)
-            .reason,
-        Reason::TotpReplayed
-    );
+    assert_eq!(w.when(&request(PUB, "cam1-key", totp("alice", T0, -1)), T0).reason, Reason::TotpReplayed);
     // The next step's code is fresh.
-    assert!(
-        w.when(
-            &request(PUB, "cam1-key", totp("alice", T0.plus_secs(60), 0)),
-            T0.plus_secs(60)
-        )
-        .is_allow()
-    );
+    assert!(w.when(&request(PUB, "cam1-key", totp("alice", T0.plus_secs(60), 0)), T0.plus_secs(60)).is_allow());
 }
 
 #[test]
@@ -665,89 +302,35 @@ fn blocked_subscriber_is_refused_until_the_block_ends() {
     let mut w = world(&[Method::Totp]);
     let alice = SubscriberId::parse("alice").unwrap();
     w.command(
-        Command::BlockSubscriber {
-            app: app(),
-            stream: name("cam1"),
-            subscriber_id: alice,
-            until: T0.plus_secs(120),
-        },
+        Command::BlockSubscriber { app: app(), stream: name("cam1"), subscriber_id: alice, until: T0.plus_secs(120) },
         T0,
     )
     .unwrap();
-    assert_eq!(
-        w.when(&request(PUB, "cam1-key", totp("alice", T0, 0)), T0)
-            .reason,
-        Reason::SubscriberBlocked
-    );
+    assert_eq!(w.when(&request(PUB, "cam1-key", totp("alice", T0, 0)), T0).reason, Reason::SubscriberBlocked);
     let later = T0.plus_secs(180);
-    assert!(
-        w.when(&request(PUB, "cam1-key", totp("alice", later, 0)), later)
-            .is_allow()
-    );
+    assert!(w.when(&request(PUB, "cam1-key", totp("alice", later, 0)), later).is_allow());
 }
 
 #[test]
 fn any_of_methods_and_the_most_specific_denial() {
     let w = world(&[Method::OneTimeToken, Method::Hash, Method::Jwt]);
     // A valid hash passes even though it is no one-time token and no JWT.
-    assert!(
-        w.when(
-            &request(PUB, "cam1-key", hash_token("cam1", PUB, HASH_SECRET)),
-            T0
-        )
-        .is_allow()
-    );
+    assert!(w.when(&request(PUB, "cam1-key", hash_token("cam1", PUB, HASH_SECRET)), T0).is_allow());
     // An expired JWT is named as such, not as "hash mismatch" or "token not found".
-    let d = w.when(
-        &request(
-            PUB,
-            "cam1-key",
-            jwt_hs(claims("cam1", "publish", exp_past()), JWT_SECRET),
-        ),
-        T0,
-    );
-    assert_eq!(
-        (d.reason, d.method),
-        (Reason::JwtExpired, Some(Method::Jwt))
-    );
-    assert_eq!(
-        w.when(&request(PUB, "cam1-key", Credential::default()), T0)
-            .reason,
-        Reason::CredentialMissing
-    );
+    let d = w.when(&request(PUB, "cam1-key", jwt_hs(claims("cam1", "publish", exp_past()), JWT_SECRET)), T0);
+    assert_eq!((d.reason, d.method), (Reason::JwtExpired, Some(Method::Jwt)));
+    assert_eq!(w.when(&request(PUB, "cam1-key", Credential::default()), T0).reason, Reason::CredentialMissing);
 }
 
 #[test]
 fn webhook_is_asked_only_when_no_local_method_accepts() {
     let mut p = policy_with(&[Method::Hash, Method::Webhook]);
-    p.webhook = Some(sluice_events::policy::WebhookSettings {
-        url: "http://127.0.0.1:9/auth".into(),
-        timeout_ms: 500,
-    });
+    p.webhook = Some(sluice_events::policy::WebhookSettings { url: "http://127.0.0.1:9/auth".into(), timeout_ms: 500 });
     let mut w = world(&[]);
-    w.command(
-        Command::SetPolicy {
-            app: app(),
-            policy: p,
-        },
-        T0,
-    )
-    .unwrap();
+    w.command(Command::SetPolicy { app: app(), policy: p }, T0).unwrap();
     let d = w.when(&request(PUB, "cam1-key", Credential::default()), T0);
-    assert_eq!(
-        d.outcome,
-        Outcome::AskWebhook {
-            url: "http://127.0.0.1:9/auth".into(),
-            timeout_ms: 500
-        }
-    );
-    assert!(
-        w.when(
-            &request(PUB, "cam1-key", hash_token("cam1", PUB, HASH_SECRET)),
-            T0
-        )
-        .is_allow()
-    );
+    assert_eq!(d.outcome, Outcome::AskWebhook { url: "http://127.0.0.1:9/auth".into(), timeout_ms: 500 });
+    assert!(w.when(&request(PUB, "cam1-key", hash_token("cam1", PUB, HASH_SECRET)), T0).is_allow());
 }
 
 #[test]
@@ -755,14 +338,7 @@ fn cidr_gate_is_per_action_and_applies_before_methods() {
     let mut p = policy_with(&[Method::Open]);
     p.play.cidrs = vec![];
     let mut w = world(&[]);
-    w.command(
-        Command::SetPolicy {
-            app: app(),
-            policy: p,
-        },
-        T0,
-    )
-    .unwrap();
+    w.command(Command::SetPolicy { app: app(), policy: p }, T0).unwrap();
     let mut req = request(PLAY, "cam2", Credential::default());
     req.client_ip = "203.0.113.9".parse().unwrap();
     assert!(w.when(&req, T0).is_allow(), "play has no gate");
@@ -783,17 +359,9 @@ fn unknown_app_no_methods_and_sealed_secrets_without_a_key() {
     for r in &world(&[Method::Hash, Method::Totp, Method::Jwt]).log {
         keyless.apply(r).unwrap();
     }
-    let d = decide(
-        &keyless,
-        &request(PUB, "cam1-key", hash_token("cam1", PUB, HASH_SECRET)),
-        T0,
-    );
+    let d = decide(&keyless, &request(PUB, "cam1-key", hash_token("cam1", PUB, HASH_SECRET)), T0);
     assert_eq!(d.reason, Reason::SecretUnavailable);
-    let d = decide(
-        &keyless,
-        &request(PUB, "cam1-key", totp("alice", T0, 0)),
-        T0,
-    );
+    let d = decide(&keyless, &request(PUB, "cam1-key", totp("alice", T0, 0)), T0);
     assert_eq!(d.reason, Reason::SecretUnavailable);
 }
 
@@ -801,33 +369,16 @@ fn unknown_app_no_methods_and_sealed_secrets_without_a_key() {
 fn hs256_token_signed_with_a_public_key_is_refused_without_an_hs_secret() {
     // Algorithm confusion: an attacker signs HS256 with the (public) RSA key as the secret.
     let mut w = given([
-        event::AppCreated {
-            app: app(),
-            policy: policy_with(&[Method::Jwt]),
-        }
-        .into(),
-        event::JwksRefreshed {
-            app: app(),
-            jwks: serde_json::from_str(include_str!("fixtures/jwks.json")).unwrap(),
-        }
-        .into(),
+        event::AppCreated { app: app(), policy: policy_with(&[Method::Jwt]) }.into(),
+        event::JwksRefreshed { app: app(), jwks: serde_json::from_str(include_str!("fixtures/jwks.json")).unwrap() }
+            .into(),
     ]);
     w.and([]);
-    let cred = jwt_hs(
-        claims("cam2", "play", exp_ok()),
-        include_bytes!("fixtures/rsa.pub.pem"),
-    );
+    let cred = jwt_hs(claims("cam2", "play", exp_ok()), include_bytes!("fixtures/rsa.pub.pem"));
     let mut req = request(PLAY, "cam2", cred);
     req.stream = name("cam2");
     let mut p = policy_with(&[Method::Jwt]);
     p.play.accept_undefined_streams = true;
-    w.command(
-        Command::SetPolicy {
-            app: app(),
-            policy: p,
-        },
-        T0,
-    )
-    .unwrap();
+    w.command(Command::SetPolicy { app: app(), policy: p }, T0).unwrap();
     assert_eq!(w.when(&req, T0).reason, Reason::JwtAlgorithmRefused);
 }

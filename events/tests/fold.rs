@@ -11,79 +11,30 @@ use sluice_events::*;
 use support::*;
 
 fn register(stream: &str, publish: Option<&str>) -> Command {
-    Command::RegisterStream {
-        app: app(),
-        name: name(stream),
-        publish_name: publish.map(name),
-        description: None,
-    }
+    Command::RegisterStream { app: app(), name: name(stream), publish_name: publish.map(name), description: None }
 }
 
 #[test]
 fn create_app_twice_is_already_exists() {
     let mut w = given([]);
-    w.command(
-        Command::CreateApp {
-            app: app(),
-            policy: Policy::sls(),
-        },
-        T0,
-    )
-    .unwrap();
-    let then = w.command(
-        Command::CreateApp {
-            app: app(),
-            policy: Policy::sls(),
-        },
-        T0,
-    );
-    assert_eq!(
-        then,
-        Err(Rejection::AlreadyExists {
-            what: "app",
-            id: "live".into()
-        })
-    );
+    w.command(Command::CreateApp { app: app(), policy: Policy::sls() }, T0).unwrap();
+    let then = w.command(Command::CreateApp { app: app(), policy: Policy::sls() }, T0);
+    assert_eq!(then, Err(Rejection::AlreadyExists { what: "app", id: "live".into() }));
 }
 
 #[test]
 fn streams_need_an_app_and_unique_names() {
     let mut w = given([]);
-    assert_eq!(
-        w.command(register("cam1", None), T0),
-        Err(Rejection::NotFound {
-            what: "app",
-            id: "live".into()
-        })
-    );
-    w.command(
-        Command::CreateApp {
-            app: app(),
-            policy: Policy::sls(),
-        },
-        T0,
-    )
-    .unwrap();
+    assert_eq!(w.command(register("cam1", None), T0), Err(Rejection::NotFound { what: "app", id: "live".into() }));
+    w.command(Command::CreateApp { app: app(), policy: Policy::sls() }, T0).unwrap();
     w.command(register("cam1", Some("cam1-key")), T0).unwrap();
-    assert!(matches!(
-        w.command(register("cam1", None), T0),
-        Err(Rejection::AlreadyExists { .. })
-    ));
+    assert!(matches!(w.command(register("cam1", None), T0), Err(Rejection::AlreadyExists { .. })));
     // A publish name collides with names and publish names alike.
-    assert!(matches!(
-        w.command(register("cam1-key", None), T0),
-        Err(Rejection::AlreadyExists { .. })
-    ));
-    assert!(matches!(
-        w.command(register("cam2", Some("cam1")), T0),
-        Err(Rejection::AlreadyExists { .. })
-    ));
+    assert!(matches!(w.command(register("cam1-key", None), T0), Err(Rejection::AlreadyExists { .. })));
+    assert!(matches!(w.command(register("cam2", Some("cam1")), T0), Err(Rejection::AlreadyExists { .. })));
     assert!(matches!(
         w.command(register("cam3", Some("cam3")), T0),
-        Err(Rejection::Invalid {
-            field: "publish_name",
-            ..
-        })
+        Err(Rejection::Invalid { field: "publish_name", .. })
     ));
     // Updating the publish name moves the mapping.
     w.command(
@@ -99,23 +50,10 @@ fn streams_need_an_app_and_unique_names() {
     let a = &w.state.apps[&app()];
     assert_eq!(a.publish_names.get(&name("new-key")), Some(&name("cam1")));
     assert!(!a.publish_names.contains_key(&name("cam1-key")));
-    w.command(
-        Command::DeleteStream {
-            app: app(),
-            name: name("cam1"),
-        },
-        T0,
-    )
-    .unwrap();
+    w.command(Command::DeleteStream { app: app(), name: name("cam1") }, T0).unwrap();
     assert!(w.state.apps[&app()].publish_names.is_empty());
     assert!(matches!(
-        w.command(
-            Command::DeleteStream {
-                app: app(),
-                name: name("cam1")
-            },
-            T0
-        ),
+        w.command(Command::DeleteStream { app: app(), name: name("cam1") }, T0),
         Err(Rejection::NotFound { .. })
     ));
 }
@@ -123,14 +61,7 @@ fn streams_need_an_app_and_unique_names() {
 #[test]
 fn tokens_respect_registered_only_and_expiry() {
     let mut w = given([]);
-    w.command(
-        Command::CreateApp {
-            app: app(),
-            policy: Policy::sls(),
-        },
-        T0,
-    )
-    .unwrap();
+    w.command(Command::CreateApp { app: app(), policy: Policy::sls() }, T0).unwrap();
     let issue = |stream: &str, expires: Option<Timestamp>| Command::IssueToken {
         app: app(),
         stream: name(stream),
@@ -138,29 +69,13 @@ fn tokens_respect_registered_only_and_expiry() {
         token_sha256: Sha256Digest::of(stream.as_bytes()),
         expires_at: expires,
     };
-    assert!(matches!(
-        w.command(issue("cam9", None), T0),
-        Err(Rejection::NotFound { what: "stream", .. })
-    ));
+    assert!(matches!(w.command(issue("cam9", None), T0), Err(Rejection::NotFound { what: "stream", .. })));
     w.command(register("cam9", None), T0).unwrap();
-    assert!(matches!(
-        w.command(issue("cam9", Some(T0)), T0),
-        Err(Rejection::Invalid {
-            field: "expires_at",
-            ..
-        })
-    ));
+    assert!(matches!(w.command(issue("cam9", Some(T0)), T0), Err(Rejection::Invalid { field: "expires_at", .. })));
     w.command(issue("cam9", None), T0).unwrap();
-    assert!(matches!(
-        w.command(issue("cam9", None), T0),
-        Err(Rejection::AlreadyExists { .. })
-    ));
+    assert!(matches!(w.command(issue("cam9", None), T0), Err(Rejection::AlreadyExists { .. })));
     // Consuming twice records once.
-    let consume = Command::ConsumeToken {
-        token_sha256: Sha256Digest::of(b"cam9"),
-        decision_id: None,
-        node: None,
-    };
+    let consume = Command::ConsumeToken { token_sha256: Sha256Digest::of(b"cam9"), decision_id: None, node: None };
     assert_eq!(w.command(consume.clone(), T0).unwrap().len(), 1);
     assert_eq!(w.command(consume, T0).unwrap(), vec![]);
 }
@@ -168,81 +83,27 @@ fn tokens_respect_registered_only_and_expiry() {
 #[test]
 fn secrets_are_checked_for_length_and_binding() {
     let mut w = given([]);
-    w.command(
-        Command::CreateApp {
-            app: app(),
-            policy: Policy::default(),
-        },
-        T0,
-    )
-    .unwrap();
+    w.command(Command::CreateApp { app: app(), policy: Policy::default() }, T0).unwrap();
     let short = NewSecret::for_app(&key(), &app(), SecretKind::Jwt, b"too-short", [1; 24]);
     assert!(matches!(
-        w.command(
-            Command::RotateAppSecret {
-                app: app(),
-                kind: SecretKind::Jwt,
-                secret: short
-            },
-            T0
-        ),
-        Err(Rejection::Invalid {
-            field: "secret",
-            ..
-        })
+        w.command(Command::RotateAppSecret { app: app(), kind: SecretKind::Jwt, secret: short }, T0),
+        Err(Rejection::Invalid { field: "secret", .. })
     ));
     // Sealed for the hash slot, offered for the jwt slot: refused.
     let moved = NewSecret::for_app(&key(), &app(), SecretKind::Hash, JWT_SECRET, [1; 24]);
-    assert!(
-        w.command(
-            Command::RotateAppSecret {
-                app: app(),
-                kind: SecretKind::Jwt,
-                secret: moved
-            },
-            T0
-        )
-        .is_err()
-    );
+    assert!(w.command(Command::RotateAppSecret { app: app(), kind: SecretKind::Jwt, secret: moved }, T0).is_err());
     let ok = NewSecret::for_app(&key(), &app(), SecretKind::Jwt, JWT_SECRET, [1; 24]);
-    w.command(
-        Command::RotateAppSecret {
-            app: app(),
-            kind: SecretKind::Jwt,
-            secret: ok,
-        },
-        T0,
-    )
-    .unwrap();
+    w.command(Command::RotateAppSecret { app: app(), kind: SecretKind::Jwt, secret: ok }, T0).unwrap();
 }
 
 #[test]
 fn jwks_with_private_material_is_refused() {
     let mut w = given([]);
-    w.command(
-        Command::CreateApp {
-            app: app(),
-            policy: Policy::default(),
-        },
-        T0,
-    )
-    .unwrap();
+    w.command(Command::CreateApp { app: app(), policy: Policy::default() }, T0).unwrap();
     let private = serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "x": "A", "y": "B", "d": "SECRET"}]});
-    let r = w.command(
-        Command::RefreshJwks {
-            app: app(),
-            jwks: private,
-        },
-        T0,
-    );
+    let r = w.command(Command::RefreshJwks { app: app(), jwks: private }, T0);
     assert!(matches!(r, Err(Rejection::Invalid { field: "jwks", .. })));
-    let r = w.command(
-        Command::RefreshJwks {
-            app: app(),
-            jwks: serde_json::json!({"no": "keys"}),
-        },
-        T0,
-    );
+    let r = w.command(Command::RefreshJwks { app: app(), jwks: serde_json::json!({"no": "keys"}) }, T0);
     assert!(matches!(r, Err(Rejection::Invalid { field: "jwks", .. })));
 }
 
@@ -258,25 +119,11 @@ fn api_keys_create_and_revoke() {
         expires_at: None,
     };
     w.command(create.clone(), T0).unwrap();
-    assert!(matches!(
-        w.command(create, T0),
-        Err(Rejection::AlreadyExists { .. })
-    ));
-    w.command(
-        Command::RevokeApiKey {
-            key_id: KeyId::parse("k1").unwrap(),
-        },
-        T0,
-    )
-    .unwrap();
+    assert!(matches!(w.command(create, T0), Err(Rejection::AlreadyExists { .. })));
+    w.command(Command::RevokeApiKey { key_id: KeyId::parse("k1").unwrap() }, T0).unwrap();
     assert!(w.state.api_keys[&KeyId::parse("k1").unwrap()].revoked);
     assert!(matches!(
-        w.command(
-            Command::RevokeApiKey {
-                key_id: KeyId::parse("k1").unwrap()
-            },
-            T0
-        ),
+        w.command(Command::RevokeApiKey { key_id: KeyId::parse("k1").unwrap() }, T0),
         Err(Rejection::NotFound { .. })
     ));
 }
@@ -286,22 +133,8 @@ fn deleting_an_app_kills_its_tokens_and_a_recreated_app_starts_empty() {
     let mut w = world(&[Method::OneTimeToken]);
     w.command(Command::DeleteApp { app: app() }, T0).unwrap();
     assert!(w.state.tokens.is_empty());
-    w.command(
-        Command::CreateApp {
-            app: app(),
-            policy: policy_with(&[Method::OneTimeToken]),
-        },
-        T0,
-    )
-    .unwrap();
-    let d = w.when(
-        &request(
-            Action::Publish,
-            "cam1-key",
-            Credential::token("tok-publish"),
-        ),
-        T0,
-    );
+    w.command(Command::CreateApp { app: app(), policy: policy_with(&[Method::OneTimeToken]) }, T0).unwrap();
+    let d = w.when(&request(Action::Publish, "cam1-key", Credential::token("tok-publish")), T0);
     assert!(!d.is_allow());
 }
 
@@ -316,13 +149,7 @@ fn apply_skips_redelivery_and_reports_gaps() {
     s.apply(&w.log[2]).unwrap();
     assert_eq!(s.digest(), before, "re-delivery is a no-op");
     let far = record(w.log.len() as u64 + 5, AppDeleted { app: app() }.into());
-    assert_eq!(
-        s.apply(&far),
-        Err(ApplyError::Gap {
-            at: s.position(),
-            got: Position(w.log.len() as u64 + 5)
-        })
-    );
+    assert_eq!(s.apply(&far), Err(ApplyError::Gap { at: s.position(), got: Position(w.log.len() as u64 + 5) }));
 }
 
 #[test]
@@ -335,13 +162,7 @@ fn digest_ignores_the_keyring_and_sees_every_change() {
     assert_eq!(keyless.digest(), w.state.digest());
     let mut changed = keyless.clone();
     changed
-        .apply(&record(
-            w.log.len() as u64 + 1,
-            TokenRevoked {
-                token_sha256: Sha256Digest::of(b"tok-publish"),
-            }
-            .into(),
-        ))
+        .apply(&record(w.log.len() as u64 + 1, TokenRevoked { token_sha256: Sha256Digest::of(b"tok-publish") }.into()))
         .unwrap();
     assert_ne!(changed.digest(), keyless.digest());
 }
@@ -356,13 +177,7 @@ fn arb_stream() -> impl Strategy<Value = StreamName> {
 
 fn arb_event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        Just(
-            AppCreated {
-                app: app(),
-                policy: Policy::default()
-            }
-            .into()
-        ),
+        Just(AppCreated { app: app(), policy: Policy::default() }.into()),
         Just(AppDeleted { app: app() }.into()),
         (arb_stream(), prop::option::of(arb_name())).prop_map(|(n, p)| StreamRegistered {
             app: app(),
@@ -378,11 +193,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
             description: None
         }
         .into()),
-        arb_stream().prop_map(|n| StreamDeleted {
-            app: app(),
-            name: n
-        }
-        .into()),
+        arb_stream().prop_map(|n| StreamDeleted { app: app(), name: n }.into()),
         (arb_stream(), any::<u8>()).prop_map(|(n, t)| TokenIssued {
             token_sha256: Sha256Digest::of(&[t]),
             app: app(),
@@ -391,16 +202,9 @@ fn arb_event() -> impl Strategy<Value = Event> {
             expires_at: None
         }
         .into()),
-        any::<u8>().prop_map(|t| TokenConsumed {
-            token_sha256: Sha256Digest::of(&[t]),
-            decision_id: None,
-            node: None
-        }
-        .into()),
-        any::<u8>().prop_map(|t| TokenRevoked {
-            token_sha256: Sha256Digest::of(&[t])
-        }
-        .into()),
+        any::<u8>()
+            .prop_map(|t| TokenConsumed { token_sha256: Sha256Digest::of(&[t]), decision_id: None, node: None }.into()),
+        any::<u8>().prop_map(|t| TokenRevoked { token_sha256: Sha256Digest::of(&[t]) }.into()),
         (arb_stream(), any::<u64>()).prop_map(|(n, step)| TotpStepUsed {
             app: app(),
             stream: n,

