@@ -159,7 +159,8 @@ fn req(app_name: &str, stream: &str, action: Action, credential: Credential) -> 
 fn cases() -> Vec<(&'static str, AccessRequest)> {
     let exp = T0.as_secs() + 600;
     let hash = stream_hash("s1", Action::Publish, HASH_SECRET).to_hex();
-    let mac = base64::engine::general_purpose::STANDARD.encode(stream_hmac("s2", Action::Play, exp, HASH_SECRET));
+    let mac =
+        base64::engine::general_purpose::STANDARD.encode(stream_hmac("s2", Action::Play, exp, HASH_SECRET).unwrap());
     let jwt = jsonwebtoken::encode(
         &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
         &serde_json::json!({"stream": "s4", "action": "play", "exp": exp}),

@@ -18,7 +18,7 @@ use crate::decision::{AccessRequest, Decision, Effect, Outcome, Reason};
 use crate::event::token_id;
 use crate::ids::{Action, AppName, StreamName, Timestamp, cidrs_allow};
 use crate::policy::Method;
-use crate::secret::{Sha256Digest, ct_eq};
+use crate::secret::Sha256Digest;
 use crate::state::{App, AuthState, TokenStatus};
 
 /// What one method says about a request.
@@ -163,7 +163,31 @@ fn resolve_stream<'a>(app: &'a App, req: &'a AccessRequest) -> Result<(&'a Strea
 }
 
 fn app_secret(app: &App, kind: crate::policy::SecretKind) -> Option<&Arc<[u8]>> {
-    app.secrets.get(&kind)?.plain.as_ref()
+    app.secrets.get(&kind)?.plain.as_ref().map(|o| &o.0)
+}
+
+/// The HMAC-SHA256 state keyed with an app secret, prepared when the secret was applied.
+fn app_mac(app: &App, kind: crate::policy::SecretKind) -> Option<&Hmac<Sha256>> {
+    app.secrets.get(&kind)?.mac.as_ref().map(|o| &o.0)
+}
+
+/// Decimal digits of `v` in a stack buffer (the HMAC input), without allocating.
+fn decimal(v: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut n = v.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if v < 0 {
+        i -= 1;
+        buf[i] = b'-';
+    }
+    &buf[i..]
 }
 
 /// Ant Media's hash: `hex(sha256(stream + role + secret))`.
@@ -194,38 +218,41 @@ fn check_hash(ctx: &Ctx<'_>) -> Check {
 
 /// `hmac_sha256(stream + role + expires, secret)`, the MAC the `hmac` method expects
 /// (base64 on the wire).
-pub fn stream_hmac(stream: &str, action: Action, expires: i64, secret: &[u8]) -> [u8; 32] {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret)
-        .unwrap_or_else(|_| <Hmac<Sha256> as KeyInit>::new_from_slice(&[0]).expect("HMAC takes any key length"));
+pub fn stream_hmac(stream: &str, action: Action, expires: i64, secret: &[u8]) -> Option<[u8; 32]> {
+    // HMAC accepts keys of any length, so this only fails for a broken hmac crate.
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).ok()?;
     mac.update(stream.as_bytes());
     mac.update(action.as_str().as_bytes());
-    mac.update(expires.to_string().as_bytes());
-    mac.finalize().into_bytes().into()
+    mac.update(decimal(expires, &mut [0u8; 20]));
+    Some(mac.finalize().into_bytes().into())
 }
 
-fn decode_base64_any(s: &str) -> Option<Vec<u8>> {
-    [&STANDARD, &URL_SAFE, &STANDARD_NO_PAD, &URL_SAFE_NO_PAD].iter().find_map(|engine| engine.decode(s).ok())
+fn decode_base64_any<'a>(s: &str, out: &'a mut [u8; 64]) -> Option<&'a [u8]> {
+    for engine in [&STANDARD, &URL_SAFE, &STANDARD_NO_PAD, &URL_SAFE_NO_PAD] {
+        if let Ok(n) = engine.decode_slice(s, out) {
+            return Some(&out[..n]);
+        }
+    }
+    None
 }
 
 fn check_hmac(ctx: &Ctx<'_>) -> Check {
     let (Some(token), Some(expires)) = (&ctx.req.credential.token, ctx.req.credential.expires) else {
         return Check::Absent;
     };
-    let Some(secret) = app_secret(ctx.app, crate::policy::SecretKind::Hash) else {
+    let Some(keyed) = app_mac(ctx.app, crate::policy::SecretKind::Hash) else {
         return Check::Deny(Reason::SecretUnavailable, 2);
     };
-    let Some(presented) = decode_base64_any(token.expose()) else {
+    let mut raw = [0u8; 64];
+    let Some(presented) = decode_base64_any(token.expose(), &mut raw) else {
         return Check::Deny(Reason::HmacMalformed, 1);
     };
-    let mut mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(secret) {
-        Ok(m) => m,
-        Err(_) => return Check::Deny(Reason::SecretUnavailable, 2),
-    };
+    let mut mac = keyed.clone();
     mac.update(ctx.stream.as_str().as_bytes());
     mac.update(ctx.req.action.as_str().as_bytes());
-    mac.update(expires.to_string().as_bytes());
+    mac.update(decimal(expires, &mut [0u8; 20]));
     // verify_slice compares in constant time.
-    if mac.verify_slice(&presented).is_err() {
+    if mac.verify_slice(presented).is_err() {
         return Check::Deny(Reason::HmacMismatch, 2);
     }
     if expires <= ctx.now.as_secs() {
@@ -277,7 +304,8 @@ fn check_jwt(ctx: &Ctx<'_>) -> Check {
     };
     let token = token.expose();
     let mut parts = token.split('.');
-    let (Some(head), Some(_), Some(_), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+    let (Some(head), Some(payload), Some(signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
         return Check::Deny(Reason::JwtMalformed, 0);
     };
     // Read the header ourselves so that `alg: none` and unknown algorithms are named as such.
@@ -285,19 +313,30 @@ fn check_jwt(ctx: &Ctx<'_>) -> Check {
     else {
         return Check::Deny(Reason::JwtMalformed, 1);
     };
-    let key: &DecodingKey;
-    let alg = match header.alg.as_str() {
+    let claims: StreamClaims = match header.alg.as_str() {
         "HS256" => {
-            match ctx.app.secrets.get(&crate::policy::SecretKind::Jwt).and_then(|s| s.hs256.as_ref()) {
-                Some(k) => key = k,
-                None if ctx.app.secrets.contains_key(&crate::policy::SecretKind::Jwt) => {
+            let Some(keyed) = app_mac(ctx.app, crate::policy::SecretKind::Jwt) else {
+                if ctx.app.secrets.contains_key(&crate::policy::SecretKind::Jwt) {
                     return Check::Deny(Reason::SecretUnavailable, 2);
                 }
                 // No HS256 secret configured: an HS256 token may be an attempt to sign with
                 // a public key (algorithm confusion). Refuse by name.
-                None => return Check::Deny(Reason::JwtAlgorithmRefused, 3),
+                return Check::Deny(Reason::JwtAlgorithmRefused, 3);
+            };
+            // JWS (RFC 7515): HMAC-SHA256 over `header.payload`, base64url without padding.
+            let mut sig = [0u8; 64];
+            let Ok(n) = URL_SAFE_NO_PAD.decode_slice(signature, &mut sig) else {
+                return Check::Deny(Reason::JwtMalformed, 2);
+            };
+            let mut mac = keyed.clone();
+            mac.update(&token.as_bytes()[..head.len() + 1 + payload.len()]);
+            if mac.verify_slice(&sig[..n]).is_err() {
+                return Check::Deny(Reason::JwtBadSignature, 3);
             }
-            Algorithm::HS256
+            match URL_SAFE_NO_PAD.decode(payload).ok().and_then(|p| serde_json::from_slice(&p).ok()) {
+                Some(c) => c,
+                None => return Check::Deny(Reason::JwtMalformed, 2),
+            }
         }
         "RS256" | "ES256" => {
             let alg = if header.alg == "RS256" { Algorithm::RS256 } else { Algorithm::ES256 };
@@ -305,31 +344,35 @@ fn check_jwt(ctx: &Ctx<'_>) -> Check {
             let found = keys
                 .iter()
                 .find(|k| k.alg == alg && (header.kid.is_none() || k.kid.as_deref() == header.kid.as_deref()));
-            match found {
-                Some(k) => key = &k.key,
-                None => return Check::Deny(Reason::JwtKeyUnknown, 3),
+            let Some(key) = found else {
+                return Check::Deny(Reason::JwtKeyUnknown, 3);
+            };
+            match verify_asymmetric(token, &key.key, alg) {
+                Ok(c) => c,
+                Err(check) => return check,
             }
-            alg
         }
         _ => return Check::Deny(Reason::JwtAlgorithmRefused, 3),
     };
+    check_claims(ctx, claims)
+}
 
-    // Time claims are checked below against `now`; the library must not read the clock.
+/// RS256/ES256 through jsonwebtoken. Time claims are checked by `check_claims` against
+/// `now`: the library must not read the clock.
+fn verify_asymmetric(token: &str, key: &DecodingKey, alg: Algorithm) -> Result<StreamClaims, Check> {
     let mut validation = Validation::new(alg);
     validation.validate_exp = false;
     validation.validate_nbf = false;
     validation.validate_aud = false;
     validation.required_spec_claims.clear();
-    let claims = match jsonwebtoken::decode::<StreamClaims>(token, key, &validation) {
-        Ok(data) => data.claims,
-        Err(e) => {
-            return match e.kind() {
-                jsonwebtoken::errors::ErrorKind::InvalidSignature => Check::Deny(Reason::JwtBadSignature, 3),
-                jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => Check::Deny(Reason::JwtAlgorithmRefused, 3),
-                _ => Check::Deny(Reason::JwtMalformed, 2),
-            };
-        }
-    };
+    jsonwebtoken::decode::<StreamClaims>(token, key, &validation).map(|data| data.claims).map_err(|e| match e.kind() {
+        jsonwebtoken::errors::ErrorKind::InvalidSignature => Check::Deny(Reason::JwtBadSignature, 3),
+        jsonwebtoken::errors::ErrorKind::InvalidAlgorithm => Check::Deny(Reason::JwtAlgorithmRefused, 3),
+        _ => Check::Deny(Reason::JwtMalformed, 2),
+    })
+}
+
+fn check_claims(ctx: &Ctx<'_>, claims: StreamClaims) -> Check {
     let now = ctx.now.0 as f64 / 1000.0;
     match claims.exp {
         None => return Check::Deny(Reason::JwtMalformed, 3),
@@ -380,7 +423,7 @@ fn check_one_time(state: &AuthState, ctx: &Ctx<'_>) -> Check {
         Reason::TokenExpired
     } else {
         return Check::Allow {
-            subject: Some(format!("token:{}", token_id(&digest))),
+            subject: Some(["token:", &token_id(&digest)].concat()),
             effects: vec![Effect::ConsumeToken { token_sha256: digest }],
         };
     };
@@ -416,32 +459,26 @@ fn check_totp(ctx: &Ctx<'_>) -> Check {
     if sub.blocked_until.is_some_and(|until| until > ctx.now) {
         return Check::Deny(Reason::SubscriberBlocked, 3);
     }
-    let Some(secret) = &sub.plain else {
+    let Some(totp) = &sub.totp else {
         return Check::Deny(Reason::SecretUnavailable, 3);
     };
-    let settings = ctx.app.policy.totp;
-    let code = code.expose();
-    if code.len() != usize::from(settings.digits) || !code.bytes().all(|b| b.is_ascii_digit()) {
-        return Check::Deny(Reason::TotpInvalid, 3);
-    }
     let Ok(now_secs) = u64::try_from(ctx.now.as_secs()) else {
         return Check::Deny(Reason::TotpInvalid, 3);
     };
-    let current = now_secs / u64::from(settings.period_secs);
-    // Current step first (the common case costs one HMAC), then ±1 step of clock skew.
-    for step in [Some(current), current.checked_sub(1), current.checked_add(1)].into_iter().flatten() {
-        let Some(expected) = totp_code(secret, settings.digits, settings.period_secs, step) else {
-            return Check::Deny(Reason::SecretUnavailable, 3);
-        };
-        if ct_eq(expected.as_bytes(), code.as_bytes()) {
-            if sub.last_step.is_some_and(|last| step <= last) {
-                return Check::Deny(Reason::TotpReplayed, 3);
-            }
-            return Check::Allow {
-                subject: Some(format!("subscriber:{id}")),
-                effects: vec![Effect::UseTotpStep { subscriber_id: id.clone(), step }],
-            };
-        }
+    // totp-rs parses the code (exact length, digits only) and compares in constant time.
+    // The generator has no skew of its own: the current step is tried first (the common case
+    // costs one HMAC), then one step either side for clock skew.
+    let period = u64::from(ctx.app.policy.totp.period_secs);
+    let window = [Some(now_secs), now_secs.checked_sub(period), now_secs.checked_add(period)];
+    let Some(step) = window.into_iter().flatten().find_map(|t| totp.0.check(code.expose(), t).map(|_| t / period))
+    else {
+        return Check::Deny(Reason::TotpInvalid, 3);
+    };
+    if sub.last_step.is_some_and(|last| step <= last) {
+        return Check::Deny(Reason::TotpReplayed, 3);
     }
-    Check::Deny(Reason::TotpInvalid, 3)
+    let mut subject = String::with_capacity(11 + id.as_str().len());
+    subject.push_str("subscriber:");
+    subject.push_str(id.as_str());
+    Check::Allow { subject: Some(subject), effects: vec![Effect::UseTotpStep { subscriber_id: id.clone(), step }] }
 }

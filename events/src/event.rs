@@ -311,7 +311,10 @@ pub fn subscriber_log(app: &AppName, stream: &StreamName, id: &SubscriberId) -> 
 
 /// The token's short public id: the first 16 hex digits of its SHA-256.
 pub fn token_id(digest: &Sha256Digest) -> String {
-    digest.to_hex()[..16].to_owned()
+    let mut buf = [0u8; 16];
+    // 8 bytes always fit in 16 hex digits.
+    let _ = hex::encode_to_slice(&digest.0[..8], &mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 pub fn token_log(digest: &Sha256Digest) -> String {

@@ -4,13 +4,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+use hmac::{Hmac, KeyInit};
 use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use sha2::{Digest, Sha256};
 
 use crate::event::{Event, RecordedEvent};
 use crate::ids::{Action, AppName, Cidr, KeyId, NodeId, Position, Protocol, Role, StreamName, SubscriberId, Timestamp};
-use crate::policy::{Policy, SecretKind};
+use crate::policy::{Policy, SecretKind, TotpSettings};
 use crate::secret::{Keyring, Sealed, Sha256Digest};
 
 /// Where the purpose string of a sealed app secret comes from; binding it stops a sealed
@@ -33,12 +34,25 @@ pub struct ApiKey {
     pub revoked: bool,
 }
 
-/// A sealed secret and, when this node holds the key, its opened bytes.
+/// Something derived from an opened secret. `Debug` never shows it, so a state can be
+/// printed without leaking what it holds.
+#[derive(Clone)]
+pub struct Opened<T>(pub(crate) T);
+
+impl<T> std::fmt::Debug for Opened<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<opened secret>")
+    }
+}
+
+/// A sealed secret and, when this node holds the key, what decisions need from it, prepared
+/// once here rather than per request: the HMAC-SHA256 state keyed with it (hash/HMAC methods
+/// and HS256 JWTs) and its raw bytes.
 #[derive(Debug, Clone)]
 pub struct AppSecret {
     pub sealed: Sealed,
-    pub(crate) plain: Option<Arc<[u8]>>,
-    pub(crate) hs256: Option<DecodingKey>,
+    pub(crate) plain: Option<Opened<Arc<[u8]>>>,
+    pub(crate) mac: Option<Opened<Hmac<Sha256>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,7 +78,9 @@ pub struct Stream {
 pub struct Subscriber {
     pub action: Option<Action>,
     pub secret: Sealed,
-    pub(crate) plain: Option<Arc<[u8]>>,
+    pub(crate) plain: Option<Opened<Arc<[u8]>>>,
+    /// The TOTP generator for the app's current period and digits, ±1 step of skew.
+    pub(crate) totp: Option<Opened<Arc<totp_rs::Totp>>>,
     pub blocked_until: Option<Timestamp>,
     /// The last TOTP step accepted: a code at or before it is a replay.
     pub last_step: Option<u64>,
@@ -103,6 +119,43 @@ pub struct Node {
     pub protocols: Vec<Protocol>,
 }
 
+/// Hashes a SHA-256 digest by its first 8 bytes. The keys are digests of secrets, uniformly
+/// distributed and not choosable by a client (finding inputs whose digests collide in a bucket
+/// is a preimage search), so SipHash's flooding protection buys nothing here.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DigestHasher;
+
+impl std::hash::BuildHasher for DigestHasher {
+    type Hasher = PrefixHasher;
+    fn build_hasher(&self) -> PrefixHasher {
+        PrefixHasher(0)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PrefixHasher(u64);
+
+impl std::hash::Hasher for PrefixHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // `Sha256Digest` hashes as its 32-byte array; fold any other input so the hasher
+        // stays correct (if slower) for it.
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+            if bytes.len() == 32 {
+                break;
+            }
+        }
+    }
+    fn write_usize(&mut self, _len: usize) {
+        // The array length prefix carries no information.
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 /// Why an event was not applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApplyError {
@@ -117,7 +170,7 @@ pub struct AuthState {
     keyring: Option<Arc<Keyring>>,
     pub api_keys: BTreeMap<KeyId, ApiKey>,
     pub apps: BTreeMap<AppName, App>,
-    pub tokens: HashMap<Sha256Digest, Token>,
+    pub tokens: HashMap<Sha256Digest, Token, DigestHasher>,
     pub nodes: BTreeMap<NodeId, Node>,
 }
 
@@ -155,9 +208,9 @@ impl AuthState {
         Ok(())
     }
 
-    fn open(&self, sealed: &Sealed, purpose: &str) -> Option<Arc<[u8]>> {
+    fn open(&self, sealed: &Sealed, purpose: &str) -> Option<Opened<Arc<[u8]>>> {
         // A secret we cannot open stays sealed: methods that need it fail closed.
-        self.keyring.as_ref()?.open(sealed, purpose).ok().map(Arc::from)
+        self.keyring.as_ref()?.open(sealed, purpose).ok().map(|p| Opened(Arc::from(p)))
     }
 
     fn apply_event(&mut self, event: &Event, _at: Timestamp) {
@@ -195,17 +248,21 @@ impl AuthState {
             }
             Event::AppPolicyChanged(e) => {
                 if let Some(app) = self.apps.get_mut(&e.app) {
+                    let totp_changed = app.policy.totp != e.policy.totp;
                     app.policy = e.policy.clone();
+                    if totp_changed {
+                        for sub in app.subscribers.values_mut() {
+                            sub.totp = build_totp(sub.plain.as_ref(), app.policy.totp);
+                        }
+                    }
                 }
             }
             Event::AppSecretRotated(e) => {
                 let plain = self.open(&e.secret, &app_secret_purpose(&e.app, e.kind));
                 if let Some(app) = self.apps.get_mut(&e.app) {
-                    let hs256 = match (e.kind, &plain) {
-                        (SecretKind::Jwt, Some(p)) => Some(DecodingKey::from_secret(p)),
-                        _ => None,
-                    };
-                    app.secrets.insert(e.kind, AppSecret { sealed: e.secret.clone(), plain, hs256 });
+                    let mac =
+                        plain.as_ref().and_then(|p| <Hmac<Sha256> as KeyInit>::new_from_slice(&p.0).ok()).map(Opened);
+                    app.secrets.insert(e.kind, AppSecret { sealed: e.secret.clone(), plain, mac });
                 }
             }
             Event::AppDeleted(e) => {
@@ -282,12 +339,14 @@ impl AuthState {
             Event::SubscriberAdded(e) => {
                 let plain = self.open(&e.secret, &subscriber_secret_purpose(&e.app, &e.stream, &e.subscriber_id));
                 if let Some(app) = self.apps.get_mut(&e.app) {
+                    let totp = build_totp(plain.as_ref(), app.policy.totp);
                     app.subscribers.insert(
                         (e.stream.clone(), e.subscriber_id.clone()),
                         Subscriber {
                             action: e.action,
                             secret: e.secret.clone(),
                             plain,
+                            totp,
                             blocked_until: None,
                             last_step: None,
                         },
@@ -442,6 +501,21 @@ impl DigestWriter {
         crate::event::write_canonical(v, &mut out);
         self.bytes(&out);
     }
+}
+
+/// A TOTP generator (RFC 6238, HMAC-SHA1) with ±1 step of skew; `None` if the secret is
+/// unavailable or unusable (too short), so the method fails closed.
+fn build_totp(secret: Option<&Opened<Arc<[u8]>>>, settings: TotpSettings) -> Option<Opened<Arc<totp_rs::Totp>>> {
+    let secret = secret?;
+    totp_rs::Builder::new()
+        .with_algorithm(totp_rs::Algorithm::SHA1)
+        .with_digits(settings.digits)
+        .with_step_duration(u64::from(settings.period_secs))
+        .with_skew(0)
+        .with_secret(secret.0.to_vec())
+        .build()
+        .ok()
+        .map(|t| Opened(Arc::new(t)))
 }
 
 /// The public keys of a JWK set that Sluice accepts: RSA (RS256) and P-256 (ES256). Symmetric

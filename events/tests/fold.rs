@@ -271,3 +271,33 @@ proptest! {
         let _ = sluice_events::wire::parse_rtmp("live", &key);
     }
 }
+
+#[test]
+fn printing_a_state_never_shows_an_opened_secret() {
+    let w = world(&[Method::Hash, Method::Totp, Method::Jwt]);
+    let text = format!("{:?}", w.state);
+    for secret in [HASH_SECRET, JWT_SECRET, TOTP_SECRET] {
+        assert!(!text.contains(std::str::from_utf8(secret).unwrap()), "Debug leaks a secret");
+        assert!(!text.contains(&format!("{:?}", secret)), "Debug leaks secret bytes");
+    }
+    assert!(text.contains("<opened secret>"));
+}
+
+#[test]
+fn changing_the_totp_settings_rebuilds_the_subscribers_generators() {
+    let mut w = world(&[Method::Totp]);
+    let mut p = policy_with(&[Method::Totp]);
+    p.totp = sluice_events::policy::TotpSettings { period_secs: 30, digits: 8 };
+    w.command(Command::SetPolicy { app: app(), policy: p }, T0).unwrap();
+    let step = (T0.as_secs() / 30) as u64;
+    let code = sluice_events::decide::totp_code(TOTP_SECRET, 8, 30, step).unwrap();
+    let cred = Credential {
+        subscriber_id: Some(SubscriberId::parse("alice").unwrap()),
+        subscriber_code: Some(SecretString::new(code)),
+        ..Credential::default()
+    };
+    let d = w.when(&request(Action::Publish, "cam1-key", cred), T0);
+    assert!(d.is_allow(), "{d:?}");
+    // The old 6-digit, 60-second code no longer works.
+    assert_eq!(w.when(&request(Action::Publish, "cam1-key", totp("alice", T0, 0)), T0).reason, Reason::TotpInvalid);
+}

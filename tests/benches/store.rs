@@ -1,1 +1,191 @@
-fn main() {}
+//! `cargo bench -p sluice-tests --bench store`
+//!
+//! Event-store throughput against a real Postgres 15 with fsync and synchronous_commit on
+//! (each append is durable before it returns). The same run measures pgbench's raw inserts
+//! as the denominators:
+//! - 1 writer;
+//! - 8 concurrent writers;
+//! - 100 events per append;
+//! - raw single-row INSERT with 1 and 4 clients;
+//! - raw 100-row INSERT batches.
+//!
+//! Results are printed and written to `target/bench-store.json`.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use sluice_control_plane::store::{self, ExpectedVersion};
+use sluice_control_plane::{EventStore, connect};
+use sluice_events::decision::RecordedRequest;
+use sluice_events::event::{AccessDecided, TokenIssued};
+use sluice_events::{
+    Action, AppName, Decision, DecisionRecord, Event, Metadata, Method, NewEvent, NodeId, Outcome, Position, Protocol,
+    Reason, Sha256Digest, StreamName, Timestamp,
+};
+use sluice_tests::{Durability, Postgres};
+use uuid::Uuid;
+
+const RUN: Duration = Duration::from_secs(8);
+
+/// A one-event append: a token issued on its own stream (expects no stream).
+fn token_append() -> (String, Vec<NewEvent>) {
+    let event: Event = TokenIssued {
+        token_sha256: Sha256Digest::of(Uuid::new_v4().as_bytes()),
+        app: AppName::parse("live").unwrap(),
+        stream: StreamName::parse("cam1").unwrap(),
+        action: Action::Play,
+        expires_at: Some(Timestamp(1_900_000_000_000)),
+    }
+    .into();
+    (event.log_stream(), vec![NewEvent { event_id: Uuid::new_v4(), event }])
+}
+
+/// A batched append as decision ingest makes it: `n` decisions of one node.
+fn decisions_append(node: &str, n: usize) -> (String, Vec<NewEvent>) {
+    let events: Vec<NewEvent> = (0..n)
+        .map(|i| {
+            let event: Event = AccessDecided {
+                decision: DecisionRecord {
+                    decision: Decision {
+                        id: Uuid::new_v4(),
+                        outcome: Outcome::Allow,
+                        reason: Reason::Allowed,
+                        method: Some(Method::OneTimeToken),
+                        subject: Some("token:5b1d0e5f2a6b9d8c".into()),
+                        stream: StreamName::parse("cam1").unwrap(),
+                        position: Position(41),
+                        effects: vec![],
+                    },
+                    allowed: true,
+                    final_reason: Reason::Allowed,
+                    request: RecordedRequest {
+                        app: AppName::parse("live").unwrap(),
+                        stream: StreamName::parse("cam1").unwrap(),
+                        action: Action::Play,
+                        protocol: Protocol::Rtmp,
+                        client_ip: "10.1.2.3".parse().unwrap(),
+                        subscriber_id: None,
+                        expires: None,
+                        credential: None,
+                    },
+                    decided_at: Timestamp(1_800_000_000_000),
+                    node: Some(NodeId::parse(node).unwrap()),
+                    webhook: None,
+                    sequence: Some(i as u64),
+                },
+            }
+            .into();
+            NewEvent { event_id: Uuid::new_v4(), event }
+        })
+        .collect();
+    (format!("decisions-{node}"), events)
+}
+
+fn meta() -> Metadata {
+    Metadata { actor: Some("key:bench".into()), request_id: Some("bench".into()), client_ip: None }
+}
+
+/// `writers` tasks append `per_append` events per call until RUN passes; returns events/s
+/// and appends/s. Every append is durable (committed with fsync) before it returns.
+async fn run_appends(store: &EventStore, writers: usize, per_append: usize) -> (f64, f64) {
+    let deadline = Instant::now() + RUN;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..writers)
+        .map(|w| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                let (mut events, mut appends) = (0u64, 0u64);
+                let node = format!("bench-{w}-{}", Uuid::new_v4().simple());
+                while Instant::now() < deadline {
+                    let (stream, new, expected) = if per_append == 1 {
+                        let (stream, new) = token_append();
+                        (stream, new, ExpectedVersion::NoStream)
+                    } else {
+                        let (stream, new) = decisions_append(&node, per_append);
+                        (stream, new, ExpectedVersion::Any)
+                    };
+                    s.append(&stream, expected, new, meta()).await.unwrap();
+                    events += per_append as u64;
+                    appends += 1;
+                }
+                (events, appends)
+            })
+        })
+        .collect();
+    let (mut events, mut appends) = (0u64, 0u64);
+    for t in tasks {
+        let (e, a) = t.await.unwrap();
+        events += e;
+        appends += a;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    (events as f64 / secs, appends as f64 / secs)
+}
+
+fn pgbench(pg: &Postgres, script: &str, clients: u32) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("script.sql");
+    std::fs::write(&file, script).unwrap();
+    let bin = std::env::var_os("SLUICE_PG_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/usr/lib/postgresql/15/bin".into())
+        .join("pgbench");
+    let out = Command::new(bin)
+        .args(["-h", "127.0.0.1", "-p", &pg.port.to_string(), "-U", "postgres", "-n"])
+        .args(["-c", &clients.to_string(), "-j", &clients.to_string(), "-T", &RUN.as_secs().to_string(), "-f"])
+        .arg(&file)
+        .arg("postgres")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find(|l| l.starts_with("tps = "))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn main() {
+    let pg = Postgres::start_with(Durability::Durable).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let report = rt.block_on(async {
+        let pool = connect(&pg.url()).await.unwrap();
+        store::migrate(&pool).await.unwrap();
+        let store = EventStore::start(pool.clone());
+        // Warm-up.
+        run_appends(&store, 2, 1).await;
+        let (one, _) = run_appends(&store, 1, 1).await;
+        println!("sluice append, 1 writer, 1 event/append      {one:>9.0} appends/s");
+        let (eight, _) = run_appends(&store, 8, 1).await;
+        println!("sluice append, 8 writers, 1 event/append     {eight:>9.0} appends/s");
+        let (batched, per_s) = run_appends(&store, 1, 100).await;
+        println!("sluice append, 1 writer, 100 decisions/append   {batched:>9.0} events/s ({per_s:.0} appends/s)");
+        let (batched4, _) = run_appends(&store, 4, 100).await;
+        println!("sluice append, 4 writers, 100 decisions/append  {batched4:>9.0} events/s");
+        let started = Instant::now();
+        let report = store.verify().await.unwrap();
+        let verify_rate = report.events as f64 / started.elapsed().as_secs_f64();
+        println!("verify-log over {} events                 {verify_rate:>9.0} events/s", report.events);
+
+        sqlx::query("CREATE TABLE raw (id bigserial PRIMARY KEY, data jsonb NOT NULL)").execute(&pool).await.unwrap();
+        serde_json::json!({"one": one, "eight": eight, "batched": batched, "batched4": batched4, "verify": verify_rate, "events": report.events})
+    });
+    let row = r#"INSERT INTO raw (data) VALUES ('{"token_sha256":"5b1d0e5f2a6b9d8c5b1d0e5f2a6b9d8c5b1d0e5f2a6b9d8c5b1d0e5f2a6b9d8c","app":"live","stream":"cam1","action":"play","expires_at":1900000000000}');"#;
+    let raw1 = pgbench(&pg, row, 1);
+    println!("pgbench raw INSERT, 1 client                 {raw1:>9.0} rows/s");
+    let raw4 = pgbench(&pg, row, 4);
+    println!("pgbench raw INSERT, 4 clients                {raw4:>9.0} rows/s");
+    let raw8 = pgbench(&pg, row, 8);
+    println!("pgbench raw INSERT, 8 clients                {raw8:>9.0} rows/s");
+    let batch = r#"INSERT INTO raw (data) SELECT '{"token_sha256":"5b1d0e5f2a6b9d8c5b1d0e5f2a6b9d8c5b1d0e5f2a6b9d8c5b1d0e5f2a6b9d8c","app":"live","stream":"cam1","action":"play","expires_at":1900000000000}'::jsonb FROM generate_series(1, 100);"#;
+    let raw_batch = pgbench(&pg, batch, 1) * 100.0;
+    println!("pgbench raw 100-row INSERT, 1 client         {raw_batch:>9.0} rows/s");
+    let mut report = report;
+    report["pgbench_raw_1"] = raw1.into();
+    report["pgbench_raw_4"] = raw4.into();
+    report["pgbench_raw_8"] = raw8.into();
+    report["pgbench_raw_batch100"] = raw_batch.into();
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-store.json");
+    let _ = std::fs::write(path, serde_json::to_string_pretty(&report).unwrap());
+}

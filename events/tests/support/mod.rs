@@ -153,7 +153,7 @@ pub fn hash_token(stream: &str, action: Action, secret: &[u8]) -> Credential {
 }
 
 pub fn hmac_token(stream: &str, action: Action, expires: i64, secret: &[u8]) -> Credential {
-    let mac = stream_hmac(stream, action, expires, secret);
+    let mac = stream_hmac(stream, action, expires, secret).unwrap();
     Credential { expires: Some(expires), ..Credential::token(&base64::engine::general_purpose::STANDARD.encode(mac)) }
 }
 
