@@ -48,8 +48,15 @@ fn check_name(
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $what:literal, $max:expr, $allowed:literal, $ok:expr) => {
         $(#[$doc])*
-        #[derive(Clone, Eq, Hash, PartialOrd, Ord)]
+        #[derive(Clone, Eq, PartialOrd, Ord)]
         pub struct $name(Arc<str>);
+
+        impl std::hash::Hash for $name {
+            /// By content, consistent with `eq`.
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                (*self.0).hash(state)
+            }
+        }
 
         impl PartialEq for $name {
             /// Interned names (the fold shares one allocation per name) compare by pointer first.
