@@ -10,7 +10,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use sluice_events::event::{CanonicalRow, GENESIS, canonical_bytes, chain_hash};
 use sluice_events::{DecodeError, Event, Metadata, NewEvent, Position, RecordedEvent, Sha256Digest, Timestamp};
 use sqlx::postgres::{PgListener, PgPool, PgRow};
-use sqlx::{Postgres, Row, Transaction};
+use sqlx::{Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -448,45 +448,97 @@ struct Columns {
     metadata: Vec<serde_json::Value>,
     recorded_at: Vec<DateTime<Utc>>,
     hash: Vec<Vec<u8>>,
+    /// Approximate encoded size of each row (its canonical bytes), to size the statements.
+    size: Vec<usize>,
 }
 
-async fn commit_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
-    let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(APPEND_LOCK).execute(&mut *tx).await?;
+impl Columns {
+    /// Splits the rows into runs of at most `max_bytes` (at least one row each).
+    fn chunks(&self, max_bytes: usize) -> Vec<std::ops::Range<usize>> {
+        let mut out = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        for (i, size) in self.size.iter().enumerate() {
+            if i > start && bytes + size > max_bytes {
+                out.push(start..i);
+                start = i;
+                bytes = 0;
+            }
+            bytes += size;
+        }
+        if start < self.size.len() {
+            out.push(start..self.size.len());
+        }
+        out
+    }
+}
 
-    let head = sqlx::query("SELECT position, hash FROM events ORDER BY position DESC LIMIT 1")
-        .fetch_optional(&mut *tx)
+/// Largest INSERT message we send. sqlx 0.9.0 does not set TCP_NODELAY (sqlx#4335), so a
+/// message spanning several TCP segments can stall ~40 ms on Nagle + delayed ACK; staying
+/// well under one loopback segment avoids it at the cost of a few extra round trips.
+const MAX_INSERT_BYTES: usize = 32 * 1024;
+
+async fn commit_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    // BEGIN and the lock in one round trip. The lock must come before the reads in its own
+    // statement: a statement's snapshot is taken when it starts, so reads in the same
+    // statement as the lock could miss a commit that happened while it waited.
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK})")))
+        .execute(&mut *conn)
         .await?;
-    let (mut position, mut prev) = match head {
-        Some(row) => {
-            let hash: Vec<u8> = row.try_get("hash")?;
-            (
-                Position(row.try_get::<i64, _>("position")? as u64),
-                Sha256Digest(hash.as_slice().try_into().unwrap_or([0; 32])),
-            )
+    match commit_locked(&mut conn, batch).await {
+        Ok(results) => Ok(results),
+        Err(e) => {
+            // Leave no transaction open on a pooled connection; if even ROLLBACK fails the
+            // connection is broken, so close it instead of returning it to the pool.
+            if sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
+                conn.detach();
+            }
+            Err(e)
+        }
+    }
+}
+
+/// The batch, inside the transaction that holds the append lock.
+async fn commit_locked(
+    conn: &mut sqlx::pool::PoolConnection<Postgres>,
+    batch: &[AppendRequest],
+) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    let ids: Vec<Uuid> = batch.iter().flat_map(|r| r.events.iter().map(|e| e.event_id)).collect();
+    let streams: Vec<String> = batch.iter().map(|r| r.stream.clone()).collect::<HashSet<_>>().into_iter().collect();
+    // Head, already-known event ids and each stream's version, in one round trip; every
+    // lookup is an index probe (the versions by a backward scan of (stream, version)).
+    let row = sqlx::query(
+        "SELECT \
+           (SELECT position FROM events ORDER BY position DESC LIMIT 1) AS head, \
+           (SELECT hash FROM events ORDER BY position DESC LIMIT 1) AS head_hash, \
+           (SELECT coalesce(array_agg(event_id), '{}') FROM events WHERE event_id = ANY($1)) AS known_ids, \
+           (SELECT coalesce(array_agg(position), '{}') FROM events WHERE event_id = ANY($1)) AS known_positions, \
+           (SELECT coalesce(array_agg(s.stream), '{}') FROM unnest($2::text[]) AS s(stream) \
+              JOIN LATERAL (SELECT version FROM events e WHERE e.stream = s.stream ORDER BY version DESC LIMIT 1) v ON true) \
+              AS version_streams, \
+           (SELECT coalesce(array_agg(v.version), '{}') FROM unnest($2::text[]) AS s(stream) \
+              JOIN LATERAL (SELECT version FROM events e WHERE e.stream = s.stream ORDER BY version DESC LIMIT 1) v ON true) \
+              AS versions",
+    )
+    .bind(&ids)
+    .bind(&streams)
+    .fetch_one(&mut **conn)
+    .await?;
+    let (mut position, mut prev) = match row.try_get::<Option<i64>, _>("head")? {
+        Some(p) => {
+            let hash: Vec<u8> = row.try_get("head_hash")?;
+            (Position(p as u64), Sha256Digest(hash.as_slice().try_into().unwrap_or([0; 32])))
         }
         None => (Position::ZERO, GENESIS),
     };
-
-    let ids: Vec<Uuid> = batch.iter().flat_map(|r| r.events.iter().map(|e| e.event_id)).collect();
-    let mut known: HashMap<Uuid, Position> = HashMap::new();
-    for row in sqlx::query("SELECT event_id, position FROM events WHERE event_id = ANY($1)")
-        .bind(&ids)
-        .fetch_all(&mut *tx)
-        .await?
-    {
-        known.insert(row.try_get("event_id")?, Position(row.try_get::<i64, _>("position")? as u64));
-    }
-
-    let streams: Vec<String> = batch.iter().map(|r| r.stream.clone()).collect::<HashSet<_>>().into_iter().collect();
-    let mut versions: HashMap<String, u64> = HashMap::new();
-    for row in sqlx::query("SELECT stream, max(version) AS v FROM events WHERE stream = ANY($1) GROUP BY stream")
-        .bind(&streams)
-        .fetch_all(&mut *tx)
-        .await?
-    {
-        versions.insert(row.try_get("stream")?, row.try_get::<i64, _>("v")? as u64);
-    }
+    let known_ids: Vec<Uuid> = row.try_get("known_ids")?;
+    let known_positions: Vec<i64> = row.try_get("known_positions")?;
+    let mut known: HashMap<Uuid, Position> =
+        known_ids.into_iter().zip(known_positions).map(|(id, p)| (id, Position(p as u64))).collect();
+    let version_streams: Vec<String> = row.try_get("version_streams")?;
+    let version_values: Vec<i64> = row.try_get("versions")?;
+    let mut versions: HashMap<String, u64> =
+        version_streams.into_iter().zip(version_values).map(|(s, v)| (s, v as u64)).collect();
 
     let recorded_at = now_ms();
     let mut cols = Columns::default();
@@ -543,6 +595,7 @@ async fn commit_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<Resu
                 metadata: &metadata,
             });
             prev = chain_hash(&prev, &canonical);
+            cols.size.push(canonical.len());
             known.insert(e.event_id, position);
             positions.push(position);
             cols.position.push(position.0 as i64);
@@ -563,26 +616,43 @@ async fn commit_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<Resu
     }
 
     if cols.position.is_empty() {
-        tx.rollback().await?;
+        sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
         return Ok(results);
     }
-    sqlx::query(
-        "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash) \
-         SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::smallint[], \
-                              $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::bytea[])",
-    )
-    .bind(&cols.position)
-    .bind(&cols.event_id)
-    .bind(&cols.stream)
-    .bind(&cols.version)
-    .bind(&cols.event_type)
-    .bind(&cols.type_version)
-    .bind(&cols.data)
-    .bind(&cols.metadata)
-    .bind(&cols.recorded_at)
-    .bind(&cols.hash)
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
+    for range in cols.chunks(MAX_INSERT_BYTES) {
+        sqlx::query(
+            "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash) \
+             SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::smallint[], \
+                                  $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::bytea[])",
+        )
+        .bind(&cols.position[range.clone()])
+        .bind(&cols.event_id[range.clone()])
+        .bind(&cols.stream[range.clone()])
+        .bind(&cols.version[range.clone()])
+        .bind(&cols.event_type[range.clone()])
+        .bind(&cols.type_version[range.clone()])
+        .bind(&cols.data[range.clone()])
+        .bind(&cols.metadata[range.clone()])
+        .bind(&cols.recorded_at[range.clone()])
+        .bind(&cols.hash[range])
+        .execute(&mut **conn)
+        .await?;
+    }
+    sqlx::raw_sql("COMMIT").execute(&mut **conn).await?;
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_chunked_by_size_and_never_dropped() {
+        let cols = Columns { size: vec![10, 10, 25, 5, 40, 1], ..Columns::default() };
+        assert_eq!(cols.chunks(30), vec![0..2, 2..4, 4..5, 5..6]);
+        assert_eq!(cols.chunks(1000), vec![0..6]);
+        // A row larger than the cap still goes, alone.
+        assert_eq!(cols.chunks(1), vec![0..1, 1..2, 2..3, 3..4, 4..5, 5..6]);
+        assert!(Columns::default().chunks(10).is_empty());
+    }
 }

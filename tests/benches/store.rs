@@ -150,7 +150,9 @@ fn main() {
     let pg = Postgres::start_with(Durability::Durable).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let report = rt.block_on(async {
-        let pool = connect(&pg.url()).await.unwrap();
+        // SLUICE_BENCH_SOCKET=1 connects over the Unix socket instead of TCP.
+        let url = if std::env::var_os("SLUICE_BENCH_SOCKET").is_some() { pg.socket_url() } else { pg.url() };
+        let pool = connect(&url).await.unwrap();
         store::migrate(&pool).await.unwrap();
         let store = EventStore::start(pool.clone());
         // Warm-up.

@@ -118,6 +118,11 @@ impl Postgres {
         self.url_for("postgres")
     }
 
+    /// URL of the default database over the Unix socket (no TCP on the path).
+    pub fn socket_url(&self) -> String {
+        format!("postgres://postgres@localhost/postgres?host={}&port={}", self.dir.path().display(), self.port)
+    }
+
     pub fn url_for(&self, db: &str) -> String {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }

@@ -334,3 +334,27 @@ async fn recorded_events_fold_into_the_state() {
     assert_eq!(state.position(), Position(2));
     assert!(state.apps.is_empty());
 }
+
+#[tokio::test]
+async fn a_large_append_spans_several_statements_in_one_transaction() {
+    let (_pg, store) = given_a_store().await;
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
+    // ~600 events of ~1 KB each: several INSERT statements, one commit, one chain.
+    let big: Vec<NewEvent> = (0..600)
+        .map(|_| NewEvent {
+            event_id: Uuid::new_v4(),
+            event: sluice_events::event::StreamUpdated {
+                app: app("a"),
+                name: sluice_events::StreamName::parse("cam1").unwrap(),
+                publish_name: None,
+                description: Some("x".repeat(1000)),
+            }
+            .into(),
+        })
+        .collect();
+    let a = store.append("stream-a.cam1", ExpectedVersion::NoStream, big, meta()).await.unwrap();
+    assert_eq!(a.positions.first(), Some(&Position(2)));
+    assert_eq!(a.positions.last(), Some(&Position(601)));
+    assert_eq!(a.stream_version, Some(599));
+    assert_eq!(store.verify().await.unwrap().events, 601);
+}
