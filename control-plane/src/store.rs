@@ -505,20 +505,24 @@ async fn commit_locked(
 ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
     let ids: Vec<Uuid> = batch.iter().flat_map(|r| r.events.iter().map(|e| e.event_id)).collect();
     let streams: Vec<String> = batch.iter().map(|r| r.stream.clone()).collect::<HashSet<_>>().into_iter().collect();
-    // Head, already-known event ids and each stream's version, in one round trip; every
-    // lookup is an index probe (the versions by a backward scan of (stream, version)).
+    // Head, already-known event ids and each stream's version in one round trip. LATERAL
+    // forces index probes (a nested loop) whatever plan the prepared statement's plan cache
+    // settles on: a plain `= ANY($1)` drifted to a sequential scan once the table had grown.
     let row = sqlx::query(
-        "SELECT \
-           (SELECT position FROM events ORDER BY position DESC LIMIT 1) AS head, \
-           (SELECT hash FROM events ORDER BY position DESC LIMIT 1) AS head_hash, \
-           (SELECT coalesce(array_agg(event_id), '{}') FROM events WHERE event_id = ANY($1)) AS known_ids, \
-           (SELECT coalesce(array_agg(position), '{}') FROM events WHERE event_id = ANY($1)) AS known_positions, \
-           (SELECT coalesce(array_agg(s.stream), '{}') FROM unnest($2::text[]) AS s(stream) \
-              JOIN LATERAL (SELECT version FROM events e WHERE e.stream = s.stream ORDER BY version DESC LIMIT 1) v ON true) \
-              AS version_streams, \
-           (SELECT coalesce(array_agg(v.version), '{}') FROM unnest($2::text[]) AS s(stream) \
-              JOIN LATERAL (SELECT version FROM events e WHERE e.stream = s.stream ORDER BY version DESC LIMIT 1) v ON true) \
-              AS versions",
+        "WITH known AS ( \
+             SELECT k.id, e.position FROM unnest($1::uuid[]) AS k(id) \
+             JOIN LATERAL (SELECT position FROM events WHERE event_id = k.id) e ON true), \
+         vers AS ( \
+             SELECT s.stream, v.version FROM unnest($2::text[]) AS s(stream) \
+             JOIN LATERAL (SELECT version FROM events e WHERE e.stream = s.stream \
+                           ORDER BY version DESC LIMIT 1) v ON true), \
+         head AS (SELECT position, hash FROM events ORDER BY position DESC LIMIT 1) \
+         SELECT (SELECT position FROM head) AS head, \
+                (SELECT hash FROM head) AS head_hash, \
+                (SELECT coalesce(array_agg(id), '{}') FROM known) AS known_ids, \
+                (SELECT coalesce(array_agg(position), '{}') FROM known) AS known_positions, \
+                (SELECT coalesce(array_agg(stream), '{}') FROM vers) AS version_streams, \
+                (SELECT coalesce(array_agg(version), '{}') FROM vers) AS versions",
     )
     .bind(&ids)
     .bind(&streams)

@@ -155,6 +155,11 @@ fn main() {
         let pool = connect(&url).await.unwrap();
         store::migrate(&pool).await.unwrap();
         let store = EventStore::start(pool.clone());
+        if std::env::var_os("SLUICE_BENCH_PROBE").is_some() {
+            let (x, _) = run_appends(&store, 4, 100).await;
+            println!("probe 4x100 {x:.0}");
+            std::process::exit(0);
+        }
         // Warm-up.
         run_appends(&store, 2, 1).await;
         let (one, _) = run_appends(&store, 1, 1).await;
