@@ -478,6 +478,25 @@ impl Columns {
 const MAX_INSERT_BYTES: usize = 32 * 1024;
 
 async fn commit_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    // Fast path: probe only each request's first event id. A request whose later ids are
+    // already in the log (a mixed retry) makes the INSERT hit the unique index; then the
+    // whole batch is decided again with every id probed. Nothing is written twice.
+    match commit_batch_once(pool, batch, false).await? {
+        Attempt::Done(results) => Ok(results),
+        Attempt::ProbeAll => match commit_batch_once(pool, batch, true).await? {
+            Attempt::Done(results) => Ok(results),
+            Attempt::ProbeAll => Err(StoreError::Database("duplicate event id after a full probe".into())),
+        },
+    }
+}
+
+enum Attempt {
+    Done(Vec<Result<Appended, StoreError>>),
+    /// Rolled back: decide again with every event id probed.
+    ProbeAll,
+}
+
+async fn commit_batch_once(pool: &PgPool, batch: &[AppendRequest], probe_all: bool) -> Result<Attempt, StoreError> {
     let mut conn = pool.acquire().await?;
     // BEGIN and the lock in one round trip. The lock must come before the reads in its own
     // statement: a statement's snapshot is taken when it starts, so reads in the same
@@ -485,30 +504,26 @@ async fn commit_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<Resu
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK})")))
         .execute(&mut *conn)
         .await?;
-    match commit_locked(&mut conn, batch).await {
-        Ok(results) => Ok(results),
-        Err(e) => {
-            // Leave no transaction open on a pooled connection; if even ROLLBACK fails the
-            // connection is broken, so close it instead of returning it to the pool.
-            if sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
-                conn.detach();
-            }
-            Err(e)
+    let outcome = commit_locked(&mut conn, batch, probe_all).await;
+    if !matches!(outcome, Ok(Attempt::Done(_))) {
+        // Leave no transaction open on a pooled connection; if even ROLLBACK fails the
+        // connection is broken, so close it instead of returning it to the pool.
+        if sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
+            conn.detach();
         }
     }
+    outcome
 }
 
-/// The batch, inside the transaction that holds the append lock.
-async fn commit_locked(
+/// Head, already-known event ids (of `ids`) and each stream's version, in one round trip.
+/// LATERAL forces index probes (a nested loop) whatever plan the prepared statement's plan
+/// cache settles on: a plain `= ANY($1)` drifted to a sequential scan once the table had grown.
+async fn read_heads(
     conn: &mut sqlx::pool::PoolConnection<Postgres>,
-    batch: &[AppendRequest],
-) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
-    let ids: Vec<Uuid> = batch.iter().flat_map(|r| r.events.iter().map(|e| e.event_id)).collect();
-    let streams: Vec<String> = batch.iter().map(|r| r.stream.clone()).collect::<HashSet<_>>().into_iter().collect();
-    // Head, already-known event ids and each stream's version in one round trip. LATERAL
-    // forces index probes (a nested loop) whatever plan the prepared statement's plan cache
-    // settles on: a plain `= ANY($1)` drifted to a sequential scan once the table had grown.
-    let row = sqlx::query(
+    ids: &[Uuid],
+    streams: &[String],
+) -> Result<PgRow, StoreError> {
+    Ok(sqlx::query(
         "WITH known AS ( \
              SELECT k.id, e.position FROM unnest($1::uuid[]) AS k(id) \
              JOIN LATERAL (SELECT position FROM events WHERE event_id = k.id) e ON true), \
@@ -524,10 +539,39 @@ async fn commit_locked(
                 (SELECT coalesce(array_agg(stream), '{}') FROM vers) AS version_streams, \
                 (SELECT coalesce(array_agg(version), '{}') FROM vers) AS versions",
     )
-    .bind(&ids)
-    .bind(&streams)
+    .bind(ids)
+    .bind(streams)
     .fetch_one(&mut **conn)
-    .await?;
+    .await?)
+}
+
+/// True for a unique violation (SQLSTATE 23505).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+/// The batch, inside the transaction that holds the append lock.
+async fn commit_locked(
+    conn: &mut sqlx::pool::PoolConnection<Postgres>,
+    batch: &[AppendRequest],
+    mut probe_all: bool,
+) -> Result<Attempt, StoreError> {
+    let streams: Vec<String> = batch.iter().map(|r| r.stream.clone()).collect::<HashSet<_>>().into_iter().collect();
+    let row = loop {
+        let ids: Vec<Uuid> = if probe_all {
+            batch.iter().flat_map(|r| r.events.iter().map(|e| e.event_id)).collect()
+        } else {
+            batch.iter().filter_map(|r| r.events.first().map(|e| e.event_id)).collect()
+        };
+        let row = read_heads(conn, &ids, &streams).await?;
+        // A retry (first id already in the log) needs every id's position: read again,
+        // still under the lock.
+        let retry = !probe_all && !row.try_get::<Vec<Uuid>, _>("known_ids")?.is_empty();
+        if !retry {
+            break row;
+        }
+        probe_all = true;
+    };
     let (mut position, mut prev) = match row.try_get::<Option<i64>, _>("head")? {
         Some(p) => {
             let hash: Vec<u8> = row.try_get("head_hash")?;
@@ -621,10 +665,10 @@ async fn commit_locked(
 
     if cols.position.is_empty() {
         sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
-        return Ok(results);
+        return Ok(Attempt::Done(results));
     }
     for range in cols.chunks(MAX_INSERT_BYTES) {
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash) \
              SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::smallint[], \
                                   $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::bytea[])",
@@ -640,10 +684,15 @@ async fn commit_locked(
         .bind(&cols.recorded_at[range.clone()])
         .bind(&cols.hash[range])
         .execute(&mut **conn)
-        .await?;
+        .await;
+        match inserted {
+            Ok(_) => {}
+            Err(e) if is_unique_violation(&e) && !probe_all => return Ok(Attempt::ProbeAll),
+            Err(e) => return Err(e.into()),
+        }
     }
     sqlx::raw_sql("COMMIT").execute(&mut **conn).await?;
-    Ok(results)
+    Ok(Attempt::Done(results))
 }
 
 #[cfg(test)]

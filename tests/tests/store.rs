@@ -358,3 +358,20 @@ async fn a_large_append_spans_several_statements_in_one_transaction() {
     assert_eq!(a.stream_version, Some(599));
     assert_eq!(store.verify().await.unwrap().events, 601);
 }
+
+#[tokio::test]
+async fn a_new_first_event_followed_by_a_logged_one_is_refused_alone() {
+    let (_pg, store) = given_a_store().await;
+    let old = created("a");
+    store.append("app-a", ExpectedVersion::NoStream, vec![old.clone()], meta()).await.unwrap();
+    // The first id is new, the second is already in the log: only the insert can notice,
+    // and the batch is decided again with every id probed. Concurrent good appends commit.
+    let mixed = vec![changed("a"), old];
+    let (bad, good) = tokio::join!(
+        store.append("app-a", ExpectedVersion::Any, mixed.clone(), meta()),
+        store.append("app-b", ExpectedVersion::NoStream, vec![created("b")], meta()),
+    );
+    assert_eq!(bad.unwrap_err(), StoreError::IdempotencyMismatch { event_id: mixed[0].event_id });
+    assert_eq!(good.unwrap().positions, vec![Position(2)]);
+    assert_eq!(store.verify().await.unwrap().events, 2);
+}
