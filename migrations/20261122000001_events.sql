@@ -18,7 +18,8 @@ CREATE TABLE events (
     UNIQUE (stream, version)
 );
 
-CREATE INDEX events_type_position ON events (type, position);
+-- No index beyond the three the invariants need: every extra index is paid on each append.
+-- Read models (decisions, audit queries) keep their own tables and indexes.
 
 -- Invariant 1: append-only. UPDATE, DELETE and TRUNCATE are refused for every role,
 -- including the owner (a superuser could still drop the trigger: verify-log catches that).
