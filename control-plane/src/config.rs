@@ -64,20 +64,7 @@ impl Config {
         if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
             return Err(s.invalid("database_url", "a postgres:// URL"));
         }
-        let sealing_key = match (s.raw("sealing_key"), s.raw("sealing_key_file")) {
-            (Some((text, _)), _) => {
-                Some(SealingKey::from_base64(text).map_err(|_| s.invalid("sealing_key", "base64 of 32 random bytes"))?)
-            }
-            (None, Some((path, _))) => {
-                let text = std::fs::read_to_string(path.trim())
-                    .map_err(|_| s.invalid("sealing_key_file", "a readable file holding base64 of 32 random bytes"))?;
-                Some(
-                    SealingKey::from_base64(&text)
-                        .map_err(|_| s.invalid("sealing_key_file", "a file holding base64 of 32 random bytes"))?,
-                )
-            }
-            (None, None) => None,
-        };
+        let sealing_key = s.sealing_key(|path| std::fs::read_to_string(path).ok())?;
         let bootstrap_admin_key: Option<String> = s.optional("bootstrap_admin_key", "an API key secret")?;
         if bootstrap_admin_key
             .as_ref()

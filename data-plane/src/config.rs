@@ -56,18 +56,9 @@ impl Config {
             None => None,
         };
         let s = Sources::new(text.as_deref(), env, KNOWN)?;
-        let sealing_key = match (s.raw("sealing_key"), s.raw("sealing_key_file")) {
-            (Some((text, _)), _) => {
-                SealingKey::from_base64(text).map_err(|_| s.invalid("sealing_key", "base64 of 32 random bytes"))?
-            }
-            (None, Some((path, _))) => std::fs::read_to_string(path.trim())
-                .ok()
-                .and_then(|t| SealingKey::from_base64(&t).ok())
-                .ok_or_else(|| s.invalid("sealing_key_file", "a readable file holding base64 of 32 random bytes"))?,
-            (None, None) => {
-                return Err(s.missing("sealing_key", "base64 of 32 random bytes (or SLUICE_SEALING_KEY_FILE)"));
-            }
-        };
+        let sealing_key = s
+            .sealing_key(|path| std::fs::read_to_string(path).ok())?
+            .ok_or_else(|| s.missing("sealing_key", "base64 of 32 random bytes (or SLUICE_SEALING_KEY_FILE)"))?;
         let node_id = match s.raw("node_id") {
             Some((v, _)) => NodeId::parse(v.trim())
                 .map_err(|_| s.invalid("node_id", "a node id (letters, digits, '_', '-', '.', '~')"))?,

@@ -107,6 +107,23 @@ impl Sources {
         SettingsError::Missing { env: Self::env_name(key), key: key.to_owned(), expected }
     }
 
+    /// The cluster sealing key from `sealing_key` (base64) or, failing that, from the file
+    /// named by `sealing_key_file`. `read_file` is the shell's file reader, so this stays pure.
+    pub fn sealing_key(
+        &self,
+        read_file: impl FnOnce(&str) -> Option<String>,
+    ) -> Result<Option<crate::SealingKey>, SettingsError> {
+        const EXPECTED: &str = "base64 of 32 random bytes";
+        if let Some((text, _)) = self.raw("sealing_key") {
+            return crate::SealingKey::from_base64(text).map(Some).map_err(|_| self.invalid("sealing_key", EXPECTED));
+        }
+        let Some((path, _)) = self.raw("sealing_key_file") else { return Ok(None) };
+        read_file(path.trim())
+            .and_then(|text| crate::SealingKey::from_base64(&text).ok())
+            .map(Some)
+            .ok_or_else(|| self.invalid("sealing_key_file", "a readable file holding base64 of 32 random bytes"))
+    }
+
     /// Checks a value already read with a custom parser, producing the same error shape.
     pub fn invalid(&self, key: &str, expected: &'static str) -> SettingsError {
         let origin = self.raw(key).map(|(_, o)| o).unwrap_or(Origin::Environment);
@@ -147,6 +164,20 @@ mod tests {
         assert!(!line.contains("secret-looking-value"));
         let err = s.required::<String>("database_url", "a postgres:// URL").unwrap_err();
         assert!(err.to_string().starts_with("missing setting SLUICE_DATABASE_URL"));
+    }
+
+    #[test]
+    fn sealing_key_inline_wins_then_file_then_none() {
+        const KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+        let read = |p: &str| (p == "/k").then(|| format!("{KEY}\n"));
+        let s = Sources::new(None, env(&[("SLUICE_SEALING_KEY_FILE", "/k")]), &[]).unwrap();
+        assert!(s.sealing_key(read).unwrap().is_some());
+        let s = Sources::new(None, env(&[("SLUICE_SEALING_KEY_FILE", "/missing")]), &[]).unwrap();
+        assert!(s.sealing_key(read).unwrap_err().to_string().contains("SLUICE_SEALING_KEY_FILE"));
+        let s =
+            Sources::new(None, env(&[("SLUICE_SEALING_KEY", "bad"), ("SLUICE_SEALING_KEY_FILE", "/k")]), &[]).unwrap();
+        assert!(s.sealing_key(read).unwrap_err().to_string().contains("SLUICE_SEALING_KEY "));
+        assert_eq!(Sources::new(None, env(&[]), &[]).unwrap().sealing_key(read).unwrap().map(|k| k.id().len()), None);
     }
 
     #[test]
