@@ -47,13 +47,7 @@ impl std::fmt::Debug for Config {
 impl Config {
     /// Reads the file (if any) and the given environment.
     pub fn load(file: Option<&Path>, env: BTreeMap<String, String>) -> Result<Config, SettingsError> {
-        let text = match file {
-            Some(path) => Some(
-                std::fs::read_to_string(path).map_err(|e| SettingsError::File(format!("{}: {e}", path.display())))?,
-            ),
-            None => None,
-        };
-        let s = Sources::new(text.as_deref(), env, KNOWN)?;
+        let s = Sources::from_path(file, |p| std::fs::read_to_string(p), env, KNOWN)?;
         let database_url = match s.optional::<String>("database_url", "a postgres:// URL")? {
             Some(url) => url,
             None => s

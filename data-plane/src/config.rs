@@ -49,13 +49,7 @@ fn addr(s: &str) -> SocketAddr {
 
 impl Config {
     pub fn load(file: Option<&Path>, env: BTreeMap<String, String>) -> Result<Config, SettingsError> {
-        let text = match file {
-            Some(path) => Some(
-                std::fs::read_to_string(path).map_err(|e| SettingsError::File(format!("{}: {e}", path.display())))?,
-            ),
-            None => None,
-        };
-        let s = Sources::new(text.as_deref(), env, KNOWN)?;
+        let s = Sources::from_path(file, |p| std::fs::read_to_string(p), env, KNOWN)?;
         let sealing_key = s
             .sealing_key(|path| std::fs::read_to_string(path).ok())?
             .ok_or_else(|| s.missing("sealing_key", "base64 of 32 random bytes (or SLUICE_SEALING_KEY_FILE)"))?;

@@ -67,6 +67,20 @@ impl Sources {
         Ok(Sources { file: flat, env })
     }
 
+    /// Like `new`, for a config file given by path; `read` is the shell's file reader.
+    pub fn from_path(
+        file: Option<&std::path::Path>,
+        read: impl FnOnce(&std::path::Path) -> std::io::Result<String>,
+        env: BTreeMap<String, String>,
+        known: &[&str],
+    ) -> Result<Self, SettingsError> {
+        let text = match file {
+            Some(path) => Some(read(path).map_err(|e| SettingsError::File(format!("{}: {e}", path.display())))?),
+            None => None,
+        };
+        Sources::new(text.as_deref(), env, known)
+    }
+
     fn env_name(key: &str) -> String {
         format!("SLUICE_{}", key.to_ascii_uppercase())
     }
