@@ -62,18 +62,6 @@ impl Projection {
     pub fn position(&self) -> Position {
         self.current().position()
     }
-
-    /// Waits until the projection has applied `position` (after a write, before answering).
-    pub async fn wait_for(&self, position: Position, timeout: std::time::Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        while self.position() < position {
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        true
-    }
 }
 
 fn apply_or_log(state: &mut AuthState, e: &sluice_events::RecordedEvent) {

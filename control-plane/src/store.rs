@@ -52,12 +52,6 @@ pub struct Appended {
     pub duplicate: bool,
 }
 
-impl Appended {
-    pub fn last_position(&self) -> Option<Position> {
-        self.positions.last().copied()
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("version conflict on stream {stream}: expected {expected}, found {}", actual.map_or("no stream".to_owned(), |v| format!("version {v}")))]

@@ -23,10 +23,8 @@ fn nats_runs_with_jetstream_and_stops_on_drop() {
     let (port, pid) = (nats.port, nats.pid());
     drop(nats);
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err(), "port closed after drop");
-    assert!(
-        !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            || eventually(Duration::from_secs(2), || { !std::path::Path::new(&format!("/proc/{pid}")).exists() })
-    );
+    let gone = || !std::path::Path::new(&format!("/proc/{pid}")).exists();
+    assert!(eventually(Duration::from_secs(2), gone), "nats-server {pid} still running after drop");
 }
 
 #[test]
