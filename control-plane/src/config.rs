@@ -17,7 +17,136 @@ const KNOWN: &[&str] = &[
     "sealing_key_file",
     "sls_app",
     "instance_id",
+    "admin_username",
+    "admin_password",
+    "api_jwt_secret",
+    "api_jwt_jwks_url",
+    "api_jwt_role_claim",
+    "api_jwt_jwks_refresh_secs",
+    "rate_limit_api",
+    "rate_limit_stats",
+    "rate_limit_config",
+    "remote_allowed_cidrs",
+    "max_body_bytes",
+    "request_timeout_ms",
+    "cors_allowed_origins",
+    "content_security_policy",
+    "public_rtmp_url",
+    "public_srt_url",
 ];
+
+/// A comma-separated list (a TOML array works too), e.g. `127.0.0.1/32,::1/128`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct List(pub Vec<String>);
+
+impl std::str::FromStr for List {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let inner = s.trim().trim_start_matches('[').trim_end_matches(']');
+        Ok(List(
+            inner
+                .split(',')
+                .map(|p| p.trim().trim_matches('"').trim_matches('\'').to_owned())
+                .filter(|p| !p.is_empty())
+                .collect(),
+        ))
+    }
+}
+
+/// How the API is protected and limited (DESIGN.md §8).
+#[derive(Clone)]
+pub struct ApiSettings {
+    /// SRS-style static admin (`Authorization: Basic base64(user:password)`).
+    pub admin_user: Option<(String, sluice_events::SecretString)>,
+    /// HS256 secret (at least 32 bytes) for API JWTs.
+    pub jwt_secret: Option<sluice_events::SecretString>,
+    pub jwt_jwks_url: Option<String>,
+    pub jwt_role_claim: String,
+    pub jwt_jwks_refresh_secs: u64,
+    /// Requests per minute per client IP: SRT Live Server's classes and defaults.
+    pub rate_api: u32,
+    pub rate_stats: u32,
+    pub rate_config: u32,
+    pub remote_allowed_cidrs: Vec<sluice_events::Cidr>,
+    pub max_body_bytes: usize,
+    pub request_timeout_ms: u64,
+    /// `*` or a list of origins; empty disables CORS.
+    pub cors_allowed_origins: Vec<String>,
+    pub content_security_policy: Option<String>,
+    pub public_rtmp_url: String,
+    pub public_srt_url: String,
+}
+
+impl std::fmt::Debug for ApiSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiSettings")
+            .field("admin_user", &self.admin_user.as_ref().map(|(u, _)| u))
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
+            .field("jwt_jwks_url", &self.jwt_jwks_url)
+            .field("rate_api", &self.rate_api)
+            .field("rate_stats", &self.rate_stats)
+            .field("rate_config", &self.rate_config)
+            .field("remote_allowed_cidrs", &self.remote_allowed_cidrs)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiSettings {
+    fn load(s: &Sources) -> Result<ApiSettings, SettingsError> {
+        let user: Option<String> = s.optional("admin_username", "a user name")?;
+        let password: Option<String> = s.optional("admin_password", "a password of at least 12 characters")?;
+        let admin_user = match (user, password) {
+            (Some(u), Some(p)) if p.len() >= 12 && !u.contains(':') && !u.is_empty() => {
+                Some((u, sluice_events::SecretString::new(p)))
+            }
+            (Some(_), Some(_)) => {
+                return Err(
+                    s.invalid("admin_password", "a password of at least 12 characters (and a user without ':')")
+                );
+            }
+            (Some(_), None) => return Err(s.missing("admin_password", "a password of at least 12 characters")),
+            (None, Some(_)) => return Err(s.missing("admin_username", "a user name")),
+            (None, None) => None,
+        };
+        let jwt_secret: Option<String> = s.optional("api_jwt_secret", "an HS256 secret of at least 32 bytes")?;
+        if jwt_secret.as_ref().is_some_and(|k| k.len() < 32) {
+            return Err(s.invalid("api_jwt_secret", "an HS256 secret of at least 32 bytes"));
+        }
+        let jwt_jwks_url: Option<String> = s.optional("api_jwt_jwks_url", "an http(s):// URL")?;
+        if jwt_jwks_url.as_ref().is_some_and(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {
+            return Err(s.invalid("api_jwt_jwks_url", "an http(s):// URL"));
+        }
+        let cidrs: List =
+            s.or("remote_allowed_cidrs", List(vec!["127.0.0.1/32".into(), "::1/128".into()]), "comma-separated CIDRs")?;
+        let remote_allowed_cidrs = cidrs
+            .0
+            .iter()
+            .map(|c| sluice_events::Cidr::parse(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| s.invalid("remote_allowed_cidrs", "comma-separated CIDRs like 10.0.0.0/8,::1/128"))?;
+        let positive = |key: &str, default: u32| -> Result<u32, SettingsError> {
+            let v: u32 = s.or(key, default, "a positive number of requests per minute")?;
+            if v == 0 { Err(s.invalid(key, "a positive number of requests per minute")) } else { Ok(v) }
+        };
+        Ok(ApiSettings {
+            admin_user,
+            jwt_secret: jwt_secret.map(sluice_events::SecretString::new),
+            jwt_jwks_url,
+            jwt_role_claim: s.or("api_jwt_role_claim", "role".to_owned(), "a claim name")?,
+            jwt_jwks_refresh_secs: s.or("api_jwt_jwks_refresh_secs", 300, "seconds")?,
+            rate_api: positive("rate_limit_api", 30)?,
+            rate_stats: positive("rate_limit_stats", 300)?,
+            rate_config: positive("rate_limit_config", 20)?,
+            remote_allowed_cidrs,
+            max_body_bytes: s.or("max_body_bytes", 64 * 1024, "a size in bytes")?,
+            request_timeout_ms: s.or("request_timeout_ms", 10_000, "milliseconds")?,
+            cors_allowed_origins: s.or("cors_allowed_origins", List(vec![]), "comma-separated origins or *")?.0,
+            content_security_policy: s.optional("content_security_policy", "a Content-Security-Policy value")?,
+            public_rtmp_url: s.or("public_rtmp_url", "rtmp://127.0.0.1:1935".to_owned(), "an rtmp:// URL")?,
+            public_srt_url: s.or("public_srt_url", "srt://127.0.0.1:4200".to_owned(), "an srt:// URL")?,
+        })
+    }
+}
 
 #[derive(Clone)]
 pub struct Config {
@@ -28,6 +157,7 @@ pub struct Config {
     pub sealing_key: Option<SealingKey>,
     pub sls_app: AppName,
     pub instance_id: String,
+    pub api: ApiSettings,
 }
 
 impl std::fmt::Debug for Config {
@@ -40,6 +170,7 @@ impl std::fmt::Debug for Config {
             .field("sealing_key", &self.sealing_key.as_ref().map(SealingKey::id))
             .field("sls_app", &self.sls_app)
             .field("instance_id", &self.instance_id)
+            .field("api", &self.api)
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +213,7 @@ impl Config {
                 "an app name (letters, digits, '_', '-')",
             )?,
             instance_id: s.or("instance_id", default_instance_id(), "an instance name")?,
+            api: ApiSettings::load(&s)?,
         })
     }
 

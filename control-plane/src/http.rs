@@ -1,5 +1,5 @@
-//! The HTTP surface. For now: `/health` (no auth, SRT Live Server's shape) and `/ready`
-//! (Postgres reachable and the projection caught up with the log).
+//! Probes: `/health` (no auth, SRT Live Server's shape) and `/ready` (Postgres reachable and
+//! the projection caught up with the log). Outside the API's allow-list and audit.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -8,27 +8,28 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::projection::Projection;
-use crate::store::EventStore;
+use crate::api::ApiState;
 
-#[derive(Debug, Clone)]
-pub struct AppState {
-    pub store: EventStore,
-    pub projection: Projection,
+pub fn router() -> Router<ApiState> {
+    Router::new().route("/health", get(health)).route("/ready", get(ready))
 }
 
-pub fn router(state: AppState) -> Router {
-    Router::new().route("/health", get(health)).route("/ready", get(ready)).with_state(state)
+/// SRT Live Server's member order.
+#[derive(Debug, serde::Serialize)]
+struct Health {
+    status: &'static str,
+    service: &'static str,
+    version: &'static str,
 }
 
 async fn health() -> impl IntoResponse {
-    Json(json!({"status": "ok", "service": "sluice-control", "version": env!("CARGO_PKG_VERSION")}))
+    Json(Health { status: "ok", service: "sluice-control", version: env!("CARGO_PKG_VERSION") })
 }
 
-async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    match state.store.head().await {
+async fn ready(State(api): State<ApiState>) -> impl IntoResponse {
+    match api.writer.store().head().await {
         Ok(head) => {
-            let applied = state.projection.position();
+            let applied = api.writer.projection().position();
             let ok = applied >= head;
             let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             (status, Json(json!({"ready": ok, "log_head": head.0, "applied": applied.0})))

@@ -2,7 +2,9 @@
 //! bootstrap of a fresh log. The decisions themselves live in `sluice-events`.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod bootstrap;
+pub mod commands;
 pub mod config;
 pub mod http;
 pub mod projection;

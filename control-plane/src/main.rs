@@ -2,15 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use sluice_control_plane::bootstrap::{self, Bootstrap};
 use sluice_control_plane::config::Config;
-use sluice_control_plane::http::{self, AppState};
-use sluice_control_plane::projection::Projection;
 use sluice_control_plane::{EventStore, connect, store};
-use sluice_events::{AuthState, Keyring, Position, Timestamp};
+use sluice_events::{AuthState, Position, Timestamp};
 
 #[derive(Parser, Debug)]
 #[command(name = "sluice-control", version, about = "Sluice control plane")]
@@ -38,6 +35,8 @@ enum Cmd {
     },
     /// Print the JSON Schema of every event (the content of schemas/events.schema.json).
     Schema,
+    /// Print the OpenAPI document (the content of schemas/openapi.json).
+    Openapi,
 }
 
 fn main() -> ExitCode {
@@ -48,9 +47,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    if let Cmd::Schema = cli.command {
-        print!("{}", sluice_events::schema::events_schema_text());
-        return ExitCode::SUCCESS;
+    match cli.command {
+        Cmd::Schema => {
+            print!("{}", sluice_events::schema::events_schema_text());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Openapi => {
+            print!("{}", sluice_control_plane::api::openapi::document_text());
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
     }
     let config = match Config::load(cli.config.as_deref(), std::env::vars().collect()) {
         Ok(c) => c,
@@ -118,13 +124,13 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
             println!("position {} digest {}", state.position(), state.digest().to_hex());
         }
         Cmd::Serve => serve(pool, config).await?,
-        Cmd::Schema => {}
+        Cmd::Schema | Cmd::Openapi => {}
     }
     Ok(ExitCode::SUCCESS)
 }
 
 async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::error::Error>> {
-    let sealing = config.require_sealing_key()?.clone();
+    config.require_sealing_key()?;
     store::migrate(&pool).await?;
     let store = EventStore::start(pool);
     match bootstrap::run(&store, config.bootstrap_admin_key.as_deref(), &config.sls_app, now()).await? {
@@ -139,15 +145,16 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
         }
         Bootstrap::NotNeeded => {}
     }
-    let projection = Projection::start(&store, Some(Arc::new(Keyring::new(sealing)))).await?;
-    tracing::info!(position = %projection.position(), "projection caught up");
-    let app = http::router(AppState { store, projection });
+    let (app, api) = sluice_control_plane::api::build(&config, store).await?;
+    tracing::info!(position = %api.writer.projection().position(), "projection caught up");
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_API_LISTEN): {e}", config.api_listen))?;
     tracing::info!(addr = %config.api_listen, "sluice-control listening");
     println!("sluice-control listening on http://{}", config.api_listen);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown()).await?;
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown())
+        .await?;
     tracing::info!("sluice-control stopped");
     Ok(())
 }

@@ -1,16 +1,32 @@
 //! The control plane's read model: `AuthState` folded from the log at start and kept live
 //! through the store's subscription. Reads never hit Postgres.
+//!
+//! Beside the state it keeps, per log stream, the version of its last event (the expected
+//! version of the next append) and, per API key, when it was last used (from the batched
+//! `ApiAccessed` audit events, so no request writes an event of its own).
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
-use sluice_events::{AuthState, Keyring, Position};
+use sluice_events::{AuthState, Event, KeyId, Keyring, Position, RecordedEvent, Timestamp};
+use tokio::sync::watch;
 
 use crate::store::{EventStore, StoreError};
 
-/// Shared, always-current state. Writers (one task) apply; readers clone an `Arc`.
+#[derive(Debug, Default)]
+struct Side {
+    /// Log stream → (version, position) of its last event.
+    versions: HashMap<String, (u64, Position)>,
+    last_used: HashMap<KeyId, Timestamp>,
+}
+
+/// Shared, always-current state. One task applies; readers clone an `Arc`.
 #[derive(Debug, Clone)]
 pub struct Projection {
     state: Arc<RwLock<Arc<AuthState>>>,
+    side: Arc<Mutex<Side>>,
+    applied: watch::Receiver<Position>,
 }
 
 impl Projection {
@@ -20,6 +36,7 @@ impl Projection {
             Some(k) => AuthState::with_keyring(k),
             None => AuthState::new(),
         };
+        let mut side = Side::default();
         loop {
             let page = store.read_all(state.position(), 5000).await?;
             if page.is_empty() {
@@ -27,29 +44,50 @@ impl Projection {
             }
             for e in &page {
                 apply_or_log(&mut state, e);
+                side.note(e);
             }
         }
-        let projection = Projection { state: Arc::new(RwLock::new(Arc::new(state))) };
+        let (tx, applied) = watch::channel(state.position());
+        let projection =
+            Projection { state: Arc::new(RwLock::new(Arc::new(state))), side: Arc::new(Mutex::new(side)), applied };
         let mut sub = store.subscribe(projection.position()).await?;
         let live = projection.clone();
         tokio::spawn(async move {
+            let mut burst = Vec::new();
             while let Some(first) = sub.recv().await {
                 // Copy-on-write, once per burst: readers keep their snapshot, the next read sees
                 // every event that had arrived.
                 let mut s = (*live.current()).clone();
                 let mut next = Some(first);
+                let mut stop = false;
                 while let Some(item) = next.take() {
                     match item {
-                        Ok(e) => apply_or_log(&mut s, &e),
+                        Ok(e) => {
+                            apply_or_log(&mut s, &e);
+                            burst.push(e);
+                        }
                         Err(e) => {
                             tracing::error!(error = %e, "projection stopped: the log holds an event this build cannot read");
-                            *live.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
-                            return;
+                            stop = true;
+                            break;
                         }
                     }
                     next = sub.try_recv();
                 }
+                let position = s.position();
                 *live.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(s);
+                // Versions are published after the state that contains them, so a command that
+                // reads a version and then the state never validates against an older state.
+                {
+                    let mut side = live.side.lock().unwrap_or_else(|p| p.into_inner());
+                    for e in burst.drain(..) {
+                        side.note(&e);
+                    }
+                }
+                tx.send_replace(position);
+                if stop {
+                    return;
+                }
             }
         });
         Ok(projection)
@@ -60,11 +98,62 @@ impl Projection {
     }
 
     pub fn position(&self) -> Position {
-        self.current().position()
+        *self.applied.borrow()
+    }
+
+    /// The version and position of a log stream's last event, `None` if it has none.
+    pub fn stream_version(&self, stream: &str) -> Option<(u64, Position)> {
+        self.side.lock().unwrap_or_else(|p| p.into_inner()).versions.get(stream).copied()
+    }
+
+    /// When a key was last used, as far as this instance knows (its own requests and the
+    /// audit batches of every instance).
+    pub fn last_used(&self, key: &KeyId) -> Option<Timestamp> {
+        self.side.lock().unwrap_or_else(|p| p.into_inner()).last_used.get(key).copied()
+    }
+
+    /// Records a use seen by this instance before its audit batch reaches the log.
+    pub fn touch(&self, key: &KeyId, at: Timestamp) {
+        let mut side = self.side.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = side.last_used.entry(key.clone()).or_insert(at);
+        *slot = (*slot).max(at);
+    }
+
+    /// Waits until the projection has applied `position`; false on timeout.
+    pub async fn wait_for(&self, position: Position, timeout: Duration) -> bool {
+        let mut rx = self.applied.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|p| *p >= position)).await.is_ok_and(|r| r.is_ok())
+    }
+
+    /// Waits for the next applied burst (or the timeout).
+    pub async fn changed(&self, timeout: Duration) {
+        let mut rx = self.applied.clone();
+        rx.mark_unchanged();
+        let _ = tokio::time::timeout(timeout, rx.changed()).await;
     }
 }
 
-fn apply_or_log(state: &mut AuthState, e: &sluice_events::RecordedEvent) {
+impl Side {
+    fn note(&mut self, e: &RecordedEvent) {
+        match self.versions.get_mut(e.stream.as_str()) {
+            Some(v) if v.0 >= e.version => {}
+            Some(v) => *v = (e.version, e.position),
+            None => {
+                self.versions.insert(e.stream.clone(), (e.version, e.position));
+            }
+        }
+        if let Event::ApiAccessed(batch) = &e.event {
+            for entry in &batch.entries {
+                let Some(id) = entry.subject.strip_prefix("key:") else { continue };
+                let Ok(key) = KeyId::parse(id) else { continue };
+                let slot = self.last_used.entry(key).or_insert(entry.at);
+                *slot = (*slot).max(entry.at);
+            }
+        }
+    }
+}
+
+fn apply_or_log(state: &mut AuthState, e: &RecordedEvent) {
     if let Err(err) = state.apply(e) {
         tracing::error!(error = %err, "projection could not apply an event");
     }

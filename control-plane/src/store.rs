@@ -277,6 +277,15 @@ impl EventStore {
         Ok(events)
     }
 
+    /// The position of an event, if it is in the log (idempotent request replays).
+    pub async fn position_of(&self, event_id: Uuid) -> Result<Option<Position>, StoreError> {
+        let p: Option<i64> = sqlx::query_scalar("SELECT position FROM events WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(p.map(|p| Position(p as u64)))
+    }
+
     /// Every event of one stream, in version order.
     pub async fn read_stream(&self, stream: &str) -> Result<Vec<RecordedEvent>, StoreError> {
         let rows =

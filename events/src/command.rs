@@ -186,6 +186,9 @@ pub fn handle(state: &AuthState, command: Command, now: Timestamp) -> Result<Vec
             if state.api_keys.contains_key(&key_id) {
                 return Err(exists("key", key_id));
             }
+            if state.api_key_by_secret(&secret_sha256).is_some() {
+                return Err(invalid("secret", "already used by another key"));
+            }
             check_text("name", &Some(name.clone()))?;
             check_future("expires_at", expires_at, now)?;
             one(ApiKeyCreated { key_id, name, role, secret_sha256, cidrs, expires_at }.into())

@@ -32,6 +32,8 @@ pub struct ApiKey {
     pub cidrs: Vec<Cidr>,
     pub expires_at: Option<Timestamp>,
     pub revoked: bool,
+    /// When the key's `ApiKeyCreated` was recorded.
+    pub created_at: Timestamp,
 }
 
 /// Something derived from an opened secret. `Debug` never shows it, so a state can be
@@ -55,8 +57,9 @@ pub struct AppSecret {
     pub(crate) mac: Option<Opened<Hmac<Sha256>>>,
 }
 
+/// A public key from a JWK set, with the one algorithm it may verify.
 #[derive(Debug, Clone)]
-pub(crate) struct JwkKey {
+pub struct JwkKey {
     pub kid: Option<String>,
     pub alg: Algorithm,
     pub key: DecodingKey,
@@ -84,6 +87,14 @@ pub struct Subscriber {
     pub blocked_until: Option<Timestamp>,
     /// The last TOTP step accepted: a code at or before it is a replay.
     pub last_step: Option<u64>,
+}
+
+impl App {
+    /// The opened bytes of an app secret, when this node holds the sealing key (the control
+    /// plane mints JWTs and hash tokens with them).
+    pub fn secret_bytes(&self, kind: SecretKind) -> Option<&[u8]> {
+        self.secrets.get(&kind)?.plain.as_ref().map(|o| &*o.0)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +180,8 @@ pub struct AuthState {
     position: Position,
     keyring: Option<Arc<Keyring>>,
     pub api_keys: BTreeMap<KeyId, ApiKey>,
+    /// Secret digest → key id, for `Authorization: Bearer <key>`.
+    api_key_ids: HashMap<Sha256Digest, KeyId, DigestHasher>,
     pub apps: BTreeMap<AppName, App>,
     pub tokens: HashMap<Sha256Digest, Token, DigestHasher>,
     pub nodes: BTreeMap<NodeId, Node>,
@@ -213,9 +226,16 @@ impl AuthState {
         self.keyring.as_ref()?.open(sealed, purpose).ok().map(|p| Opened(Arc::from(p)))
     }
 
-    fn apply_event(&mut self, event: &Event, _at: Timestamp) {
+    /// The key whose secret has this SHA-256, revoked or not (the caller checks).
+    pub fn api_key_by_secret(&self, digest: &Sha256Digest) -> Option<(&KeyId, &ApiKey)> {
+        let id = self.api_key_ids.get(digest)?;
+        self.api_keys.get_key_value(id)
+    }
+
+    fn apply_event(&mut self, event: &Event, at: Timestamp) {
         match event {
             Event::ApiKeyCreated(e) => {
+                self.api_key_ids.insert(e.secret_sha256, e.key_id.clone());
                 self.api_keys.insert(
                     e.key_id.clone(),
                     ApiKey {
@@ -225,6 +245,7 @@ impl AuthState {
                         cidrs: e.cidrs.clone(),
                         expires_at: e.expires_at,
                         revoked: false,
+                        created_at: at,
                     },
                 );
             }
@@ -520,7 +541,7 @@ fn build_totp(secret: Option<&Opened<Arc<[u8]>>>, settings: TotpSettings) -> Opt
 
 /// The public keys of a JWK set that Sluice accepts: RSA (RS256) and P-256 (ES256). Symmetric
 /// keys in a JWKS are ignored, so an HMAC key can never be confused with a public key.
-fn jwks_keys(raw: &serde_json::Value) -> Vec<JwkKey> {
+pub fn jwks_keys(raw: &serde_json::Value) -> Vec<JwkKey> {
     let Ok(set) = serde_json::from_value::<JwkSet>(raw.clone()) else {
         return Vec::new();
     };

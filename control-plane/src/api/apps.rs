@@ -1,0 +1,172 @@
+//! `/v1/apps`: apps, their publish/play policy, and secret rotation (returned once, sealed
+//! in the log).
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use sluice_events::state::App;
+use sluice_events::{AppName, AuthState, Command, NewSecret, Policy, Role, SecretKind};
+
+use super::body::{OptionalJson, StrictJson};
+use super::error::ApiError;
+use super::{ApiState, Ctx, now, random, written};
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct CreateApp {
+    pub name: AppName,
+    /// Defaults to open publish and play with undefined streams accepted (a fresh SRS or Ant
+    /// Media app).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AppView {
+    pub name: AppName,
+    pub policy: Policy,
+    pub streams: usize,
+    /// Which secrets are set (never their values).
+    pub secrets: Vec<SecretKind>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AppList {
+    pub apps: Vec<AppView>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+pub struct RotateSecret {
+    /// The new secret; 32 random bytes (base64url) are generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RotatedSecret {
+    pub app: AppName,
+    pub kind: SecretKind,
+    /// Shown once; the log keeps it sealed.
+    pub secret: String,
+}
+
+/// Reads and app lifecycle (write / read roles).
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/apps", get(list).post(create))
+        .route("/apps/{app}", get(read).delete(delete))
+        .route("/apps/{app}/policy", get(read_policy))
+}
+
+/// Configuration (admin, `config` rate class).
+pub fn config_router() -> Router<ApiState> {
+    Router::new()
+        .route("/apps/{app}/policy", axum::routing::put(replace_policy))
+        .route("/apps/{app}/secrets/{kind}", post(rotate))
+}
+
+pub fn app_name(app: &str) -> Result<AppName, ApiError> {
+    AppName::parse(app).map_err(|_| ApiError::not_found("app", app))
+}
+
+pub fn lookup<'a>(state: &'a AuthState, app: &AppName) -> Result<&'a App, ApiError> {
+    state.apps.get(app).ok_or_else(|| ApiError::not_found("app", app))
+}
+
+fn view(name: &AppName, app: &App) -> AppView {
+    AppView {
+        name: name.clone(),
+        policy: app.policy.clone(),
+        streams: app.streams.len(),
+        secrets: app.secrets.keys().copied().collect(),
+    }
+}
+
+async fn create(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    StrictJson(req): StrictJson<CreateApp>,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Write)?;
+    let policy = req.policy.unwrap_or_default();
+    let name = req.name;
+    let committed = api
+        .writer
+        .run(&ctx.origin(), now(), |_| Ok(Command::CreateApp { app: name.clone(), policy: policy.clone() }))
+        .await?;
+    let state = api.writer.projection().current();
+    Ok(written(StatusCode::CREATED, committed, Some(view(&name, lookup(&state, &name)?))))
+}
+
+async fn list(State(api): State<ApiState>, ctx: Ctx) -> Result<Json<AppList>, ApiError> {
+    ctx.require(Role::Read)?;
+    let state = api.writer.projection().current();
+    Ok(Json(AppList { apps: state.apps.iter().map(|(n, a)| view(n, a)).collect() }))
+}
+
+async fn read(State(api): State<ApiState>, ctx: Ctx, Path(app): Path<String>) -> Result<Json<AppView>, ApiError> {
+    ctx.require(Role::Read)?;
+    let name = app_name(&app)?;
+    let state = api.writer.projection().current();
+    Ok(Json(view(&name, lookup(&state, &name)?)))
+}
+
+async fn delete(State(api): State<ApiState>, ctx: Ctx, Path(app): Path<String>) -> Result<Response, ApiError> {
+    ctx.require(Role::Write)?;
+    let name = app_name(&app)?;
+    let committed = api.writer.run(&ctx.origin(), now(), |_| Ok(Command::DeleteApp { app: name.clone() })).await?;
+    Ok(written::<()>(StatusCode::NO_CONTENT, committed, None))
+}
+
+async fn read_policy(State(api): State<ApiState>, ctx: Ctx, Path(app): Path<String>) -> Result<Json<Policy>, ApiError> {
+    ctx.require(Role::Read)?;
+    let name = app_name(&app)?;
+    let state = api.writer.projection().current();
+    Ok(Json(lookup(&state, &name)?.policy.clone()))
+}
+
+async fn replace_policy(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(app): Path<String>,
+    StrictJson(policy): StrictJson<Policy>,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Admin)?;
+    let name = app_name(&app)?;
+    let committed = api
+        .writer
+        .run(&ctx.origin(), now(), |_| Ok(Command::SetPolicy { app: name.clone(), policy: policy.clone() }))
+        .await?;
+    let state = api.writer.projection().current();
+    Ok(written(StatusCode::OK, committed, Some(lookup(&state, &name)?.policy.clone())))
+}
+
+async fn rotate(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((app, kind)): Path<(String, String)>,
+    OptionalJson(body): OptionalJson<RotateSecret>,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Admin)?;
+    let name = app_name(&app)?;
+    let kind = match kind.as_str() {
+        "hash" => SecretKind::Hash,
+        "jwt" => SecretKind::Jwt,
+        "webhook" => SecretKind::Webhook,
+        _ => return Err(ApiError::not_found("secret kind", kind)),
+    };
+    let secret = body
+        .and_then(|b| b.secret)
+        .unwrap_or_else(|| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random::<32>()));
+    let sealed = NewSecret::for_app(&api.sealing, &name, kind, secret.as_bytes(), random::<24>());
+    let committed = api
+        .writer
+        .run(&ctx.origin(), now(), |_| Ok(Command::RotateAppSecret { app: name.clone(), kind, secret: sealed.clone() }))
+        .await?;
+    let body = (!committed.replayed).then(|| RotatedSecret { app: name.clone(), kind, secret });
+    Ok(written(StatusCode::OK, committed, body))
+}

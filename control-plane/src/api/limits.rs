@@ -1,0 +1,94 @@
+//! Per client IP, per endpoint class rate limits (SRT Live Server's classes: `api`, `stats`,
+//! `config`, in requests per minute) with `governor`, and the API's IP allow-list
+//! (Ant Media's `remoteAllowedCIDR`, loopback only by default).
+
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use super::error::ApiError;
+use super::{ApiState, ClientIp};
+
+/// SRT Live Server's endpoint classes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// Streams, tokens, subscribers, reads.
+    Api,
+    /// Live statistics.
+    Stats,
+    /// Keys, policies, secrets: configuration.
+    Config,
+}
+
+#[derive(Debug)]
+pub struct Limiters {
+    api: DefaultKeyedRateLimiter<IpAddr>,
+    stats: DefaultKeyedRateLimiter<IpAddr>,
+    config: DefaultKeyedRateLimiter<IpAddr>,
+    clock: DefaultClock,
+}
+
+fn per_minute(n: u32) -> Quota {
+    Quota::per_minute(NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN))
+}
+
+impl Limiters {
+    pub fn new(api: u32, stats: u32, config: u32) -> Arc<Limiters> {
+        Arc::new(Limiters {
+            api: RateLimiter::keyed(per_minute(api)),
+            stats: RateLimiter::keyed(per_minute(stats)),
+            config: RateLimiter::keyed(per_minute(config)),
+            clock: DefaultClock::default(),
+        })
+    }
+
+    /// `Ok` when the request may go on; otherwise the seconds to wait.
+    pub fn check(&self, class: Class, ip: IpAddr) -> Result<(), u64> {
+        let limiter = match class {
+            Class::Api => &self.api,
+            Class::Stats => &self.stats,
+            Class::Config => &self.config,
+        };
+        limiter.check_key(&ip).map_err(|not_until| not_until.wait_time_from(self.clock.now()).as_secs() + 1)
+    }
+
+    /// Forgets idle clients now and then so the tables stay small.
+    pub fn spawn_housekeeping(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                let Some(l) = me.upgrade() else { return };
+                l.api.retain_recent();
+                l.stats.retain_recent();
+                l.config.retain_recent();
+            }
+        });
+    }
+}
+
+/// Middleware: one class's limit.
+pub async fn rate_limit(State((api, class)): State<(ApiState, Class)>, req: Request, next: Next) -> Response {
+    let ip = ClientIp::of_request(&req);
+    match api.limiters.check(class, ip) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => ApiError::RateLimited(wait).into_response(),
+    }
+}
+
+/// Middleware: the API's IP allow-list.
+pub async fn allow_list(State(api): State<ApiState>, req: Request, next: Next) -> Response {
+    let ip = ClientIp::of_request(&req);
+    if sluice_events::ids::cidrs_allow(&api.settings.remote_allowed_cidrs, ip) {
+        next.run(req).await
+    } else {
+        ApiError::Forbidden("this address may not use the API (remote_allowed_cidrs)").into_response()
+    }
+}

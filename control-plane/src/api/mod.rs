@@ -1,0 +1,257 @@
+//! The REST API (DESIGN.md §8): the native routes under `/v1`, the SRT Live Server and Ant
+//! Media compatibility routes, and the layers every request passes: IP allow-list, audit,
+//! per-class rate limits, body size limit, timeout, CORS and CSP. Each resource module
+//! exposes a `router()`; `router()` here assembles them.
+
+pub mod antmedia;
+pub mod apps;
+pub mod audit;
+pub mod auth;
+pub mod body;
+pub mod compat;
+pub mod error;
+pub mod events;
+pub mod keys;
+pub mod limits;
+pub mod openapi;
+pub mod sls;
+pub mod streams;
+pub mod subscribers;
+pub mod tokens;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::connect_info::MockConnectInfo;
+use axum::extract::{ConnectInfo, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router, middleware};
+use rand::RngCore;
+use serde::Serialize;
+use sluice_events::{Keyring, SealingKey, Timestamp};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
+
+use audit::AuditLog;
+pub use audit::AuditSlot;
+use auth::{Authenticator, Principal};
+use error::ApiError;
+use limits::{Class, Limiters};
+
+use crate::commands::{Committed, Origin, Writer};
+use crate::config::{ApiSettings, Config};
+use crate::store::EventStore;
+
+/// Everything a handler needs. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ApiState {
+    pub writer: Writer,
+    pub auth: Authenticator,
+    pub limiters: Arc<Limiters>,
+    pub audit: AuditLog,
+    pub settings: Arc<ApiSettings>,
+    pub sealing: Arc<SealingKey>,
+    pub sls_app: sluice_events::AppName,
+    pub http: reqwest::Client,
+}
+
+impl ApiState {
+    /// Wires the API to a running store and projection, and starts its background tasks
+    /// (audit batching, limiter housekeeping, JWKS refresh).
+    pub fn start(config: &Config, writer: Writer, sealing: SealingKey) -> ApiState {
+        let settings = Arc::new(config.api.clone());
+        let auth = Authenticator::new(&settings);
+        auth.spawn_jwks_refresh(Duration::from_secs(settings.jwt_jwks_refresh_secs.max(10)));
+        let limiters = Limiters::new(settings.rate_api, settings.rate_stats, settings.rate_config);
+        limiters.spawn_housekeeping();
+        let audit = AuditLog::start(writer.store().clone(), config.instance_id.clone());
+        ApiState {
+            writer,
+            auth,
+            limiters,
+            audit,
+            settings,
+            sealing: Arc::new(sealing),
+            sls_app: config.sls_app.clone(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// A keyring that opens what this instance seals.
+    pub fn keyring(&self) -> Keyring {
+        Keyring::new((*self.sealing).clone())
+    }
+}
+
+/// Starts store-backed pieces for a `Config` (used by `serve` and by the tests).
+pub async fn build(config: &Config, store: EventStore) -> Result<(Router, ApiState), crate::store::StoreError> {
+    let sealing =
+        config.require_sealing_key().map_err(|e| crate::store::StoreError::InvalidAppend(e.to_string()))?.clone();
+    let projection =
+        crate::projection::Projection::start(&store, Some(Arc::new(Keyring::new(sealing.clone())))).await?;
+    let writer = Writer::new(store, projection);
+    let state = ApiState::start(config, writer, sealing);
+    Ok((router(state.clone()), state))
+}
+
+pub fn now() -> Timestamp {
+    Timestamp(chrono::Utc::now().timestamp_millis())
+}
+
+/// Random bytes for secrets and nonces.
+pub fn random<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    rand::rng().fill_bytes(&mut b);
+    b
+}
+
+/// The peer address of the connection (no forwarded headers are trusted).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientIp(pub IpAddr);
+
+impl ClientIp {
+    pub fn of(parts: &Parts) -> IpAddr {
+        Self::from_extensions(&parts.extensions)
+    }
+
+    pub fn of_request(req: &Request) -> IpAddr {
+        Self::from_extensions(req.extensions())
+    }
+
+    /// The connection's peer (or the tests' `MockConnectInfo`); unknown is 0.0.0.0, which no
+    /// default allow-list admits.
+    fn from_extensions(ext: &axum::http::Extensions) -> IpAddr {
+        if let Some(c) = ext.get::<ConnectInfo<SocketAddr>>() {
+            return c.0.ip();
+        }
+        ext.get::<MockConnectInfo<SocketAddr>>().map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |c| c.0.ip())
+    }
+}
+
+/// The caller of a native route: who, from where, with which idempotency key.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub principal: Principal,
+    pub ip: IpAddr,
+    pub idempotency_key: Option<String>,
+    scope: String,
+}
+
+impl Ctx {
+    pub fn origin(&self) -> Origin {
+        Origin {
+            actor: self.principal.subject.clone(),
+            client_ip: Some(self.ip),
+            request_id: None,
+            idempotency: self.idempotency_key.clone().map(|k| (self.scope.clone(), k)),
+        }
+    }
+
+    pub fn require(&self, role: sluice_events::Role) -> Result<(), ApiError> {
+        self.principal.require(role).map(|_| ())
+    }
+}
+
+impl FromRequestParts<ApiState> for Ctx {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &ApiState) -> Result<Ctx, ApiError> {
+        let principal = Principal::from_request_parts(parts, api).await?;
+        let idempotency_key = match parts.headers.get("idempotency-key") {
+            None => None,
+            Some(v) => {
+                let k = v.to_str().ok().filter(|k| !k.is_empty() && k.len() <= 255 && k.is_ascii());
+                Some(
+                    k.ok_or_else(|| ApiError::BadRequest("Idempotency-Key must be 1 to 255 ASCII characters".into()))?
+                        .to_owned(),
+                )
+            }
+        };
+        Ok(Ctx {
+            principal,
+            ip: ClientIp::of(parts),
+            idempotency_key,
+            scope: format!("{} {}", parts.method, parts.uri.path()),
+        })
+    }
+}
+
+/// A response to a write: the status, the body, and the log position in `Sluice-Position`.
+pub fn written<T: Serialize>(status: StatusCode, committed: Committed, body: Option<T>) -> Response {
+    let mut response = match body {
+        Some(b) => (status, Json(b)).into_response(),
+        None => status.into_response(),
+    };
+    let headers = response.headers_mut();
+    headers.insert("sluice-position", HeaderValue::from(committed.position.0));
+    if committed.replayed {
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// The whole HTTP surface.
+pub fn router(api: ApiState) -> Router {
+    let settings = api.settings.clone();
+    let limited = |r: Router<ApiState>, class: Class| {
+        r.route_layer(middleware::from_fn_with_state((api.clone(), class), limits::rate_limit))
+    };
+    let v1 = Router::new()
+        .merge(limited(keys::router(), Class::Config))
+        .merge(limited(apps::config_router(), Class::Config))
+        .merge(limited(apps::router(), Class::Api))
+        .merge(limited(streams::router(), Class::Api))
+        .merge(limited(tokens::router(), Class::Api))
+        .merge(limited(subscribers::router(), Class::Api))
+        .merge(limited(events::router(), Class::Api))
+        .merge(limited(openapi::router(), Class::Stats));
+    let sls = Router::new()
+        .merge(limited(sls::api_router(), Class::Api))
+        .merge(limited(sls::config_router(), Class::Config))
+        .merge(limited(sls::stats_router(), Class::Stats))
+        .layer(middleware::from_fn(compat::sls_envelope));
+    let ams = limited(antmedia::router(), Class::Api).layer(middleware::from_fn(compat::antmedia_envelope));
+    let api_routes = Router::new()
+        .nest("/v1", v1)
+        .merge(sls)
+        .merge(ams)
+        .fallback(|| async { ApiError::NotFound { what: "route", id: "this path".into() } })
+        .layer(middleware::from_fn_with_state(api.clone(), audit::record))
+        .layer(middleware::from_fn_with_state(api.clone(), limits::allow_list));
+    let mut app = Router::new()
+        .merge(crate::http::router())
+        .merge(api_routes)
+        .with_state(api)
+        .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Duration::from_millis(settings.request_timeout_ms.max(100)),
+        ));
+    if let Some(csp) = settings.content_security_policy.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+        app = app.layer(SetResponseHeaderLayer::overriding(header::CONTENT_SECURITY_POLICY, csp));
+    }
+    if !settings.cors_allowed_origins.is_empty() {
+        let origins = if settings.cors_allowed_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(settings.cors_allowed_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE, Method::OPTIONS])
+                .allow_headers([
+                    header::AUTHORIZATION,
+                    header::CONTENT_TYPE,
+                    header::ACCEPT,
+                    HeaderName::from_static("idempotency-key"),
+                ])
+                .expose_headers([HeaderName::from_static("sluice-position")]),
+        );
+    }
+    app
+}

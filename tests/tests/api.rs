@@ -1,0 +1,1039 @@
+//! The REST API against a real Postgres 15, through `Router::oneshot` (the whole layer stack:
+//! allow-list, audit, rate limits, body limit): every credential kind, every resource, the
+//! compatibility shapes, and the bad-input cases of issue 3.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::connect_info::MockConnectInfo;
+use axum::http::{HeaderMap, Method, Request, StatusCode};
+use base64::Engine as _;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use sluice_control_plane::api::ApiState;
+use sluice_control_plane::config::Config;
+use sluice_control_plane::{EventStore, bootstrap, connect, store};
+use sluice_events::{AccessRequest, Outcome, Position, Protocol, Timestamp};
+use sluice_tests::Postgres;
+use tower::ServiceExt;
+
+const ADMIN: &str = "sk_test_admin_secret_0123456789abcdef";
+const SEALING: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+const API_JWT_SECRET: &str = "an-api-jwt-secret-of-at-least-32-bytes!!";
+
+struct Api {
+    pg: Postgres,
+    router: Router,
+    state: ApiState,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+    /// The body exactly as sent (compatibility shapes are compared byte for byte).
+    text: String,
+}
+
+async fn given_api(extra: &[(&str, &str)]) -> Api {
+    let pg = Postgres::start().unwrap();
+    let mut env: std::collections::BTreeMap<String, String> = [
+        ("SLUICE_DATABASE_URL", pg.url()),
+        ("SLUICE_SEALING_KEY", SEALING.into()),
+        ("SLUICE_BOOTSTRAP_ADMIN_KEY", ADMIN.into()),
+        ("SLUICE_INSTANCE_ID", "test".into()),
+        ("SLUICE_RATE_LIMIT_API", "100000".into()),
+        ("SLUICE_RATE_LIMIT_CONFIG", "100000".into()),
+        ("SLUICE_RATE_LIMIT_STATS", "100000".into()),
+        ("SLUICE_API_JWT_SECRET", API_JWT_SECRET.into()),
+        ("SLUICE_ADMIN_USERNAME", "root".into()),
+        ("SLUICE_ADMIN_PASSWORD", "correct horse battery".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    for (k, v) in extra {
+        env.insert((*k).to_owned(), (*v).to_owned());
+    }
+    let config = Config::load(None, env).unwrap();
+    let pool = connect(&config.database_url).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    let store = EventStore::start(pool);
+    bootstrap::run(&store, Some(ADMIN), &config.sls_app, Timestamp(chrono::Utc::now().timestamp_millis()))
+        .await
+        .unwrap();
+    let (router, state) = sluice_control_plane::api::build(&config, store).await.unwrap();
+    let router = router.layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
+    Api { pg, router, state }
+}
+
+impl Api {
+    async fn send(&self, req: Request<Body>) -> Reply {
+        let res = self.router.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        Reply { status, headers, body, text: String::from_utf8_lossy(&bytes).into_owned() }
+    }
+
+    async fn call(&self, method: Method, path: &str, auth: Option<&str>, body: Option<Value>) -> Reply {
+        let mut req = Request::builder().method(method).uri(path);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let req = match body {
+            Some(b) => req.header("content-type", "application/json").body(Body::from(b.to_string())),
+            None => req.body(Body::empty()),
+        };
+        self.send(req.unwrap()).await
+    }
+
+    async fn admin(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
+        self.call(method, path, Some(&format!("Bearer {ADMIN}")), body).await
+    }
+
+    async fn raw(&self, method: Method, path: &str, content_type: Option<&str>, body: &'static [u8]) -> Reply {
+        let mut req = Request::builder().method(method).uri(path).header("authorization", format!("Bearer {ADMIN}"));
+        if let Some(ct) = content_type {
+            req = req.header("content-type", ct);
+        }
+        self.send(req.body(Body::from(body)).unwrap()).await
+    }
+
+    async fn key(&self, role: &str, extra: Value) -> (String, String) {
+        let mut body = json!({"name": format!("{role} key"), "role": role});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let r = self.admin(Method::POST, "/v1/keys", Some(body)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        (r.body["id"].as_str().unwrap().to_owned(), r.body["secret"].as_str().unwrap().to_owned())
+    }
+
+    async fn log(&self) -> Vec<sluice_events::RecordedEvent> {
+        self.state.writer.store().read_all(Position::ZERO, 10_000).await.unwrap()
+    }
+}
+
+fn bearer(secret: &str) -> String {
+    format!("Bearer {secret}")
+}
+
+fn basic(user: &str, secret: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{secret}")))
+}
+
+fn problem_type(r: &Reply) -> &str {
+    r.body["type"].as_str().unwrap_or("")
+}
+
+fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[tokio::test]
+async fn api_keys_every_credential_kind_and_role() {
+    let api = given_api(&[]).await;
+    // No credentials: 401 with a challenge, problem+json.
+    let r = api.call(Method::GET, "/v1/apps", None, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.headers["www-authenticate"].to_str().unwrap().contains("Bearer"));
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert_eq!(problem_type(&r), "https://sluice.dev/problems/unauthorized");
+
+    let (id, secret) = api.key("write", json!({})).await;
+    let (_, reader) = api.key("read", json!({})).await;
+    // Bearer and Basic(id:secret) are the same key.
+    assert_eq!(api.call(Method::GET, "/v1/apps", Some(&bearer(&secret)), None).await.status, StatusCode::OK);
+    assert_eq!(api.call(Method::GET, "/v1/apps", Some(&basic(&id, &secret)), None).await.status, StatusCode::OK);
+    assert_eq!(
+        api.call(Method::GET, "/v1/apps", Some(&basic(&id, "wrong")), None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let r = api.call(Method::GET, "/v1/apps", Some("Basic !!!not-base64"), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(!r.body.to_string().contains("not-base64"), "never echo credentials");
+    // Roles: write may not manage keys, read may not write.
+    assert_eq!(api.call(Method::GET, "/v1/keys", Some(&bearer(&secret)), None).await.status, StatusCode::FORBIDDEN);
+    let r = api.call(Method::POST, "/v1/apps", Some(&bearer(&reader)), Some(json!({"name": "x"}))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(problem_type(&r), "https://sluice.dev/problems/forbidden");
+    // The static admin (SRS style).
+    let r = api.call(Method::GET, "/v1/keys", Some(&basic("root", "correct horse battery")), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(
+        api.call(Method::GET, "/v1/keys", Some(&basic("root", "wrong password!")), None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // The secret is shown once: never in a list or a get.
+    let listed = api.admin(Method::GET, "/v1/keys", None).await;
+    assert!(!listed.body.to_string().contains(&secret));
+    assert!(listed.body["keys"].as_array().unwrap().iter().any(|k| k["id"] == id.as_str()));
+    // Revoked: 401.
+    let r = api.admin(Method::DELETE, &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert!(r.headers.contains_key("sluice-position"));
+    let r = api.call(Method::GET, "/v1/apps", Some(&bearer(&secret)), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.body["detail"].as_str().unwrap().contains("revoked"));
+    assert_eq!(api.admin(Method::DELETE, &format!("/v1/keys/{id}"), None).await.status, StatusCode::NOT_FOUND);
+    // CIDR-bound key used from elsewhere: 403.
+    let (_, far) = api.key("read", json!({"cidrs": ["10.0.0.0/8"]})).await;
+    assert_eq!(api.call(Method::GET, "/v1/apps", Some(&bearer(&far)), None).await.status, StatusCode::FORBIDDEN);
+    // Expiring key: works, then 401.
+    let (_, brief) = api.key("read", json!({"expires_at": now_secs() + 1})).await;
+    assert_eq!(api.call(Method::GET, "/v1/apps", Some(&bearer(&brief)), None).await.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = api.call(Method::GET, "/v1/apps", Some(&bearer(&brief)), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert!(r.body["detail"].as_str().unwrap().contains("expired"));
+    // Expiry in the past and invalid CIDRs are refused at creation.
+    let r = api.admin(Method::POST, "/v1/keys", Some(json!({"name": "x", "role": "read", "expires_at": 1}))).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r =
+        api.admin(Method::POST, "/v1/keys", Some(json!({"name": "x", "role": "read", "cidrs": ["10.0.0.0/33"]}))).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = api.admin(Method::POST, "/v1/keys", Some(json!({"name": "x", "role": "root"}))).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // No key secret reaches the log.
+    assert!(!format!("{:?}", api.log().await).contains(&reader));
+}
+
+fn api_jwt(claims: Value, secret: &[u8]) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn api_jwts_are_verified_and_carry_the_role() {
+    let api = given_api(&[]).await;
+    let exp = now_secs() + 300;
+    let admin = api_jwt(json!({"sub": "ops", "role": "admin", "exp": exp}), API_JWT_SECRET.as_bytes());
+    assert_eq!(api.call(Method::GET, "/v1/keys", Some(&bearer(&admin)), None).await.status, StatusCode::OK);
+    // Ant Media sends the bare token.
+    assert_eq!(api.call(Method::GET, "/v1/keys", Some(&admin), None).await.status, StatusCode::OK);
+    let reader = api_jwt(json!({"sub": "ops", "role": "read", "exp": exp}), API_JWT_SECRET.as_bytes());
+    assert_eq!(api.call(Method::GET, "/v1/keys", Some(&bearer(&reader)), None).await.status, StatusCode::FORBIDDEN);
+    let wrong_key = api_jwt(json!({"role": "admin", "exp": exp}), b"some-other-secret-of-32-bytes-or-more!!");
+    assert_eq!(
+        api.call(Method::GET, "/v1/keys", Some(&bearer(&wrong_key)), None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    let expired = api_jwt(json!({"role": "admin", "exp": now_secs() - 60}), API_JWT_SECRET.as_bytes());
+    assert_eq!(api.call(Method::GET, "/v1/keys", Some(&bearer(&expired)), None).await.status, StatusCode::UNAUTHORIZED);
+    let no_exp = api_jwt(json!({"role": "admin"}), API_JWT_SECRET.as_bytes());
+    assert_eq!(api.call(Method::GET, "/v1/keys", Some(&bearer(&no_exp)), None).await.status, StatusCode::UNAUTHORIZED);
+    // Tampered payload: the signature no longer matches.
+    let mut parts: Vec<String> = reader.split('.').map(str::to_owned).collect();
+    parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(json!({"sub": "ops", "role": "admin", "exp": exp}).to_string());
+    let tampered = parts.join(".");
+    assert_eq!(
+        api.call(Method::GET, "/v1/keys", Some(&bearer(&tampered)), None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // alg: none.
+    let none_header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#);
+    let unsigned = format!("{none_header}.{}.", parts[1]);
+    assert_eq!(
+        api.call(Method::GET, "/v1/keys", Some(&bearer(&unsigned)), None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn api_jwts_from_a_jwks_url_and_its_forced_refresh() {
+    // The identity provider: a real HTTP server serving a JWK set, empty at first.
+    let jwks = std::sync::Arc::new(std::sync::Mutex::new(json!({"keys": []})));
+    let served = jwks.clone();
+    let idp = Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let v = served.lock().unwrap().clone();
+            async move { axum::Json(v) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, idp).await.unwrap() });
+    let api = given_api(&[("SLUICE_API_JWT_JWKS_URL", &url), ("SLUICE_API_JWT_ROLE_CLAIM", "sluice_role")]).await;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("rsa-1".into());
+    let key = jsonwebtoken::EncodingKey::from_rsa_der(include_bytes!("../../events/tests/fixtures/rsa.der"));
+    let token =
+        jsonwebtoken::encode(&header, &json!({"sub": "ci", "sluice_role": "admin", "exp": now_secs() + 300}), &key)
+            .unwrap();
+    // Not in the JWKS yet.
+    assert_eq!(api.call(Method::GET, "/v1/keys", Some(&bearer(&token)), None).await.status, StatusCode::UNAUTHORIZED);
+    *jwks.lock().unwrap() = serde_json::from_str(include_str!("../../events/tests/fixtures/jwks.json")).unwrap();
+    let r = api.admin(Method::POST, "/v1/auth/jwks/refresh", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert!(r.body["keys"].as_u64().unwrap() >= 1);
+    assert_eq!(api.call(Method::GET, "/v1/keys", Some(&bearer(&token)), None).await.status, StatusCode::OK);
+    // The same header with HS256 signed by the RSA public key text: algorithm confusion.
+    let public = include_bytes!("../../events/tests/fixtures/rsa.pub.pem");
+    let confused = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sluice_role": "admin", "exp": now_secs() + 300}),
+        &jsonwebtoken::EncodingKey::from_secret(public),
+    )
+    .unwrap();
+    assert_eq!(
+        api.call(Method::GET, "/v1/keys", Some(&bearer(&confused)), None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn apps_policy_and_streams_round_trip_with_positions() {
+    let api = given_api(&[]).await;
+    let r = api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let position: u64 = r.headers["sluice-position"].to_str().unwrap().parse().unwrap();
+    assert!(position > 0);
+    assert_eq!(r.body["policy"]["publish"]["methods"], json!(["open"]));
+    assert_eq!(api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await.status, StatusCode::CONFLICT);
+    // Policy: replace and read back.
+    let policy = json!({
+        "publish": {"methods": ["one_time_token", "jwt"], "cidrs": ["10.0.0.0/8"], "accept_undefined_streams": false},
+        "play": {"methods": ["hash", "hmac", "totp"], "cidrs": [], "accept_undefined_streams": false},
+        "totp": {"period_secs": 30, "digits": 6}
+    });
+    let r = api.admin(Method::PUT, "/v1/apps/studio/policy", Some(policy.clone())).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = api.admin(Method::GET, "/v1/apps/studio/policy", None).await;
+    assert_eq!(r.body["publish"]["methods"], json!(["one_time_token", "jwt"]));
+    assert_eq!(r.body["totp"]["period_secs"], 30);
+    let mut bad = policy.clone();
+    bad["publish"]["method"] = json!("typo");
+    let r = api.admin(Method::PUT, "/v1/apps/studio/policy", Some(bad)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.body["detail"].as_str().unwrap().contains("publish.method"), "{:?}", r.body);
+    let webhook_without_url = json!({"publish": {"methods": ["webhook"]}, "play": {"methods": ["open"]}});
+    let r = api.admin(Method::PUT, "/v1/apps/studio/policy", Some(webhook_without_url)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    // Streams: register, read back at once, page, update, delete.
+    for n in ["cam-a", "cam-b", "cam-c"] {
+        let r = api.admin(Method::POST, "/v1/apps/studio/streams", Some(json!({"name": n}))).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        assert_eq!(api.admin(Method::GET, &format!("/v1/apps/studio/streams/{n}"), None).await.status, StatusCode::OK);
+    }
+    let r = api
+        .admin(
+            Method::POST,
+            "/v1/apps/studio/streams",
+            Some(json!({"name": "cam-d", "publish_name": "secret-key-d", "description": "desk"})),
+        )
+        .await;
+    assert_eq!(r.body["publish_name"], "secret-key-d");
+    let page1 = api.admin(Method::GET, "/v1/apps/studio/streams?limit=2", None).await;
+    assert_eq!(page1.body["streams"].as_array().unwrap().len(), 2);
+    assert_eq!(page1.body["next"], "cam-b");
+    let page2 = api.admin(Method::GET, "/v1/apps/studio/streams?limit=2&after=cam-b", None).await;
+    assert_eq!(page2.body["streams"][0]["name"], "cam-c");
+    assert_eq!(page2.body["next"], Value::Null);
+    let r = api.admin(Method::PATCH, "/v1/apps/studio/streams/cam-d", Some(json!({"description": null}))).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["description"], Value::Null);
+    assert_eq!(r.body["publish_name"], "secret-key-d", "an absent field is kept");
+    let r =
+        api.admin(Method::PATCH, "/v1/apps/studio/streams/cam-a", Some(json!({"publish_name": "secret-key-d"}))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(api.admin(Method::DELETE, "/v1/apps/studio/streams/cam-a", None).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(api.admin(Method::GET, "/v1/apps/studio/streams/cam-a", None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(api.admin(Method::DELETE, "/v1/apps/studio/streams/cam-a", None).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(api.admin(Method::GET, "/v1/apps/nope/streams", None).await.status, StatusCode::NOT_FOUND);
+    let r = api.admin(Method::GET, "/v1/apps", None).await;
+    let names: Vec<&str> = r.body["apps"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["live", "studio"]);
+    assert_eq!(api.admin(Method::DELETE, "/v1/apps/studio", None).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(api.admin(Method::GET, "/v1/apps/studio", None).await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_error_and_writes_nothing() {
+    let api = given_api(&[("SLUICE_MAX_BODY_BYTES", "2048")]).await;
+    api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    let before = api.log().await.len();
+    let post = "/v1/apps/studio/streams";
+    let cases: Vec<(&str, Reply, StatusCode, &str)> = vec![
+        (
+            "malformed",
+            api.raw(Method::POST, post, Some("application/json"), b"{\"name\": ").await,
+            StatusCode::BAD_REQUEST,
+            "malformed JSON",
+        ),
+        (
+            "not an object",
+            api.raw(Method::POST, post, Some("application/json"), b"[]").await,
+            StatusCode::BAD_REQUEST,
+            "expected a JSON object",
+        ),
+        (
+            "no content type",
+            api.raw(Method::POST, post, None, b"{\"name\":\"a\"}").await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "JSON",
+        ),
+        (
+            "text/plain",
+            api.raw(Method::POST, post, Some("text/plain"), b"{\"name\":\"a\"}").await,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "JSON",
+        ),
+        (
+            "unknown field",
+            api.admin(Method::POST, post, Some(json!({"name": "a", "colour": "red"}))).await,
+            StatusCode::BAD_REQUEST,
+            "unknown field `colour`",
+        ),
+        (
+            "wrong type",
+            api.admin(Method::POST, post, Some(json!({"name": 7}))).await,
+            StatusCode::BAD_REQUEST,
+            "invalid type",
+        ),
+        (
+            "missing",
+            api.admin(Method::POST, post, Some(json!({}))).await,
+            StatusCode::BAD_REQUEST,
+            "missing field `name`",
+        ),
+        (
+            "empty name",
+            api.admin(Method::POST, post, Some(json!({"name": ""}))).await,
+            StatusCode::BAD_REQUEST,
+            "empty",
+        ),
+        (
+            "slash",
+            api.admin(Method::POST, post, Some(json!({"name": "a/b"}))).await,
+            StatusCode::BAD_REQUEST,
+            "stream name",
+        ),
+        (
+            "control",
+            api.admin(Method::POST, post, Some(json!({"name": "a\u{7}"}))).await,
+            StatusCode::BAD_REQUEST,
+            "stream name",
+        ),
+        (
+            "oversized name",
+            api.admin(Method::POST, post, Some(json!({"name": "x".repeat(129)}))).await,
+            StatusCode::BAD_REQUEST,
+            "stream name",
+        ),
+        (
+            "control in description",
+            api.admin(Method::POST, post, Some(json!({"name": "ok", "description": "a\u{0}b"}))).await,
+            StatusCode::BAD_REQUEST,
+            "control characters",
+        ),
+        (
+            "oversized body",
+            api.admin(Method::POST, post, Some(json!({"name": "ok", "description": "d".repeat(4000)}))).await,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "limit",
+        ),
+        (
+            "past expiry",
+            api.admin(Method::POST, "/v1/keys", Some(json!({"name": "k", "role": "read", "expires_at": 1000}))).await,
+            StatusCode::BAD_REQUEST,
+            "future",
+        ),
+        (
+            "bad b32 length",
+            api.admin(
+                Method::POST,
+                "/v1/apps/studio/streams/s/subscribers",
+                Some(json!({"id": "u1", "secret_b32": "ABCDEFG"})),
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+            "multiple of 8",
+        ),
+        (
+            "short b32",
+            api.admin(
+                Method::POST,
+                "/v1/apps/studio/streams/s/subscribers",
+                Some(json!({"id": "u1", "secret_b32": "MZXW6YTB"})),
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+            "16 bytes",
+        ),
+        (
+            "bad b32 alphabet",
+            api.admin(
+                Method::POST,
+                "/v1/apps/studio/streams/s/subscribers",
+                Some(json!({"id": "u1", "secret_b32": "11111111111111111111111111111111"})),
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+            "base32",
+        ),
+        (
+            "bad limit",
+            api.admin(Method::GET, "/v1/apps/studio/streams?limit=0", None).await,
+            StatusCode::BAD_REQUEST,
+            "limit",
+        ),
+        (
+            "unknown query",
+            api.admin(Method::GET, "/v1/apps/studio/streams?colour=1", None).await,
+            StatusCode::BAD_REQUEST,
+            "",
+        ),
+        (
+            "unknown app",
+            api.admin(Method::POST, "/v1/apps/ghost/streams", Some(json!({"name": "a"}))).await,
+            StatusCode::NOT_FOUND,
+            "ghost",
+        ),
+        ("unknown route", api.admin(Method::GET, "/v1/nothing-here", None).await, StatusCode::NOT_FOUND, "route"),
+        (
+            "unknown secret kind",
+            api.admin(Method::POST, "/v1/apps/studio/secrets/ssh", None).await,
+            StatusCode::NOT_FOUND,
+            "secret kind",
+        ),
+        (
+            "short jwt secret",
+            api.admin(Method::POST, "/v1/apps/studio/secrets/jwt", Some(json!({"secret": "short"}))).await,
+            StatusCode::BAD_REQUEST,
+            "32 bytes",
+        ),
+    ];
+    for (name, reply, status, needle) in &cases {
+        assert_eq!(reply.status, *status, "{name}: {:?}", reply.body);
+        if reply.status != StatusCode::BAD_REQUEST || !needle.is_empty() {
+            let detail = reply.body["detail"].as_str().unwrap_or_default();
+            assert!(detail.contains(needle), "{name}: {detail:?} should mention {needle:?}");
+        }
+    }
+    assert_eq!(api.log().await.len(), before, "no bad request wrote an event");
+    // Duplicate: 409, and still one stream.
+    assert_eq!(api.admin(Method::POST, post, Some(json!({"name": "a"}))).await.status, StatusCode::CREATED);
+    let r = api.admin(Method::POST, post, Some(json!({"name": "a"}))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(problem_type(&r), "https://sluice.dev/problems/already-exists");
+}
+
+#[tokio::test]
+async fn tokens_jwts_hashes_and_subscribers_pass_decide() {
+    let api = given_api(&[]).await;
+    api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    let policy = json!({
+        "publish": {"methods": ["one_time_token", "jwt", "totp"], "accept_undefined_streams": false},
+        "play": {"methods": ["hash", "hmac"], "accept_undefined_streams": false}
+    });
+    assert_eq!(api.admin(Method::PUT, "/v1/apps/studio/policy", Some(policy)).await.status, StatusCode::OK);
+    api.admin(Method::POST, "/v1/apps/studio/streams", Some(json!({"name": "cam", "publish_name": "cam-key"}))).await;
+    let state = || api.state.writer.projection().current();
+    let decide_url = |url: &str, action: sluice_events::Action| {
+        let rest = url.strip_prefix("rtmp://127.0.0.1:1935/").unwrap();
+        let (app, key) = rest.split_once('/').unwrap();
+        let target = sluice_events::wire::parse_rtmp(app, key).unwrap();
+        let req = AccessRequest {
+            id: uuid::Uuid::new_v4(),
+            app: target.app,
+            stream: target.stream,
+            action,
+            protocol: Protocol::Rtmp,
+            client_ip: "127.0.0.1".parse().unwrap(),
+            credential: target.credential,
+        };
+        sluice_events::decide(&state(), &req, Timestamp(chrono::Utc::now().timestamp_millis()))
+    };
+    use sluice_events::Action::{Play, Publish};
+    // One-time token: the URL uses the publish name, decide allows and asks to consume it.
+    let r = api
+        .admin(
+            Method::POST,
+            "/v1/apps/studio/streams/cam/tokens",
+            Some(json!({"action": "publish", "expires_in": 600})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let url = r.body["rtmp_url"].as_str().unwrap();
+    assert!(url.starts_with("rtmp://127.0.0.1:1935/studio/cam-key?token="), "{url}");
+    assert!(r.body["srt_streamid"].as_str().unwrap().starts_with("#!::r=studio/cam-key,m=publish,t="));
+    let d = decide_url(url, Publish);
+    assert_eq!(d.outcome, Outcome::Allow, "{d:?}");
+    let token_id = r.body["id"].as_str().unwrap().to_owned();
+    let listed = api.admin(Method::GET, "/v1/apps/studio/streams/cam/tokens", None).await;
+    assert_eq!(listed.body["tokens"][0]["id"], token_id.as_str());
+    assert_eq!(listed.body["tokens"][0]["status"], "active");
+    assert!(!listed.body.to_string().contains(r.body["token"].as_str().unwrap()));
+    let r2 = api.admin(Method::DELETE, &format!("/v1/apps/studio/streams/cam/tokens/{token_id}"), None).await;
+    assert_eq!(r2.status, StatusCode::NO_CONTENT);
+    assert_eq!(decide_url(url, Publish).outcome, Outcome::Deny);
+    // JWT: needs the app's JWT secret first.
+    let r = api.admin(Method::POST, "/v1/apps/studio/streams/cam/jwt", Some(json!({"action": "publish"}))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let s = api.admin(Method::POST, "/v1/apps/studio/secrets/jwt", None).await;
+    assert_eq!(s.status, StatusCode::OK);
+    assert!(s.body["secret"].as_str().unwrap().len() >= 32);
+    assert!(!format!("{:?}", api.log().await).contains(s.body["secret"].as_str().unwrap()), "sealed in the log");
+    let r = api
+        .admin(Method::POST, "/v1/apps/studio/streams/cam/jwt", Some(json!({"action": "publish", "expires_in": 60})))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(decide_url(r.body["rtmp_url"].as_str().unwrap(), Publish).outcome, Outcome::Allow);
+    assert_eq!(
+        decide_url(&r.body["rtmp_url"].as_str().unwrap().replace("cam-key", "cam"), Publish).outcome,
+        Outcome::Deny
+    );
+    // Hash and HMAC.
+    api.admin(Method::POST, "/v1/apps/studio/secrets/hash", Some(json!({"secret": "a-hash-secret-of-16+"}))).await;
+    let r = api.admin(Method::POST, "/v1/apps/studio/streams/cam/hash", Some(json!({"action": "play"}))).await;
+    assert_eq!(r.body["method"], "hash");
+    assert_eq!(decide_url(r.body["rtmp_url"].as_str().unwrap(), Play).outcome, Outcome::Allow);
+    let r = api
+        .admin(Method::POST, "/v1/apps/studio/streams/cam/hash", Some(json!({"action": "play", "expires_in": 60})))
+        .await;
+    assert_eq!(r.body["method"], "hmac");
+    assert!(r.body["rtmp_url"].as_str().unwrap().contains("&expires="));
+    assert_eq!(decide_url(r.body["rtmp_url"].as_str().unwrap(), Play).outcome, Outcome::Allow);
+    // TOTP subscriber with a generated secret.
+    let r = api
+        .admin(
+            Method::POST,
+            "/v1/apps/studio/streams/cam/subscribers",
+            Some(json!({"id": "anchor", "action": "publish"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let b32 = r.body["secret_b32"].as_str().unwrap();
+    assert!(r.body["otpauth_uri"].as_str().unwrap().starts_with("otpauth://totp/Sluice:studio%2Fcam%2Fanchor?secret="));
+    let secret = base64_free_b32(b32);
+    let step = (now_secs() / 60) as u64;
+    let code = sluice_events::decide::totp_code(&secret, 6, 60, step).unwrap();
+    let url = format!("rtmp://127.0.0.1:1935/studio/cam-key?subscriberId=anchor&subscriberCode={code}");
+    assert_eq!(decide_url(&url, Publish).outcome, Outcome::Allow);
+    let r = api.admin(Method::POST, "/v1/apps/studio/streams/cam/subscribers", Some(json!({"id": "anchor"}))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    let r = api
+        .admin(Method::POST, "/v1/apps/studio/streams/cam/subscribers/anchor/block", Some(json!({"seconds": 300})))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(decide_url(&url, Publish).outcome, Outcome::Deny);
+    let listed = api.admin(Method::GET, "/v1/apps/studio/streams/cam/subscribers", None).await;
+    assert_eq!(listed.body["subscribers"][0]["id"], "anchor");
+    assert!(!listed.body.to_string().contains(b32));
+    assert_eq!(
+        api.admin(Method::DELETE, "/v1/apps/studio/streams/cam/subscribers/anchor", None).await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        api.admin(Method::DELETE, "/v1/apps/studio/streams/cam/subscribers/anchor", None).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+fn base64_free_b32(text: &str) -> Vec<u8> {
+    // RFC 4648 base32 decode without padding, for the test's own TOTP code.
+    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let mut bits: u64 = 0;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in text.bytes().filter(|c| *c != b'=') {
+        let v = alphabet.iter().position(|a| *a == c).unwrap() as u64;
+        bits = (bits << 5) | v;
+        n += 5;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn sls_compatibility_shapes() {
+    let api = given_api(&[]).await;
+    let admin = bearer(ADMIN);
+    let r = api
+        .call(
+            Method::POST,
+            "/api/stream-ids",
+            Some(&admin),
+            Some(json!({"publisher": "studio_1", "player": "live_stream", "description": "Main studio feed"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    insta::assert_snapshot!("sls_add", r.text);
+    let r = api
+        .call(
+            Method::POST,
+            "/api/stream-ids",
+            Some(&admin),
+            Some(json!({"publisher": "other", "player": "live_stream"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    insta::assert_snapshot!("sls_add_conflict", r.text);
+    let r = api.call(Method::GET, "/api/stream-ids", Some(&admin), None).await;
+    insta::assert_snapshot!("sls_list", r.text);
+    let r = api.call(Method::GET, "/api/stream-ids", None, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    insta::assert_snapshot!("sls_401", r.text);
+    let r = api
+        .call(Method::POST, "/api/keys", Some(&admin), Some(json!({"name": "Frontend App", "permissions": "read"})))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["status"], "success");
+    assert_eq!(r.body["message"], "Save this key securely. It cannot be retrieved again.");
+    let reader = r.body["api_key"].as_str().unwrap().to_owned();
+    let r = api.call(Method::DELETE, "/api/stream-ids/live_stream", Some(&bearer(&reader)), None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    insta::assert_snapshot!("sls_403", r.text);
+    let r = api.call(Method::GET, "/stats/live_stream", None, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    insta::assert_snapshot!("sls_stats", r.text);
+    let r = api.call(Method::GET, "/stats/live_stream?legacy=1&reset=1", None, None).await;
+    insta::assert_snapshot!("sls_stats_legacy", r.text);
+    let r = api.call(Method::GET, "/stats/nobody", None, None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    insta::assert_snapshot!("sls_stats_404", r.text);
+    let r = api.call(Method::DELETE, "/api/stream-ids/live_stream", Some(&admin), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    insta::assert_snapshot!("sls_delete", r.text);
+    let r = api.call(Method::DELETE, "/api/stream-ids/live_stream", Some(&admin), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    insta::assert_snapshot!("sls_delete_404", r.text);
+    let r = api.call(Method::POST, "/api/stream-ids", Some(&admin), Some(json!({"player": "x"}))).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["status"], "error");
+    let r = api.call(Method::GET, "/health", None, None).await;
+    assert_eq!(r.body["status"], "ok");
+    // The SLS app is registered-only with the names as credential.
+    let state = api.state.writer.projection().current();
+    let live = state.apps.get(&sluice_events::AppName::parse("live").unwrap()).unwrap();
+    assert!(!live.policy.publish.accept_undefined_streams);
+}
+
+#[tokio::test]
+async fn sls_rate_limit_storm_then_recovery() {
+    let api = given_api(&[("SLUICE_RATE_LIMIT_STATS", "600")]).await;
+    api.call(Method::POST, "/api/stream-ids", Some(&bearer(ADMIN)), Some(json!({"publisher": "p", "player": "q"})))
+        .await;
+    let mut limited = None;
+    for _ in 0..700 {
+        let r = api.call(Method::GET, "/stats/q", None, None).await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let r = limited.expect("the storm was limited");
+    assert_eq!(r.body, json!({"status": "error", "message": "Rate limit exceeded"}));
+    assert!(r.headers.contains_key("retry-after"));
+    // Other classes are separate.
+    assert_eq!(api.call(Method::GET, "/api/stream-ids", Some(&bearer(ADMIN)), None).await.status, StatusCode::OK);
+    // 600/min replenishes one every 100 ms.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(api.call(Method::GET, "/stats/q", None, None).await.status, StatusCode::OK);
+    // The native API's 429 is problem+json.
+    let api = given_api(&[("SLUICE_RATE_LIMIT_CONFIG", "2")]).await;
+    api.admin(Method::GET, "/v1/keys", None).await;
+    api.admin(Method::GET, "/v1/keys", None).await;
+    let r = api.admin(Method::GET, "/v1/keys", None).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(problem_type(&r), "https://sluice.dev/problems/rate-limited");
+    assert!(r.headers["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+}
+
+#[tokio::test]
+async fn antmedia_compatibility_shapes() {
+    let api = given_api(&[]).await;
+    let admin = bearer(ADMIN);
+    api.admin(
+        Method::POST,
+        "/v1/apps",
+        Some(json!({"name": "LiveApp", "policy": {
+            "publish": {"methods": ["one_time_token", "jwt", "totp"]},
+            "play": {"methods": ["one_time_token"]}
+        }})),
+    )
+    .await;
+    let r = api
+        .call(
+            Method::POST,
+            "/LiveApp/rest/v2/broadcasts/create",
+            Some(&admin),
+            Some(json!({"streamId": "stream1", "name": "My stream", "publishType": "RTMP"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["streamId"], "stream1");
+    assert_eq!(r.body["status"], "created");
+    let exp = now_secs() + 3600;
+    let r = api
+        .call(
+            Method::GET,
+            &format!("/LiveApp/rest/v2/broadcasts/stream1/token?expireDate={exp}&type=publish"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["streamId"], "stream1");
+    assert_eq!(r.body["expireDate"], exp);
+    assert_eq!(r.body["type"], "publish");
+    assert!(r.body["tokenId"].as_str().unwrap().len() >= 24);
+    let shape =
+        r.text.replace(r.body["tokenId"].as_str().unwrap(), "<token>").replace(&exp.to_string(), "<expireDate>");
+    insta::assert_snapshot!("ams_token", shape);
+    let r = api.call(Method::GET, "/LiveApp/rest/v2/broadcasts/stream1/token?type=publish", Some(&admin), None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["success"], false);
+    let r = api
+        .call(
+            Method::GET,
+            &format!("/LiveApp/rest/v2/broadcasts/stream1/jwt-token?expireDate={exp}&type=play"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "no JWT secret yet: {:?}", r.body);
+    api.admin(Method::POST, "/v1/apps/LiveApp/secrets/jwt", None).await;
+    let r = api
+        .call(
+            Method::GET,
+            &format!("/LiveApp/rest/v2/broadcasts/stream1/jwt-token?expireDate={exp}&type=play"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["tokenId"].as_str().unwrap().split('.').count(), 3);
+    let sub = json!({"subscriberId": "publisherA", "b32Secret": "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP", "type": "publish"});
+    let r = api
+        .call(Method::POST, "/LiveApp/rest/v2/broadcasts/stream1/subscribers", Some(&admin), Some(sub.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    insta::assert_snapshot!("ams_result", r.text);
+    let r = api
+        .call(
+            Method::POST,
+            "/LiveApp/rest/v2/broadcasts/stream1/subscribers",
+            Some(&admin),
+            Some(json!({"subscriberId": "b", "b32Secret": "mysecret", "type": "play"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.body["success"], false);
+    let r =
+        api.call(Method::GET, "/LiveApp/rest/v2/broadcasts/stream1/subscribers/list/0/10", Some(&admin), None).await;
+    insta::assert_snapshot!("ams_subscribers", r.text);
+    let r = api
+        .call(Method::DELETE, "/LiveApp/rest/v2/broadcasts/stream1/subscribers/publisherA", Some(&admin), None)
+        .await;
+    assert_eq!(r.body["success"], true);
+    let r =
+        api.call(Method::GET, "/LiveApp/rest/v2/broadcasts/stream1/subscribers/list/0/10", Some(&admin), None).await;
+    assert_eq!(r.body, json!([]));
+    let r = api
+        .call(
+            Method::GET,
+            &format!("/LiveApp/rest/v2/broadcasts/stream1/token?expireDate={exp}&type=publish"),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(r.body["success"], false);
+}
+
+#[tokio::test]
+async fn idempotency_keys_apply_a_retried_post_once() {
+    let api = given_api(&[]).await;
+    api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    let post = |key: &'static str| {
+        Request::builder()
+            .method(Method::POST)
+            .uri("/v1/apps/studio/streams")
+            .header("authorization", bearer(ADMIN))
+            .header("content-type", "application/json")
+            .header("idempotency-key", key)
+            .body(Body::from(json!({"name": "cam"}).to_string()))
+            .unwrap()
+    };
+    let first = api.send(post("retry-1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let again = api.send(post("retry-1")).await;
+    assert_eq!(again.status, StatusCode::CREATED, "{:?}", again.body);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.headers["sluice-position"], first.headers["sluice-position"]);
+    let registered = api.log().await.iter().filter(|e| e.event.event_type() == "StreamRegistered").count();
+    assert_eq!(registered, 1);
+    // A different key is a different request: the stream exists now.
+    assert_eq!(api.send(post("retry-2")).await.status, StatusCode::CONFLICT);
+}
+
+#[tokio::test]
+async fn concurrent_conflicting_writes_lose_no_update() {
+    let api = given_api(&[]).await;
+    api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    // 100 racing registrations of one name: exactly one wins.
+    let registrations = futures::future::join_all((0..100).map(|i| {
+        let body = json!({"name": "cam", "description": format!("writer {i}")});
+        api.admin(Method::POST, "/v1/apps/studio/streams", Some(body))
+    }))
+    .await;
+    let won = registrations.iter().filter(|r| r.status == StatusCode::CREATED).count();
+    let lost = registrations.iter().filter(|r| r.status == StatusCode::CONFLICT).count();
+    assert_eq!((won, lost), (1, 99));
+    // 100 racing updates: each one that answered 200 is in the log at its own version.
+    let updates = futures::future::join_all((0..100).map(|i| {
+        api.admin(Method::PATCH, "/v1/apps/studio/streams/cam", Some(json!({"description": format!("update {i}")})))
+    }))
+    .await;
+    let ok: Vec<&Reply> = updates.iter().filter(|r| r.status == StatusCode::OK).collect();
+    assert!(updates.iter().all(|r| r.status == StatusCode::OK || r.status == StatusCode::CONFLICT));
+    let log = api.state.writer.store().read_stream("stream-studio.cam").await.unwrap();
+    assert_eq!(log.len(), 1 + ok.len(), "one event per successful write, none for a 409");
+    assert_eq!(log.iter().map(|e| e.version).collect::<Vec<_>>(), (0..log.len() as u64).collect::<Vec<_>>());
+    // Each retry round lets at least the first writer at the current version through.
+    assert!(!ok.is_empty());
+    let final_description =
+        api.admin(Method::GET, "/v1/apps/studio/streams/cam", None).await.body["description"].clone();
+    let sluice_events::Event::StreamUpdated(last) = &log.last().unwrap().event else { panic!("not an update") };
+    assert_eq!(final_description, json!(last.description), "the projection shows the last committed write");
+}
+
+#[tokio::test]
+async fn postgres_down_is_a_503_and_reads_go_on() {
+    let mut api = given_api(&[]).await;
+    api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    api.pg.stop();
+    let r = api.admin(Method::POST, "/v1/apps/studio/streams", Some(json!({"name": "cam"}))).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert!(r.body["detail"].as_str().unwrap().contains("nothing was written"));
+    // Reads come from the projection.
+    let r = api.admin(Method::GET, "/v1/apps/studio", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["streams"], 0);
+    assert_eq!(api.call(Method::GET, "/ready", None, None).await.status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn events_audit_and_last_used() {
+    let api = given_api(&[]).await;
+    api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    let r = api.admin(Method::GET, "/v1/events?after=0&limit=2", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.body["events"].as_array().unwrap().len(), 2);
+    assert_eq!(r.body["events"][0]["type"], "ApiKeyCreated");
+    assert_eq!(r.body["next_after"], 2);
+    assert!(!r.body.to_string().contains(ADMIN));
+    let r = api.admin(Method::GET, "/v1/events?after=2", None).await;
+    assert_eq!(r.body["events"][0]["type"], "AppCreated");
+    // The audit arrives in batches (about once a second), not per request.
+    let mut found = None;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let log = api.log().await;
+        if let Some(e) = log.iter().find(|e| e.event.event_type() == "ApiAccessed") {
+            found = Some(e.clone());
+            break;
+        }
+    }
+    let e = found.expect("an ApiAccessed batch");
+    let sluice_events::Event::ApiAccessed(batch) = &e.event else { unreachable!() };
+    assert_eq!(batch.instance, "test");
+    assert!(batch.entries.len() >= 3);
+    assert!(
+        batch.entries.iter().any(|a| a.subject == "key:bootstrap-admin" && a.route == "/v1/apps" && a.status == 201)
+    );
+    let key = api.admin(Method::GET, "/v1/keys/bootstrap-admin", None).await;
+    assert!(key.body["last_used"].as_i64().unwrap() >= now_secs() - 60);
+    let r = api.call(Method::GET, "/v1/events", Some(&basic("root", "correct horse battery")), None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    // Server-Sent Events: the first frame is the first event.
+    let req = Request::builder()
+        .uri("/v1/events/stream?after=0")
+        .header("authorization", bearer(ADMIN))
+        .body(Body::empty())
+        .unwrap();
+    let res = api.router.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut body = res.into_body();
+    let frame = tokio::time::timeout(Duration::from_secs(5), body.frame()).await.unwrap().unwrap().unwrap();
+    let text = String::from_utf8(frame.into_data().unwrap().to_vec()).unwrap();
+    assert!(text.contains("event: ApiKeyCreated") && text.contains("id: 1"), "{text}");
+}
+
+#[tokio::test]
+async fn allow_list_cors_and_csp() {
+    let api = given_api(&[
+        ("SLUICE_REMOTE_ALLOWED_CIDRS", "10.0.0.0/8"),
+        ("SLUICE_CORS_ALLOWED_ORIGINS", "https://console.example"),
+        ("SLUICE_CONTENT_SECURITY_POLICY", "default-src 'self'"),
+    ])
+    .await;
+    let r = api.admin(Method::GET, "/v1/apps", None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.body["detail"].as_str().unwrap().contains("remote_allowed_cidrs"));
+    let r = api.call(Method::GET, "/health", None, None).await;
+    assert_eq!(r.status, StatusCode::OK, "probes are outside the allow-list");
+    assert_eq!(r.headers["content-security-policy"], "default-src 'self'");
+    let req = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/v1/apps")
+        .header("origin", "https://console.example")
+        .header("access-control-request-method", "POST")
+        .body(Body::empty())
+        .unwrap();
+    let r = api.send(req).await;
+    assert_eq!(r.headers["access-control-allow-origin"], "https://console.example");
+}
+
+#[tokio::test]
+async fn openapi_is_committed_and_every_documented_route_is_served() {
+    let api = given_api(&[]).await;
+    let served = api.call(Method::GET, "/v1/openapi.json", None, None).await;
+    assert_eq!(served.status, StatusCode::OK);
+    let text = sluice_control_plane::api::openapi::document_text();
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), served.body);
+    let path = sluice_tests::workspace_root().join("schemas/openapi.json");
+    if std::env::var_os("SLUICE_UPDATE_SCHEMAS").is_some() {
+        std::fs::write(&path, &text).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == text,
+        "schemas/openapi.json is stale: run SLUICE_UPDATE_SCHEMAS=1 cargo test -p sluice-tests --test api openapi"
+    );
+    let doc = served.body;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            if path.ends_with("/events/stream") {
+                continue; // an endless SSE body; served and read in events_audit_and_last_used
+            }
+            let concrete =
+                path.split('/').map(|s| if s.starts_with('{') { "x1" } else { s }).collect::<Vec<_>>().join("/");
+            let m = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let r = api.admin(m, &concrete, None).await;
+            assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            let detail = r.body.get("detail").and_then(Value::as_str).unwrap_or_default();
+            assert!(!detail.starts_with("route "), "{method} {path} is documented but not routed");
+        }
+    }
+}
