@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice_control_plane::bootstrap::{self, Bootstrap};
+use sluice_control_plane::client;
 use sluice_control_plane::config::Config;
 use sluice_control_plane::{EventStore, connect, store};
 use sluice_events::{AuthState, Position, Timestamp};
@@ -37,6 +38,43 @@ enum Cmd {
     Schema,
     /// Print the OpenAPI document (the content of schemas/openapi.json).
     Openapi,
+    /// API keys, through the REST API.
+    Keys {
+        #[command(flatten)]
+        remote: client::Remote,
+        #[command(subcommand)]
+        cmd: client::Keys,
+    },
+    /// Apps and their policies, through the REST API.
+    Apps {
+        #[command(flatten)]
+        remote: client::Remote,
+        #[command(subcommand)]
+        cmd: client::Apps,
+    },
+    /// Streams and their one-time tokens, through the REST API.
+    Streams {
+        #[command(flatten)]
+        remote: client::Remote,
+        #[command(subcommand)]
+        cmd: client::Streams,
+    },
+}
+
+/// Runs an operator command against the REST API (no database settings needed).
+fn remote(remote: client::Remote, call: Result<client::Call, String>) -> ExitCode {
+    let result = call.and_then(|call| {
+        tokio::runtime::Runtime::new()
+            .map_err(|e| format!("cannot start the runtime: {e}"))?
+            .block_on(client::send(&remote, call))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-control: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -56,6 +94,9 @@ fn main() -> ExitCode {
             print!("{}", sluice_control_plane::api::openapi::document_text());
             return ExitCode::SUCCESS;
         }
+        Cmd::Keys { remote: r, cmd } => return remote(r, client::keys(cmd)),
+        Cmd::Apps { remote: r, cmd } => return remote(r, client::apps(cmd)),
+        Cmd::Streams { remote: r, cmd } => return remote(r, client::streams(cmd)),
         _ => {}
     }
     let config = match Config::load(cli.config.as_deref(), std::env::vars().collect()) {
@@ -124,7 +165,7 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
             println!("position {} digest {}", state.position(), state.digest().to_hex());
         }
         Cmd::Serve => serve(pool, config).await?,
-        Cmd::Schema | Cmd::Openapi => {}
+        Cmd::Schema | Cmd::Openapi | Cmd::Keys { .. } | Cmd::Apps { .. } | Cmd::Streams { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }

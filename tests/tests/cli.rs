@@ -267,3 +267,44 @@ fn dataplane_check_config() {
     assert!(out.status.success());
     assert!(stdout(&out).contains("edge-7") && !stdout(&out).contains(SEALING_KEY));
 }
+
+/// The README walk-through with the operator CLI against a real server (real sockets, so the
+/// allow-list sees the real peer address): a key, an app, a stream, a token.
+#[tokio::test]
+async fn operator_cli_creates_a_key_an_app_a_stream_and_a_token() {
+    let pg = Postgres::start().unwrap();
+    let admin = "operator-cli-admin-key-0123456789abcdef";
+    let port = free_port();
+    let (server, _) = serve(&pg.url(), port, &[("SLUICE_BOOTSTRAP_ADMIN_KEY", admin)]);
+    let cli = |key: &str, args: &[&str]| {
+        let mut c = Command::new(binary("sluice-control"));
+        c.env_clear().env("SLUICE_API_URL", format!("http://127.0.0.1:{port}")).env("SLUICE_API_KEY", key).args(args);
+        run(c)
+    };
+    let out = cli(admin, &["keys", "create", "--name", "encoder", "--role", "write"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let created: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let writer = created["secret"].as_str().unwrap().to_owned();
+    assert_eq!(created["role"], "write");
+    let out = cli(&writer, &["apps", "create", "studio"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&writer, &["streams", "create", "studio", "cam1", "--publish-name", "cam1-key"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&writer, &["streams", "token", "studio", "cam1", "--action", "publish", "--expires-in", "600"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let token: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(token["rtmp_url"].as_str().unwrap().contains("/studio/cam1-key?token="));
+    let out = cli(&writer, &["streams", "list", "studio"]);
+    assert!(stdout(&out).contains("\"cam1\""));
+    // Errors: one line with the status and the problem's detail; exit 1.
+    let out = cli(&writer, &["keys", "list"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out).trim(), "sluice-control: 403 Forbidden: Insufficient permissions");
+    let out = cli(&writer, &["apps", "create", "studio"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("409 Conflict"), "{}", stderr(&out));
+    let out = cli("wrong-key", &["apps", "list"]);
+    assert!(stderr(&out).contains("401 Unauthorized"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("wrong-key"));
+    drop(server);
+}

@@ -1,0 +1,197 @@
+//! The operator CLI (`sluice-control keys|apps|streams|tokens …`): thin calls to the REST
+//! API, so an operator never needs curl and every change goes through the same commands,
+//! checks and audit as any API client. The key comes from `--key` or `SLUICE_API_KEY`
+//! (never echoed); the API from `--api` or `SLUICE_API_URL`.
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+#[derive(Args, Debug)]
+pub struct Remote {
+    /// Base URL of the control plane's API.
+    #[arg(long, env = "SLUICE_API_URL", default_value = "http://127.0.0.1:8080", global = true)]
+    pub api: String,
+    /// API key (or API JWT) to authenticate with.
+    #[arg(long, env = "SLUICE_API_KEY", hide_env_values = true, global = true)]
+    pub key: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Keys {
+    /// Create a key; its secret is printed once.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// admin, write or read.
+        #[arg(long)]
+        role: String,
+        /// Client CIDRs the key may be used from (repeat).
+        #[arg(long = "cidr")]
+        cidrs: Vec<String>,
+        /// Unix seconds after which the key stops working.
+        #[arg(long)]
+        expires_at: Option<i64>,
+    },
+    List,
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Apps {
+    /// Create an app (open policy unless --policy-file is given).
+    Create {
+        name: String,
+        /// A JSON file with the policy.
+        #[arg(long)]
+        policy_file: Option<std::path::PathBuf>,
+    },
+    List,
+    Get {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Replace the policy from a JSON file.
+    SetPolicy {
+        name: String,
+        file: std::path::PathBuf,
+    },
+    /// Rotate the hash, jwt or webhook secret; the new secret is printed once.
+    RotateSecret {
+        name: String,
+        kind: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Streams {
+    /// Register a stream in an app.
+    Create {
+        app: String,
+        name: String,
+        #[arg(long)]
+        publish_name: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    List {
+        app: String,
+    },
+    Get {
+        app: String,
+        name: String,
+    },
+    Delete {
+        app: String,
+        name: String,
+    },
+    /// Issue a one-time token (printed once, with the RTMP URL and SRT streamid).
+    Token {
+        app: String,
+        name: String,
+        /// publish or play.
+        #[arg(long)]
+        action: String,
+        /// Seconds until it expires.
+        #[arg(long)]
+        expires_in: Option<i64>,
+    },
+}
+
+/// What to send: method, path, body.
+pub type Call = (reqwest::Method, String, Option<Value>);
+
+fn read_json(path: &std::path::Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("{} is not JSON: {e}", path.display()))
+}
+
+pub fn keys(cmd: Keys) -> Result<Call, String> {
+    use reqwest::Method as M;
+    Ok(match cmd {
+        Keys::Create { name, role, cidrs, expires_at } => {
+            let mut body = json!({"name": name, "role": role, "cidrs": cidrs});
+            if let Some(t) = expires_at {
+                body["expires_at"] = json!(t);
+            }
+            (M::POST, "/v1/keys".into(), Some(body))
+        }
+        Keys::List => (M::GET, "/v1/keys".into(), None),
+        Keys::Revoke { id } => (M::DELETE, format!("/v1/keys/{id}"), None),
+    })
+}
+
+pub fn apps(cmd: Apps) -> Result<Call, String> {
+    use reqwest::Method as M;
+    Ok(match cmd {
+        Apps::Create { name, policy_file } => {
+            let mut body = json!({"name": name});
+            if let Some(p) = policy_file {
+                body["policy"] = read_json(&p)?;
+            }
+            (M::POST, "/v1/apps".into(), Some(body))
+        }
+        Apps::List => (M::GET, "/v1/apps".into(), None),
+        Apps::Get { name } => (M::GET, format!("/v1/apps/{name}"), None),
+        Apps::Delete { name } => (M::DELETE, format!("/v1/apps/{name}"), None),
+        Apps::SetPolicy { name, file } => (M::PUT, format!("/v1/apps/{name}/policy"), Some(read_json(&file)?)),
+        Apps::RotateSecret { name, kind } => (M::POST, format!("/v1/apps/{name}/secrets/{kind}"), None),
+    })
+}
+
+pub fn streams(cmd: Streams) -> Result<Call, String> {
+    use reqwest::Method as M;
+    Ok(match cmd {
+        Streams::Create { app, name, publish_name, description } => {
+            let mut body = json!({"name": name});
+            if let Some(p) = publish_name {
+                body["publish_name"] = json!(p);
+            }
+            if let Some(d) = description {
+                body["description"] = json!(d);
+            }
+            (M::POST, format!("/v1/apps/{app}/streams"), Some(body))
+        }
+        Streams::List { app } => (M::GET, format!("/v1/apps/{app}/streams?limit=1000"), None),
+        Streams::Get { app, name } => (M::GET, format!("/v1/apps/{app}/streams/{name}"), None),
+        Streams::Delete { app, name } => (M::DELETE, format!("/v1/apps/{app}/streams/{name}"), None),
+        Streams::Token { app, name, action, expires_in } => {
+            let mut body = json!({"action": action});
+            if let Some(s) = expires_in {
+                body["expires_in"] = json!(s);
+            }
+            (M::POST, format!("/v1/apps/{app}/streams/{name}/tokens"), Some(body))
+        }
+    })
+}
+
+/// Sends the call and prints the answer; Err carries the problem's detail.
+pub async fn send(remote: &Remote, (method, path, body): Call) -> Result<(), String> {
+    let key = remote.key.as_deref().ok_or("no API key: pass --key or set SLUICE_API_KEY")?;
+    let url = format!("{}{path}", remote.api.trim_end_matches('/'));
+    let mut req = reqwest::Client::new().request(method, &url).bearer_auth(key);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let res = req.send().await.map_err(|e| format!("cannot reach {}: {e}", remote.api))?;
+    let status = res.status();
+    let text = res.text().await.unwrap_or_default();
+    let value: Option<Value> = serde_json::from_str(&text).ok();
+    if status.is_success() {
+        match value {
+            Some(v) => println!("{}", serde_json::to_string_pretty(&v).unwrap_or(text)),
+            None => println!("ok ({})", status.as_u16()),
+        }
+        Ok(())
+    } else {
+        let detail = value
+            .as_ref()
+            .and_then(|v| v.get("detail").or_else(|| v.get("message")))
+            .and_then(Value::as_str)
+            .map_or(text.clone(), str::to_owned);
+        Err(format!("{} {}: {detail}", status.as_u16(), status.canonical_reason().unwrap_or("")))
+    }
+}
