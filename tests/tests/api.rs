@@ -884,6 +884,27 @@ async fn idempotency_keys_apply_a_retried_post_once() {
     assert_eq!(registered, 1);
     // A different key is a different request: the stream exists now.
     assert_eq!(api.send(post("retry-2")).await.status, StatusCode::CONFLICT);
+    // A replayed key creation never hands out a secret that was not the one stored.
+    let key = |path: &'static str, body: Value| {
+        Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header("authorization", bearer(ADMIN))
+            .header("content-type", "application/json")
+            .header("idempotency-key", "key-1")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let first = api.send(key("/v1/keys", json!({"name": "k", "role": "read"}))).await;
+    assert!(first.body["secret"].is_string());
+    let again = api.send(key("/v1/keys", json!({"name": "k", "role": "read"}))).await;
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert!(again.body.get("secret").is_none(), "{:?}", again.body);
+    let sls = api.send(key("/api/keys", json!({"name": "s", "permissions": "read"}))).await;
+    assert_eq!(sls.status, StatusCode::OK);
+    let sls_again = api.send(key("/api/keys", json!({"name": "s", "permissions": "read"}))).await;
+    assert_eq!(sls_again.status, StatusCode::CONFLICT);
+    assert_eq!(sls_again.body["status"], "error");
 }
 
 #[tokio::test]

@@ -125,7 +125,11 @@ async fn token(
 ) -> Result<Json<AmsToken>, ApiError> {
     let (app, stream) = names(&app, &stream)?;
     let (expire, action) = token_query(&q)?;
-    let (token, _, _) = issue_token(&api, &ctx, &app, &stream, action, Some(expire)).await?;
+    let (token, _, committed) = issue_token(&api, &ctx, &app, &stream, action, Some(expire)).await?;
+    if committed.replayed {
+        // The token of the first request was shown once and never stored.
+        return Err(ApiError::Conflict("this Idempotency-Key already issued a token; it was shown once".into()));
+    }
     Ok(token_body(&token, &stream, expire, action))
 }
 

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_events::state::ApiKey;
-use sluice_events::{AuthState, Cidr, Command, KeyId, Role, Sha256Digest, Timestamp};
+use sluice_events::{AuthState, Cidr, Command, Event, KeyId, Position, Role, Sha256Digest, Timestamp};
 
 use super::body::StrictJson;
 use super::error::ApiError;
@@ -110,8 +110,9 @@ pub fn new_key_material() -> (KeyId, String) {
     (KeyId::parse(&format!("k_{id}")).unwrap_or_else(|_| unreachable!("hex is a valid key id")), secret)
 }
 
-/// Creates a key (shared with the SLS `POST /api/keys` adapter).
-pub async fn create_key(api: &ApiState, ctx: &Ctx, req: CreateKey) -> Result<(KeyId, String, Response), ApiError> {
+/// Creates a key (shared with the SLS `POST /api/keys` adapter). The secret is `None` when an
+/// idempotent retry replayed an earlier creation: that secret was shown once and never stored.
+pub async fn create_key(api: &ApiState, ctx: &Ctx, req: CreateKey) -> Result<(Option<String>, Response), ApiError> {
     ctx.require(Role::Admin)?;
     let (generated, secret) = new_key_material();
     let id = req.id.unwrap_or(generated);
@@ -130,6 +131,16 @@ pub async fn create_key(api: &ApiState, ctx: &Ctx, req: CreateKey) -> Result<(Ke
             })
         })
         .await?;
+    // A replay created its key under the id of the first request: read it from that event.
+    let id = if committed.replayed {
+        let first = api.writer.store().read_all(Position(committed.position.0.saturating_sub(1)), 1).await?;
+        match first.first().map(|e| &e.event) {
+            Some(Event::ApiKeyCreated(e)) => e.key_id.clone(),
+            _ => return Err(ApiError::Conflict("the Idempotency-Key was used for a different request".into())),
+        }
+    } else {
+        id
+    };
     let state = api.writer.projection().current();
     let key = state.api_keys.get(&id).ok_or(ApiError::Internal)?;
     let view = view(api.writer.projection(), &id, key);
@@ -139,7 +150,8 @@ pub async fn create_key(api: &ApiState, ctx: &Ctx, req: CreateKey) -> Result<(Ke
     } else {
         serde_json::to_value(CreatedKey { key: view, secret: secret.clone() }).map_err(|_| ApiError::Internal)?
     };
-    Ok((id, secret, written(StatusCode::CREATED, committed, Some(body))))
+    let secret = (!committed.replayed).then_some(secret);
+    Ok((secret, written(StatusCode::CREATED, committed, Some(body))))
 }
 
 async fn create(
@@ -147,7 +159,7 @@ async fn create(
     ctx: Ctx,
     StrictJson(req): StrictJson<CreateKey>,
 ) -> Result<Response, ApiError> {
-    Ok(create_key(&api, &ctx, req).await?.2)
+    Ok(create_key(&api, &ctx, req).await?.1)
 }
 
 async fn list(State(api): State<ApiState>, ctx: Ctx) -> Result<Json<KeyList>, ApiError> {

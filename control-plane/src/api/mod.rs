@@ -80,11 +80,6 @@ impl ApiState {
             http: reqwest::Client::new(),
         }
     }
-
-    /// A keyring that opens what this instance seals.
-    pub fn keyring(&self) -> Keyring {
-        Keyring::new((*self.sealing).clone())
-    }
 }
 
 /// Starts store-backed pieces for a `Config` (used by `serve` and by the tests).

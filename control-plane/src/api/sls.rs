@@ -194,7 +194,10 @@ async fn new_key(
     StrictJson(req): StrictJson<NewKey>,
 ) -> Result<Response, ApiError> {
     let create = CreateKey { name: req.name, role: req.permissions, id: None, cidrs: vec![], expires_at: None };
-    let (_, secret, _) = create_key(&api, &ctx, create).await?;
+    let (secret, _) = create_key(&api, &ctx, create).await?;
+    let secret = secret.ok_or_else(|| {
+        ApiError::Conflict("this Idempotency-Key already created a key; its secret was shown once".into())
+    })?;
     let body =
         SlsKey { status: "success", api_key: secret, message: "Save this key securely. It cannot be retrieved again." };
     Ok(Json(body).into_response())
