@@ -8,6 +8,7 @@
 pub mod command;
 pub mod decide;
 pub mod decision;
+pub mod dist;
 pub mod event;
 pub mod ids;
 pub mod policy;

@@ -1,6 +1,8 @@
 //! `AuthState`: the fold of the log that both planes decide from. `apply` is total (it never
 //! panics on any event), idempotent per position, and reports gaps.
 
+pub mod snapshot;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -179,6 +181,8 @@ pub enum ApplyError {
 pub struct AuthState {
     position: Position,
     keyring: Option<Arc<Keyring>>,
+    /// A worker's state: API keys are control-plane business and never folded in here.
+    data_plane: bool,
     pub api_keys: BTreeMap<KeyId, ApiKey>,
     /// Secret digest → key id, for `Authorization: Bearer <key>`.
     api_key_ids: HashMap<Sha256Digest, KeyId, DigestHasher>,
@@ -197,6 +201,16 @@ impl AuthState {
     /// An empty state that opens sealed secrets with `keyring` as events arrive.
     pub fn with_keyring(keyring: Arc<Keyring>) -> Self {
         AuthState { keyring: Some(keyring), ..AuthState::default() }
+    }
+
+    /// An empty worker state: like `with_keyring`, but API key events are skipped, so a worker
+    /// (and its snapshots) never holds API key material.
+    pub fn for_data_plane(keyring: Option<Arc<Keyring>>) -> Self {
+        AuthState { keyring, data_plane: true, ..AuthState::default() }
+    }
+
+    pub fn is_data_plane(&self) -> bool {
+        self.data_plane
     }
 
     pub fn position(&self) -> Position {
@@ -234,6 +248,7 @@ impl AuthState {
 
     fn apply_event(&mut self, event: &Event, at: Timestamp) {
         match event {
+            Event::ApiKeyCreated(_) | Event::ApiKeyRevoked(_) if self.data_plane => {}
             Event::ApiKeyCreated(e) => {
                 self.api_key_ids.insert(e.secret_sha256, e.key_id.clone());
                 self.api_keys.insert(
@@ -422,6 +437,21 @@ impl AuthState {
             h.opt_i64(k.expires_at.map(|t| t.0));
             h.u64(k.revoked as u64);
         }
+        self.access_tables(&mut h);
+        Sha256Digest(h.0.finalize().into())
+    }
+
+    /// The digest of what a worker holds: `digest()` without the API keys. A worker and the
+    /// control plane that applied the same events agree on it, so `GET /v1/nodes` can say
+    /// whether a worker's state is right, not only how far along it is.
+    pub fn access_digest(&self) -> Sha256Digest {
+        let mut h = DigestWriter(Sha256::new());
+        h.u64(self.position.0);
+        self.access_tables(&mut h);
+        Sha256Digest(h.0.finalize().into())
+    }
+
+    fn access_tables(&self, h: &mut DigestWriter) {
         h.u64(self.apps.len() as u64);
         for (name, app) in &self.apps {
             h.str(name.as_str());
@@ -470,7 +500,6 @@ impl AuthState {
                 h.str(p.as_str());
             }
         }
-        Sha256Digest(h.0.finalize().into())
     }
 }
 
