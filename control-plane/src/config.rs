@@ -33,6 +33,10 @@ const KNOWN: &[&str] = &[
     "content_security_policy",
     "public_rtmp_url",
     "public_srt_url",
+    "relay",
+    "snapshot_every_events",
+    "snapshot_every_secs",
+    "node_stale_secs",
 ];
 
 /// A comma-separated list (a TOML array works too), e.g. `127.0.0.1/32,::1/128`.
@@ -75,6 +79,8 @@ pub struct ApiSettings {
     pub content_security_policy: Option<String>,
     pub public_rtmp_url: String,
     pub public_srt_url: String,
+    /// A worker without a heartbeat for this long is shown as stale.
+    pub node_stale_secs: u64,
 }
 
 impl std::fmt::Debug for ApiSettings {
@@ -144,6 +150,7 @@ impl ApiSettings {
             content_security_policy: s.optional("content_security_policy", "a Content-Security-Policy value")?,
             public_rtmp_url: s.or("public_rtmp_url", "rtmp://127.0.0.1:1935".to_owned(), "an rtmp:// URL")?,
             public_srt_url: s.or("public_srt_url", "srt://127.0.0.1:4200".to_owned(), "an srt:// URL")?,
+            node_stale_secs: s.or("node_stale_secs", 15, "seconds")?,
         })
     }
 }
@@ -158,6 +165,10 @@ pub struct Config {
     pub sls_app: AppName,
     pub instance_id: String,
     pub api: ApiSettings,
+    /// Whether this instance takes part in relaying the log to NATS (one relays at a time).
+    pub relay: bool,
+    pub snapshot_every_events: u64,
+    pub snapshot_every_secs: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -171,6 +182,9 @@ impl std::fmt::Debug for Config {
             .field("sls_app", &self.sls_app)
             .field("instance_id", &self.instance_id)
             .field("api", &self.api)
+            .field("relay", &self.relay)
+            .field("snapshot_every_events", &self.snapshot_every_events)
+            .field("snapshot_every_secs", &self.snapshot_every_secs)
             .finish_non_exhaustive()
     }
 }
@@ -214,6 +228,9 @@ impl Config {
             )?,
             instance_id: s.or("instance_id", default_instance_id(), "an instance name")?,
             api: ApiSettings::load(&s)?,
+            relay: s.or("relay", true, "true or false")?,
+            snapshot_every_events: s.or("snapshot_every_events", 10_000, "a number of events")?,
+            snapshot_every_secs: s.or("snapshot_every_secs", 60, "seconds")?,
         })
     }
 

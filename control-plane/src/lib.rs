@@ -8,7 +8,9 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod http;
+pub mod nodes;
 pub mod projection;
+pub mod relay;
 pub mod store;
 
 pub use store::{Appended, EventStore, ExpectedVersion, StoreError, VerifyError, VerifyReport};

@@ -81,9 +81,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG").unwrap_or_else(|_| "info,sqlx=warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
         Cmd::Schema => {
@@ -188,6 +190,18 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     }
     let (app, api) = sluice_control_plane::api::build(&config, store).await?;
     tracing::info!(position = %api.writer.projection().position(), "projection caught up");
+    api.nodes.spawn_listener(config.nats_url.clone());
+    if config.relay {
+        sluice_control_plane::relay::spawn(
+            api.writer.store().clone(),
+            api.writer.projection().clone(),
+            sluice_control_plane::relay::RelaySettings {
+                nats_url: config.nats_url.clone(),
+                snapshot_every_events: config.snapshot_every_events.max(1),
+                snapshot_every: std::time::Duration::from_secs(config.snapshot_every_secs.max(1)),
+            },
+        );
+    }
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_API_LISTEN): {e}", config.api_listen))?;

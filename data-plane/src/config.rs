@@ -16,6 +16,8 @@ const KNOWN: &[&str] = &[
     "srt_listen",
     "admin_listen",
     "state_dir",
+    "heartbeat_secs",
+    "snapshot_every_secs",
 ];
 
 #[derive(Clone)]
@@ -27,6 +29,10 @@ pub struct Config {
     pub srt_listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub state_dir: PathBuf,
+    /// How often the worker publishes its heartbeat.
+    pub heartbeat_secs: u64,
+    /// How often it writes its local snapshot (when its state moved).
+    pub snapshot_every_secs: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -39,6 +45,8 @@ impl std::fmt::Debug for Config {
             .field("srt_listen", &self.srt_listen)
             .field("admin_listen", &self.admin_listen)
             .field("state_dir", &self.state_dir)
+            .field("heartbeat_secs", &self.heartbeat_secs)
+            .field("snapshot_every_secs", &self.snapshot_every_secs)
             .finish()
     }
 }
@@ -68,6 +76,8 @@ impl Config {
             srt_listen: s.or("srt_listen", addr("0.0.0.0:4200"), "host:port like 0.0.0.0:4200")?,
             admin_listen: s.or("admin_listen", addr("127.0.0.1:9935"), "host:port like 127.0.0.1:9935")?,
             state_dir: s.or("state_dir", PathBuf::from("./.sluice/dataplane"), "a directory path")?,
+            heartbeat_secs: s.or("heartbeat_secs", 2, "seconds")?,
+            snapshot_every_secs: s.or("snapshot_every_secs", 30, "seconds")?,
         })
     }
 }

@@ -1,5 +1,11 @@
-//! Sluice's data-plane worker. Today: its settings. The state sync, RTMP (monoio) and SRT
-//! (srt-tokio) servers land with their issues; every decision they make is `sluice_events::decide`.
+//! Sluice's data-plane worker: it holds the access tables (`sync`), serves its admin port
+//! (`admin`) and says how it is doing (`heartbeat`). The RTMP (monoio) and SRT (srt-tokio)
+//! servers land with their issues; every decision they make is `sluice_events::decide`
+//! against `Shared::state`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod config;
+pub mod heartbeat;
+pub mod local;
+pub mod sync;

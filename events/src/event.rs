@@ -272,6 +272,14 @@ impl Event {
             .map_err(|e| DecodeError::BadData { event_type: event_type.to_owned(), detail: e.to_string() })
     }
 
+    /// Whether applying it changes what a worker holds: audit facts and API keys do not.
+    pub fn changes_access_tables(&self) -> bool {
+        !matches!(
+            self,
+            Event::AccessDecided(_) | Event::ApiAccessed(_) | Event::ApiKeyCreated(_) | Event::ApiKeyRevoked(_)
+        )
+    }
+
     /// The log stream this event belongs to; optimistic concurrency works per stream.
     pub fn log_stream(&self) -> String {
         match self {

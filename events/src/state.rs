@@ -183,6 +183,10 @@ pub struct AuthState {
     keyring: Option<Arc<Keyring>>,
     /// A worker's state: API keys are control-plane business and never folded in here.
     data_plane: bool,
+    /// The position of the last event that changed what a worker holds (see
+    /// `Event::changes_access_tables`); `access_digest()` is the same at every position from
+    /// here to `position`.
+    tables_position: Position,
     pub api_keys: BTreeMap<KeyId, ApiKey>,
     /// Secret digest → key id, for `Authorization: Bearer <key>`.
     api_key_ids: HashMap<Sha256Digest, KeyId, DigestHasher>,
@@ -217,6 +221,10 @@ impl AuthState {
         self.position
     }
 
+    pub fn tables_position(&self) -> Position {
+        self.tables_position
+    }
+
     pub fn keyring(&self) -> Option<&Keyring> {
         self.keyring.as_deref()
     }
@@ -232,6 +240,9 @@ impl AuthState {
         }
         self.apply_event(&recorded.event, recorded.recorded_at);
         self.position = recorded.position;
+        if recorded.event.changes_access_tables() {
+            self.tables_position = recorded.position;
+        }
         Ok(())
     }
 
@@ -441,12 +452,12 @@ impl AuthState {
         Sha256Digest(h.0.finalize().into())
     }
 
-    /// The digest of what a worker holds: `digest()` without the API keys. A worker and the
-    /// control plane that applied the same events agree on it, so `GET /v1/nodes` can say
-    /// whether a worker's state is right, not only how far along it is.
+    /// The digest of what a worker holds: the access tables, without the API keys and
+    /// without the position (audit events move the position but change no table). A worker
+    /// and the control plane that applied the same events agree on it, so `GET /v1/nodes`
+    /// can say whether a worker's state is right, not only how far along it is.
     pub fn access_digest(&self) -> Sha256Digest {
         let mut h = DigestWriter(Sha256::new());
-        h.u64(self.position.0);
         self.access_tables(&mut h);
         Sha256Digest(h.0.finalize().into())
     }

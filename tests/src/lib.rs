@@ -213,6 +213,28 @@ impl Nats {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Kills the server (its JetStream data stays in its directory).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same ports with the same data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        self.child = Command::new(nats_server_binary()?)
+            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor_port.to_string()])
+            .arg("-sd")
+            .arg(self._dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        if !wait_for_port(self.port, Duration::from_secs(10)) {
+            bail!("nats-server did not come back on port {}", self.port);
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Nats {

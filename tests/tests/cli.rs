@@ -18,6 +18,9 @@ fn control(pg_url: &str) -> Command {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("SLUICE_DATABASE_URL", pg_url)
         .env("SLUICE_SEALING_KEY", SEALING_KEY)
+        // No NATS here: the relay and heartbeat listener retry quietly in the background
+        // (never against a developer's own NATS on the default port).
+        .env("SLUICE_NATS_URL", "nats://127.0.0.1:9")
         .env("SLUICE_LOG", "warn");
     c
 }

@@ -13,6 +13,7 @@ pub mod error;
 pub mod events;
 pub mod keys;
 pub mod limits;
+pub mod nodes;
 pub mod openapi;
 pub mod sls;
 pub mod streams;
@@ -57,6 +58,8 @@ pub struct ApiState {
     pub sealing: Arc<SealingKey>,
     pub sls_app: sluice_events::AppName,
     pub http: reqwest::Client,
+    /// Workers' heartbeats (filled by `nodes::Nodes::spawn_listener`).
+    pub nodes: Arc<crate::nodes::Nodes>,
 }
 
 impl ApiState {
@@ -78,6 +81,7 @@ impl ApiState {
             sealing: Arc::new(sealing),
             sls_app: config.sls_app.clone(),
             http: reqwest::Client::new(),
+            nodes: Arc::default(),
         }
     }
 }
@@ -203,6 +207,7 @@ pub fn router(api: ApiState) -> Router {
         .merge(limited(tokens::router(), Class::Api))
         .merge(limited(subscribers::router(), Class::Api))
         .merge(limited(events::router(), Class::Api))
+        .merge(limited(nodes::router(), Class::Stats))
         .merge(limited(openapi::router(), Class::Stats));
     let sls = Router::new()
         .merge(limited(sls::api_router(), Class::Api))

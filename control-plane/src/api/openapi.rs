@@ -221,6 +221,15 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Op> {
         )
         .op::<(), events::EventPage>("get", "/v1/events", admin, "api", "events", "Read the log (after, limit)", 200)
         .op::<(), Value>("get", "/v1/events/stream", admin, "api", "events", "Tail the log as Server-Sent Events", 200)
+        .op::<(), crate::nodes::NodeList>(
+            "get",
+            "/v1/nodes",
+            read,
+            "stats",
+            "nodes",
+            "Workers: applied position, lag, state digest match, last heartbeat",
+            200,
+        )
         .op::<(), Value>("get", "/api/stream-ids", read, "api", "sls", "SRT Live Server: list stream ids", 200)
         .op::<sls::StreamId, Value>(
             "post",

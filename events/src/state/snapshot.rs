@@ -8,6 +8,7 @@
 //! | 16 | magic `SLUICE-SNAPSHOT\0` |
 //! | 2 | schema version ([`SCHEMA`]) |
 //! | 8 | log position |
+//! | 8 | position of the last event that changed the access tables |
 //! | 32 | `access_digest()` of the state |
 //! | 32 | SHA-256 of the compressed body (corruption check) |
 //! | 8 | length of the uncompressed body |
@@ -35,7 +36,7 @@ use crate::secret::{Keyring, Sealed, Sha256Digest};
 pub const MAGIC: &[u8; 16] = b"SLUICE-SNAPSHOT\0";
 /// Bumped when the body's layout changes; a reader refuses a newer one.
 pub const SCHEMA: u16 = 1;
-const HEADER: usize = 16 + 2 + 8 + 32 + 32 + 8;
+const HEADER: usize = 16 + 2 + 8 + 8 + 32 + 32 + 8;
 /// A body larger than this is refused before allocating (1M tokens take ~70 MB).
 const MAX_BODY: u64 = 4 << 30;
 
@@ -44,6 +45,7 @@ const MAX_BODY: u64 = 4 << 30;
 pub struct SnapshotInfo {
     pub schema: u16,
     pub position: Position,
+    pub tables_position: Position,
     pub digest: Sha256Digest,
 }
 
@@ -159,6 +161,7 @@ pub fn encode_with_digest(state: &AuthState, digest: Sha256Digest) -> Vec<u8> {
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&SCHEMA.to_le_bytes());
     out.extend_from_slice(&state.position.0.to_le_bytes());
+    out.extend_from_slice(&state.tables_position.0.to_le_bytes());
     out.extend_from_slice(&digest.0);
     out.extend_from_slice(&Sha256::digest(&compressed));
     out.extend_from_slice(&(raw.len() as u64).to_le_bytes());
@@ -186,9 +189,10 @@ pub fn info(bytes: &[u8]) -> Result<SnapshotInfo, SnapshotError> {
         return Err(SnapshotError::Truncated(bytes.len()));
     }
     let position = Position(u64_at(bytes, 18));
+    let tables_position = Position(u64_at(bytes, 26));
     let mut digest = [0u8; 32];
-    digest.copy_from_slice(&bytes[26..58]);
-    Ok(SnapshotInfo { schema, position, digest: Sha256Digest(digest) })
+    digest.copy_from_slice(&bytes[34..66]);
+    Ok(SnapshotInfo { schema, position, tables_position, digest: Sha256Digest(digest) })
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> u64 {
@@ -202,10 +206,10 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 pub fn decode(bytes: &[u8], keyring: Option<Arc<Keyring>>) -> Result<(AuthState, SnapshotInfo), SnapshotError> {
     let info = info(bytes)?;
     let compressed = &bytes[HEADER..];
-    if Sha256::digest(compressed).as_slice() != &bytes[58..90] {
+    if Sha256::digest(compressed).as_slice() != &bytes[66..98] {
         return Err(SnapshotError::Checksum);
     }
-    let raw_len = u64_at(bytes, 90);
+    let raw_len = u64_at(bytes, 98);
     if raw_len > MAX_BODY {
         return Err(SnapshotError::Body(format!("body of {raw_len} bytes is too large")));
     }
@@ -282,12 +286,14 @@ pub fn decode(bytes: &[u8], keyring: Option<Arc<Keyring>>) -> Result<(AuthState,
             2 => TokenStatus::Revoked,
             other => return Err(SnapshotError::Body(format!("token status {other}"))),
         };
-        tokens.insert(Sha256Digest(t.digest), Token { app, stream, action: t.action, expires_at: t.expires_at, status });
+        tokens
+            .insert(Sha256Digest(t.digest), Token { app, stream, action: t.action, expires_at: t.expires_at, status });
     }
     state.tokens = tokens;
     for (id, version, protocols) in body.nodes {
         state.nodes.insert(id, Node { version, protocols });
     }
     state.position = info.position;
+    state.tables_position = info.tables_position;
     Ok((state, info))
 }

@@ -1,0 +1,145 @@
+//! Workers as the control plane sees them: their heartbeats (core NATS `sluice.hb.<node>`),
+//! kept in memory by every control-plane instance, and `GET /v1/nodes`.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use sluice_events::dist::{self, Heartbeat};
+use sluice_events::{AuthState, Position, Sha256Digest};
+
+#[derive(Debug, Clone)]
+struct Seen {
+    beat: Heartbeat,
+    at: Instant,
+}
+
+/// The newest heartbeat of each worker, and the control plane's own access digest (cached per
+/// table change, since it costs a pass over the state).
+#[derive(Debug, Default)]
+pub struct Nodes {
+    seen: Mutex<BTreeMap<String, Seen>>,
+    digest: Mutex<Option<(Position, Sha256Digest)>>,
+}
+
+impl Nodes {
+    pub fn record(&self, beat: Heartbeat) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.insert(beat.node_id.as_str().to_owned(), Seen { beat, at: Instant::now() });
+    }
+
+    /// Forgets nodes silent for longer than `forget`.
+    fn prune(&self, forget: Duration) {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.retain(|_, s| s.at.elapsed() < forget);
+    }
+
+    /// The access digest of `state`'s tables, computed at most once per table change.
+    pub fn access_digest(&self, state: &AuthState) -> Sha256Digest {
+        let mut cached = self.digest.lock().unwrap_or_else(|p| p.into_inner());
+        match *cached {
+            Some((at, d)) if at == state.tables_position() => d,
+            _ => {
+                let d = state.access_digest();
+                *cached = Some((state.tables_position(), d));
+                d
+            }
+        }
+    }
+
+    pub fn list(&self, state: &AuthState, stale_after: Duration) -> Vec<NodeView> {
+        self.prune(stale_after * 20);
+        let seen: Vec<Seen> = self.seen.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let head = state.position();
+        let ours = if seen.is_empty() { None } else { Some(self.access_digest(state)) };
+        seen.into_iter()
+            .map(|s| {
+                let b = s.beat;
+                // The worker's digest covers its tables as of `digest_position`; ours covers
+                // ours from `tables_position` to `head`. Comparable when that range holds it.
+                let digest_match = match (b.digest, b.digest_position, ours) {
+                    (Some(d), Some(at), Some(o)) if at >= state.tables_position() && at <= head => Some(d == o),
+                    _ => None,
+                };
+                let last_seen_ms = s.at.elapsed().as_millis() as u64;
+                NodeView {
+                    node_id: b.node_id.as_str().to_owned(),
+                    version: b.version,
+                    position: b.position.0,
+                    lag: head.0.saturating_sub(b.position.0),
+                    digest: b.digest.map(|d| d.to_hex()),
+                    digest_match,
+                    ready: b.ready,
+                    synced: b.synced,
+                    live_sessions: b.live_sessions,
+                    uptime_secs: b.uptime_secs,
+                    last_seen_ms,
+                    stale: s.at.elapsed() > stale_after,
+                }
+            })
+            .collect()
+    }
+
+    /// Listens to heartbeats until the process ends, reconnecting as needed.
+    pub fn spawn_listener(self: &Arc<Self>, nats_url: String) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                match async_nats::ConnectOptions::new()
+                    .connection_timeout(Duration::from_secs(2))
+                    .connect(&nats_url)
+                    .await
+                {
+                    Ok(client) => match client.subscribe(dist::HEARTBEAT_SUBJECTS).await {
+                        Ok(mut sub) => {
+                            while let Some(msg) = sub.next().await {
+                                let Some(nodes) = me.upgrade() else { return };
+                                match serde_json::from_slice::<Heartbeat>(&msg.payload) {
+                                    Ok(beat) => nodes.record(beat),
+                                    Err(e) => {
+                                        tracing::warn!(subject = %msg.subject, error = %e, "bad heartbeat ignored")
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "heartbeats: cannot subscribe"),
+                    },
+                    Err(e) => tracing::debug!(error = %e, "heartbeats: NATS unreachable; retrying"),
+                }
+                if me.strong_count() == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+}
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct NodeView {
+    pub node_id: String,
+    pub version: String,
+    /// The log position the worker's state has applied.
+    pub position: u64,
+    /// Log head minus `position`.
+    pub lag: u64,
+    /// Hex `access_digest` of the worker's tables, once it has computed it.
+    pub digest: Option<String>,
+    /// Whether it equals the control plane's; `null` while the two cannot be compared yet.
+    pub digest_match: Option<bool>,
+    pub ready: bool,
+    /// Whether its event feed from NATS is live.
+    pub synced: bool,
+    pub live_sessions: u64,
+    pub uptime_secs: u64,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+    /// No heartbeat for longer than `node_stale_secs`.
+    pub stale: bool,
+}
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct NodeList {
+    pub nodes: Vec<NodeView>,
+}

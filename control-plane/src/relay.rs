@@ -1,0 +1,312 @@
+//! The relay (DESIGN.md §5): publishes every event of the log, in order, to the JetStream
+//! stream `SLUICE_EVENTS`, so that the stream's sequence *is* the log position, and stores a
+//! snapshot of the data-plane state in NATS every N events or T seconds.
+//!
+//! - Exactly one instance relays: the one holding a Postgres advisory lock on a dedicated
+//!   connection. When that instance dies its connection closes, the lock is freed, and
+//!   another instance takes over within a second.
+//! - Each message carries `Nats-Msg-Id = event_id` and `Nats-Expected-Last-Sequence =
+//!   position − 1`. The stream's last sequence is the checkpoint: after a crash (between a
+//!   publish and anything else) or a NATS outage, publishing resumes from it, and the server
+//!   refuses anything that would leave a gap or a duplicate, even from two relays at once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, context::PublishErrorKind, message::PublishMessage};
+use sluice_events::dist::{self, SnapshotManifest};
+use sluice_events::state::snapshot;
+use sluice_events::{AuthState, Position, RecordedEvent};
+use sqlx::Connection as _;
+use tokio::sync::watch;
+
+use crate::projection::Projection;
+use crate::store::EventStore;
+
+/// `pg_advisory_lock` key of the relay: "SLUICERL" as an integer.
+const RELAY_LOCK: i64 = 0x534c_5549_4345_524c;
+/// Events read from Postgres per round trip while catching up.
+const READ_BATCH: i64 = 1000;
+/// Publishes in flight before waiting for their acknowledgements.
+const PIPELINE: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    pub nats_url: String,
+    pub snapshot_every_events: u64,
+    pub snapshot_every: Duration,
+}
+
+/// What the relay is doing, for `/ready` and the tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayStatus {
+    pub leader: bool,
+    /// The stream's last sequence as this instance last saw it.
+    pub relayed: Position,
+    pub snapshot: Position,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("nats: {0}")]
+    Nats(String),
+    #[error("postgres: {0}")]
+    Store(String),
+    #[error("lost the relay lock")]
+    LostLock,
+    #[error(
+        "SLUICE_EVENTS is ahead of the log (stream at {stream}, log at {log}): a NATS server from another database? \
+         Not relaying."
+    )]
+    Ahead { stream: u64, log: u64 },
+}
+
+fn nats<E: std::fmt::Display>(e: E) -> RelayError {
+    RelayError::Nats(e.to_string())
+}
+
+/// Starts the relay loop in the background; it runs until the process ends.
+pub fn spawn(store: EventStore, projection: Projection, settings: RelaySettings) -> watch::Receiver<RelayStatus> {
+    let (tx, rx) = watch::channel(RelayStatus::default());
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match lead(&store, &projection, &settings, &tx).await {
+                Ok(()) => backoff = Duration::from_millis(200),
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay: retrying in {:?}", backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+            tx.send_modify(|s| s.leader = false);
+            tokio::time::sleep(backoff).await;
+        }
+    });
+    rx
+}
+
+/// Waits for the lock, then relays until something fails.
+async fn lead(
+    store: &EventStore,
+    projection: &Projection,
+    settings: &RelaySettings,
+    status: &watch::Sender<RelayStatus>,
+) -> Result<(), RelayError> {
+    let mut lock = store.pool().acquire().await.map_err(|e| RelayError::Store(e.to_string()))?.detach();
+    loop {
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(RELAY_LOCK)
+            .fetch_one(&mut lock)
+            .await
+            .map_err(|e| RelayError::Store(e.to_string()))?;
+        if got {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tracing::info!("relay: this instance is the relay");
+    let result = relay(store, projection, settings, status, &mut lock).await;
+    // Dropping the connection frees the lock; close it politely when we still can.
+    let _ = lock.close().await;
+    result
+}
+
+async fn connect(url: &str) -> Result<(async_nats::Client, jetstream::Context), RelayError> {
+    let client = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url)
+        .await
+        .map_err(nats)?;
+    let js = jetstream::new(client.clone());
+    Ok((client, js))
+}
+
+pub async fn ensure_events_stream(js: &jetstream::Context) -> Result<jetstream::stream::Stream, String> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: dist::EVENTS_STREAM.into(),
+        subjects: vec![dist::EVENTS_SUBJECTS.into()],
+        storage: jetstream::stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+async fn relay(
+    store: &EventStore,
+    projection: &Projection,
+    settings: &RelaySettings,
+    status: &watch::Sender<RelayStatus>,
+    lock: &mut sqlx::PgConnection,
+) -> Result<(), RelayError> {
+    let (_client, js) = connect(&settings.nats_url).await?;
+    let stream = ensure_events_stream(&js).await.map_err(RelayError::Nats)?;
+    let mut last = stream.get_info().await.map_err(nats)?.state.last_sequence;
+    let head = store.head().await.map_err(|e| RelayError::Store(e.to_string()))?.0;
+    if last > head {
+        return Err(RelayError::Ahead { stream: last, log: head });
+    }
+    let snapshots = Snapshots::open(&js).await?;
+    let mut snap_at = snapshots.latest_position().await;
+    let mut snap_time = Instant::now();
+    status.send_modify(|s| {
+        s.leader = true;
+        s.relayed = Position(last);
+        s.snapshot = snap_at;
+    });
+    tracing::info!(from = last, head, "relay: resuming");
+    // Catch up from the stream's last sequence, then follow the log.
+    let mut sub = store.subscribe(Position(last)).await.map_err(|e| RelayError::Store(e.to_string()))?;
+    let mut lock_check = Instant::now();
+    loop {
+        let mut batch: Vec<RecordedEvent> = Vec::new();
+        match tokio::time::timeout(Duration::from_millis(500), sub.recv()).await {
+            Ok(Some(Ok(e))) => batch.push(e),
+            Ok(Some(Err(e))) => return Err(RelayError::Store(e.to_string())),
+            Ok(None) => return Err(RelayError::Store("the log subscription ended".into())),
+            Err(_) => {}
+        }
+        while batch.len() < READ_BATCH as usize {
+            match sub.try_recv() {
+                Some(Ok(e)) => batch.push(e),
+                Some(Err(e)) => return Err(RelayError::Store(e.to_string())),
+                None => break,
+            }
+        }
+        if !batch.is_empty() {
+            last = publish(&js, &batch, last).await?;
+            status.send_modify(|s| s.relayed = Position(last));
+        }
+        let due = Position(last).0.saturating_sub(snap_at.0) >= settings.snapshot_every_events
+            || (snap_time.elapsed() >= settings.snapshot_every && projection.position() > snap_at);
+        if due {
+            let state = projection.current();
+            if state.position() > snap_at {
+                snap_at = snapshots.store(state).await?;
+                status.send_modify(|s| s.snapshot = snap_at);
+            }
+            snap_time = Instant::now();
+        }
+        if lock_check.elapsed() >= Duration::from_secs(2) {
+            // The lock lives as long as this connection does.
+            sqlx::query("SELECT 1").execute(&mut *lock).await.map_err(|_| RelayError::LostLock)?;
+            lock_check = Instant::now();
+        }
+    }
+}
+
+/// Publishes a batch in order with up to `PIPELINE` acknowledgements outstanding; returns the
+/// new last sequence. Events at or below `last` (already in the stream) are skipped.
+async fn publish(js: &jetstream::Context, batch: &[RecordedEvent], mut last: u64) -> Result<u64, RelayError> {
+    for chunk in batch.chunks(PIPELINE) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for e in chunk {
+            if e.position.0 <= last {
+                continue;
+            }
+            let msg = PublishMessage::build()
+                .payload(dist::encode_event(e).into())
+                .message_id(e.event_id.to_string())
+                .expected_last_sequence(e.position.0 - 1);
+            let ack = js.send_publish(dist::event_subject(&e.event), msg).await.map_err(nats)?;
+            acks.push((e.position.0, ack));
+        }
+        for (position, ack) in acks {
+            match ack.await {
+                Ok(a) if a.sequence == position => last = position,
+                Ok(a) => {
+                    return Err(RelayError::Nats(format!(
+                        "stream sequence {} for log position {position}: the stream and the log disagree",
+                        a.sequence
+                    )));
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    // Another relay got there first, or our view is stale: start over from the
+                    // stream's own last sequence.
+                    return Err(RelayError::Nats(format!("wrong last sequence at position {position}; resyncing")));
+                }
+                Err(e) => return Err(nats(e)),
+            }
+        }
+    }
+    Ok(last)
+}
+
+/// The snapshot store: bodies in an object store, the newest one's manifest in KV.
+struct Snapshots {
+    kv: jetstream::kv::Store,
+    objects: jetstream::object_store::ObjectStore,
+}
+
+impl Snapshots {
+    async fn open(js: &jetstream::Context) -> Result<Snapshots, RelayError> {
+        let kv = match js.get_key_value(dist::SNAPSHOTS_BUCKET).await {
+            Ok(kv) => kv,
+            Err(_) => js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: dist::SNAPSHOTS_BUCKET.into(),
+                    history: 1,
+                    ..Default::default()
+                })
+                .await
+                .map_err(nats)?,
+        };
+        let objects = match js.get_object_store(dist::SNAPSHOT_OBJECTS).await {
+            Ok(o) => o,
+            Err(_) => js
+                .create_object_store(jetstream::object_store::Config {
+                    bucket: dist::SNAPSHOT_OBJECTS.into(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(nats)?,
+        };
+        Ok(Snapshots { kv, objects })
+    }
+
+    async fn latest(&self) -> Option<SnapshotManifest> {
+        let bytes = self.kv.get(dist::SNAPSHOT_KEY).await.ok()??;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    async fn latest_position(&self) -> Position {
+        self.latest().await.map_or(Position(0), |m| m.position)
+    }
+
+    /// Encodes off the async threads, uploads the body, then points the manifest at it and
+    /// drops the previous body.
+    async fn store(&self, state: Arc<AuthState>) -> Result<Position, RelayError> {
+        let previous = self.latest().await;
+        let started = Instant::now();
+        let (bytes, digest, position) = tokio::task::spawn_blocking(move || {
+            let digest = state.access_digest();
+            (snapshot::encode_with_digest(&state, digest), digest, state.position())
+        })
+        .await
+        .map_err(|e| RelayError::Nats(format!("snapshot task: {e}")))?;
+        let object = format!("p{:020}", position.0);
+        let size = bytes.len() as u64;
+        self.objects.put(object.as_str(), &mut bytes.as_slice()).await.map_err(nats)?;
+        let manifest = SnapshotManifest {
+            position,
+            digest,
+            schema: snapshot::SCHEMA,
+            object: object.clone(),
+            bytes: size,
+            created_at: crate::api::now(),
+        };
+        let json = serde_json::to_vec(&manifest).map_err(nats)?;
+        self.kv.put(dist::SNAPSHOT_KEY, json.into()).await.map_err(nats)?;
+        if let Some(prev) = previous.filter(|p| p.object != object) {
+            let _ = self.objects.delete(&prev.object).await;
+        }
+        tracing::info!(
+            position = position.0,
+            bytes = size,
+            ms = started.elapsed().as_millis() as u64,
+            "relay: snapshot stored"
+        );
+        Ok(position)
+    }
+}

@@ -1,0 +1,307 @@
+//! Worker sync (DESIGN.md §5): boot from the newest of {local snapshot file, NATS snapshot},
+//! then follow `SLUICE_EVENTS` from the next position with an ordered consumer, applying
+//! each burst to a spare copy of the state and swapping it in (`arc-swap`: readers never
+//! block). The state survives any outage of NATS or the control plane; the worker keeps
+//! deciding from what it has.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
+use futures::{FutureExt as _, StreamExt as _};
+use sluice_events::dist::{self, SnapshotManifest};
+use sluice_events::state::snapshot::{self, SnapshotInfo};
+use sluice_events::{AuthState, Keyring, Position, RecordedEvent, Sha256Digest};
+use tokio::io::AsyncReadExt as _;
+
+use crate::config::Config;
+
+/// Events applied per swap at most, so a long catch-up still publishes progress.
+const MAX_BURST: usize = 4096;
+
+/// What the worker's threads share.
+#[derive(Debug)]
+pub struct Shared {
+    /// The access tables every decision reads (`state.load()`; never held across awaits).
+    pub state: ArcSwap<AuthState>,
+    /// Has a state to decide from (a snapshot, or a completed catch-up).
+    pub ready: AtomicBool,
+    /// The event feed from NATS is live.
+    pub synced: AtomicBool,
+    pub live_sessions: AtomicU64,
+    pub started: Instant,
+    /// The access digest of the current tables, once computed, with the tables position it
+    /// belongs to.
+    pub digest: std::sync::Mutex<Option<(Position, Sha256Digest)>>,
+}
+
+impl Shared {
+    pub fn new(state: AuthState) -> Arc<Shared> {
+        Arc::new(Shared {
+            state: ArcSwap::from_pointee(state),
+            ready: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
+            live_sessions: AtomicU64::new(0),
+            started: Instant::now(),
+            digest: std::sync::Mutex::new(None),
+        })
+    }
+
+    pub fn position(&self) -> Position {
+        self.state.load().position()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The access digest of the current tables and the position it holds at (a pass over
+    /// the state when the tables changed: call it off the async threads).
+    pub fn current_digest(&self) -> (Position, Sha256Digest) {
+        let state = self.state.load_full();
+        (state.position(), self.digest_of(&state))
+    }
+
+    /// The access digest of `state`, from the cache when its tables are the cached ones.
+    pub fn digest_of(&self, state: &AuthState) -> Sha256Digest {
+        if let Some((at, d)) = *self.digest.lock().unwrap_or_else(|p| p.into_inner())
+            && at == state.tables_position()
+        {
+            return d;
+        }
+        let d = state.access_digest();
+        *self.digest.lock().unwrap_or_else(|p| p.into_inner()) = Some((state.tables_position(), d));
+        d
+    }
+
+    /// Seeds the digest cache (a snapshot carries its digest).
+    pub fn seed_digest(&self, info: &SnapshotInfo) {
+        *self.digest.lock().unwrap_or_else(|p| p.into_inner()) = Some((info.tables_position, info.digest));
+    }
+}
+
+/// Applies bursts to a spare copy and swaps it in. The copy swapped out becomes the next
+/// spare once no reader holds it, so a burst costs its own events, not a clone of the state.
+#[derive(Debug)]
+pub struct Applier {
+    shared: Arc<Shared>,
+    spare: Option<AuthState>,
+    /// Events the spare has not seen yet (the previous burst).
+    behind: Vec<RecordedEvent>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Gap(String);
+
+impl Applier {
+    pub fn new(shared: Arc<Shared>) -> Applier {
+        Applier { shared, spare: None, behind: Vec::new() }
+    }
+
+    pub fn apply(&mut self, burst: Vec<RecordedEvent>) -> Result<(), Gap> {
+        let mut next = match self.spare.take() {
+            Some(s) => s,
+            None => {
+                self.behind.clear();
+                (**self.shared.state.load()).clone()
+            }
+        };
+        for e in self.behind.drain(..) {
+            // Below the spare's position these are no-ops; a gap cannot happen here.
+            let _ = next.apply(&e);
+        }
+        let mut gap = None;
+        let mut applied = Vec::with_capacity(burst.len());
+        for e in burst {
+            match next.apply(&e) {
+                Ok(()) => applied.push(e),
+                Err(err) => {
+                    gap = Some(Gap(err.to_string()));
+                    break;
+                }
+            }
+        }
+        let old = self.shared.state.swap(Arc::new(next));
+        if let Ok(s) = Arc::try_unwrap(old) {
+            self.spare = Some(s);
+            self.behind = applied;
+        }
+        gap.map_or(Ok(()), Err)
+    }
+}
+
+/// Boots: the newest usable snapshot of {local file, NATS}, or an empty state.
+pub async fn boot(config: &Config, keyring: Arc<Keyring>) -> (AuthState, Option<SnapshotInfo>, &'static str) {
+    let dir = config.state_dir.clone();
+    let ring = keyring.clone();
+    let local = tokio::task::spawn_blocking(move || crate::local::read(&dir, Some(ring))).await.ok().flatten();
+    let remote_manifest = match connect(&config.nats_url).await {
+        Ok(client) => manifest(&jetstream::new(client)).await.map(|m| (m, config.nats_url.clone())),
+        Err(e) => {
+            tracing::warn!(error = %e, "NATS unreachable at boot");
+            None
+        }
+    };
+    let local_pos = local.as_ref().map(|(_, i)| i.position);
+    if let Some((m, url)) = remote_manifest {
+        if local_pos.is_some_and(|p| p >= m.position) {
+            tracing::info!(
+                local = local_pos.map(|p| p.0),
+                nats = m.position.0,
+                "local snapshot is as new as the NATS one or newer; using it"
+            );
+        } else if let Some((state, info)) = fetch(&url, &m, keyring.clone()).await {
+            return (state, Some(info), "nats");
+        }
+    }
+    match local {
+        Some((state, info)) => (state, Some(info), "local"),
+        None => (AuthState::for_data_plane(Some(keyring)), None, "empty"),
+    }
+}
+
+async fn connect(url: &str) -> Result<async_nats::Client, String> {
+    async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(url)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn manifest(js: &jetstream::Context) -> Option<SnapshotManifest> {
+    let kv = js.get_key_value(dist::SNAPSHOTS_BUCKET).await.ok()?;
+    let bytes = kv.get(dist::SNAPSHOT_KEY).await.ok()??;
+    match serde_json::from_slice::<SnapshotManifest>(&bytes) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            tracing::error!(error = %e, "NATS snapshot manifest unreadable; ignoring it");
+            None
+        }
+    }
+}
+
+async fn fetch(url: &str, m: &SnapshotManifest, keyring: Arc<Keyring>) -> Option<(AuthState, SnapshotInfo)> {
+    let client = connect(url).await.ok()?;
+    let js = jetstream::new(client);
+    let store = js.get_object_store(dist::SNAPSHOT_OBJECTS).await.ok()?;
+    let mut object = match store.get(&m.object).await {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(object = %m.object, error = %e, "NATS snapshot body missing; booting without it");
+            return None;
+        }
+    };
+    let mut bytes = Vec::with_capacity(m.bytes as usize);
+    if let Err(e) = object.read_to_end(&mut bytes).await {
+        tracing::error!(error = %e, "NATS snapshot body unreadable; booting without it");
+        return None;
+    }
+    match tokio::task::spawn_blocking(move || snapshot::decode(&bytes, Some(keyring))).await {
+        Ok(Ok(ok)) => Some(ok),
+        Ok(Err(e)) => {
+            tracing::error!(position = m.position.0, error = %e, "NATS snapshot rejected; booting without it");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// Follows `SLUICE_EVENTS` forever from the state's next position, reconnecting as needed.
+pub async fn follow(shared: Arc<Shared>, nats_url: String) {
+    let mut applier = Applier::new(shared.clone());
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match follow_once(&shared, &mut applier, &nats_url).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, position = shared.position().0, "event feed interrupted; deciding from memory, retrying");
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+        shared.synced.store(false, Ordering::Release);
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Result<(), String> {
+    let client = connect(url).await?;
+    let js = jetstream::new(client);
+    let stream = js.get_stream(dist::EVENTS_STREAM).await.map_err(|e| format!("{}: {e}", dist::EVENTS_STREAM))?;
+    let last = stream.get_info().await.map_err(|e| e.to_string())?.state.last_sequence;
+    let from = shared.position().0 + 1;
+    let consumer = stream
+        .create_consumer(OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    shared.synced.store(true, Ordering::Release);
+    if last < from {
+        // Nothing to catch up on: the state we have is current.
+        shared.ready.store(true, Ordering::Release);
+    }
+    tracing::info!(from, stream_last = last, "following the event feed");
+    loop {
+        let first = match messages.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("the consumer ended".into()),
+        };
+        let mut burst = vec![decode(&first)?];
+        let mut pending = first.info().map(|i| i.pending).unwrap_or(0);
+        while burst.len() < MAX_BURST {
+            match messages.next().now_or_never() {
+                Some(Some(Ok(m))) => {
+                    pending = m.info().map(|i| i.pending).unwrap_or(0);
+                    burst.push(decode(&m)?);
+                }
+                Some(Some(Err(e))) => return Err(e.to_string()),
+                Some(None) => return Err("the consumer ended".into()),
+                None => break,
+            }
+        }
+        applier.apply(burst).map_err(|g| g.to_string())?;
+        if pending == 0 || shared.position().0 >= last {
+            shared.ready.store(true, Ordering::Release);
+        }
+    }
+}
+
+fn decode(m: &jetstream::Message) -> Result<RecordedEvent, String> {
+    dist::decode_event(&m.payload).map_err(|e| {
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        format!("event at stream sequence {seq} unreadable: {e}")
+    })
+}
+
+/// Writes the local snapshot every `every` while the state moved.
+pub async fn snapshot_loop(shared: Arc<Shared>, dir: std::path::PathBuf, every: Duration) {
+    let mut written = Position(0);
+    loop {
+        tokio::time::sleep(every).await;
+        let state = shared.state.load_full();
+        if state.position() == written || !shared.is_ready() {
+            continue;
+        }
+        let dir = dir.clone();
+        let sh = shared.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let digest = sh.digest_of(&state);
+            crate::local::write(&dir, &snapshot::encode_with_digest(&state, digest)).map(|()| state.position())
+        })
+        .await;
+        match result {
+            Ok(Ok(p)) => {
+                written = p;
+                tracing::debug!(position = p.0, "local snapshot written");
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot write the local snapshot"),
+            Err(_) => {}
+        }
+    }
+}

@@ -1,0 +1,255 @@
+//! Distribution end to end, with the real binaries, Postgres and NATS: the relay puts the
+//! log into `SLUICE_EVENTS` with sequence == position, a second control plane takes the relay
+//! over when the first dies, workers boot from snapshots and follow the feed, `GET /v1/nodes`
+//! shows them with zero lag and a matching digest, and a worker restarted with NATS and the
+//! control plane both down boots from its local snapshot with the same state.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sluice_control_plane::EventStore;
+use sluice_events::{AuthState, Keyring, Position, SealingKey};
+use sluice_tests::{Nats, Postgres, Running, binary, free_port, wait_for_port};
+
+const SEALING_KEY: &str = "c2x1aWNlLXRlc3Qtc2VhbGluZy1rZXktMzItYnl0ZXM=";
+const ADMIN: &str = "sk_distribution_test_admin_key_0123456789";
+const WAIT: Duration = Duration::from_secs(30);
+
+fn control(pg_url: &str, nats_url: &str, port: u16, instance: &str, log: &Path) -> Running {
+    let out = std::fs::File::create(log).unwrap();
+    let child = Command::new(binary("sluice-control"))
+        .arg("serve")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SLUICE_DATABASE_URL", pg_url)
+        .env("SLUICE_NATS_URL", nats_url)
+        .env("SLUICE_SEALING_KEY", SEALING_KEY)
+        .env("SLUICE_BOOTSTRAP_ADMIN_KEY", ADMIN)
+        .env("SLUICE_API_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SLUICE_INSTANCE_ID", instance)
+        .env("SLUICE_SNAPSHOT_EVERY_EVENTS", "3")
+        .env("SLUICE_SNAPSHOT_EVERY_SECS", "1")
+        .env("SLUICE_NODE_STALE_SECS", "3")
+        .env("SLUICE_RATE_LIMIT_API", "100000")
+        .env("SLUICE_RATE_LIMIT_STATS", "100000")
+        .env("SLUICE_RATE_LIMIT_CONFIG", "100000")
+        .env("SLUICE_LOG", "info,sqlx=warn,async_nats=warn")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    assert!(wait_for_port(port, WAIT), "control plane on {port} did not start: {}", read(log));
+    Running(child)
+}
+
+fn worker(nats_url: &str, admin_port: u16, dir: &Path, node: &str, log: &Path) -> Running {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let child = Command::new(binary("sluice-dataplane"))
+        .arg("run")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SLUICE_NATS_URL", nats_url)
+        .env("SLUICE_SEALING_KEY", SEALING_KEY)
+        .env("SLUICE_NODE_ID", node)
+        .env("SLUICE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+        .env("SLUICE_STATE_DIR", dir)
+        .env("SLUICE_HEARTBEAT_SECS", "1")
+        .env("SLUICE_SNAPSHOT_EVERY_SECS", "1")
+        .env("SLUICE_LOG", "info,async_nats=warn")
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(wait_for_port(admin_port, WAIT), "worker did not start: {}", read(log));
+    Running(child)
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+async fn get(http: &reqwest::Client, url: String) -> (u16, Value) {
+    match http.get(&url).bearer_auth(ADMIN).send().await {
+        Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
+        Err(_) => (0, Value::Null),
+    }
+}
+
+async fn post(http: &reqwest::Client, port: u16, path: &str, body: Value) -> Value {
+    let r = http.post(format!("http://127.0.0.1:{port}{path}")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
+    assert!(r.status().is_success(), "POST {path}: {}", r.status());
+    r.json().await.unwrap_or(Value::Null)
+}
+
+/// Polls an async condition.
+async fn until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// The worker-visible state at the log's head, folded here from Postgres.
+async fn folded(store: &EventStore) -> AuthState {
+    let ring = Arc::new(Keyring::new(SealingKey::from_base64(SEALING_KEY).unwrap()));
+    let mut state = AuthState::for_data_plane(Some(ring));
+    let mut after = Position(0);
+    loop {
+        let page = store.read_all(after, 1000).await.unwrap();
+        if page.is_empty() {
+            return state;
+        }
+        for e in &page {
+            state.apply(e).unwrap();
+            after = e.position;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_follow_the_log_through_nats_and_keep_their_state_through_outages() {
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("dist").await.unwrap();
+    let mut nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let (cp_a, cp_b) = (free_port(), free_port());
+    let a = control(&url, &nats.url(), cp_a, "cp-a", &dir.path().join("cp-a.log"));
+
+    post(&http, cp_a, "/v1/apps", json!({"name": "studio"})).await;
+    for i in 1..=5 {
+        post(&http, cp_a, "/v1/apps/studio/streams", json!({"name": format!("cam{i}")})).await;
+    }
+    post(&http, cp_a, "/v1/apps/studio/streams/cam1/tokens", json!({"action": "publish", "expires_in": 600})).await;
+
+    // A worker boots (from the NATS snapshot once there is one) and follows the feed.
+    let w_dir = dir.path().join("w1");
+    let w_log = dir.path().join("w1.log");
+    let w_port = free_port();
+    let mut w = worker(&nats.url(), w_port, &w_dir, "edge-1", &w_log);
+    until("the worker is ready", || async { get(&http, format!("http://127.0.0.1:{w_port}/ready")).await.0 == 200 })
+        .await;
+
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let store = EventStore::start(pool);
+    // Quiet the API (audit batches flush within a second), then compare with the log.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let head = store.head().await.unwrap();
+    let expected = folded(&store).await;
+    assert_eq!(expected.apps[&sluice_events::AppName::parse("studio").unwrap()].streams.len(), 5);
+    until("the worker applied the whole log", || async {
+        let (_, s) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
+        s["position"].as_u64() == Some(head.0)
+    })
+    .await;
+    let (_, s) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
+    assert_eq!(s["access_digest"], expected.access_digest().to_hex(), "{s}");
+    assert_eq!((s["streams"].as_u64(), s["tokens"].as_u64()), (Some(5), Some(1)));
+
+    // SLUICE_EVENTS holds the log with sequence == position, no gap, no duplicate.
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let stream = js.get_stream("SLUICE_EVENTS").await.unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.last_sequence, head.0);
+    for seq in 1..=head.0 {
+        let raw = stream.get_raw_message(seq).await.unwrap();
+        let e = sluice_events::dist::decode_event(&raw.payload).unwrap();
+        assert_eq!(e.position.0, seq);
+    }
+    // The snapshot manifest in KV points at a stored, decodable body.
+    let kv = js.get_key_value("sluice-snapshots").await.unwrap();
+    let manifest: sluice_events::dist::SnapshotManifest =
+        serde_json::from_slice(&kv.get("data-plane").await.unwrap().unwrap()).unwrap();
+    assert!(manifest.position.0 >= 3, "{manifest:?}");
+
+    // GET /v1/nodes: the worker, live, zero lag, same digest.
+    until("GET /v1/nodes shows edge-1 in sync", || async {
+        let (code, body) = get(&http, format!("http://127.0.0.1:{cp_a}/v1/nodes")).await;
+        let n = &body["nodes"][0];
+        code == 200 && n["node_id"] == "edge-1" && n["lag"] == 0 && n["digest_match"] == true && n["stale"] == false
+    })
+    .await;
+
+    // A second control plane waits for the relay lock; when the first dies it takes over.
+    let b = control(&url, &nats.url(), cp_b, "cp-b", &dir.path().join("cp-b.log"));
+    drop(a);
+    post(&http, cp_b, "/v1/apps/studio/streams", json!({"name": "cam6"})).await;
+    until("the worker sees cam6 through the new relay", || async {
+        let (_, s) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
+        s["streams"].as_u64() == Some(6)
+    })
+    .await;
+    assert!(read(&dir.path().join("cp-b.log")).contains("this instance is the relay"));
+
+    // NATS goes away: the worker keeps its state and stays ready.
+    nats.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, ready) = get(&http, format!("http://127.0.0.1:{w_port}/ready")).await;
+    assert_eq!((code, ready["ready"].as_bool()), (200, Some(true)), "{ready}");
+    let (_, before) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
+    // Let the local snapshot catch up with the last change, then restart the worker with
+    // NATS and both control planes down.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(b);
+    w.0.kill().unwrap();
+    w.0.wait().unwrap();
+    w = worker("nats://127.0.0.1:9", w_port, &w_dir, "edge-1", &w_log);
+    until("the restarted worker is ready from its local snapshot", || async {
+        get(&http, format!("http://127.0.0.1:{w_port}/ready")).await.0 == 200
+    })
+    .await;
+    let (_, after) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
+    assert_eq!(after["access_digest"], before["access_digest"]);
+    assert_eq!(after["streams"].as_u64(), Some(6));
+    assert!(read(&w_log).contains("source=\"local\""), "{}", read(&w_log));
+    drop(w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unusable_local_snapshots_are_set_aside_with_a_clear_line() {
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("dist_bad").await.unwrap();
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let cp = free_port();
+    let _a = control(&url, &nats.url(), cp, "cp", &dir.path().join("cp.log"));
+    post(&http, cp, "/v1/apps", json!({"name": "studio"})).await;
+    post(&http, cp, "/v1/apps/studio/streams", json!({"name": "cam1"})).await;
+
+    let w_dir = dir.path().join("w");
+    std::fs::create_dir_all(&w_dir).unwrap();
+    let snapshot = w_dir.join("snapshot.bin");
+    // 1. garbage; 2. a valid header from a future schema version.
+    let mut future = sluice_events::state::snapshot::encode(&AuthState::new());
+    future[16..18].copy_from_slice(&99u16.to_le_bytes());
+    for (bad, says) in [(b"garbage".to_vec(), "snapshot truncated: 7 bytes"), (future, "schema 99 is newer")] {
+        std::fs::write(&snapshot, &bad).unwrap();
+        let log = dir.path().join("w.log");
+        let _ = std::fs::remove_file(&log);
+        let port = free_port();
+        let w = worker(&nats.url(), port, &w_dir, "edge-2", &log);
+        until("the worker is ready from NATS", || async {
+            let (_, s) = get(&http, format!("http://127.0.0.1:{port}/state")).await;
+            s["ready"] == true && s["streams"].as_u64() == Some(1)
+        })
+        .await;
+        let text = read(&log);
+        assert!(text.contains("local snapshot rejected") && text.contains(says), "{text}");
+        assert!(w_dir.join("snapshot.bin.rejected").exists());
+        drop(w);
+    }
+}
