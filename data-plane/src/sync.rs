@@ -35,11 +35,15 @@ pub struct Shared {
     /// The access digest of the current tables, once computed, with the tables position it
     /// belongs to.
     pub digest: std::sync::Mutex<Option<(Position, Sha256Digest)>>,
+    /// The applied position, for waiters (`GET /wait`).
+    pub applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
     pub fn new(state: AuthState) -> Arc<Shared> {
+        let applied = tokio::sync::watch::Sender::new(state.position().0);
         Arc::new(Shared {
+            applied,
             state: ArcSwap::from_pointee(state),
             ready: AtomicBool::new(false),
             synced: AtomicBool::new(false),
@@ -124,7 +128,9 @@ impl Applier {
                 }
             }
         }
+        let position = next.position().0;
         let old = self.shared.state.swap(Arc::new(next));
+        self.shared.applied.send_replace(position);
         if let Ok(s) = Arc::try_unwrap(old) {
             self.spare = Some(s);
             self.behind = applied;

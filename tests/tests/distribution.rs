@@ -2,7 +2,8 @@
 //! log into `SLUICE_EVENTS` with sequence == position, a second control plane takes the relay
 //! over when the first dies, workers boot from snapshots and follow the feed, `GET /v1/nodes`
 //! shows them with zero lag and a matching digest, and a worker restarted with NATS and the
-//! control plane both down boots from its local snapshot with the same state.
+//! control plane both down boots from its local snapshot with the same state. A NATS outage
+//! loses nothing: writes made meanwhile reach the stream and the worker when it returns.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -157,6 +158,13 @@ async fn workers_follow_the_log_through_nats_and_keep_their_state_through_outage
     .await;
     let (_, s) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
     assert_eq!(s["access_digest"], expected.access_digest().to_hex(), "{s}");
+    // Read-your-writes at the edge: /wait answers at once for an applied position, 504 for a
+    // position that does not exist yet.
+    let (code, _) = get(&http, format!("http://127.0.0.1:{w_port}/wait?position={}", head.0)).await;
+    assert_eq!(code, 200);
+    let (code, body) =
+        get(&http, format!("http://127.0.0.1:{w_port}/wait?position={}&timeout_ms=200", head.0 + 1000)).await;
+    assert_eq!((code, body["waited_for"].as_u64()), (504, Some(head.0 + 1000)));
     assert_eq!((s["streams"].as_u64(), s["tokens"].as_u64()), (Some(5), Some(1)));
 
     // SLUICE_EVENTS holds the log with sequence == position, no gap, no duplicate.
@@ -199,6 +207,31 @@ async fn workers_follow_the_log_through_nats_and_keep_their_state_through_outage
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (code, ready) = get(&http, format!("http://127.0.0.1:{w_port}/ready")).await;
     assert_eq!((code, ready["ready"].as_bool()), (200, Some(true)), "{ready}");
+    // Writes go on meanwhile (Postgres is the truth); when NATS is back the relay resumes
+    // from the stream's last sequence and the worker catches up.
+    post(&http, cp_b, "/v1/apps/studio/streams", json!({"name": "cam7"})).await;
+    nats.restart().unwrap();
+    until("the worker catches up after the NATS outage", || async {
+        let (_, s) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
+        s["streams"].as_u64() == Some(7) && s["synced"] == true
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let head = store.head().await.unwrap();
+    until("SLUICE_EVENTS holds the whole log again", || async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let stream = js.get_stream("SLUICE_EVENTS").await.unwrap();
+        stream.get_info().await.unwrap().state.last_sequence == head.0
+    })
+    .await;
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client).get_stream("SLUICE_EVENTS").await.unwrap();
+    for seq in 1..=head.0 {
+        let raw = stream.get_raw_message(seq).await.unwrap();
+        assert_eq!(sluice_events::dist::decode_event(&raw.payload).unwrap().position.0, seq);
+    }
+    nats.stop();
     let (_, before) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
     // Let the local snapshot catch up with the last change, then restart the worker with
     // NATS and both control planes down.
@@ -213,7 +246,7 @@ async fn workers_follow_the_log_through_nats_and_keep_their_state_through_outage
     .await;
     let (_, after) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
     assert_eq!(after["access_digest"], before["access_digest"]);
-    assert_eq!(after["streams"].as_u64(), Some(6));
+    assert_eq!(after["streams"].as_u64(), Some(7));
     assert!(read(&w_log).contains("source=\"local\""), "{}", read(&w_log));
     drop(w);
 }
