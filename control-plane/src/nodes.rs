@@ -6,8 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
+use sluice_events::AuthState;
 use sluice_events::dist::{self, Heartbeat};
-use sluice_events::{AuthState, Position, Sha256Digest};
+use sluice_events::state::AccessDigestMemo;
 
 #[derive(Debug, Clone)]
 struct Seen {
@@ -20,7 +21,7 @@ struct Seen {
 #[derive(Debug, Default)]
 pub struct Nodes {
     seen: Mutex<BTreeMap<String, Seen>>,
-    digest: Mutex<Option<(Position, Sha256Digest)>>,
+    digest: AccessDigestMemo,
 }
 
 impl Nodes {
@@ -35,24 +36,11 @@ impl Nodes {
         seen.retain(|_, s| s.at.elapsed() < forget);
     }
 
-    /// The access digest of `state`'s tables, computed at most once per table change.
-    pub fn access_digest(&self, state: &AuthState) -> Sha256Digest {
-        let mut cached = self.digest.lock().unwrap_or_else(|p| p.into_inner());
-        match *cached {
-            Some((at, d)) if at == state.tables_position() => d,
-            _ => {
-                let d = state.access_digest();
-                *cached = Some((state.tables_position(), d));
-                d
-            }
-        }
-    }
-
     pub fn list(&self, state: &AuthState, stale_after: Duration) -> Vec<NodeView> {
         self.prune(stale_after * 20);
         let seen: Vec<Seen> = self.seen.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
         let head = state.position();
-        let ours = if seen.is_empty() { None } else { Some(self.access_digest(state)) };
+        let ours = if seen.is_empty() { None } else { Some(self.digest.of(state)) };
         seen.into_iter()
             .map(|s| {
                 let b = s.beat;
@@ -86,11 +74,7 @@ impl Nodes {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
-                match async_nats::ConnectOptions::new()
-                    .connection_timeout(Duration::from_secs(2))
-                    .connect(&nats_url)
-                    .await
-                {
+                match crate::relay::connect(&nats_url).await {
                     Ok(client) => match client.subscribe(dist::HEARTBEAT_SUBJECTS).await {
                         Ok(mut sub) => {
                             while let Some(msg) = sub.next().await {
@@ -142,4 +126,64 @@ pub struct NodeView {
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct NodeList {
     pub nodes: Vec<NodeView>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use sluice_events::event::{ApiAccessed, AppCreated, GENESIS};
+    use sluice_events::{Event, Metadata, NodeId, Position, RecordedEvent, Sha256Digest, Timestamp};
+
+    fn record(state: &mut AuthState, event: Event) {
+        let position = state.position().next();
+        let e = RecordedEvent {
+            position,
+            event_id: uuid::Uuid::from_u128(position.0 as u128),
+            stream: event.log_stream(),
+            version: 0,
+            event,
+            metadata: Metadata::default(),
+            recorded_at: Timestamp(0),
+            hash: GENESIS,
+        };
+        state.apply(&e).unwrap();
+    }
+
+    fn beat(position: u64, digest: Option<(u64, Sha256Digest)>) -> Heartbeat {
+        Heartbeat {
+            node_id: NodeId::parse("edge-1").unwrap(),
+            version: "0.1.0".into(),
+            position: Position(position),
+            digest: digest.map(|(_, d)| d),
+            digest_position: digest.map(|(p, _)| Position(p)),
+            live_sessions: 0,
+            uptime_secs: 1,
+            ready: true,
+            synced: true,
+            sent_at: Timestamp(0),
+        }
+    }
+
+    #[test]
+    fn lag_and_digest_match_are_judged_against_the_last_table_change() {
+        let mut state = AuthState::new();
+        record(&mut state, AppCreated { app: "live".parse().unwrap(), policy: Default::default() }.into());
+        let ours = state.access_digest();
+        // An audit event moves the head but not the tables.
+        record(&mut state, ApiAccessed { instance: "cp".into(), entries: vec![] }.into());
+        let nodes = Nodes::default();
+        let stale = Duration::from_secs(15);
+        let one = |nodes: &Nodes| nodes.list(&state, stale).pop().unwrap();
+
+        nodes.record(beat(1, Some((1, ours))));
+        let v = one(&nodes);
+        assert_eq!((v.lag, v.digest_match, v.stale), (1, Some(true), false));
+        nodes.record(beat(2, Some((2, Sha256Digest([7; 32])))));
+        assert_eq!(one(&nodes).digest_match, Some(false), "a wrong state is flagged");
+        nodes.record(beat(0, Some((0, ours))));
+        assert_eq!(one(&nodes).digest_match, None, "behind the last table change: not comparable");
+        nodes.record(beat(2, None));
+        assert_eq!((one(&nodes).lag, one(&nodes).digest_match), (0, None));
+    }
 }

@@ -111,14 +111,9 @@ async fn lead(
     result
 }
 
-async fn connect(url: &str) -> Result<(async_nats::Client, jetstream::Context), RelayError> {
-    let client = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(2))
-        .connect(url)
-        .await
-        .map_err(nats)?;
-    let js = jetstream::new(client.clone());
-    Ok((client, js))
+/// A NATS client that gives up a connection attempt after 2 s (callers retry).
+pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(url).await
 }
 
 pub async fn ensure_events_stream(js: &jetstream::Context) -> Result<jetstream::stream::Stream, String> {
@@ -140,7 +135,7 @@ async fn relay(
     status: &watch::Sender<RelayStatus>,
     lock: &mut sqlx::PgConnection,
 ) -> Result<(), RelayError> {
-    let (_client, js) = connect(&settings.nats_url).await?;
+    let js = jetstream::new(connect(&settings.nats_url).await.map_err(nats)?);
     let stream = ensure_events_stream(&js).await.map_err(RelayError::Nats)?;
     let mut last = stream.get_info().await.map_err(nats)?.state.last_sequence;
     let head = store.head().await.map_err(|e| RelayError::Store(e.to_string()))?.0;

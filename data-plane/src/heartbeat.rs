@@ -37,11 +37,7 @@ pub async fn run(shared: Arc<Shared>, node: NodeId, nats_url: String, every: Dur
     let mut client: Option<async_nats::Client> = None;
     loop {
         if client.is_none() {
-            client = async_nats::ConnectOptions::new()
-                .connection_timeout(Duration::from_secs(2))
-                .connect(&nats_url)
-                .await
-                .ok();
+            client = crate::sync::connect(&nats_url).await.ok();
         }
         if let Some(c) = &client {
             let sh = shared.clone();

@@ -81,7 +81,7 @@ async fn run(config: Config) -> Result<(), String> {
     let (state, info, source) = sync::boot(&config, keyring).await;
     let shared = sync::Shared::new(state);
     if let Some(info) = &info {
-        shared.seed_digest(info);
+        shared.digest.seed(info.tables_position, info.digest);
         // A snapshot is a state to decide from, whatever happens to NATS next.
         shared.ready.store(true, Ordering::Release);
     }

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use futures::{FutureExt as _, StreamExt as _};
 use sluice_events::dist::{self, SnapshotManifest};
+use sluice_events::state::AccessDigestMemo;
 use sluice_events::state::snapshot::{self, SnapshotInfo};
 use sluice_events::{AuthState, Keyring, Position, RecordedEvent, Sha256Digest};
 use tokio::io::AsyncReadExt as _;
@@ -32,9 +33,8 @@ pub struct Shared {
     pub synced: AtomicBool,
     pub live_sessions: AtomicU64,
     pub started: Instant,
-    /// The access digest of the current tables, once computed, with the tables position it
-    /// belongs to.
-    pub digest: std::sync::Mutex<Option<(Position, Sha256Digest)>>,
+    /// The access digest, recomputed only when the tables change.
+    pub digest: AccessDigestMemo,
     /// The applied position, for waiters (`GET /wait`).
     pub applied: tokio::sync::watch::Sender<u64>,
 }
@@ -49,7 +49,7 @@ impl Shared {
             synced: AtomicBool::new(false),
             live_sessions: AtomicU64::new(0),
             started: Instant::now(),
-            digest: std::sync::Mutex::new(None),
+            digest: AccessDigestMemo::default(),
         })
     }
 
@@ -65,24 +65,7 @@ impl Shared {
     /// the state when the tables changed: call it off the async threads).
     pub fn current_digest(&self) -> (Position, Sha256Digest) {
         let state = self.state.load_full();
-        (state.position(), self.digest_of(&state))
-    }
-
-    /// The access digest of `state`, from the cache when its tables are the cached ones.
-    pub fn digest_of(&self, state: &AuthState) -> Sha256Digest {
-        if let Some((at, d)) = *self.digest.lock().unwrap_or_else(|p| p.into_inner())
-            && at == state.tables_position()
-        {
-            return d;
-        }
-        let d = state.access_digest();
-        *self.digest.lock().unwrap_or_else(|p| p.into_inner()) = Some((state.tables_position(), d));
-        d
-    }
-
-    /// Seeds the digest cache (a snapshot carries its digest).
-    pub fn seed_digest(&self, info: &SnapshotInfo) {
-        *self.digest.lock().unwrap_or_else(|p| p.into_inner()) = Some((info.tables_position, info.digest));
+        (state.position(), self.digest.of(&state))
     }
 }
 
@@ -144,22 +127,26 @@ pub async fn boot(config: &Config, keyring: Arc<Keyring>) -> (AuthState, Option<
     let dir = config.state_dir.clone();
     let ring = keyring.clone();
     let local = tokio::task::spawn_blocking(move || crate::local::read(&dir, Some(ring))).await.ok().flatten();
-    let remote_manifest = match connect(&config.nats_url).await {
-        Ok(client) => manifest(&jetstream::new(client)).await.map(|m| (m, config.nats_url.clone())),
+    let js = match connect(&config.nats_url).await {
+        Ok(client) => Some(jetstream::new(client)),
         Err(e) => {
             tracing::warn!(error = %e, "NATS unreachable at boot");
             None
         }
     };
+    let remote_manifest = match &js {
+        Some(js) => manifest(js).await.map(|m| (m, js)),
+        None => None,
+    };
     let local_pos = local.as_ref().map(|(_, i)| i.position);
-    if let Some((m, url)) = remote_manifest {
+    if let Some((m, js)) = remote_manifest {
         if local_pos.is_some_and(|p| p >= m.position) {
             tracing::info!(
                 local = local_pos.map(|p| p.0),
                 nats = m.position.0,
                 "local snapshot is as new as the NATS one or newer; using it"
             );
-        } else if let Some((state, info)) = fetch(&url, &m, keyring.clone()).await {
+        } else if let Some((state, info)) = fetch(js, &m, keyring.clone()).await {
             return (state, Some(info), "nats");
         }
     }
@@ -169,7 +156,8 @@ pub async fn boot(config: &Config, keyring: Arc<Keyring>) -> (AuthState, Option<
     }
 }
 
-async fn connect(url: &str) -> Result<async_nats::Client, String> {
+/// A NATS client that gives up a connection attempt after 2 s (callers retry).
+pub async fn connect(url: &str) -> Result<async_nats::Client, String> {
     async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(2))
         .connect(url)
@@ -189,9 +177,11 @@ async fn manifest(js: &jetstream::Context) -> Option<SnapshotManifest> {
     }
 }
 
-async fn fetch(url: &str, m: &SnapshotManifest, keyring: Arc<Keyring>) -> Option<(AuthState, SnapshotInfo)> {
-    let client = connect(url).await.ok()?;
-    let js = jetstream::new(client);
+async fn fetch(
+    js: &jetstream::Context,
+    m: &SnapshotManifest,
+    keyring: Arc<Keyring>,
+) -> Option<(AuthState, SnapshotInfo)> {
     let store = js.get_object_store(dist::SNAPSHOT_OBJECTS).await.ok()?;
     let mut object = match store.get(&m.object).await {
         Ok(o) => o,
@@ -297,7 +287,7 @@ pub async fn snapshot_loop(shared: Arc<Shared>, dir: std::path::PathBuf, every: 
         let dir = dir.clone();
         let sh = shared.clone();
         let result = tokio::task::spawn_blocking(move || {
-            let digest = sh.digest_of(&state);
+            let digest = sh.digest.of(&state);
             crate::local::write(&dir, &snapshot::encode_with_digest(&state, digest)).map(|()| state.position())
         })
         .await;

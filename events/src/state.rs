@@ -514,6 +514,30 @@ impl AuthState {
     }
 }
 
+/// `access_digest()` remembered per table change: the digest is a pass over the whole state
+/// (hundreds of ms at a million tokens), but it only changes when `tables_position` does.
+#[derive(Debug, Default)]
+pub struct AccessDigestMemo(std::sync::Mutex<Option<(Position, Sha256Digest)>>);
+
+impl AccessDigestMemo {
+    /// The access digest of `state`, computed only if its tables changed since the last call.
+    pub fn of(&self, state: &AuthState) -> Sha256Digest {
+        if let Some((at, d)) = *self.0.lock().unwrap_or_else(|p| p.into_inner())
+            && at == state.tables_position()
+        {
+            return d;
+        }
+        let d = state.access_digest();
+        self.seed(state.tables_position(), d);
+        d
+    }
+
+    /// Remembers a digest known from elsewhere (a snapshot carries its own).
+    pub fn seed(&self, tables_position: Position, digest: Sha256Digest) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((tables_position, digest));
+    }
+}
+
 /// Length-prefixed writes, so that no two different states feed the same bytes.
 struct DigestWriter(Sha256);
 

@@ -120,6 +120,17 @@ async fn folded(store: &EventStore) -> AuthState {
     }
 }
 
+/// `SLUICE_EVENTS` holds exactly the log up to `head`, message k being position k.
+async fn assert_stream_is_the_log(nats_url: &str, head: Position) {
+    let client = async_nats::connect(nats_url).await.unwrap();
+    let stream = async_nats::jetstream::new(client).get_stream("SLUICE_EVENTS").await.unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.last_sequence, head.0);
+    for seq in 1..=head.0 {
+        let raw = stream.get_raw_message(seq).await.unwrap();
+        assert_eq!(sluice_events::dist::decode_event(&raw.payload).unwrap().position.0, seq);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_follow_the_log_through_nats_and_keep_their_state_through_outages() {
     let pg = Postgres::start().unwrap();
@@ -165,18 +176,17 @@ async fn workers_follow_the_log_through_nats_and_keep_their_state_through_outage
     let (code, body) =
         get(&http, format!("http://127.0.0.1:{w_port}/wait?position={}&timeout_ms=200", head.0 + 1000)).await;
     assert_eq!((code, body["waited_for"].as_u64()), (504, Some(head.0 + 1000)));
+    // Bad input on the admin port: a clear 400, and the worker goes on.
+    for bad in ["/wait", "/wait?position=abc", "/wait?position=-1", "/wait?position=1&timeout_ms=x"] {
+        let r = http.get(format!("http://127.0.0.1:{w_port}{bad}")).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{bad}");
+    }
+    assert_eq!(get(&http, format!("http://127.0.0.1:{w_port}/ready")).await.0, 200);
     assert_eq!((s["streams"].as_u64(), s["tokens"].as_u64()), (Some(5), Some(1)));
 
     // SLUICE_EVENTS holds the log with sequence == position, no gap, no duplicate.
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let stream = js.get_stream("SLUICE_EVENTS").await.unwrap();
-    assert_eq!(stream.get_info().await.unwrap().state.last_sequence, head.0);
-    for seq in 1..=head.0 {
-        let raw = stream.get_raw_message(seq).await.unwrap();
-        let e = sluice_events::dist::decode_event(&raw.payload).unwrap();
-        assert_eq!(e.position.0, seq);
-    }
+    assert_stream_is_the_log(&nats.url(), head).await;
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     // The snapshot manifest in KV points at a stored, decodable body.
     let kv = js.get_key_value("sluice-snapshots").await.unwrap();
     let manifest: sluice_events::dist::SnapshotManifest =
@@ -225,12 +235,7 @@ async fn workers_follow_the_log_through_nats_and_keep_their_state_through_outage
         stream.get_info().await.unwrap().state.last_sequence == head.0
     })
     .await;
-    let client = async_nats::connect(nats.url()).await.unwrap();
-    let stream = async_nats::jetstream::new(client).get_stream("SLUICE_EVENTS").await.unwrap();
-    for seq in 1..=head.0 {
-        let raw = stream.get_raw_message(seq).await.unwrap();
-        assert_eq!(sluice_events::dist::decode_event(&raw.payload).unwrap().position.0, seq);
-    }
+    assert_stream_is_the_log(&nats.url(), head).await;
     nats.stop();
     let (_, before) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
     // Let the local snapshot catch up with the last change, then restart the worker with
