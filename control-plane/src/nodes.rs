@@ -30,6 +30,21 @@ impl Nodes {
         seen.insert(beat.node_id.as_str().to_owned(), Seen { beat, at: Instant::now() });
     }
 
+    /// `app/stream` as reported by every worker heard from within `fresh` that has it live.
+    pub fn stream(&self, app: &str, stream: &str, fresh: Duration) -> Vec<(String, dist::StreamStat)> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.iter()
+            .filter(|(_, s)| s.at.elapsed() < fresh)
+            .flat_map(|(node, s)| {
+                s.beat
+                    .streams
+                    .iter()
+                    .filter(|st| st.app == app && st.stream == stream)
+                    .map(|st| (node.clone(), st.clone()))
+            })
+            .collect()
+    }
+
     /// Forgets nodes silent for longer than `forget`.
     fn prune(&self, forget: Duration) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -61,6 +76,7 @@ impl Nodes {
                     ready: b.ready,
                     synced: b.synced,
                     live_sessions: b.live_sessions,
+                    decisions_pending: b.decisions_pending,
                     uptime_secs: b.uptime_secs,
                     last_seen_ms,
                     stale: s.at.elapsed() > stale_after,
@@ -116,6 +132,9 @@ pub struct NodeView {
     /// Whether its event feed from NATS is live.
     pub synced: bool,
     pub live_sessions: u64,
+    /// Decisions in its spool that the log does not hold yet (grows while NATS or the
+    /// control plane is away).
+    pub decisions_pending: u64,
     pub uptime_secs: u64,
     /// Milliseconds since its last heartbeat.
     pub last_seen_ms: u64,
@@ -158,6 +177,8 @@ mod tests {
             digest: digest.map(|(_, d)| d),
             digest_position: digest.map(|(p, _)| Position(p)),
             live_sessions: 0,
+            decisions_pending: 0,
+            streams: vec![],
             uptime_secs: 1,
             ready: true,
             synced: true,

@@ -92,18 +92,7 @@ async fn lead(
     settings: &RelaySettings,
     status: &watch::Sender<RelayStatus>,
 ) -> Result<(), RelayError> {
-    let mut lock = store.pool().acquire().await.map_err(|e| RelayError::Store(e.to_string()))?.detach();
-    loop {
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(RELAY_LOCK)
-            .fetch_one(&mut lock)
-            .await
-            .map_err(|e| RelayError::Store(e.to_string()))?;
-        if got {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let mut lock = store.lead(RELAY_LOCK).await.map_err(|e| RelayError::Store(e.to_string()))?;
     tracing::info!("relay: this instance is the relay");
     let result = relay(store, projection, settings, status, &mut lock).await;
     // Dropping the connection frees the lock; close it politely when we still can.
@@ -226,6 +215,13 @@ async fn publish(js: &jetstream::Context, batch: &[RecordedEvent], mut last: u64
         }
     }
     Ok(last)
+}
+
+/// Stores `state` as the newest data-plane snapshot in NATS, as the relay does (benchmarks
+/// and tools; the relay calls it on its schedule).
+pub async fn publish_snapshot(js: &jetstream::Context, state: Arc<AuthState>) -> Result<Position, String> {
+    let snapshots = Snapshots::open(js).await.map_err(|e| e.to_string())?;
+    snapshots.store(state).await.map_err(|e| e.to_string())
 }
 
 /// The snapshot store: bodies in an object store, the newest one's manifest in KV.

@@ -103,6 +103,9 @@ struct AppendRequest {
     expected: ExpectedVersion,
     events: Vec<NewEvent>,
     metadata: Metadata,
+    /// Facts (decisions): each event id already in the log is skipped on its own, instead of
+    /// the whole request having to be an exact retry.
+    skip_known: bool,
     reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
@@ -236,10 +239,55 @@ impl EventStore {
                 e.event.log_stream()
             )));
         }
+        self.send(stream, expected, events, metadata, false).await
+    }
+
+    /// Appends facts that cannot conflict (decisions re-delivered in any grouping): events
+    /// whose id is already in the log are skipped one by one, the rest appended in order.
+    /// `positions` holds only the new ones; `duplicate` says nothing was new.
+    pub async fn append_facts(
+        &self,
+        stream: &str,
+        events: Vec<NewEvent>,
+        metadata: Metadata,
+    ) -> Result<Appended, StoreError> {
+        if let Some(e) = events.iter().find(|e| e.event.log_stream() != stream) {
+            return Err(StoreError::InvalidAppend(format!(
+                "{} belongs to stream {}, not {stream}",
+                e.event.event_type(),
+                e.event.log_stream()
+            )));
+        }
+        self.send(stream, ExpectedVersion::Any, events, metadata, true).await
+    }
+
+    async fn send(
+        &self,
+        stream: &str,
+        expected: ExpectedVersion,
+        events: Vec<NewEvent>,
+        metadata: Metadata,
+        skip_known: bool,
+    ) -> Result<Appended, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let request = AppendRequest { stream: stream.to_owned(), expected, events, metadata, reply };
+        let request = AppendRequest { stream: stream.to_owned(), expected, events, metadata, skip_known, reply };
         self.writer.send(request).await.map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// A dedicated connection holding the session-level advisory lock `key`, waited for (every
+    /// 500 ms): leadership for one-per-cluster jobs (relay, ingest). The lock dies with the
+    /// connection, so a crashed leader frees it at once.
+    pub async fn lead(&self, key: i64) -> Result<sqlx::PgConnection, StoreError> {
+        let mut conn = self.pool.acquire().await?.detach();
+        loop {
+            let got: bool =
+                sqlx::query_scalar("SELECT pg_try_advisory_lock($1)").bind(key).fetch_one(&mut conn).await?;
+            if got {
+                return Ok(conn);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     /// The last position in the log (0 when empty).
@@ -284,6 +332,27 @@ impl EventStore {
             .fetch_optional(&self.pool)
             .await?;
         Ok(p.map(|p| Position(p as u64)))
+    }
+
+    /// Events in (`after`, `upto`] that change access tables (`Event::NON_TABLE_TYPES` left
+    /// out: decisions, API calls, API keys), at most `limit`, in order.
+    pub async fn read_tables_between(
+        &self,
+        after: Position,
+        upto: Position,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let skipped: Vec<String> = Event::NON_TABLE_TYPES.iter().map(|t| (*t).to_owned()).collect();
+        let rows = sqlx::query(select_rows!(
+            " WHERE position > $1 AND position <= $2 AND NOT (type = ANY($3)) ORDER BY position LIMIT $4"
+        ))
+        .bind(after.0 as i64)
+        .bind(upto.0 as i64)
+        .bind(skipped)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|r| RawRow::from_row(r).map_err(StoreError::from)?.decode()).collect()
     }
 
     /// Every event of one stream, in version order.
@@ -548,6 +617,45 @@ async fn read_heads(
     .await?)
 }
 
+/// Adds one row to the INSERT's columns; answers the row's chain hash.
+#[allow(clippy::too_many_arguments)]
+fn push_row(
+    cols: &mut Columns,
+    prev: &Sha256Digest,
+    position: Position,
+    e: &NewEvent,
+    stream: &str,
+    version: u64,
+    recorded_at: Timestamp,
+    metadata: &serde_json::Value,
+) -> Sha256Digest {
+    let data = e.event.data();
+    let canonical = canonical_bytes(&CanonicalRow {
+        position,
+        event_id: &e.event_id,
+        stream,
+        version,
+        event_type: e.event.event_type(),
+        type_version: e.event.schema_version(),
+        recorded_at,
+        data: &data,
+        metadata,
+    });
+    let hash = chain_hash(prev, &canonical);
+    cols.size.push(canonical.len());
+    cols.position.push(position.0 as i64);
+    cols.event_id.push(e.event_id);
+    cols.stream.push(stream.to_owned());
+    cols.version.push(version as i64);
+    cols.event_type.push(e.event.event_type().to_owned());
+    cols.type_version.push(e.event.schema_version() as i16);
+    cols.data.push(data);
+    cols.metadata.push(metadata.clone());
+    cols.recorded_at.push(to_datetime(recorded_at));
+    cols.hash.push(hash.0.to_vec());
+    hash
+}
+
 /// True for a unique violation (SQLSTATE 23505).
 fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
@@ -564,12 +672,20 @@ async fn commit_locked(
         let ids: Vec<Uuid> = if probe_all {
             batch.iter().flat_map(|r| r.events.iter().map(|e| e.event_id)).collect()
         } else {
-            batch.iter().filter_map(|r| r.events.first().map(|e| e.event_id)).collect()
+            // Facts are probed whole: any of their ids may be a re-delivery.
+            batch
+                .iter()
+                .flat_map(|r| {
+                    let n = if r.skip_known { r.events.len() } else { 1 };
+                    r.events.iter().take(n).map(|e| e.event_id)
+                })
+                .collect()
         };
         let row = read_heads(conn, &ids, &streams).await?;
         // A retry (first id already in the log) needs every id's position: read again,
         // still under the lock.
-        let retry = !probe_all && !row.try_get::<Vec<Uuid>, _>("known_ids")?.is_empty();
+        let retry =
+            !probe_all && batch.iter().any(|r| !r.skip_known) && !row.try_get::<Vec<Uuid>, _>("known_ids")?.is_empty();
         if !retry {
             break row;
         }
@@ -600,9 +716,10 @@ async fn commit_locked(
             results.push(Ok(Appended { positions: vec![], stream_version: current, duplicate: false }));
             continue;
         }
-        // A retry of an append that already happened (here or earlier in this batch).
+        // A retry of an append that already happened (here or earlier in this batch). Facts
+        // skip what is known one by one and append the rest.
         let seen: Vec<Option<Position>> = req.events.iter().map(|e| known.get(&e.event_id).copied()).collect();
-        if seen.iter().any(Option::is_some) {
+        if !req.skip_known && seen.iter().any(Option::is_some) {
             results.push(match seen.iter().position(Option::is_none) {
                 Some(i) => Err(StoreError::IdempotencyMismatch { event_id: req.events[i].event_id }),
                 None => Ok(Appended {
@@ -630,40 +747,21 @@ async fn commit_locked(
         let mut version = current;
         let mut positions = Vec::with_capacity(req.events.len());
         for e in &req.events {
+            if req.skip_known && known.contains_key(&e.event_id) {
+                continue;
+            }
             position = position.next();
             let v = version.map_or(0, |v| v + 1);
             version = Some(v);
-            let data = e.event.data();
-            let canonical = canonical_bytes(&CanonicalRow {
-                position,
-                event_id: &e.event_id,
-                stream: &req.stream,
-                version: v,
-                event_type: e.event.event_type(),
-                type_version: e.event.schema_version(),
-                recorded_at,
-                data: &data,
-                metadata: &metadata,
-            });
-            prev = chain_hash(&prev, &canonical);
-            cols.size.push(canonical.len());
+            prev = push_row(&mut cols, &prev, position, e, &req.stream, v, recorded_at, &metadata);
             known.insert(e.event_id, position);
             positions.push(position);
-            cols.position.push(position.0 as i64);
-            cols.event_id.push(e.event_id);
-            cols.stream.push(req.stream.clone());
-            cols.version.push(v as i64);
-            cols.event_type.push(e.event.event_type().to_owned());
-            cols.type_version.push(e.event.schema_version() as i16);
-            cols.data.push(data);
-            cols.metadata.push(metadata.clone());
-            cols.recorded_at.push(to_datetime(recorded_at));
-            cols.hash.push(prev.0.to_vec());
         }
         if let Some(v) = version {
             versions.insert(req.stream.clone(), v);
         }
-        results.push(Ok(Appended { positions, stream_version: version, duplicate: false }));
+        let duplicate = req.skip_known && positions.is_empty();
+        results.push(Ok(Appended { positions, stream_version: version, duplicate }));
     }
 
     if cols.position.is_empty() {

@@ -1,25 +1,165 @@
 //! The worker's admin port: `/health` (alive), `/ready` (503 until it has a state to decide
 //! from, then 200 even when NATS or the control plane is gone: Kong's hybrid-mode rule) and
-//! `/state` (position, tables position, access digest).
+//! `/state` (position, tables position, access digest); `POST /v1/decide`, the worker's
+//! decision endpoint for a media server beside it (and for tests): the same path as an RTMP
+//! or SRT connection, spool and all.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::{Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
+use sluice_events::{AccessRequest, Action, Protocol, wire};
 
+use crate::decide::{DecideError, Decider};
 use crate::sync::Shared;
 
-pub fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
+/// Largest `POST /v1/decide` body.
+const MAX_DECIDE_BODY: usize = 8 * 1024;
+
+pub fn router(shared: Arc<Shared>, decider: Option<Decider>) -> Router {
+    let admin = Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok", "service": "sluice-dataplane"})) }))
         .route("/ready", get(ready))
         .route("/state", get(state))
         .route("/wait", get(wait))
-        .with_state(shared)
+        .with_state(shared);
+    match decider {
+        Some(d) => admin.merge(
+            Router::new()
+                .route("/v1/decide", post(decide))
+                .route("/spool", get(spool))
+                .route("/metrics", get(metrics))
+                .layer(DefaultBodyLimit::max(MAX_DECIDE_BODY))
+                .with_state(Arc::new(d)),
+        ),
+        None => admin,
+    }
+}
+
+/// `POST /v1/decide`: either an RTMP-style target (`app`, `stream` with its query, `action`)
+/// or an SRT `streamid`; plus the client's IP.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideBody {
+    #[serde(default)]
+    app: Option<String>,
+    #[serde(default)]
+    stream: Option<String>,
+    #[serde(default)]
+    action: Option<String>,
+    #[serde(default)]
+    streamid: Option<String>,
+    #[serde(default)]
+    protocol: Option<String>,
+    client_ip: std::net::IpAddr,
+}
+
+fn bad(detail: impl std::fmt::Display) -> (StatusCode, Json<Value>) {
+    (StatusCode::BAD_REQUEST, Json(json!({"error": "bad_request", "detail": detail.to_string()})))
+}
+
+fn parse_decide(body: &[u8]) -> Result<AccessRequest, String> {
+    let b: DecideBody = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
+    let id = uuid::Uuid::new_v4();
+    if let Some(sid) = &b.streamid {
+        if b.app.is_some() || b.stream.is_some() {
+            return Err("give either `streamid` or `app` and `stream`, not both".into());
+        }
+        let parsed = wire::parse_srt_streamid(sid.as_bytes()).map_err(|e| format!("streamid: {e}"))?;
+        if let Some(a) = &b.action {
+            if Action::parse(a).map_err(|e| e.to_string())? != parsed.action {
+                return Err("`action` disagrees with the streamid's mode".into());
+            }
+        }
+        return Ok(AccessRequest {
+            id,
+            app: parsed.target.app,
+            stream: parsed.target.stream,
+            action: parsed.action,
+            protocol: Protocol::Srt,
+            client_ip: b.client_ip,
+            credential: parsed.target.credential,
+        });
+    }
+    let (Some(app), Some(stream)) = (&b.app, &b.stream) else {
+        return Err("missing `app` and `stream` (or `streamid`)".into());
+    };
+    let action =
+        Action::parse(b.action.as_deref().ok_or("missing `action` (publish or play)")?).map_err(|e| e.to_string())?;
+    let protocol = match &b.protocol {
+        Some(p) => Protocol::parse(p).map_err(|e| e.to_string())?,
+        None => Protocol::Rtmp,
+    };
+    let target = wire::parse_rtmp(app, stream).map_err(|e| format!("stream: {e}"))?;
+    Ok(AccessRequest {
+        id,
+        app: target.app,
+        stream: target.stream,
+        action,
+        protocol,
+        client_ip: b.client_ip,
+        credential: target.credential,
+    })
+}
+
+/// Prometheus text: media, decisions, sessions, connections, state and spool.
+async fn metrics(State(d): State<Arc<Decider>>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
+    let text = d.stats.prometheus(&[
+        ("sluice_sessions", "Live sessions (publishers and players).", d.sessions.len() as u64),
+        ("sluice_connections", "Open media connections.", d.gate.connections() as u64),
+        ("sluice_state_position", "Log position of the applied state.", d.shared.position().0),
+        ("sluice_ready", "1 when the worker has a state to decide from.", u64::from(d.shared.is_ready())),
+        ("sluice_decisions_pending", "Decisions in the spool not yet in the log.", d.spool.backlog() as u64),
+    ]);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+/// The decision spool: durable, confirmed (in the log), waiting.
+async fn spool(State(decider): State<Arc<Decider>>) -> Json<Value> {
+    let s = &decider.spool;
+    Json(json!({"id": s.id(), "durable": s.durable(), "confirmed": s.confirmed(), "backlog": s.backlog()}))
+}
+
+/// 200 allowed, 403 denied (nginx-rtmp's `on_publish` convention), 400 bad input, 503 when
+/// the worker cannot decide or cannot record the decision.
+async fn decide(State(decider): State<Arc<Decider>>, body: axum::body::Bytes) -> (StatusCode, Json<Value>) {
+    let req = match parse_decide(&body) {
+        Ok(r) => r,
+        Err(e) => return bad(e),
+    };
+    match decider.decide(req).await {
+        Ok(r) => {
+            let code = if r.allowed { StatusCode::OK } else { StatusCode::FORBIDDEN };
+            (
+                code,
+                Json(json!({
+                    "decision_id": r.decision.id,
+                    "allowed": r.allowed,
+                    "reason": r.final_reason.as_str(),
+                    "method": r.decision.method,
+                    "subject": r.decision.subject,
+                    "app": r.request.app,
+                    "stream": r.decision.stream,
+                    "position": r.decision.position.0,
+                    "sequence": r.sequence,
+                })),
+            )
+        }
+        Err(e @ DecideError::NotReady) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"error": "not_ready", "detail": e.to_string()})))
+        }
+        Err(e @ DecideError::Spool(_)) => {
+            tracing::error!(error = %e, "decision refused: it could not be recorded");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"error": "spool_unavailable", "detail": "the decision could not be recorded"})),
+            )
+        }
+    }
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Value>) {

@@ -18,6 +18,11 @@ const KNOWN: &[&str] = &[
     "state_dir",
     "heartbeat_secs",
     "snapshot_every_secs",
+    "webhook_cache_secs",
+    "max_connections",
+    "max_connections_per_ip",
+    "failure_backoff_after",
+    "rtmp_max_message_bytes",
 ];
 
 #[derive(Clone)]
@@ -33,6 +38,16 @@ pub struct Config {
     pub heartbeat_secs: u64,
     /// How often it writes its local snapshot (when its state moved).
     pub snapshot_every_secs: u64,
+    /// How long a webhook's allow is reused for the same request (0: ask every time).
+    pub webhook_cache_secs: u64,
+    /// Open media connections at most, in total and from one address.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Denials from one address within 10 s that put it in the penalty box (0: never).
+    pub failure_backoff_after: usize,
+    /// Input an RTMP connection may send without completing a message (nginx-rtmp's
+    /// `max_message`): beyond it the connection is closed.
+    pub rtmp_max_message_bytes: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -47,6 +62,11 @@ impl std::fmt::Debug for Config {
             .field("state_dir", &self.state_dir)
             .field("heartbeat_secs", &self.heartbeat_secs)
             .field("snapshot_every_secs", &self.snapshot_every_secs)
+            .field("webhook_cache_secs", &self.webhook_cache_secs)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_ip", &self.max_connections_per_ip)
+            .field("failure_backoff_after", &self.failure_backoff_after)
+            .field("rtmp_max_message_bytes", &self.rtmp_max_message_bytes)
             .finish()
     }
 }
@@ -78,6 +98,11 @@ impl Config {
             state_dir: s.or("state_dir", PathBuf::from("./.sluice/dataplane"), "a directory path")?,
             heartbeat_secs: s.or("heartbeat_secs", 2, "seconds")?,
             snapshot_every_secs: s.or("snapshot_every_secs", 30, "seconds")?,
+            webhook_cache_secs: s.or("webhook_cache_secs", 30, "seconds")?,
+            max_connections: s.or("max_connections", 10_000, "a number of connections")?,
+            max_connections_per_ip: s.or("max_connections_per_ip", 100, "a number of connections")?,
+            failure_backoff_after: s.or("failure_backoff_after", 5, "a number of denials (0: no backoff)")?,
+            rtmp_max_message_bytes: s.or("rtmp_max_message_bytes", 4 << 20, "a number of bytes")?,
         })
     }
 }

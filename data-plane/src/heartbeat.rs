@@ -15,6 +15,8 @@ pub fn beat(
     shared: &Shared,
     node: &NodeId,
     digest: Option<(sluice_events::Position, sluice_events::Sha256Digest)>,
+    decisions_pending: u64,
+    streams: Vec<sluice_events::dist::StreamStat>,
 ) -> Heartbeat {
     Heartbeat {
         node_id: node.clone(),
@@ -29,10 +31,19 @@ pub fn beat(
         sent_at: Timestamp(
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
         ),
+        decisions_pending,
+        streams,
     }
 }
 
-pub async fn run(shared: Arc<Shared>, node: NodeId, nats_url: String, every: Duration) {
+pub async fn run(
+    shared: Arc<Shared>,
+    spool: Option<crate::spool::Spool>,
+    stats: Option<Arc<crate::stats::MediaStats>>,
+    node: NodeId,
+    nats_url: String,
+    every: Duration,
+) {
     let subject = dist::heartbeat_subject(&node);
     let mut client: Option<async_nats::Client> = None;
     loop {
@@ -46,7 +57,14 @@ pub async fn run(shared: Arc<Shared>, node: NodeId, nats_url: String, every: Dur
             } else {
                 None
             };
-            let body = serde_json::to_vec(&beat(&shared, &node, digest)).unwrap_or_default();
+            let body = serde_json::to_vec(&beat(
+                &shared,
+                &node,
+                digest,
+                spool.as_ref().map_or(0, |s| s.backlog() as u64),
+                stats.as_ref().map(|s| s.snapshot()).unwrap_or_default(),
+            ))
+            .unwrap_or_default();
             if c.publish(subject.clone(), body.into()).await.is_err() {
                 client = None;
             }

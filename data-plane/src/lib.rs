@@ -6,6 +6,14 @@
 
 pub mod admin;
 pub mod config;
+pub mod decide;
 pub mod heartbeat;
+pub mod limits;
 pub mod local;
+pub mod rtmp;
+pub mod sessions;
+pub mod spool;
+pub mod stats;
 pub mod sync;
+pub mod uplink;
+pub mod webhook;

@@ -22,6 +22,22 @@ enum Cmd {
     CheckConfig,
     /// Run the worker: boot from a snapshot, follow the log over NATS, serve the admin port.
     Run,
+    /// Rebuild the worker's state and print its position and access digest (equal to what
+    /// `sluice-control replay --to POSITION` prints at the same position).
+    Rebuild {
+        /// Fold `SLUICE_EVENTS` from position 1.
+        #[arg(long, conflicts_with = "from_snapshot")]
+        from_log: bool,
+        /// Decode a snapshot: `--file`, else the local one, else the one in NATS.
+        #[arg(long)]
+        from_snapshot: bool,
+        /// Stop at this position (with --from-log).
+        #[arg(long, requires = "from_log")]
+        to: Option<u64>,
+        /// The snapshot file (with --from-snapshot).
+        #[arg(long, requires = "from_snapshot")]
+        file: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +74,39 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Cmd::Rebuild { from_log, from_snapshot, to, file } => {
+            if from_log == from_snapshot {
+                eprintln!("sluice-dataplane: rebuild needs --from-log or --from-snapshot");
+                return ExitCode::from(2);
+            }
+            let config = match Config::load(cli.config.as_deref(), std::env::vars().collect()) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("sluice-dataplane: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let keyring = std::sync::Arc::new(sluice_events::Keyring::new(config.sealing_key.clone()));
+            let rebuilt = tokio::runtime::Runtime::new().map_err(|e| e.to_string()).and_then(|rt| {
+                rt.block_on(async {
+                    if from_log {
+                        sluice_data_plane::sync::rebuild_from_log(&config.nats_url, keyring, to).await
+                    } else {
+                        sluice_data_plane::sync::rebuild_from_snapshot(&config, keyring, file.as_deref()).await
+                    }
+                })
+            });
+            match rebuilt {
+                Ok(state) => {
+                    println!("position {} access_digest {}", state.position(), state.access_digest().to_hex());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("sluice-dataplane: rebuild: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::CheckConfig => match Config::load(cli.config.as_deref(), std::env::vars().collect()) {
             Ok(c) => {
                 println!("{c:#?}");
@@ -72,13 +121,13 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), String> {
-    use sluice_data_plane::{admin, heartbeat, sync};
+    use sluice_data_plane::{admin, decide, heartbeat, limits, rtmp, sessions, spool, stats, sync, uplink, webhook};
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
 
     let keyring = Arc::new(sluice_events::Keyring::new(config.sealing_key.clone()));
-    let (state, info, source) = sync::boot(&config, keyring).await;
+    let (state, info, source) = sync::boot(&config, keyring.clone()).await;
     let shared = sync::Shared::new(state);
     if let Some(info) = &info {
         shared.digest.seed(info.tables_position, info.digest);
@@ -87,22 +136,63 @@ async fn run(config: Config) -> Result<(), String> {
     }
     tracing::info!(node = %config.node_id, source, position = shared.position().0, "state booted");
     tokio::spawn(sync::follow(shared.clone(), config.nats_url.clone()));
-    tokio::spawn(heartbeat::run(
-        shared.clone(),
-        config.node_id.clone(),
-        config.nats_url.clone(),
-        Duration::from_secs(config.heartbeat_secs.max(1)),
-    ));
     tokio::spawn(sync::snapshot_loop(
         shared.clone(),
         config.state_dir.clone(),
         Duration::from_secs(config.snapshot_every_secs.max(1)),
     ));
+    let spool = spool::Spool::open(&config.state_dir.join("spool")).map_err(|e| e.to_string())?;
+    let media_stats = stats::MediaStats::new();
+    tokio::spawn(stats::sample_loop(media_stats.clone()));
+    tokio::spawn(heartbeat::run(
+        shared.clone(),
+        Some(spool.clone()),
+        Some(media_stats.clone()),
+        config.node_id.clone(),
+        config.nats_url.clone(),
+        Duration::from_secs(config.heartbeat_secs.max(1)),
+    ));
+    tracing::info!(spool = %spool.id(), backlog = spool.backlog(), "decision spool open");
+    let nats = async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(&config.nats_url)
+        .await
+        .map_err(|e| format!("NATS client: {e}"))?;
+    tokio::spawn(uplink::publish_loop(spool.clone(), nats.clone(), config.node_id.clone()));
+    tokio::spawn(uplink::mark_loop(spool.clone(), nats.clone(), config.node_id.clone()));
+    let guard = Arc::new(decide::Guard::new(nats));
+    tokio::spawn(decide::reconcile_loop(guard.clone()));
+    let sessions = sessions::Registry::new();
+    tokio::spawn(sessions::recheck_loop(sessions.clone(), shared.clone()));
+    let decider = decide::Decider {
+        shared: shared.clone(),
+        keyring: keyring.clone(),
+        node: config.node_id.clone(),
+        spool,
+        guard,
+        sessions,
+        webhooks: Arc::new(webhook::Webhooks::new(Duration::from_secs(config.webhook_cache_secs))),
+        stats: media_stats,
+        gate: limits::Gate::new(
+            config.max_connections.max(1),
+            config.max_connections_per_ip.max(1),
+            config.failure_backoff_after,
+        ),
+    };
+    let (jobs, job_rx) = tokio::sync::mpsc::channel(4096);
+    tokio::spawn(rtmp::serve_decisions(decider.clone(), job_rx));
+    let settings = rtmp::Settings { listen: config.rtmp_listen, max_message: config.rtmp_max_message_bytes };
+    rtmp::spawn(settings, decider.clone(), jobs, decider.gate.clone())
+        .map_err(|e| format!("cannot serve RTMP on {} (SLUICE_RTMP_LISTEN): {e}", config.rtmp_listen))?;
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_ADMIN_LISTEN): {e}", config.admin_listen))?;
     println!("sluice-dataplane {} admin on http://{}", config.node_id, config.admin_listen);
-    axum::serve(listener, admin::router(shared)).with_graceful_shutdown(shutdown()).await.map_err(|e| e.to_string())
+    axum::serve(listener, admin::router(shared, Some(decider)))
+        .with_graceful_shutdown(shutdown())
+        .await
+        .map_err(|e| e.to_string())
 }
 
 async fn shutdown() {

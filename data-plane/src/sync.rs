@@ -205,6 +205,57 @@ async fn fetch(
     }
 }
 
+/// Folds `SLUICE_EVENTS` from its first message into a fresh state, up to `to` (default: the
+/// stream's last sequence when the rebuild starts): `sluice-dataplane rebuild --from-log`.
+pub async fn rebuild_from_log(url: &str, keyring: Arc<Keyring>, to: Option<u64>) -> Result<AuthState, String> {
+    let js = jetstream::new(connect(url).await?);
+    let stream = js.get_stream(dist::EVENTS_STREAM).await.map_err(|e| format!("{}: {e}", dist::EVENTS_STREAM))?;
+    let last = stream.get_info().await.map_err(|e| e.to_string())?.state.last_sequence;
+    let target = to.map_or(last, |t| t.min(last));
+    let mut state = AuthState::for_data_plane(Some(keyring));
+    if target == 0 {
+        return Ok(state);
+    }
+    let consumer = stream
+        .create_consumer(OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    while state.position().0 < target {
+        let m = match messages.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("the consumer ended".into()),
+        };
+        state.apply(&decode(&m)?).map_err(|e| e.to_string())?;
+    }
+    Ok(state)
+}
+
+/// The snapshot `sluice-dataplane rebuild --from-snapshot` starts from: `file` if given, else
+/// the local one, else the one in NATS.
+pub async fn rebuild_from_snapshot(
+    config: &Config,
+    keyring: Arc<Keyring>,
+    file: Option<&std::path::Path>,
+) -> Result<AuthState, String> {
+    let local = file.map(std::path::Path::to_path_buf).unwrap_or_else(|| crate::local::path(&config.state_dir));
+    match std::fs::read(&local) {
+        Ok(bytes) => {
+            return snapshot::decode(&bytes, Some(keyring))
+                .map(|(s, _)| s)
+                .map_err(|e| format!("{}: {e}", local.display()));
+        }
+        Err(e) if file.is_some() || e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("{}: {e}", local.display()));
+        }
+        Err(_) => {}
+    }
+    let js = jetstream::new(connect(&config.nats_url).await?);
+    let m = manifest(&js).await.ok_or("no local snapshot and none in NATS")?;
+    fetch(&js, &m, keyring).await.map(|(s, _)| s).ok_or_else(|| "the NATS snapshot is unusable (see the log)".into())
+}
+
 /// Follows `SLUICE_EVENTS` forever from the state's next position, reconnecting as needed.
 pub async fn follow(shared: Arc<Shared>, nats_url: String) {
     let mut applier = Applier::new(shared.clone());

@@ -138,6 +138,16 @@ pub fn decide(state: &AuthState, req: &AccessRequest, now: Timestamp) -> Decisio
 /// Maps the name the client sent to the stream's public name. Returns whether it is
 /// registered. A publisher must use the publish name when one is set; a player can never
 /// use a publish name (it is a secret, and naming it must not reveal that it exists).
+/// The public name a request is for (publish-name mapping applied), without deciding:
+/// what a media server keys its streams by. The name as sent when the app or stream is unknown.
+pub fn public_stream(state: &AuthState, req: &AccessRequest) -> StreamName {
+    state
+        .apps
+        .get(&req.app)
+        .and_then(|app| resolve_stream(app, req).ok().map(|(s, _)| s.clone()))
+        .unwrap_or_else(|| req.stream.clone())
+}
+
 fn resolve_stream<'a>(app: &'a App, req: &'a AccessRequest) -> Result<(&'a StreamName, bool), Reason> {
     match req.action {
         Action::Publish => {
@@ -188,6 +198,30 @@ fn decimal(v: i64, buf: &mut [u8; 20]) -> &[u8] {
         buf[i] = b'-';
     }
     &buf[i..]
+}
+
+/// Is a live session, admitted by `method`, still allowed on `state` at `now`? (DESIGN.md §6:
+/// revocation ends live sessions.) The request is decided again; what the admission itself
+/// used up does not count against it: the session's own one-time token is consumed, and its
+/// TOTP code has aged or been marked used. Everything else does: the app or stream gone, the
+/// CIDR tightened, the method dropped from the policy, the token revoked or expired, the
+/// subscriber removed or blocked, a secret rotated, a JWT or HMAC expiry reached. A session a
+/// webhook admitted stays unless something before the webhook now refuses it.
+pub fn recheck(
+    state: &AuthState,
+    req: &AccessRequest,
+    admitted_by: Option<Method>,
+    now: Timestamp,
+) -> Result<(), Reason> {
+    let d = decide(state, req, now);
+    match d.outcome {
+        Outcome::Allow | Outcome::AskWebhook { .. } => Ok(()),
+        Outcome::Deny => match (admitted_by, d.reason) {
+            (Some(Method::OneTimeToken), Reason::TokenConsumed) => Ok(()),
+            (Some(Method::Totp), Reason::TotpReplayed | Reason::TotpInvalid) => Ok(()),
+            (_, reason) => Err(reason),
+        },
+    }
 }
 
 /// Ant Media's hash: `hex(sha256(stream + role + secret))`.

@@ -6,9 +6,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::command::Command;
 use crate::ids::{Action, AppName, NodeId, Position, Protocol, StreamName, SubscriberId, Timestamp};
 use crate::policy::Method;
-use crate::secret::{Sealed, SecretString, Sha256Digest};
+use crate::secret::{Keyring, SealError, Sealed, SealingKey, SecretString, Sha256Digest};
 
 /// The credential a client presented, as parsed from the wire. Secrets never print.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -100,6 +101,13 @@ pub enum Reason {
     SecretUnavailable,
     WebhookDenied,
     WebhookFailed,
+    /// A one-time token could not be checked against the cluster (NATS unreachable) and the
+    /// app's `offline_one_time` policy is `deny`.
+    OneTimeUnavailable,
+    /// The stream already has a live publisher.
+    StreamBusy,
+    /// Too many denials from this address lately (per-IP backoff).
+    RateLimited,
 }
 
 impl Reason {
@@ -146,6 +154,9 @@ const REASON_CODES: &[&str] = &[
     "secret_unavailable",
     "webhook_denied",
     "webhook_failed",
+    "one_time_unavailable",
+    "stream_busy",
+    "rate_limited",
 ];
 
 /// Something the shell must do for an `Allow` to hold (and record in the log).
@@ -201,6 +212,73 @@ pub struct RecordedRequest {
     pub credential: Option<Sealed>,
 }
 
+/// The purpose a decision's credential is sealed under: bound to the decision id, so a
+/// sealed credential cannot be moved onto another decision.
+pub fn credential_purpose(decision_id: &Uuid) -> String {
+    format!("decision-credential:{decision_id}")
+}
+
+#[derive(Serialize, Deserialize)]
+struct CredentialPlain {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subscriber_code: Option<String>,
+}
+
+impl RecordedRequest {
+    /// The request as the log keeps it; the secret parts of the credential are sealed under
+    /// `key` (dropped when there is no key: the decision is still recorded, but `explain`
+    /// cannot re-run it). `nonce` must be fresh (the shell draws it).
+    pub fn record(req: &AccessRequest, key: Option<&SealingKey>, nonce: [u8; 24]) -> RecordedRequest {
+        let c = &req.credential;
+        let credential = if c.token.is_none() && c.subscriber_code.is_none() {
+            None
+        } else {
+            key.map(|key| {
+                let plain = CredentialPlain {
+                    token: c.token.as_ref().map(|t| t.expose().to_owned()),
+                    subscriber_code: c.subscriber_code.as_ref().map(|t| t.expose().to_owned()),
+                };
+                // Two optional strings: cannot fail to serialize.
+                let bytes = serde_json::to_vec(&plain).unwrap_or_default();
+                key.seal(&credential_purpose(&req.id), &bytes, nonce)
+            })
+        };
+        RecordedRequest {
+            app: req.app.clone(),
+            stream: req.stream.clone(),
+            action: req.action,
+            protocol: req.protocol,
+            client_ip: req.client_ip,
+            subscriber_id: c.subscriber_id.clone(),
+            expires: c.expires,
+            credential,
+        }
+    }
+
+    /// The request again, credential unsealed, for `explain`.
+    pub fn reopen(&self, decision_id: Uuid, keyring: &Keyring) -> Result<AccessRequest, SealError> {
+        let mut credential =
+            Credential { expires: self.expires, subscriber_id: self.subscriber_id.clone(), ..Credential::default() };
+        if let Some(sealed) = &self.credential {
+            let bytes = keyring.open(sealed, &credential_purpose(&decision_id))?;
+            let plain: CredentialPlain = serde_json::from_slice(&bytes).map_err(|_| SealError::Malformed)?;
+            credential.token = plain.token.map(SecretString::new);
+            credential.subscriber_code = plain.subscriber_code.map(SecretString::new);
+        }
+        Ok(AccessRequest {
+            id: decision_id,
+            app: self.app.clone(),
+            stream: self.stream.clone(),
+            action: self.action,
+            protocol: self.protocol,
+            client_ip: self.client_ip,
+            credential,
+        })
+    }
+}
+
 /// What a webhook answered (recorded because it cannot be replayed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct WebhookAnswer {
@@ -229,6 +307,43 @@ pub struct DecisionRecord {
     pub sequence: Option<u64>,
 }
 
+impl DecisionRecord {
+    /// The facts an allowed decision implies beyond itself (a consumed one-time token, a used
+    /// TOTP step), as commands for the control plane to handle when it ingests the record.
+    /// A denied decision implies nothing.
+    pub fn follow_up(&self) -> Vec<Command> {
+        if !self.allowed {
+            return Vec::new();
+        }
+        self.decision
+            .effects
+            .iter()
+            .map(|effect| match effect {
+                Effect::ConsumeToken { token_sha256 } => Command::ConsumeToken {
+                    token_sha256: *token_sha256,
+                    decision_id: Some(self.decision.id),
+                    node: self.node.clone(),
+                },
+                Effect::UseTotpStep { subscriber_id, step } => Command::UseTotpStep {
+                    app: self.request.app.clone(),
+                    stream: self.decision.stream.clone(),
+                    subscriber_id: subscriber_id.clone(),
+                    step: *step,
+                },
+            })
+            .collect()
+    }
+
+    /// A stable id for the `n`-th fact implied by this decision, so re-ingesting it writes
+    /// nothing twice (the log is idempotent by event id).
+    pub fn follow_up_id(&self, n: usize) -> Uuid {
+        let mut bytes = [0u8; 16];
+        let digest = Sha256Digest::of(format!("sluice-follow-up|{}|{n}", self.decision.id).as_bytes());
+        bytes.copy_from_slice(&digest.0[..16]);
+        uuid::Builder::from_custom_bytes(bytes).into_uuid()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +357,74 @@ mod tests {
             assert_eq!(*r as usize, i);
             assert_eq!(r.as_str(), REASON_CODES[i]);
         }
+    }
+
+    fn key() -> SealingKey {
+        SealingKey::from_base64("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").unwrap()
+    }
+
+    fn request() -> AccessRequest {
+        AccessRequest {
+            id: Uuid::from_u128(42),
+            app: AppName::parse("live").unwrap(),
+            stream: StreamName::parse("cam").unwrap(),
+            action: Action::Play,
+            protocol: Protocol::Rtmp,
+            client_ip: "192.0.2.7".parse().unwrap(),
+            credential: Credential {
+                token: Some(SecretString::new("tok-secret")),
+                expires: Some(1_900_000_000),
+                subscriber_id: Some(SubscriberId::parse("alice").unwrap()),
+                subscriber_code: Some(SecretString::new("123456")),
+            },
+        }
+    }
+
+    #[test]
+    fn a_recorded_request_keeps_no_plaintext_and_reopens_to_the_same_request() {
+        let req = request();
+        let rec = RecordedRequest::record(&req, Some(&key()), [7; 24]);
+        let json = serde_json::to_string(&rec).unwrap();
+        assert!(!json.contains("tok-secret") && !json.contains("123456"), "{json}");
+        let ring = Keyring::new(key());
+        assert_eq!(rec.reopen(req.id, &ring).unwrap(), req);
+        // The seal is bound to the decision: moved onto another one it does not open.
+        assert!(rec.reopen(Uuid::from_u128(43), &ring).is_err());
+        // No key: recorded without the credential, never in the clear.
+        let bare = RecordedRequest::record(&req, None, [0; 24]);
+        assert!(bare.credential.is_none());
+    }
+
+    #[test]
+    fn only_an_allowed_decision_implies_follow_up_facts_with_stable_ids() {
+        let req = request();
+        let digest = Sha256Digest::of(b"tok-secret");
+        let mut record = DecisionRecord {
+            decision: Decision {
+                id: req.id,
+                outcome: Outcome::Allow,
+                reason: Reason::Allowed,
+                method: Some(Method::OneTimeToken),
+                subject: None,
+                stream: req.stream.clone(),
+                position: Position(3),
+                effects: vec![Effect::ConsumeToken { token_sha256: digest }],
+            },
+            allowed: true,
+            final_reason: Reason::Allowed,
+            request: RecordedRequest::record(&req, None, [0; 24]),
+            decided_at: Timestamp(1),
+            node: None,
+            webhook: None,
+            sequence: Some(1),
+        };
+        assert!(
+            matches!(record.follow_up().as_slice(), [Command::ConsumeToken { token_sha256, .. }] if *token_sha256 == digest)
+        );
+        assert_eq!(record.follow_up_id(0), record.follow_up_id(0));
+        assert_ne!(record.follow_up_id(0), record.follow_up_id(1));
+        record.allowed = false;
+        assert!(record.follow_up().is_empty());
     }
 
     #[test]

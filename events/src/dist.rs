@@ -23,6 +23,77 @@ pub const SNAPSHOT_OBJECTS: &str = "sluice-snapshot-data";
 /// Core NATS subject of worker heartbeats: `sluice.hb.<node>`.
 pub const HEARTBEAT_SUBJECTS: &str = "sluice.hb.*";
 
+/// JetStream stream of the decisions workers made: `sluice.dec.<node>`.
+pub const DECISIONS_STREAM: &str = "SLUICE_DECISIONS";
+pub const DECISIONS_SUBJECTS: &str = "sluice.dec.>";
+/// KV bucket where the control plane says, per node, up to which spool sequence it has
+/// durably appended that node's decisions to the log (key = node id, value = `DecisionMark`).
+pub const DECISION_MARKS_BUCKET: &str = "sluice-decision-marks";
+/// KV bucket of used one-time tokens (key `t.<sha256 hex>`) and TOTP steps
+/// (key `s.<sha256 hex of app/stream/subscriber/step>`): `create` fails if the key exists,
+/// so a credential is used once across every worker.
+pub const CONSUMED_BUCKET: &str = "sluice-consumed";
+/// Message headers of a decision: the spool it came from and its sequence there.
+pub const HEADER_SPOOL: &str = "Sluice-Spool";
+pub const HEADER_SEQUENCE: &str = "Sluice-Sequence";
+
+pub fn decision_subject(node: &NodeId) -> String {
+    format!("sluice.dec.{node}")
+}
+
+pub fn consumed_token_key(token: &Sha256Digest) -> String {
+    format!("t.{}", token.to_hex())
+}
+
+pub fn used_step_key(app: &str, stream: &str, subscriber: &str, step: u64) -> String {
+    format!("s.{}", Sha256Digest::of(format!("{app}/{stream}/{subscriber}/{step}").as_bytes()).to_hex())
+}
+
+/// How far a node's decisions are in the log. A spool is named by a random id made when its
+/// directory is created, so a worker whose disk was wiped (sequences start again at 1) is
+/// never told that its new decisions are already in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionMark {
+    pub spool: Uuid,
+    pub sequence: u64,
+}
+
+/// The control plane's side of the mark: the highest sequence below which *every* sequence
+/// of the spool has been appended. Sequences ingested above a gap wait in `above` until the
+/// gap fills (a worker re-sends what stays unconfirmed), so a lost message never lets the
+/// worker trim a decision that is not in the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MarkTracker {
+    confirmed: u64,
+    above: std::collections::BTreeSet<u64>,
+}
+
+impl MarkTracker {
+    pub fn starting_at(confirmed: u64) -> Self {
+        MarkTracker { confirmed, above: Default::default() }
+    }
+
+    pub fn confirmed(&self) -> u64 {
+        self.confirmed
+    }
+
+    /// Notes that `sequence` is in the log; answers whether the mark moved.
+    pub fn ingested(&mut self, sequence: u64) -> bool {
+        if sequence <= self.confirmed {
+            return false;
+        }
+        if sequence != self.confirmed + 1 {
+            self.above.insert(sequence);
+            return false;
+        }
+        self.confirmed = sequence;
+        while self.above.remove(&(self.confirmed + 1)) {
+            self.confirmed += 1;
+        }
+        true
+    }
+}
+
 pub fn event_subject(event: &Event) -> String {
     format!("sluice.ev.{}", event.category())
 }
@@ -120,6 +191,30 @@ pub struct Heartbeat {
     /// Whether its event feed from NATS is live.
     pub synced: bool,
     pub sent_at: Timestamp,
+    /// Decisions in its spool that the log does not hold yet.
+    #[serde(default)]
+    pub decisions_pending: u64,
+    /// Its live streams.
+    #[serde(default)]
+    pub streams: Vec<StreamStat>,
+}
+
+/// One live stream on a worker, as its heartbeat reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct StreamStat {
+    pub app: String,
+    /// The public name.
+    pub stream: String,
+    pub protocol: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Bits per second received over the last second and the last ten.
+    pub bitrate_1s: u64,
+    pub bitrate_10s: u64,
+    pub players: u64,
+    /// Media messages skipped for players that fell behind.
+    pub dropped: u64,
+    pub uptime_secs: u64,
 }
 
 #[cfg(test)]
@@ -154,5 +249,30 @@ mod tests {
         let unknown = br#"{"position":1,"event_id":"00000000-0000-0000-0000-000000000001","stream":"x","version":0,
             "type":"SomethingNew","schema_version":1,"data":{},"recorded_at":0,"hash":"00"}"#;
         assert!(decode_event(unknown).is_err());
+    }
+
+    #[test]
+    fn the_mark_never_passes_a_gap() {
+        let mut m = MarkTracker::starting_at(0);
+        assert!(m.ingested(1));
+        assert!(!m.ingested(3), "3 arrived before 2: the mark stays at 1");
+        assert!(!m.ingested(4));
+        assert_eq!(m.confirmed(), 1);
+        assert!(!m.ingested(1), "a duplicate changes nothing");
+        assert!(m.ingested(2), "the gap fills: the mark jumps over what waited");
+        assert_eq!(m.confirmed(), 4);
+        let mut resumed = MarkTracker::starting_at(10);
+        assert!(!resumed.ingested(5));
+        assert!(resumed.ingested(11));
+        assert_eq!(resumed.confirmed(), 11);
+    }
+
+    #[test]
+    fn consumed_keys_are_kv_safe_and_distinct() {
+        let t = consumed_token_key(&Sha256Digest::of(b"tok"));
+        assert!(t.starts_with("t.") && t.len() == 66);
+        let a = used_step_key("live", "cam", "alice", 5);
+        assert_ne!(a, used_step_key("live", "cam", "alice", 6));
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '.'));
     }
 }

@@ -272,6 +272,10 @@ impl Event {
             .map_err(|e| DecodeError::BadData { event_type: event_type.to_owned(), detail: e.to_string() })
     }
 
+    /// The types for which `changes_access_tables` is false (for queries that skip them).
+    pub const NON_TABLE_TYPES: &'static [&'static str] =
+        &["AccessDecided", "ApiAccessed", "ApiKeyCreated", "ApiKeyRevoked"];
+
     /// Whether applying it changes what a worker holds: audit facts and API keys do not.
     pub fn changes_access_tables(&self) -> bool {
         !matches!(

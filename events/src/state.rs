@@ -174,6 +174,8 @@ impl std::hash::Hasher for PrefixHasher {
 pub enum ApplyError {
     #[error("log gap: state is at position {at}, next event is at {got} (events were missed)")]
     Gap { at: Position, got: Position },
+    #[error("only a data-plane state can skip events (a control-plane state keeps API keys)")]
+    NotDataPlane,
 }
 
 /// The access tables at one log position.
@@ -243,6 +245,17 @@ impl AuthState {
         if recorded.event.changes_access_tables() {
             self.tables_position = recorded.position;
         }
+        Ok(())
+    }
+
+    /// Moves a data-plane state's position up to `position` over events the caller left out
+    /// because they cannot change it (those with `!changes_access_tables()`: audit facts and
+    /// API keys). Rebuilding a past state this way reads only the events that matter.
+    pub fn skip_to(&mut self, position: Position) -> Result<(), ApplyError> {
+        if !self.data_plane {
+            return Err(ApplyError::NotDataPlane);
+        }
+        self.position = self.position.max(position);
         Ok(())
     }
 

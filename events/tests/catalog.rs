@@ -132,6 +132,13 @@ fn every_event_type_has_an_example() {
 }
 
 #[test]
+fn the_types_that_leave_access_tables_alone_are_listed_for_sql() {
+    for e in examples() {
+        assert_eq!(!e.changes_access_tables(), Event::NON_TABLE_TYPES.contains(&e.event_type()), "{}", e.event_type());
+    }
+}
+
+#[test]
 fn event_json_snapshots() {
     for e in examples() {
         let stored = json!({

@@ -382,3 +382,111 @@ fn hs256_token_signed_with_a_public_key_is_refused_without_an_hs_secret() {
     w.command(Command::SetPolicy { app: app(), policy: p }, T0).unwrap();
     assert_eq!(w.when(&req, T0).reason, Reason::JwtAlgorithmRefused);
 }
+
+mod recheck {
+    use super::*;
+    use sluice_events::decide::recheck;
+
+    #[test]
+    fn what_a_session_used_up_to_get_in_does_not_end_it() {
+        let mut w = world(&[Method::OneTimeToken, Method::Totp]);
+        let token = request(PUB, "cam1-key", Credential::token("tok-publish"));
+        w.command(
+            Command::ConsumeToken { token_sha256: Sha256Digest::of(b"tok-publish"), decision_id: None, node: None },
+            T0,
+        )
+        .unwrap();
+        assert_eq!(recheck(&w.state, &token, Some(Method::OneTimeToken), T0), Ok(()));
+        // The same state refuses a newcomer with that token.
+        assert_eq!(w.when(&token, T0).reason, Reason::TokenConsumed);
+        let code = request(PUB, "cam1-key", totp("alice", T0, 0));
+        let later = T0.plus_secs(600);
+        assert_eq!(recheck(&w.state, &code, Some(Method::Totp), later), Ok(()), "an aged code is not a reason");
+    }
+
+    #[test]
+    fn revocations_end_sessions_with_their_reason() {
+        let token = request(PUB, "cam1-key", Credential::token("tok-publish"));
+        let mut w = world(&[Method::OneTimeToken]);
+        w.command(Command::RevokeToken { token_sha256: Sha256Digest::of(b"tok-publish") }, T0).unwrap();
+        assert_eq!(recheck(&w.state, &token, Some(Method::OneTimeToken), T0), Err(Reason::TokenRevoked));
+        let w = world(&[Method::OneTimeToken]);
+        assert_eq!(
+            recheck(&w.state, &token, Some(Method::OneTimeToken), T0.plus_secs(3600)),
+            Err(Reason::TokenExpired),
+            "the token's expiry reached"
+        );
+
+        let mut w = world(&[Method::Totp]);
+        let code = request(PUB, "cam1-key", totp("alice", T0, 0));
+        let alice = SubscriberId::parse("alice").unwrap();
+        w.command(
+            Command::BlockSubscriber {
+                app: app(),
+                stream: name("cam1"),
+                subscriber_id: alice.clone(),
+                until: T0.plus_secs(60),
+            },
+            T0,
+        )
+        .unwrap();
+        assert_eq!(recheck(&w.state, &code, Some(Method::Totp), T0), Err(Reason::SubscriberBlocked));
+        w.command(Command::RemoveSubscriber { app: app(), stream: name("cam1"), subscriber_id: alice }, T0).unwrap();
+        assert_eq!(recheck(&w.state, &code, Some(Method::Totp), T0.plus_secs(120)), Err(Reason::SubscriberNotFound));
+
+        let mut w = world(&[Method::Open]);
+        let player = request(PLAY, "cam2", Credential::default());
+        assert_eq!(recheck(&w.state, &player, Some(Method::Open), T0), Ok(()));
+        w.command(Command::DeleteStream { app: app(), name: name("cam2") }, T0).unwrap();
+        assert_eq!(recheck(&w.state, &player, Some(Method::Open), T0), Err(Reason::StreamNotRegistered));
+
+        let mut w = world(&[Method::Open]);
+        let mut tight = policy_with(&[Method::Open]);
+        tight.play.cidrs = vec![Cidr::parse("192.0.2.0/24").unwrap()];
+        w.command(Command::SetPolicy { app: app(), policy: tight }, T0).unwrap();
+        assert_eq!(recheck(&w.state, &player, Some(Method::Open), T0), Err(Reason::CidrDenied));
+    }
+
+    #[test]
+    fn stateless_credentials_are_checked_again_in_full() {
+        let exp = T0.as_secs() + 60;
+        let w = world(&[Method::Jwt, Method::Hmac]);
+        let jwt = request(PUB, "cam1-key", jwt_hs(claims("cam1", "publish", exp), JWT_SECRET));
+        assert_eq!(recheck(&w.state, &jwt, Some(Method::Jwt), T0), Ok(()));
+        assert_eq!(recheck(&w.state, &jwt, Some(Method::Jwt), T0.plus_secs(120)), Err(Reason::JwtExpired));
+        let hmac = request(PUB, "cam1-key", hmac_token("cam1", PUB, exp, HASH_SECRET));
+        assert_eq!(recheck(&w.state, &hmac, Some(Method::Hmac), T0), Ok(()));
+        assert_eq!(recheck(&w.state, &hmac, Some(Method::Hmac), T0.plus_secs(120)), Err(Reason::HmacExpired));
+        // The hash secret rotated: a session on the old one ends.
+        let mut w = world(&[Method::Hash]);
+        let hash = request(PUB, "cam1-key", hash_token("cam1", PUB, HASH_SECRET));
+        assert_eq!(recheck(&w.state, &hash, Some(Method::Hash), T0), Ok(()));
+        w.and([sluice_events::event::AppSecretRotated {
+            app: app(),
+            kind: SecretKind::Hash,
+            secret: key().seal(
+                &sluice_events::state::app_secret_purpose(&app(), SecretKind::Hash),
+                b"a-brand-new-hash-secret",
+                [9; 24],
+            ),
+        }
+        .into()]);
+        assert_eq!(recheck(&w.state, &hash, Some(Method::Hash), T0), Err(Reason::HashMismatch));
+    }
+}
+
+#[test]
+fn the_public_stream_maps_publish_names_without_deciding() {
+    let w = world(&[Method::OneTimeToken]);
+    let by_key = request(PUB, "cam1-key", Credential::default());
+    assert_eq!(sluice_events::decide::public_stream(&w.state, &by_key).as_str(), "cam1");
+    assert_eq!(
+        sluice_events::decide::public_stream(&w.state, &request(PLAY, "cam2", Credential::default())).as_str(),
+        "cam2"
+    );
+    // Unknown app or a refused mapping: the name as sent.
+    let mut other = request(PUB, "cam1", Credential::default());
+    assert_eq!(sluice_events::decide::public_stream(&w.state, &other).as_str(), "cam1");
+    other.app = AppName::parse("elsewhere").unwrap();
+    assert_eq!(sluice_events::decide::public_stream(&w.state, &other).as_str(), "cam1");
+}

@@ -149,7 +149,10 @@ async fn verify_log_and_replay_from_the_command_line() {
     for e in store.read_all(Position::ZERO, 100).await.unwrap() {
         state.apply(&e).unwrap();
     }
-    assert_eq!(stdout(&out).trim(), format!("position 2 digest {}", state.digest().to_hex()));
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("position 2 digest {} access_digest {}", state.digest().to_hex(), state.access_digest().to_hex())
+    );
     let out = run({
         let mut c = control(&pg.url());
         c.args(["replay", "--to", "1"]);

@@ -6,119 +6,15 @@
 //! loses nothing: writes made meanwhile reach the stream and the worker when it returns.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice_control_plane::EventStore;
-use sluice_events::{AuthState, Keyring, Position, SealingKey};
-use sluice_tests::{Nats, Postgres, Running, binary, free_port, wait_for_port};
+use sluice_events::{AuthState, Position};
+use sluice_tests::{Nats, Postgres, free_port};
 
-const SEALING_KEY: &str = "c2x1aWNlLXRlc3Qtc2VhbGluZy1rZXktMzItYnl0ZXM=";
-const ADMIN: &str = "sk_distribution_test_admin_key_0123456789";
-const WAIT: Duration = Duration::from_secs(30);
-
-fn control(pg_url: &str, nats_url: &str, port: u16, instance: &str, log: &Path) -> Running {
-    let out = std::fs::File::create(log).unwrap();
-    let child = Command::new(binary("sluice-control"))
-        .arg("serve")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SLUICE_DATABASE_URL", pg_url)
-        .env("SLUICE_NATS_URL", nats_url)
-        .env("SLUICE_SEALING_KEY", SEALING_KEY)
-        .env("SLUICE_BOOTSTRAP_ADMIN_KEY", ADMIN)
-        .env("SLUICE_API_LISTEN", format!("127.0.0.1:{port}"))
-        .env("SLUICE_INSTANCE_ID", instance)
-        .env("SLUICE_SNAPSHOT_EVERY_EVENTS", "3")
-        .env("SLUICE_SNAPSHOT_EVERY_SECS", "1")
-        .env("SLUICE_NODE_STALE_SECS", "3")
-        .env("SLUICE_RATE_LIMIT_API", "100000")
-        .env("SLUICE_RATE_LIMIT_STATS", "100000")
-        .env("SLUICE_RATE_LIMIT_CONFIG", "100000")
-        .env("SLUICE_LOG", "info,sqlx=warn,async_nats=warn")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    assert!(wait_for_port(port, WAIT), "control plane on {port} did not start: {}", read(log));
-    Running(child)
-}
-
-fn worker(nats_url: &str, admin_port: u16, dir: &Path, node: &str, log: &Path) -> Running {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
-    let child = Command::new(binary("sluice-dataplane"))
-        .arg("run")
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("SLUICE_NATS_URL", nats_url)
-        .env("SLUICE_SEALING_KEY", SEALING_KEY)
-        .env("SLUICE_NODE_ID", node)
-        .env("SLUICE_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
-        .env("SLUICE_STATE_DIR", dir)
-        .env("SLUICE_HEARTBEAT_SECS", "1")
-        .env("SLUICE_SNAPSHOT_EVERY_SECS", "1")
-        .env("SLUICE_LOG", "info,async_nats=warn")
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
-    assert!(wait_for_port(admin_port, WAIT), "worker did not start: {}", read(log));
-    Running(child)
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
-
-async fn get(http: &reqwest::Client, url: String) -> (u16, Value) {
-    match http.get(&url).bearer_auth(ADMIN).send().await {
-        Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
-        Err(_) => (0, Value::Null),
-    }
-}
-
-async fn post(http: &reqwest::Client, port: u16, path: &str, body: Value) -> Value {
-    let r = http.post(format!("http://127.0.0.1:{port}{path}")).bearer_auth(ADMIN).json(&body).send().await.unwrap();
-    assert!(r.status().is_success(), "POST {path}: {}", r.status());
-    r.json().await.unwrap_or(Value::Null)
-}
-
-/// Polls an async condition.
-async fn until<F, Fut>(what: &str, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while tokio::time::Instant::now() < deadline {
-        if f().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for: {what}");
-}
-
-/// The worker-visible state at the log's head, folded here from Postgres.
-async fn folded(store: &EventStore) -> AuthState {
-    let ring = Arc::new(Keyring::new(SealingKey::from_base64(SEALING_KEY).unwrap()));
-    let mut state = AuthState::for_data_plane(Some(ring));
-    let mut after = Position(0);
-    loop {
-        let page = store.read_all(after, 1000).await.unwrap();
-        if page.is_empty() {
-            return state;
-        }
-        for e in &page {
-            state.apply(e).unwrap();
-            after = e.position;
-        }
-    }
-}
+mod cluster;
+use cluster::*;
 
 /// `SLUICE_EVENTS` holds exactly the log up to `head`, message k being position k.
 async fn assert_stream_is_the_log(nats_url: &str, head: Position) {
@@ -290,4 +186,124 @@ async fn unusable_local_snapshots_are_set_aside_with_a_clear_line() {
         assert!(w_dir.join("snapshot.bin.rejected").exists());
         drop(w);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_killed_mid_publish_leaves_no_gap_and_no_duplicate() {
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("relaykill").await.unwrap();
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let log = dir.path().join("cp.log");
+    let port = free_port();
+    let mut cp = control(&url, &nats.url(), port, "cp-1", &log);
+    post(&http, port, "/v1/apps", json!({"name": "studio"})).await;
+    // Writers keep the relay busy with batches in flight while the process is killed (SIGKILL:
+    // no shutdown path runs) between publishes and their acknowledgements.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let http = http.clone();
+            tokio::spawn(async move {
+                for i in 0..200 {
+                    let url = format!("http://127.0.0.1:{port}/v1/apps/studio/streams");
+                    let body = json!({"name": format!("w{w}-{i}")});
+                    if http.post(url).bearer_auth(ADMIN).json(&body).send().await.is_err() {
+                        return i;
+                    }
+                }
+                200
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    cp.0.kill().unwrap();
+    let _ = cp.0.wait();
+    let written: i32 = futures::future::join_all(writers).await.into_iter().map(|r| r.unwrap()).sum();
+    assert!(written > 0 && written < 800, "the kill landed mid-burst ({written} writes answered)");
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let store = EventStore::start(pool);
+    // The successor resumes from the stream's last sequence; more writes follow.
+    let _cp = control(&url, &nats.url(), port, "cp-1", &log);
+    for i in 0..5 {
+        post(&http, port, "/v1/apps/studio/streams", json!({"name": format!("after-{i}")})).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let head = store.head().await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    until("the relay has caught up with the log", || async {
+        js.get_stream("SLUICE_EVENTS").await.unwrap().get_info().await.unwrap().state.last_sequence >= head.0
+    })
+    .await;
+    let head = store.head().await.unwrap();
+    assert_stream_is_the_log(&nats.url(), head).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_snapshot_newer_than_the_nats_one_is_the_one_booted() {
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("newer").await.unwrap();
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let port = free_port();
+    // NATS snapshots every 20 events only, so the worker's own (every second) gets ahead.
+    let _cp = control_with(
+        &url,
+        &nats.url(),
+        port,
+        "cp-1",
+        &dir.path().join("cp.log"),
+        &[("SLUICE_SNAPSHOT_EVERY_EVENTS", "20"), ("SLUICE_SNAPSHOT_EVERY_SECS", "3600")],
+    );
+    post(&http, port, "/v1/apps", json!({"name": "studio"})).await;
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let store = EventStore::start(pool);
+    let mut i = 0;
+    while store.head().await.unwrap().0 < 22 {
+        post(&http, port, "/v1/apps/studio/streams", json!({"name": format!("cam{i}")})).await;
+        i += 1;
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let kv = js.get_key_value("sluice-snapshots").await.unwrap();
+    let manifest = || async {
+        let bytes = kv.get("data-plane").await.ok().flatten()?;
+        serde_json::from_slice::<sluice_events::dist::SnapshotManifest>(&bytes).ok()
+    };
+    until("a NATS snapshot exists", || async { manifest().await.is_some() }).await;
+    let nats_at = manifest().await.unwrap().position.0;
+    for j in 0..3 {
+        post(&http, port, "/v1/apps/studio/streams", json!({"name": format!("late{j}")})).await;
+    }
+    let w_dir = dir.path().join("w1");
+    let w_log = dir.path().join("w1.log");
+    let w_port = free_port();
+    let mut w = worker(&nats.url(), w_port, &w_dir, "w1", &w_log);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let head = store.head().await.unwrap().0;
+    assert!(head > nats_at);
+    until("the worker has the head", || async {
+        get(&http, format!("http://127.0.0.1:{w_port}/wait?position={head}&timeout_ms=500")).await.0 == 200
+    })
+    .await;
+    let local = w_dir.join("snapshot.bin");
+    until("its local snapshot is at the head", || async {
+        std::fs::read(&local)
+            .ok()
+            .and_then(|b| sluice_events::state::snapshot::info(&b).ok())
+            .is_some_and(|i| i.position.0 >= head)
+    })
+    .await;
+    assert_eq!(manifest().await.unwrap().position.0, nats_at, "the NATS snapshot stayed older");
+
+    w.0.kill().unwrap();
+    let _ = w.0.wait();
+    let before = read(&w_log).len();
+    let _w = worker(&nats.url(), w_port, &w_dir, "w1", &w_log);
+    until("the restarted worker booted", || async { read(&w_log)[before..].contains("state booted") }).await;
+    let boot = read(&w_log)[before..].to_owned();
+    assert!(boot.contains("local snapshot is as new as the NATS one or newer; using it"), "{boot}");
+    assert!(boot.contains("source=\"local\"") || boot.contains("source=local"), "{boot}");
+    let (_, state) = get(&http, format!("http://127.0.0.1:{w_port}/state")).await;
+    assert!(state["position"].as_u64().unwrap() >= head, "{state}");
 }

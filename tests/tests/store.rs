@@ -148,6 +148,37 @@ async fn reappending_an_event_id_returns_the_original_positions() {
 }
 
 #[tokio::test]
+async fn facts_redelivered_in_any_grouping_are_appended_once_each() {
+    let (_pg, store) = given_a_store().await;
+    let facts: Vec<NewEvent> = (0..6).map(|_| changed("f")).collect();
+    let first = store.append_facts("app-f", facts[..3].to_vec(), meta()).await.unwrap();
+    assert_eq!(first.positions, vec![Position(1), Position(2), Position(3)]);
+    // A re-delivery overlapping the first batch, with the same id twice in it: only the new
+    // ones are written, in order.
+    let mut overlap = facts[1..].to_vec();
+    overlap.push(facts[4].clone());
+    let second = store.append_facts("app-f", overlap, meta()).await.unwrap();
+    assert_eq!(second.positions, vec![Position(4), Position(5), Position(6)]);
+    assert!(!second.duplicate);
+    let again = store.append_facts("app-f", facts.clone(), meta()).await.unwrap();
+    assert!(again.duplicate && again.positions.is_empty());
+    // Racing re-deliveries in one group commit still write each fact once.
+    let more: Vec<NewEvent> = (0..4).map(|_| changed("f")).collect();
+    let (x, y) = tokio::join!(
+        store.append_facts("app-f", more.clone(), meta()),
+        store.append_facts("app-f", more[1..].to_vec(), meta()),
+    );
+    assert_eq!(x.unwrap().positions.len() + y.unwrap().positions.len(), 4);
+    let ids: Vec<Uuid> = store.read_stream("app-f").await.unwrap().iter().map(|e| e.event_id).collect();
+    let expected: Vec<Uuid> = facts.iter().chain(&more).map(|e| e.event_id).collect();
+    assert_eq!(ids.len(), 10);
+    assert_eq!(ids.iter().collect::<std::collections::HashSet<_>>(), expected.iter().collect());
+    assert_eq!(store.verify().await.unwrap().head, Position(10));
+    let wrong = store.append_facts("app-g", vec![changed("f")], meta()).await.unwrap_err();
+    assert!(matches!(wrong, StoreError::InvalidAppend(_)));
+}
+
+#[tokio::test]
 async fn events_must_belong_to_the_stream_they_are_appended_to() {
     let (_pg, store) = given_a_store().await;
     let err = store.append("app-b", ExpectedVersion::Any, vec![created("a")], meta()).await.unwrap_err();

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod compat;
+pub mod decisions;
 pub mod error;
 pub mod events;
 pub mod keys;
@@ -207,6 +208,7 @@ pub fn router(api: ApiState) -> Router {
         .merge(limited(tokens::router(), Class::Api))
         .merge(limited(subscribers::router(), Class::Api))
         .merge(limited(events::router(), Class::Api))
+        .merge(limited(decisions::router(), Class::Api))
         .merge(limited(nodes::router(), Class::Stats))
         .merge(limited(openapi::router(), Class::Stats));
     let sls = Router::new()

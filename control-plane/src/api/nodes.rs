@@ -12,7 +12,69 @@ use super::{ApiState, Ctx};
 use crate::nodes::NodeList;
 
 pub fn router() -> Router<ApiState> {
-    Router::new().route("/nodes", get(list))
+    Router::new().route("/nodes", get(list)).route("/stats/streams/{app}/{stream}", get(stream_stats))
+}
+
+/// `GET /v1/stats/streams/{app}/{stream}`.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct StreamStats {
+    pub app: String,
+    pub stream: String,
+    /// A worker heard from recently has a publisher live on it.
+    pub live: bool,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Bits per second over the last second and the last ten (summed over workers).
+    pub bitrate_1s: u64,
+    pub bitrate_10s: u64,
+    pub players: u64,
+    pub dropped: u64,
+    pub uptime_secs: u64,
+    /// Per worker.
+    pub workers: Vec<WorkerStream>,
+}
+
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct WorkerStream {
+    pub node_id: String,
+    #[serde(flatten)]
+    pub stat: sluice_events::dist::StreamStat,
+}
+
+/// The stream's figures from the workers' heartbeats (fresh within `node_stale_secs`).
+pub fn stream_stats_of(api: &ApiState, app: &str, stream: &str) -> StreamStats {
+    let fresh = Duration::from_secs(api.settings.node_stale_secs);
+    let workers: Vec<WorkerStream> = api
+        .nodes
+        .stream(app, stream, fresh)
+        .into_iter()
+        .map(|(node_id, stat)| WorkerStream { node_id, stat })
+        .collect();
+    let sum = |f: fn(&sluice_events::dist::StreamStat) -> u64| workers.iter().map(|w| f(&w.stat)).sum::<u64>();
+    StreamStats {
+        app: app.to_owned(),
+        stream: stream.to_owned(),
+        live: !workers.is_empty(),
+        bytes_in: sum(|s| s.bytes_in),
+        bytes_out: sum(|s| s.bytes_out),
+        bitrate_1s: sum(|s| s.bitrate_1s),
+        bitrate_10s: sum(|s| s.bitrate_10s),
+        players: sum(|s| s.players),
+        dropped: sum(|s| s.dropped),
+        uptime_secs: workers.iter().map(|w| w.stat.uptime_secs).max().unwrap_or(0),
+        workers,
+    }
+}
+
+async fn stream_stats(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    axum::extract::Path((app, stream)): axum::extract::Path<(String, String)>,
+) -> Result<Json<StreamStats>, ApiError> {
+    ctx.require(Role::Read)?;
+    let app = sluice_events::AppName::parse(&app).map_err(|e| ApiError::invalid("app", e.to_string()))?;
+    let stream = sluice_events::StreamName::parse(&stream).map_err(|e| ApiError::invalid("stream", e.to_string()))?;
+    Ok(Json(stream_stats_of(&api, app.as_str(), stream.as_str())))
 }
 
 async fn list(State(api): State<ApiState>, ctx: Ctx) -> Result<Json<NodeList>, ApiError> {

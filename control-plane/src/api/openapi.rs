@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use sluice_events::Policy;
 
 use super::ApiState;
-use super::{antmedia, apps, events, keys, sls, streams, subscribers, tokens};
+use super::{antmedia, apps, decisions, events, keys, nodes, sls, streams, subscribers, tokens};
 
 pub fn router() -> Router<ApiState> {
     Router::new().route("/openapi.json", get(|| async { Json(document()) }))
@@ -221,6 +221,25 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Op> {
         )
         .op::<(), events::EventPage>("get", "/v1/events", admin, "api", "events", "Read the log (after, limit)", 200)
         .op::<(), Value>("get", "/v1/events/stream", admin, "api", "events", "Tail the log as Server-Sent Events", 200)
+        .op::<(), decisions::DecisionPage>(
+            "get",
+            "/v1/decisions",
+            read,
+            "api",
+            "decisions",
+            "Audit: decisions newest first; filters app, stream, subject, ip (or CIDR), outcome, reason, since, until, node; cursor; format json|ndjson|csv",
+            200,
+        )
+        .op::<(), Value>("get", "/v1/decisions/{id}", read, "api", "decisions", "One decision as recorded", 200)
+        .op::<(), crate::decisions::Explanation>(
+            "get",
+            "/v1/decisions/{id}/explain",
+            read,
+            "api",
+            "decisions",
+            "Rebuild the state the decision was made on and run decide again",
+            200,
+        )
         .op::<(), crate::nodes::NodeList>(
             "get",
             "/v1/nodes",
@@ -228,6 +247,15 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Op> {
             "stats",
             "nodes",
             "Workers: applied position, lag, state digest match, last heartbeat",
+            200,
+        )
+        .op::<(), nodes::StreamStats>(
+            "get",
+            "/v1/stats/streams/{app}/{stream}",
+            read,
+            "stats",
+            "nodes",
+            "A live stream's figures from the workers: bytes, bitrate (1 s, 10 s), players, drops, uptime",
             200,
         )
         .op::<(), Value>("get", "/api/stream-ids", read, "api", "sls", "SRT Live Server: list stream ids", 200)

@@ -85,9 +85,9 @@ struct PublisherStats {
     bitrate: u64,
     buffer: u64,
     dropped_pkts: u64,
-    rtt: f64,
+    rtt: Option<f64>,
     uptime: u64,
-    latency: u64,
+    latency: Option<u64>,
 }
 
 /// `legacy=1`.
@@ -107,9 +107,9 @@ struct LegacyPublisher {
     ms_rcv_buf: u64,
     pkt_rcv_drop: u64,
     pkt_rcv_loss: u64,
-    rtt: f64,
+    rtt: Option<f64>,
     uptime: u64,
-    latency: u64,
+    latency: Option<u64>,
 }
 
 fn sls_ok(message: &'static str) -> SlsMessage<'static> {
@@ -217,11 +217,33 @@ async fn stats(
     if !known {
         return Err(sls_not_found());
     }
-    // Nothing to reset until workers report numbers; `reset` is accepted.
+    // Workers' counters are cumulative; `reset` is accepted and changes nothing.
     let _reset = q.reset.is_some();
+    let live = super::nodes::stream_stats_of(&api, api.sls_app.as_str(), &player_id);
+    // RTMP has no RTT or latency figure: null where only RTMP reports (SLS itself is SRT).
+    let rtmp_only = live.live && live.workers.iter().all(|w| w.stat.protocol == "rtmp");
+    let (rtt, latency) = if rtmp_only { (None, None) } else { (Some(0.0), Some(0)) };
+    let kbps = live.bitrate_10s / 1000;
     if q.legacy.as_deref() == Some("1") {
-        let publishers = [(player_id, LegacyPublisher::default())].into_iter().collect();
+        let publisher = LegacyPublisher {
+            bitrate: kbps,
+            mbps_recv_rate: live.bitrate_1s as f64 / 1e6,
+            pkt_rcv_drop: live.dropped,
+            rtt,
+            uptime: live.uptime_secs,
+            latency,
+            ..LegacyPublisher::default()
+        };
+        let publishers = [(player_id, publisher)].into_iter().collect();
         return Ok(Json(LegacyStats { publishers, status: "ok" }).into_response());
     }
-    Ok(Json(Stats { publisher: PublisherStats::default(), status: "ok" }).into_response())
+    let publisher = PublisherStats {
+        bitrate: kbps,
+        dropped_pkts: live.dropped,
+        rtt,
+        uptime: live.uptime_secs,
+        latency,
+        ..PublisherStats::default()
+    };
+    Ok(Json(Stats { publisher, status: "ok" }).into_response())
 }

@@ -1,0 +1,292 @@
+//! The worker's decision shell: `sluice_events::decide` on the current state (an arc-swap
+//! load: no lock, no network), then what the pure verdict asks of the world: claim a one-time
+//! token or a TOTP step cluster-wide (KV `create` on `sluice-consumed`), seal the credential,
+//! and write the record to the spool before anybody acts on it.
+//!
+//! One-time tokens while NATS is unreachable follow the app's `offline_one_time` policy:
+//! `deny` (the default) refuses with `one_time_unavailable`; `allow_local` admits the token
+//! once on this node and claims it in KV when NATS returns (a token also used elsewhere in
+//! the meantime is logged as such). A TOTP step falls back to this node's memory (codes live
+//! for one step either side; the state learns the step through the log).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use rand::RngCore as _;
+use sluice_events::decision::RecordedRequest;
+use sluice_events::{
+    AccessRequest, AuthState, Decision, DecisionRecord, Effect, Keyring, NodeId, OfflineOneTime, Outcome, Reason,
+    Timestamp, dist,
+};
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+use crate::spool::{Spool, SpoolError};
+use crate::sync::Shared;
+
+/// How long a claim in KV may take before the worker treats NATS as unreachable.
+const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
+/// Local memory of used TOTP steps (a code is valid for ±1 step; an hour is plenty).
+const STEP_MEMORY: Duration = Duration::from_secs(3600);
+
+pub fn now() -> Timestamp {
+    let ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    Timestamp(ms)
+}
+
+/// What claiming a credential in the cluster found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// This decision is the first use.
+    Claimed,
+    /// Used before (here or on another worker).
+    Used,
+    /// NATS did not answer in time.
+    Unavailable,
+}
+
+/// The cluster-wide "used once" guard, with this node's memory in front of it.
+#[derive(Debug)]
+pub struct Guard {
+    client: async_nats::Client,
+    kv: OnceCell<kv::Store>,
+    /// Keys this node used, and when.
+    local: Mutex<HashMap<String, Instant>>,
+    /// Tokens admitted while NATS was unreachable, to claim once it is back.
+    unreconciled: Mutex<Vec<(String, Uuid)>>,
+}
+
+impl Guard {
+    pub fn new(client: async_nats::Client) -> Guard {
+        Guard { client, kv: OnceCell::new(), local: Mutex::default(), unreconciled: Mutex::default() }
+    }
+
+    async fn store(&self) -> Option<&kv::Store> {
+        if self.client.connection_state() != async_nats::connection::State::Connected {
+            return None;
+        }
+        let js = jetstream::new(self.client.clone());
+        let init = async {
+            let config = kv::Config {
+                bucket: dist::CONSUMED_BUCKET.to_owned(),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            };
+            match js.get_key_value(dist::CONSUMED_BUCKET).await {
+                Ok(kv) => Ok(kv),
+                Err(_) => js.create_key_value(config).await.map_err(|e| e.to_string()),
+            }
+        };
+        match tokio::time::timeout(CLAIM_TIMEOUT, self.kv.get_or_try_init(|| init)).await {
+            Ok(Ok(kv)) => Some(kv),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, bucket = dist::CONSUMED_BUCKET, "cannot open the consumed-credentials bucket");
+                None
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn used_here(&self, key: &str) -> bool {
+        self.local.lock().unwrap_or_else(|p| p.into_inner()).contains_key(key)
+    }
+
+    fn remember(&self, key: &str) {
+        let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        if local.len() > 100_000 {
+            local.retain(|k, at| k.starts_with("t.") || at.elapsed() < STEP_MEMORY);
+        }
+        local.insert(key.to_owned(), Instant::now());
+    }
+
+    /// Claims `key` for `decision`: first use wins, across every worker.
+    pub async fn claim(&self, key: &str, decision: Uuid) -> Claim {
+        if self.used_here(key) {
+            return Claim::Used;
+        }
+        let Some(kv) = self.store().await else { return Claim::Unavailable };
+        let value = bytes::Bytes::from(decision.to_string());
+        match tokio::time::timeout(CLAIM_TIMEOUT, kv.create(key, value)).await {
+            Ok(Ok(_)) => {
+                self.remember(key);
+                Claim::Claimed
+            }
+            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                self.remember(key);
+                Claim::Used
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "claim in {} failed", dist::CONSUMED_BUCKET);
+                Claim::Unavailable
+            }
+            Err(_) => Claim::Unavailable,
+        }
+    }
+
+    /// Admits `key` on this node only (NATS unreachable, the app allows it).
+    pub fn claim_locally(&self, key: &str, decision: Uuid) -> Claim {
+        if self.used_here(key) {
+            return Claim::Used;
+        }
+        self.remember(key);
+        if key.starts_with("t.") {
+            self.unreconciled.lock().unwrap_or_else(|p| p.into_inner()).push((key.to_owned(), decision));
+        }
+        Claim::Claimed
+    }
+
+    /// Claims in KV what was admitted locally during an outage; keeps what still cannot be.
+    pub async fn reconcile(&self) {
+        let todo = std::mem::take(&mut *self.unreconciled.lock().unwrap_or_else(|p| p.into_inner()));
+        if todo.is_empty() {
+            return;
+        }
+        let mut left = Vec::new();
+        for (key, decision) in todo {
+            let Some(kv) = self.store().await else {
+                left.push((key, decision));
+                continue;
+            };
+            match tokio::time::timeout(CLAIM_TIMEOUT, kv.create(&key, bytes::Bytes::from(decision.to_string()))).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(%decision, "one-time token used during the NATS outage is now claimed cluster-wide")
+                }
+                Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    tracing::warn!(%decision, "one-time token admitted locally during the NATS outage had also been used elsewhere (offline_one_time = allow_local)")
+                }
+                _ => left.push((key, decision)),
+            }
+        }
+        self.unreconciled.lock().unwrap_or_else(|p| p.into_inner()).extend(left);
+    }
+}
+
+/// Decides, claims and records.
+#[derive(Debug, Clone)]
+pub struct Decider {
+    pub shared: Arc<Shared>,
+    pub keyring: Arc<Keyring>,
+    pub node: NodeId,
+    pub spool: Spool,
+    pub guard: Arc<Guard>,
+    /// Where the media servers register what they admit (kick on change).
+    pub sessions: Arc<crate::sessions::Registry>,
+    pub webhooks: Arc<crate::webhook::Webhooks>,
+    pub stats: Arc<crate::stats::MediaStats>,
+    /// The media ports' connection limits and per-IP backoff.
+    pub gate: Arc<crate::limits::Gate>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecideError {
+    /// The decision could not be recorded: the worker refuses rather than act unrecorded.
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    #[error("the worker has no state to decide from yet")]
+    NotReady,
+}
+
+impl Decider {
+    /// The verdict on `req`, durable in the spool before it is returned.
+    pub async fn decide(&self, req: AccessRequest) -> Result<DecisionRecord, DecideError> {
+        self.decide_refusing(req, None).await
+    }
+
+    /// As `decide`, but refused with `refuse` whatever the verdict (the media server knows a
+    /// reason the state does not, such as a publisher already live). Nothing is claimed, so a
+    /// refused attempt never burns a one-time token; the decision is recorded all the same.
+    pub async fn decide_refusing(
+        &self,
+        req: AccessRequest,
+        refuse: Option<Reason>,
+    ) -> Result<DecisionRecord, DecideError> {
+        if !self.shared.is_ready() {
+            return Err(DecideError::NotReady);
+        }
+        let now = now();
+        let state = self.shared.state.load_full();
+        let decision = sluice_events::decide(&state, &req, now);
+        let (allowed, final_reason, webhook) = match &decision.outcome {
+            _ if refuse.is_some() => (false, refuse.unwrap_or(Reason::StreamBusy), None),
+            Outcome::Allow => match self.claim_effects(&state, &req, &decision).await {
+                None => (true, decision.reason, None),
+                Some(refusal) => (false, refusal, None),
+            },
+            Outcome::Deny => (false, decision.reason, None),
+            Outcome::AskWebhook { url, timeout_ms } => {
+                let secret = state.apps.get(&req.app).and_then(|a| a.secret_bytes(sluice_events::SecretKind::Webhook));
+                let timeout = Duration::from_millis(u64::from(*timeout_ms));
+                let answer = self.webhooks.ask(url, timeout, secret, &req, &decision.stream, now.0).await;
+                let reason = match answer.status {
+                    Some(200) => Reason::Allowed,
+                    Some(403) => Reason::WebhookDenied,
+                    _ => Reason::WebhookFailed,
+                };
+                (answer.allowed, reason, Some(answer))
+            }
+        };
+        let mut nonce = [0u8; 24];
+        rand::rng().fill_bytes(&mut nonce);
+        let mut record = DecisionRecord {
+            request: RecordedRequest::record(&req, self.keyring.current(), nonce),
+            decision,
+            allowed,
+            final_reason,
+            decided_at: now,
+            node: Some(self.node.clone()),
+            webhook,
+            sequence: None,
+        };
+        record.sequence = Some(self.spool.append(record.clone()).await?);
+        self.stats.decided(record.allowed, record.final_reason.as_str());
+        Ok(record)
+    }
+
+    /// Claims what an allow consumes; answers the refusal reason if a claim fails.
+    async fn claim_effects(&self, state: &AuthState, req: &AccessRequest, decision: &Decision) -> Option<Reason> {
+        let offline = state.apps.get(&req.app).map(|a| a.policy.offline_one_time).unwrap_or_default();
+        for effect in &decision.effects {
+            match effect {
+                Effect::ConsumeToken { token_sha256 } => {
+                    let key = dist::consumed_token_key(token_sha256);
+                    match self.guard.claim(&key, req.id).await {
+                        Claim::Claimed => {}
+                        Claim::Used => return Some(Reason::TokenConsumed),
+                        Claim::Unavailable => match offline {
+                            OfflineOneTime::Deny => return Some(Reason::OneTimeUnavailable),
+                            OfflineOneTime::AllowLocal => {
+                                if self.guard.claim_locally(&key, req.id) == Claim::Used {
+                                    return Some(Reason::TokenConsumed);
+                                }
+                            }
+                        },
+                    }
+                }
+                Effect::UseTotpStep { subscriber_id, step } => {
+                    let key =
+                        dist::used_step_key(req.app.as_str(), decision.stream.as_str(), subscriber_id.as_str(), *step);
+                    let claim = match self.guard.claim(&key, req.id).await {
+                        Claim::Unavailable => self.guard.claim_locally(&key, req.id),
+                        c => c,
+                    };
+                    if claim == Claim::Used {
+                        return Some(Reason::TotpReplayed);
+                    }
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Claims, every 2 s, what was admitted locally while NATS was away.
+pub async fn reconcile_loop(guard: Arc<Guard>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        guard.reconcile().await;
+    }
+}

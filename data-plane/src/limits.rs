@@ -1,0 +1,182 @@
+//! Connection limits and per-IP failure backoff for the media ports.
+//!
+//! - At most `max_connections` open media connections, and `max_connections_per_ip` from one
+//!   address: beyond that a connection is closed at accept.
+//! - Five denials (`failure_backoff_after`; 0 turns it off) from one address within ten
+//!   seconds put it in the penalty box for 1 s, then
+//!   2, 4, … up to 60 s for each further round: its publish/play attempts are refused with
+//!   `rate_limited` (and recorded) without being decided, so guessing credentials is slow and
+//!   a misconfigured encoder does not hammer the worker. An allow clears the address.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const WINDOW: Duration = Duration::from_secs(10);
+const MAX_PENALTY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct Failures {
+    recent: VecDeque<Instant>,
+    level: u32,
+    until: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct Gate {
+    max_total: usize,
+    max_per_ip: usize,
+    /// Denials within `WINDOW` that open the penalty box (0: never).
+    failures_allowed: usize,
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    failures: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+/// One admitted connection; dropping it frees its place.
+#[derive(Debug)]
+pub struct Permit {
+    gate: Arc<Gate>,
+    ip: IpAddr,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.gate.total.fetch_sub(1, Ordering::AcqRel);
+        let mut per_ip = self.gate.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Gate {
+    pub fn new(max_total: usize, max_per_ip: usize, failures_allowed: usize) -> Arc<Gate> {
+        Arc::new(Gate {
+            max_total,
+            max_per_ip,
+            failures_allowed,
+            total: AtomicUsize::new(0),
+            per_ip: Mutex::default(),
+            failures: Mutex::default(),
+        })
+    }
+
+    /// A place for a new connection from `ip`, if the limits allow one.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Permit> {
+        let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip || self.total.load(Ordering::Acquire) >= self.max_total {
+            if *n == 0 {
+                per_ip.remove(&ip);
+            }
+            return None;
+        }
+        *n += 1;
+        self.total.fetch_add(1, Ordering::AcqRel);
+        Some(Permit { gate: self.clone(), ip })
+    }
+
+    pub fn connections(&self) -> usize {
+        self.total.load(Ordering::Acquire)
+    }
+
+    /// Whether `ip` is in the penalty box at `now`.
+    pub fn penalized(&self, ip: IpAddr, now: Instant) -> bool {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        failures.get(&ip).and_then(|f| f.until).is_some_and(|until| until > now)
+    }
+
+    /// Notes a denial for `ip`.
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
+        if self.failures_allowed == 0 {
+            return;
+        }
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if failures.len() > 100_000 {
+            failures
+                .retain(|_, f| f.until.is_some_and(|u| u > now) || f.recent.back().is_some_and(|t| now - *t < WINDOW));
+        }
+        let f = failures.entry(ip).or_default();
+        while f.recent.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+            f.recent.pop_front();
+        }
+        f.recent.push_back(now);
+        if f.recent.len() >= self.failures_allowed {
+            let penalty = Duration::from_secs(1u64 << f.level.min(6)).min(MAX_PENALTY);
+            f.until = Some(now + penalty);
+            f.level += 1;
+            f.recent.clear();
+            tracing::info!(%ip, penalty_secs = penalty.as_secs(), "repeated denials: address refused for a while");
+        }
+    }
+
+    /// Notes an allow for `ip`: its record is cleared.
+    pub fn succeeded(&self, ip: IpAddr) {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&ip);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_capped_per_address_and_in_total() {
+        let gate = Gate::new(3, 2, 5);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let a1 = gate.admit(a).unwrap();
+        let _a2 = gate.admit(a).unwrap();
+        assert!(gate.admit(a).is_none(), "a third from one address");
+        let _b1 = gate.admit(b).unwrap();
+        assert!(gate.admit(b).is_none(), "total reached");
+        drop(a1);
+        assert!(gate.admit(b).is_some(), "a place freed");
+    }
+
+    #[test]
+    fn five_denials_in_ten_seconds_open_a_growing_penalty() {
+        let gate = Gate::new(10, 10, 5);
+        let ip: IpAddr = "198.51.100.1".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 0..4 {
+            gate.failed(ip, t0 + Duration::from_millis(i * 100));
+        }
+        assert!(!gate.penalized(ip, t0 + Duration::from_millis(400)));
+        gate.failed(ip, t0 + Duration::from_millis(500));
+        assert!(gate.penalized(ip, t0 + Duration::from_millis(600)));
+        assert!(!gate.penalized(ip, t0 + Duration::from_millis(1600)), "the first penalty is 1 s");
+        // Spread-out failures never add up to a penalty.
+        let slow: IpAddr = "198.51.100.2".parse().unwrap();
+        for i in 0..20 {
+            gate.failed(slow, t0 + Duration::from_secs(i * 3));
+        }
+        assert!(!gate.penalized(slow, t0 + Duration::from_secs(60)));
+        // A second round costs twice as long; an allow clears the address.
+        for i in 0..5 {
+            gate.failed(ip, t0 + Duration::from_secs(2) + Duration::from_millis(i * 10));
+        }
+        assert!(gate.penalized(ip, t0 + Duration::from_millis(3500)));
+        assert!(!gate.penalized(ip, t0 + Duration::from_millis(4100)));
+        gate.succeeded(ip);
+        gate.failed(ip, t0 + Duration::from_secs(5));
+        assert!(!gate.penalized(ip, t0 + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn a_threshold_of_zero_turns_the_backoff_off() {
+        let gate = Gate::new(10, 10, 0);
+        let ip: IpAddr = "198.51.100.3".parse().unwrap();
+        let t0 = Instant::now();
+        for i in 0..50 {
+            gate.failed(ip, t0 + Duration::from_millis(i));
+        }
+        assert!(!gate.penalized(ip, t0 + Duration::from_millis(60)));
+    }
+}

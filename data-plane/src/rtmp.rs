@@ -1,0 +1,897 @@
+//! The RTMP server (first slice of issue #5): a monoio runtime on its own thread (io_uring,
+//! epoll where io_uring is refused), `rml_rtmp` for the handshake, chunking and commands.
+//!
+//! Every publish and play is decided through the worker's `Decider` (on the tokio thread, over
+//! a channel: claims and the spool live there) and recorded, allow or deny. A second publisher
+//! on a live stream is refused with `stream_busy` *before* any claim, so it never burns a
+//! one-time token. Admitted sessions are registered for kick on change.
+//!
+//! Fan-out: one publisher per stream, any number of players. Metadata, the AVC/AAC sequence
+//! headers and the current GOP are replayed to late joiners so playback starts on a keyframe.
+//! Each player has a bounded queue; a player that falls behind skips to the next keyframe.
+//!
+//! Not in this slice (see the issue): several runtimes with `SO_REUSEPORT` sharing streams,
+//! chunked messages prepared once for all players, per-IP failure backoff, connection limits,
+//! stats and `/metrics`, the webhook call.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::channel::mpsc as fmpsc;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
+use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+use rml_rtmp::sessions::{ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult, StreamMetadata};
+use rml_rtmp::time::RtmpTimestamp;
+use sluice_events::{AccessRequest, Action, AppName, DecisionRecord, Protocol, Reason, StreamName, wire};
+use tokio::sync::{mpsc, oneshot};
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::decide::{DecideError, Decider};
+use crate::stats::{MediaStats, StreamCounters};
+
+/// How long a client may take to finish the handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection silent for this long is closed (a publisher that stopped sending).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A player may stay silent far longer: it only acknowledges its window now and then.
+const PLAYER_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Media messages queued per player before it skips to the next keyframe.
+const PLAYER_QUEUE: usize = 1024;
+
+/// A decision asked of the tokio thread.
+#[derive(Debug)]
+pub struct DecideJob {
+    pub request: AccessRequest,
+    /// Refuse with this reason whatever `decide` says (no claims made).
+    pub refuse: Option<Reason>,
+    pub reply: oneshot::Sender<Result<DecisionRecord, DecideError>>,
+}
+
+/// Runs the decision jobs of the media threads on the tokio runtime.
+pub async fn serve_decisions(decider: Decider, mut jobs: mpsc::Receiver<DecideJob>) {
+    while let Some(job) = jobs.recv().await {
+        let d = decider.clone();
+        tokio::spawn(async move {
+            let _ = job.reply.send(d.decide_refusing(job.request, job.refuse).await);
+        });
+    }
+}
+
+#[derive(Clone)]
+enum Media {
+    Metadata(Rc<StreamMetadata>),
+    /// The payload, its timestamp, and the message already chunked for stream id 1 (what
+    /// nearly every player uses), shared by every player: prepared once per message.
+    Video(Bytes, RtmpTimestamp, Bytes),
+    Audio(Bytes, RtmpTimestamp, Bytes),
+    /// The publisher left.
+    End,
+}
+
+/// The outgoing chunk size every session announces (rml_rtmp's default).
+const CHUNK_SIZE: usize = 4096;
+/// Chunk streams of the pre-chunked media (rml_rtmp's own choice for these types, which it
+/// no longer uses for them since media bypasses its serializer).
+const VIDEO_CSID: u8 = 4;
+const AUDIO_CSID: u8 = 5;
+
+/// One RTMP message as chunks: a type-0 header (absolute timestamp), then type-3 headers
+/// between chunks, so the bytes depend only on the message and the stream id.
+pub fn chunk_message(
+    csid: u8,
+    type_id: u8,
+    stream_id: u32,
+    timestamp: u32,
+    payload: &[u8],
+    chunk_size: usize,
+) -> Bytes {
+    let extended = timestamp >= 0x00ff_ffff;
+    let chunks = payload.len().div_ceil(chunk_size).max(1);
+    let mut out = Vec::with_capacity(payload.len() + 16 + chunks * 5);
+    out.push(csid & 0x3f);
+    let ts = timestamp.min(0x00ff_ffff);
+    out.extend_from_slice(&ts.to_be_bytes()[1..]);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.push(type_id);
+    out.extend_from_slice(&stream_id.to_le_bytes());
+    if extended {
+        out.extend_from_slice(&timestamp.to_be_bytes());
+    }
+    for (i, chunk) in payload.chunks(chunk_size).enumerate() {
+        if i > 0 {
+            out.push(0xc0 | (csid & 0x3f));
+            if extended {
+                out.extend_from_slice(&timestamp.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(chunk);
+    }
+    Bytes::from(out)
+}
+
+fn video(data: Bytes, ts: RtmpTimestamp) -> Media {
+    let chunked = chunk_message(VIDEO_CSID, 9, 1, ts.value, &data, CHUNK_SIZE);
+    Media::Video(data, ts, chunked)
+}
+
+fn audio(data: Bytes, ts: RtmpTimestamp) -> Media {
+    let chunked = chunk_message(AUDIO_CSID, 8, 1, ts.value, &data, CHUNK_SIZE);
+    Media::Audio(data, ts, chunked)
+}
+
+fn is_keyframe(data: &[u8]) -> bool {
+    data.first().is_some_and(|b| b >> 4 == 1)
+}
+
+fn is_video_header(data: &[u8]) -> bool {
+    data.len() >= 2 && data[0] & 0x0f == 7 && data[1] == 0
+}
+
+fn is_audio_header(data: &[u8]) -> bool {
+    data.len() >= 2 && data[0] >> 4 == 10 && data[1] == 0
+}
+
+/// A player, fed straight into its connection's writer (no task of its own).
+struct Player {
+    id: u64,
+    out: fmpsc::UnboundedSender<Out>,
+    /// Media messages handed to the writer and not yet written.
+    queued: Rc<Cell<usize>>,
+    /// Dropped media since the queue filled; waits for a keyframe.
+    skipping: bool,
+    stream_id: u32,
+    session: Rc<RefCell<ServerSession>>,
+    closed: Rc<Cell<bool>>,
+}
+
+impl Player {
+    /// Hands `m` to the writer; false once the player is gone (or the stream ended).
+    fn deliver(&mut self, m: &Media, counters: Option<&Arc<StreamCounters>>) -> bool {
+        let bytes = match m {
+            Media::Video(_, _, chunked) | Media::Audio(_, _, chunked) if self.stream_id == 1 => chunked.clone(),
+            Media::Video(d, ts, _) => chunk_message(VIDEO_CSID, 9, self.stream_id, ts.value, d, CHUNK_SIZE),
+            Media::Audio(d, ts, _) => chunk_message(AUDIO_CSID, 8, self.stream_id, ts.value, d, CHUNK_SIZE),
+            Media::Metadata(md) => match self.session.borrow_mut().send_metadata(self.stream_id, md) {
+                Ok(p) => Bytes::from(p.bytes),
+                Err(_) => return false,
+            },
+            Media::End => {
+                if let Ok(p) = self.session.borrow_mut().finish_playing(self.stream_id) {
+                    let _ = self.out.unbounded_send(Out::Bytes(p.bytes));
+                }
+                self.closed.set(true);
+                let _ = self.out.unbounded_send(Out::Close);
+                return false;
+            }
+        };
+        if let Some(c) = counters {
+            c.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        self.queued.set(self.queued.get() + 1);
+        self.out.unbounded_send(Out::Media(bytes, self.queued.clone())).is_ok()
+    }
+}
+
+#[derive(Default)]
+struct Channel {
+    /// A publisher is live (or being decided).
+    publisher: Option<u64>,
+    /// Set once the publisher is admitted.
+    counters: Option<Arc<StreamCounters>>,
+    metadata: Option<Rc<StreamMetadata>>,
+    video_header: Option<Media>,
+    audio_header: Option<Media>,
+    gop: Vec<Media>,
+    players: Vec<Player>,
+}
+
+type Key = (AppName, StreamName);
+
+/// The streams of this media thread.
+struct Hub {
+    channels: HashMap<Key, Channel>,
+    stats: Arc<MediaStats>,
+}
+
+impl Hub {
+    fn publish(&mut self, key: &Key, media: Media) {
+        let Some(ch) = self.channels.get_mut(key) else { return };
+        let size = match &media {
+            Media::Video(d, ..) | Media::Audio(d, ..) => d.len() as u64,
+            _ => 0,
+        };
+        if let Some(c) = &ch.counters {
+            c.bytes_in.fetch_add(size, Ordering::Relaxed);
+        }
+        let counters = ch.counters.clone();
+        match &media {
+            Media::Metadata(m) => ch.metadata = Some(m.clone()),
+            Media::Video(data, ..) if is_video_header(data) => ch.video_header = Some(media.clone()),
+            Media::Audio(data, ..) if is_audio_header(data) => ch.audio_header = Some(media.clone()),
+            Media::Video(data, ..) => {
+                if is_keyframe(data) {
+                    ch.gop.clear();
+                }
+                ch.gop.push(media.clone());
+            }
+            Media::Audio(..) => {
+                if !ch.gop.is_empty() {
+                    ch.gop.push(media.clone());
+                }
+            }
+            Media::End => {}
+        }
+        let keyframe = matches!(&media, Media::Video(d, ..) if is_keyframe(d));
+        ch.players.retain_mut(|p| {
+            if p.skipping && !keyframe {
+                if let Some(c) = &counters {
+                    c.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                return true;
+            }
+            if p.queued.get() >= PLAYER_QUEUE {
+                if !p.skipping {
+                    tracing::debug!(player = p.id, "player behind; skipping to the next keyframe");
+                }
+                p.skipping = true;
+                if let Some(c) = &counters {
+                    c.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                return true;
+            }
+            p.skipping = false;
+            p.deliver(&media, counters.as_ref())
+        });
+    }
+
+    /// A late joiner's start: metadata, sequence headers, then the current GOP.
+    /// Adds a player and hands it metadata, sequence headers and the current GOP.
+    fn join(&mut self, key: &Key, mut player: Player) -> bool {
+        let Some(ch) = self.channels.get_mut(key) else { return false };
+        if ch.publisher.is_none() {
+            return false;
+        }
+        if let Some(c) = &ch.counters {
+            c.players.fetch_add(1, Ordering::Relaxed);
+        }
+        let start = ch
+            .metadata
+            .clone()
+            .map(Media::Metadata)
+            .into_iter()
+            .chain(ch.video_header.clone())
+            .chain(ch.audio_header.clone())
+            .chain(ch.gop.iter().cloned());
+        for m in start {
+            player.deliver(&m, ch.counters.as_ref());
+        }
+        ch.players.push(player);
+        true
+    }
+
+    fn leave(&mut self, key: &Key, id: u64) {
+        if let Some(ch) = self.channels.get_mut(key) {
+            let before = ch.players.len();
+            ch.players.retain(|p| p.id != id);
+            if ch.players.len() < before {
+                if let Some(c) = &ch.counters {
+                    c.players.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn end(&mut self, key: &Key) {
+        self.stats.stream_ended(key.0.as_str(), key.1.as_str());
+        if let Some(mut ch) = self.channels.remove(key) {
+            for p in &mut ch.players {
+                p.deliver(&Media::End, None);
+            }
+        }
+    }
+}
+
+struct Ctx {
+    hub: RefCell<Hub>,
+    gate: std::sync::Arc<crate::limits::Gate>,
+    jobs: mpsc::Sender<DecideJob>,
+    decider: Decider,
+    next_id: Cell<u64>,
+    /// `SLUICE_RTMP_MAX_MESSAGE_BYTES`.
+    max_message: usize,
+}
+
+/// What the RTMP server is told at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// Input an RTMP connection may send without completing a message.
+    pub max_message: usize,
+}
+
+/// Starts the RTMP thread: binds `listen` and serves until the process ends.
+pub fn spawn(
+    settings: Settings,
+    decider: Decider,
+    jobs: mpsc::Sender<DecideJob>,
+    gate: std::sync::Arc<crate::limits::Gate>,
+) -> std::io::Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let listen = settings.listen;
+    std::thread::Builder::new().name("sluice-rtmp".into()).spawn(move || {
+        let uring = monoio::utils::detect_uring();
+        let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build();
+        let mut rt = match rt {
+            Ok(rt) => rt,
+            Err(e) => {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+        };
+        if uring {
+            tracing::info!(%listen, "RTMP on monoio with io_uring");
+        } else {
+            tracing::warn!(%listen, "io_uring refused by this kernel; RTMP on monoio with epoll");
+        }
+        rt.block_on(async move {
+            let listener = match TcpListener::bind_with_config(listen, &ListenerOpts::new().reuse_port(true)) {
+                Ok(l) => {
+                    let _ = ready_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let hub = RefCell::new(Hub { channels: HashMap::new(), stats: decider.stats.clone() });
+            let ctx = Rc::new(Ctx {
+                hub,
+                gate,
+                jobs,
+                decider,
+                next_id: Cell::new(1),
+                max_message: settings.max_message.max(4096),
+            });
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let Some(permit) = ctx.gate.admit(peer.ip()) else {
+                            tracing::debug!(%peer, "RTMP connection refused: connection limit");
+                            drop(stream);
+                            continue;
+                        };
+                        let _ = stream.set_nodelay(true);
+                        let id = ctx.next_id.get();
+                        ctx.next_id.set(id + 1);
+                        let conn_ctx = ctx.clone();
+                        monoio::spawn(async move {
+                            connection(stream, peer, id, conn_ctx).await;
+                            drop(permit);
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "RTMP accept failed");
+                        monoio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    })?;
+    ready_rx.recv().map_err(|_| std::io::Error::other("the RTMP thread stopped"))?
+}
+
+enum Out {
+    Bytes(Vec<u8>),
+    /// Media bytes shared with other players, and the player's count of queued media.
+    Media(Bytes, Rc<Cell<usize>>),
+    Close,
+}
+
+/// Most bytes gathered into one write when several messages are waiting.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// Writes what the connection sends, in order. Messages already waiting go out in one write
+/// (one ring entry instead of one per message); a lone message is written as is, no copy.
+async fn writer(mut wr: impl AsyncWriteRent, mut rx: fmpsc::UnboundedReceiver<Out>) {
+    let mut closing = false;
+    while !closing {
+        let Some(first) = rx.next().await else { break };
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut media: Option<(Rc<Cell<usize>>, usize)> = None;
+        let mut size = 0;
+        let mut next = Some(first);
+        while let Some(out) = next.take() {
+            match out {
+                Out::Bytes(b) => {
+                    size += b.len();
+                    batch.push(Bytes::from(b));
+                }
+                Out::Media(b, queued) => {
+                    size += b.len();
+                    batch.push(b);
+                    let n = media.as_ref().map_or(0, |m| m.1);
+                    media = Some((queued, n + 1));
+                }
+                Out::Close => {
+                    closing = true;
+                    break;
+                }
+            }
+            if size < WRITE_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        let res = match batch.len() {
+            0 => Ok(0),
+            1 => wr.write_all(batch.pop().unwrap_or_default()).await.0,
+            _ => {
+                let mut joined = Vec::with_capacity(size);
+                for b in &batch {
+                    joined.extend_from_slice(b);
+                }
+                wr.write_all(joined).await.0
+            }
+        };
+        if let Some((queued, n)) = media {
+            queued.set(queued.get().saturating_sub(n));
+        }
+        if res.is_err() {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+/// What a connection is doing.
+enum Role {
+    None,
+    Publisher(Key),
+    Player(Key),
+}
+
+struct Conn {
+    id: u64,
+    peer: SocketAddr,
+    ctx: Rc<Ctx>,
+    session: Rc<RefCell<ServerSession>>,
+    out: fmpsc::UnboundedSender<Out>,
+    role: Role,
+    closed: Rc<Cell<bool>>,
+    /// Dropped when the connection ends: the kick watcher then unregisters the session.
+    done: Vec<futures::channel::oneshot::Sender<()>>,
+    /// Input bytes since the last complete message.
+    unfinished: usize,
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) {
+    let (mut rd, wr) = stream.into_split();
+    let (out, out_rx) = fmpsc::unbounded();
+    monoio::spawn(writer(wr, out_rx));
+    // Handshake, bounded in time.
+    let mut hs = Handshake::new(PeerType::Server);
+    let leftover = match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut hs, &out)).await {
+        Ok(Ok(rest)) => rest,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "RTMP handshake failed");
+            let _ = out.unbounded_send(Out::Close);
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "RTMP handshake timed out");
+            let _ = out.unbounded_send(Out::Close);
+            return;
+        }
+    };
+    let (session, results) = match ServerSession::new(ServerSessionConfig::new()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = ?e, "RTMP session setup failed");
+            let _ = out.unbounded_send(Out::Close);
+            return;
+        }
+    };
+    let mut conn = Conn {
+        id,
+        peer,
+        ctx,
+        session: Rc::new(RefCell::new(session)),
+        out,
+        role: Role::None,
+        closed: Rc::new(Cell::new(false)),
+        done: Vec::new(),
+        unfinished: 0,
+    };
+    let mut ok = conn.results(results).await;
+    if ok && !leftover.is_empty() {
+        ok = conn.input(&leftover).await;
+    }
+    // Small until the peer sends a lot (players send almost nothing; publishers grow it).
+    let mut buf = vec![0u8; 4096];
+    while ok && !conn.closed.get() {
+        // A player only acknowledges now and then (the window it was given is large); its
+        // connection lives until it closes or a write fails. Anyone else must keep talking.
+        let idle = if matches!(conn.role, Role::Player(_)) { PLAYER_IDLE_TIMEOUT } else { IDLE_TIMEOUT };
+        let (res, b) = match monoio::time::timeout(idle, rd.read(buf)).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::debug!(%peer, "RTMP connection idle; closing");
+                break;
+            }
+        };
+        buf = b;
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let data = buf[..n].to_vec();
+                ok = conn.input(&data).await;
+                if n == buf.len() && buf.len() < 64 * 1024 {
+                    buf = vec![0u8; buf.len() * 4];
+                }
+            }
+        }
+    }
+    conn.finish();
+}
+
+async fn handshake(
+    rd: &mut impl AsyncReadRent,
+    hs: &mut Handshake,
+    out: &fmpsc::UnboundedSender<Out>,
+) -> Result<Vec<u8>, String> {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (res, b) = rd.read(buf).await;
+        buf = b;
+        let n = res.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed during the handshake".into());
+        }
+        match hs.process_bytes(&buf[..n]).map_err(|e| format!("{e:?}"))? {
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                if !response_bytes.is_empty() {
+                    let _ = out.unbounded_send(Out::Bytes(response_bytes));
+                }
+            }
+            HandshakeProcessResult::Completed { response_bytes, remaining_bytes } => {
+                if !response_bytes.is_empty() {
+                    let _ = out.unbounded_send(Out::Bytes(response_bytes));
+                }
+                return Ok(remaining_bytes);
+            }
+        }
+    }
+}
+
+impl Conn {
+    fn send(&self, bytes: Vec<u8>) {
+        let _ = self.out.unbounded_send(Out::Bytes(bytes));
+    }
+
+    /// Feeds bytes from the client; false ends the connection.
+    async fn input(&mut self, data: &[u8]) -> bool {
+        let results = match self.session.borrow_mut().handle_input(data) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = ?e, "RTMP input refused; closing");
+                return false;
+            }
+        };
+        // What rml_rtmp buffers is bounded: input that completes no message (one oversized
+        // message, or many interleaved on different chunk streams) ends the connection.
+        let completed = results.iter().any(|r| {
+            matches!(r, ServerSessionResult::RaisedEvent(_) | ServerSessionResult::UnhandleableMessageReceived(_))
+        });
+        if completed {
+            self.unfinished = 0;
+        } else {
+            self.unfinished += data.len();
+            if self.unfinished > self.ctx.max_message {
+                tracing::info!(
+                    peer = %self.peer,
+                    bytes = self.unfinished,
+                    max = self.ctx.max_message,
+                    "RTMP message larger than SLUICE_RTMP_MAX_MESSAGE_BYTES; closing"
+                );
+                return false;
+            }
+        }
+        self.results(results).await
+    }
+
+    async fn results(&mut self, results: Vec<ServerSessionResult>) -> bool {
+        for r in results {
+            match r {
+                ServerSessionResult::OutboundResponse(p) => self.send(p.bytes),
+                ServerSessionResult::RaisedEvent(e) => {
+                    if !self.event(e).await {
+                        return false;
+                    }
+                }
+                ServerSessionResult::UnhandleableMessageReceived(_) => {}
+            }
+        }
+        true
+    }
+
+    fn accept(&mut self, request_id: u32) -> bool {
+        let accepted = self.session.borrow_mut().accept_request(request_id);
+        match accepted {
+            Ok(results) => {
+                for r in results {
+                    if let ServerSessionResult::OutboundResponse(p) = r {
+                        self.send(p.bytes);
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = ?e, "RTMP accept failed");
+                false
+            }
+        }
+    }
+
+    /// Refuses the request with `code` and the reason in the description, then closes.
+    fn refuse(&mut self, request_id: u32, code: &str, reason: &str) -> bool {
+        if let Ok(results) = self.session.borrow_mut().reject_request(request_id, code, reason) {
+            for r in results {
+                if let ServerSessionResult::OutboundResponse(p) = r {
+                    self.send(p.bytes);
+                }
+            }
+        }
+        let _ = self.out.unbounded_send(Out::Close);
+        false
+    }
+
+    async fn decide(&self, request: AccessRequest, refuse: Option<Reason>) -> Result<DecisionRecord, String> {
+        let (reply, answer) = oneshot::channel();
+        self.ctx
+            .jobs
+            .try_send(DecideJob { request, refuse, reply })
+            .map_err(|_| "the decision queue is full".to_owned())?;
+        answer.await.map_err(|_| "the decider stopped".to_owned())?.map_err(|e| e.to_string())
+    }
+
+    async fn event(&mut self, e: ServerSessionEvent) -> bool {
+        match e {
+            ServerSessionEvent::ConnectionRequested { request_id, .. } => self.accept(request_id),
+
+            ServerSessionEvent::PublishStreamRequested { request_id, app_name, stream_key, .. } => {
+                let started = std::time::Instant::now();
+                let keep = self.publish(request_id, &app_name, &stream_key).await;
+                self.ctx.decider.stats.decision_latency(started.elapsed());
+                keep
+            }
+            ServerSessionEvent::PlayStreamRequested { request_id, app_name, stream_key, stream_id, .. } => {
+                let started = std::time::Instant::now();
+                let keep = self.play(request_id, &app_name, &stream_key, stream_id).await;
+                self.ctx.decider.stats.decision_latency(started.elapsed());
+                keep
+            }
+            ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
+                if let Role::Publisher(key) = &self.role {
+                    self.ctx.hub.borrow_mut().publish(key, Media::Metadata(Rc::new(metadata)));
+                }
+                true
+            }
+            ServerSessionEvent::VideoDataReceived { data, timestamp, .. } => {
+                if let Role::Publisher(key) = &self.role {
+                    self.ctx.hub.borrow_mut().publish(key, video(data, timestamp));
+                }
+                true
+            }
+            ServerSessionEvent::AudioDataReceived { data, timestamp, .. } => {
+                if let Role::Publisher(key) = &self.role {
+                    self.ctx.hub.borrow_mut().publish(key, audio(data, timestamp));
+                }
+                true
+            }
+            ServerSessionEvent::PublishStreamFinished { .. } | ServerSessionEvent::PlayStreamFinished { .. } => false,
+            _ => true,
+        }
+    }
+
+    fn request(&self, app: &str, stream_key: &str, action: Action) -> Result<AccessRequest, String> {
+        let target = wire::parse_rtmp(app, stream_key).map_err(|e| e.to_string())?;
+        Ok(AccessRequest {
+            id: uuid::Uuid::new_v4(),
+            app: target.app,
+            stream: target.stream,
+            action,
+            protocol: Protocol::Rtmp,
+            client_ip: self.peer.ip(),
+            credential: target.credential,
+        })
+    }
+
+    async fn publish(&mut self, request_id: u32, app: &str, stream_key: &str) -> bool {
+        if !matches!(self.role, Role::None) {
+            return self.refuse(request_id, "NetStream.Publish.BadName", "one stream per connection");
+        }
+        let req = match self.request(app, stream_key, Action::Publish) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(request_id, "NetStream.Publish.BadName", &format!("malformed: {e}")),
+        };
+        // The public name (after publish-name mapping), to hold the stream's one publisher
+        // slot while the decision is made.
+        let public = sluice_events::decide::public_stream(&self.ctx.decider.shared.state.load(), &req);
+        let key = (req.app.clone(), public);
+        if self.ctx.gate.penalized(self.peer.ip(), std::time::Instant::now()) {
+            let _ = self.decide(req, Some(Reason::RateLimited)).await;
+            return self.refuse(request_id, "NetStream.Publish.BadName", Reason::RateLimited.as_str());
+        }
+        let busy = {
+            let mut hub = self.ctx.hub.borrow_mut();
+            let ch = hub.channels.entry(key.clone()).or_default();
+            if ch.publisher.is_some() {
+                true
+            } else {
+                ch.publisher = Some(self.id);
+                false
+            }
+        };
+        let refuse = busy.then_some(Reason::StreamBusy);
+        let admitted_by_req = req.clone();
+        let record = match self.decide(req, refuse).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.release(&key, busy);
+                tracing::warn!(error = %e, "RTMP publish refused: no decision");
+                return self.refuse(request_id, "NetStream.Publish.BadName", "unavailable");
+            }
+        };
+        self.note_outcome(&record);
+        if !record.allowed {
+            self.release(&key, busy);
+            return self.refuse(request_id, "NetStream.Publish.BadName", record.final_reason.as_str());
+        }
+        self.watch_kick(admitted_by_req, &record);
+        let counters = self.ctx.decider.stats.stream_started(key.0.as_str(), key.1.as_str(), "rtmp");
+        if let Some(ch) = self.ctx.hub.borrow_mut().channels.get_mut(&key) {
+            ch.counters = Some(counters);
+        }
+        self.role = Role::Publisher(key);
+        self.accept(request_id)
+    }
+
+    /// Feeds the per-IP backoff: credential failures count, a busy stream does not.
+    fn note_outcome(&self, record: &DecisionRecord) {
+        let ip = self.peer.ip();
+        if record.allowed {
+            self.ctx.gate.succeeded(ip);
+        } else if !matches!(record.final_reason, Reason::StreamBusy | Reason::RateLimited) {
+            self.ctx.gate.failed(ip, std::time::Instant::now());
+        }
+    }
+
+    fn release(&self, key: &Key, busy: bool) {
+        if busy {
+            return;
+        }
+        let mut hub = self.ctx.hub.borrow_mut();
+        if hub.channels.get(key).is_some_and(|c| c.publisher == Some(self.id)) {
+            // Players that joined while the publisher was being decided are told it is over.
+            hub.end(key);
+        }
+    }
+
+    async fn play(&mut self, request_id: u32, app: &str, stream_key: &str, stream_id: u32) -> bool {
+        if !matches!(self.role, Role::None) {
+            return self.refuse(request_id, "NetStream.Play.Failed", "one stream per connection");
+        }
+        let req = match self.request(app, stream_key, Action::Play) {
+            Ok(r) => r,
+            Err(e) => return self.refuse(request_id, "NetStream.Play.Failed", &format!("malformed: {e}")),
+        };
+        if self.ctx.gate.penalized(self.peer.ip(), std::time::Instant::now()) {
+            let _ = self.decide(req, Some(Reason::RateLimited)).await;
+            return self.refuse(request_id, "NetStream.Play.Failed", Reason::RateLimited.as_str());
+        }
+        let admitted_by_req = req.clone();
+        let record = match self.decide(req, None).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "RTMP play refused: no decision");
+                return self.refuse(request_id, "NetStream.Play.Failed", "unavailable");
+            }
+        };
+        self.note_outcome(&record);
+        if !record.allowed {
+            let code = match record.final_reason {
+                Reason::StreamNotRegistered | Reason::AppNotFound => "NetStream.Play.StreamNotFound",
+                _ => "NetStream.Play.Failed",
+            };
+            return self.refuse(request_id, code, record.final_reason.as_str());
+        }
+        let key = (record.request.app.clone(), record.decision.stream.clone());
+        let player = Player {
+            id: self.id,
+            out: self.out.clone(),
+            queued: Rc::new(Cell::new(0)),
+            skipping: false,
+            stream_id,
+            session: self.session.clone(),
+            closed: self.closed.clone(),
+        };
+        // Accepted first, so the play response precedes the media.
+        let live = self.ctx.hub.borrow().channels.get(&key).is_some_and(|c| c.publisher.is_some());
+        if !live {
+            return self.refuse(request_id, "NetStream.Play.StreamNotFound", "not_live");
+        }
+        if !self.accept(request_id) {
+            return false;
+        }
+        if !self.ctx.hub.borrow_mut().join(&key, player) {
+            return false;
+        }
+        self.watch_kick(admitted_by_req, &record);
+        self.role = Role::Player(key);
+        true
+    }
+
+    /// Registers the session; when it stops being allowed, the connection is closed.
+    fn watch_kick(&mut self, request: AccessRequest, record: &DecisionRecord) {
+        let mut session = self.ctx.decider.sessions.admit(request, record.decision.method);
+        let out = self.out.clone();
+        let closed = self.closed.clone();
+        let peer = self.peer;
+        let (done_tx, done) = futures::channel::oneshot::channel::<()>();
+        self.done.push(done_tx);
+        monoio::spawn(async move {
+            monoio::select! {
+                reason = session.ended() => {
+                    tracing::info!(%peer, reason = reason.as_str(), "RTMP session ended: no longer allowed");
+                    closed.set(true);
+                    let _ = out.unbounded_send(Out::Close);
+                }
+                _ = done => {}
+            }
+        });
+    }
+
+    fn finish(&mut self) {
+        self.closed.set(true);
+        self.done.clear();
+        match std::mem::replace(&mut self.role, Role::None) {
+            Role::Publisher(key) => {
+                let mut hub = self.ctx.hub.borrow_mut();
+                if hub.channels.get(&key).is_some_and(|c| c.publisher == Some(self.id)) {
+                    hub.end(&key);
+                }
+            }
+            Role::Player(key) => self.ctx.hub.borrow_mut().leave(&key, self.id),
+            Role::None => {}
+        }
+        let _ = self.out.unbounded_send(Out::Close);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rml_rtmp::chunk_io::ChunkDeserializer;
+
+    #[test]
+    fn pre_chunked_messages_read_back_as_the_same_messages() {
+        let mut de = ChunkDeserializer::new();
+        de.set_max_chunk_size(CHUNK_SIZE).unwrap();
+        let payload: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        for (ts, len) in [(0u32, 1usize), (40, 4096), (80, 4097), (0x00ff_fffe, 10_000), (0x0100_0000, 9000)] {
+            let bytes = chunk_message(VIDEO_CSID, 9, 1, ts, &payload[..len], CHUNK_SIZE);
+            let m = de.get_next_message(&bytes).unwrap().expect("one whole message");
+            assert_eq!((m.timestamp.value, m.type_id, m.message_stream_id), (ts, 9, 1));
+            assert_eq!(&m.data[..], &payload[..len]);
+            assert!(de.get_next_message(&[]).unwrap().is_none());
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Live sessions and "kick on change" (DESIGN.md §6): every admitted publisher and player is
+//! registered with the request that admitted it; whenever the access tables change (and once
+//! a second, for expiries) each session is checked again with `sluice_events::decide::recheck`,
+//! and a session that no longer passes is told to end, with the reason. The media code (RTMP,
+//! SRT) holds the `Session` and drops the connection when `ended()` fires.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sluice_events::decide::recheck;
+use sluice_events::{AccessRequest, AuthState, Method, Position, Reason, Timestamp};
+use tokio::sync::oneshot;
+
+use crate::sync::Shared;
+
+struct Live {
+    request: AccessRequest,
+    admitted_by: Option<Method>,
+    end: oneshot::Sender<Reason>,
+}
+
+/// The registry of live sessions on this worker.
+#[derive(Default)]
+pub struct Registry {
+    live: Mutex<HashMap<u64, Live>>,
+    next: AtomicU64,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").field("live", &self.len()).finish()
+    }
+}
+
+/// One admitted session; dropping it unregisters it.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    registry: Arc<Registry>,
+    ended: Option<oneshot::Receiver<Reason>>,
+}
+
+impl Session {
+    /// Resolves when the session must end, with the reason (never, if it stays allowed).
+    pub async fn ended(&mut self) -> Reason {
+        match self.ended.as_mut() {
+            Some(rx) => match rx.await {
+                Ok(reason) => reason,
+                Err(_) => std::future::pending().await,
+            },
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.registry.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.id);
+    }
+}
+
+impl Registry {
+    pub fn new() -> Arc<Registry> {
+        Arc::new(Registry::default())
+    }
+
+    /// Registers a session admitted by `method` for `request` (the credential is kept, in
+    /// memory only, to check it again).
+    pub fn admit(self: &Arc<Self>, request: AccessRequest, admitted_by: Option<Method>) -> Session {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let (end, ended) = oneshot::channel();
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Live { request, admitted_by, end });
+        Session { id, registry: self.clone(), ended: Some(ended) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Checks every live session against `state` at `now`; ends (and unregisters) those that
+    /// no longer pass. Answers them with their reasons.
+    pub fn recheck(&self, state: &AuthState, now: Timestamp) -> Vec<(u64, Reason)> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let refused: Vec<(u64, Reason)> = live
+            .iter()
+            .filter_map(|(id, s)| recheck(state, &s.request, s.admitted_by, now).err().map(|r| (*id, r)))
+            .collect();
+        for (id, reason) in &refused {
+            if let Some(s) = live.remove(id) {
+                tracing::info!(
+                    session = id,
+                    app = %s.request.app,
+                    stream = %s.request.stream,
+                    action = s.request.action.as_str(),
+                    client = %s.request.client_ip,
+                    reason = reason.as_str(),
+                    "session no longer allowed; ending it"
+                );
+                let _ = s.end.send(*reason);
+            }
+        }
+        refused
+    }
+}
+
+/// Re-checks the registry whenever the access tables change, and every second (expiries).
+pub async fn recheck_loop(registry: Arc<Registry>, shared: Arc<Shared>) {
+    let mut applied = shared.applied.subscribe();
+    let mut checked = Position(0);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        // Decisions move the position too; only a change of the tables can end a session
+        // between ticks.
+        let on_tick = tokio::select! {
+            _ = applied.changed() => false,
+            _ = tick.tick() => true,
+        };
+        let state = shared.state.load_full();
+        if !registry.is_empty() && (on_tick || state.tables_position() != checked) {
+            checked = state.tables_position();
+            registry.recheck(&state, crate::decide::now());
+        }
+        shared.live_sessions.store(registry.len() as u64, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sluice_events::event::{AppCreated, StreamDeleted, StreamRegistered};
+    use sluice_events::{
+        Action, AppName, Credential, Event, Metadata, Policy, Protocol, RecordedEvent, Sha256Digest, StreamName,
+    };
+
+    fn apply(state: &mut AuthState, event: Event) {
+        let position = Position(state.position().0 + 1);
+        let stream = event.log_stream();
+        state
+            .apply(&RecordedEvent {
+                position,
+                event_id: uuid::Uuid::from_u128(position.0 as u128),
+                stream,
+                version: 0,
+                event,
+                metadata: Metadata::default(),
+                recorded_at: Timestamp(0),
+                hash: Sha256Digest([0; 32]),
+            })
+            .unwrap();
+    }
+
+    fn player(stream: &str) -> AccessRequest {
+        AccessRequest {
+            id: uuid::Uuid::new_v4(),
+            app: AppName::parse("live").unwrap(),
+            stream: StreamName::parse(stream).unwrap(),
+            action: Action::Play,
+            protocol: Protocol::Rtmp,
+            client_ip: "192.0.2.1".parse().unwrap(),
+            credential: Credential::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deleted_stream_ends_its_sessions_and_only_those() {
+        let mut state = AuthState::for_data_plane(None);
+        let live = AppName::parse("live").unwrap();
+        let registered_only =
+            Policy { play: sluice_events::ActionPolicy::open().registered_only(), ..Policy::default() };
+        apply(&mut state, AppCreated { app: live.clone(), policy: registered_only }.into());
+        for name in ["cam1", "cam2"] {
+            let name = StreamName::parse(name).unwrap();
+            apply(
+                &mut state,
+                StreamRegistered { app: live.clone(), name, publish_name: None, description: None }.into(),
+            );
+        }
+        let registry = Registry::new();
+        let mut on_cam1 = registry.admit(player("cam1"), Some(Method::Open));
+        let mut also_cam1 = registry.admit(player("cam1"), Some(Method::Open));
+        let on_cam2 = registry.admit(player("cam2"), Some(Method::Open));
+        assert_eq!(registry.len(), 3);
+        assert!(registry.recheck(&state, Timestamp(0)).is_empty(), "nothing changed, nobody ends");
+
+        apply(&mut state, StreamDeleted { app: live, name: StreamName::parse("cam1").unwrap() }.into());
+        let mut ended = registry.recheck(&state, Timestamp(0));
+        ended.sort_unstable();
+        assert_eq!(ended, vec![(on_cam1.id, Reason::StreamNotRegistered), (also_cam1.id, Reason::StreamNotRegistered)]);
+        assert_eq!(on_cam1.ended().await, Reason::StreamNotRegistered);
+        assert_eq!(also_cam1.ended().await, Reason::StreamNotRegistered);
+        assert_eq!(registry.len(), 1, "ended sessions leave the registry");
+        drop(on_cam2);
+        assert!(registry.is_empty(), "a dropped session unregisters itself");
+    }
+
+    #[tokio::test]
+    async fn the_loop_ends_a_session_when_the_swapped_in_state_refuses_it() {
+        let mut state = AuthState::for_data_plane(None);
+        let live = AppName::parse("live").unwrap();
+        apply(&mut state, AppCreated { app: live.clone(), policy: Policy::default() }.into());
+        let shared = Shared::new(state.clone());
+        let registry = Registry::new();
+        tokio::spawn(recheck_loop(registry.clone(), shared.clone()));
+        let mut session = registry.admit(player("anything"), Some(Method::Open));
+        apply(&mut state, sluice_events::event::AppDeleted { app: live }.into());
+        let position = state.position().0;
+        shared.state.store(Arc::new(state));
+        shared.applied.send_replace(position);
+        let reason = tokio::time::timeout(Duration::from_secs(5), session.ended()).await.unwrap();
+        assert_eq!(reason, Reason::AppNotFound);
+    }
+}

@@ -1,0 +1,242 @@
+//! Media and decision statistics of one worker: per live stream (bytes in and out, bitrate
+//! over 1 s and 10 s, players, frames dropped for slow players, uptime), counted with atomics
+//! on the media threads and sampled once a second on the tokio thread; decisions by outcome
+//! and reason. They travel with the heartbeat (`/v1/stats/streams/...` and SLS `/stats` on the
+//! control plane) and are served as Prometheus text on the admin port (`/metrics`).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_events::dist::StreamStat;
+
+/// Counters of one live stream, shared with the media thread that serves it.
+#[derive(Debug)]
+pub struct StreamCounters {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    pub players: AtomicU64,
+    pub dropped: AtomicU64,
+    started: Instant,
+}
+
+#[derive(Debug)]
+struct Live {
+    counters: Arc<StreamCounters>,
+    protocol: &'static str,
+    /// `bytes_in` at each of the last samples (one a second), newest last.
+    samples: VecDeque<u64>,
+}
+
+#[derive(Debug, Default)]
+pub struct MediaStats {
+    live: Mutex<HashMap<(String, String), Live>>,
+    decisions: Mutex<BTreeMap<(bool, &'static str), u64>>,
+    /// Totals over streams that have ended.
+    ended_in: AtomicU64,
+    ended_out: AtomicU64,
+    ended_dropped: AtomicU64,
+    /// The last decision latencies of the media servers (command received → answer sent), ms.
+    latencies: Mutex<VecDeque<f64>>,
+    latency_count: AtomicU64,
+}
+
+fn bits_per_sec(samples: &VecDeque<u64>, window: usize) -> u64 {
+    let n = samples.len();
+    if n < 2 {
+        return 0;
+    }
+    let span = (n - 1).min(window);
+    let delta = samples[n - 1] - samples[n - 1 - span];
+    delta * 8 / span as u64
+}
+
+impl MediaStats {
+    pub fn new() -> Arc<MediaStats> {
+        Arc::new(MediaStats::default())
+    }
+
+    /// A publisher went live on `app/stream`.
+    pub fn stream_started(&self, app: &str, stream: &str, protocol: &'static str) -> Arc<StreamCounters> {
+        let counters = Arc::new(StreamCounters {
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            players: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        let live = Live { counters: counters.clone(), protocol, samples: VecDeque::from([0]) };
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert((app.to_owned(), stream.to_owned()), live);
+        counters
+    }
+
+    pub fn stream_ended(&self, app: &str, stream: &str) {
+        let removed = self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&(app.to_owned(), stream.to_owned()));
+        if let Some(l) = removed {
+            self.ended_in.fetch_add(l.counters.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.ended_out.fetch_add(l.counters.bytes_out.load(Ordering::Relaxed), Ordering::Relaxed);
+            self.ended_dropped.fetch_add(l.counters.dropped.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+    }
+
+    pub fn decided(&self, allowed: bool, reason: &'static str) {
+        *self.decisions.lock().unwrap_or_else(|p| p.into_inner()).entry((allowed, reason)).or_insert(0) += 1;
+    }
+
+    /// Notes how long a media decision took, from the client's command to the answer.
+    pub fn decision_latency(&self, took: Duration) {
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
+        if l.len() >= 10_000 {
+            l.pop_front();
+        }
+        l.push_back(took.as_secs_f64() * 1000.0);
+    }
+
+    /// p50 and p99 of the last 10,000 decision latencies, in ms.
+    pub fn latency_quantiles(&self) -> Option<(f64, f64)> {
+        let mut v: Vec<f64> = self.latencies.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        Some((at(0.5), at(0.99)))
+    }
+
+    /// Takes this second's sample of every live stream.
+    pub fn sample(&self) {
+        for l in self.live.lock().unwrap_or_else(|p| p.into_inner()).values_mut() {
+            l.samples.push_back(l.counters.bytes_in.load(Ordering::Relaxed));
+            while l.samples.len() > 11 {
+                l.samples.pop_front();
+            }
+        }
+    }
+
+    /// Every live stream, for the heartbeat.
+    pub fn snapshot(&self) -> Vec<StreamStat> {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<StreamStat> = live
+            .iter()
+            .map(|((app, stream), l)| StreamStat {
+                app: app.clone(),
+                stream: stream.clone(),
+                protocol: l.protocol.to_owned(),
+                bytes_in: l.counters.bytes_in.load(Ordering::Relaxed),
+                bytes_out: l.counters.bytes_out.load(Ordering::Relaxed),
+                bitrate_1s: bits_per_sec(&l.samples, 1),
+                bitrate_10s: bits_per_sec(&l.samples, 10),
+                players: l.counters.players.load(Ordering::Relaxed),
+                dropped: l.counters.dropped.load(Ordering::Relaxed),
+                uptime_secs: l.counters.started.elapsed().as_secs(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.app, &a.stream).cmp(&(&b.app, &b.stream)));
+        out
+    }
+
+    /// Prometheus text exposition of the media and decision counters plus `extra` gauges.
+    pub fn prometheus(&self, extra: &[(&str, &str, u64)]) -> String {
+        let streams = self.snapshot();
+        let mut t = String::with_capacity(2048);
+        let sum = |f: fn(&StreamStat) -> u64| streams.iter().map(f).sum::<u64>();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
+            let _ = writeln!(t, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, v) in lines {
+                let _ = writeln!(t, "{name}{labels} {v}");
+            }
+        };
+        metric(
+            "sluice_live_streams",
+            "gauge",
+            "Streams with a live publisher.",
+            vec![(String::new(), streams.len() as u64)],
+        );
+        metric("sluice_players", "gauge", "Players connected.", vec![(String::new(), sum(|s| s.players))]);
+        metric(
+            "sluice_media_bytes_total",
+            "counter",
+            "Media bytes received from publishers and sent to players.",
+            vec![
+                ("{direction=\"in\"}".into(), sum(|s| s.bytes_in) + self.ended_in.load(Ordering::Relaxed)),
+                ("{direction=\"out\"}".into(), sum(|s| s.bytes_out) + self.ended_out.load(Ordering::Relaxed)),
+            ],
+        );
+        metric(
+            "sluice_player_queue_drops_total",
+            "counter",
+            "Media messages skipped for players that fell behind.",
+            vec![(String::new(), sum(|s| s.dropped) + self.ended_dropped.load(Ordering::Relaxed))],
+        );
+        let decisions = self.decisions.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        metric(
+            "sluice_decisions_total",
+            "counter",
+            "Publish/play decisions by outcome and reason.",
+            decisions
+                .iter()
+                .map(|((allowed, reason), n)| {
+                    let outcome = if *allowed { "allow" } else { "deny" };
+                    (format!("{{outcome=\"{outcome}\",reason=\"{reason}\"}}"), *n)
+                })
+                .collect(),
+        );
+        for (name, help, v) in extra {
+            metric(name, "gauge", help, vec![(String::new(), *v)]);
+        }
+        if let Some((p50, p99)) = self.latency_quantiles() {
+            let _ = writeln!(
+                t,
+                "# HELP sluice_media_decision_seconds Media decision latency, command received to answer sent (last 10,000).\n\
+                 # TYPE sluice_media_decision_seconds summary\n\
+                 sluice_media_decision_seconds{{quantile=\"0.5\"}} {}\n\
+                 sluice_media_decision_seconds{{quantile=\"0.99\"}} {}\n\
+                 sluice_media_decision_seconds_count {}",
+                p50 / 1000.0,
+                p99 / 1000.0,
+                self.latency_count.load(Ordering::Relaxed)
+            );
+        }
+        t
+    }
+}
+
+/// Samples every second, forever.
+pub async fn sample_loop(stats: Arc<MediaStats>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        stats.sample();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitrates_come_from_the_samples_and_ended_streams_keep_their_totals() {
+        let stats = MediaStats::new();
+        let c = stats.stream_started("live", "cam1", "rtmp");
+        for _ in 0..10 {
+            c.bytes_in.fetch_add(250_000, Ordering::Relaxed);
+            stats.sample();
+        }
+        c.bytes_in.fetch_add(500_000, Ordering::Relaxed);
+        stats.sample();
+        let s = &stats.snapshot()[0];
+        assert_eq!(s.bitrate_1s, 4_000_000, "500 kB in the last second");
+        assert_eq!(s.bitrate_10s, (9 * 250_000 + 500_000) * 8 / 10);
+        stats.decided(false, "token_expired");
+        stats.decided(false, "token_expired");
+        stats.stream_ended("live", "cam1");
+        let text = stats.prometheus(&[("sluice_state_position", "Applied log position.", 42)]);
+        assert!(text.contains("sluice_media_bytes_total{direction=\"in\"} 3000000"), "{text}");
+        assert!(text.contains("sluice_decisions_total{outcome=\"deny\",reason=\"token_expired\"} 2"), "{text}");
+        assert!(text.contains("sluice_state_position 42"), "{text}");
+        assert!(text.contains("sluice_live_streams 0"));
+    }
+}

@@ -1,0 +1,409 @@
+//! RTMP end to end with real ffmpeg against the real worker, control plane, Postgres and NATS:
+//! publish and play decided and recorded, refusals that ffmpeg shows with the reason code, one
+//! publisher per stream, and a live publisher kicked when its stream is deleted.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use sluice_control_plane::EventStore;
+use sluice_events::Event;
+use sluice_tests::{Nats, Postgres, free_port};
+
+mod cluster;
+use cluster::*;
+
+fn ffmpeg_publish(url: &str, secs: u32) -> Command {
+    let mut c = Command::new("ffmpeg");
+    c.args(["-hide_banner", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15", "-f", "lavfi"])
+        .args(["-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "15"])
+        .args(["-c:a", "aac", "-t", &secs.to_string(), "-f", "flv", url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn ffmpeg_play(url: &str) -> Output {
+    Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-rw_timeout", "10000000", "-i", url, "-t", "3", "-f", "null", "-"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits for a child with a bound; kills it if the bound passes.
+fn wait_bounded(mut child: Child, bound: Duration) -> (Option<Output>, Duration) {
+    let started = Instant::now();
+    while started.elapsed() < bound {
+        if child.try_wait().unwrap().is_some() {
+            return (Some(child.wait_with_output().unwrap()), started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    (None, started.elapsed())
+}
+
+fn reasons(events: &[sluice_events::RecordedEvent]) -> Vec<(String, String, bool, String)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::AccessDecided(d) => Some((
+                d.decision.request.app.to_string(),
+                d.decision.request.action.as_str().to_owned(),
+                d.decision.allowed,
+                d.decision.final_reason.as_str().to_owned(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_recorded() {
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("rtmp").await.unwrap();
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
+    let cp = free_port();
+    let _cp = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+    post(&http, cp, "/v1/apps", json!({"name": "tv"})).await;
+    let policy = json!({"publish": {"methods": ["one_time_token"]}, "play": {"methods": ["open"]}});
+    post(&http, cp, "/v1/apps", json!({"name": "studio", "policy": policy})).await;
+    post(&http, cp, "/v1/apps/studio/streams", json!({"name": "cam1", "publish_name": "cam1-key"})).await;
+    let token = post(&http, cp, "/v1/apps/studio/streams/cam1/tokens", json!({"action": "publish"})).await;
+    let token = token["token"].as_str().unwrap().to_owned();
+    let admin = free_port();
+    let rtmp = free_port();
+    let w_log = dir.path().join("w1.log");
+    let rtmp_listen = format!("127.0.0.1:{rtmp}");
+    let _w =
+        worker_with(&nats.url(), admin, &dir.path().join("w1"), "w1", &w_log, &[("SLUICE_RTMP_LISTEN", &rtmp_listen)]);
+    let head = store.head().await.unwrap().0;
+    until("the worker has the head", || async {
+        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
+    })
+    .await;
+    assert!(
+        read(&w_log).contains("RTMP on monoio with io_uring") || read(&w_log).contains("RTMP on monoio with epoll")
+    );
+    let base = format!("rtmp://127.0.0.1:{rtmp}");
+
+    // Bad input from a client that speaks RTMP: none of it harms the worker.
+    bad_rtmp_input(rtmp, &w_log).await;
+
+    // Open app: a publisher, then a player that decodes frames.
+    let publisher = ffmpeg_publish(&format!("{base}/tv/cam1"), 14).spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let play = tokio::task::spawn_blocking({
+        let u = format!("{base}/tv/cam1");
+        move || ffmpeg_play(&u)
+    })
+    .await
+    .unwrap();
+    assert!(play.status.success(), "player failed: {}", stderr(&play));
+    assert!(stderr(&play).contains("frame="), "no frames decoded: {}", stderr(&play));
+    // The live stream's figures reach the control plane with the heartbeats, and the worker
+    // serves Prometheus metrics.
+    until("the control plane sees the live stream's figures", || async {
+        let (code, st) = get(&http, format!("http://127.0.0.1:{cp}/v1/stats/streams/tv/cam1")).await;
+        code == 200
+            && st["live"] == true
+            && st["bytes_in"].as_u64() > Some(10_000)
+            && st["bitrate_10s"].as_u64() > Some(0)
+    })
+    .await;
+    let metrics = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("sluice_live_streams 1"), "{metrics}");
+    assert!(metrics.contains("sluice_decisions_total{outcome=\"allow\",reason=\"allowed\"}"), "{metrics}");
+    assert!(metrics.contains("sluice_media_bytes_total{direction=\"in\"}"), "{metrics}");
+    assert!(metrics.contains("sluice_media_decision_seconds{quantile=\"0.99\"}"), "{metrics}");
+    // A second publisher on the live stream is refused, with the reason.
+    let second = ffmpeg_publish(&format!("{base}/tv/cam1"), 2).output().unwrap();
+    assert!(!second.status.success());
+    assert!(stderr(&second).contains("stream_busy"), "{}", stderr(&second));
+    let (first, _) =
+        tokio::task::spawn_blocking(move || wait_bounded(publisher, Duration::from_secs(30))).await.unwrap();
+    let first = first.expect("the first publisher ran to its end");
+    assert!(first.status.success(), "the first publisher was disturbed: {}", stderr(&first));
+
+    // One-time tokens: a wrong one is refused with the reason; the right one publishes once,
+    // under the secret publish name.
+    let wrong = ffmpeg_publish(&format!("{base}/studio/cam1-key?token=not-a-token"), 2).output().unwrap();
+    assert!(!wrong.status.success());
+    assert!(stderr(&wrong).contains("token_not_found"), "{}", stderr(&wrong));
+    let public_name = ffmpeg_publish(&format!("{base}/studio/cam1?token={token}"), 2).output().unwrap();
+    assert!(!public_name.status.success(), "the public name cannot publish");
+    assert!(stderr(&public_name).contains("publish_name_required"), "{}", stderr(&public_name));
+    let live = ffmpeg_publish(&format!("{base}/studio/cam1-key?token={token}"), 60).spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let play = tokio::task::spawn_blocking({
+        let u = format!("{base}/studio/cam1");
+        move || ffmpeg_play(&u)
+    })
+    .await
+    .unwrap();
+    assert!(play.status.success() && stderr(&play).contains("frame="), "{}", stderr(&play));
+
+    // Deleting the stream ends the live publisher (kick on change).
+    let r = http
+        .delete(format!("http://127.0.0.1:{cp}/v1/apps/studio/streams/cam1"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let (ended, after) =
+        tokio::task::spawn_blocking(move || wait_bounded(live, Duration::from_secs(20))).await.unwrap();
+    assert!(ended.is_some(), "the publisher was not ended within 20 s of the deletion");
+    assert!(after < Duration::from_secs(20));
+    assert!(read(&w_log).contains("session no longer allowed; ending it"), "{}", read(&w_log));
+
+    // Five wrong tokens in a row put the address in the penalty box: the next attempt is
+    // refused with `rate_limited` without being decided.
+    for _ in 0..5 {
+        let wrong = ffmpeg_publish(&format!("{base}/studio/cam1-key?token=guess"), 1).output().unwrap();
+        assert!(!wrong.status.success());
+    }
+    let limited = ffmpeg_publish(&format!("{base}/studio/cam1-key?token=guess"), 1).output().unwrap();
+    assert!(stderr(&limited).contains("rate_limited"), "{}", stderr(&limited));
+
+    // Every attempt is in the log with its reason.
+    until("the decisions are in the log", || async {
+        reasons(&store.read_stream("decisions-w1").await.unwrap()).len() >= 13
+    })
+    .await;
+    let recorded = reasons(&store.read_stream("decisions-w1").await.unwrap());
+    let has = |app: &str, action: &str, allowed: bool, reason: &str| {
+        recorded.iter().any(|(a, ac, al, r)| a == app && ac == action && *al == allowed && r == reason)
+    };
+    assert!(has("tv", "publish", true, "allowed"), "{recorded:?}");
+    assert!(has("tv", "play", true, "allowed"), "{recorded:?}");
+    assert!(has("tv", "publish", false, "stream_busy"), "{recorded:?}");
+    assert!(has("studio", "publish", false, "token_not_found"), "{recorded:?}");
+    assert!(has("studio", "publish", false, "publish_name_required"), "{recorded:?}");
+    assert!(has("studio", "publish", true, "allowed"), "{recorded:?}");
+    assert!(has("studio", "play", true, "allowed"), "{recorded:?}");
+    assert!(has("studio", "publish", false, "rate_limited"), "{recorded:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_silence_on_the_rtmp_port_are_dropped_and_others_are_unaffected() {
+    use std::io::{Read, Write};
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let admin = free_port();
+    let rtmp = free_port();
+    let rtmp_listen = format!("127.0.0.1:{rtmp}");
+    let w_log = dir.path().join("w1.log");
+    let _w =
+        worker_with(&nats.url(), admin, &dir.path().join("w1"), "w1", &w_log, &[("SLUICE_RTMP_LISTEN", &rtmp_listen)]);
+    // Garbage instead of a handshake: the connection is closed.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", rtmp)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&[0xff; 1600]).unwrap();
+    let mut buf = [0u8; 4096];
+    let mut closed = false;
+    for _ in 0..10 {
+        match s.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) => continue,
+            Err(_) => break,
+        }
+    }
+    assert!(closed, "garbage handshake: the worker closes the connection");
+    // A handshake that never finishes is closed after the handshake timeout (10 s).
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", rtmp)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&[3u8; 10]).unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(_) if started.elapsed() < Duration::from_secs(20) => continue,
+            _ => break,
+        }
+    }
+    assert!(closed, "an unfinished handshake is closed");
+    // The worker is fine.
+    assert_eq!(get(&http, format!("http://127.0.0.1:{admin}/health")).await.0, 200);
+    let mut c0c1 = vec![3u8];
+    c0c1.extend([0u8; 1536]);
+    let mut s0s1s2 = vec![0u8; 1 + 1536 * 2];
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", rtmp)).unwrap();
+    s.write_all(&c0c1).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.read_exact(&mut s0s1s2).unwrap();
+    assert_eq!(s0s1s2[0], 3, "a fresh handshake is answered");
+}
+
+mod raw {
+    //! A minimal RTMP client (rml_rtmp) that can also send hand-made chunks.
+    use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+    use rml_rtmp::sessions::{ClientSession, ClientSessionConfig, ClientSessionEvent, ClientSessionResult};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    pub struct Client {
+        pub stream: TcpStream,
+        pub session: ClientSession,
+        pending: Vec<u8>,
+    }
+
+    /// A type-0 chunk on `csid` carrying one whole message (payload under 128 bytes).
+    pub fn chunk(csid: u8, type_id: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![csid, 0, 0, 0];
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.push(type_id);
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        out.extend_from_slice(payload);
+        out
+    }
+
+    /// AMF0 command `name` with transaction id 1 and a null command object.
+    pub fn amf0_command(name: &str) -> Vec<u8> {
+        let mut p = vec![0x02];
+        p.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        p.extend_from_slice(name.as_bytes());
+        p.push(0x00);
+        p.extend_from_slice(&1.0f64.to_be_bytes());
+        p.push(0x05);
+        chunk(3, 20, &p)
+    }
+
+    impl Client {
+        pub async fn handshake(port: u16) -> Client {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            let mut hs = Handshake::new(PeerType::Client);
+            stream.write_all(&hs.generate_outbound_p0_and_p1().unwrap()).await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let pending = loop {
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed during the handshake");
+                match hs.process_bytes(&buf[..n]).unwrap() {
+                    HandshakeProcessResult::InProgress { response_bytes } => {
+                        stream.write_all(&response_bytes).await.unwrap()
+                    }
+                    HandshakeProcessResult::Completed { response_bytes, remaining_bytes } => {
+                        stream.write_all(&response_bytes).await.unwrap();
+                        break remaining_bytes;
+                    }
+                }
+            };
+            let (session, initial) = ClientSession::new(ClientSessionConfig::new()).unwrap();
+            let mut client = Client { stream, session, pending };
+            for r in initial {
+                client.send(r).await;
+            }
+            client
+        }
+
+        pub async fn send(&mut self, r: ClientSessionResult) {
+            if let ClientSessionResult::OutboundResponse(p) = r {
+                self.stream.write_all(&p.bytes).await.unwrap();
+            }
+        }
+
+        /// Reads until an event matches (Some) or the server closes (None), within 10 s.
+        pub async fn until(&mut self, mut want: impl FnMut(&ClientSessionEvent) -> bool) -> Option<ClientSessionEvent> {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            let mut buf = vec![0u8; 65536];
+            loop {
+                if !self.pending.is_empty() {
+                    let input = std::mem::take(&mut self.pending);
+                    let Ok(results) = self.session.handle_input(&input) else { return None };
+                    // Every response goes out (some follow the event in the same batch).
+                    let mut found = None;
+                    for r in results {
+                        match r {
+                            ClientSessionResult::RaisedEvent(e) if found.is_none() && want(&e) => found = Some(e),
+                            ClientSessionResult::OutboundResponse(p) => {
+                                let _ = self.stream.write_all(&p.bytes).await;
+                            }
+                            _ => {}
+                        }
+                    }
+                    if found.is_some() {
+                        return found;
+                    }
+                }
+                let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await.ok()?.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                self.pending = buf[..n].to_vec();
+            }
+        }
+
+        /// True when the server closes the connection within 10 s.
+        pub async fn closed(&mut self) -> bool {
+            let mut buf = vec![0u8; 65536];
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+                    Ok(Ok(0)) | Ok(Err(_)) => return true,
+                    Ok(Ok(_)) => continue,
+                    Err(_) => return false,
+                }
+            }
+        }
+    }
+}
+
+async fn bad_rtmp_input(port: u16, log: &std::path::Path) {
+    use raw::Client;
+    use rml_rtmp::sessions::{ClientSessionEvent, PublishRequestType};
+    use tokio::io::AsyncWriteExt;
+    // An unknown AMF command before connect is ignored; the session goes on to publish.
+    let mut c = Client::handshake(port).await;
+    c.stream.write_all(&raw::amf0_command("sluiceUnknownCommand")).await.unwrap();
+    let connect = c.session.request_connection("tv".into()).unwrap();
+    c.send(connect).await;
+    assert!(c.until(|e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await.is_some());
+    let publish = c.session.request_publishing("raw1".into(), PublishRequestType::Live).unwrap();
+    c.send(publish).await;
+    assert!(c.until(|e| matches!(e, ClientSessionEvent::PublishRequestAccepted)).await.is_some());
+    drop(c);
+    // A publish name of 10 kB is refused as malformed, then the connection is closed.
+    let mut c = Client::handshake(port).await;
+    let connect = c.session.request_connection("tv".into()).unwrap();
+    c.send(connect).await;
+    assert!(c.until(|e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await.is_some());
+    let publish = c.session.request_publishing("k".repeat(10_000), PublishRequestType::Live).unwrap();
+    c.send(publish).await;
+    // rml_rtmp's client surfaces the error status as a result it cannot place.
+    let refused = c.until(|e| matches!(e, ClientSessionEvent::UnknownTransactionResultReceived { .. })).await;
+    let text = format!("{refused:?}");
+    assert!(
+        text.contains("NetStream.Publish.BadName") && text.contains("malformed: too long: 10000 bytes, at most 512"),
+        "{text}: {}",
+        read(log)
+    );
+    assert!(c.closed().await);
+    // A chunk size of 0 closes the connection. One over 2^24 changes nothing (no chunk can
+    // be longer than a 24-bit message length), and the session goes on.
+    for (size, goes_on) in [(0u32, false), ((1 << 24) + 1, true)] {
+        let mut c = Client::handshake(port).await;
+        c.stream.write_all(&raw::chunk(2, 1, &size.to_be_bytes())).await.unwrap();
+        let connect = c.session.request_connection("tv".into()).unwrap();
+        c.send(connect).await;
+        let outcome = c.until(|e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await;
+        assert_eq!(outcome.is_some(), goes_on, "chunk size {size}");
+    }
+}
