@@ -23,6 +23,7 @@ const KNOWN: &[&str] = &[
     "max_connections_per_ip",
     "failure_backoff_after",
     "rtmp_max_message_bytes",
+    "rtmp_idle_timeout_secs",
 ];
 
 #[derive(Clone)]
@@ -48,6 +49,8 @@ pub struct Config {
     /// Input an RTMP connection may send without completing a message (nginx-rtmp's
     /// `max_message`): beyond it the connection is closed.
     pub rtmp_max_message_bytes: usize,
+    /// A publisher (or a connection not yet playing) silent this long is closed.
+    pub rtmp_idle_timeout_secs: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -67,6 +70,7 @@ impl std::fmt::Debug for Config {
             .field("max_connections_per_ip", &self.max_connections_per_ip)
             .field("failure_backoff_after", &self.failure_backoff_after)
             .field("rtmp_max_message_bytes", &self.rtmp_max_message_bytes)
+            .field("rtmp_idle_timeout_secs", &self.rtmp_idle_timeout_secs)
             .finish()
     }
 }
@@ -103,6 +107,7 @@ impl Config {
             max_connections_per_ip: s.or("max_connections_per_ip", 100, "a number of connections")?,
             failure_backoff_after: s.or("failure_backoff_after", 5, "a number of denials (0: no backoff)")?,
             rtmp_max_message_bytes: s.or("rtmp_max_message_bytes", 4 << 20, "a number of bytes")?,
+            rtmp_idle_timeout_secs: s.or("rtmp_idle_timeout_secs", 30, "seconds")?,
         })
     }
 }

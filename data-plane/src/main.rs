@@ -182,7 +182,11 @@ async fn run(config: Config) -> Result<(), String> {
     };
     let (jobs, job_rx) = tokio::sync::mpsc::channel(4096);
     tokio::spawn(rtmp::serve_decisions(decider.clone(), job_rx));
-    let settings = rtmp::Settings { listen: config.rtmp_listen, max_message: config.rtmp_max_message_bytes };
+    let settings = rtmp::Settings {
+        listen: config.rtmp_listen,
+        max_message: config.rtmp_max_message_bytes,
+        idle_timeout: std::time::Duration::from_secs(config.rtmp_idle_timeout_secs.max(1)),
+    };
     rtmp::spawn(settings, decider.clone(), jobs, decider.gate.clone())
         .map_err(|e| format!("cannot serve RTMP on {} (SLUICE_RTMP_LISTEN): {e}", config.rtmp_listen))?;
     let listener = tokio::net::TcpListener::bind(config.admin_listen)

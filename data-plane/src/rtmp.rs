@@ -39,8 +39,6 @@ use crate::stats::{MediaStats, StreamCounters};
 
 /// How long a client may take to finish the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection silent for this long is closed (a publisher that stopped sending).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A player may stay silent far longer: it only acknowledges its window now and then.
 const PLAYER_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Media messages queued per player before it skips to the next keyframe.
@@ -307,6 +305,7 @@ struct Ctx {
     next_id: Cell<u64>,
     /// `SLUICE_RTMP_MAX_MESSAGE_BYTES`.
     max_message: usize,
+    idle_timeout: Duration,
 }
 
 /// What the RTMP server is told at start.
@@ -315,6 +314,9 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Input an RTMP connection may send without completing a message.
     pub max_message: usize,
+    /// A connection that is not playing and stays silent this long is closed (a publisher
+    /// that stopped sending).
+    pub idle_timeout: Duration,
 }
 
 /// Starts the RTMP thread: binds `listen` and serves until the process ends.
@@ -360,6 +362,7 @@ pub fn spawn(
                 decider,
                 next_id: Cell::new(1),
                 max_message: settings.max_message.max(4096),
+                idle_timeout: settings.idle_timeout,
             });
             loop {
                 match listener.accept().await {
@@ -519,7 +522,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) 
     while ok && !conn.closed.get() {
         // A player only acknowledges now and then (the window it was given is large); its
         // connection lives until it closes or a write fails. Anyone else must keep talking.
-        let idle = if matches!(conn.role, Role::Player(_)) { PLAYER_IDLE_TIMEOUT } else { IDLE_TIMEOUT };
+        let idle = if matches!(conn.role, Role::Player(_)) { PLAYER_IDLE_TIMEOUT } else { conn.ctx.idle_timeout };
         let (res, b) = match monoio::time::timeout(idle, rd.read(buf)).await {
             Ok(r) => r,
             Err(_) => {

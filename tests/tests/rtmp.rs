@@ -85,8 +85,18 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
     let rtmp = free_port();
     let w_log = dir.path().join("w1.log");
     let rtmp_listen = format!("127.0.0.1:{rtmp}");
-    let _w =
-        worker_with(&nats.url(), admin, &dir.path().join("w1"), "w1", &w_log, &[("SLUICE_RTMP_LISTEN", &rtmp_listen)]);
+    let _w = worker_with(
+        &nats.url(),
+        admin,
+        &dir.path().join("w1"),
+        "w1",
+        &w_log,
+        &[
+            ("SLUICE_RTMP_LISTEN", &rtmp_listen),
+            ("SLUICE_RTMP_MAX_MESSAGE_BYTES", "262144"),
+            ("SLUICE_RTMP_IDLE_TIMEOUT_SECS", "5"),
+        ],
+    );
     let head = store.head().await.unwrap().0;
     until("the worker has the head", || async {
         get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
@@ -276,15 +286,25 @@ mod raw {
         out
     }
 
-    /// AMF0 command `name` with transaction id 1 and a null command object.
-    pub fn amf0_command(name: &str) -> Vec<u8> {
+    /// AMF0 command `name` with transaction id 1, a null command object and string arguments.
+    pub fn amf0_command_with(name: &str, args: &[&str]) -> Vec<u8> {
         let mut p = vec![0x02];
         p.extend_from_slice(&(name.len() as u16).to_be_bytes());
         p.extend_from_slice(name.as_bytes());
         p.push(0x00);
         p.extend_from_slice(&1.0f64.to_be_bytes());
         p.push(0x05);
+        for a in args {
+            p.push(0x02);
+            p.extend_from_slice(&(a.len() as u16).to_be_bytes());
+            p.extend_from_slice(a.as_bytes());
+        }
         chunk(3, 20, &p)
+    }
+
+    /// AMF0 command `name` with transaction id 1 and a null command object.
+    pub fn amf0_command(name: &str) -> Vec<u8> {
+        amf0_command_with(name, &[])
     }
 
     impl Client {
@@ -396,6 +416,44 @@ async fn bad_rtmp_input(port: u16, log: &std::path::Path) {
         read(log)
     );
     assert!(c.closed().await);
+    // A play before connect is answered with an error status; the session goes on.
+    let mut c = Client::handshake(port).await;
+    c.stream.write_all(&raw::amf0_command_with("play", &["cam1"])).await.unwrap();
+    let refused = c.until(|e| format!("{e:?}").contains("play before connecting")).await;
+    assert!(refused.is_some(), "no error status for a play before connect");
+    let connect = c.session.request_connection("tv".into()).unwrap();
+    c.send(connect).await;
+    assert!(c.until(|e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await.is_some());
+    drop(c);
+    // A message larger than SLUICE_RTMP_MAX_MESSAGE_BYTES (256 KiB here) closes the
+    // connection before the worker buffers it.
+    let mut c = Client::handshake(port).await;
+    let connect = c.session.request_connection("tv".into()).unwrap();
+    c.send(connect).await;
+    assert!(c.until(|e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await.is_some());
+    c.stream.write_all(&raw::chunk(2, 1, &(1u32 << 20).to_be_bytes())).await.unwrap();
+    let mut header = vec![6u8, 0, 0, 0];
+    header.extend_from_slice(&1_000_000u32.to_be_bytes()[1..]);
+    header.extend_from_slice(&[9, 1, 0, 0, 0]);
+    c.stream.write_all(&header).await.unwrap();
+    for _ in 0..40 {
+        if c.stream.write_all(&[0x17u8; 10_000]).await.is_err() {
+            break;
+        }
+    }
+    assert!(c.closed().await);
+    assert!(read(log).contains("RTMP message larger than SLUICE_RTMP_MAX_MESSAGE_BYTES"), "{}", read(log));
+    // A publisher that stops sending is closed after the idle timeout (5 s here).
+    let mut c = Client::handshake(port).await;
+    let connect = c.session.request_connection("tv".into()).unwrap();
+    c.send(connect).await;
+    assert!(c.until(|e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await.is_some());
+    let publish = c.session.request_publishing("silent".into(), PublishRequestType::Live).unwrap();
+    c.send(publish).await;
+    assert!(c.until(|e| matches!(e, ClientSessionEvent::PublishRequestAccepted)).await.is_some());
+    let silent = Instant::now();
+    assert!(c.closed().await, "a silent publisher is closed");
+    assert!(silent.elapsed() >= Duration::from_secs(4), "closed by the idle timer, not before");
     // A chunk size of 0 closes the connection. One over 2^24 changes nothing (no chunk can
     // be longer than a 24-bit message length), and the session goes on.
     for (size, goes_on) in [(0u32, false), ((1 << 24) + 1, true)] {
@@ -406,4 +464,80 @@ async fn bad_rtmp_input(port: u16, log: &std::path::Path) {
         let outcome = c.until(|e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await;
         assert_eq!(outcome.is_some(), goes_on, "chunk size {size}");
     }
+}
+
+/// A TCP connection to the RTMP port from a chosen loopback address.
+async fn connect_from(from: &str, port: u16) -> std::io::Result<std::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(format!("{from}:0").parse().unwrap())?;
+    let stream = socket.connect(([127, 0, 0, 1], port).into()).await?;
+    stream.into_std()
+}
+
+/// Whether the worker still holds the connection open (no EOF, no reset).
+fn held(mut s: &std::net::TcpStream) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
+/// Whether a client from `from` gets its handshake answered.
+async fn answered(from: &str, port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = connect_from(from, port).await else { return false };
+    tokio::task::spawn_blocking(move || {
+        s.set_nonblocking(false).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut c0c1 = vec![3u8];
+        c0c1.extend([0u8; 1536]);
+        let mut s0 = [0u8; 1];
+        s.write_all(&c0c1).is_ok() && s.read_exact(&mut s0).is_ok() && s0[0] == 3
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_idle_connections_are_held_to_the_limits_and_others_still_get_in() {
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let (admin, rtmp) = (free_port(), free_port());
+    let listen = format!("127.0.0.1:{rtmp}");
+    let w_log = dir.path().join("w1.log");
+    let _w = worker_with(
+        &nats.url(),
+        admin,
+        &dir.path().join("w1"),
+        "w1",
+        &w_log,
+        &[("SLUICE_RTMP_LISTEN", &listen), ("SLUICE_MAX_CONNECTIONS_PER_IP", "100"), ("SLUICE_MAX_CONNECTIONS", "150")],
+    );
+    // 10,000 connections from one address, opened and held without a byte: the worker keeps
+    // 100 of them (until the handshake timeout) and closes the rest at once.
+    let mut flood = Vec::new();
+    for i in 0..10_000 {
+        match connect_from("127.0.0.1", rtmp).await {
+            Ok(s) => flood.push(s),
+            Err(e) => panic!("connection {i}: {e} (ops/test raises the open-files limit; run it there)"),
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open = flood.iter().filter(|s| held(s)).count();
+    assert!((1..=100).contains(&open), "{open} of 10,000 held open from one address");
+    // Another address still gets in, up to the total of 150.
+    assert!(answered("127.0.0.2", rtmp).await, "another address is answered");
+    let mut second = Vec::new();
+    for _ in 0..100 {
+        second.push(connect_from("127.0.0.3", rtmp).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let open_total = open + second.iter().filter(|s| held(s)).count();
+    assert!(open_total <= 150, "{open_total} held in total");
+    assert!(!answered("127.0.0.4", rtmp).await, "the total limit holds");
+    // Closing them frees the places.
+    drop(flood);
+    drop(second);
+    until("the places are freed", || answered("127.0.0.1", rtmp)).await;
+    assert_eq!(get(&http, format!("http://127.0.0.1:{admin}/health")).await.0, 200);
 }
