@@ -24,6 +24,7 @@ const KNOWN: &[&str] = &[
     "failure_backoff_after",
     "rtmp_max_message_bytes",
     "rtmp_idle_timeout_secs",
+    "rtmp_threads",
 ];
 
 #[derive(Clone)]
@@ -51,6 +52,9 @@ pub struct Config {
     pub rtmp_max_message_bytes: usize,
     /// A publisher (or a connection not yet playing) silent this long is closed.
     pub rtmp_idle_timeout_secs: u64,
+    /// RTMP media threads (monoio runtimes, one `SO_REUSEPORT` listener each); default: the
+    /// cores this process may run on.
+    pub rtmp_threads: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -71,6 +75,7 @@ impl std::fmt::Debug for Config {
             .field("failure_backoff_after", &self.failure_backoff_after)
             .field("rtmp_max_message_bytes", &self.rtmp_max_message_bytes)
             .field("rtmp_idle_timeout_secs", &self.rtmp_idle_timeout_secs)
+            .field("rtmp_threads", &self.rtmp_threads)
             .finish()
     }
 }
@@ -108,8 +113,13 @@ impl Config {
             failure_backoff_after: s.or("failure_backoff_after", 5, "a number of denials (0: no backoff)")?,
             rtmp_max_message_bytes: s.or("rtmp_max_message_bytes", 4 << 20, "a number of bytes")?,
             rtmp_idle_timeout_secs: s.or("rtmp_idle_timeout_secs", 30, "seconds")?,
+            rtmp_threads: s.or("rtmp_threads", cores(), "a number of threads (at least 1)")?.max(1),
         })
     }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn host_name() -> String {

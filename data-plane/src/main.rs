@@ -184,6 +184,7 @@ async fn run(config: Config) -> Result<(), String> {
     tokio::spawn(rtmp::serve_decisions(decider.clone(), job_rx));
     let settings = rtmp::Settings {
         listen: config.rtmp_listen,
+        threads: config.rtmp_threads,
         max_message: config.rtmp_max_message_bytes,
         idle_timeout: std::time::Duration::from_secs(config.rtmp_idle_timeout_secs.max(1)),
     };

@@ -1,18 +1,20 @@
-//! The RTMP server (first slice of issue #5): a monoio runtime on its own thread (io_uring,
-//! epoll where io_uring is refused), `rml_rtmp` for the handshake, chunking and commands.
+//! The RTMP server: `Settings::threads` media threads, each a monoio runtime (io_uring, epoll
+//! where io_uring is refused) with its own `SO_REUSEPORT` listener; `rml_rtmp` for the
+//! handshake, chunking and commands.
 //!
 //! Every publish and play is decided through the worker's `Decider` (on the tokio thread, over
 //! a channel: claims and the spool live there) and recorded, allow or deny. A second publisher
-//! on a live stream is refused with `stream_busy` *before* any claim, so it never burns a
-//! one-time token. Admitted sessions are registered for kick on change.
+//! on a live stream, on any thread, is refused with `stream_busy` *before* any claim, so it
+//! never burns a one-time token. Admitted sessions are registered for kick on change.
 //!
 //! Fan-out: one publisher per stream, any number of players. Metadata, the AVC/AAC sequence
 //! headers and the current GOP are replayed to late joiners so playback starts on a keyframe.
-//! Each player has a bounded queue; a player that falls behind skips to the next keyframe.
+//! Each media message is chunked once and the bytes shared by every player. Each player has a
+//! bounded queue; a player that falls behind skips to the next keyframe. A stream is relayed
+//! to another media thread once, when that thread has a player for it (`Ctx::mirror`).
 //!
-//! Not in this slice (see the issue): several runtimes with `SO_REUSEPORT` sharing streams,
-//! chunked messages prepared once for all players, per-IP failure backoff, connection limits,
-//! stats and `/metrics`, the webhook call.
+//! Bounded per connection: connections (per address and in total, `limits::Gate`), handshake
+//! time, silence, and input that completes no message (`Settings::max_message`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -32,7 +34,8 @@ use sluice_events::{AccessRequest, Action, AppName, DecisionRecord, Protocol, Re
 use tokio::sync::{mpsc, oneshot};
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::decide::{DecideError, Decider};
 use crate::stats::{MediaStats, StreamCounters};
@@ -43,6 +46,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PLAYER_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Media messages queued per player before it skips to the next keyframe.
 const PLAYER_QUEUE: usize = 1024;
+/// Media messages queued towards another media thread before that relay skips to the next
+/// keyframe (the other thread is overloaded; its players would fall behind anyway).
+const MIRROR_QUEUE: usize = 4096;
 
 /// A decision asked of the tokio thread.
 #[derive(Debug)]
@@ -63,9 +69,11 @@ pub async fn serve_decisions(decider: Decider, mut jobs: mpsc::Receiver<DecideJo
     }
 }
 
+/// What a publisher sends, as the hub hands it on. `Send`: a stream published on one media
+/// thread is relayed to the others where it has players.
 #[derive(Clone)]
 enum Media {
-    Metadata(Rc<StreamMetadata>),
+    Metadata(Arc<StreamMetadata>),
     /// The payload, its timestamp, and the message already chunked for stream id 1 (what
     /// nearly every player uses), shared by every player: prepared once per message.
     Video(Bytes, RtmpTimestamp, Bytes),
@@ -178,13 +186,32 @@ impl Player {
     }
 }
 
+/// This stream relayed to another media thread, which has players for it.
+struct Mirror {
+    tx: fmpsc::UnboundedSender<Media>,
+    /// Sent and not yet taken by the other thread.
+    queued: Arc<AtomicUsize>,
+    skipping: bool,
+}
+
+impl Mirror {
+    fn send(&self, m: &Media) -> bool {
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        self.tx.unbounded_send(m.clone()).is_ok()
+    }
+}
+
 #[derive(Default)]
 struct Channel {
-    /// A publisher is live (or being decided).
+    /// A publisher is live (or being decided); for a mirror, the relay's id.
     publisher: Option<u64>,
+    /// Fed by the publisher's thread, not by a connection of this one.
+    mirror: bool,
+    /// Other threads this stream is relayed to.
+    mirrors: Vec<Mirror>,
     /// Set once the publisher is admitted.
     counters: Option<Arc<StreamCounters>>,
-    metadata: Option<Rc<StreamMetadata>>,
+    metadata: Option<Arc<StreamMetadata>>,
     video_header: Option<Media>,
     audio_header: Option<Media>,
     gop: Vec<Media>,
@@ -206,7 +233,7 @@ impl Hub {
             Media::Video(d, ..) | Media::Audio(d, ..) => d.len() as u64,
             _ => 0,
         };
-        if let Some(c) = &ch.counters {
+        if let Some(c) = ch.counters.as_ref().filter(|_| !ch.mirror) {
             c.bytes_in.fetch_add(size, Ordering::Relaxed);
         }
         let counters = ch.counters.clone();
@@ -248,6 +275,41 @@ impl Hub {
             p.skipping = false;
             p.deliver(&media, counters.as_ref())
         });
+        ch.mirrors.retain_mut(|m| {
+            if m.skipping && !keyframe {
+                return true;
+            }
+            if m.queued.load(Ordering::Relaxed) >= MIRROR_QUEUE {
+                if !m.skipping {
+                    tracing::debug!("relay to another media thread behind; skipping to the next keyframe");
+                }
+                m.skipping = true;
+                return true;
+            }
+            m.skipping = false;
+            m.send(&media)
+        });
+    }
+
+    /// Relays the stream to another media thread: its start first (metadata, sequence
+    /// headers, the current GOP), then everything the publisher sends. Dropped when the stream
+    /// is not live here (the other thread then ends its copy).
+    fn attach(&mut self, key: &Key, mirror: Mirror) {
+        let Some(ch) = self.channels.get_mut(key).filter(|c| c.publisher.is_some() && !c.mirror) else { return };
+        let start = ch
+            .metadata
+            .clone()
+            .map(Media::Metadata)
+            .into_iter()
+            .chain(ch.video_header.clone())
+            .chain(ch.audio_header.clone())
+            .chain(ch.gop.iter().cloned());
+        for m in start {
+            if !mirror.send(&m) {
+                return;
+            }
+        }
+        ch.mirrors.push(mirror);
     }
 
     /// A late joiner's start: metadata, sequence headers, then the current GOP.
@@ -284,20 +346,90 @@ impl Hub {
                     c.players.fetch_sub(1, Ordering::Relaxed);
                 }
             }
+            // A relayed copy nobody here watches is dropped; its relay stops at the next
+            // message and the publisher's thread forgets it.
+            if ch.mirror && ch.players.is_empty() {
+                self.channels.remove(key);
+            }
         }
     }
 
     fn end(&mut self, key: &Key) {
-        self.stats.stream_ended(key.0.as_str(), key.1.as_str());
         if let Some(mut ch) = self.channels.remove(key) {
+            if !ch.mirror {
+                self.stats.stream_ended(key.0.as_str(), key.1.as_str());
+            }
             for p in &mut ch.players {
                 p.deliver(&Media::End, None);
+            }
+            for m in &ch.mirrors {
+                m.send(&Media::End);
             }
         }
     }
 }
 
+/// The live streams of every media thread: one publisher per stream across the worker, and
+/// where a player on another thread finds it.
+#[derive(Debug, Default)]
+struct Directory {
+    streams: Mutex<HashMap<Key, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    thread: usize,
+    publisher: u64,
+    /// Set once the publisher is admitted; shared with the threads it is relayed to.
+    counters: Option<Arc<StreamCounters>>,
+}
+
+impl Directory {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Entry>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Holds the stream's one publisher slot; false when someone has it.
+    fn claim(&self, key: &Key, thread: usize, publisher: u64) -> bool {
+        let mut streams = self.lock();
+        if streams.contains_key(key) {
+            return false;
+        }
+        streams.insert(key.clone(), Entry { thread, publisher, counters: None });
+        true
+    }
+
+    fn admitted(&self, key: &Key, publisher: u64, counters: Arc<StreamCounters>) {
+        if let Some(e) = self.lock().get_mut(key).filter(|e| e.publisher == publisher) {
+            e.counters = Some(counters);
+        }
+    }
+
+    fn release(&self, key: &Key, publisher: u64) {
+        let mut streams = self.lock();
+        if streams.get(key).is_some_and(|e| e.publisher == publisher) {
+            streams.remove(key);
+        }
+    }
+
+    /// The thread and counters of an admitted publisher of `key`.
+    fn live(&self, key: &Key) -> Option<(usize, Arc<StreamCounters>)> {
+        self.lock().get(key).and_then(|e| Some((e.thread, e.counters.clone()?)))
+    }
+}
+
+/// A media thread asks the publisher's thread to relay a stream to it.
+struct Attach {
+    key: Key,
+    mirror: Mirror,
+}
+
 struct Ctx {
+    /// Which media thread this is.
+    thread: usize,
+    directory: Arc<Directory>,
+    /// Every media thread's inbox, by thread.
+    inboxes: Arc<Vec<fmpsc::UnboundedSender<Attach>>>,
     hub: RefCell<Hub>,
     gate: std::sync::Arc<crate::limits::Gate>,
     jobs: mpsc::Sender<DecideJob>,
@@ -312,6 +444,8 @@ struct Ctx {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// Media threads, each a monoio runtime with its own `SO_REUSEPORT` listener.
+    pub threads: usize,
     /// Input an RTMP connection may send without completing a message.
     pub max_message: usize,
     /// A connection that is not playing and stays silent this long is closed (a publisher
@@ -319,77 +453,157 @@ pub struct Settings {
     pub idle_timeout: Duration,
 }
 
-/// Starts the RTMP thread: binds `listen` and serves until the process ends.
+/// Starts the media threads (`settings.threads`, each a monoio runtime with its own
+/// `SO_REUSEPORT` listener on `listen`) and serves until the process ends. The kernel spreads
+/// connections over the threads; a stream published on one is relayed to the others that have
+/// players for it, once per thread, not once per player.
 pub fn spawn(
     settings: Settings,
     decider: Decider,
     jobs: mpsc::Sender<DecideJob>,
     gate: std::sync::Arc<crate::limits::Gate>,
 ) -> std::io::Result<()> {
+    let threads = settings.threads.max(1);
+    let directory = Arc::new(Directory::default());
+    let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..threads).map(|_| fmpsc::unbounded::<Attach>()).unzip();
+    let inboxes = Arc::new(inboxes);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let listen = settings.listen;
-    std::thread::Builder::new().name("sluice-rtmp".into()).spawn(move || {
-        let uring = monoio::utils::detect_uring();
-        let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build();
-        let mut rt = match rt {
-            Ok(rt) => rt,
-            Err(e) => {
-                let _ = ready_tx.send(Err(e));
-                return;
-            }
-        };
-        if uring {
-            tracing::info!(%listen, "RTMP on monoio with io_uring");
-        } else {
-            tracing::warn!(%listen, "io_uring refused by this kernel; RTMP on monoio with epoll");
-        }
-        rt.block_on(async move {
-            let listener = match TcpListener::bind_with_config(listen, &ListenerOpts::new().reuse_port(true)) {
-                Ok(l) => {
-                    let _ = ready_tx.send(Ok(()));
-                    l
-                }
+    for (thread, inbox) in receivers.into_iter().enumerate() {
+        let ready_tx = ready_tx.clone();
+        let (settings, decider, jobs, gate) = (settings.clone(), decider.clone(), jobs.clone(), gate.clone());
+        let (directory, inboxes) = (directory.clone(), inboxes.clone());
+        std::thread::Builder::new().name(format!("sluice-rtmp-{thread}")).spawn(move || {
+            let listen = settings.listen;
+            let uring = monoio::utils::detect_uring();
+            let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build();
+            let mut rt = match rt {
+                Ok(rt) => rt,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
-            let hub = RefCell::new(Hub { channels: HashMap::new(), stats: decider.stats.clone() });
-            let ctx = Rc::new(Ctx {
-                hub,
-                gate,
-                jobs,
-                decider,
-                next_id: Cell::new(1),
-                max_message: settings.max_message.max(4096),
-                idle_timeout: settings.idle_timeout,
-            });
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        let Some(permit) = ctx.gate.admit(peer.ip()) else {
-                            tracing::debug!(%peer, "RTMP connection refused: connection limit");
-                            drop(stream);
-                            continue;
-                        };
-                        let _ = stream.set_nodelay(true);
-                        let id = ctx.next_id.get();
-                        ctx.next_id.set(id + 1);
-                        let conn_ctx = ctx.clone();
-                        monoio::spawn(async move {
-                            connection(stream, peer, id, conn_ctx).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "RTMP accept failed");
-                        monoio::time::sleep(Duration::from_millis(50)).await;
-                    }
+            if thread == 0 {
+                if uring {
+                    tracing::info!(%listen, threads, "RTMP on monoio with io_uring");
+                } else {
+                    tracing::warn!(%listen, threads, "io_uring refused by this kernel; RTMP on monoio with epoll");
                 }
             }
+            rt.block_on(async move {
+                let listener = match TcpListener::bind_with_config(listen, &ListenerOpts::new().reuse_port(true)) {
+                    Ok(l) => {
+                        let _ = ready_tx.send(Ok(()));
+                        l
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let hub = RefCell::new(Hub { channels: HashMap::new(), stats: decider.stats.clone() });
+                let ctx = Rc::new(Ctx {
+                    thread,
+                    directory,
+                    inboxes,
+                    hub,
+                    gate,
+                    jobs,
+                    decider,
+                    next_id: Cell::new(1),
+                    max_message: settings.max_message.max(4096),
+                    idle_timeout: settings.idle_timeout,
+                });
+                monoio::spawn(serve_inbox(ctx.clone(), inbox));
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, peer)) => {
+                            let Some(permit) = ctx.gate.admit(peer.ip()) else {
+                                tracing::debug!(%peer, "RTMP connection refused: connection limit");
+                                drop(stream);
+                                continue;
+                            };
+                            let _ = stream.set_nodelay(true);
+                            let id = ctx.new_id();
+                            let conn_ctx = ctx.clone();
+                            monoio::spawn(async move {
+                                connection(stream, peer, id, conn_ctx).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "RTMP accept failed");
+                            monoio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        })?;
+    }
+    drop(ready_tx);
+    for _ in 0..threads {
+        ready_rx.recv().map_err(|_| std::io::Error::other("an RTMP thread stopped"))??;
+    }
+    Ok(())
+}
+
+/// Relay requests from the other media threads.
+async fn serve_inbox(ctx: Rc<Ctx>, mut inbox: fmpsc::UnboundedReceiver<Attach>) {
+    while let Some(Attach { key, mirror }) = inbox.next().await {
+        ctx.hub.borrow_mut().attach(&key, mirror);
+    }
+}
+
+impl Ctx {
+    /// A connection or relay id, unique across the media threads.
+    fn new_id(&self) -> u64 {
+        let n = self.next_id.get();
+        self.next_id.set(n + 1);
+        ((self.thread as u64) << 48) | n
+    }
+
+    /// Gives this thread a copy of `key` relayed from the thread where it is published, if
+    /// it is live there. The copy is a channel like any other; its players join it.
+    fn mirror(self: &Rc<Self>, key: &Key) -> bool {
+        let Some((thread, counters)) = self.directory.live(key) else { return false };
+        if thread == self.thread {
+            return false;
+        }
+        let (tx, mut rx) = fmpsc::unbounded();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let mirror = Mirror { tx, queued: queued.clone(), skipping: false };
+        if self.inboxes[thread].unbounded_send(Attach { key: key.clone(), mirror }).is_err() {
+            return false;
+        }
+        let id = self.new_id();
+        let ch = Channel { publisher: Some(id), mirror: true, counters: Some(counters), ..Channel::default() };
+        self.hub.borrow_mut().channels.insert(key.clone(), ch);
+        tracing::info!(app = %key.0, stream = %key.1, from = thread, to = self.thread, "RTMP stream relayed from another media thread");
+        let ctx = self.clone();
+        let key = key.clone();
+        monoio::spawn(async move {
+            let ours = |hub: &Hub| hub.channels.get(&key).is_some_and(|c| c.mirror && c.publisher == Some(id));
+            while let Some(m) = rx.next().await {
+                queued.fetch_sub(1, Ordering::Relaxed);
+                let mut hub = ctx.hub.borrow_mut();
+                if !ours(&hub) {
+                    // Nobody here watches it any more: dropping `rx` tells the publisher's
+                    // thread at its next message.
+                    return;
+                }
+                if matches!(m, Media::End) {
+                    hub.end(&key);
+                    return;
+                }
+                hub.publish(&key, m);
+            }
+            let mut hub = ctx.hub.borrow_mut();
+            if ours(&hub) {
+                hub.end(&key);
+            }
         });
-    })?;
-    ready_rx.recv().map_err(|_| std::io::Error::other("the RTMP thread stopped"))?
+        true
+    }
 }
 
 enum Out {
@@ -683,7 +897,7 @@ impl Conn {
             }
             ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
                 if let Role::Publisher(key) = &self.role {
-                    self.ctx.hub.borrow_mut().publish(key, Media::Metadata(Rc::new(metadata)));
+                    self.ctx.hub.borrow_mut().publish(key, Media::Metadata(Arc::new(metadata)));
                 }
                 true
             }
@@ -733,16 +947,16 @@ impl Conn {
             let _ = self.decide(req, Some(Reason::RateLimited)).await;
             return self.refuse(request_id, "NetStream.Publish.BadName", Reason::RateLimited.as_str());
         }
-        let busy = {
+        // The slot is the worker's, across media threads.
+        let busy = !self.ctx.directory.claim(&key, self.ctx.thread, self.id);
+        if !busy {
             let mut hub = self.ctx.hub.borrow_mut();
-            let ch = hub.channels.entry(key.clone()).or_default();
-            if ch.publisher.is_some() {
-                true
-            } else {
-                ch.publisher = Some(self.id);
-                false
+            // A copy relayed from a publisher that has just left ends here first.
+            if hub.channels.get(&key).is_some_and(|c| c.mirror) {
+                hub.end(&key);
             }
-        };
+            hub.channels.entry(key.clone()).or_default().publisher = Some(self.id);
+        }
         let refuse = busy.then_some(Reason::StreamBusy);
         let admitted_by_req = req.clone();
         let record = match self.decide(req, refuse).await {
@@ -761,8 +975,9 @@ impl Conn {
         self.watch_kick(admitted_by_req, &record);
         let counters = self.ctx.decider.stats.stream_started(key.0.as_str(), key.1.as_str(), "rtmp");
         if let Some(ch) = self.ctx.hub.borrow_mut().channels.get_mut(&key) {
-            ch.counters = Some(counters);
+            ch.counters = Some(counters.clone());
         }
+        self.ctx.directory.admitted(&key, self.id, counters);
         self.role = Role::Publisher(key);
         self.accept(request_id)
     }
@@ -781,6 +996,7 @@ impl Conn {
         if busy {
             return;
         }
+        self.ctx.directory.release(key, self.id);
         let mut hub = self.ctx.hub.borrow_mut();
         if hub.channels.get(key).is_some_and(|c| c.publisher == Some(self.id)) {
             // Players that joined while the publisher was being decided are told it is over.
@@ -828,7 +1044,7 @@ impl Conn {
         };
         // Accepted first, so the play response precedes the media.
         let live = self.ctx.hub.borrow().channels.get(&key).is_some_and(|c| c.publisher.is_some());
-        if !live {
+        if !live && !self.ctx.mirror(&key) {
             return self.refuse(request_id, "NetStream.Play.StreamNotFound", "not_live");
         }
         if !self.accept(request_id) {
@@ -867,6 +1083,7 @@ impl Conn {
         self.done.clear();
         match std::mem::replace(&mut self.role, Role::None) {
             Role::Publisher(key) => {
+                self.ctx.directory.release(&key, self.id);
                 let mut hub = self.ctx.hub.borrow_mut();
                 if hub.channels.get(&key).is_some_and(|c| c.publisher == Some(self.id)) {
                     hub.end(&key);
@@ -883,6 +1100,25 @@ impl Conn {
 mod tests {
     use super::*;
     use rml_rtmp::chunk_io::ChunkDeserializer;
+
+    #[test]
+    fn one_publisher_per_stream_across_threads_and_only_admitted_streams_are_relayed() {
+        let stats = MediaStats::default();
+        let dir = Directory::default();
+        let key: Key = (AppName::parse("tv").unwrap(), StreamName::parse("cam").unwrap());
+        assert!(dir.claim(&key, 0, 1));
+        assert!(!dir.claim(&key, 1, 2), "a second publisher on another thread");
+        assert!(dir.live(&key).is_none(), "not relayed while being decided");
+        dir.admitted(&key, 2, stats.stream_started("tv", "cam", "rtmp"));
+        assert!(dir.live(&key).is_none(), "only the slot's holder is admitted");
+        dir.admitted(&key, 1, stats.stream_started("tv", "cam", "rtmp"));
+        assert_eq!(dir.live(&key).map(|(t, _)| t), Some(0));
+        dir.release(&key, 2);
+        assert!(dir.live(&key).is_some(), "released only by its holder");
+        dir.release(&key, 1);
+        assert!(dir.live(&key).is_none());
+        assert!(dir.claim(&key, 1, 3));
+    }
 
     #[test]
     fn pre_chunked_messages_read_back_as_the_same_messages() {

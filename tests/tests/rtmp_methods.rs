@@ -349,14 +349,15 @@ async fn every_method_admits_the_right_credential_and_refuses_the_wrong_one_over
     let admin = free_port();
     let w_log = dir.path().join("w1.log");
     let listen = format!("127.0.0.1:{rtmp}");
-    // Wrong credentials are the point here: no penalty box for loopback in this test.
+    // Wrong credentials are the point here: no penalty box for loopback in this test. Four
+    // media threads: most players land on another thread than their publisher.
     let _w = worker_with(
         &nats.url(),
         admin,
         &dir.path().join("w1"),
         "w1",
         &w_log,
-        &[("SLUICE_RTMP_LISTEN", &listen), ("SLUICE_FAILURE_BACKOFF_AFTER", "0")],
+        &[("SLUICE_RTMP_LISTEN", &listen), ("SLUICE_FAILURE_BACKOFF_AFTER", "0"), ("SLUICE_RTMP_THREADS", "4")],
     );
     let head = store.head().await.unwrap().0;
     until("the worker has the head", || async {
@@ -378,6 +379,30 @@ async fn every_method_admits_the_right_credential_and_refuses_the_wrong_one_over
         if let Err(e) = r.await {
             panic!("{e}\nworker log:\n{}", read(&w_log));
         }
+    }
+
+    // Players on another media thread than their publisher got a relayed copy (ten players,
+    // four threads: all ten on their publisher's thread has odds of one in a million).
+    assert!(read(&w_log).contains("RTMP stream relayed from another media thread"), "{}", read(&w_log));
+    // When the publisher leaves, every player ends cleanly, whichever thread it is on.
+    let live = publisher(&file, &format!("{base}/open/last")).args(["-t", "6"]).spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let watchers: Vec<Child> = (0..6)
+        .map(|_| {
+            Command::new("ffmpeg")
+                .args(["-hide_banner", "-nostdin", "-i", &format!("{base}/open/last"), "-f", "null", "-"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let published = tokio::task::spawn_blocking(move || wait_bounded(live, Duration::from_secs(30))).await.unwrap();
+    assert!(published.is_some_and(|o| o.status.success()));
+    for w in watchers {
+        let out = tokio::task::spawn_blocking(move || wait_bounded(w, Duration::from_secs(15))).await.unwrap();
+        let out = out.expect("a player still running 15 s after its publisher left");
+        assert!(stderr(&out).contains("frame="), "{}", stderr(&out));
     }
 
     // Every attempt is in the log with the reason ffmpeg showed.
