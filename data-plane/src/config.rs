@@ -25,6 +25,7 @@ const KNOWN: &[&str] = &[
     "rtmp_max_message_bytes",
     "rtmp_idle_timeout_secs",
     "rtmp_threads",
+    "rtmp_merge_write_ms",
 ];
 
 #[derive(Clone)]
@@ -55,6 +56,9 @@ pub struct Config {
     /// RTMP media threads (monoio runtimes, one `SO_REUSEPORT` listener each); default: the
     /// cores this process may run on.
     pub rtmp_threads: usize,
+    /// How long media may wait for more media to share a player's write (SRS's
+    /// `mw_latency`); 0 writes each message at once.
+    pub rtmp_merge_write_ms: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -76,6 +80,7 @@ impl std::fmt::Debug for Config {
             .field("rtmp_max_message_bytes", &self.rtmp_max_message_bytes)
             .field("rtmp_idle_timeout_secs", &self.rtmp_idle_timeout_secs)
             .field("rtmp_threads", &self.rtmp_threads)
+            .field("rtmp_merge_write_ms", &self.rtmp_merge_write_ms)
             .finish()
     }
 }
@@ -114,6 +119,7 @@ impl Config {
             rtmp_max_message_bytes: s.or("rtmp_max_message_bytes", 4 << 20, "a number of bytes")?,
             rtmp_idle_timeout_secs: s.or("rtmp_idle_timeout_secs", 30, "seconds")?,
             rtmp_threads: s.or("rtmp_threads", cores(), "a number of threads (at least 1)")?.max(1),
+            rtmp_merge_write_ms: s.or("rtmp_merge_write_ms", 100, "milliseconds (0: no merging)")?,
         })
     }
 }

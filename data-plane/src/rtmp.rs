@@ -148,7 +148,7 @@ fn is_audio_header(data: &[u8]) -> bool {
 /// A player, fed straight into its connection's writer (no task of its own).
 struct Player {
     id: u64,
-    out: fmpsc::UnboundedSender<Out>,
+    out: Outbox,
     /// Media messages handed to the writer and not yet written.
     queued: Rc<Cell<usize>>,
     /// Dropped media since the queue filled; waits for a keyframe.
@@ -438,6 +438,7 @@ struct Ctx {
     /// `SLUICE_RTMP_MAX_MESSAGE_BYTES`.
     max_message: usize,
     idle_timeout: Duration,
+    merge_write: Duration,
 }
 
 /// What the RTMP server is told at start.
@@ -451,6 +452,8 @@ pub struct Settings {
     /// A connection that is not playing and stays silent this long is closed (a publisher
     /// that stopped sending).
     pub idle_timeout: Duration,
+    /// How long media may wait for more media to share a player's write (0: write at once).
+    pub merge_write: Duration,
 }
 
 /// Starts the media threads (`settings.threads`, each a monoio runtime with its own
@@ -513,6 +516,7 @@ pub fn spawn(
                     next_id: Cell::new(1),
                     max_message: settings.max_message.max(4096),
                     idle_timeout: settings.idle_timeout,
+                    merge_write: settings.merge_write,
                 });
                 monoio::spawn(serve_inbox(ctx.clone(), inbox));
                 loop {
@@ -614,58 +618,123 @@ enum Out {
 }
 
 /// Most bytes gathered into one write when several messages are waiting.
-const WRITE_BATCH: usize = 64 * 1024;
+const WRITE_BATCH: usize = 256 * 1024;
 
-/// Writes what the connection sends, in order. Messages already waiting go out in one write
-/// (one ring entry instead of one per message); a lone message is written as is, no copy.
-async fn writer(mut wr: impl AsyncWriteRent, mut rx: fmpsc::UnboundedReceiver<Out>) {
-    let mut closing = false;
-    while !closing {
-        let Some(first) = rx.next().await else { break };
-        let mut batch: Vec<Bytes> = Vec::new();
-        let mut media: Option<(Rc<Cell<usize>>, usize)> = None;
-        let mut size = 0;
-        let mut next = Some(first);
-        while let Some(out) = next.take() {
-            match out {
-                Out::Bytes(b) => {
-                    size += b.len();
-                    batch.push(Bytes::from(b));
-                }
-                Out::Media(b, queued) => {
-                    size += b.len();
-                    batch.push(b);
-                    let n = media.as_ref().map_or(0, |m| m.1);
-                    media = Some((queued, n + 1));
-                }
-                Out::Close => {
-                    closing = true;
-                    break;
-                }
+/// A connection's way out: everything in order on `tx`; a control message or the close also
+/// pings `wake`, which ends the writer's merge wait at once. Media does not ping: the writer
+/// is woken by the first message of a write and then sleeps out the merge window.
+#[derive(Clone)]
+struct Outbox {
+    tx: fmpsc::UnboundedSender<Out>,
+    wake: fmpsc::UnboundedSender<()>,
+}
+
+impl Outbox {
+    fn unbounded_send(&self, out: Out) -> Result<(), ()> {
+        let urgent = !matches!(out, Out::Media(..));
+        self.tx.unbounded_send(out).map_err(|_| ())?;
+        if urgent {
+            let _ = self.wake.unbounded_send(());
+        }
+        Ok(())
+    }
+}
+
+/// What one write gathers.
+#[derive(Default)]
+struct Batch {
+    parts: Vec<Bytes>,
+    size: usize,
+    /// The player's queue count and how many media messages this write takes off it.
+    media: Option<(Rc<Cell<usize>>, usize)>,
+    /// A control message or the close is in: write now.
+    urgent: bool,
+    closing: bool,
+}
+
+impl Batch {
+    fn take(&mut self, out: Out) {
+        match out {
+            Out::Bytes(b) => {
+                self.size += b.len();
+                self.parts.push(Bytes::from(b));
+                self.urgent = true;
             }
-            if size < WRITE_BATCH {
-                next = rx.try_recv().ok();
+            Out::Media(b, queued) => {
+                self.size += b.len();
+                self.parts.push(b);
+                let n = self.media.as_ref().map_or(0, |m| m.1);
+                self.media = Some((queued, n + 1));
+            }
+            Out::Close => {
+                self.closing = true;
+                self.urgent = true;
             }
         }
-        let res = match batch.len() {
+    }
+
+    fn full(&self) -> bool {
+        self.closing || self.size >= WRITE_BATCH
+    }
+}
+
+/// Writes what the connection sends, in order, gathering what is waiting into one write (one
+/// ring entry instead of one per message; a lone message is written as is, no copy). Media
+/// waits up to `merge` for more media to share its write (SRS's merged write, `mw_latency`):
+/// fewer, larger writes per player for that much added latency. A control message (handshake,
+/// command answers) or a close ends the wait at once, so a kick is never delayed by it.
+async fn writer(
+    mut wr: impl AsyncWriteRent,
+    mut rx: fmpsc::UnboundedReceiver<Out>,
+    mut wake: fmpsc::UnboundedReceiver<()>,
+    merge: Duration,
+) {
+    loop {
+        let Some(first) = rx.next().await else { break };
+        let mut batch = Batch::default();
+        batch.take(first);
+        // Wakes are drained before the queue: a control message queued after this point
+        // pings again, so the wait below never sleeps over one.
+        while wake.try_recv().is_ok() {}
+        drain(&mut rx, &mut batch);
+        if !batch.urgent && !batch.full() && !merge.is_zero() {
+            monoio::select! {
+                _ = monoio::time::sleep(merge) => {}
+                _ = wake.next() => {}
+            }
+            drain(&mut rx, &mut batch);
+        }
+        let res = match batch.parts.len() {
             0 => Ok(0),
-            1 => wr.write_all(batch.pop().unwrap_or_default()).await.0,
+            1 => wr.write_all(batch.parts.pop().unwrap_or_default()).await.0,
             _ => {
-                let mut joined = Vec::with_capacity(size);
-                for b in &batch {
+                // Gathered for this write only: an idle player holds no buffer (2,400
+                // players with a kept 64 KiB each would be 150 MiB).
+                let mut joined = Vec::with_capacity(batch.size);
+                for b in &batch.parts {
                     joined.extend_from_slice(b);
                 }
                 wr.write_all(joined).await.0
             }
         };
-        if let Some((queued, n)) = media {
+        if let Some((queued, n)) = batch.media {
             queued.set(queued.get().saturating_sub(n));
         }
-        if res.is_err() {
+        if res.is_err() || batch.closing {
             break;
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Moves what is waiting into the batch, up to a full write.
+fn drain(rx: &mut fmpsc::UnboundedReceiver<Out>, batch: &mut Batch) {
+    while !batch.full() {
+        match rx.try_recv() {
+            Ok(out) => batch.take(out),
+            Err(_) => break,
+        }
+    }
 }
 
 /// What a connection is doing.
@@ -680,7 +749,7 @@ struct Conn {
     peer: SocketAddr,
     ctx: Rc<Ctx>,
     session: Rc<RefCell<ServerSession>>,
-    out: fmpsc::UnboundedSender<Out>,
+    out: Outbox,
     role: Role,
     closed: Rc<Cell<bool>>,
     /// Dropped when the connection ends: the kick watcher then unregisters the session.
@@ -691,8 +760,10 @@ struct Conn {
 
 async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) {
     let (mut rd, wr) = stream.into_split();
-    let (out, out_rx) = fmpsc::unbounded();
-    monoio::spawn(writer(wr, out_rx));
+    let (tx, out_rx) = fmpsc::unbounded();
+    let (wake, wake_rx) = fmpsc::unbounded();
+    let out = Outbox { tx, wake };
+    monoio::spawn(writer(wr, out_rx, wake_rx, ctx.merge_write));
     // Handshake, bounded in time.
     let mut hs = Handshake::new(PeerType::Server);
     let leftover = match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut hs, &out)).await {
@@ -759,11 +830,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) 
     conn.finish();
 }
 
-async fn handshake(
-    rd: &mut impl AsyncReadRent,
-    hs: &mut Handshake,
-    out: &fmpsc::UnboundedSender<Out>,
-) -> Result<Vec<u8>, String> {
+async fn handshake(rd: &mut impl AsyncReadRent, hs: &mut Handshake, out: &Outbox) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; 4096];
     loop {
         let (res, b) = rd.read(buf).await;
@@ -795,31 +862,21 @@ impl Conn {
 
     /// Feeds bytes from the client; false ends the connection.
     async fn input(&mut self, data: &[u8]) -> bool {
-        let results = match self.session.borrow_mut().handle_input(data) {
+        let results = match guarded_input(&mut self.session.borrow_mut(), data) {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(peer = %self.peer, error = ?e, "RTMP input refused; closing");
+                tracing::debug!(peer = %self.peer, error = %e, "RTMP input refused; closing");
                 return false;
             }
         };
-        // What rml_rtmp buffers is bounded: input that completes no message (one oversized
-        // message, or many interleaved on different chunk streams) ends the connection.
-        let completed = results.iter().any(|r| {
-            matches!(r, ServerSessionResult::RaisedEvent(_) | ServerSessionResult::UnhandleableMessageReceived(_))
-        });
-        if completed {
-            self.unfinished = 0;
-        } else {
-            self.unfinished += data.len();
-            if self.unfinished > self.ctx.max_message {
-                tracing::info!(
-                    peer = %self.peer,
-                    bytes = self.unfinished,
-                    max = self.ctx.max_message,
-                    "RTMP message larger than SLUICE_RTMP_MAX_MESSAGE_BYTES; closing"
-                );
-                return false;
-            }
+        if !within_max_message(&mut self.unfinished, &results, data.len(), self.ctx.max_message) {
+            tracing::info!(
+                peer = %self.peer,
+                bytes = self.unfinished,
+                max = self.ctx.max_message,
+                "RTMP message larger than SLUICE_RTMP_MAX_MESSAGE_BYTES; closing"
+            );
+            return false;
         }
         self.results(results).await
     }
@@ -919,16 +976,7 @@ impl Conn {
     }
 
     fn request(&self, app: &str, stream_key: &str, action: Action) -> Result<AccessRequest, String> {
-        let target = wire::parse_rtmp(app, stream_key).map_err(|e| e.to_string())?;
-        Ok(AccessRequest {
-            id: uuid::Uuid::new_v4(),
-            app: target.app,
-            stream: target.stream,
-            action,
-            protocol: Protocol::Rtmp,
-            client_ip: self.peer.ip(),
-            credential: target.credential,
-        })
+        access_request(app, stream_key, action, self.peer.ip())
     }
 
     async fn publish(&mut self, request_id: u32, app: &str, stream_key: &str) -> bool {
@@ -1096,6 +1144,134 @@ impl Conn {
     }
 }
 
+/// An RTMP publish or play target as an `AccessRequest`.
+fn access_request(
+    app: &str,
+    stream_key: &str,
+    action: Action,
+    client_ip: std::net::IpAddr,
+) -> Result<AccessRequest, String> {
+    let target = wire::parse_rtmp(app, stream_key).map_err(|e| e.to_string())?;
+    Ok(AccessRequest {
+        id: uuid::Uuid::new_v4(),
+        app: target.app,
+        stream: target.stream,
+        action,
+        protocol: Protocol::Rtmp,
+        client_ip,
+        credential: target.credential,
+    })
+}
+
+/// `ServerSession::handle_input`, contained: rml_rtmp 0.8.0 panics on some chunk sequences
+/// (arithmetic overflow in its chunk deserializer, `chunk_io/deserializer.rs:371`, found by
+/// `ops/bench/fuzz`; in a release build the same input asks for a capacity-overflowing
+/// allocation). A panic there ends this one connection, never the media thread and the other
+/// sessions on it.
+/// Another: an AMF0 command message with fewer than three values (`amf0_command.rs:35`,
+/// a slice index out of range, in release builds too).
+fn guarded_input(session: &mut ServerSession, data: &[u8]) -> Result<Vec<ServerSessionResult>, String> {
+    GUARDED.with(|g| g.set(true));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| session.handle_input(data)));
+    GUARDED.with(|g| g.set(false));
+    match outcome {
+        Ok(Ok(results)) => Ok(results),
+        Ok(Err(e)) => Err(format!("{e:?}")),
+        Err(_) => Err("rml_rtmp panicked on this input".to_owned()),
+    }
+}
+
+thread_local! {
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is inside `guarded_input` (for the fuzz target's panic hook: a panic
+/// there is contained by design; anywhere else it is a crash).
+#[doc(hidden)]
+pub fn in_guarded_input() -> bool {
+    GUARDED.with(Cell::get)
+}
+
+/// What rml_rtmp buffers is bounded: input that completes no message (one oversized message,
+/// or many interleaved on different chunk streams) within `max` bytes ends the connection.
+/// `unfinished` counts the input since the last complete message; false means close.
+fn within_max_message(unfinished: &mut usize, results: &[ServerSessionResult], len: usize, max: usize) -> bool {
+    let completed = results.iter().any(|r| {
+        matches!(r, ServerSessionResult::RaisedEvent(_) | ServerSessionResult::UnhandleableMessageReceived(_))
+    });
+    if completed {
+        *unfinished = 0;
+        return true;
+    }
+    *unfinished += len;
+    *unfinished <= max
+}
+
+/// Everything the worker does with a client's bytes short of I/O and the decision job, driven
+/// synchronously: the server handshake over the input, then `rml_rtmp`'s session over the same
+/// bytes (fed in pieces whose size the first byte picks) with the message-size bound, accept
+/// and reject as a connection does, request parsing and `decide` against an empty state, and
+/// the media path (classification, chunking once for all players, metadata to a player). For
+/// the fuzz target in `data-plane/fuzz`, which checks that no input panics.
+#[doc(hidden)]
+pub fn drive_input(data: &[u8], max_message: usize) {
+    let mut hs = Handshake::new(PeerType::Server);
+    let _ = hs.process_bytes(data);
+    let Ok((mut session, _)) = ServerSession::new(ServerSessionConfig::new()) else { return };
+    let state = sluice_events::AuthState::default();
+    let ip = std::net::IpAddr::from([192, 0, 2, 1]);
+    let step = usize::from(data.first().copied().unwrap_or(0)).max(1) * 16;
+    let mut unfinished = 0;
+    for piece in data.chunks(step) {
+        let Ok(results) = guarded_input(&mut session, piece) else { return };
+        if !within_max_message(&mut unfinished, &results, piece.len(), max_message) {
+            return;
+        }
+        for r in results {
+            let ServerSessionResult::RaisedEvent(e) = r else { continue };
+            let (request_id, app, key, action) = match e {
+                ServerSessionEvent::ConnectionRequested { request_id, .. } => {
+                    let _ = session.accept_request(request_id);
+                    continue;
+                }
+                ServerSessionEvent::PublishStreamRequested { request_id, app_name, stream_key, .. } => {
+                    (request_id, app_name, stream_key, Action::Publish)
+                }
+                ServerSessionEvent::PlayStreamRequested { request_id, app_name, stream_key, .. } => {
+                    (request_id, app_name, stream_key, Action::Play)
+                }
+                ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
+                    let _ = session.send_metadata(1, &Arc::new(metadata));
+                    continue;
+                }
+                ServerSessionEvent::VideoDataReceived { data, timestamp, .. } => {
+                    let _ = (is_keyframe(&data), is_video_header(&data), video(data, timestamp));
+                    continue;
+                }
+                ServerSessionEvent::AudioDataReceived { data, timestamp, .. } => {
+                    let _ = (is_audio_header(&data), audio(data, timestamp));
+                    continue;
+                }
+                _ => continue,
+            };
+            match access_request(&app, &key, action, ip) {
+                Ok(req) => {
+                    let d = sluice_events::decide(&state, &req, sluice_events::Timestamp(0));
+                    let _ = match d.outcome {
+                        sluice_events::Outcome::Deny => {
+                            session.reject_request(request_id, "NetStream.Play.Failed", "no")
+                        }
+                        _ => session.accept_request(request_id),
+                    };
+                }
+                Err(e) => {
+                    let _ = session.reject_request(request_id, "NetStream.Publish.BadName", &e);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1118,6 +1294,31 @@ mod tests {
         dir.release(&key, 1);
         assert!(dir.live(&key).is_none());
         assert!(dir.claim(&key, 1, 3));
+    }
+
+    /// Inputs the fuzzer found that panic rml_rtmp 0.8.0 (`data-plane/fuzz/regressions`).
+    pub(crate) const RML_PANICS: [&[u8]; 2] = [
+        include_bytes!("../fuzz/regressions/rtmp_session-deserializer-overflow"),
+        include_bytes!("../fuzz/regressions/rtmp_session-short-amf0-command"),
+    ];
+
+    #[test]
+    fn input_that_panics_rml_rtmp_ends_only_its_connection() {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let mut refused = Vec::new();
+        for crash in RML_PANICS {
+            let (mut session, _) = ServerSession::new(ServerSessionConfig::new()).unwrap();
+            let step = usize::from(crash[0]).max(1) * 16;
+            refused.push(crash.chunks(step).find_map(|piece| guarded_input(&mut session, piece).err()));
+            assert!(!in_guarded_input());
+            // The fuzz driver goes through the same guard.
+            drive_input(crash, 64 * 1024);
+        }
+        std::panic::set_hook(hook);
+        for r in refused {
+            assert_eq!(r.as_deref(), Some("rml_rtmp panicked on this input"));
+        }
     }
 
     #[test]

@@ -95,6 +95,8 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
             ("SLUICE_RTMP_LISTEN", &rtmp_listen),
             ("SLUICE_RTMP_MAX_MESSAGE_BYTES", "262144"),
             ("SLUICE_RTMP_IDLE_TIMEOUT_SECS", "5"),
+            // One media thread: the inputs that panic rml_rtmp below share it with a live session.
+            ("SLUICE_RTMP_THREADS", "1"),
         ],
     );
     let head = store.head().await.unwrap().0;
@@ -416,6 +418,24 @@ async fn bad_rtmp_input(port: u16, log: &std::path::Path) {
         read(log)
     );
     assert!(c.closed().await);
+    // Inputs that panic rml_rtmp 0.8.0 (found by ops/bench/fuzz) end their own connection;
+    // a session on the same media thread goes on.
+    let mut bystander = Client::handshake(port).await;
+    let connect = bystander.session.request_connection("tv".into()).unwrap();
+    bystander.send(connect).await;
+    assert!(bystander.until(|e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await.is_some());
+    for crash in [
+        &include_bytes!("../../data-plane/fuzz/regressions/rtmp_session-deserializer-overflow")[..],
+        &include_bytes!("../../data-plane/fuzz/regressions/rtmp_session-short-amf0-command")[..],
+    ] {
+        let mut c = Client::handshake(port).await;
+        c.stream.write_all(crash).await.unwrap();
+        assert!(c.closed().await, "the connection that sent it is closed");
+    }
+    let publish = bystander.session.request_publishing("bystander".into(), PublishRequestType::Live).unwrap();
+    bystander.send(publish).await;
+    assert!(bystander.until(|e| matches!(e, ClientSessionEvent::PublishRequestAccepted)).await.is_some());
+    drop(bystander);
     // A play before connect is answered with an error status; the session goes on.
     let mut c = Client::handshake(port).await;
     c.stream.write_all(&raw::amf0_command_with("play", &["cam1"])).await.unwrap();

@@ -1,0 +1,89 @@
+//! Seeds for `rtmp_session`: the bytes an rml_rtmp client sends to connect and publish (with
+//! metadata, a sequence header, a keyframe and audio), and to connect and play, recorded from
+//! a real exchange with a server session, so the fuzzer starts from sessions that reach the
+//! decision and media paths.
+
+use rml_rtmp::sessions::{
+    ClientSession, ClientSessionConfig, ClientSessionResult, PublishRequestType, ServerSession, ServerSessionConfig,
+    ServerSessionEvent, ServerSessionResult, StreamMetadata,
+};
+use rml_rtmp::time::RtmpTimestamp;
+
+/// A client and a server session wired together; what the client sends is recorded.
+struct Pair {
+    client: ClientSession,
+    server: ServerSession,
+    sent: Vec<u8>,
+}
+
+impl Pair {
+    fn client_sends(&mut self, results: Vec<ClientSessionResult>) {
+        for r in results {
+            if let ClientSessionResult::OutboundResponse(p) = r {
+                self.sent.extend_from_slice(&p.bytes);
+                let answers = self.server.handle_input(&p.bytes).expect("server input");
+                self.server_answers(answers);
+            }
+        }
+    }
+
+    fn server_answers(&mut self, results: Vec<ServerSessionResult>) {
+        for r in results {
+            match r {
+                ServerSessionResult::OutboundResponse(p) => {
+                    let back = self.client.handle_input(&p.bytes).expect("client input");
+                    self.client_sends(back);
+                }
+                ServerSessionResult::RaisedEvent(
+                    ServerSessionEvent::ConnectionRequested { request_id, .. }
+                    | ServerSessionEvent::PublishStreamRequested { request_id, .. }
+                    | ServerSessionEvent::PlayStreamRequested { request_id, .. },
+                ) => {
+                    let accepted = self.server.accept_request(request_id).expect("accept");
+                    self.server_answers(accepted);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn main() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/rtmp_session");
+    std::fs::create_dir_all(&dir).expect("corpus directory");
+    for (name, publish) in [("publish", true), ("play", false)] {
+        let (client, initial) = ClientSession::new(ClientSessionConfig::new()).expect("client");
+        let (server, server_initial) = ServerSession::new(ServerSessionConfig::new()).expect("server");
+        let mut pair = Pair { client, server, sent: Vec::new() };
+        pair.server_answers(server_initial);
+        pair.client_sends(initial);
+        let connect = pair.client.request_connection("live".into()).expect("connect");
+        pair.client_sends(vec![connect]);
+        if publish {
+            let r = pair
+                .client
+                .request_publishing("cam1?token=abc&expires=1700000000".into(), PublishRequestType::Live)
+                .expect("publish");
+            pair.client_sends(vec![r]);
+            let mut metadata = StreamMetadata::new();
+            metadata.video_width = Some(320);
+            metadata.video_height = Some(240);
+            let r = pair.client.publish_metadata(&metadata).expect("metadata");
+            pair.client_sends(vec![r]);
+            let header = bytes::Bytes::from_static(&[0x17, 0, 0, 0, 0, 1, 0x64, 0, 0x1f]);
+            let key = bytes::Bytes::from_static(&[0x17, 1, 0, 0, 0, 0, 0, 0, 4, 0x65, 0x88, 0x80, 0x40]);
+            for data in [header, key] {
+                let r = pair.client.publish_video_data(data, RtmpTimestamp::new(0), false).expect("video");
+                pair.client_sends(vec![r]);
+            }
+            let audio = bytes::Bytes::from_static(&[0xaf, 0, 0x12, 0x10]);
+            let r = pair.client.publish_audio_data(audio, RtmpTimestamp::new(0), false).expect("audio");
+            pair.client_sends(vec![r]);
+        } else {
+            let r = pair.client.request_playback("cam1?subscriberId=a&subscriberCode=123456".into()).expect("play");
+            pair.client_sends(vec![r]);
+        }
+        std::fs::write(dir.join(name), &pair.sent).expect("seed written");
+        println!("seed {name}: {} bytes", pair.sent.len());
+    }
+}
