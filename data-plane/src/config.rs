@@ -26,6 +26,7 @@ const KNOWN: &[&str] = &[
     "rtmp_idle_timeout_secs",
     "rtmp_threads",
     "rtmp_merge_write_ms",
+    "srt_latency_ms",
 ];
 
 #[derive(Clone)]
@@ -59,6 +60,8 @@ pub struct Config {
     /// How long media may wait for more media to share a player's write (SRS's
     /// `mw_latency`); 0 writes each message at once.
     pub rtmp_merge_write_ms: u64,
+    /// The SRT latency offered to callers (libsrt's default is 120 ms).
+    pub srt_latency_ms: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -81,6 +84,7 @@ impl std::fmt::Debug for Config {
             .field("rtmp_idle_timeout_secs", &self.rtmp_idle_timeout_secs)
             .field("rtmp_threads", &self.rtmp_threads)
             .field("rtmp_merge_write_ms", &self.rtmp_merge_write_ms)
+            .field("srt_latency_ms", &self.srt_latency_ms)
             .finish()
     }
 }
@@ -120,6 +124,7 @@ impl Config {
             rtmp_idle_timeout_secs: s.or("rtmp_idle_timeout_secs", 30, "seconds")?,
             rtmp_threads: s.or("rtmp_threads", cores(), "a number of threads (at least 1)")?.max(1),
             rtmp_merge_write_ms: s.or("rtmp_merge_write_ms", 100, "milliseconds (0: no merging)")?,
+            srt_latency_ms: s.or("srt_latency_ms", 120, "milliseconds")?,
         })
     }
 }

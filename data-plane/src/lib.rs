@@ -13,6 +13,7 @@ pub mod local;
 pub mod rtmp;
 pub mod sessions;
 pub mod spool;
+pub mod srt;
 pub mod stats;
 pub mod sync;
 pub mod uplink;

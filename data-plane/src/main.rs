@@ -121,7 +121,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> Result<(), String> {
-    use sluice_data_plane::{admin, decide, heartbeat, limits, rtmp, sessions, spool, stats, sync, uplink, webhook};
+    use sluice_data_plane::{
+        admin, decide, heartbeat, limits, rtmp, sessions, spool, srt, stats, sync, uplink, webhook,
+    };
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
     use std::time::Duration;
@@ -191,6 +193,11 @@ async fn run(config: Config) -> Result<(), String> {
     };
     rtmp::spawn(settings, decider.clone(), jobs, decider.gate.clone())
         .map_err(|e| format!("cannot serve RTMP on {} (SLUICE_RTMP_LISTEN): {e}", config.rtmp_listen))?;
+    let srt_settings =
+        srt::Settings { listen: config.srt_listen, latency: std::time::Duration::from_millis(config.srt_latency_ms) };
+    srt::spawn(srt_settings, decider.clone())
+        .await
+        .map_err(|e| format!("cannot serve SRT on {} (SLUICE_SRT_LISTEN): {e}", config.srt_listen))?;
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_ADMIN_LISTEN): {e}", config.admin_listen))?;

@@ -60,7 +60,7 @@ pub fn worker(nats_url: &str, admin_port: u16, dir: &Path, node: &str, log: &Pat
     worker_with(nats_url, admin_port, dir, node, log, &[])
 }
 
-/// `worker` with settings overridden. Unless given, RTMP listens on a free loopback port.
+/// `worker` with settings overridden. Unless given, RTMP and SRT listen on free loopback ports.
 pub fn worker_with(
     nats_url: &str,
     admin_port: u16,
@@ -83,7 +83,8 @@ pub fn worker_with(
         .env("SLUICE_HEARTBEAT_SECS", "1")
         .env("SLUICE_SNAPSHOT_EVERY_SECS", "1")
         .env("SLUICE_LOG", "info,async_nats=warn")
-        .env("SLUICE_RTMP_LISTEN", rtmp);
+        .env("SLUICE_RTMP_LISTEN", rtmp)
+        .env("SLUICE_SRT_LISTEN", format!("127.0.0.1:{}", sluice_tests::free_port()));
     for (k, v) in extra {
         cmd.env(k, v);
     }

@@ -1,0 +1,322 @@
+//! The SRT server (issue #6, first slice): srt-tokio on the worker's tokio runtime, one UDP
+//! port for every connection.
+//!
+//! The caller's streamid is read before the connection is accepted (the standard
+//! `#!::r=app/stream,m=publish|request,t=…,u=…,s=…` form, Ant Media's `app/stream,token=…`,
+//! or a plain `app/stream`) and decided through the same `Decider` as RTMP: same methods, same
+//! one-time claims, webhook, audit and per-IP backoff. A refused caller is rejected during the
+//! handshake with a code libsrt reports: 1400 malformed streamid, 1402 connection limit, 1403
+//! a refused credential, 1404 an unknown app or stream (or nothing live to play), 1409 a
+//! second publisher, 1429 an address in the penalty box.
+//!
+//! Relay: the publisher's MPEG-TS packets go to every player of the stream through a
+//! `broadcast` channel of shared `Bytes` (no copy per player). A player that falls more than
+//! the channel's capacity behind loses the oldest packets (counted as dropped) and is closed
+//! after it lags three times in a row; it never stalls the publisher. Sessions are registered
+//! for kick on change, as RTMP's are.
+//!
+//! Not in this slice: per-app passphrases, SRT statistics (RTT, loss, retransmits) in the
+//! heartbeats and SLS `/stats`, the fan-out benchmark.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
+use sluice_events::{AccessRequest, Action, AppName, Protocol, Reason, StreamName, wire};
+use srt_tokio::SrtListener;
+use srt_tokio::access::{RejectReason, ServerRejectReason};
+use srt_tokio::options::StreamId;
+use tokio::sync::broadcast;
+
+use crate::decide::Decider;
+use crate::stats::StreamCounters;
+
+/// Packets (1316 bytes of TS each) a player may fall behind before it loses the oldest:
+/// about 1.5 s of a 10 Mbit/s stream.
+const PLAYER_QUEUE: usize = 1500;
+/// A player that lags this many times in a row is closed.
+const LAGS_BEFORE_CLOSE: u32 = 3;
+/// A publisher silent this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// libsrt's code for a rate-limited caller: server reject codes are 1000 + an HTTP status,
+/// and srt-tokio carries them as 2000 + the status on the wire.
+const REJECT_TOO_MANY_REQUESTS: i32 = 2429;
+
+/// What the SRT server is told at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// The receive and send latency offered to callers.
+    pub latency: Duration,
+}
+
+type Key = (AppName, StreamName);
+
+struct Live {
+    publisher: u64,
+    tx: broadcast::Sender<Bytes>,
+    /// Set once the publisher is admitted.
+    counters: Option<Arc<StreamCounters>>,
+}
+
+/// The SRT streams of this worker: one publisher each.
+#[derive(Default)]
+struct Hub {
+    streams: Mutex<HashMap<Key, Live>>,
+    next_id: AtomicU64,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Live>> {
+        self.streams.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn claim(&self, key: &Key, id: u64) -> bool {
+        let mut streams = self.lock();
+        if streams.contains_key(key) {
+            return false;
+        }
+        let (tx, _) = broadcast::channel(PLAYER_QUEUE);
+        streams.insert(key.clone(), Live { publisher: id, tx, counters: None });
+        true
+    }
+
+    fn release(&self, key: &Key, id: u64) {
+        let mut streams = self.lock();
+        if streams.get(key).is_some_and(|l| l.publisher == id) {
+            streams.remove(key);
+        }
+    }
+
+    fn admitted(&self, key: &Key, id: u64, counters: Arc<StreamCounters>) -> Option<broadcast::Sender<Bytes>> {
+        let mut streams = self.lock();
+        let live = streams.get_mut(key).filter(|l| l.publisher == id)?;
+        live.counters = Some(counters);
+        Some(live.tx.clone())
+    }
+
+    /// A receiver of an admitted publisher's packets.
+    fn subscribe(&self, key: &Key) -> Option<(broadcast::Receiver<Bytes>, Arc<StreamCounters>)> {
+        let streams = self.lock();
+        let live = streams.get(key)?;
+        Some((live.tx.subscribe(), live.counters.clone()?))
+    }
+}
+
+/// Binds the SRT port and serves callers on the tokio runtime until the process ends.
+pub async fn spawn(settings: Settings, decider: Decider) -> std::io::Result<()> {
+    let (listener, mut incoming) = SrtListener::builder().latency(settings.latency).bind(settings.listen).await?;
+    tracing::info!(listen = %settings.listen, "SRT on srt-tokio");
+    let hub = Arc::new(Hub::default());
+    tokio::spawn(async move {
+        let _listener = listener;
+        while let Some(request) = incoming.incoming().next().await {
+            let (decider, hub) = (decider.clone(), hub.clone());
+            tokio::spawn(async move { caller(request, decider, hub).await });
+        }
+    });
+    Ok(())
+}
+
+/// The reject code for a refusal.
+fn reject_reason(reason: Reason) -> RejectReason {
+    match reason {
+        Reason::AppNotFound | Reason::StreamNotRegistered => RejectReason::Server(ServerRejectReason::Notfound),
+        Reason::StreamBusy => RejectReason::Server(ServerRejectReason::Conflict),
+        Reason::RateLimited => RejectReason::ServerUnrecognized(REJECT_TOO_MANY_REQUESTS),
+        _ => RejectReason::Server(ServerRejectReason::Forbidden),
+    }
+}
+
+/// An SRT streamid as an `AccessRequest`.
+pub fn access_request(raw: &[u8], client_ip: std::net::IpAddr) -> Result<AccessRequest, String> {
+    let parsed = wire::parse_srt_streamid(raw).map_err(|e| e.to_string())?;
+    Ok(AccessRequest {
+        id: uuid::Uuid::new_v4(),
+        app: parsed.target.app,
+        stream: parsed.target.stream,
+        action: parsed.action,
+        protocol: Protocol::Srt,
+        client_ip,
+        credential: parsed.target.credential,
+    })
+}
+
+async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Arc<Hub>) {
+    let peer = request.remote();
+    let ip = peer.ip();
+    let Some(permit) = decider.gate.admit(ip) else {
+        tracing::debug!(%peer, "SRT caller refused: connection limit");
+        let _ = request.reject(RejectReason::Server(ServerRejectReason::Overload)).await;
+        return;
+    };
+    let raw = request.stream_id().map(|s: &StreamId| s.as_bytes().to_vec()).unwrap_or_default();
+    let req = match access_request(&raw, ip) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "SRT streamid refused");
+            let _ = request.reject(RejectReason::Server(ServerRejectReason::BadRequest)).await;
+            return;
+        }
+    };
+    let started = Instant::now();
+    if decider.gate.penalized(ip, started) {
+        let _ = decider.decide_refusing(req, Some(Reason::RateLimited)).await;
+        let _ = request.reject(reject_reason(Reason::RateLimited)).await;
+        return;
+    }
+    let id = hub.next_id.fetch_add(1, Ordering::Relaxed);
+    let public = sluice_events::decide::public_stream(&decider.shared.state.load(), &req);
+    let key = (req.app.clone(), public);
+    let publishing = req.action == Action::Publish;
+    let busy = publishing && !hub.claim(&key, id);
+    let admitted_by = req.clone();
+    let record = match decider.decide_refusing(req, busy.then_some(Reason::StreamBusy)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "SRT caller refused: no decision");
+            if publishing && !busy {
+                hub.release(&key, id);
+            }
+            let _ = request.reject(RejectReason::Server(ServerRejectReason::Unimplemented)).await;
+            return;
+        }
+    };
+    decider.stats.decision_latency(started.elapsed());
+    if record.allowed {
+        decider.gate.succeeded(ip);
+    } else if !matches!(record.final_reason, Reason::StreamBusy | Reason::RateLimited) {
+        decider.gate.failed(ip, Instant::now());
+    }
+    if !record.allowed {
+        if publishing && !busy {
+            hub.release(&key, id);
+        }
+        let _ = request.reject(reject_reason(record.final_reason)).await;
+        return;
+    }
+    let key = (record.request.app.clone(), record.decision.stream.clone());
+    let mut session = decider.sessions.admit(admitted_by, record.decision.method);
+    if publishing {
+        let counters = decider.stats.stream_started(key.0.as_str(), key.1.as_str(), "srt");
+        let Some(tx) = hub.admitted(&key, id, counters.clone()) else { return };
+        let socket = match request.accept(None).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "SRT accept failed");
+                hub.release(&key, id);
+                decider.stats.stream_ended(key.0.as_str(), key.1.as_str());
+                return;
+            }
+        };
+        tracing::info!(%peer, app = %key.0, stream = %key.1, "SRT publisher live");
+        let mut socket = socket;
+        loop {
+            tokio::select! {
+                packet = tokio::time::timeout(IDLE_TIMEOUT, socket.next()) => match packet {
+                    Ok(Some(Ok((_, data)))) => {
+                        counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+                        let _ = tx.send(data);
+                    }
+                    Ok(Some(Err(_)) | None) => break,
+                    Err(_) => {
+                        tracing::debug!(%peer, "SRT publisher idle; closing");
+                        break;
+                    }
+                },
+                reason = session.ended() => {
+                    tracing::info!(%peer, reason = reason.as_str(), "SRT session ended: no longer allowed");
+                    break;
+                }
+            }
+        }
+        hub.release(&key, id);
+        decider.stats.stream_ended(key.0.as_str(), key.1.as_str());
+        let _ = socket.close().await;
+    } else {
+        // Only a live stream can be played: the caller learns it before the handshake ends.
+        let Some((mut rx, counters)) = hub.subscribe(&key) else {
+            let _ = request.reject(RejectReason::Server(ServerRejectReason::Notfound)).await;
+            return;
+        };
+        let mut socket = match request.accept(None).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "SRT accept failed");
+                return;
+            }
+        };
+        counters.players.fetch_add(1, Ordering::Relaxed);
+        let mut lags = 0;
+        loop {
+            tokio::select! {
+                packet = rx.recv() => match packet {
+                    Ok(data) => {
+                        lags = 0;
+                        let n = data.len() as u64;
+                        if socket.send((Instant::now(), data)).await.is_err() {
+                            break;
+                        }
+                        counters.bytes_out.fetch_add(n, Ordering::Relaxed);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        counters.dropped.fetch_add(missed, Ordering::Relaxed);
+                        lags += 1;
+                        if lags >= LAGS_BEFORE_CLOSE {
+                            tracing::info!(%peer, "SRT player too far behind; closing");
+                            break;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                reason = session.ended() => {
+                    tracing::info!(%peer, reason = reason.as_str(), "SRT session ended: no longer allowed");
+                    break;
+                }
+            }
+        }
+        counters.players.fetch_sub(1, Ordering::Relaxed);
+        let _ = socket.close().await;
+    }
+    drop(permit);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_map_to_the_documented_reject_codes() {
+        let code = |r: Reason| match reject_reason(r) {
+            RejectReason::Server(s) => s as i32,
+            RejectReason::ServerUnrecognized(n) => n,
+            other => panic!("{other:?}"),
+        };
+        // On the wire 2000 + status; libsrt reports 1000 + status.
+        assert_eq!(code(Reason::TokenNotFound), 2403);
+        assert_eq!(code(Reason::CidrDenied), 2403);
+        assert_eq!(code(Reason::StreamNotRegistered), 2404);
+        assert_eq!(code(Reason::AppNotFound), 2404);
+        assert_eq!(code(Reason::StreamBusy), 2409);
+        assert_eq!(code(Reason::RateLimited), 2429);
+    }
+
+    #[test]
+    fn streamids_in_every_form_become_requests_and_garbage_is_an_error() {
+        let ip = std::net::IpAddr::from([192, 0, 2, 7]);
+        let r = access_request(b"#!::r=live/cam1,m=publish,t=abc", ip).unwrap();
+        assert_eq!((r.app.as_str(), r.stream.as_str(), r.action), ("live", "cam1", Action::Publish));
+        assert_eq!(r.protocol, Protocol::Srt);
+        let r = access_request(b"live/cam1,token=abc", ip).unwrap();
+        assert_eq!(r.stream.as_str(), "cam1");
+        let r = access_request(b"live/cam1", ip).unwrap();
+        assert_eq!(r.action, Action::Play);
+        for bad in [&b""[..], &[0xff, 0xfe], b"#!::m=publish", b"#!::r=a/b,r=a/c", &[b'a'; 600]] {
+            assert!(access_request(bad, ip).is_err(), "{bad:?}");
+        }
+    }
+}
