@@ -7,7 +7,8 @@
 //! one-time claims, webhook, audit and per-IP backoff. A refused caller is rejected during the
 //! handshake with a code libsrt reports: 1400 malformed streamid, 1402 connection limit, 1403
 //! a refused credential, 1404 an unknown app or stream (or nothing live to play), 1409 a
-//! second publisher, 1429 an address in the penalty box.
+//! second publisher, 1429 an address in the penalty box, 1503 no decision possible (the worker
+//! has no state yet).
 //!
 //! Relay: the publisher's MPEG-TS packets go to every player of the stream through a
 //! `broadcast` channel of shared `Bytes` (no copy per player). A player that falls more than
@@ -182,7 +183,8 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
             if publishing && !busy {
                 hub.release(&key, id);
             }
-            let _ = request.reject(RejectReason::Server(ServerRejectReason::Unimplemented)).await;
+            // Not ready (no state yet) or the spool refuses: 1503, try later.
+            let _ = request.reject(RejectReason::Server(ServerRejectReason::Down)).await;
             return;
         }
     };
@@ -203,7 +205,11 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
     let mut session = decider.sessions.admit(admitted_by, record.decision.method);
     if publishing {
         let counters = decider.stats.stream_started(key.0.as_str(), key.1.as_str(), "srt");
-        let Some(tx) = hub.admitted(&key, id, counters.clone()) else { return };
+        let Some(tx) = hub.admitted(&key, id, counters.clone()) else {
+            decider.stats.stream_ended(key.0.as_str(), key.1.as_str());
+            let _ = request.reject(RejectReason::Server(ServerRejectReason::Conflict)).await;
+            return;
+        };
         let socket = match request.accept(None).await {
             Ok(s) => s,
             Err(e) => {
