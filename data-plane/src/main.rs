@@ -59,6 +59,17 @@ fn main() -> ExitCode {
                 .with_writer(std::io::stderr)
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .init();
+            // A panic inside rml_rtmp on a client's bytes is contained and ends that one
+            // connection (`rtmp::guarded_input`); it is logged as one line, not as a backtrace
+            // on stderr that any client could make the worker print at will.
+            let default_hook = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if sluice_data_plane::rtmp::in_guarded_input() {
+                    tracing::debug!(panic = %info, "rml_rtmp panicked on a client's input; closing that connection");
+                } else {
+                    default_hook(info);
+                }
+            }));
             let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
                 Ok(rt) => rt,
                 Err(e) => {

@@ -432,6 +432,7 @@ async fn bad_rtmp_input(port: u16, log: &std::path::Path) {
         c.stream.write_all(crash).await.unwrap();
         assert!(c.closed().await, "the connection that sent it is closed");
     }
+    assert!(!read(log).contains("panicked at"), "a contained panic is one debug line, not a backtrace");
     let publish = bystander.session.request_publishing("bystander".into(), PublishRequestType::Live).unwrap();
     bystander.send(publish).await;
     assert!(bystander.until(|e| matches!(e, ClientSessionEvent::PublishRequestAccepted)).await.is_some());
