@@ -618,7 +618,7 @@ async fn tokens_jwts_hashes_and_subscribers_pass_decide() {
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let b32 = r.body["secret_b32"].as_str().unwrap();
     assert!(r.body["otpauth_uri"].as_str().unwrap().starts_with("otpauth://totp/Sluice:studio%2Fcam%2Fanchor?secret="));
-    let secret = base64_free_b32(b32);
+    let secret = base32::decode(base32::Alphabet::Rfc4648 { padding: false }, b32).unwrap();
     let step = (now_secs() / 60) as u64;
     let code = sluice_events::decide::totp_code(&secret, 6, 60, step).unwrap();
     let url = format!("rtmp://127.0.0.1:1935/studio/cam-key?subscriberId=anchor&subscriberCode={code}");
@@ -641,25 +641,6 @@ async fn tokens_jwts_hashes_and_subscribers_pass_decide() {
         api.admin(Method::DELETE, "/v1/apps/studio/streams/cam/subscribers/anchor", None).await.status,
         StatusCode::NOT_FOUND
     );
-}
-
-fn base64_free_b32(text: &str) -> Vec<u8> {
-    // RFC 4648 base32 decode without padding, for the test's own TOTP code.
-    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-    let mut bits: u64 = 0;
-    let mut n = 0;
-    let mut out = Vec::new();
-    for c in text.bytes().filter(|c| *c != b'=') {
-        let v = alphabet.iter().position(|a| *a == c).unwrap() as u64;
-        bits = (bits << 5) | v;
-        n += 5;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-            bits &= (1 << n) - 1;
-        }
-    }
-    out
 }
 
 #[tokio::test]

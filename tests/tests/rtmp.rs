@@ -3,67 +3,14 @@
 //! publisher per stream, and a live publisher kicked when its stream is deleted.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice_control_plane::EventStore;
-use sluice_events::Event;
 use sluice_tests::{Nats, Postgres, free_port};
 
 mod cluster;
 use cluster::*;
-
-fn ffmpeg_publish(url: &str, secs: u32) -> Command {
-    let mut c = Command::new("ffmpeg");
-    c.args(["-hide_banner", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15", "-f", "lavfi"])
-        .args(["-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "15"])
-        .args(["-c:a", "aac", "-t", &secs.to_string(), "-f", "flv", url])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    c
-}
-
-fn ffmpeg_play(url: &str) -> Output {
-    Command::new("ffmpeg")
-        .args(["-hide_banner", "-nostdin", "-rw_timeout", "10000000", "-i", url, "-t", "3", "-f", "null", "-"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Waits for a child with a bound; kills it if the bound passes.
-fn wait_bounded(mut child: Child, bound: Duration) -> (Option<Output>, Duration) {
-    let started = Instant::now();
-    while started.elapsed() < bound {
-        if child.try_wait().unwrap().is_some() {
-            return (Some(child.wait_with_output().unwrap()), started.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    (None, started.elapsed())
-}
-
-fn reasons(events: &[sluice_events::RecordedEvent]) -> Vec<(String, String, bool, String)> {
-    events
-        .iter()
-        .filter_map(|e| match &e.event {
-            Event::AccessDecided(d) => Some((
-                d.decision.request.app.to_string(),
-                d.decision.request.action.as_str().to_owned(),
-                d.decision.allowed,
-                d.decision.final_reason.as_str().to_owned(),
-            )),
-            _ => None,
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_recorded() {
@@ -113,7 +60,7 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
     bad_rtmp_input(rtmp, &w_log).await;
 
     // Open app: a publisher, then a player that decodes frames.
-    let publisher = ffmpeg_publish(&format!("{base}/tv/cam1"), 14).spawn().unwrap();
+    let publisher = ffmpeg_testsrc("flv", &format!("{base}/tv/cam1"), 14).spawn().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let play = tokio::task::spawn_blocking({
         let u = format!("{base}/tv/cam1");
@@ -139,23 +86,22 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
     assert!(metrics.contains("sluice_media_bytes_total{direction=\"in\"}"), "{metrics}");
     assert!(metrics.contains("sluice_media_decision_seconds{quantile=\"0.99\"}"), "{metrics}");
     // A second publisher on the live stream is refused, with the reason.
-    let second = ffmpeg_publish(&format!("{base}/tv/cam1"), 2).output().unwrap();
+    let second = ffmpeg_testsrc("flv", &format!("{base}/tv/cam1"), 2).output().unwrap();
     assert!(!second.status.success());
     assert!(stderr(&second).contains("stream_busy"), "{}", stderr(&second));
-    let (first, _) =
-        tokio::task::spawn_blocking(move || wait_bounded(publisher, Duration::from_secs(30))).await.unwrap();
+    let first = tokio::task::spawn_blocking(move || wait_bounded(publisher, Duration::from_secs(30))).await.unwrap();
     let first = first.expect("the first publisher ran to its end");
     assert!(first.status.success(), "the first publisher was disturbed: {}", stderr(&first));
 
     // One-time tokens: a wrong one is refused with the reason; the right one publishes once,
     // under the secret publish name.
-    let wrong = ffmpeg_publish(&format!("{base}/studio/cam1-key?token=not-a-token"), 2).output().unwrap();
+    let wrong = ffmpeg_testsrc("flv", &format!("{base}/studio/cam1-key?token=not-a-token"), 2).output().unwrap();
     assert!(!wrong.status.success());
     assert!(stderr(&wrong).contains("token_not_found"), "{}", stderr(&wrong));
-    let public_name = ffmpeg_publish(&format!("{base}/studio/cam1?token={token}"), 2).output().unwrap();
+    let public_name = ffmpeg_testsrc("flv", &format!("{base}/studio/cam1?token={token}"), 2).output().unwrap();
     assert!(!public_name.status.success(), "the public name cannot publish");
     assert!(stderr(&public_name).contains("publish_name_required"), "{}", stderr(&public_name));
-    let live = ffmpeg_publish(&format!("{base}/studio/cam1-key?token={token}"), 60).spawn().unwrap();
+    let live = ffmpeg_testsrc("flv", &format!("{base}/studio/cam1-key?token={token}"), 60).spawn().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let play = tokio::task::spawn_blocking({
         let u = format!("{base}/studio/cam1");
@@ -173,27 +119,22 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
         .await
         .unwrap();
     assert_eq!(r.status(), 204);
-    let (ended, after) =
-        tokio::task::spawn_blocking(move || wait_bounded(live, Duration::from_secs(20))).await.unwrap();
+    let ended = tokio::task::spawn_blocking(move || wait_bounded(live, Duration::from_secs(20))).await.unwrap();
     assert!(ended.is_some(), "the publisher was not ended within 20 s of the deletion");
-    assert!(after < Duration::from_secs(20));
     assert!(read(&w_log).contains("session no longer allowed; ending it"), "{}", read(&w_log));
 
     // Five wrong tokens in a row put the address in the penalty box: the next attempt is
     // refused with `rate_limited` without being decided.
     for _ in 0..5 {
-        let wrong = ffmpeg_publish(&format!("{base}/studio/cam1-key?token=guess"), 1).output().unwrap();
+        let wrong = ffmpeg_testsrc("flv", &format!("{base}/studio/cam1-key?token=guess"), 1).output().unwrap();
         assert!(!wrong.status.success());
     }
-    let limited = ffmpeg_publish(&format!("{base}/studio/cam1-key?token=guess"), 1).output().unwrap();
+    let limited = ffmpeg_testsrc("flv", &format!("{base}/studio/cam1-key?token=guess"), 1).output().unwrap();
     assert!(stderr(&limited).contains("rate_limited"), "{}", stderr(&limited));
 
     // Every attempt is in the log with its reason.
-    until("the decisions are in the log", || async {
-        reasons(&store.read_stream("decisions-w1").await.unwrap()).len() >= 13
-    })
-    .await;
-    let recorded = reasons(&store.read_stream("decisions-w1").await.unwrap());
+    until("the decisions are in the log", || async { recorded(&store, "w1").await.len() >= 13 }).await;
+    let recorded = recorded(&store, "w1").await;
     let has = |app: &str, action: &str, allowed: bool, reason: &str| {
         recorded.iter().any(|(a, ac, al, r)| a == app && ac == action && *al == allowed && r == reason)
     };

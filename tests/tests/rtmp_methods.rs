@@ -6,12 +6,11 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use sluice_control_plane::EventStore;
-use sluice_events::Event;
 use sluice_tests::{Nats, Postgres, free_port};
 
 mod cluster;
@@ -39,31 +38,6 @@ fn publisher(file: &str, url: &str) -> Command {
     c
 }
 
-fn play(url: &str) -> Output {
-    Command::new("ffmpeg")
-        .args(["-hide_banner", "-nostdin", "-rw_timeout", "10000000", "-i", url, "-t", "3", "-f", "null", "-"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn wait_bounded(mut child: Child, bound: Duration) -> Option<Output> {
-    let started = Instant::now();
-    while started.elapsed() < bound {
-        if child.try_wait().unwrap().is_some() {
-            return Some(child.wait_with_output().unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    None
-}
-
 /// One method under test: URLs for the right and the wrong credential, publish and play.
 #[derive(Debug, Clone)]
 struct Case {
@@ -86,38 +60,19 @@ fn run_case(file: &str, case: &Case) {
     }
     let live = publisher(file, &case.publish).spawn().unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    let out = play(&case.play);
+    let out = ffmpeg_play(&case.play);
     assert!(
         out.status.success() && stderr(&out).contains("frame="),
         "{name}: the player got no frames: {}",
         stderr(&out)
     );
     if let Some((url, reason)) = &case.wrong_play {
-        let out = play(url);
+        let out = ffmpeg_play(url);
         assert!(!out.status.success(), "{name}: the wrong play credential played");
         assert!(stderr(&out).contains(reason), "{name}: no `{reason}` in ffmpeg's output: {}", stderr(&out));
     }
     let ended = wait_bounded(live, Duration::from_secs(40)).expect("the publisher ran to its end");
     assert!(ended.status.success(), "{name}: the publisher was disturbed: {}", stderr(&ended));
-}
-
-/// Every decision of `node` in the log: (app, action, allowed, reason).
-async fn recorded(store: &EventStore, node: &str) -> Vec<(String, String, bool, String)> {
-    store
-        .read_stream(&format!("decisions-{node}"))
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|e| match &e.event {
-            Event::AccessDecided(d) => Some((
-                d.decision.request.app.as_str().to_owned(),
-                d.decision.request.action.as_str().to_owned(),
-                d.decision.allowed,
-                d.decision.final_reason.as_str().to_owned(),
-            )),
-            _ => None,
-        })
-        .collect()
 }
 
 async fn put(http: &reqwest::Client, port: u16, path: &str, body: Value) {
@@ -154,27 +109,6 @@ async fn webhook() -> u16 {
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
-
-/// RFC 4648 base32 without padding, as the API hands TOTP secrets out.
-fn base32_decode(s: &str) -> Vec<u8> {
-    let mut bits = 0u64;
-    let mut n = 0;
-    let mut out = Vec::new();
-    for c in s.bytes().filter(|c| *c != b'=') {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'2'..=b'7' => c - b'2' + 26,
-            _ => panic!("not base32: {s}"),
-        };
-        bits = (bits << 5) | v as u64;
-        n += 5;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,7 +223,8 @@ async fn every_method_admits_the_right_credential_and_refuses_the_wrong_one_over
         .await;
     let r =
         post(&http, cp, "/v1/apps/totp/streams/cam/subscribers", json!({"id": "anchor", "action": "publish"})).await;
-    let secret = base32_decode(r["secret_b32"].as_str().unwrap());
+    let secret =
+        base32::decode(base32::Alphabet::Rfc4648 { padding: false }, r["secret_b32"].as_str().unwrap()).unwrap();
     let code = sluice_events::decide::totp_code(&secret, 6, 30, now_secs() / 30).unwrap();
     let wrong = format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
     cases.push(Case {
@@ -497,7 +432,8 @@ async fn a_token_raced_on_two_workers_publishes_once_and_the_media_outlives_the_
     // admitted and decodes frames, a wrong token is still refused.
     control_plane.0.kill().unwrap();
     control_plane.0.wait().unwrap();
-    let out = tokio::task::spawn_blocking(move || play(&format!("rtmp://127.0.0.1:{rtmp}/race/cam"))).await.unwrap();
+    let out =
+        tokio::task::spawn_blocking(move || ffmpeg_play(&format!("rtmp://127.0.0.1:{rtmp}/race/cam"))).await.unwrap();
     assert!(out.status.success() && stderr(&out).contains("frame="), "{}", stderr(&out));
     let wrong = tokio::task::spawn_blocking({
         let file = file.clone();

@@ -3,12 +3,11 @@
 //! ends, refusals as SRT reject codes, relay to several players, every decision in the log.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice_control_plane::EventStore;
-use sluice_events::Event;
 use sluice_tests::{Nats, Postgres, free_port};
 
 mod cluster;
@@ -17,42 +16,6 @@ use cluster::*;
 fn srt_url(port: u16, streamid: &str) -> String {
     // ffmpeg does not percent-decode `streamid`: it goes raw (STACK.md).
     format!("srt://127.0.0.1:{port}?streamid={streamid}")
-}
-
-fn publisher(url: &str, secs: u32) -> Command {
-    let mut c = Command::new("ffmpeg");
-    c.args(["-hide_banner", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15", "-f", "lavfi"])
-        .args(["-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "15"])
-        .args(["-c:a", "aac", "-t", &secs.to_string(), "-f", "mpegts"])
-        .arg(format!("{url}&pkt_size=1316"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    c
-}
-
-fn play(url: &str) -> Output {
-    Command::new("ffmpeg")
-        .args(["-hide_banner", "-nostdin", "-i", url, "-t", "3", "-f", "null", "-"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn wait_bounded(mut child: Child, bound: Duration) -> Option<Output> {
-    let started = Instant::now();
-    while started.elapsed() < bound {
-        if child.try_wait().unwrap().is_some() {
-            return Some(child.wait_with_output().unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    None
 }
 
 /// srt-live-transmit as a caller for `secs`: its verbose log (with the reject reason if
@@ -95,24 +58,6 @@ async fn reject_code(port: u16, streamid: &str) -> i32 {
         ("ServerUnrecognized(2429)", 1429),
     ];
     codes.iter().find(|(name, _)| reason.contains(name)).map(|(_, c)| *c).unwrap_or_else(|| panic!("{reason}"))
-}
-
-async fn recorded(store: &EventStore, node: &str) -> Vec<(String, String, bool, String)> {
-    store
-        .read_stream(&format!("decisions-{node}"))
-        .await
-        .unwrap()
-        .iter()
-        .filter_map(|e| match &e.event {
-            Event::AccessDecided(d) => Some((
-                d.decision.request.app.as_str().to_owned(),
-                d.decision.request.action.as_str().to_owned(),
-                d.decision.allowed,
-                d.decision.final_reason.as_str().to_owned(),
-            )),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,7 +117,8 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     assert_eq!(reject_code(srt, "#!::m=publish").await, 1400, "no resource");
 
     // The right one publishes (standard streamid form).
-    let live = publisher(&srt_url(srt, &format!("#!::r=studio/cam1,m=publish,t={token}")), 20).spawn().unwrap();
+    let url = format!("{}&pkt_size=1316", srt_url(srt, &format!("#!::r=studio/cam1,m=publish,t={token}")));
+    let live = ffmpeg_testsrc("mpegts", &url, 20).spawn().unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     // A second publisher, even with a valid credential, is refused with 1409 and its token
     // stays unburnt.
@@ -186,7 +132,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     // Media's form, plain app/stream).
     let played = tokio::task::spawn_blocking({
         let u = srt_url(srt, "#!::r=studio/cam1,m=request");
-        move || play(&u)
+        move || ffmpeg_play(&u)
     });
     let ts = tokio::task::spawn_blocking({
         let u = srt_url(srt, "studio/cam1");

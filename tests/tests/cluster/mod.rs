@@ -3,9 +3,9 @@
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use sluice_control_plane::EventStore;
@@ -141,4 +141,62 @@ pub async fn folded(store: &EventStore) -> AuthState {
             after = e.position;
         }
     }
+}
+
+/// ffmpeg publishing `secs` of a generated test pattern (H.264 + AAC, a keyframe a second) in
+/// `format` (`flv` for RTMP, `mpegts` for SRT) to `url`.
+pub fn ffmpeg_testsrc(format: &str, url: &str, secs: u32) -> Command {
+    let mut c = Command::new("ffmpeg");
+    c.args(["-hide_banner", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15", "-f", "lavfi"])
+        .args(["-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "15"])
+        .args(["-c:a", "aac", "-t", &secs.to_string(), "-f", format, url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// ffmpeg playing `url` for 3 s of media into the null muxer (10 s I/O timeout).
+pub fn ffmpeg_play(url: &str) -> Output {
+    Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-rw_timeout", "10000000", "-i", url, "-t", "3", "-f", "null", "-"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits for a child with a bound; kills it if the bound passes.
+pub fn wait_bounded(mut child: Child, bound: Duration) -> Option<Output> {
+    let started = Instant::now();
+    while started.elapsed() < bound {
+        if child.try_wait().unwrap().is_some() {
+            return Some(child.wait_with_output().unwrap());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
+
+/// Every decision `node` put in the log: (app, action, allowed, final reason).
+pub async fn recorded(store: &EventStore, node: &str) -> Vec<(String, String, bool, String)> {
+    store
+        .read_stream(&format!("decisions-{node}"))
+        .await
+        .unwrap()
+        .iter()
+        .filter_map(|e| match &e.event {
+            sluice_events::Event::AccessDecided(d) => Some((
+                d.decision.request.app.as_str().to_owned(),
+                d.decision.request.action.as_str().to_owned(),
+                d.decision.allowed,
+                d.decision.final_reason.as_str().to_owned(),
+            )),
+            _ => None,
+        })
+        .collect()
 }
