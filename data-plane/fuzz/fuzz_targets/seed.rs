@@ -1,3 +1,6 @@
+//! Seeds for `srt_listener`: an induction and conclusion handshakes (with a streamid, with key
+//! material) from srt-protocol's own test vectors of the reference implementation.
+//!
 //! Seeds for `rtmp_session`: the bytes an rml_rtmp client sends to connect and publish (with
 //! metadata, a sequence header, a keyframe and audio), and to connect and play, recorded from
 //! a real exchange with a server session, so the fuzzer starts from sessions that reach the
@@ -48,7 +51,30 @@ impl Pair {
     }
 }
 
+/// `(peer, hex datagram)`: peer 0x20 answers with a passphrase.
+const SRT_SEEDS: [(u8, &str); 4] = [
+    (0, "8000000000000000000002b00000000000000004000000023c3b0296000005dc00002000000000010669ead20000000000000000000000000000000001000000"),
+    (0, "8000000000000000000F9EC400000000000000050000000144BEA60D000005DC00002000FFFFFFFF3D6936B6E3E405DD0100007F00000000000000000000000000010003000103010000002F00780000"),
+    (0, "800000000000000000000b1400000000000000050000000563444b2e000005dc00002000ffffffff37eb0ee52154fbd60100007f0000000000000000000000000001000300010401000000bf0014001400050003646362616867666500006a69"),
+    (0x20, "800000000000000000175E8A0000000000000005000000036FEFB8D8000005DC00002000FFFFFFFF35E790ED5D16CCEA0100007F00000000000000000000000000010003000103010000002F01F401F40003000E122029010000000002000200000004049D75B0AC924C6E4C9EC40FEB4FE973DB1D215D426C18A2871EBF77E2646D9BAB15DBD7689AEF60EC"),
+];
+
+fn srt_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/srt_listener");
+    std::fs::create_dir_all(&dir).expect("corpus directory");
+    let mut all = Vec::new();
+    for (i, (peer, hex)) in SRT_SEEDS.iter().enumerate() {
+        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|j| u8::from_str_radix(&hex[j..j + 2], 16).expect("hex")).collect();
+        let record = [&[bytes.len() as u8, *peer][..], &bytes].concat();
+        std::fs::write(dir.join(format!("seed-{i}")), &record).expect("seed");
+        all.extend_from_slice(&record);
+    }
+    // An induction then a conclusion from the same peer.
+    std::fs::write(dir.join("seed-handshake"), all).expect("seed");
+}
+
 fn main() {
+    srt_seeds();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/rtmp_session");
     std::fs::create_dir_all(&dir).expect("corpus directory");
     for (name, publish) in [("publish", true), ("play", false)] {
