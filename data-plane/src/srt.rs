@@ -27,10 +27,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
+use sluice_events::AuthState;
+use sluice_events::SecretKind;
+use sluice_events::dist::SrtLink;
 use sluice_events::{AccessRequest, Action, AppName, Protocol, Reason, StreamName, wire};
-use srt_tokio::SrtListener;
+use srt_protocol::packet::CoreRejectReason;
+use srt_protocol::settings::KeySettings;
 use srt_tokio::access::{RejectReason, ServerRejectReason};
-use srt_tokio::options::StreamId;
+use srt_tokio::options::{KeySize, Passphrase, StreamId};
+use srt_tokio::{SocketStatistics, SrtListener};
 use tokio::sync::broadcast;
 
 use crate::decide::Decider;
@@ -164,6 +169,19 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
             return;
         }
     };
+    // Encryption is the app's: callers must use its passphrase if it has one, and must not
+    // encrypt if it has none. A mismatch is refused before anything is decided (nothing to
+    // log, no one-time token spent); a wrong passphrase only shows once the handshake
+    // completes, after the decision.
+    let key_size = request.key_size();
+    let keys = match encryption(&decider.shared.state.load(), &req.app, key_size) {
+        Ok(keys) => keys,
+        Err(reject) => {
+            tracing::debug!(%peer, app = %req.app, ?reject, "SRT caller refused: encryption does not match the app's");
+            let _ = request.reject(reject).await;
+            return;
+        }
+    };
     let started = Instant::now();
     if decider.gate.penalized(ip, started) {
         let _ = decider.decide_refusing(req, Some(Reason::RateLimited)).await;
@@ -210,10 +228,10 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
             let _ = request.reject(RejectReason::Server(ServerRejectReason::Conflict)).await;
             return;
         };
-        let socket = match request.accept(None).await {
+        let socket = match request.accept(keys).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(%peer, error = %e, "SRT accept failed");
+                tracing::info!(%peer, error = %e, "SRT handshake failed after the decision (a wrong passphrase?)");
                 hub.release(&key, id);
                 decider.stats.stream_ended(key.0.as_str(), key.1.as_str());
                 return;
@@ -221,8 +239,15 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
         };
         tracing::info!(%peer, app = %key.0, stream = %key.1, "SRT publisher live");
         let mut socket = socket;
+        let (rtt, latency) = (socket.settings().rtt, socket.settings().recv_tsbpd_latency);
+        counters.srt_link(|l| {
+            l.rtt_us = rtt.as_micros() as u64;
+            l.latency_ms = latency.as_millis() as u64;
+        });
+        let mut link = socket.statistics().clone();
         loop {
             tokio::select! {
+                Some(s) = link.next() => counters.srt_link(|l| publisher_link(l, &s)),
                 packet = tokio::time::timeout(IDLE_TIMEOUT, socket.next()) => match packet {
                     Ok(Some(Ok((_, data)))) => {
                         counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -249,17 +274,24 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
             let _ = request.reject(RejectReason::Server(ServerRejectReason::Notfound)).await;
             return;
         };
-        let mut socket = match request.accept(None).await {
+        let mut socket = match request.accept(keys).await {
             Ok(s) => s,
             Err(e) => {
-                tracing::debug!(%peer, error = %e, "SRT accept failed");
+                tracing::info!(%peer, error = %e, "SRT handshake failed after the decision (a wrong passphrase?)");
                 return;
             }
         };
         counters.players.fetch_add(1, Ordering::Relaxed);
         let mut lags = 0;
+        let mut link = socket.statistics().clone();
+        let mut reported = PlayerLink::default();
         loop {
             tokio::select! {
+                Some(s) = link.next() => {
+                    let now = PlayerLink::of(&s);
+                    counters.srt_link(|l| now.add_since(&reported, l));
+                    reported = now;
+                }
                 packet = rx.recv() => match packet {
                     Ok(data) => {
                         lags = 0;
@@ -289,6 +321,59 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
         let _ = socket.close().await;
     }
     drop(permit);
+}
+
+/// The key settings to accept a caller of `app` with, or the rejection when the caller's
+/// encryption does not match the app's passphrase. An unknown app is left to the decision.
+fn encryption(state: &AuthState, app: &AppName, caller: KeySize) -> Result<Option<KeySettings>, RejectReason> {
+    let Some(app) = state.apps.get(app).filter(|a| a.secrets.contains_key(&SecretKind::SrtPassphrase)) else {
+        return match caller {
+            KeySize::Unspecified => Ok(None),
+            _ => Err(RejectReason::Core(CoreRejectReason::Unsecure)),
+        };
+    };
+    // Sealed and this worker cannot open it: refuse rather than serve in the clear.
+    let passphrase = app.secret_bytes(SecretKind::SrtPassphrase).and_then(|p| String::from_utf8(p.to_vec()).ok());
+    let Some(passphrase) = passphrase.and_then(|p| Passphrase::try_from(p).ok()) else {
+        return Err(RejectReason::Server(ServerRejectReason::Down));
+    };
+    match caller {
+        KeySize::Unspecified => Err(RejectReason::Core(CoreRejectReason::Unsecure)),
+        key_size => Ok(Some(KeySettings { key_size, passphrase })),
+    }
+}
+
+/// The publisher's link figures from its socket's statistics.
+fn publisher_link(l: &mut SrtLink, s: &SocketStatistics) {
+    l.rcv_buf_ms = s.rx_acknowledged_time.as_millis() as u64;
+    l.pkt_rcv_drop = s.rx_dropped_data;
+    l.bytes_rcv_drop = s.rx_dropped_bytes;
+    l.pkt_rcv_retrans = s.rx_retransmit_data;
+    // srt-tokio keeps no loss count: a packet was lost if it had to be retransmitted or never
+    // arrived in time; its size is the average.
+    l.pkt_rcv_loss = s.rx_retransmit_data + s.rx_dropped_data;
+    let average = s.rx_bytes.checked_div(s.rx_data).unwrap_or(0);
+    l.bytes_rcv_loss = s.rx_dropped_bytes + s.rx_retransmit_data * average;
+}
+
+/// One player's send-side counters, added to its stream's totals as they grow.
+#[derive(Debug, Default, Clone, Copy)]
+struct PlayerLink {
+    retransmitted: u64,
+    lost: u64,
+    dropped: u64,
+}
+
+impl PlayerLink {
+    fn of(s: &SocketStatistics) -> PlayerLink {
+        PlayerLink { retransmitted: s.tx_retransmit_data, lost: s.tx_loss_data, dropped: s.tx_dropped_data }
+    }
+
+    fn add_since(&self, before: &PlayerLink, l: &mut SrtLink) {
+        l.pkt_snd_retrans += self.retransmitted.saturating_sub(before.retransmitted);
+        l.pkt_snd_loss += self.lost.saturating_sub(before.lost);
+        l.pkt_snd_drop += self.dropped.saturating_sub(before.dropped);
+    }
 }
 
 #[cfg(test)]

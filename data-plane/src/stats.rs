@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sluice_events::dist::StreamStat;
+use sluice_events::dist::{SrtLink, StreamStat};
 
 /// Counters of one live stream, shared with the media thread that serves it.
 #[derive(Debug)]
@@ -19,7 +19,16 @@ pub struct StreamCounters {
     pub bytes_out: AtomicU64,
     pub players: AtomicU64,
     pub dropped: AtomicU64,
+    /// Set for a stream published over SRT, updated once a second by its sessions.
+    pub srt: Mutex<Option<SrtLink>>,
     started: Instant,
+}
+
+impl StreamCounters {
+    /// Updates the SRT figures (the stream is published over SRT from now on).
+    pub fn srt_link(&self, update: impl FnOnce(&mut SrtLink)) {
+        update(self.srt.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(SrtLink::default));
+    }
 }
 
 #[derive(Debug)]
@@ -38,6 +47,8 @@ pub struct MediaStats {
     ended_in: AtomicU64,
     ended_out: AtomicU64,
     ended_dropped: AtomicU64,
+    /// SRT packet counters of ended streams: (retransmitted, lost, dropped) in and out.
+    ended_srt: Mutex<SrtLink>,
     /// The last decision latencies of the media servers (command received → answer sent), ms.
     latencies: Mutex<VecDeque<f64>>,
     latency_count: AtomicU64,
@@ -65,6 +76,7 @@ impl MediaStats {
             bytes_out: AtomicU64::new(0),
             players: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            srt: Mutex::new(None),
             started: Instant::now(),
         });
         let live = Live { counters: counters.clone(), protocol, samples: VecDeque::from([0]) };
@@ -78,6 +90,9 @@ impl MediaStats {
             self.ended_in.fetch_add(l.counters.bytes_in.load(Ordering::Relaxed), Ordering::Relaxed);
             self.ended_out.fetch_add(l.counters.bytes_out.load(Ordering::Relaxed), Ordering::Relaxed);
             self.ended_dropped.fetch_add(l.counters.dropped.load(Ordering::Relaxed), Ordering::Relaxed);
+            if let Some(link) = l.counters.srt.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                add_packet_counts(&mut self.ended_srt.lock().unwrap_or_else(|p| p.into_inner()), link);
+            }
         }
     }
 
@@ -132,6 +147,7 @@ impl MediaStats {
                 players: l.counters.players.load(Ordering::Relaxed),
                 dropped: l.counters.dropped.load(Ordering::Relaxed),
                 uptime_secs: l.counters.started.elapsed().as_secs(),
+                srt: l.counters.srt.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             })
             .collect();
         out.sort_by(|a, b| (&a.app, &a.stream).cmp(&(&b.app, &b.stream)));
@@ -171,6 +187,26 @@ impl MediaStats {
             "Media messages skipped for players that fell behind.",
             vec![(String::new(), sum(|s| s.dropped) + self.ended_dropped.load(Ordering::Relaxed))],
         );
+        let mut srt = self.ended_srt.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for link in streams.iter().filter_map(|s| s.srt.as_ref()) {
+            add_packet_counts(&mut srt, link);
+        }
+        metric(
+            "sluice_srt_packets_total",
+            "counter",
+            "SRT data packets retransmitted, lost or dropped, from publishers (in) and to players (out).",
+            [
+                ("retransmitted", "in", srt.pkt_rcv_retrans),
+                ("lost", "in", srt.pkt_rcv_loss),
+                ("dropped", "in", srt.pkt_rcv_drop),
+                ("retransmitted", "out", srt.pkt_snd_retrans),
+                ("lost", "out", srt.pkt_snd_loss),
+                ("dropped", "out", srt.pkt_snd_drop),
+            ]
+            .into_iter()
+            .map(|(kind, direction, n)| (format!("{{kind=\"{kind}\",direction=\"{direction}\"}}"), n))
+            .collect(),
+        );
         let decisions = self.decisions.lock().unwrap_or_else(|p| p.into_inner()).clone();
         metric(
             "sluice_decisions_total",
@@ -187,6 +223,15 @@ impl MediaStats {
         for (name, help, v) in extra {
             metric(name, "gauge", help, vec![(String::new(), *v)]);
         }
+        let _ = writeln!(
+            t,
+            "# HELP sluice_srt_rtt_seconds Round trip to each SRT publisher, measured during the handshake.\n\
+             # TYPE sluice_srt_rtt_seconds gauge"
+        );
+        for (s, link) in streams.iter().filter_map(|s| Some((s, s.srt.as_ref()?))) {
+            let (app, stream, rtt) = (label(&s.app), label(&s.stream), link.rtt_us as f64 / 1e6);
+            let _ = writeln!(t, "sluice_srt_rtt_seconds{{app=\"{app}\",stream=\"{stream}\"}} {rtt}");
+        }
         if let Some((p50, p99)) = self.latency_quantiles() {
             let _ = writeln!(
                 t,
@@ -202,6 +247,21 @@ impl MediaStats {
         }
         t
     }
+}
+
+/// Adds the packet counters of `link` to `into`.
+fn add_packet_counts(into: &mut SrtLink, link: &SrtLink) {
+    into.pkt_rcv_retrans += link.pkt_rcv_retrans;
+    into.pkt_rcv_loss += link.pkt_rcv_loss;
+    into.pkt_rcv_drop += link.pkt_rcv_drop;
+    into.pkt_snd_retrans += link.pkt_snd_retrans;
+    into.pkt_snd_loss += link.pkt_snd_loss;
+    into.pkt_snd_drop += link.pkt_snd_drop;
+}
+
+/// A Prometheus label value, escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// Samples every second, forever.

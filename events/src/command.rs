@@ -214,10 +214,10 @@ pub fn handle(state: &AuthState, command: Command, now: Timestamp) -> Result<Vec
             if secret.purpose != app_secret_purpose(&app, kind) {
                 return Err(invalid("secret", "sealed for a different app or kind"));
             }
-            if secret.len < kind.min_len() {
+            if secret.len < kind.min_len() || secret.len > kind.max_len() {
                 return Err(invalid(
                     "secret",
-                    format!("a {} secret needs at least {} bytes", kind.as_str(), kind.min_len()),
+                    format!("a {} secret needs {} to {} bytes", kind.as_str(), kind.min_len(), kind.max_len()),
                 ));
             }
             one(AppSecretRotated { app, kind, secret: secret.sealed }.into())

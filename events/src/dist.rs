@@ -215,6 +215,38 @@ pub struct StreamStat {
     /// Media messages skipped for players that fell behind.
     pub dropped: u64,
     pub uptime_secs: u64,
+    /// SRT link figures, for a stream published over SRT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub srt: Option<SrtLink>,
+}
+
+/// What srt-tokio measures of an SRT stream: the publisher's link, and the sum over its
+/// players' links (ended players included).
+///
+/// srt-tokio 0.4.4 keeps no running RTT, loss list count or bandwidth estimate, so RTT is the
+/// one measured during the handshake and a packet counts as lost when it had to be
+/// retransmitted or was dropped too late.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct SrtLink {
+    /// Round trip to the publisher measured during the handshake, microseconds.
+    pub rtt_us: u64,
+    /// The negotiated receive latency (TSBPD), ms.
+    pub latency_ms: u64,
+    /// Media held in the receive buffer, ms.
+    pub rcv_buf_ms: u64,
+    pub pkt_rcv_loss: u64,
+    pub bytes_rcv_loss: u64,
+    /// Packets that arrived too late to play, or never.
+    pub pkt_rcv_drop: u64,
+    pub bytes_rcv_drop: u64,
+    /// Retransmitted packets received from the publisher.
+    pub pkt_rcv_retrans: u64,
+    /// Packets retransmitted to players.
+    pub pkt_snd_retrans: u64,
+    /// Packets players reported lost.
+    pub pkt_snd_loss: u64,
+    /// Packets dropped before players got them (too late to send).
+    pub pkt_snd_drop: u64,
 }
 
 #[cfg(test)]

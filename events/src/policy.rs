@@ -220,6 +220,9 @@ pub enum SecretKind {
     Jwt,
     /// Signs webhook requests so the receiver can verify them.
     Webhook,
+    /// The SRT passphrase (10 to 79 bytes): set, the app's SRT callers must encrypt with it
+    /// (AES, the key length the caller asks for); unset, they must not encrypt.
+    SrtPassphrase,
 }
 
 impl SecretKind {
@@ -228,6 +231,7 @@ impl SecretKind {
             SecretKind::Hash => "hash",
             SecretKind::Jwt => "jwt",
             SecretKind::Webhook => "webhook",
+            SecretKind::SrtPassphrase => "srt_passphrase",
         }
     }
 
@@ -236,6 +240,15 @@ impl SecretKind {
         match self {
             SecretKind::Jwt => 32,
             SecretKind::Hash | SecretKind::Webhook => 16,
+            SecretKind::SrtPassphrase => 10,
+        }
+    }
+
+    /// Largest length accepted (SRT's limit for a passphrase).
+    pub fn max_len(self) -> usize {
+        match self {
+            SecretKind::SrtPassphrase => 79,
+            SecretKind::Hash | SecretKind::Jwt | SecretKind::Webhook => 4096,
         }
     }
 }

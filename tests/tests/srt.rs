@@ -40,8 +40,18 @@ fn transmit(url: &str, secs: u64) -> (String, Vec<u8>) {
 /// A tiny SRT caller (srt-tokio) that reads the reject code off the handshake: the code
 /// libsrt reports (1000 + status), 0 when accepted.
 async fn reject_code(port: u16, streamid: &str) -> i32 {
+    reject_code_with(port, streamid, None).await
+}
+
+/// `reject_code` for a caller that encrypts with `passphrase` (AES-128).
+async fn reject_code_with(port: u16, streamid: &str, passphrase: Option<&str>) -> i32 {
     let addr = format!("127.0.0.1:{port}");
-    let call = srt_tokio::SrtSocket::builder().call(addr.as_str(), Some(streamid));
+    let builder = srt_tokio::SrtSocket::builder();
+    let builder = match passphrase {
+        Some(p) => builder.encryption(16, p),
+        None => builder,
+    };
+    let call = builder.call(addr.as_str(), Some(streamid));
     let e = match tokio::time::timeout(Duration::from_secs(10), call).await {
         Ok(Ok(_)) => return 0,
         Ok(Err(e)) => e,
@@ -56,6 +66,10 @@ async fn reject_code(port: u16, streamid: &str) -> i32 {
         ("BadRequest", 1400),
         ("Overload", 1402),
         ("ServerUnrecognized(2429)", 1429),
+        ("Down", 1503),
+        // Core codes: SRT_REJ_BADSECRET, SRT_REJ_UNSECURE.
+        ("BadSecret", 10),
+        ("Unsecure", 11),
     ];
     codes.iter().find(|(name, _)| reason.contains(name)).map(|(_, c)| *c).unwrap_or_else(|| panic!("{reason}"))
 }
@@ -69,12 +83,21 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     let http = reqwest::Client::new();
     let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
     let cp = free_port();
-    let _cp = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+    // The SLS API manages `studio`, so its `/stats` shows the SRT publisher's link.
+    let _cp = control_with(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"), &[("SLUICE_SLS_APP", "studio")]);
     let policy = json!({
         "publish": {"methods": ["one_time_token"], "accept_undefined_streams": false},
         "play": {"methods": ["one_time_token", "open"], "accept_undefined_streams": false},
     });
-    post(&http, cp, "/v1/apps", json!({"name": "studio", "policy": policy})).await;
+    // The SLS app exists from the start: its policy is replaced.
+    let r = http
+        .put(format!("http://127.0.0.1:{cp}/v1/apps/studio/policy"))
+        .bearer_auth(ADMIN)
+        .json(&policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
     post(&http, cp, "/v1/apps/studio/streams", json!({"name": "cam1"})).await;
     post(&http, cp, "/v1/apps/studio/streams", json!({"name": "idle"})).await;
     let token = post(&http, cp, "/v1/apps/studio/streams/cam1/tokens", json!({"action": "publish"})).await;
@@ -97,11 +120,26 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     .await;
     assert!(read(&w_log).contains("SRT on srt-tokio"), "{}", read(&w_log));
 
-    // Random datagrams to the port change nothing.
+    // Random datagrams to the port change nothing, nor do the ones that panicked srt-protocol
+    // 0.4.4's listener task, the SRT server of every caller (data-plane/vendor/README.md).
     let junk = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..200u32 {
         let _ = junk.send_to(&i.to_be_bytes().repeat(1 + (i as usize % 40)), ("127.0.0.1", srt));
     }
+    let regressions = sluice_tests::workspace_root().join("data-plane/vendor/regressions");
+    let mut sent = 0;
+    for entry in std::fs::read_dir(&regressions).unwrap() {
+        // Fuzzer records: [length, peer, datagram...]*.
+        let record = std::fs::read(entry.unwrap().path()).unwrap();
+        let mut rest = &record[..];
+        while let [len, _, tail @ ..] = rest {
+            let (datagram, tail) = tail.split_at((*len as usize).min(tail.len()));
+            junk.send_to(datagram, ("127.0.0.1", srt)).unwrap();
+            sent += 1;
+            rest = tail;
+        }
+    }
+    assert!(sent >= 3, "the regression datagrams are there");
 
     // A wrong token is refused during the handshake with 1403.
     let wrong = tokio::task::spawn_blocking({
@@ -115,6 +153,36 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     // Ant Media's form has no mode, so it plays: nothing is live yet.
     assert_eq!(reject_code(srt, "studio/cam1,token=guess").await, 1404, "Ant Media's form");
     assert_eq!(reject_code(srt, "#!::m=publish").await, 1400, "no resource");
+    assert!(!read(&w_log).contains("panicked"), "{}", read(&w_log));
+
+    // An app with a passphrase: its callers must encrypt with it, others must not encrypt.
+    let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]}});
+    post(&http, cp, "/v1/apps", json!({"name": "vault", "policy": open})).await;
+    let secret = post(&http, cp, "/v1/apps/vault/secrets/srt_passphrase", json!({})).await;
+    let passphrase = secret["secret"].as_str().unwrap().to_owned();
+    assert!((10..=79).contains(&passphrase.len()), "{passphrase}");
+    let head = store.head().await.unwrap().0;
+    until("the worker has the passphrase", || async {
+        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
+    })
+    .await;
+    let sid = "#!::r=vault/cam9,m=publish";
+    assert_eq!(reject_code_with(srt, sid, None).await, 11, "in the clear: SRT_REJ_UNSECURE");
+    assert_eq!(reject_code_with(srt, sid, Some("not-the-passphrase")).await, 10, "SRT_REJ_BADSECRET");
+    assert_eq!(reject_code_with(srt, "#!::r=studio/cam1,m=request", Some("a-passphrase-nobody-set")).await, 11);
+    let vault = format!("{}&pkt_size=1316&passphrase={passphrase}&pbkeylen=16", srt_url(srt, sid));
+    let encrypted = ffmpeg_testsrc("mpegts", &vault, 8).spawn().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let played = tokio::task::spawn_blocking({
+        let u = format!("{}&passphrase={passphrase}&pbkeylen=32", srt_url(srt, "#!::r=vault/cam9,m=request"));
+        move || ffmpeg_play(&u)
+    })
+    .await
+    .unwrap();
+    assert!(played.status.success() && stderr(&played).contains("frame="), "{}", stderr(&played));
+    let ended = tokio::task::spawn_blocking(move || wait_bounded(encrypted, Duration::from_secs(20))).await.unwrap();
+    assert!(ended.is_some_and(|o| o.status.success()), "the encrypted publisher ran to its end");
+    assert!(!read(&w_log).contains(&passphrase), "the passphrase reached the worker's log");
 
     // The right one publishes (standard streamid form).
     let url = format!("{}&pkt_size=1316", srt_url(srt, &format!("#!::r=studio/cam1,m=publish,t={token}")));
@@ -149,6 +217,27 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
         code == 200 && st["live"] == true && st["bytes_in"].as_u64() > Some(10_000)
     })
     .await;
+    // With srt-tokio's link figures: the handshake's RTT, the negotiated latency (ours, 120 ms,
+    // or the caller's if larger), the receive buffer.
+    let (_, st) = get(&http, format!("http://127.0.0.1:{cp}/v1/stats/streams/studio/cam1")).await;
+    let link = &st["srt"];
+    assert!(link["rtt_us"].as_u64() > Some(0), "{st}");
+    assert!(link["latency_ms"].as_u64() >= Some(120), "{st}");
+    assert!(link["rcv_buf_ms"].is_u64() && link["pkt_rcv_loss"].is_u64() && link["pkt_snd_retrans"].is_u64(), "{st}");
+    // SLS's `/stats/{player_id}` in both shapes, unauthenticated.
+    let (code, sls) = get(&http, format!("http://127.0.0.1:{cp}/stats/cam1")).await;
+    assert_eq!(code, 200, "{sls}");
+    let p = &sls["publisher"];
+    assert!(p["rtt"].as_f64() > Some(0.0) && p["latency"].as_u64() >= Some(120), "{sls}");
+    assert!(p["bitrate"].as_u64() > Some(0) && p["uptime"].is_u64() && p["buffer"].is_u64(), "{sls}");
+    let (_, legacy) = get(&http, format!("http://127.0.0.1:{cp}/stats/cam1?legacy=1&reset=1")).await;
+    let p = &legacy["publishers"]["cam1"];
+    assert!(p["mbps_recv_rate"].as_f64() > Some(0.0) && p["rtt"].as_f64() > Some(0.0), "{legacy}");
+    assert_eq!(legacy["status"], "ok");
+    // The worker's Prometheus text has the SRT series.
+    let metrics = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("sluice_srt_rtt_seconds{app=\"studio\",stream=\"cam1\"}"), "{metrics}");
+    assert!(metrics.contains("sluice_srt_packets_total{kind=\"lost\",direction=\"in\"}"), "{metrics}");
     // Revoking the publisher's stream ends it.
     let r = http
         .delete(format!("http://127.0.0.1:{cp}/v1/apps/studio/streams/cam1"))

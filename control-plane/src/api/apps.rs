@@ -157,6 +157,7 @@ async fn rotate(
         "hash" => SecretKind::Hash,
         "jwt" => SecretKind::Jwt,
         "webhook" => SecretKind::Webhook,
+        "srt_passphrase" => SecretKind::SrtPassphrase,
         _ => return Err(ApiError::not_found("secret kind", kind)),
     };
     let secret = body

@@ -61,6 +61,8 @@ pub struct ApiState {
     pub http: reqwest::Client,
     /// Workers' heartbeats (filled by `nodes::Nodes::spawn_listener`).
     pub nodes: Arc<crate::nodes::Nodes>,
+    /// SLS `/stats/{player_id}?reset=1`: the counters as they were at the last reset.
+    pub sls_resets: Arc<sls::Resets>,
 }
 
 impl ApiState {
@@ -83,6 +85,7 @@ impl ApiState {
             sls_app: config.sls_app.clone(),
             http: reqwest::Client::new(),
             nodes: Arc::default(),
+            sls_resets: Arc::default(),
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct StreamStats {
     pub players: u64,
     pub dropped: u64,
     pub uptime_secs: u64,
+    /// SRT link figures of a stream published over SRT: the publisher's link, packet
+    /// counters summed over workers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub srt: Option<sluice_events::dist::SrtLink>,
     /// Per worker.
     pub workers: Vec<WorkerStream>,
 }
@@ -62,8 +66,28 @@ pub fn stream_stats_of(api: &ApiState, app: &str, stream: &str) -> StreamStats {
         players: sum(|s| s.players),
         dropped: sum(|s| s.dropped),
         uptime_secs: workers.iter().map(|w| w.stat.uptime_secs).max().unwrap_or(0),
+        srt: srt_of(&workers),
         workers,
     }
+}
+
+fn srt_of(workers: &[WorkerStream]) -> Option<sluice_events::dist::SrtLink> {
+    let links: Vec<_> = workers.iter().filter_map(|w| w.stat.srt.as_ref()).collect();
+    let first = (*links.first()?).clone();
+    Some(links[1..].iter().fold(first, |mut t, l| {
+        t.rtt_us = t.rtt_us.max(l.rtt_us);
+        t.latency_ms = t.latency_ms.max(l.latency_ms);
+        t.rcv_buf_ms = t.rcv_buf_ms.max(l.rcv_buf_ms);
+        t.pkt_rcv_loss += l.pkt_rcv_loss;
+        t.bytes_rcv_loss += l.bytes_rcv_loss;
+        t.pkt_rcv_drop += l.pkt_rcv_drop;
+        t.bytes_rcv_drop += l.bytes_rcv_drop;
+        t.pkt_rcv_retrans += l.pkt_rcv_retrans;
+        t.pkt_snd_retrans += l.pkt_snd_retrans;
+        t.pkt_snd_loss += l.pkt_snd_loss;
+        t.pkt_snd_drop += l.pkt_snd_drop;
+        t
+    }))
 }
 
 async fn stream_stats(

@@ -98,7 +98,7 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Op> {
             admin,
             "config",
             "apps",
-            "Rotate the hash, jwt or webhook secret (returned once)",
+            "Rotate the hash, jwt, webhook or srt_passphrase secret (returned once)",
             200,
         )
         .op::<streams::RegisterStream, streams::StreamView>(

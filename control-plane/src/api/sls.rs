@@ -203,8 +203,51 @@ async fn new_key(
     Ok(Json(body).into_response())
 }
 
-/// Live numbers arrive from the workers later (issue 4); until then a registered player
-/// reads zeros and an unknown one is a 404.
+/// The counters of each stream as they were when `reset` was last asked, with the publisher's
+/// uptime then: a newer publisher (a smaller uptime) starts from zero.
+#[derive(Debug, Default)]
+pub struct Resets(std::sync::Mutex<std::collections::HashMap<String, (u64, Counters)>>);
+
+/// The cumulative counters `/stats` shows.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counters {
+    dropped: u64,
+    pkt_loss: u64,
+    bytes_loss: u64,
+    pkt_drop: u64,
+    bytes_drop: u64,
+}
+
+impl Counters {
+    fn since(self, base: Counters) -> Counters {
+        Counters {
+            dropped: self.dropped.saturating_sub(base.dropped),
+            pkt_loss: self.pkt_loss.saturating_sub(base.pkt_loss),
+            bytes_loss: self.bytes_loss.saturating_sub(base.bytes_loss),
+            pkt_drop: self.pkt_drop.saturating_sub(base.pkt_drop),
+            bytes_drop: self.bytes_drop.saturating_sub(base.bytes_drop),
+        }
+    }
+}
+
+impl Resets {
+    /// The counters since the last reset, resetting them if `reset`.
+    fn read(&self, player_id: &str, uptime: u64, now: Counters, reset: bool) -> Counters {
+        let mut resets = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let base = match resets.get(player_id) {
+            Some((at, base)) if *at <= uptime => *base,
+            _ => Counters::default(),
+        };
+        if reset {
+            resets.insert(player_id.to_owned(), (uptime, now));
+        }
+        now.since(base)
+    }
+}
+
+/// SLS reports its publisher's SRT link. For a stream published over SRT the figures are
+/// srt-tokio's (RTT from the handshake); for one published over RTMP, which has no RTT or
+/// latency, they are `null`.
 async fn stats(
     State(api): State<ApiState>,
     Path(player_id): Path<String>,
@@ -217,33 +260,67 @@ async fn stats(
     if !known {
         return Err(sls_not_found());
     }
-    // Workers' counters are cumulative; `reset` is accepted and changes nothing.
-    let _reset = q.reset.is_some();
     let live = super::nodes::stream_stats_of(&api, api.sls_app.as_str(), &player_id);
-    // RTMP has no RTT or latency figure: null where only RTMP reports (SLS itself is SRT).
-    let rtmp_only = live.live && live.workers.iter().all(|w| w.stat.protocol == "rtmp");
-    let (rtt, latency) = if rtmp_only { (None, None) } else { (Some(0.0), Some(0)) };
+    let link = live.srt.clone().unwrap_or_default();
+    let (rtt, latency) = match (&live.srt, live.live) {
+        (Some(l), _) => (Some(l.rtt_us as f64 / 1000.0), Some(l.latency_ms)),
+        (None, true) => (None, None),
+        (None, false) => (Some(0.0), Some(0)),
+    };
+    let dropped = if live.srt.is_some() { link.pkt_rcv_drop } else { live.dropped };
+    let counters = Counters {
+        dropped,
+        pkt_loss: link.pkt_rcv_loss,
+        bytes_loss: link.bytes_rcv_loss,
+        pkt_drop: link.pkt_rcv_drop,
+        bytes_drop: link.bytes_rcv_drop,
+    };
+    let c = api.sls_resets.read(&player_id, live.uptime_secs, counters, q.reset.is_some());
     let kbps = live.bitrate_10s / 1000;
     if q.legacy.as_deref() == Some("1") {
         let publisher = LegacyPublisher {
             bitrate: kbps,
+            bytes_rcv_drop: c.bytes_drop,
+            bytes_rcv_loss: c.bytes_loss,
+            // srt-tokio 0.4.4 does not estimate link capacity.
+            mbps_bandwidth: 0.0,
             mbps_recv_rate: live.bitrate_1s as f64 / 1e6,
-            pkt_rcv_drop: live.dropped,
+            ms_rcv_buf: link.rcv_buf_ms,
+            pkt_rcv_drop: c.pkt_drop,
+            pkt_rcv_loss: c.pkt_loss,
             rtt,
             uptime: live.uptime_secs,
             latency,
-            ..LegacyPublisher::default()
         };
         let publishers = [(player_id, publisher)].into_iter().collect();
         return Ok(Json(LegacyStats { publishers, status: "ok" }).into_response());
     }
     let publisher = PublisherStats {
         bitrate: kbps,
-        dropped_pkts: live.dropped,
+        buffer: link.rcv_buf_ms,
+        dropped_pkts: c.dropped,
         rtt,
         uptime: live.uptime_secs,
         latency,
-        ..PublisherStats::default()
     };
     Ok(Json(Stats { publisher, status: "ok" }).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_counts_from_the_last_reset_until_a_new_publisher() {
+        let resets = Resets::default();
+        let at =
+            |n: u64| Counters { dropped: n, pkt_loss: n * 2, bytes_loss: n * 2000, pkt_drop: n, bytes_drop: n * 1000 };
+        assert_eq!(resets.read("cam", 10, at(5), false).pkt_loss, 10, "no reset yet: cumulative");
+        assert_eq!(resets.read("cam", 11, at(7), true).dropped, 7, "the read that resets shows the totals");
+        let c = resets.read("cam", 12, at(9), false);
+        assert_eq!((c.dropped, c.pkt_loss, c.bytes_drop), (2, 4, 2000), "counted since the reset");
+        assert_eq!(resets.read("other", 12, at(9), false).dropped, 9, "per stream");
+        // A new publisher (uptime went back) starts from its own zero.
+        assert_eq!(resets.read("cam", 3, at(1), false).dropped, 1);
+    }
 }
