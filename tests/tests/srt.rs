@@ -45,15 +45,20 @@ async fn reject_code(port: u16, streamid: &str) -> i32 {
 
 /// `reject_code` for a caller that encrypts with `passphrase` (AES-128).
 async fn reject_code_with(port: u16, streamid: &str, passphrase: Option<&str>) -> i32 {
-    let addr = format!("127.0.0.1:{port}");
     let builder = srt_tokio::SrtSocket::builder();
     let builder = match passphrase {
         Some(p) => builder.encryption(16, p),
         None => builder,
     };
+    call(port, streamid, builder).await.map(|_| 0).unwrap_or_else(|code| code)
+}
+
+/// An srt-tokio caller: the socket, or the code it was refused with (see `reject_code`).
+async fn call(port: u16, streamid: &str, builder: srt_tokio::SrtSocketBuilder) -> Result<srt_tokio::SrtSocket, i32> {
+    let addr = format!("127.0.0.1:{port}");
     let call = builder.call(addr.as_str(), Some(streamid));
     let e = match tokio::time::timeout(Duration::from_secs(10), call).await {
-        Ok(Ok(_)) => return 0,
+        Ok(Ok(socket)) => return Ok(socket),
         Ok(Err(e)) => e,
         Err(_) => panic!("no answer to {streamid}"),
     };
@@ -71,7 +76,7 @@ async fn reject_code_with(port: u16, streamid: &str, passphrase: Option<&str>) -
         ("BadSecret", 10),
         ("Unsecure", 11),
     ];
-    codes.iter().find(|(name, _)| reason.contains(name)).map(|(_, c)| *c).unwrap_or_else(|| panic!("{reason}"))
+    Err(codes.iter().find(|(name, _)| reason.contains(name)).map(|(_, c)| *c).unwrap_or_else(|| panic!("{reason}")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,5 +266,104 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     assert!(has("publish", false, "stream_busy"), "{log:?}");
     assert!(has("play", false, "stream_not_registered"), "{log:?}");
     assert!(has("play", true, "allowed"), "{log:?}");
+    assert_eq!(get(&http, format!("http://127.0.0.1:{admin}/health")).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_cleaned_up() {
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("srt_bad").await.unwrap();
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
+    let cp = free_port();
+    let _cp = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+    // Open, and streams need no registration.
+    post(&http, cp, "/v1/apps", json!({"name": "open"})).await;
+    let (admin, srt) = (free_port(), free_port());
+    let w_log = dir.path().join("w1.log");
+    let listen = format!("127.0.0.1:{srt}");
+    let _w = worker_with(
+        &nats.url(),
+        admin,
+        &dir.path().join("w1"),
+        "w1",
+        &w_log,
+        &[("SLUICE_SRT_LISTEN", &listen), ("SLUICE_MAX_CONNECTIONS_PER_IP", "4")],
+    );
+    let head = store.head().await.unwrap().0;
+    until("the worker has the head", || async {
+        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
+    })
+    .await;
+
+    // Four publishers from 127.0.0.1 hold its four slots (sending, so none idles out).
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let sid = format!("#!::r=open/held{i},m=publish");
+        let mut socket = call(srt, &sid, srt_tokio::SrtSocket::builder()).await.expect("within the limit");
+        let mut stopped = stopped.clone();
+        held.push(tokio::spawn(async move {
+            use futures::SinkExt as _;
+            let packet = bytes::Bytes::from(vec![0x47; 1316]);
+            while !*stopped.borrow() {
+                socket.send((std::time::Instant::now(), packet.clone())).await.unwrap();
+                let _ = tokio::time::timeout(Duration::from_millis(200), stopped.changed()).await;
+            }
+            socket.close().await.unwrap();
+        }));
+    }
+    until("the four are decided", || async { recorded(&store, "w1").await.len() >= 4 }).await;
+    // A flood of handshakes from the same address: every one is refused with 1402 before
+    // anything is decided, so the flood costs no decision, no log entry, no webhook.
+    let flood: Vec<_> = (0..200)
+        .map(|i| tokio::spawn(async move { reject_code(srt, &format!("#!::r=open/flood{i},m=publish")).await }))
+        .collect();
+    for f in flood {
+        assert_eq!(f.await.unwrap(), 1402);
+    }
+    // Another address still gets in.
+    let other = srt_tokio::SrtSocket::builder().local_ip("127.0.0.2".parse().unwrap());
+    let other = call(srt, "#!::r=open/other,m=publish", other).await.expect("another address");
+    until("the other is decided", || async { recorded(&store, "w1").await.len() >= 5 }).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let decided = recorded(&store, "w1").await;
+    assert_eq!(decided.len(), 5, "the flood was decided: {decided:?}");
+    assert!(decided.iter().all(|(_, _, allowed, _)| *allowed), "{decided:?}");
+    // Closed, the slots are free again.
+    stop.send(true).unwrap();
+    for h in held {
+        h.await.unwrap();
+    }
+    drop(other);
+    until("a slot is free", || async {
+        matches!(call(srt, "#!::r=open/again,m=publish", srt_tokio::SrtSocket::builder()).await, Ok(_))
+    })
+    .await;
+
+    // A publisher that vanishes (SIGKILL: no shutdown packet) is timed out and its stream is
+    // freed; so is a vanished player.
+    let sid = "#!::r=open/cam,m=publish";
+    let mut publisher = ffmpeg_testsrc("mpegts", &format!("{}&pkt_size=1316", srt_url(srt, sid)), 60).spawn().unwrap();
+    let stats = format!("http://127.0.0.1:{cp}/v1/stats/streams/open/cam");
+    until("the stream is live", || async { get(&http, stats.clone()).await.1["live"] == true }).await;
+    let mut player = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostats", "-i", &srt_url(srt, "#!::r=open/cam,m=request"), "-f", "null", "-"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    until("the player is counted", || async { get(&http, stats.clone()).await.1["players"] == 1 }).await;
+    player.kill().unwrap();
+    player.wait().unwrap();
+    until("the vanished player is dropped", || async { get(&http, stats.clone()).await.1["players"] == 0 }).await;
+    publisher.kill().unwrap();
+    publisher.wait().unwrap();
+    until("the vanished publisher's stream ends", || async { get(&http, stats.clone()).await.1["live"] == false })
+        .await;
+    assert_eq!(reject_code(srt, sid).await, 0, "the stream is free for a new publisher");
+    assert!(!read(&w_log).contains("panicked"), "{}", read(&w_log));
     assert_eq!(get(&http, format!("http://127.0.0.1:{admin}/health")).await.0, 200);
 }
