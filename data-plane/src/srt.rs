@@ -34,7 +34,7 @@ use sluice_events::{AccessRequest, Action, AppName, Protocol, Reason, StreamName
 use srt_protocol::packet::CoreRejectReason;
 use srt_protocol::settings::KeySettings;
 use srt_tokio::access::{RejectReason, ServerRejectReason};
-use srt_tokio::options::{KeySize, Passphrase, StreamId};
+use srt_tokio::options::{ByteCount, KeySize, Passphrase, StreamId};
 use srt_tokio::{SocketStatistics, SrtListener};
 use tokio::sync::broadcast;
 
@@ -46,6 +46,8 @@ use crate::stats::StreamCounters;
 const PLAYER_QUEUE: usize = 1500;
 /// A player that lags this many times in a row is closed.
 const LAGS_BEFORE_CLOSE: u32 = 3;
+/// Send buffer of a player's connection, in packets of 1,456 bytes (libsrt's default).
+const SEND_BUFFER_PACKETS: u64 = 8192;
 /// A publisher silent this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// libsrt's code for a rate-limited caller: server reject codes are 1000 + an HTTP status,
@@ -115,7 +117,14 @@ impl Hub {
 
 /// Binds the SRT port and serves callers on the tokio runtime until the process ends.
 pub async fn spawn(settings: Settings, decider: Decider) -> std::io::Result<()> {
-    let (listener, mut incoming) = SrtListener::builder().latency(settings.latency).bind(settings.listen).await?;
+    let (listener, mut incoming) = SrtListener::builder()
+        .latency(settings.latency)
+        // srt-tokio's default send buffer is 32 packets (46,592 bytes): a player falls that
+        // far behind in 150 ms of a 2 Mbit/s stream. libsrt's default, 8,192 packets; what a
+        // player holds is bounded anyway by the drop of packets older than 1.25 × latency.
+        .set(|o| o.sender.buffer_size = ByteCount(SEND_BUFFER_PACKETS * 1456))
+        .bind(settings.listen)
+        .await?;
     tracing::info!(listen = %settings.listen, "SRT on srt-tokio");
     let hub = Arc::new(Hub::default());
     tokio::spawn(async move {

@@ -21,20 +21,26 @@ fn srt_url(port: u16, streamid: &str) -> String {
 /// srt-live-transmit as a caller for `secs`: its verbose log (with the reject reason if
 /// refused) and what it received (written to stdout, `file://con`).
 fn transmit(url: &str, secs: u64) -> (String, Vec<u8>) {
-    let child = Command::new("srt-live-transmit")
+    let mut child = Command::new("srt-live-transmit")
         .args(["-v", "-a:no", "-t", &secs.to_string(), url, "file://con"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut child = child;
+    // Drained while it runs: a full pipe would stall it.
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut bytes);
+        bytes
+    });
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(secs + 5) && child.try_wait().unwrap().is_none() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
     let o = child.wait_with_output().unwrap();
-    (String::from_utf8_lossy(&o.stderr).into_owned(), o.stdout)
+    (String::from_utf8_lossy(&o.stderr).into_owned(), reader.join().unwrap())
 }
 
 /// A tiny SRT caller (srt-tokio) that reads the reject code off the handshake: the code
@@ -342,6 +348,37 @@ async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_clean
         matches!(call(srt, "#!::r=open/again,m=publish", srt_tokio::SrtSocket::builder()).await, Ok(_))
     })
     .await;
+
+    // Several players of a 2 Mbit/s stream each get all of it, for longer than a player's
+    // send buffer lasts (srt-tokio's default of 32 packets once stalled every player after a
+    // moment; data-plane/vendor/README.md).
+    let hd = format!("{}&pkt_size=1316", srt_url(srt, "#!::r=open/hd,m=publish"));
+    let mut hd_publisher = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=640x360:rate=25"])
+        .args(["-c:v", "libx264", "-preset", "ultrafast", "-b:v", "2000k", "-minrate", "2000k", "-maxrate", "2000k"])
+        .args(["-bufsize", "1000k", "-x264-params", "nal-hrd=cbr", "-g", "50", "-t", "30", "-f", "mpegts", &hd])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let hd_stats = format!("http://127.0.0.1:{cp}/v1/stats/streams/open/hd");
+    until("the 2 Mbit/s stream is live", || async {
+        get(&http, hd_stats.clone()).await.1["bitrate_1s"].as_u64() > Some(1_500_000)
+    })
+    .await;
+    let players: Vec<_> = (0..3)
+        .map(|_| {
+            let u = srt_url(srt, "open/hd");
+            tokio::task::spawn_blocking(move || transmit(&u, 8))
+        })
+        .collect();
+    for p in players {
+        let (log, bytes) = p.await.unwrap();
+        // 8 s at 2 Mbit/s is 2 MB; the first ~second is the handshake and latency.
+        assert!(bytes.len() > 1_200_000, "a player got {} bytes: {log}", bytes.len());
+    }
+    hd_publisher.kill().unwrap();
+    hd_publisher.wait().unwrap();
 
     // A publisher that vanishes (SIGKILL: no shutdown packet) is timed out and its stream is
     // freed; so is a vanished player.

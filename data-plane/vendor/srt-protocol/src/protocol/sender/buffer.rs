@@ -68,6 +68,9 @@ impl SendBuffer {
             Ok(())
         } else if let Some(entry) = self.buffer.pop_front() {
             self.buffer_len_bytes -= entry.packet.wire_size();
+            // sluice patch: the dropped packet is never sent; without this a sender that fell
+            // one buffer behind kept waiting for it and sent nothing again.
+            self.next_send = max(self.next_send, entry.packet.seq_number + 1);
 
             // remove packet from lost list if we are dropping it
             if self.lost_list.first() == Some(&entry.packet.seq_number) {
@@ -840,6 +843,20 @@ mod test {
             })
         );
         assert!(!buffer.has_packets_to_send());
+    }
+
+    // sluice patch: a full buffer drops its oldest packet, and sending goes on from the next.
+    #[test]
+    fn a_full_buffer_drops_its_oldest_and_sending_goes_on() {
+        let mut settings = new_settings();
+        settings.send_buffer_size = PacketCount(2);
+        let mut buffer = SendBuffer::new(&settings);
+        for n in 0..3 {
+            let _ = buffer.push_data(test_data_packet(n, false));
+        }
+        let ts = TimeStamp::MIN + Duration::from_millis(1);
+        let sent = buffer.send_next_packet(ts).expect("a packet to send");
+        assert_eq!(sent.seq_number, SeqNumber(1), "packet 0 was dropped, 1 goes next");
     }
 
     #[test]

@@ -1,0 +1,126 @@
+//! `srt-load HOST:PORT STREAMID N SECS`: N SRT receivers (srt-tokio callers) of one stream,
+//! counting payload bytes and the packets their SRT layer dropped as too late (lost to the
+//! application). After a warm-up of 5 s it measures for SECS seconds and prints one JSON line
+//! in `rtmp-load`'s shape plus `lost_packets` and `received_packets`.
+//!
+//! `srt-load --udp FIRST_PORT N SECS`: the same count for N libsrt receivers
+//! (`srt-live-transmit srt://… udp://127.0.0.1:FIRST_PORT+i`) started by the caller: it counts
+//! the datagrams each one forwards. `lost_packets` is then what the SRT layer did not deliver:
+//! srt-live-transmit does not report it, so it stays 0 and the rates tell the loss.
+//! (srt-tokio receivers of an srt-tokio sender deliver nothing in some runs here, libsrt
+//! receivers always do: the benchmark uses libsrt's, as real players are.)
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use srt_tokio::SrtSocket;
+
+#[derive(Default)]
+struct Counters {
+    bytes: AtomicU64,
+    packets: AtomicU64,
+    lost: AtomicU64,
+}
+
+async fn receiver(addr: String, streamid: String, c: Arc<Counters>) -> std::io::Result<()> {
+    let mut socket = SrtSocket::builder().call(addr.as_str(), Some(streamid.as_str())).await?;
+    let mut stats = socket.statistics().clone();
+    loop {
+        tokio::select! {
+            packet = socket.next() => match packet {
+                Some(Ok((_, data))) => {
+                    c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                    c.packets.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Ok(()),
+            },
+            s = stats.next() => if let Some(s) = s { c.lost.store(s.rx_dropped_data, Ordering::Relaxed) } else { eprintln!("stats ended") },
+        }
+    }
+}
+
+/// Counts the datagrams arriving on one UDP port.
+async fn udp_counter(port: u16, c: Arc<Counters>) -> std::io::Result<()> {
+    let socket = tokio::net::UdpSocket::bind(("127.0.0.1", port)).await?;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = socket.recv(&mut buf).await?;
+        c.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        c.packets.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let udp = args.get(1).is_some_and(|a| a == "--udp");
+    if args.len() != 5 {
+        eprintln!("usage: srt-load HOST:PORT STREAMID RECEIVERS SECONDS | srt-load --udp FIRST_PORT RECEIVERS SECONDS");
+        std::process::exit(2);
+    }
+    // With --udp: ("--udp", FIRST_PORT).
+    let (addr, streamid) = (args[1].clone(), args[2].clone());
+    let first_port: u16 = if udp { streamid.parse().unwrap_or(0) } else { 0 };
+    let receivers: usize = args[3].parse().unwrap_or(1);
+    let secs: u64 = args[4].parse().unwrap_or(10);
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("srt-load: {err}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async move {
+        let counters: Vec<Arc<Counters>> = (0..receivers).map(|_| Arc::default()).collect();
+        let failed = Arc::new(AtomicU64::new(0));
+        for (i, c) in counters.iter().enumerate() {
+            let (addr, streamid, c, failed) = (addr.clone(), streamid.clone(), c.clone(), failed.clone());
+            let port = first_port.wrapping_add(i as u16);
+            tokio::spawn(async move {
+                let done = if udp { udp_counter(port, c).await } else { receiver(addr, streamid, c).await };
+                if let Err(err) = done
+                    && failed.fetch_add(1, Ordering::Relaxed) < 3
+                {
+                    eprintln!("srt-load: receiver: {err}");
+                }
+            });
+            if !udp {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let snapshot = |f: fn(&Counters) -> u64| counters.iter().map(|c| f(c)).collect::<Vec<u64>>();
+        let (bytes0, packets0, lost0) = (
+            snapshot(|c| c.bytes.load(Ordering::Relaxed)),
+            snapshot(|c| c.packets.load(Ordering::Relaxed)),
+            snapshot(|c| c.lost.load(Ordering::Relaxed)),
+        );
+        let t = std::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        let elapsed = t.elapsed().as_secs_f64();
+        let delta = |now: Vec<u64>, then: &[u64]| now.iter().zip(then).map(|(a, b)| a - b).sum::<u64>();
+        let mut rates: Vec<f64> =
+            counters.iter().zip(&bytes0).map(|(c, s)| (c.bytes.load(Ordering::Relaxed) - s) as f64 / elapsed).collect();
+        rates.sort_by(f64::total_cmp);
+        let total: f64 = rates.iter().sum();
+        let at = |q: f64| rates[((rates.len() as f64 - 1.0) * q) as usize];
+        println!(
+            "{}",
+            serde_json::json!({
+                "players": receivers,
+                "failed": failed.load(Ordering::Relaxed),
+                "seconds": elapsed,
+                "delivered_bits_per_sec": total * 8.0,
+                "player_bytes_per_sec_min": at(0.0),
+                "player_bytes_per_sec_p5": at(0.05),
+                "player_bytes_per_sec_median": at(0.5),
+                "received_packets": delta(snapshot(|c| c.packets.load(Ordering::Relaxed)), &packets0),
+                "lost_packets": delta(snapshot(|c| c.lost.load(Ordering::Relaxed)), &lost0),
+                "rates": rates,
+            })
+        );
+    });
+}
