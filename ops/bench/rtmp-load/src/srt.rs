@@ -6,9 +6,8 @@
 //! `srt-load --udp FIRST_PORT N SECS`: the same count for N libsrt receivers
 //! (`srt-live-transmit srt://… udp://127.0.0.1:FIRST_PORT+i`) started by the caller: it counts
 //! the datagrams each one forwards. `lost_packets` is then what the SRT layer did not deliver:
-//! srt-live-transmit does not report it, so it stays 0 and the rates tell the loss.
-//! (srt-tokio receivers of an srt-tokio sender deliver nothing in some runs here, libsrt
-//! receivers always do: the benchmark uses libsrt's, as real players are.)
+//! srt-live-transmit does not report it, so it stays 0 and the rates tell the loss. The
+//! benchmark uses this mode: libsrt receivers, as real players are.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
