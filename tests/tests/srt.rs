@@ -345,7 +345,7 @@ async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_clean
     }
     drop(other);
     until("a slot is free", || async {
-        matches!(call(srt, "#!::r=open/again,m=publish", srt_tokio::SrtSocket::builder()).await, Ok(_))
+        call(srt, "#!::r=open/again,m=publish", srt_tokio::SrtSocket::builder()).await.is_ok()
     })
     .await;
 
