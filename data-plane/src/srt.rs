@@ -66,9 +66,73 @@ type Key = (AppName, StreamName);
 
 struct Live {
     publisher: u64,
-    tx: broadcast::Sender<Bytes>,
+    feed: Arc<Feed>,
     /// Set once the publisher is admitted.
     counters: Option<Arc<StreamCounters>>,
+}
+
+/// Packets the GOP cache holds at most (about 5 MB); a longer GOP is not cached.
+const GOP_MAX_PACKETS: usize = 4096;
+
+/// The publisher's packets: to live players through the channel, and into the GOP cache (the
+/// packets since the last video keyframe), under one lock, so a player that joins gets the
+/// cache and then the channel with nothing missing and nothing twice.
+struct Feed {
+    tx: broadcast::Sender<Bytes>,
+    gop: Mutex<Gop>,
+}
+
+#[derive(Default)]
+struct Gop {
+    packets: Vec<Bytes>,
+    /// A keyframe started the packets (false until the first, and after an overlong GOP).
+    open: bool,
+}
+
+impl Feed {
+    fn new() -> Feed {
+        Feed { tx: broadcast::channel(PLAYER_QUEUE).0, gop: Mutex::default() }
+    }
+
+    fn publish(&self, data: Bytes) {
+        let mut gop = self.gop.lock().unwrap_or_else(|p| p.into_inner());
+        if starts_video_keyframe(&data) {
+            gop.packets.clear();
+            gop.open = true;
+        }
+        if gop.open {
+            if gop.packets.len() < GOP_MAX_PACKETS {
+                gop.packets.push(data.clone());
+            } else {
+                *gop = Gop::default();
+            }
+        }
+        let _ = self.tx.send(data);
+    }
+
+    /// The cached GOP and a receiver of what follows it.
+    fn join(&self) -> (Vec<Bytes>, broadcast::Receiver<Bytes>) {
+        let gop = self.gop.lock().unwrap_or_else(|p| p.into_inner());
+        (gop.packets.clone(), self.tx.subscribe())
+    }
+}
+
+/// Whether an SRT payload (MPEG-TS packets of 188 bytes) holds the start of a video keyframe:
+/// a TS packet that starts a video PES (stream id 0xE0–0xEF) with the adaptation field's
+/// random-access indicator set (ffmpeg and encoders set it on keyframes; audio PES, which it
+/// is also set on, are not video).
+fn starts_video_keyframe(payload: &[u8]) -> bool {
+    payload.chunks_exact(188).any(|ts| {
+        let unit_start = ts[1] & 0x40 != 0;
+        let control = (ts[3] >> 4) & 0b11;
+        if ts[0] != 0x47 || !unit_start || control != 0b11 {
+            return false;
+        }
+        let adaptation = usize::from(ts[4]);
+        let random_access = adaptation > 0 && ts[5] & 0x40 != 0;
+        let pes = 5 + adaptation;
+        random_access && ts.get(pes..pes + 4).is_some_and(|h| h[..3] == [0, 0, 1] && (0xE0..=0xEF).contains(&h[3]))
+    })
 }
 
 /// The SRT streams of this worker: one publisher each.
@@ -88,8 +152,7 @@ impl Hub {
         if streams.contains_key(key) {
             return false;
         }
-        let (tx, _) = broadcast::channel(PLAYER_QUEUE);
-        streams.insert(key.clone(), Live { publisher: id, tx, counters: None });
+        streams.insert(key.clone(), Live { publisher: id, feed: Arc::new(Feed::new()), counters: None });
         true
     }
 
@@ -100,18 +163,22 @@ impl Hub {
         }
     }
 
-    fn admitted(&self, key: &Key, id: u64, counters: Arc<StreamCounters>) -> Option<broadcast::Sender<Bytes>> {
+    fn admitted(&self, key: &Key, id: u64, counters: Arc<StreamCounters>) -> Option<Arc<Feed>> {
         let mut streams = self.lock();
         let live = streams.get_mut(key).filter(|l| l.publisher == id)?;
         live.counters = Some(counters);
-        Some(live.tx.clone())
+        Some(live.feed.clone())
     }
 
-    /// A receiver of an admitted publisher's packets.
-    fn subscribe(&self, key: &Key) -> Option<(broadcast::Receiver<Bytes>, Arc<StreamCounters>)> {
-        let streams = self.lock();
-        let live = streams.get(key)?;
-        Some((live.tx.subscribe(), live.counters.clone()?))
+    /// An admitted publisher's GOP cache and a receiver of the packets after it.
+    fn subscribe(&self, key: &Key) -> Option<(Vec<Bytes>, broadcast::Receiver<Bytes>, Arc<StreamCounters>)> {
+        let (feed, counters) = {
+            let streams = self.lock();
+            let live = streams.get(key)?;
+            (live.feed.clone(), live.counters.clone()?)
+        };
+        let (gop, rx) = feed.join();
+        Some((gop, rx, counters))
     }
 }
 
@@ -232,7 +299,7 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
     let mut session = decider.sessions.admit(admitted_by, record.decision.method);
     if publishing {
         let counters = decider.stats.stream_started(key.0.as_str(), key.1.as_str(), "srt");
-        let Some(tx) = hub.admitted(&key, id, counters.clone()) else {
+        let Some(feed) = hub.admitted(&key, id, counters.clone()) else {
             decider.stats.stream_ended(key.0.as_str(), key.1.as_str());
             let _ = request.reject(RejectReason::Server(ServerRejectReason::Conflict)).await;
             return;
@@ -260,7 +327,7 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
                 packet = tokio::time::timeout(IDLE_TIMEOUT, socket.next()) => match packet {
                     Ok(Some(Ok((_, data)))) => {
                         counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
-                        let _ = tx.send(data);
+                        feed.publish(data);
                     }
                     Ok(Some(Err(_)) | None) => break,
                     Err(_) => {
@@ -279,7 +346,7 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
         let _ = socket.close().await;
     } else {
         // Only a live stream can be played: the caller learns it before the handshake ends.
-        let Some((mut rx, counters)) = hub.subscribe(&key) else {
+        let Some((gop, mut rx, counters)) = hub.subscribe(&key) else {
             let _ = request.reject(RejectReason::Server(ServerRejectReason::Notfound)).await;
             return;
         };
@@ -291,6 +358,15 @@ async fn caller(request: srt_tokio::ConnectionRequest, decider: Decider, hub: Ar
             }
         };
         counters.players.fetch_add(1, Ordering::Relaxed);
+        // The GOP so far first, so the player decodes at once instead of waiting for the
+        // publisher's next keyframe.
+        for data in gop {
+            let n = data.len() as u64;
+            if socket.send((Instant::now(), data)).await.is_err() {
+                break;
+            }
+            counters.bytes_out.fetch_add(n, Ordering::Relaxed);
+        }
         let mut lags = 0;
         let mut link = socket.statistics().clone();
         let mut reported = PlayerLink::default();
@@ -388,6 +464,45 @@ impl PlayerLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A TS packet: `pid`, payload-unit start, an adaptation field with the random-access
+    /// flag if `random_access`, then a PES start of `stream_id`.
+    fn ts(stream_id: u8, random_access: bool) -> [u8; 188] {
+        let mut p = [0xffu8; 188];
+        p[..4].copy_from_slice(&[0x47, 0x40 | 0x01, 0x00, 0x30]);
+        p[4] = 1;
+        p[5] = if random_access { 0x40 } else { 0 };
+        p[6..10].copy_from_slice(&[0, 0, 1, stream_id]);
+        p
+    }
+
+    #[test]
+    fn video_keyframes_start_the_gop_and_audio_ones_do_not() {
+        let payload = |packets: &[[u8; 188]]| packets.concat();
+        assert!(starts_video_keyframe(&payload(&[ts(0xC0, true), ts(0xE0, true)])));
+        assert!(!starts_video_keyframe(&payload(&[ts(0xC0, true)])), "audio");
+        assert!(!starts_video_keyframe(&payload(&[ts(0xE0, false)])), "not random access");
+        assert!(!starts_video_keyframe(&[0x47; 100]), "short");
+        let mut no_adaptation = ts(0xE0, true);
+        no_adaptation[3] = 0x10;
+        assert!(!starts_video_keyframe(&no_adaptation));
+        let mut long = ts(0xE0, true);
+        long[4] = 183;
+        assert!(!starts_video_keyframe(&long), "no room for a PES header");
+
+        let feed = Feed::new();
+        let key = Bytes::from(payload(&[ts(0xE0, true)]));
+        let delta = Bytes::from(payload(&[ts(0xE0, false)]));
+        feed.publish(delta.clone());
+        assert!(feed.join().0.is_empty(), "nothing before the first keyframe");
+        feed.publish(key.clone());
+        feed.publish(delta.clone());
+        let (gop, mut rx) = feed.join();
+        assert_eq!(gop, [key.clone(), delta.clone()]);
+        feed.publish(key.clone());
+        assert_eq!(rx.try_recv().unwrap(), key, "what follows the cache comes through the channel");
+        assert_eq!(feed.join().0, [key], "a keyframe restarts the cache");
+    }
 
     #[test]
     fn refusals_map_to_the_documented_reject_codes() {

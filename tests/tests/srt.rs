@@ -380,6 +380,29 @@ async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_clean
     hd_publisher.kill().unwrap();
     hd_publisher.wait().unwrap();
 
+    // GOP cache: one keyframe at the start of a 14 s stream; a player that joins 4 s in
+    // decodes at once from the cached GOP (without it there is no keyframe left to start from).
+    let long_gop = format!("{}&pkt_size=1316", srt_url(srt, "#!::r=open/longgop,m=publish"));
+    let publisher = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15"])
+        .args(["-c:v", "libx264", "-preset", "ultrafast", "-g", "1000", "-sc_threshold", "0", "-t", "14"])
+        .args(["-f", "mpegts", &long_gop])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let url = srt_url(srt, "#!::r=open/longgop,m=request");
+    let played = tokio::task::spawn_blocking(move || ffmpeg_play(&url)).await.unwrap();
+    let frames = stderr(&played)
+        .rsplit("frame=")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .unwrap_or(0);
+    assert!(played.status.success() && frames > 0, "no frames from the GOP cache: {}", stderr(&played));
+    let ended = tokio::task::spawn_blocking(move || wait_bounded(publisher, Duration::from_secs(30))).await.unwrap();
+    assert!(ended.is_some());
+
     // A publisher that vanishes (SIGKILL: no shutdown packet) is timed out and its stream is
     // freed; so is a vanished player.
     let sid = "#!::r=open/cam,m=publish";
