@@ -530,7 +530,8 @@ mod tests {
         assert_eq!(r.stream.as_str(), "cam1");
         let r = access_request(b"live/cam1", ip).unwrap();
         assert_eq!(r.action, Action::Play);
-        for bad in [&b""[..], &[0xff, 0xfe], b"#!::m=publish", b"#!::r=a/b,r=a/c", b"#!::r=a/b,m=record", &[b'a'; 600]] {
+        for bad in [&b""[..], &[0xff, 0xfe], b"#!::m=publish", b"#!::r=a/b,r=a/c", b"#!::r=a/b,m=record", &[b'a'; 600]]
+        {
             assert!(access_request(bad, ip).is_err(), "{bad:?}");
         }
     }
