@@ -31,6 +31,8 @@ const INGEST_LOCK: i64 = 0x534c_5549_4345_494e;
 const CONSUMER: &str = "sluice-ingest";
 /// Decisions fetched (and appended) per round.
 const FETCH: usize = 2000;
+/// Redelivery of unacknowledged decisions (e.g. to a control plane killed mid-fetch).
+const ACK_WAIT: Duration = Duration::from_secs(5);
 
 /// How far ingestion got, for tests and `/v1/nodes`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -162,7 +164,10 @@ async fn ingest(
             consumer::pull::Config {
                 durable_name: Some(CONSUMER.into()),
                 ack_policy: consumer::AckPolicy::All,
-                ack_wait: Duration::from_secs(30),
+                // What a killed instance had fetched but not acknowledged (a pull request
+                // outlives its instance by up to its 500 ms expiry) comes back after this;
+                // appends are idempotent, so a slow batch delivered twice costs nothing.
+                ack_wait: ACK_WAIT,
                 max_ack_pending: 100_000,
                 ..Default::default()
             },

@@ -217,7 +217,12 @@ pub fn handle(state: &AuthState, command: Command, now: Timestamp) -> Result<Vec
             if secret.len < kind.min_len() || secret.len > kind.max_len() {
                 return Err(invalid(
                     "secret",
-                    format!("a {} secret needs {} to {} bytes", kind.as_str(), kind.min_len(), kind.max_len()),
+                    format!(
+                        "a {} secret needs at least {} bytes (at most {})",
+                        kind.as_str(),
+                        kind.min_len(),
+                        kind.max_len()
+                    ),
                 ));
             }
             one(AppSecretRotated { app, kind, secret: secret.sealed }.into())

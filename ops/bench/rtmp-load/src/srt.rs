@@ -1,7 +1,8 @@
 //! `srt-load HOST:PORT STREAMID N SECS`: N SRT receivers (srt-tokio callers) of one stream,
 //! counting payload bytes and the packets their SRT layer dropped as too late (lost to the
 //! application). After a warm-up of 5 s it measures for SECS seconds and prints one JSON line
-//! in `rtmp-load`'s shape plus `lost_packets` and `received_packets`.
+//! in `rtmp-load`'s shape plus `lost_packets` and `received_packets`, and `closed_at_ms`: when
+//! each receiver's stream was ended by the server (Unix ms), for the revocation benchmark.
 //!
 //! `srt-load --udp FIRST_PORT N SECS`: the same count for N libsrt receivers
 //! (`srt-live-transmit srt://… udp://127.0.0.1:FIRST_PORT+i`) started by the caller: it counts
@@ -75,15 +76,24 @@ fn main() {
     rt.block_on(async move {
         let counters: Vec<Arc<Counters>> = (0..receivers).map(|_| Arc::default()).collect();
         let failed = Arc::new(AtomicU64::new(0));
+        let closed = Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
         for (i, c) in counters.iter().enumerate() {
             let (addr, streamid, c, failed) = (addr.clone(), streamid.clone(), c.clone(), failed.clone());
+            let closed = closed.clone();
             let port = first_port.wrapping_add(i as u16);
             tokio::spawn(async move {
                 let done = if udp { udp_counter(port, c).await } else { receiver(addr, streamid, c).await };
-                if let Err(err) = done
-                    && failed.fetch_add(1, Ordering::Relaxed) < 3
-                {
-                    eprintln!("srt-load: receiver: {err}");
+                match done {
+                    Ok(()) => {
+                        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+                        let ms = now.map(|d| d.as_millis() as u64).unwrap_or(0);
+                        closed.lock().unwrap_or_else(|p| p.into_inner()).push(ms);
+                    }
+                    Err(err) => {
+                        if failed.fetch_add(1, Ordering::Relaxed) < 3 {
+                            eprintln!("srt-load: receiver: {err}");
+                        }
+                    }
                 }
             });
             if !udp {
@@ -119,6 +129,7 @@ fn main() {
                 "received_packets": delta(snapshot(|c| c.packets.load(Ordering::Relaxed)), &packets0),
                 "lost_packets": delta(snapshot(|c| c.lost.load(Ordering::Relaxed)), &lost0),
                 "rates": rates,
+                "closed_at_ms": closed.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             })
         );
     });
