@@ -66,6 +66,10 @@ pub enum Command {
         kind: SecretKind,
         secret: NewSecret,
     },
+    RemoveAppSecret {
+        app: AppName,
+        kind: SecretKind,
+    },
     DeleteApp {
         app: AppName,
     },
@@ -226,6 +230,12 @@ pub fn handle(state: &AuthState, command: Command, now: Timestamp) -> Result<Vec
                 ));
             }
             one(AppSecretRotated { app, kind, secret: secret.sealed }.into())
+        }
+        Command::RemoveAppSecret { app, kind } => {
+            if !app_of(&app)?.secrets.contains_key(&kind) {
+                return Err(Rejection::NotFound { what: "secret", id: kind.as_str().into() });
+            }
+            one(AppSecretRemoved { app, kind }.into())
         }
         Command::DeleteApp { app } => {
             app_of(&app)?;

@@ -48,6 +48,14 @@ pub struct AppSecretRotated {
     pub secret: Sealed,
 }
 
+/// The app no longer has a secret of this kind (the methods that need it refuse with
+/// `secret_unavailable`; without an SRT passphrase, callers must not encrypt).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AppSecretRemoved {
+    pub app: AppName,
+    pub kind: SecretKind,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct AppDeleted {
     pub app: AppName,
@@ -225,6 +233,7 @@ catalog! {
     AppCreated => "app",
     AppPolicyChanged => "app",
     AppSecretRotated => "app",
+    AppSecretRemoved => "app",
     AppDeleted => "app",
     StreamRegistered => "stream",
     StreamUpdated => "stream",
@@ -292,6 +301,7 @@ impl Event {
             Event::AppCreated(e) => format!("app-{}", e.app),
             Event::AppPolicyChanged(e) => format!("app-{}", e.app),
             Event::AppSecretRotated(e) => format!("app-{}", e.app),
+            Event::AppSecretRemoved(e) => format!("app-{}", e.app),
             Event::AppDeleted(e) => format!("app-{}", e.app),
             Event::StreamRegistered(e) => stream_log(&e.app, &e.name),
             Event::StreamUpdated(e) => stream_log(&e.app, &e.name),

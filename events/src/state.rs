@@ -325,6 +325,11 @@ impl AuthState {
                     app.secrets.insert(e.kind, AppSecret { sealed: e.secret.clone(), plain, mac });
                 }
             }
+            Event::AppSecretRemoved(e) => {
+                if let Some(app) = self.apps.get_mut(&e.app) {
+                    app.secrets.remove(&e.kind);
+                }
+            }
             Event::AppDeleted(e) => {
                 if self.apps.remove(&e.app).is_some() {
                     // Tokens die with their app, so re-creating the app does not revive them.

@@ -32,6 +32,7 @@ fn examples() -> Vec<Event> {
         AppCreated { app: app(), policy: Policy::sls() }.into(),
         AppPolicyChanged { app: app(), policy: policy_with(&[Method::Jwt, Method::Totp]) }.into(),
         AppSecretRotated { app: app(), kind: SecretKind::Jwt, secret: sealed(1) }.into(),
+        AppSecretRemoved { app: app(), kind: SecretKind::SrtPassphrase }.into(),
         AppDeleted { app: app() }.into(),
         StreamRegistered {
             app: app(),

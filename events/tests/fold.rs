@@ -94,6 +94,18 @@ fn secrets_are_checked_for_length_and_binding() {
     assert!(w.command(Command::RotateAppSecret { app: app(), kind: SecretKind::Jwt, secret: moved }, T0).is_err());
     let ok = NewSecret::for_app(&key(), &app(), SecretKind::Jwt, JWT_SECRET, [1; 24]);
     w.command(Command::RotateAppSecret { app: app(), kind: SecretKind::Jwt, secret: ok }, T0).unwrap();
+    // An SRT passphrase is 10 to 79 bytes.
+    let long = NewSecret::for_app(&key(), &app(), SecretKind::SrtPassphrase, &[b'p'; 80], [1; 24]);
+    assert!(matches!(
+        w.command(Command::RotateAppSecret { app: app(), kind: SecretKind::SrtPassphrase, secret: long }, T0),
+        Err(Rejection::Invalid { field: "secret", .. })
+    ));
+    // Removed: gone from the state; removing what is not there is a NotFound.
+    w.command(Command::RemoveAppSecret { app: app(), kind: SecretKind::Jwt }, T0).unwrap();
+    assert!(
+        w.command(Command::RemoveAppSecret { app: app(), kind: SecretKind::Jwt }, T0)
+            .is_err_and(|r| matches!(r, Rejection::NotFound { what: "secret", .. }))
+    );
 }
 
 #[test]

@@ -194,6 +194,17 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     let ended = tokio::task::spawn_blocking(move || wait_bounded(encrypted, Duration::from_secs(20))).await.unwrap();
     assert!(ended.is_some_and(|o| o.status.success()), "the encrypted publisher ran to its end");
     assert!(!read(&w_log).contains(&passphrase), "the passphrase reached the worker's log");
+    // Removed, the app's callers must not encrypt; removing it twice is a 404.
+    let secret_url = format!("http://127.0.0.1:{cp}/v1/apps/vault/secrets/srt_passphrase");
+    assert_eq!(http.delete(&secret_url).bearer_auth(ADMIN).send().await.unwrap().status(), 204);
+    assert_eq!(http.delete(&secret_url).bearer_auth(ADMIN).send().await.unwrap().status(), 404);
+    let head = store.head().await.unwrap().0;
+    until("the worker has the removal", || async {
+        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
+    })
+    .await;
+    assert_eq!(reject_code_with(srt, "#!::r=vault/cam8,m=publish", Some(&passphrase)).await, 11);
+    assert_eq!(reject_code_with(srt, "#!::r=vault/cam8,m=publish", None).await, 0, "in the clear now");
 
     // The right one publishes (standard streamid form).
     let url = format!("{}&pkt_size=1316", srt_url(srt, &format!("#!::r=studio/cam1,m=publish,t={token}")));

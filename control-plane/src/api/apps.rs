@@ -66,7 +66,7 @@ pub fn router() -> Router<ApiState> {
 pub fn config_router() -> Router<ApiState> {
     Router::new()
         .route("/apps/{app}/policy", axum::routing::put(replace_policy))
-        .route("/apps/{app}/secrets/{kind}", post(rotate))
+        .route("/apps/{app}/secrets/{kind}", post(rotate).delete(remove_secret))
 }
 
 pub fn app_name(app: &str) -> Result<AppName, ApiError> {
@@ -145,6 +145,31 @@ async fn replace_policy(
     Ok(written(StatusCode::OK, committed, Some(lookup(&state, &name)?.policy.clone())))
 }
 
+fn secret_kind(kind: &str) -> Result<SecretKind, ApiError> {
+    Ok(match kind {
+        "hash" => SecretKind::Hash,
+        "jwt" => SecretKind::Jwt,
+        "webhook" => SecretKind::Webhook,
+        "srt_passphrase" => SecretKind::SrtPassphrase,
+        _ => return Err(ApiError::not_found("secret kind", kind)),
+    })
+}
+
+/// `DELETE /v1/apps/{app}/secrets/{kind}`: the methods that need it refuse from now on
+/// (`secret_unavailable`); without an SRT passphrase, the app's SRT callers must not encrypt.
+async fn remove_secret(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((app, kind)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    ctx.require(Role::Admin)?;
+    let name = app_name(&app)?;
+    let kind = secret_kind(&kind)?;
+    let committed =
+        api.writer.run(&ctx.origin(), now(), |_| Ok(Command::RemoveAppSecret { app: name.clone(), kind })).await?;
+    Ok(written::<()>(StatusCode::NO_CONTENT, committed, None))
+}
+
 async fn rotate(
     State(api): State<ApiState>,
     ctx: Ctx,
@@ -153,13 +178,7 @@ async fn rotate(
 ) -> Result<Response, ApiError> {
     ctx.require(Role::Admin)?;
     let name = app_name(&app)?;
-    let kind = match kind.as_str() {
-        "hash" => SecretKind::Hash,
-        "jwt" => SecretKind::Jwt,
-        "webhook" => SecretKind::Webhook,
-        "srt_passphrase" => SecretKind::SrtPassphrase,
-        _ => return Err(ApiError::not_found("secret kind", kind)),
-    };
+    let kind = secret_kind(&kind)?;
     let secret = body
         .and_then(|b| b.secret)
         .unwrap_or_else(|| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(random::<32>()));

@@ -101,6 +101,15 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Op> {
             "Rotate the hash, jwt, webhook or srt_passphrase secret (returned once)",
             200,
         )
+        .op::<(), ()>(
+            "delete",
+            "/v1/apps/{app}/secrets/{kind}",
+            admin,
+            "config",
+            "apps",
+            "Remove the secret (its methods refuse; without an SRT passphrase callers must not encrypt)",
+            204,
+        )
         .op::<streams::RegisterStream, streams::StreamView>(
             "post",
             "/v1/apps/{app}/streams",
