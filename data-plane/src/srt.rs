@@ -430,6 +430,11 @@ fn encryption(state: &AuthState, app: &AppName, caller: KeySize) -> Result<Optio
 
 /// The publisher's link figures from its socket's statistics.
 fn publisher_link(l: &mut SrtLink, s: &SocketStatistics) {
+    if !s.rx_average_rtt.is_zero() {
+        l.rtt_us = s.rx_average_rtt.as_micros() as u64;
+    }
+    // Packets per second of 1,456 bytes (SRT's payload and header), as libsrt's mbpsBandwidth.
+    l.bandwidth_bps = s.rx_bandwidth * 1456 * 8;
     l.rcv_buf_ms = s.rx_acknowledged_time.as_millis() as u64;
     l.pkt_rcv_drop = s.rx_dropped_data;
     l.bytes_rcv_drop = s.rx_dropped_bytes;

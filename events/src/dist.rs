@@ -223,13 +223,18 @@ pub struct StreamStat {
 /// What srt-tokio measures of an SRT stream: the publisher's link, and the sum over its
 /// players' links (ended players included).
 ///
-/// srt-tokio 0.4.4 keeps no running RTT, loss list count or bandwidth estimate, so RTT is the
-/// one measured during the handshake and a packet counts as lost when it had to be
-/// retransmitted or was dropped too late.
+/// srt-protocol 0.4.4 keeps no loss list count, so a packet counts as lost when it had to be
+/// retransmitted or was dropped too late. (Its running RTT and link capacity estimate reach
+/// the statistics through the vendored patch.)
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SrtLink {
-    /// Round trip to the publisher measured during the handshake, microseconds.
+    /// Round trip to the publisher, microseconds: SRT's running estimate (ACK/ACK2), the
+    /// handshake's until the first.
     pub rtt_us: u64,
+    /// The publisher link's capacity as SRT estimates it from packet pairs, bits per second
+    /// (0 until 16 pairs have arrived).
+    #[serde(default)]
+    pub bandwidth_bps: u64,
     /// The negotiated receive latency (TSBPD), ms.
     pub latency_ms: u64,
     /// Media held in the receive buffer, ms.

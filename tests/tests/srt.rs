@@ -236,11 +236,14 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     // The live stream's figures reach the control plane.
     until("the control plane sees the SRT stream", || async {
         let (code, st) = get(&http, format!("http://127.0.0.1:{cp}/v1/stats/streams/studio/cam1")).await;
-        code == 200 && st["live"] == true && st["bytes_in"].as_u64() > Some(10_000)
+        code == 200
+            && st["live"] == true
+            && st["bytes_in"].as_u64() > Some(10_000)
+            && st["srt"]["bandwidth_bps"].as_u64() > Some(0)
     })
     .await;
-    // With srt-tokio's link figures: the handshake's RTT, the negotiated latency (ours, 120 ms,
-    // or the caller's if larger), the receive buffer.
+    // With SRT's link figures: the RTT, the negotiated latency (ours, 120 ms, or the caller's
+    // if larger), the receive buffer, the link capacity estimate (above).
     let (_, st) = get(&http, format!("http://127.0.0.1:{cp}/v1/stats/streams/studio/cam1")).await;
     let link = &st["srt"];
     assert!(link["rtt_us"].as_u64() > Some(0), "{st}");
@@ -255,6 +258,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     let (_, legacy) = get(&http, format!("http://127.0.0.1:{cp}/stats/cam1?legacy=1&reset=1")).await;
     let p = &legacy["publishers"]["cam1"];
     assert!(p["mbps_recv_rate"].as_f64() > Some(0.0) && p["rtt"].as_f64() > Some(0.0), "{legacy}");
+    assert!(p["mbps_bandwidth"].as_f64() > Some(0.0), "{legacy}");
     assert_eq!(legacy["status"], "ok");
     // The worker's Prometheus text has the SRT series.
     let metrics = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();

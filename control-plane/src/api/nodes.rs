@@ -78,6 +78,7 @@ fn srt_of(workers: &[WorkerStream]) -> Option<sluice_events::dist::SrtLink> {
         t.rtt_us = t.rtt_us.max(l.rtt_us);
         t.latency_ms = t.latency_ms.max(l.latency_ms);
         t.rcv_buf_ms = t.rcv_buf_ms.max(l.rcv_buf_ms);
+        t.bandwidth_bps = t.bandwidth_bps.max(l.bandwidth_bps);
         t.pkt_rcv_loss += l.pkt_rcv_loss;
         t.bytes_rcv_loss += l.bytes_rcv_loss;
         t.pkt_rcv_drop += l.pkt_rcv_drop;

@@ -282,8 +282,7 @@ async fn stats(
             bitrate: kbps,
             bytes_rcv_drop: c.bytes_drop,
             bytes_rcv_loss: c.bytes_loss,
-            // srt-tokio 0.4.4 does not estimate link capacity.
-            mbps_bandwidth: 0.0,
+            mbps_bandwidth: link.bandwidth_bps as f64 / 1e6,
             mbps_recv_rate: live.bitrate_1s as f64 / 1e6,
             ms_rcv_buf: link.rcv_buf_ms,
             pkt_rcv_drop: c.pkt_drop,

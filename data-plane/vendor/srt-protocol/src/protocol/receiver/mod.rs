@@ -177,6 +177,8 @@ impl<'a> ReceiverContext<'a> {
         self.stats.rx_ack2 += 1;
         let rtt = self.receiver.arq.handle_ack2_packet(now, seq_num);
         if let Some(rtt) = rtt {
+            // sluice patch: the running RTT in the statistics (upstream never set it)
+            self.stats.rx_average_rtt = Duration::from_micros(rtt.mean().as_micros().max(0) as u64);
             self.timers.update_rtt(rtt);
             //self.warn("ack not found", now, &seq_num);
             self.stats.rx_ack2_errors += 1;
@@ -221,6 +223,13 @@ impl<'a> ReceiverContext<'a> {
 
     pub fn on_full_ack_event(&mut self, now: Instant) {
         if let Some(ack) = self.receiver.arq.on_full_ack_event(now) {
+            // sluice patch: the link capacity estimate (packets/s, from packet pairs) in the
+            // statistics; upstream computed it for the ACK only
+            if let Acknowledgement::Full(_, statistics, _) = &ack {
+                if let Some(capacity) = statistics.data_receive_rate {
+                    self.stats.rx_bandwidth = u64::from(capacity);
+                }
+            }
             // Pack the ACK packet with RTT, RTT Variance, and flow window size (available
             // receiver buffer size).
             self.output.send_control(now, ControlTypes::Ack(ack));

@@ -126,6 +126,14 @@ impl<'a> SenderContext<'a> {
 
     pub fn handle_ack_packet(&mut self, now: Instant, ack: Acknowledgement) {
         self.stats.rx_ack += 1;
+        // sluice patch: the peer's RTT and link capacity estimate in the statistics
+        if let Acknowledgement::Full(_, statistics, _) = &ack {
+            let mean = statistics.rtt.mean().as_micros().max(0) as u64;
+            self.stats.tx_average_rtt = std::time::Duration::from_micros(mean);
+            if let Some(capacity) = statistics.data_receive_rate {
+                self.stats.tx_bandwidth = u64::from(capacity);
+            }
+        }
         if matches!(ack, Acknowledgement::Lite(_)) {
             self.stats.rx_light_ack += 1;
         }
