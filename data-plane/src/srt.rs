@@ -1,5 +1,5 @@
-//! The SRT server (issue #6, first slice): srt-tokio on the worker's tokio runtime, one UDP
-//! port for every connection.
+//! The SRT server (issue #6): srt-tokio on the worker's tokio runtime, one UDP port for every
+//! connection, over the vendored, patched srt-protocol (`data-plane/vendor/README.md`).
 //!
 //! The caller's streamid is read before the connection is accepted (the standard
 //! `#!::r=app/stream,m=publish|request,t=…,u=…,s=…` form, Ant Media's `app/stream,token=…`,
@@ -8,16 +8,16 @@
 //! handshake with a code libsrt reports: 1400 malformed streamid, 1402 connection limit, 1403
 //! a refused credential, 1404 an unknown app or stream (or nothing live to play), 1409 a
 //! second publisher, 1429 an address in the penalty box, 1503 no decision possible (the worker
-//! has no state yet).
+//! has no state yet); `UNSECURE` when the caller's encryption does not match the app's
+//! passphrase (checked before deciding), `BADSECRET` for a wrong passphrase.
 //!
 //! Relay: the publisher's MPEG-TS packets go to every player of the stream through a
-//! `broadcast` channel of shared `Bytes` (no copy per player). A player that falls more than
-//! the channel's capacity behind loses the oldest packets (counted as dropped) and is closed
-//! after it lags three times in a row; it never stalls the publisher. Sessions are registered
-//! for kick on change, as RTMP's are.
-//!
-//! Not in this slice: per-app passphrases, SRT statistics (RTT, loss, retransmits) in the
-//! heartbeats and SLS `/stats`, the fan-out benchmark.
+//! `broadcast` channel of shared `Bytes` (no copy per player), after the GOP cache (the
+//! packets since the last video keyframe). A player that falls more than the channel's
+//! capacity behind loses the oldest packets (counted as dropped) and is closed after it lags
+//! three times in a row; it never stalls the publisher. Sessions are registered for kick on
+//! change, as RTMP's are. The sockets' statistics feed the stream's `SrtLink` (heartbeats,
+//! `/v1/stats`, SLS `/stats`, Prometheus).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
