@@ -225,7 +225,7 @@ impl MediaStats {
         }
         let _ = writeln!(
             t,
-            "# HELP sluice_srt_rtt_seconds Round trip to each SRT publisher, measured during the handshake.\n\
+            "# HELP sluice_srt_rtt_seconds Round trip to each SRT publisher (SRT's running estimate).\n\
              # TYPE sluice_srt_rtt_seconds gauge"
         );
         for (s, link) in streams.iter().filter_map(|s| Some((s, s.srt.as_ref()?))) {
@@ -292,11 +292,23 @@ mod tests {
         assert_eq!(s.bitrate_10s, (9 * 250_000 + 500_000) * 8 / 10);
         stats.decided(false, "token_expired");
         stats.decided(false, "token_expired");
+        let srt = stats.stream_started("live", "cam2", "srt");
+        srt.srt_link(|l| {
+            l.rtt_us = 1500;
+            l.pkt_rcv_loss = 7;
+        });
+        let text = stats.prometheus(&[]);
+        assert!(text.contains("sluice_srt_rtt_seconds{app=\"live\",stream=\"cam2\"} 0.0015"), "{text}");
+        stats.stream_ended("live", "cam2");
         stats.stream_ended("live", "cam1");
         let text = stats.prometheus(&[("sluice_state_position", "Applied log position.", 42)]);
         assert!(text.contains("sluice_media_bytes_total{direction=\"in\"} 3000000"), "{text}");
         assert!(text.contains("sluice_decisions_total{outcome=\"deny\",reason=\"token_expired\"} 2"), "{text}");
         assert!(text.contains("sluice_state_position 42"), "{text}");
         assert!(text.contains("sluice_live_streams 0"));
+        assert!(
+            text.contains("sluice_srt_packets_total{kind=\"lost\",direction=\"in\"} 7"),
+            "ended streams keep their counts: {text}"
+        );
     }
 }
