@@ -515,6 +515,25 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
             StatusCode::BAD_REQUEST,
             "32 bytes",
         ),
+        (
+            "SRT passphrase over 79 bytes",
+            api.admin(Method::POST, "/v1/apps/studio/secrets/srt_passphrase", Some(json!({"secret": "p".repeat(80)})))
+                .await,
+            StatusCode::BAD_REQUEST,
+            "at most 79",
+        ),
+        (
+            "removing a secret that is not set",
+            api.admin(Method::DELETE, "/v1/apps/studio/secrets/srt_passphrase", None).await,
+            StatusCode::NOT_FOUND,
+            "secret",
+        ),
+        (
+            "removing an unknown secret kind",
+            api.admin(Method::DELETE, "/v1/apps/studio/secrets/nope", None).await,
+            StatusCode::NOT_FOUND,
+            "secret kind",
+        ),
     ];
     for (name, reply, status, needle) in &cases {
         assert_eq!(reply.status, *status, "{name}: {:?}", reply.body);

@@ -79,14 +79,6 @@ fn start_worker(nats: &Nats, port: u16, dir: &Path, node: &str) -> sluice_tests:
     worker(&nats.url(), port, &dir.join(node), node, &dir.join(format!("{node}.log")))
 }
 
-async fn ready_at_head(http: &reqwest::Client, store: &EventStore, port: u16) {
-    let head = store.head().await.unwrap().0;
-    until("the worker has the log's head", || async {
-        get(http, format!("http://127.0.0.1:{port}/wait?position={head}&timeout_ms=500")).await.0 == 200
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_decision_reaches_the_log_exactly_once_through_outages() {
     let pg = Postgres::start().unwrap();

@@ -282,10 +282,7 @@ async fn a_local_snapshot_newer_than_the_nats_one_is_the_one_booted() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let head = store.head().await.unwrap().0;
     assert!(head > nats_at);
-    until("the worker has the head", || async {
-        get(&http, format!("http://127.0.0.1:{w_port}/wait?position={head}&timeout_ms=500")).await.0 == 200
-    })
-    .await;
+    ready_at(&http, w_port, head).await;
     let local = w_dir.join("snapshot.bin");
     until("its local snapshot is at the head", || async {
         std::fs::read(&local)

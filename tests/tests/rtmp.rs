@@ -46,11 +46,7 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
             ("SLUICE_RTMP_THREADS", "1"),
         ],
     );
-    let head = store.head().await.unwrap().0;
-    until("the worker has the head", || async {
-        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
-    })
-    .await;
+    ready_at_head(&http, &store, admin).await;
     assert!(
         read(&w_log).contains("RTMP on monoio with io_uring") || read(&w_log).contains("RTMP on monoio with epoll")
     );

@@ -5,7 +5,6 @@
 //! admitted once, and killing the control plane mid-stream changes nothing for the media.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,20 +14,6 @@ use sluice_tests::{Nats, Postgres, free_port};
 
 mod cluster;
 use cluster::*;
-
-/// A 14 s FLV (H.264 + AAC, keyframe every second) made once, so publishers only copy it.
-fn media_file(dir: &Path) -> String {
-    let path = dir.join("media.flv");
-    let out = Command::new("ffmpeg")
-        .args(["-hide_banner", "-nostdin", "-y", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15"])
-        .args(["-f", "lavfi", "-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-g", "15"])
-        .args(["-c:a", "aac", "-t", "14", "-f", "flv"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    path.to_string_lossy().into_owned()
-}
 
 fn publisher(file: &str, url: &str) -> Command {
     let mut c = Command::new("ffmpeg");
@@ -80,37 +65,6 @@ async fn put(http: &reqwest::Client, port: u16, path: &str, body: Value) {
     assert!(r.status().is_success(), "PUT {path}: {}", r.status());
 }
 
-/// Changes one character of the credential in `url` after `marker`.
-fn tamper(url: &str, marker: &str) -> String {
-    let at = url.find(marker).unwrap() + marker.len();
-    let mut bytes = url.as_bytes().to_vec();
-    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
-    String::from_utf8(bytes).unwrap()
-}
-
-/// A webhook receiver that allows `token=good` and refuses everything else.
-async fn webhook() -> u16 {
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(|body: axum::body::Bytes| async move {
-            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            if v["query"].as_str().is_some_and(|q| q.contains("token=good")) {
-                axum::http::StatusCode::OK
-            } else {
-                axum::http::StatusCode::FORBIDDEN
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    port
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_method_admits_the_right_credential_and_refuses_the_wrong_one_over_rtmp() {
     let pg = Postgres::start().unwrap();
@@ -126,7 +80,7 @@ async fn every_method_admits_the_right_credential_and_refuses_the_wrong_one_over
         control_with(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"), &[("SLUICE_PUBLIC_RTMP_URL", &base)]);
     let file = tokio::task::spawn_blocking({
         let d = dir.path().to_owned();
-        move || media_file(&d)
+        move || media_file(&d, "flv", 14)
     });
     let hook = webhook().await;
     let mut cases = Vec::new();
@@ -294,11 +248,7 @@ async fn every_method_admits_the_right_credential_and_refuses_the_wrong_one_over
         &w_log,
         &[("SLUICE_RTMP_LISTEN", &listen), ("SLUICE_FAILURE_BACKOFF_AFTER", "0"), ("SLUICE_RTMP_THREADS", "4")],
     );
-    let head = store.head().await.unwrap().0;
-    until("the worker has the head", || async {
-        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
-    })
-    .await;
+    ready_at_head(&http, &store, admin).await;
     let file = file.await.unwrap();
 
     // Every case at once: each app has its own stream.
@@ -382,7 +332,7 @@ async fn a_token_raced_on_two_workers_publishes_once_and_the_media_outlives_the_
     let mut control_plane = control(&url, &nats.url(), cp, "cp-1", &cp_log);
     let file = tokio::task::spawn_blocking({
         let d = dir.path().to_owned();
-        move || media_file(&d)
+        move || media_file(&d, "flv", 14)
     });
     let policy = json!({"publish": {"methods": ["one_time_token"]}, "play": {"methods": ["open"]}});
     post(&http, cp, "/v1/apps", json!({"name": "race", "policy": policy})).await;
@@ -400,10 +350,7 @@ async fn a_token_raced_on_two_workers_publishes_once_and_the_media_outlives_the_
     }
     let head = store.head().await.unwrap().0;
     for (_, admin, ..) in &workers {
-        until("the worker has the head", || async {
-            get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
-        })
-        .await;
+        ready_at(&http, *admin, head).await;
     }
     let file = file.await.unwrap();
 

@@ -13,11 +13,6 @@ use sluice_tests::{Nats, Postgres, free_port};
 mod cluster;
 use cluster::*;
 
-fn srt_url(port: u16, streamid: &str) -> String {
-    // ffmpeg does not percent-decode `streamid`: it goes raw (STACK.md).
-    format!("srt://127.0.0.1:{port}?streamid={streamid}")
-}
-
 /// srt-live-transmit as a caller for `secs`: its verbose log (with the reject reason if
 /// refused) and what it received (written to stdout, `file://con`).
 fn transmit(url: &str, secs: u64) -> (String, Vec<u8>) {
@@ -41,48 +36,6 @@ fn transmit(url: &str, secs: u64) -> (String, Vec<u8>) {
     let _ = child.kill();
     let o = child.wait_with_output().unwrap();
     (String::from_utf8_lossy(&o.stderr).into_owned(), reader.join().unwrap())
-}
-
-/// A tiny SRT caller (srt-tokio) that reads the reject code off the handshake: the code
-/// libsrt reports (1000 + status), 0 when accepted.
-async fn reject_code(port: u16, streamid: &str) -> i32 {
-    reject_code_with(port, streamid, None).await
-}
-
-/// `reject_code` for a caller that encrypts with `passphrase` (AES-128).
-async fn reject_code_with(port: u16, streamid: &str, passphrase: Option<&str>) -> i32 {
-    let builder = srt_tokio::SrtSocket::builder();
-    let builder = match passphrase {
-        Some(p) => builder.encryption(16, p),
-        None => builder,
-    };
-    call(port, streamid, builder).await.map(|_| 0).unwrap_or_else(|code| code)
-}
-
-/// An srt-tokio caller: the socket, or the code it was refused with (see `reject_code`).
-async fn call(port: u16, streamid: &str, builder: srt_tokio::SrtSocketBuilder) -> Result<srt_tokio::SrtSocket, i32> {
-    let addr = format!("127.0.0.1:{port}");
-    let call = builder.call(addr.as_str(), Some(streamid));
-    let e = match tokio::time::timeout(Duration::from_secs(10), call).await {
-        Ok(Ok(socket)) => return Ok(socket),
-        Ok(Err(e)) => e,
-        Err(_) => panic!("no answer to {streamid}"),
-    };
-    // srt-tokio keeps the reason private; its Debug names it (`Rejected(Server(Forbidden))`).
-    let reason = format!("{:?}", e.get_ref().unwrap());
-    let codes = [
-        ("Forbidden", 1403),
-        ("Notfound", 1404),
-        ("Conflict", 1409),
-        ("BadRequest", 1400),
-        ("Overload", 1402),
-        ("ServerUnrecognized(2429)", 1429),
-        ("Down", 1503),
-        // Core codes: SRT_REJ_BADSECRET, SRT_REJ_UNSECURE.
-        ("BadSecret", 10),
-        ("Unsecure", 11),
-    ];
-    Err(codes.iter().find(|(name, _)| reason.contains(name)).map(|(_, c)| *c).unwrap_or_else(|| panic!("{reason}")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,11 +77,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
         &w_log,
         &[("SLUICE_SRT_LISTEN", &listen), ("SLUICE_FAILURE_BACKOFF_AFTER", "0")],
     );
-    let head = store.head().await.unwrap().0;
-    until("the worker has the head", || async {
-        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
-    })
-    .await;
+    ready_at_head(&http, &store, admin).await;
     assert!(read(&w_log).contains("SRT on srt-tokio"), "{}", read(&w_log));
 
     // Random datagrams to the port change nothing, nor do the ones that panicked srt-protocol
@@ -172,11 +121,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     let secret = post(&http, cp, "/v1/apps/vault/secrets/srt_passphrase", json!({})).await;
     let passphrase = secret["secret"].as_str().unwrap().to_owned();
     assert!((10..=79).contains(&passphrase.len()), "{passphrase}");
-    let head = store.head().await.unwrap().0;
-    until("the worker has the passphrase", || async {
-        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
-    })
-    .await;
+    ready_at_head(&http, &store, admin).await;
     let sid = "#!::r=vault/cam9,m=publish";
     assert_eq!(reject_code_with(srt, sid, None).await, 11, "in the clear: SRT_REJ_UNSECURE");
     assert_eq!(reject_code_with(srt, sid, Some("not-the-passphrase")).await, 10, "SRT_REJ_BADSECRET");
@@ -198,11 +143,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     let secret_url = format!("http://127.0.0.1:{cp}/v1/apps/vault/secrets/srt_passphrase");
     assert_eq!(http.delete(&secret_url).bearer_auth(ADMIN).send().await.unwrap().status(), 204);
     assert_eq!(http.delete(&secret_url).bearer_auth(ADMIN).send().await.unwrap().status(), 404);
-    let head = store.head().await.unwrap().0;
-    until("the worker has the removal", || async {
-        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
-    })
-    .await;
+    ready_at_head(&http, &store, admin).await;
     assert_eq!(reject_code_with(srt, "#!::r=vault/cam8,m=publish", Some(&passphrase)).await, 11);
     assert_eq!(reject_code_with(srt, "#!::r=vault/cam8,m=publish", None).await, 0, "in the clear now");
 
@@ -313,11 +254,7 @@ async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_clean
         &w_log,
         &[("SLUICE_SRT_LISTEN", &listen), ("SLUICE_MAX_CONNECTIONS_PER_IP", "4")],
     );
-    let head = store.head().await.unwrap().0;
-    until("the worker has the head", || async {
-        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
-    })
-    .await;
+    ready_at_head(&http, &store, admin).await;
 
     // Four publishers from 127.0.0.1 hold its four slots (sending, so none idles out).
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -6,7 +6,6 @@
 //! publisher goes on, new callers are still decided, and the log gets their decisions after.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -17,49 +16,13 @@ use sluice_tests::{Nats, Postgres, free_port};
 mod cluster;
 use cluster::*;
 
-/// A 12 s MPEG-TS (H.264 + AAC, keyframe every second) made once, so publishers only copy it.
-fn media_file(dir: &Path) -> String {
-    let path = dir.join("media.ts");
-    let out = Command::new("ffmpeg")
-        .args(["-hide_banner", "-nostdin", "-y", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15"])
-        .args(["-f", "lavfi", "-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-g", "15"])
-        .args(["-c:a", "aac", "-t", "12", "-f", "mpegts"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    path.to_string_lossy().into_owned()
-}
-
-fn srt_url(port: u16, streamid: &str) -> String {
-    // ffmpeg does not percent-decode `streamid`: it goes raw (STACK.md).
-    format!("srt://127.0.0.1:{port}?streamid={streamid}&pkt_size=1316")
-}
-
 fn publisher(file: &str, port: u16, streamid: &str) -> Command {
     let mut c = Command::new("ffmpeg");
-    c.args(["-hide_banner", "-nostdin", "-re", "-i", file, "-c", "copy", "-f", "mpegts", &srt_url(port, streamid)])
+    let url = format!("{}&pkt_size=1316", srt_url(port, streamid));
+    c.args(["-hide_banner", "-nostdin", "-re", "-i", file, "-c", "copy", "-f", "mpegts", &url])
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     c
-}
-
-/// The code an srt-tokio caller is rejected with (libsrt's 1000 + status), 0 if accepted.
-async fn reject_code(port: u16, streamid: &str) -> i32 {
-    let addr = format!("127.0.0.1:{port}");
-    let call = srt_tokio::SrtSocket::builder().call(addr.as_str(), Some(streamid));
-    match tokio::time::timeout(Duration::from_secs(10), call).await {
-        Ok(Ok(_)) => 0,
-        Ok(Err(e)) => {
-            let reason = format!("{:?}", e.get_ref().unwrap());
-            [("Forbidden", 1403), ("Notfound", 1404), ("Conflict", 1409)]
-                .iter()
-                .find(|(name, _)| reason.contains(name))
-                .map(|(_, c)| *c)
-                .unwrap_or_else(|| panic!("{reason}"))
-        }
-        Err(_) => panic!("no answer to {streamid}"),
-    }
 }
 
 /// One method: streamids for the right and the wrong credential, publish and play.
@@ -91,33 +54,6 @@ async fn run_case(file: String, port: u16, case: Case) {
     assert!(ended.status.success(), "{name}: the publisher was disturbed: {}", stderr(&ended));
 }
 
-/// Changes one character of the credential after `marker`.
-fn tamper(sid: &str, marker: &str) -> String {
-    let at = sid.find(marker).unwrap() + marker.len();
-    let mut bytes = sid.as_bytes().to_vec();
-    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
-    String::from_utf8(bytes).unwrap()
-}
-
-/// A webhook receiver that allows `token=good` and refuses everything else.
-async fn webhook() -> u16 {
-    let app = axum::Router::new().route(
-        "/hook",
-        axum::routing::post(|body: axum::body::Bytes| async move {
-            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            if v["query"].as_str().is_some_and(|q| q.contains("token=good")) {
-                axum::http::StatusCode::OK
-            } else {
-                axum::http::StatusCode::FORBIDDEN
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    port
-}
-
 fn sid(v: &Value) -> String {
     v["srt_streamid"].as_str().unwrap().to_owned()
 }
@@ -135,7 +71,7 @@ async fn every_method_over_srt_and_the_media_outlives_the_control_plane() {
     let mut control_plane = control(&url, &nats.url(), cp, "cp-1", &cp_log);
     let file = tokio::task::spawn_blocking({
         let d = dir.path().to_owned();
-        move || media_file(&d)
+        move || media_file(&d, "mpegts", 12)
     });
     let hook = webhook().await;
     let app = |name: &str, policy: Value| {
@@ -229,8 +165,7 @@ async fn every_method_over_srt_and_the_media_outlives_the_control_plane() {
         post(&http, cp, "/v1/apps/totp/streams/cam/subscribers", json!({"id": "anchor", "action": "publish"})).await;
     let secret =
         base32::decode(base32::Alphabet::Rfc4648 { padding: false }, r["secret_b32"].as_str().unwrap()).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-    let code = sluice_events::decide::totp_code(&secret, 6, 30, now / 30).unwrap();
+    let code = sluice_events::decide::totp_code(&secret, 6, 30, now_secs() / 30).unwrap();
     let wrong = format!("{:06}", (code.parse::<u32>().unwrap() + 1) % 1_000_000);
     cases.push(Case {
         publish: format!("#!::r=totp/cam-key,m=publish,u=anchor,s={code}"),
@@ -283,11 +218,7 @@ async fn every_method_over_srt_and_the_media_outlives_the_control_plane() {
         &w_log,
         &[("SLUICE_SRT_LISTEN", &listen), ("SLUICE_FAILURE_BACKOFF_AFTER", "0")],
     );
-    let head = store.head().await.unwrap().0;
-    until("the worker has the head", || async {
-        get(&http, format!("http://127.0.0.1:{admin}/wait?position={head}&timeout_ms=500")).await.0 == 200
-    })
-    .await;
+    ready_at_head(&http, &store, admin).await;
     let file = file.await.unwrap();
 
     // Every case at once: each app has its own stream.

@@ -127,6 +127,20 @@ where
 }
 
 /// The worker-visible state at the log's head, folded here from Postgres.
+/// Waits until the worker with admin `port` has applied `position` of the log.
+pub async fn ready_at(http: &reqwest::Client, port: u16, position: u64) {
+    until("the worker has applied the position", || async {
+        get(http, format!("http://127.0.0.1:{port}/wait?position={position}&timeout_ms=500")).await.0 == 200
+    })
+    .await;
+}
+
+/// Waits until the worker with admin `port` has applied the log's current head.
+pub async fn ready_at_head(http: &reqwest::Client, store: &EventStore, port: u16) {
+    let head = store.head().await.unwrap().0;
+    ready_at(http, port, head).await;
+}
+
 pub async fn folded(store: &EventStore) -> AuthState {
     let ring = Arc::new(Keyring::new(SealingKey::from_base64(SEALING_KEY).unwrap()));
     let mut state = AuthState::for_data_plane(Some(ring));
@@ -199,4 +213,101 @@ pub async fn recorded(store: &EventStore, node: &str) -> Vec<(String, String, bo
             _ => None,
         })
         .collect()
+}
+
+/// An H.264 + AAC test file (keyframe every second) of `secs` in `format` (`flv`, `mpegts`),
+/// made once so publishers only copy it.
+pub fn media_file(dir: &Path, format: &str, secs: u32) -> String {
+    let path = dir.join(format!("media.{format}"));
+    let out = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-y", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15"])
+        .args(["-f", "lavfi", "-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-g", "15"])
+        .args(["-c:a", "aac", "-t", &secs.to_string(), "-f", format])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    path.to_string_lossy().into_owned()
+}
+
+/// Changes one character of the credential in `url` (or streamid) after `marker`.
+pub fn tamper(url: &str, marker: &str) -> String {
+    let at = url.find(marker).unwrap() + marker.len();
+    let mut bytes = url.as_bytes().to_vec();
+    bytes[at] = if bytes[at] == b'0' { b'1' } else { b'0' };
+    String::from_utf8(bytes).unwrap()
+}
+
+/// A webhook receiver that allows `token=good` and refuses everything else; its port.
+pub async fn webhook() -> u16 {
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(|body: axum::body::Bytes| async move {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if v["query"].as_str().is_some_and(|q| q.contains("token=good")) {
+                axum::http::StatusCode::OK
+            } else {
+                axum::http::StatusCode::FORBIDDEN
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    port
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+pub fn srt_url(port: u16, streamid: &str) -> String {
+    // ffmpeg does not percent-decode `streamid`: it goes raw (STACK.md).
+    format!("srt://127.0.0.1:{port}?streamid={streamid}")
+}
+
+/// A tiny SRT caller (srt-tokio) that reads the reject code off the handshake: the code
+/// libsrt reports (1000 + status), 0 when accepted.
+pub async fn reject_code(port: u16, streamid: &str) -> i32 {
+    reject_code_with(port, streamid, None).await
+}
+
+/// `reject_code` for a caller that encrypts with `passphrase` (AES-128).
+pub async fn reject_code_with(port: u16, streamid: &str, passphrase: Option<&str>) -> i32 {
+    let builder = srt_tokio::SrtSocket::builder();
+    let builder = match passphrase {
+        Some(p) => builder.encryption(16, p),
+        None => builder,
+    };
+    call(port, streamid, builder).await.map(|_| 0).unwrap_or_else(|code| code)
+}
+
+/// An srt-tokio caller: the socket, or the code it was refused with (see `reject_code`).
+pub async fn call(
+    port: u16,
+    streamid: &str,
+    builder: srt_tokio::SrtSocketBuilder,
+) -> Result<srt_tokio::SrtSocket, i32> {
+    let addr = format!("127.0.0.1:{port}");
+    let call = builder.call(addr.as_str(), Some(streamid));
+    let e = match tokio::time::timeout(Duration::from_secs(10), call).await {
+        Ok(Ok(socket)) => return Ok(socket),
+        Ok(Err(e)) => e,
+        Err(_) => panic!("no answer to {streamid}"),
+    };
+    // srt-tokio keeps the reason private; its Debug names it (`Rejected(Server(Forbidden))`).
+    let reason = format!("{:?}", e.get_ref().unwrap());
+    let codes = [
+        ("Forbidden", 1403),
+        ("Notfound", 1404),
+        ("Conflict", 1409),
+        ("BadRequest", 1400),
+        ("Overload", 1402),
+        ("ServerUnrecognized(2429)", 1429),
+        ("Down", 1503),
+        // Core codes: SRT_REJ_BADSECRET, SRT_REJ_UNSECURE.
+        ("BadSecret", 10),
+        ("Unsecure", 11),
+    ];
+    Err(codes.iter().find(|(name, _)| reason.contains(name)).map(|(_, c)| *c).unwrap_or_else(|| panic!("{reason}")))
 }

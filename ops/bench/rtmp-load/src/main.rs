@@ -15,6 +15,8 @@ use rml_rtmp::sessions::{ClientSession, ClientSessionConfig, ClientSessionEvent,
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+mod report;
+
 const WINDOW: u64 = 2_500_000;
 
 fn ack(sequence: u32) -> [u8; 16] {
@@ -159,24 +161,9 @@ fn main() {
         let t = std::time::Instant::now();
         tokio::time::sleep(Duration::from_secs(secs)).await;
         let elapsed = t.elapsed().as_secs_f64();
-        let mut rates: Vec<f64> =
-            counters.iter().zip(&start).map(|(c, s)| (c.load(Ordering::Relaxed) - s) as f64 / elapsed).collect();
-        rates.sort_by(f64::total_cmp);
-        let total: f64 = rates.iter().sum();
-        let at = |q: f64| rates[((rates.len() as f64 - 1.0) * q) as usize];
-        println!(
-            "{}",
-            serde_json::json!({
-                "players": players,
-                "failed": failed.load(Ordering::Relaxed),
-                "seconds": elapsed,
-                "delivered_bits_per_sec": total * 8.0,
-                "player_bytes_per_sec_min": at(0.0),
-                "player_bytes_per_sec_p5": at(0.05),
-                "player_bytes_per_sec_median": at(0.5),
-                "rates": rates,
-                "closed_at_ms": closed.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            })
-        );
+        let after: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let closed = closed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let failed = failed.load(Ordering::Relaxed);
+        println!("{}", report::report(failed, elapsed, &start, &after, closed, serde_json::json!({})));
     });
 }

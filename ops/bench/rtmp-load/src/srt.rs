@@ -18,6 +18,8 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use srt_tokio::SrtSocket;
 
+mod report;
+
 #[derive(Default)]
 struct Counters {
     bytes: AtomicU64,
@@ -111,26 +113,13 @@ fn main() {
         tokio::time::sleep(Duration::from_secs(secs)).await;
         let elapsed = t.elapsed().as_secs_f64();
         let delta = |now: Vec<u64>, then: &[u64]| now.iter().zip(then).map(|(a, b)| a - b).sum::<u64>();
-        let mut rates: Vec<f64> =
-            counters.iter().zip(&bytes0).map(|(c, s)| (c.bytes.load(Ordering::Relaxed) - s) as f64 / elapsed).collect();
-        rates.sort_by(f64::total_cmp);
-        let total: f64 = rates.iter().sum();
-        let at = |q: f64| rates[((rates.len() as f64 - 1.0) * q) as usize];
-        println!(
-            "{}",
-            serde_json::json!({
-                "players": receivers,
-                "failed": failed.load(Ordering::Relaxed),
-                "seconds": elapsed,
-                "delivered_bits_per_sec": total * 8.0,
-                "player_bytes_per_sec_min": at(0.0),
-                "player_bytes_per_sec_p5": at(0.05),
-                "player_bytes_per_sec_median": at(0.5),
-                "received_packets": delta(snapshot(|c| c.packets.load(Ordering::Relaxed)), &packets0),
-                "lost_packets": delta(snapshot(|c| c.lost.load(Ordering::Relaxed)), &lost0),
-                "rates": rates,
-                "closed_at_ms": closed.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            })
-        );
+        let extra = serde_json::json!({
+            "received_packets": delta(snapshot(|c| c.packets.load(Ordering::Relaxed)), &packets0),
+            "lost_packets": delta(snapshot(|c| c.lost.load(Ordering::Relaxed)), &lost0),
+        });
+        let bytes = snapshot(|c| c.bytes.load(Ordering::Relaxed));
+        let closed = closed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let failed = failed.load(Ordering::Relaxed);
+        println!("{}", report::report(failed, elapsed, &bytes0, &bytes, closed, extra));
     });
 }
