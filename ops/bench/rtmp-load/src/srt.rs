@@ -40,7 +40,7 @@ async fn receiver(addr: String, streamid: String, c: Arc<Counters>) -> std::io::
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),
             },
-            s = stats.next() => if let Some(s) = s { c.lost.store(s.rx_dropped_data, Ordering::Relaxed) } else { eprintln!("stats ended") },
+            Some(s) = stats.next() => c.lost.store(s.rx_dropped_data, Ordering::Relaxed),
         }
     }
 }
