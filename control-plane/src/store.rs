@@ -4,6 +4,8 @@
 //! `verify` (walks the chain).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
@@ -114,6 +116,23 @@ struct AppendRequest {
 pub struct EventStore {
     pool: PgPool,
     writer: mpsc::Sender<AppendRequest>,
+    paths: Arc<PathCounters>,
+}
+
+/// How many group commits took each path (see `commit_batch`).
+#[derive(Debug, Default)]
+struct PathCounters {
+    one_statement: AtomicU64,
+    general: AtomicU64,
+}
+
+/// Group commits so far by path: one statement (the writer's belief about the log held), or
+/// the general path (reads under the lock first: the first append, another writer appended,
+/// a retried event id, a request with unknown expectations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendPaths {
+    pub one_statement: u64,
+    pub general: u64,
 }
 
 impl std::fmt::Debug for AppendRequest {
@@ -216,8 +235,17 @@ impl EventStore {
     /// Starts the group-commit writer. The pool should already be migrated.
     pub fn start(pool: PgPool) -> EventStore {
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(writer(pool.clone(), rx));
-        EventStore { pool, writer: tx }
+        let paths = Arc::new(PathCounters::default());
+        tokio::spawn(writer(pool.clone(), rx, paths.clone()));
+        EventStore { pool, writer: tx, paths }
+    }
+
+    /// Group commits so far, by path.
+    pub fn append_paths(&self) -> AppendPaths {
+        AppendPaths {
+            one_statement: self.paths.one_statement.load(Ordering::Relaxed),
+            general: self.paths.general.load(Ordering::Relaxed),
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -486,10 +514,14 @@ impl VerifyError {
     }
 }
 
-async fn writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>) {
+async fn writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>, paths: Arc<PathCounters>) {
     let mut batch: Vec<AppendRequest> = Vec::new();
+    let mut known = Known::default();
     while let Some(first) = rx.recv().await {
         batch.push(first);
+        // The callers answered last round are still making their next request: let them run
+        // once, so a round gathers all of them instead of alternating one caller and the rest.
+        tokio::task::yield_now().await;
         // Everything that queued up while the previous transaction committed goes together.
         while batch.len() < MAX_BATCH_REQUESTS {
             match rx.try_recv() {
@@ -497,13 +529,74 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>) {
                 Err(_) => break,
             }
         }
-        let results = match commit_batch(&pool, &batch).await {
+        let results = match commit_batch(&pool, &batch, &mut known, &paths).await {
             Ok(results) => results,
-            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
+            Err(e) => {
+                known.forget();
+                batch.iter().map(|_| Err(e.clone())).collect()
+            }
         };
         for (req, result) in batch.drain(..).zip(results) {
             let _ = req.reply.send(result);
         }
+    }
+}
+
+/// The last event of the log: where the next append chains from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    position: Position,
+    hash: Sha256Digest,
+}
+
+impl Head {
+    const EMPTY: Head = Head { position: Position::ZERO, hash: GENESIS };
+}
+
+/// Streams whose version the writer remembers between batches, at most.
+const MAX_KNOWN_STREAMS: usize = 65_536;
+
+/// What the writer believes about the log between batches: the head it last read under the
+/// lock or committed itself, and the last version of the streams it has read or written
+/// since. True while no other writer appends; the one-statement append checks it under the
+/// lock, and any doubt (a stale belief, an error) forgets it all.
+#[derive(Debug, Default)]
+struct Known {
+    head: Option<Head>,
+    versions: HashMap<String, Option<u64>>,
+}
+
+impl Known {
+    fn forget(&mut self) {
+        self.head = None;
+        self.versions.clear();
+    }
+
+    fn learn(&mut self, plan: &Plan) {
+        if self.versions.len() > MAX_KNOWN_STREAMS {
+            self.versions.clear();
+        }
+        self.head = Some(plan.head);
+        self.versions.extend(plan.after.iter().map(|(s, v)| (s.clone(), *v)));
+    }
+
+    /// Each stream's version before `batch`, if every one is known or implied by an exact
+    /// expectation (which the statement then checks); `None` sends the batch the general way.
+    fn versions_for(&self, batch: &[AppendRequest]) -> Option<HashMap<String, Option<u64>>> {
+        let mut before = HashMap::new();
+        for req in batch {
+            if before.contains_key(&req.stream) {
+                continue;
+            }
+            let version = match (self.versions.get(&req.stream), req.expected) {
+                (Some(v), _) => *v,
+                (None, ExpectedVersion::NoStream) => None,
+                (None, ExpectedVersion::Exact(v)) => Some(v),
+                (None, ExpectedVersion::Any) => return None,
+            };
+            before.insert(req.stream.clone(), version);
+        }
+        Some(before)
     }
 }
 
@@ -544,22 +637,78 @@ impl Columns {
     }
 }
 
-/// Largest INSERT message we send. sqlx 0.9.0 does not set TCP_NODELAY (sqlx#4335), so a
-/// message spanning several TCP segments can stall ~40 ms on Nagle + delayed ACK; staying
-/// well under one loopback segment avoids it at the cost of a few extra round trips.
-const MAX_INSERT_BYTES: usize = 32 * 1024;
+/// Largest INSERT statement we send (rows' canonical bytes); a larger batch goes in several
+/// statements of one transaction, on the general path. (sqlx 0.9.0 dropped TCP_NODELAY, so a
+/// message over one TCP segment stalled ~40 ms; the vendored sqlx-core sets it again.)
+const MAX_INSERT_BYTES: usize = 1024 * 1024;
 
-async fn commit_batch(pool: &PgPool, batch: &[AppendRequest]) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
-    // Fast path: probe only each request's first event id. A request whose later ids are
+async fn commit_batch(
+    pool: &PgPool,
+    batch: &[AppendRequest],
+    known: &mut Known,
+    paths: &PathCounters,
+) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    // Fast path: what the writer knows of the log (nothing, after a doubt) lets it number and
+    // chain the rows before it talks to Postgres, and send them in one statement.
+    if let (Some(head), Some(before)) = (known.head, known.versions_for(batch)) {
+        let plan = plan(batch, head, &mut HashMap::new(), before, now_ms());
+        // A conflict may be a retry of an append that already happened, which only probing
+        // the event ids can tell: that is the general path's job.
+        let conflict = plan.results.iter().any(Result::is_err);
+        if !conflict && plan.cols.chunks(MAX_INSERT_BYTES).len() <= 1 {
+            match append_in_one_statement(pool, &plan).await {
+                Ok(true) => {
+                    paths.one_statement.fetch_add(1, Ordering::Relaxed);
+                    known.learn(&plan);
+                    return Ok(plan.results);
+                }
+                // Someone else appended, or an event id is already in the log (a retry): the
+                // general path reads the truth under the lock.
+                Ok(false) => {}
+                Err(e) if is_unique_violation(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+            known.forget();
+        }
+    }
+    // General path: probe only each request's first event id. A request whose later ids are
     // already in the log (a mixed retry) makes the INSERT hit the unique index; then the
     // whole batch is decided again with every id probed. Nothing is written twice.
-    match commit_batch_once(pool, batch, false).await? {
+    paths.general.fetch_add(1, Ordering::Relaxed);
+    match commit_batch_once(pool, batch, false, known).await? {
         Attempt::Done(results) => Ok(results),
-        Attempt::ProbeAll => match commit_batch_once(pool, batch, true).await? {
+        Attempt::ProbeAll => match commit_batch_once(pool, batch, true, known).await? {
             Attempt::Done(results) => Ok(results),
             Attempt::ProbeAll => Err(StoreError::Database("duplicate event id after a full probe".into())),
         },
     }
+}
+
+/// The planned rows, checked and committed by `sluice_append_at` in one round trip. False
+/// when the head or a stream's version was not what the plan assumed: nothing was written.
+async fn append_in_one_statement(pool: &PgPool, plan: &Plan) -> Result<bool, sqlx::Error> {
+    let (streams, versions): (Vec<&str>, Vec<Option<i64>>) =
+        plan.before.iter().map(|(s, v)| (s.as_str(), v.map(|v| v as i64))).unzip();
+    let empty = plan.start == Head::EMPTY;
+    let cols = &plan.cols;
+    sqlx::query_scalar("SELECT sluice_append_at($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)")
+        .bind(APPEND_LOCK)
+        .bind((!empty).then_some(plan.start.position.0 as i64))
+        .bind((!empty).then(|| plan.start.hash.0.to_vec()))
+        .bind(streams)
+        .bind(versions)
+        .bind(&cols.position)
+        .bind(&cols.event_id)
+        .bind(&cols.stream)
+        .bind(&cols.version)
+        .bind(&cols.event_type)
+        .bind(&cols.type_version)
+        .bind(&cols.data)
+        .bind(&cols.metadata)
+        .bind(&cols.recorded_at)
+        .bind(&cols.hash)
+        .fetch_one(pool)
+        .await
 }
 
 enum Attempt {
@@ -568,7 +717,12 @@ enum Attempt {
     ProbeAll,
 }
 
-async fn commit_batch_once(pool: &PgPool, batch: &[AppendRequest], probe_all: bool) -> Result<Attempt, StoreError> {
+async fn commit_batch_once(
+    pool: &PgPool,
+    batch: &[AppendRequest],
+    probe_all: bool,
+    known: &mut Known,
+) -> Result<Attempt, StoreError> {
     let mut conn = pool.acquire().await?;
     // BEGIN and the lock in one round trip. The lock must come before the reads in its own
     // statement: a statement's snapshot is taken when it starts, so reads in the same
@@ -576,7 +730,7 @@ async fn commit_batch_once(pool: &PgPool, batch: &[AppendRequest], probe_all: bo
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK})")))
         .execute(&mut *conn)
         .await?;
-    let outcome = commit_locked(&mut conn, batch, probe_all).await;
+    let outcome = commit_locked(&mut conn, batch, probe_all, known).await;
     if !matches!(outcome, Ok(Attempt::Done(_))) {
         // Leave no transaction open on a pooled connection; if even ROLLBACK fails the
         // connection is broken, so close it instead of returning it to the pool.
@@ -661,57 +815,36 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
 }
 
-/// The batch, inside the transaction that holds the append lock.
-async fn commit_locked(
-    conn: &mut sqlx::pool::PoolConnection<Postgres>,
-    batch: &[AppendRequest],
-    mut probe_all: bool,
-) -> Result<Attempt, StoreError> {
-    let streams: Vec<String> = batch.iter().map(|r| r.stream.clone()).collect::<HashSet<_>>().into_iter().collect();
-    let row = loop {
-        let ids: Vec<Uuid> = if probe_all {
-            batch.iter().flat_map(|r| r.events.iter().map(|e| e.event_id)).collect()
-        } else {
-            // Facts are probed whole: any of their ids may be a re-delivery.
-            batch
-                .iter()
-                .flat_map(|r| {
-                    let n = if r.skip_known { r.events.len() } else { 1 };
-                    r.events.iter().take(n).map(|e| e.event_id)
-                })
-                .collect()
-        };
-        let row = read_heads(conn, &ids, &streams).await?;
-        // A retry (first id already in the log) needs every id's position: read again,
-        // still under the lock.
-        let retry =
-            !probe_all && batch.iter().any(|r| !r.skip_known) && !row.try_get::<Vec<Uuid>, _>("known_ids")?.is_empty();
-        if !retry {
-            break row;
-        }
-        probe_all = true;
-    };
-    let (mut position, mut prev) = match row.try_get::<Option<i64>, _>("head")? {
-        Some(p) => {
-            let hash: Vec<u8> = row.try_get("head_hash")?;
-            (Position(p as u64), Sha256Digest(hash.as_slice().try_into().unwrap_or([0; 32])))
-        }
-        None => (Position::ZERO, GENESIS),
-    };
-    let known_ids: Vec<Uuid> = row.try_get("known_ids")?;
-    let known_positions: Vec<i64> = row.try_get("known_positions")?;
-    let mut known: HashMap<Uuid, Position> =
-        known_ids.into_iter().zip(known_positions).map(|(id, p)| (id, Position(p as u64))).collect();
-    let version_streams: Vec<String> = row.try_get("version_streams")?;
-    let version_values: Vec<i64> = row.try_get("versions")?;
-    let mut versions: HashMap<String, u64> =
-        version_streams.into_iter().zip(version_values).map(|(s, v)| (s, v as u64)).collect();
+/// A batch numbered, checked and hash-chained against a head and stream versions, before
+/// anything is written.
+struct Plan {
+    /// The rows to insert.
+    cols: Columns,
+    /// One answer per request, true once the rows are committed.
+    results: Vec<Result<Appended, StoreError>>,
+    /// The head the rows chain from, and the head after them.
+    start: Head,
+    head: Head,
+    /// Every stream of the batch: its version before the batch, and after it.
+    before: HashMap<String, Option<u64>>,
+    after: HashMap<String, Option<u64>>,
+}
 
-    let recorded_at = now_ms();
+/// Plans `batch` on top of `start`, given the event ids known to be in the log and each of
+/// the batch's streams' version (`before`, every stream present). Pure: no I/O.
+fn plan(
+    batch: &[AppendRequest],
+    start: Head,
+    known: &mut HashMap<Uuid, Position>,
+    before: HashMap<String, Option<u64>>,
+    recorded_at: Timestamp,
+) -> Plan {
+    let mut after = before.clone();
+    let (mut position, mut prev) = (start.position, start.hash);
     let mut cols = Columns::default();
     let mut results = Vec::with_capacity(batch.len());
     for req in batch {
-        let current = versions.get(&req.stream).copied();
+        let current = after.get(&req.stream).copied().flatten();
         if req.events.is_empty() {
             results.push(Ok(Appended { positions: vec![], stream_version: current, duplicate: false }));
             continue;
@@ -757,17 +890,67 @@ async fn commit_locked(
             known.insert(e.event_id, position);
             positions.push(position);
         }
-        if let Some(v) = version {
-            versions.insert(req.stream.clone(), v);
-        }
+        after.insert(req.stream.clone(), version);
         let duplicate = req.skip_known && positions.is_empty();
         results.push(Ok(Appended { positions, stream_version: version, duplicate }));
     }
+    Plan { cols, results, start, head: Head { position, hash: prev }, before, after }
+}
 
-    if cols.position.is_empty() {
+/// The batch, inside the transaction that holds the append lock.
+async fn commit_locked(
+    conn: &mut sqlx::pool::PoolConnection<Postgres>,
+    batch: &[AppendRequest],
+    mut probe_all: bool,
+    learned: &mut Known,
+) -> Result<Attempt, StoreError> {
+    let streams: Vec<String> = batch.iter().map(|r| r.stream.clone()).collect::<HashSet<_>>().into_iter().collect();
+    let row = loop {
+        let ids: Vec<Uuid> = if probe_all {
+            batch.iter().flat_map(|r| r.events.iter().map(|e| e.event_id)).collect()
+        } else {
+            // Facts are probed whole: any of their ids may be a re-delivery.
+            batch
+                .iter()
+                .flat_map(|r| {
+                    let n = if r.skip_known { r.events.len() } else { 1 };
+                    r.events.iter().take(n).map(|e| e.event_id)
+                })
+                .collect()
+        };
+        let row = read_heads(conn, &ids, &streams).await?;
+        // A retry (first id already in the log) needs every id's position: read again,
+        // still under the lock.
+        let retry =
+            !probe_all && batch.iter().any(|r| !r.skip_known) && !row.try_get::<Vec<Uuid>, _>("known_ids")?.is_empty();
+        if !retry {
+            break row;
+        }
+        probe_all = true;
+    };
+    let start = match row.try_get::<Option<i64>, _>("head")? {
+        Some(p) => {
+            let hash: Vec<u8> = row.try_get("head_hash")?;
+            Head { position: Position(p as u64), hash: Sha256Digest(hash.as_slice().try_into().unwrap_or([0; 32])) }
+        }
+        None => Head::EMPTY,
+    };
+    let known_ids: Vec<Uuid> = row.try_get("known_ids")?;
+    let known_positions: Vec<i64> = row.try_get("known_positions")?;
+    let mut known: HashMap<Uuid, Position> =
+        known_ids.into_iter().zip(known_positions).map(|(id, p)| (id, Position(p as u64))).collect();
+    let version_streams: Vec<String> = row.try_get("version_streams")?;
+    let version_values: Vec<i64> = row.try_get("versions")?;
+    let mut before: HashMap<String, Option<u64>> = streams.into_iter().map(|s| (s, None)).collect();
+    before.extend(version_streams.into_iter().zip(version_values).map(|(s, v)| (s, Some(v as u64))));
+
+    let plan = plan(batch, start, &mut known, before, now_ms());
+    if plan.cols.position.is_empty() {
         sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
-        return Ok(Attempt::Done(results));
+        learned.learn(&plan);
+        return Ok(Attempt::Done(plan.results));
     }
+    let cols = &plan.cols;
     for range in cols.chunks(MAX_INSERT_BYTES) {
         let inserted = sqlx::query(
             "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash) \
@@ -793,12 +976,44 @@ async fn commit_locked(
         }
     }
     sqlx::raw_sql("COMMIT").execute(&mut **conn).await?;
-    Ok(Attempt::Done(results))
+    learned.learn(&plan);
+    Ok(Attempt::Done(plan.results))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn request(stream: &str, expected: ExpectedVersion) -> AppendRequest {
+        let (reply, _) = oneshot::channel();
+        AppendRequest {
+            stream: stream.into(),
+            expected,
+            events: vec![],
+            metadata: Metadata::default(),
+            skip_known: false,
+            reply,
+        }
+    }
+
+    #[test]
+    fn the_one_statement_path_needs_every_streams_version_known_or_implied() {
+        let mut known = Known { head: Some(Head::EMPTY), versions: HashMap::from([("a".to_owned(), Some(3))]) };
+        let batch = [
+            request("a", ExpectedVersion::Exact(1)),
+            request("b", ExpectedVersion::NoStream),
+            request("c", ExpectedVersion::Exact(7)),
+            request("c", ExpectedVersion::Any),
+        ];
+        let before = known.versions_for(&batch).unwrap();
+        // What the writer saw wins over a request's expectation; the first request on a stream
+        // the writer has not seen says what it believes, and the statement checks it.
+        let expected = HashMap::from([("a".to_owned(), Some(3)), ("b".to_owned(), None), ("c".to_owned(), Some(7))]);
+        assert_eq!(before, expected);
+        assert_eq!(known.versions_for(&[request("d", ExpectedVersion::Any)]), None, "unknown: read it first");
+        known.forget();
+        assert_eq!((known.head, known.versions.len()), (None, 0));
+    }
 
     #[test]
     fn rows_are_chunked_by_size_and_never_dropped() {

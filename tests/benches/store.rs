@@ -155,9 +155,15 @@ fn main() {
         let pool = connect(&url).await.unwrap();
         store::migrate(&pool).await.unwrap();
         let store = EventStore::start(pool.clone());
+        // SLUICE_BENCH_PROBE=1: only 8 writers × 1 event (and, with SLUICE_BENCH_PROBE_BATCH=1,
+        // 1 writer × 100 events first), for quick comparisons while profiling.
         if std::env::var_os("SLUICE_BENCH_PROBE").is_some() {
-            let (x, _) = run_appends(&store, 4, 100).await;
-            println!("probe 4x100 {x:.0}");
+            if std::env::var_os("SLUICE_BENCH_PROBE_BATCH").is_some() {
+                let (x, _) = run_appends(&store, 1, 100).await;
+                println!("probe 1x100 {x:.0}");
+            }
+            let (x, _) = run_appends(&store, 8, 1).await;
+            println!("probe 8x1 {x:.0}");
             std::process::exit(0);
         }
         // Warm-up.

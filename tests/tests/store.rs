@@ -370,8 +370,8 @@ async fn recorded_events_fold_into_the_state() {
 async fn a_large_append_spans_several_statements_in_one_transaction() {
     let (_pg, store) = given_a_store().await;
     store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
-    // ~600 events of ~1 KB each: several INSERT statements, one commit, one chain.
-    let big: Vec<NewEvent> = (0..600)
+    // ~2,500 events of ~1 KB each: several INSERT statements, one commit, one chain.
+    let big: Vec<NewEvent> = (0..2500)
         .map(|_| NewEvent {
             event_id: Uuid::new_v4(),
             event: sluice_events::event::StreamUpdated {
@@ -385,9 +385,9 @@ async fn a_large_append_spans_several_statements_in_one_transaction() {
         .collect();
     let a = store.append("stream-a.cam1", ExpectedVersion::NoStream, big, meta()).await.unwrap();
     assert_eq!(a.positions.first(), Some(&Position(2)));
-    assert_eq!(a.positions.last(), Some(&Position(601)));
-    assert_eq!(a.stream_version, Some(599));
-    assert_eq!(store.verify().await.unwrap().events, 601);
+    assert_eq!(a.positions.last(), Some(&Position(2501)));
+    assert_eq!(a.stream_version, Some(2499));
+    assert_eq!(store.verify().await.unwrap().events, 2501);
 }
 
 #[tokio::test]
@@ -405,4 +405,92 @@ async fn a_new_first_event_followed_by_a_logged_one_is_refused_alone() {
     assert_eq!(bad.unwrap_err(), StoreError::IdempotencyMismatch { event_id: mixed[0].event_id });
     assert_eq!(good.unwrap().positions, vec![Position(2)]);
     assert_eq!(store.verify().await.unwrap().events, 2);
+}
+
+#[tokio::test]
+async fn after_the_first_append_the_writer_appends_in_one_statement_with_the_same_checks() {
+    let (_pg, store) = given_a_store().await;
+    let paths = |s: &EventStore| s.append_paths();
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
+    assert_eq!((paths(&store).general, paths(&store).one_statement), (1, 0), "the head is read first");
+    // From now on the writer knows the head and app-a's version.
+    let b = store.append("app-b", ExpectedVersion::NoStream, vec![created("b")], meta()).await.unwrap();
+    let a = store.append("app-a", ExpectedVersion::Exact(0), vec![changed("a")], meta()).await.unwrap();
+    let any = store.append("app-a", ExpectedVersion::Any, vec![changed("a")], meta()).await.unwrap();
+    assert_eq!((b.positions, a.positions, any.positions), (vec![Position(2)], vec![Position(3)], vec![Position(4)]));
+    assert_eq!(any.stream_version, Some(2));
+    assert_eq!((paths(&store).general, paths(&store).one_statement), (1, 3), "one statement each");
+    // A conflict may be a retry, which only the general path's id probe can tell.
+    let err = store.append("app-a", ExpectedVersion::Exact(0), vec![changed("a")], meta()).await.unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::Conflict { stream: "app-a".into(), expected: ExpectedVersion::Exact(0), actual: Some(2) }
+    );
+    let err = store.append("app-b", ExpectedVersion::NoStream, vec![created("b")], meta()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { actual: Some(0), .. }), "{err:?}");
+    assert_eq!(paths(&store).general, 3);
+    // A retried id whose expectation still holds: the unique index catches it in the one
+    // statement, and the general path answers with the original positions.
+    let first = changed("a");
+    let a3 = store.append("app-a", ExpectedVersion::Any, vec![first.clone()], meta()).await.unwrap();
+    assert_eq!(paths(&store).one_statement, 4);
+    let again = store.append("app-a", ExpectedVersion::Any, vec![first], meta()).await.unwrap();
+    assert_eq!((again.positions, again.duplicate), (a3.positions, true));
+    assert_eq!(paths(&store).general, 4);
+    // Any on a stream the writer has not seen needs its version read: the general path.
+    store.append("app-new", ExpectedVersion::Any, vec![created("new")], meta()).await.unwrap();
+    assert_eq!(paths(&store).general, 5);
+    let report = store.verify().await.unwrap();
+    assert_eq!((report.events, report.head), (6, Position(6)));
+    assert_eq!(
+        store.read_stream("app-a").await.unwrap().iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+}
+
+#[tokio::test]
+async fn another_writer_appending_makes_the_belief_stale_and_the_checks_still_hold() {
+    let (pg, one) = given_a_store().await;
+    let two = EventStore::start(connect(&pg.url()).await.unwrap());
+    one.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
+    one.append("app-b", ExpectedVersion::NoStream, vec![created("b")], meta()).await.unwrap();
+    assert_eq!(one.append_paths().one_statement, 1);
+    // The other instance moves app-a on; `one` still believes app-a is at version 0.
+    two.append("app-a", ExpectedVersion::Exact(0), vec![changed("a")], meta()).await.unwrap();
+    let err = one.append("app-a", ExpectedVersion::Exact(0), vec![changed("a")], meta()).await.unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::Conflict { stream: "app-a".into(), expected: ExpectedVersion::Exact(0), actual: Some(1) }
+    );
+    assert_eq!(one.append_paths().general, 2, "the stale head sent it to the general path, which read the truth");
+    let next = one.append("app-a", ExpectedVersion::Exact(1), vec![changed("a")], meta()).await.unwrap();
+    assert_eq!((next.positions, next.stream_version), (vec![Position(4)], Some(2)));
+    assert_eq!(one.append_paths().one_statement, 2, "and the belief holds again");
+    let report = one.verify().await.unwrap();
+    assert_eq!((report.events, report.head), (4, Position(4)));
+}
+
+#[tokio::test]
+async fn the_one_statement_append_refuses_a_stale_head_or_stream_version() {
+    let (_pg, store) = given_a_store().await;
+    let a = store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
+    let head = store.read_all(Position::ZERO, 1).await.unwrap().remove(0);
+    assert_eq!(head.position, a.positions[0]);
+    let call = |head: Option<i64>, hash: Option<Vec<u8>>, version: Option<i64>| {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT sluice_append_at(1, $1, $2, ARRAY['app-a'], ARRAY[$3::bigint], '{}', '{}', '{}', '{}', '{}', \
+             '{}', '{}', '{}', '{}', '{}')",
+        )
+        .bind(head)
+        .bind(hash)
+        .bind(version)
+        .fetch_one(store.pool())
+    };
+    let hash = head.hash.0.to_vec();
+    assert!(call(Some(1), Some(hash.clone()), Some(0)).await.unwrap(), "all beliefs true");
+    assert!(!call(None, None, Some(0)).await.unwrap(), "the log is not empty");
+    assert!(!call(Some(1), Some(vec![0; 32]), Some(0)).await.unwrap(), "another hash at the head");
+    assert!(!call(Some(1), Some(hash.clone()), Some(1)).await.unwrap(), "app-a is at version 0, not 1");
+    assert!(!call(Some(1), Some(hash), None).await.unwrap(), "app-a exists");
+    assert_eq!(store.verify().await.unwrap().events, 1);
 }
