@@ -19,9 +19,10 @@ CREATE FUNCTION sluice_append_at(
     p_type         text[],
     p_type_version smallint[],
     p_data         jsonb[],
-    p_metadata     jsonb[],
+    p_meta         integer[],     -- each row's metadata: an index into p_metadata
     p_recorded_at  timestamptz[],
-    p_hash         bytea[]
+    p_hash         bytea[],
+    p_metadata     jsonb[]        -- one per request, not per row
 ) RETURNS boolean
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -46,8 +47,11 @@ BEGIN
         -- An event id already in the log fails here (unique violation): the writer then
         -- probes ids on the general path.
         INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash)
-        SELECT * FROM unnest(p_position, p_event_id, p_stream, p_version, p_type, p_type_version,
-                             p_data, p_metadata, p_recorded_at, p_hash);
+        SELECT r.position, r.event_id, r.stream, r.version, r.type, r.type_version, r.data,
+               p_metadata[r.meta], r.recorded_at, r.hash
+        FROM unnest(p_position, p_event_id, p_stream, p_version, p_type, p_type_version,
+                    p_data, p_meta, p_recorded_at, p_hash)
+             AS r(position, event_id, stream, version, type, type_version, data, meta, recorded_at, hash);
     END IF;
     RETURN true;
 END;

@@ -119,7 +119,7 @@ impl Writer {
             let new: Vec<NewEvent> = events
                 .into_iter()
                 .enumerate()
-                .map(|(i, event)| NewEvent { event_id: self.event_id(origin, i).unwrap_or_else(Uuid::new_v4), event })
+                .map(|(i, event)| NewEvent { event_id: self.event_id(origin, i).unwrap_or_else(Uuid::now_v7), event })
                 .collect();
             match self.store.append(&stream, expected, new, metadata.clone()).await {
                 Ok(appended) => {

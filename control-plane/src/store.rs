@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use sluice_events::event::{CanonicalRow, GENESIS, canonical_bytes, chain_hash};
+use sluice_events::event::{CanonicalJson, CanonicalRow, GENESIS, canonical_bytes, chain_hash, write_canonical};
 use sluice_events::{DecodeError, Event, Metadata, NewEvent, Position, RecordedEvent, Sha256Digest, Timestamp};
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{Postgres, Row};
@@ -208,8 +208,8 @@ impl RawRow {
             event_type: &self.event_type,
             type_version: self.type_version,
             recorded_at: self.recorded_at,
-            data: &self.data,
-            metadata: &self.metadata,
+            data: CanonicalJson::Value(&self.data),
+            metadata: CanonicalJson::Value(&self.metadata),
         })
     }
 
@@ -572,7 +572,7 @@ impl Known {
         self.versions.clear();
     }
 
-    fn learn(&mut self, plan: &Plan) {
+    fn learn(&mut self, plan: &Plan<'_>) {
         if self.versions.len() > MAX_KNOWN_STREAMS {
             self.versions.clear();
         }
@@ -600,24 +600,28 @@ impl Known {
     }
 }
 
-/// Column vectors for one multi-row INSERT … SELECT FROM UNNEST.
+/// Column vectors for one multi-row INSERT … SELECT FROM UNNEST. JSON goes as the canonical
+/// text the hash covers (written once, parsed into jsonb by Postgres); metadata once per
+/// request, each row pointing at its request's.
 #[derive(Default)]
-struct Columns {
+struct Columns<'a> {
     position: Vec<i64>,
     event_id: Vec<Uuid>,
-    stream: Vec<String>,
+    stream: Vec<&'a str>,
     version: Vec<i64>,
-    event_type: Vec<String>,
+    event_type: Vec<&'static str>,
     type_version: Vec<i16>,
-    data: Vec<serde_json::Value>,
-    metadata: Vec<serde_json::Value>,
+    data: Vec<String>,
+    /// 1-based index into `metadata`.
+    meta: Vec<i32>,
     recorded_at: Vec<DateTime<Utc>>,
     hash: Vec<Vec<u8>>,
+    metadata: Vec<String>,
     /// Approximate encoded size of each row (its canonical bytes), to size the statements.
     size: Vec<usize>,
 }
 
-impl Columns {
+impl Columns<'_> {
     /// Splits the rows into runs of at most `max_bytes` (at least one row each).
     fn chunks(&self, max_bytes: usize) -> Vec<std::ops::Range<usize>> {
         let mut out = Vec::new();
@@ -686,12 +690,14 @@ async fn commit_batch(
 
 /// The planned rows, checked and committed by `sluice_append_at` in one round trip. False
 /// when the head or a stream's version was not what the plan assumed: nothing was written.
-async fn append_in_one_statement(pool: &PgPool, plan: &Plan) -> Result<bool, sqlx::Error> {
+async fn append_in_one_statement(pool: &PgPool, plan: &Plan<'_>) -> Result<bool, sqlx::Error> {
     let (streams, versions): (Vec<&str>, Vec<Option<i64>>) =
         plan.before.iter().map(|(s, v)| (s.as_str(), v.map(|v| v as i64))).unzip();
     let empty = plan.start == Head::EMPTY;
     let cols = &plan.cols;
-    sqlx::query_scalar("SELECT sluice_append_at($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)")
+    sqlx::query_scalar(
+        "SELECT sluice_append_at($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb[], $13, $14, $15, $16::jsonb[])",
+    )
         .bind(APPEND_LOCK)
         .bind((!empty).then_some(plan.start.position.0 as i64))
         .bind((!empty).then(|| plan.start.hash.0.to_vec()))
@@ -704,9 +710,10 @@ async fn append_in_one_statement(pool: &PgPool, plan: &Plan) -> Result<bool, sql
         .bind(&cols.event_type)
         .bind(&cols.type_version)
         .bind(&cols.data)
-        .bind(&cols.metadata)
+        .bind(&cols.meta)
         .bind(&cols.recorded_at)
         .bind(&cols.hash)
+        .bind(&cols.metadata)
         .fetch_one(pool)
         .await
 }
@@ -771,19 +778,20 @@ async fn read_heads(
     .await?)
 }
 
-/// Adds one row to the INSERT's columns; answers the row's chain hash.
-#[allow(clippy::too_many_arguments)]
-fn push_row(
-    cols: &mut Columns,
+/// Adds one row to the INSERT's columns, with the request's metadata already added as the
+/// last of `cols.metadata`; answers the row's chain hash.
+fn push_row<'a>(
+    cols: &mut Columns<'a>,
     prev: &Sha256Digest,
     position: Position,
     e: &NewEvent,
-    stream: &str,
+    stream: &'a str,
     version: u64,
     recorded_at: Timestamp,
-    metadata: &serde_json::Value,
 ) -> Sha256Digest {
-    let data = e.event.data();
+    let mut data = Vec::with_capacity(256);
+    write_canonical(&e.event.data(), &mut data);
+    let metadata = cols.metadata.last().map_or(&b"{}"[..], |m| m.as_bytes());
     let canonical = canonical_bytes(&CanonicalRow {
         position,
         event_id: &e.event_id,
@@ -792,19 +800,20 @@ fn push_row(
         event_type: e.event.event_type(),
         type_version: e.event.schema_version(),
         recorded_at,
-        data: &data,
-        metadata,
+        data: CanonicalJson::Written(&data),
+        metadata: CanonicalJson::Written(metadata),
     });
     let hash = chain_hash(prev, &canonical);
     cols.size.push(canonical.len());
     cols.position.push(position.0 as i64);
     cols.event_id.push(e.event_id);
-    cols.stream.push(stream.to_owned());
+    cols.stream.push(stream);
     cols.version.push(version as i64);
-    cols.event_type.push(e.event.event_type().to_owned());
+    cols.event_type.push(e.event.event_type());
     cols.type_version.push(e.event.schema_version() as i16);
-    cols.data.push(data);
-    cols.metadata.push(metadata.clone());
+    // serde_json writes UTF-8.
+    cols.data.push(String::from_utf8(data).unwrap_or_default());
+    cols.meta.push(i32::try_from(cols.metadata.len()).unwrap_or(i32::MAX));
     cols.recorded_at.push(to_datetime(recorded_at));
     cols.hash.push(hash.0.to_vec());
     hash
@@ -817,9 +826,9 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
 
 /// A batch numbered, checked and hash-chained against a head and stream versions, before
 /// anything is written.
-struct Plan {
+struct Plan<'a> {
     /// The rows to insert.
-    cols: Columns,
+    cols: Columns<'a>,
     /// One answer per request, true once the rows are committed.
     results: Vec<Result<Appended, StoreError>>,
     /// The head the rows chain from, and the head after them.
@@ -832,13 +841,13 @@ struct Plan {
 
 /// Plans `batch` on top of `start`, given the event ids known to be in the log and each of
 /// the batch's streams' version (`before`, every stream present). Pure: no I/O.
-fn plan(
-    batch: &[AppendRequest],
+fn plan<'a>(
+    batch: &'a [AppendRequest],
     start: Head,
     known: &mut HashMap<Uuid, Position>,
     before: HashMap<String, Option<u64>>,
     recorded_at: Timestamp,
-) -> Plan {
+) -> Plan<'a> {
     let mut after = before.clone();
     let (mut position, mut prev) = (start.position, start.hash);
     let mut cols = Columns::default();
@@ -876,7 +885,9 @@ fn plan(
             }));
             continue;
         }
-        let metadata = serde_json::to_value(&req.metadata).unwrap_or_default();
+        let mut metadata = Vec::with_capacity(64);
+        write_canonical(&serde_json::to_value(&req.metadata).unwrap_or_default(), &mut metadata);
+        cols.metadata.push(String::from_utf8(metadata).unwrap_or_default());
         let mut version = current;
         let mut positions = Vec::with_capacity(req.events.len());
         for e in &req.events {
@@ -886,7 +897,7 @@ fn plan(
             position = position.next();
             let v = version.map_or(0, |v| v + 1);
             version = Some(v);
-            prev = push_row(&mut cols, &prev, position, e, &req.stream, v, recorded_at, &metadata);
+            prev = push_row(&mut cols, &prev, position, e, &req.stream, v, recorded_at);
             known.insert(e.event_id, position);
             positions.push(position);
         }
@@ -954,8 +965,11 @@ async fn commit_locked(
     for range in cols.chunks(MAX_INSERT_BYTES) {
         let inserted = sqlx::query(
             "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash) \
-             SELECT * FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::smallint[], \
-                                  $7::jsonb[], $8::jsonb[], $9::timestamptz[], $10::bytea[])",
+             SELECT r.position, r.event_id, r.stream, r.version, r.type, r.type_version, r.data, ($11::jsonb[])[r.meta], \
+                    r.recorded_at, r.hash \
+             FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::smallint[], \
+                         $7::jsonb[], $8::integer[], $9::timestamptz[], $10::bytea[]) \
+                  AS r(position, event_id, stream, version, type, type_version, data, meta, recorded_at, hash)",
         )
         .bind(&cols.position[range.clone()])
         .bind(&cols.event_id[range.clone()])
@@ -964,9 +978,10 @@ async fn commit_locked(
         .bind(&cols.event_type[range.clone()])
         .bind(&cols.type_version[range.clone()])
         .bind(&cols.data[range.clone()])
-        .bind(&cols.metadata[range.clone()])
+        .bind(&cols.meta[range.clone()])
         .bind(&cols.recorded_at[range.clone()])
         .bind(&cols.hash[range])
+        .bind(&cols.metadata)
         .execute(&mut **conn)
         .await;
         match inserted {

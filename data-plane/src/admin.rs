@@ -64,7 +64,8 @@ fn bad(detail: impl std::fmt::Display) -> (StatusCode, Json<Value>) {
 
 fn parse_decide(body: &[u8]) -> Result<AccessRequest, String> {
     let b: DecideBody = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
-    let id = uuid::Uuid::new_v4();
+    // Time-ordered, as every decision id (it becomes an event id in the log).
+    let id = uuid::Uuid::now_v7();
     if let Some(sid) = &b.streamid {
         if b.app.is_some() || b.stream.is_some() {
             return Err("give either `streamid` or `app` and `stream`, not both".into());

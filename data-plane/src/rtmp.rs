@@ -1153,7 +1153,9 @@ fn access_request(
 ) -> Result<AccessRequest, String> {
     let target = wire::parse_rtmp(app, stream_key).map_err(|e| e.to_string())?;
     Ok(AccessRequest {
-        id: uuid::Uuid::new_v4(),
+        // Time-ordered: the decision's id is its event id in the log, where ordered ids keep
+        // the unique index's inserts at its right edge.
+        id: uuid::Uuid::now_v7(),
         app: target.app,
         stream: target.stream,
         action,

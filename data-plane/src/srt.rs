@@ -218,7 +218,8 @@ fn reject_reason(reason: Reason) -> RejectReason {
 pub fn access_request(raw: &[u8], client_ip: std::net::IpAddr) -> Result<AccessRequest, String> {
     let parsed = wire::parse_srt_streamid(raw).map_err(|e| e.to_string())?;
     Ok(AccessRequest {
-        id: uuid::Uuid::new_v4(),
+        // Time-ordered, as every decision id (it becomes an event id in the log).
+        id: uuid::Uuid::now_v7(),
         app: parsed.target.app,
         stream: parsed.target.stream,
         action: parsed.action,

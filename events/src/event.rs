@@ -379,21 +379,20 @@ pub struct RecordedEvent {
 /// than trusting serde_json's map order (a `preserve_order` feature anywhere in the build, or
 /// jsonb's own key order on read-back, would otherwise change the bytes).
 pub fn canonical_bytes(row: &CanonicalRow<'_>) -> Vec<u8> {
-    let head = serde_json::json!([
-        row.position.0,
-        row.event_id,
-        row.stream,
-        row.version,
-        row.event_type,
-        row.type_version,
-        row.recorded_at.0
-    ]);
     let mut out = Vec::with_capacity(256);
-    write_canonical(&head, &mut out);
-    out.push(b'|');
-    write_canonical(row.data, &mut out);
-    out.push(b'|');
-    write_canonical(row.metadata, &mut out);
+    // A tuple serializes as the JSON array `[position,"id","stream",...]`: no object, so no
+    // key order to fix, and no intermediate `Value`.
+    let head =
+        (row.position.0, row.event_id, row.stream, row.version, row.event_type, row.type_version, row.recorded_at.0);
+    // Writing numbers and strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut out, &head);
+    for part in [&row.data, &row.metadata] {
+        out.push(b'|');
+        match part {
+            CanonicalJson::Value(v) => write_canonical(v, &mut out),
+            CanonicalJson::Written(bytes) => out.extend_from_slice(bytes),
+        }
+    }
     out
 }
 
@@ -407,8 +406,16 @@ pub struct CanonicalRow<'a> {
     pub event_type: &'a str,
     pub type_version: u16,
     pub recorded_at: Timestamp,
-    pub data: &'a serde_json::Value,
-    pub metadata: &'a serde_json::Value,
+    pub data: CanonicalJson<'a>,
+    pub metadata: CanonicalJson<'a>,
+}
+
+/// A JSON part of a canonical row: a value, or the bytes `write_canonical` already made of
+/// one (the writer keeps those to store, and so writes each value once).
+#[derive(Debug, Clone, Copy)]
+pub enum CanonicalJson<'a> {
+    Value(&'a serde_json::Value),
+    Written(&'a [u8]),
 }
 
 /// Writes `v` as JSON with object keys in byte order, no whitespace.

@@ -232,11 +232,46 @@ fn canonical_bytes_ignore_key_order() {
             event_type: "T",
             type_version: 1,
             recorded_at: T0,
-            data,
-            metadata: &meta,
+            data: CanonicalJson::Value(data),
+            metadata: CanonicalJson::Value(&meta),
         })
     };
     assert_eq!(row(&a, 0), row(&b, 0));
+    // Bytes written before give the same canonical row.
+    let (mut data, mut metadata) = (Vec::new(), Vec::new());
+    write_canonical(&b, &mut data);
+    write_canonical(&meta, &mut metadata);
+    let written = canonical_bytes(&CanonicalRow {
+        position: Position(1),
+        event_id: &id,
+        stream: "s",
+        version: 0,
+        event_type: "T",
+        type_version: 1,
+        recorded_at: T0,
+        data: CanonicalJson::Written(&data),
+        metadata: CanonicalJson::Written(&metadata),
+    });
+    assert_eq!(written, row(&a, 0));
+    // The head is the JSON array of the row's columns, byte for byte as the chain has always
+    // hashed it (a `Value` array written canonically), escapes included: logs written before
+    // must still verify.
+    let stream = "s\"\\\u{1}é\u{2028}";
+    let mut head = Vec::new();
+    write_canonical(&json!([u64::MAX, id, stream, 7, "T", 1, T0.0]), &mut head);
+    let tricky = canonical_bytes(&CanonicalRow {
+        position: Position(u64::MAX),
+        event_id: &id,
+        stream,
+        version: 7,
+        event_type: "T",
+        type_version: 1,
+        recorded_at: T0,
+        data: CanonicalJson::Written(&data),
+        metadata: CanonicalJson::Written(&metadata),
+    });
+    head.push(b'|');
+    assert!(tricky.starts_with(&head), "{}", String::from_utf8_lossy(&tricky));
     let h1 = chain_hash(&GENESIS, &row(&a, 0));
     let h2 = chain_hash(&GENESIS, &row(&a, 1));
     assert_ne!(h1, h2);

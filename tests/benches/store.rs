@@ -38,7 +38,7 @@ fn token_append() -> (String, Vec<NewEvent>) {
         expires_at: Some(Timestamp(1_900_000_000_000)),
     }
     .into();
-    (event.log_stream(), vec![NewEvent { event_id: Uuid::new_v4(), event }])
+    (event.log_stream(), vec![NewEvent { event_id: Uuid::now_v7(), event }])
 }
 
 /// A batched append as decision ingest makes it: `n` decisions of one node.
@@ -48,7 +48,7 @@ fn decisions_append(node: &str, n: usize) -> (String, Vec<NewEvent>) {
             let event: Event = AccessDecided {
                 decision: DecisionRecord {
                     decision: Decision {
-                        id: Uuid::new_v4(),
+                        id: Uuid::now_v7(),
                         outcome: Outcome::Allow,
                         reason: Reason::Allowed,
                         method: Some(Method::OneTimeToken),
@@ -76,7 +76,7 @@ fn decisions_append(node: &str, n: usize) -> (String, Vec<NewEvent>) {
                 },
             }
             .into();
-            NewEvent { event_id: Uuid::new_v4(), event }
+            NewEvent { event_id: Uuid::now_v7(), event }
         })
         .collect();
     (format!("decisions-{node}"), events)
@@ -155,9 +155,14 @@ fn main() {
         let pool = connect(&url).await.unwrap();
         store::migrate(&pool).await.unwrap();
         let store = EventStore::start(pool.clone());
-        // SLUICE_BENCH_PROBE=1: only 8 writers × 1 event (and, with SLUICE_BENCH_PROBE_BATCH=1,
-        // 1 writer × 100 events first), for quick comparisons while profiling.
+        // SLUICE_BENCH_PROBE=1: only 8 writers × 1 event (after 1 writer × 1 event with
+        // SLUICE_BENCH_PROBE_ONE=1, 1 writer × 100 with SLUICE_BENCH_PROBE_BATCH=1), for quick
+        // comparisons while profiling.
         if std::env::var_os("SLUICE_BENCH_PROBE").is_some() {
+            if std::env::var_os("SLUICE_BENCH_PROBE_ONE").is_some() {
+                let (x, _) = run_appends(&store, 1, 1).await;
+                println!("probe 1x1 {x:.0}");
+            }
             if std::env::var_os("SLUICE_BENCH_PROBE_BATCH").is_some() {
                 let (x, _) = run_appends(&store, 1, 100).await;
                 println!("probe 1x100 {x:.0}");

@@ -479,7 +479,7 @@ async fn the_one_statement_append_refuses_a_stale_head_or_stream_version() {
     let call = |head: Option<i64>, hash: Option<Vec<u8>>, version: Option<i64>| {
         sqlx::query_scalar::<_, bool>(
             "SELECT sluice_append_at(1, $1, $2, ARRAY['app-a'], ARRAY[$3::bigint], '{}', '{}', '{}', '{}', '{}', \
-             '{}', '{}', '{}', '{}', '{}')",
+             '{}', '{}', '{}', '{}', '{}', '{}')",
         )
         .bind(head)
         .bind(hash)

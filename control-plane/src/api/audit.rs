@@ -66,7 +66,7 @@ impl AuditLog {
                 let event = ApiAccessed { instance: instance.clone(), entries }.into();
                 let stream = format!("api-{instance}");
                 let metadata = Metadata { actor: Some("api-audit".into()), ..Metadata::default() };
-                let new = vec![NewEvent { event_id: Uuid::new_v4(), event }];
+                let new = vec![NewEvent { event_id: Uuid::now_v7(), event }];
                 match store.append(&stream, ExpectedVersion::Any, new, metadata).await {
                     Ok(_) => {
                         pending.drain(..take);
