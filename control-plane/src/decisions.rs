@@ -370,7 +370,7 @@ fn verdict(d: &sluice_events::Decision) -> Verdict {
         outcome: outcome.into(),
         reason: d.reason.as_str().into(),
         method: d.method.map(|m| m.as_str().to_owned()),
-        subject: d.subject.clone(),
+        subject: d.subject.as_deref().map(str::to_owned),
     }
 }
 

@@ -5,6 +5,7 @@
 //! failure (an expired token says `token_expired`, not `token_not_found`); when the app also
 //! asks a webhook, the verdict is `AskWebhook` and the shell makes the call.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -24,7 +25,7 @@ use crate::state::{App, AuthState, TokenStatus};
 /// What one method says about a request.
 enum Check {
     Allow {
-        subject: Option<String>,
+        subject: Option<Cow<'static, str>>,
         effects: Vec<Effect>,
     },
     /// The request carries no credential of this method's shape.
@@ -244,7 +245,7 @@ fn check_hash(ctx: &Ctx<'_>) -> Check {
         return Check::Deny(Reason::HashMismatch, 0);
     };
     if stream_hash(ctx.stream.as_str(), ctx.req.action, secret).ct_eq(&presented) {
-        Check::Allow { subject: Some("hash".into()), effects: Vec::new() }
+        Check::Allow { subject: Some(Cow::Borrowed("hash")), effects: Vec::new() }
     } else {
         Check::Deny(Reason::HashMismatch, 2)
     }
@@ -292,7 +293,7 @@ fn check_hmac(ctx: &Ctx<'_>) -> Check {
     if expires <= ctx.now.as_secs() {
         return Check::Deny(Reason::HmacExpired, 3);
     }
-    Check::Allow { subject: Some("hmac".into()), effects: Vec::new() }
+    Check::Allow { subject: Some(Cow::Borrowed("hmac")), effects: Vec::new() }
 }
 
 /// A claim that names one value, several, or `*`.
@@ -431,8 +432,8 @@ fn check_claims(ctx: &Ctx<'_>, claims: StreamClaims) -> Check {
         return Check::Deny(Reason::JwtWrongAction, 3);
     }
     let subject = Some(match claims.sub {
-        Some(sub) => format!("jwt:{sub}"),
-        None => "jwt".to_owned(),
+        Some(sub) => Cow::Owned(format!("jwt:{sub}")),
+        None => Cow::Borrowed("jwt"),
     });
     Check::Allow { subject, effects: Vec::new() }
 }
@@ -457,7 +458,7 @@ fn check_one_time(state: &AuthState, ctx: &Ctx<'_>) -> Check {
         Reason::TokenExpired
     } else {
         return Check::Allow {
-            subject: Some(["token:", &token_id(&digest)].concat()),
+            subject: Some(["token:", &token_id(&digest)].concat().into()),
             effects: vec![Effect::ConsumeToken { token_sha256: digest }],
         };
     };
@@ -499,13 +500,12 @@ fn check_totp(ctx: &Ctx<'_>) -> Check {
     let Ok(now_secs) = u64::try_from(ctx.now.as_secs()) else {
         return Check::Deny(Reason::TotpInvalid, 3);
     };
-    // totp-rs parses the code (exact length, digits only) and compares in constant time.
-    // The generator has no skew of its own: the current step is tried first (the common case
-    // costs one HMAC), then one step either side for clock skew.
-    let period = u64::from(ctx.app.policy.totp.period_secs);
-    let window = [Some(now_secs), now_secs.checked_sub(period), now_secs.checked_add(period)];
-    let Some(step) = window.into_iter().flatten().find_map(|t| totp.0.check(code.expose(), t).map(|_| t / period))
-    else {
+    // The current step is tried first (the common case costs one HMAC), then one step either
+    // side for clock skew. `check` wants exactly the configured digits and compares in
+    // constant time.
+    let current = now_secs / u64::from(ctx.app.policy.totp.period_secs.max(1));
+    let window = [Some(current), current.checked_sub(1), current.checked_add(1)];
+    let Some(step) = window.into_iter().flatten().find(|&step| totp.0.check(code.expose(), step)) else {
         return Check::Deny(Reason::TotpInvalid, 3);
     };
     if sub.last_step.is_some_and(|last| step <= last) {
@@ -514,5 +514,8 @@ fn check_totp(ctx: &Ctx<'_>) -> Check {
     let mut subject = String::with_capacity(11 + id.as_str().len());
     subject.push_str("subscriber:");
     subject.push_str(id.as_str());
-    Check::Allow { subject: Some(subject), effects: vec![Effect::UseTotpStep { subscriber_id: id.clone(), step }] }
+    Check::Allow {
+        subject: Some(subject.into()),
+        effects: vec![Effect::UseTotpStep { subscriber_id: id.clone(), step }],
+    }
 }

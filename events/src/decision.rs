@@ -179,7 +179,8 @@ pub struct Decision {
     /// The method that accepted (or, for a denial, the one whose check failed most specifically).
     pub method: Option<Method>,
     /// Who matched: `token:<id>`, `subscriber:<id>`, `jwt:<sub>`, …
-    pub subject: Option<String>,
+    // Borrowed for the fixed ones, so an allowed hash or HMAC decision allocates nothing here.
+    pub subject: Option<std::borrow::Cow<'static, str>>,
     /// The stream's public name after publish-name mapping.
     pub stream: StreamName,
     /// Log position of the state the decision was made on.

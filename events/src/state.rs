@@ -84,8 +84,8 @@ pub struct Subscriber {
     pub action: Option<Action>,
     pub secret: Sealed,
     pub(crate) plain: Option<Opened<Arc<[u8]>>>,
-    /// The TOTP generator for the app's current period and digits, ±1 step of skew.
-    pub(crate) totp: Option<Opened<Arc<totp_rs::Totp>>>,
+    /// The TOTP key for the app's current period and digits.
+    pub(crate) totp: Option<Opened<Arc<TotpKey>>>,
     pub blocked_until: Option<Timestamp>,
     /// The last TOTP step accepted: a code at or before it is a replay.
     pub last_step: Option<u64>,
@@ -606,19 +606,61 @@ impl DigestWriter {
     }
 }
 
-/// A TOTP generator (RFC 6238, HMAC-SHA1) with ±1 step of skew; `None` if the secret is
-/// unavailable or unusable (too short), so the method fails closed.
-fn build_totp(secret: Option<&Opened<Arc<[u8]>>>, settings: TotpSettings) -> Option<Opened<Arc<totp_rs::Totp>>> {
+/// A TOTP key (RFC 6238, HMAC-SHA1) for the app's period and digits; `None` if the secret is
+/// unavailable or unusable (totp-rs refuses it, e.g. too short), so the method fails closed.
+fn build_totp(secret: Option<&Opened<Arc<[u8]>>>, settings: TotpSettings) -> Option<Opened<Arc<TotpKey>>> {
     let secret = secret?;
+    // totp-rs decides which secrets are usable, as for the codes `totp_code` generates.
     totp_rs::Builder::new()
         .with_algorithm(totp_rs::Algorithm::SHA1)
         .with_digits(settings.digits)
         .with_step_duration(u64::from(settings.period_secs))
-        .with_skew(0)
         .with_secret(secret.0.to_vec())
         .build()
-        .ok()
-        .map(|t| Opened(Arc::new(t)))
+        .ok()?;
+    let mac = <Hmac<sha1::Sha1> as KeyInit>::new_from_slice(&secret.0).ok()?;
+    let modulus = 10u32.checked_pow(u32::from(settings.digits))?;
+    Some(Opened(Arc::new(TotpKey { mac, digits: usize::from(settings.digits), modulus })))
+}
+
+/// A subscriber's TOTP key with the HMAC-SHA1 keyed state computed once, when the secret is
+/// applied: checking a code costs one HMAC over the 8-byte step, not a key schedule too.
+#[derive(Clone)]
+pub struct TotpKey {
+    mac: Hmac<sha1::Sha1>,
+    digits: usize,
+    modulus: u32,
+}
+
+impl std::fmt::Debug for TotpKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TotpKey(<opened secret>)")
+    }
+}
+
+impl TotpKey {
+    /// The code at `step` (RFC 4226 dynamic truncation), as a number.
+    pub fn code(&self, step: u64) -> u32 {
+        use hmac::Mac;
+        let mut mac = self.mac.clone();
+        mac.update(&step.to_be_bytes());
+        let h = mac.finalize().into_bytes();
+        let offset = usize::from(h[19] & 0x0f);
+        let bin = u32::from_be_bytes([h[offset] & 0x7f, h[offset + 1], h[offset + 2], h[offset + 3]]);
+        bin % self.modulus
+    }
+
+    /// Is `presented` (exactly the configured number of ASCII digits) the code at `step`?
+    /// The codes are compared in constant time.
+    pub fn check(&self, presented: &str, step: u64) -> bool {
+        use subtle::ConstantTimeEq;
+        let bytes = presented.as_bytes();
+        if bytes.len() != self.digits || !bytes.iter().all(u8::is_ascii_digit) {
+            return false;
+        }
+        let value = bytes.iter().fold(0u32, |n, d| n * 10 + u32::from(d - b'0'));
+        bool::from(value.ct_eq(&self.code(step)))
+    }
 }
 
 /// The public keys of a JWK set that Sluice accepts: RSA (RS256) and P-256 (ES256). Symmetric
@@ -639,4 +681,42 @@ pub fn jwks_keys(raw: &serde_json::Value) -> Vec<JwkKey> {
             Some(JwkKey { kid: jwk.common.key_id.clone(), alg, key })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn totp_keys_agree_with_totp_rs_and_refuse_anything_but_the_exact_code() {
+        let secrets: [&[u8]; 3] = [b"12345678901234567890", &[0xa5; 32], b"another secret of some length!"];
+        for secret in secrets {
+            let opened = Opened(Arc::<[u8]>::from(secret));
+            for digits in [6u8, 7, 8] {
+                let settings = TotpSettings { period_secs: 30, digits };
+                let key = build_totp(Some(&opened), settings).unwrap();
+                for step in [0u64, 1, 59, 1_234_567, 56_666_666, u64::from(u32::MAX) + 7] {
+                    let expected = crate::decide::totp_code(secret, digits, 30, step).unwrap();
+                    assert_eq!(format!("{:0width$}", key.0.code(step), width = usize::from(digits)), expected);
+                    assert!(key.0.check(&expected, step), "{digits} digits, step {step}");
+                    assert!(!key.0.check(&expected, step + 1) || key.0.code(step) == key.0.code(step + 1));
+                    assert!(!key.0.check(&expected[1..], step), "too short");
+                    assert!(!key.0.check(&format!("{expected}0"), step), "too long");
+                    assert!(!key.0.check(&format!("+{}", &expected[1..]), step), "a sign is not a digit");
+                    assert!(!key.0.check(&format!(" {}", &expected[1..]), step), "nor is a space");
+                }
+            }
+        }
+        // RFC 6238 appendix B, SHA-1, 8 digits, T = 59 s (step 1 of 30 s).
+        let rfc = build_totp(
+            Some(&Opened(Arc::<[u8]>::from(&b"12345678901234567890"[..]))),
+            TotpSettings { period_secs: 30, digits: 8 },
+        )
+        .unwrap();
+        assert!(rfc.0.check("94287082", 1));
+        // totp-rs refuses a secret shorter than 128 bits: the method then fails closed.
+        let short = Opened(Arc::<[u8]>::from(&b"short"[..]));
+        assert!(build_totp(Some(&short), TotpSettings::default()).is_none());
+        assert!(build_totp(None, TotpSettings::default()).is_none());
+    }
 }
