@@ -9,9 +9,12 @@
 //!
 //! Fan-out: one publisher per stream, any number of players. Metadata, the AVC/AAC sequence
 //! headers and the current GOP are replayed to late joiners so playback starts on a keyframe.
-//! Each media message is chunked once and the bytes shared by every player. Each player has a
-//! bounded queue; a player that falls behind skips to the next keyframe. A stream is relayed
-//! to another media thread once, when that thread has a player for it (`Ctx::mirror`).
+//! Each media message is chunked once, into the stream's `Window`: up to `merge_write` of media
+//! (a keyframe always opens a new one), flushed to every player as one shared `Bytes`, so a
+//! player's write costs no copy, and there is one merge timer per media thread, not one per
+//! player. Each player has a bounded queue; a player that falls behind skips to the next
+//! window that opens on a keyframe. A stream is relayed to another media thread once, when
+//! that thread has a player for it (`Ctx::mirror`).
 //!
 //! Bounded per connection: connections (per address and in total, `limits::Gate`), handshake
 //! time, silence, and input that completes no message (`Settings::max_message`).
@@ -20,7 +23,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt as _;
@@ -182,8 +185,62 @@ impl Player {
             c.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
         }
         self.queued.set(self.queued.get() + 1);
-        self.out.unbounded_send(Out::Media(bytes, self.queued.clone())).is_ok()
+        self.out.unbounded_send(Out::Media(bytes, self.queued.clone(), 1)).is_ok()
     }
+
+    /// Hands a flushed window (`messages` media messages, chunked for stream id 1) to the
+    /// writer, shared with every other player of the stream; false once the player is gone.
+    fn deliver_window(&mut self, bytes: &Bytes, messages: usize, counters: Option<&Arc<StreamCounters>>) -> bool {
+        if let Some(c) = counters {
+            c.bytes_out.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        }
+        self.queued.set(self.queued.get() + messages);
+        self.out.unbounded_send(Out::Media(bytes.clone(), self.queued.clone(), messages)).is_ok()
+    }
+
+    /// Whether `media` goes into the stream's shared window for this player rather than to
+    /// it alone: audio and video for stream id 1 (nearly every player), whose chunked bytes
+    /// are the same for all.
+    fn windowed(&self, media: &Media) -> bool {
+        self.stream_id == 1 && matches!(media, Media::Video(..) | Media::Audio(..))
+    }
+
+    /// The queue check before `units` media messages reach this player: false (and the
+    /// messages counted as dropped) while it is behind and until a keyframe starts what comes.
+    fn admits(&mut self, keyframe: bool, units: usize, counters: Option<&Arc<StreamCounters>>) -> bool {
+        let drop = |c: Option<&Arc<StreamCounters>>| {
+            if let Some(c) = c {
+                c.dropped.fetch_add(units as u64, Ordering::Relaxed);
+            }
+        };
+        if self.skipping && !keyframe {
+            drop(counters);
+            return false;
+        }
+        if self.queued.get() >= PLAYER_QUEUE {
+            if !self.skipping {
+                tracing::debug!(player = self.id, "player behind; skipping to the next keyframe");
+            }
+            self.skipping = true;
+            drop(counters);
+            return false;
+        }
+        self.skipping = false;
+        true
+    }
+}
+
+/// Media of one stream since its last flush, chunked for stream id 1: every in-step player
+/// gets the same bytes in one write (SRS's merged write, done once per stream instead of
+/// once per player: no per-player copy, timer or queue entry per message).
+#[derive(Default)]
+struct Window {
+    bytes: Vec<u8>,
+    messages: usize,
+    /// A video keyframe opened it (a keyframe always starts a window), so a player that
+    /// fell behind can rejoin here.
+    keyframe: bool,
+    opened: Option<Instant>,
 }
 
 /// This stream relayed to another media thread, which has players for it.
@@ -216,6 +273,25 @@ struct Channel {
     audio_header: Option<Media>,
     gop: Vec<Media>,
     players: Vec<Player>,
+    window: Window,
+}
+
+impl Channel {
+    /// Sends the window to every stream-id-1 player that is keeping up.
+    fn flush(&mut self) {
+        if self.window.messages == 0 {
+            return;
+        }
+        let window = std::mem::take(&mut self.window);
+        let bytes = Bytes::from(window.bytes);
+        let counters = self.counters.clone();
+        self.players.retain_mut(|p| {
+            if p.stream_id != 1 || !p.admits(window.keyframe, window.messages, counters.as_ref()) {
+                return true;
+            }
+            p.deliver_window(&bytes, window.messages, counters.as_ref())
+        });
+    }
 }
 
 type Key = (AppName, StreamName);
@@ -224,9 +300,21 @@ type Key = (AppName, StreamName);
 struct Hub {
     channels: HashMap<Key, Channel>,
     stats: Arc<MediaStats>,
+    /// How long media may wait in a stream's window for more (0: every message flushed at once).
+    merge: Duration,
 }
 
 impl Hub {
+    /// Flushes the windows that have waited `merge`: the media thread's one timer, so a stream
+    /// whose publisher pauses does not hold its last media back.
+    fn flush_due(&mut self, now: Instant) {
+        for ch in self.channels.values_mut() {
+            if ch.window.opened.is_some_and(|t| now.duration_since(t) >= self.merge) {
+                ch.flush();
+            }
+        }
+    }
+
     fn publish(&mut self, key: &Key, media: Media) {
         let Some(ch) = self.channels.get_mut(key) else { return };
         let size = match &media {
@@ -255,26 +343,33 @@ impl Hub {
             Media::End => {}
         }
         let keyframe = matches!(&media, Media::Video(d, ..) if is_keyframe(d));
+        let shared = match &media {
+            Media::Video(_, _, chunked) | Media::Audio(_, _, chunked) => Some(chunked),
+            _ => None,
+        };
+        // In order: what is waiting goes before metadata or the end, and a keyframe opens a
+        // window of its own.
+        if shared.is_none() || keyframe {
+            ch.flush();
+        }
         ch.players.retain_mut(|p| {
-            if p.skipping && !keyframe {
-                if let Some(c) = &counters {
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            if p.windowed(&media) || !p.admits(keyframe, 1, counters.as_ref()) {
                 return true;
             }
-            if p.queued.get() >= PLAYER_QUEUE {
-                if !p.skipping {
-                    tracing::debug!(player = p.id, "player behind; skipping to the next keyframe");
-                }
-                p.skipping = true;
-                if let Some(c) = &counters {
-                    c.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-                return true;
-            }
-            p.skipping = false;
             p.deliver(&media, counters.as_ref())
         });
+        if let Some(chunked) = shared {
+            let w = &mut ch.window;
+            if w.messages == 0 {
+                w.keyframe = keyframe;
+                w.opened = Some(Instant::now());
+            }
+            w.bytes.extend_from_slice(chunked);
+            w.messages += 1;
+            if self.merge.is_zero() || w.bytes.len() >= WRITE_BATCH {
+                ch.flush();
+            }
+        }
         ch.mirrors.retain_mut(|m| {
             if m.skipping && !keyframe {
                 return true;
@@ -319,6 +414,9 @@ impl Hub {
         if ch.publisher.is_none() {
             return false;
         }
+        // The players already here get what is waiting; the joiner's start (below) covers
+        // it, and it shares windows from the next one on.
+        ch.flush();
         if let Some(c) = &ch.counters {
             c.players.fetch_add(1, Ordering::Relaxed);
         }
@@ -359,6 +457,7 @@ impl Hub {
             if !ch.mirror {
                 self.stats.stream_ended(key.0.as_str(), key.1.as_str());
             }
+            ch.flush();
             for p in &mut ch.players {
                 p.deliver(&Media::End, None);
             }
@@ -438,7 +537,6 @@ struct Ctx {
     /// `SLUICE_RTMP_MAX_MESSAGE_BYTES`.
     max_message: usize,
     idle_timeout: Duration,
-    merge_write: Duration,
 }
 
 /// What the RTMP server is told at start.
@@ -452,7 +550,8 @@ pub struct Settings {
     /// A connection that is not playing and stays silent this long is closed (a publisher
     /// that stopped sending).
     pub idle_timeout: Duration,
-    /// How long media may wait for more media to share a player's write (0: write at once).
+    /// How long a stream's media may wait for more to share its players' writes (one window
+    /// per stream, shared by every player; 0: each message written at once).
     pub merge_write: Duration,
 }
 
@@ -504,7 +603,11 @@ pub fn spawn(
                         return;
                     }
                 };
-                let hub = RefCell::new(Hub { channels: HashMap::new(), stats: decider.stats.clone() });
+                let hub = RefCell::new(Hub {
+                    channels: HashMap::new(),
+                    stats: decider.stats.clone(),
+                    merge: settings.merge_write,
+                });
                 let ctx = Rc::new(Ctx {
                     thread,
                     directory,
@@ -516,9 +619,11 @@ pub fn spawn(
                     next_id: Cell::new(1),
                     max_message: settings.max_message.max(4096),
                     idle_timeout: settings.idle_timeout,
-                    merge_write: settings.merge_write,
                 });
                 monoio::spawn(serve_inbox(ctx.clone(), inbox));
+                if !settings.merge_write.is_zero() {
+                    monoio::spawn(flush_windows(ctx.clone(), settings.merge_write));
+                }
                 loop {
                     match listener.accept().await {
                         Ok((stream, peer)) => {
@@ -549,6 +654,14 @@ pub fn spawn(
         ready_rx.recv().map_err(|_| std::io::Error::other("an RTMP thread stopped"))??;
     }
     Ok(())
+}
+
+/// The media thread's one merge timer: every `merge`, windows that have waited that long go.
+async fn flush_windows(ctx: Rc<Ctx>, merge: Duration) {
+    loop {
+        monoio::time::sleep(merge).await;
+        ctx.hub.borrow_mut().flush_due(Instant::now());
+    }
 }
 
 /// Relay requests from the other media threads.
@@ -612,31 +725,24 @@ impl Ctx {
 
 enum Out {
     Bytes(Vec<u8>),
-    /// Media bytes shared with other players, and the player's count of queued media.
-    Media(Bytes, Rc<Cell<usize>>),
+    /// Media bytes shared with other players, the player's count of queued media, and how
+    /// many media messages these bytes hold.
+    Media(Bytes, Rc<Cell<usize>>, usize),
     Close,
 }
 
 /// Most bytes gathered into one write when several messages are waiting.
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// A connection's way out: everything in order on `tx`; a control message or the close also
-/// pings `wake`, which ends the writer's merge wait at once. Media does not ping: the writer
-/// is woken by the first message of a write and then sleeps out the merge window.
+/// A connection's way out: everything in order, to its writer.
 #[derive(Clone)]
 struct Outbox {
     tx: fmpsc::UnboundedSender<Out>,
-    wake: fmpsc::UnboundedSender<()>,
 }
 
 impl Outbox {
     fn unbounded_send(&self, out: Out) -> Result<(), ()> {
-        let urgent = !matches!(out, Out::Media(..));
-        self.tx.unbounded_send(out).map_err(|_| ())?;
-        if urgent {
-            let _ = self.wake.unbounded_send(());
-        }
-        Ok(())
+        self.tx.unbounded_send(out).map_err(|_| ())
     }
 }
 
@@ -647,8 +753,6 @@ struct Batch {
     size: usize,
     /// The player's queue count and how many media messages this write takes off it.
     media: Option<(Rc<Cell<usize>>, usize)>,
-    /// A control message or the close is in: write now.
-    urgent: bool,
     closing: bool,
 }
 
@@ -658,18 +762,14 @@ impl Batch {
             Out::Bytes(b) => {
                 self.size += b.len();
                 self.parts.push(Bytes::from(b));
-                self.urgent = true;
             }
-            Out::Media(b, queued) => {
+            Out::Media(b, queued, messages) => {
                 self.size += b.len();
                 self.parts.push(b);
                 let n = self.media.as_ref().map_or(0, |m| m.1);
-                self.media = Some((queued, n + 1));
+                self.media = Some((queued, n + messages));
             }
-            Out::Close => {
-                self.closing = true;
-                self.urgent = true;
-            }
+            Out::Close => self.closing = true,
         }
     }
 
@@ -680,30 +780,14 @@ impl Batch {
 
 /// Writes what the connection sends, in order, gathering what is waiting into one write (one
 /// ring entry instead of one per message; a lone message is written as is, no copy). Media
-/// waits up to `merge` for more media to share its write (SRS's merged write, `mw_latency`):
-/// fewer, larger writes per player for that much added latency. A control message (handshake,
-/// command answers) or a close ends the wait at once, so a kick is never delayed by it.
-async fn writer(
-    mut wr: impl AsyncWriteRent,
-    mut rx: fmpsc::UnboundedReceiver<Out>,
-    mut wake: fmpsc::UnboundedReceiver<()>,
-    merge: Duration,
-) {
+/// comes already merged per stream (`Window`), so nothing waits here: a control message or a
+/// close is written as soon as it is queued.
+async fn writer(mut wr: impl AsyncWriteRent, mut rx: fmpsc::UnboundedReceiver<Out>) {
     loop {
         let Some(first) = rx.next().await else { break };
         let mut batch = Batch::default();
         batch.take(first);
-        // Wakes are drained before the queue: a control message queued after this point
-        // pings again, so the wait below never sleeps over one.
-        while wake.try_recv().is_ok() {}
         drain(&mut rx, &mut batch);
-        if !batch.urgent && !batch.full() && !merge.is_zero() {
-            monoio::select! {
-                _ = monoio::time::sleep(merge) => {}
-                _ = wake.next() => {}
-            }
-            drain(&mut rx, &mut batch);
-        }
         let res = match batch.parts.len() {
             0 => Ok(0),
             1 => wr.write_all(batch.parts.pop().unwrap_or_default()).await.0,
@@ -761,9 +845,8 @@ struct Conn {
 async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) {
     let (mut rd, wr) = stream.into_split();
     let (tx, out_rx) = fmpsc::unbounded();
-    let (wake, wake_rx) = fmpsc::unbounded();
-    let out = Outbox { tx, wake };
-    monoio::spawn(writer(wr, out_rx, wake_rx, ctx.merge_write));
+    let out = Outbox { tx };
+    monoio::spawn(writer(wr, out_rx));
     // Handshake, bounded in time.
     let mut hs = Handshake::new(PeerType::Server);
     let leftover = match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut hs, &out)).await {
@@ -1321,6 +1404,140 @@ mod tests {
         for r in refused {
             assert_eq!(r.as_deref(), Some("rml_rtmp panicked on this input"));
         }
+    }
+
+    /// A player on `stream_id` and what its writer would receive.
+    fn test_player(id: u64, stream_id: u32) -> (Player, fmpsc::UnboundedReceiver<Out>) {
+        let (tx, rx) = fmpsc::unbounded();
+        let (session, _) = ServerSession::new(ServerSessionConfig::new()).unwrap();
+        let player = Player {
+            id,
+            out: Outbox { tx },
+            queued: Rc::new(Cell::new(0)),
+            skipping: false,
+            stream_id,
+            session: Rc::new(RefCell::new(session)),
+            closed: Rc::new(Cell::new(false)),
+        };
+        (player, rx)
+    }
+
+    /// Media parts (bytes, message count) waiting for a writer.
+    fn received(rx: &mut fmpsc::UnboundedReceiver<Out>) -> Vec<(Bytes, usize)> {
+        let mut out = Vec::new();
+        while let Ok(o) = rx.try_recv() {
+            if let Out::Media(b, _, n) = o {
+                out.push((b, n));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn stream_windows_are_shared_by_players_and_open_on_keyframes() {
+        let stats = Arc::new(MediaStats::default());
+        let counters = stats.stream_started("tv", "cam", "rtmp");
+        let mut hub = Hub { channels: HashMap::new(), stats, merge: Duration::from_millis(100) };
+        let key: Key = (AppName::parse("tv").unwrap(), StreamName::parse("cam").unwrap());
+        hub.channels.insert(
+            key.clone(),
+            Channel { publisher: Some(9), counters: Some(counters.clone()), ..Channel::default() },
+        );
+        let (a, mut rx_a) = test_player(1, 1);
+        let (b, mut rx_b) = test_player(2, 1);
+        let (other, mut rx_other) = test_player(3, 2);
+        let slow_queue = b.queued.clone();
+        for p in [a, b, other] {
+            assert!(hub.join(&key, p));
+        }
+        let ts = |v| RtmpTimestamp::new(v);
+        let key_frame = || video(Bytes::from_static(&[0x17, 1, 0, 0, 0, 0xaa]), ts(0));
+        let inter = |t| video(Bytes::from_static(&[0x27, 1, 0, 0, 0, 0xbb]), ts(t));
+        let sound = |t| audio(Bytes::from_static(&[0xaf, 1, 0xcc]), ts(t));
+        let chunked = |m: &Media| match m {
+            Media::Video(_, _, c) | Media::Audio(_, _, c) => c.clone(),
+            _ => unreachable!(),
+        };
+
+        let first = [key_frame(), sound(10), inter(33), sound(40)];
+        let mut expected = Vec::new();
+        for m in &first {
+            expected.extend_from_slice(&chunked(m));
+            hub.publish(&key, m.clone());
+        }
+        // Stream id 1 waits for its window; another stream id is served message by message.
+        assert!(received(&mut rx_a).is_empty() && received(&mut rx_b).is_empty());
+        assert_eq!(received(&mut rx_other).len(), 4);
+        hub.flush_due(Instant::now());
+        assert!(received(&mut rx_a).is_empty(), "not due before the merge window");
+        hub.flush_due(Instant::now() + Duration::from_millis(100));
+        let (got_a, got_b) = (received(&mut rx_a), received(&mut rx_b));
+        assert_eq!(got_a.len(), 1);
+        assert_eq!((&got_a[0].0[..], got_a[0].1), (&expected[..], 4), "one write of the four messages");
+        assert_eq!(got_a[0].0.as_ptr(), got_b[0].0.as_ptr(), "the same bytes, not a copy per player");
+
+        // A keyframe flushes what waits before it and opens a window of its own.
+        hub.publish(&key, inter(66));
+        hub.publish(&key, key_frame());
+        assert_eq!(received(&mut rx_a).iter().map(|p| p.1).collect::<Vec<_>>(), vec![1]);
+        assert!(hub.channels[&key].window.keyframe);
+
+        // A player that is behind gets nothing, counted as dropped, until a window opens on a
+        // keyframe after it has caught up.
+        hub.channels.get_mut(&key).unwrap().flush();
+        received(&mut rx_a);
+        received(&mut rx_b);
+        slow_queue.set(PLAYER_QUEUE);
+        let dropped = counters.dropped.load(Ordering::Relaxed);
+        hub.publish(&key, inter(100));
+        hub.publish(&key, sound(110));
+        hub.channels.get_mut(&key).unwrap().flush();
+        assert!(received(&mut rx_b).is_empty());
+        assert_eq!(received(&mut rx_a).len(), 1, "the others are unaffected");
+        assert_eq!(counters.dropped.load(Ordering::Relaxed), dropped + 2);
+        slow_queue.set(0);
+        hub.publish(&key, inter(133));
+        hub.channels.get_mut(&key).unwrap().flush();
+        assert!(received(&mut rx_b).is_empty(), "caught up, but still waiting for a keyframe");
+        hub.publish(&key, key_frame());
+        hub.channels.get_mut(&key).unwrap().flush();
+        assert_eq!(received(&mut rx_b).len(), 1);
+
+        // Metadata and the end go after what is waiting, in order.
+        received(&mut rx_a);
+        hub.publish(&key, sound(150));
+        hub.publish(&key, Media::Metadata(Arc::new(StreamMetadata::new())));
+        let mut order = Vec::new();
+        while let Ok(o) = rx_a.try_recv() {
+            order.push(match o {
+                Out::Media(..) => "media",
+                Out::Bytes(_) => "bytes",
+                Out::Close => "close",
+            });
+        }
+        assert_eq!(order.first(), Some(&"media"), "{order:?}");
+        assert_eq!(order.len(), 2, "the window, then the metadata: {order:?}");
+        hub.publish(&key, sound(160));
+        hub.end(&key);
+        let mut order = Vec::new();
+        while let Ok(o) = rx_a.try_recv() {
+            order.push(matches!(o, Out::Close));
+        }
+        assert_eq!(order.first(), Some(&false), "the last window before the end");
+        assert_eq!(order.last(), Some(&true));
+    }
+
+    #[test]
+    fn with_no_merge_window_every_message_is_written_at_once() {
+        let stats = Arc::new(MediaStats::default());
+        let mut hub = Hub { channels: HashMap::new(), stats, merge: Duration::ZERO };
+        let key: Key = (AppName::parse("tv").unwrap(), StreamName::parse("cam").unwrap());
+        hub.channels.insert(key.clone(), Channel { publisher: Some(9), ..Channel::default() });
+        let (p, mut rx) = test_player(1, 1);
+        assert!(hub.join(&key, p));
+        hub.publish(&key, audio(Bytes::from_static(&[0xaf, 1, 0xcc]), RtmpTimestamp::new(0)));
+        hub.publish(&key, audio(Bytes::from_static(&[0xaf, 1, 0xdd]), RtmpTimestamp::new(20)));
+        assert_eq!(received(&mut rx).iter().map(|p| p.1).collect::<Vec<_>>(), vec![1, 1]);
     }
 
     #[test]
