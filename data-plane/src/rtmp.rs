@@ -274,6 +274,8 @@ struct Channel {
     gop: Vec<Media>,
     players: Vec<Player>,
     window: Window,
+    /// Bytes of the last window flushed: the next one's starting capacity.
+    last_window: usize,
 }
 
 impl Channel {
@@ -283,6 +285,7 @@ impl Channel {
             return;
         }
         let window = std::mem::take(&mut self.window);
+        self.last_window = window.bytes.len();
         let bytes = Bytes::from(window.bytes);
         let counters = self.counters.clone();
         self.players.retain_mut(|p| {
@@ -360,13 +363,18 @@ impl Hub {
         });
         if let Some(chunked) = shared {
             let w = &mut ch.window;
+            let now = Instant::now();
+            let opened = *w.opened.get_or_insert(now);
             if w.messages == 0 {
                 w.keyframe = keyframe;
-                w.opened = Some(Instant::now());
+                // About what the last window held, so it does not grow by reallocation.
+                w.bytes.reserve(ch.last_window);
             }
             w.bytes.extend_from_slice(chunked);
             w.messages += 1;
-            if self.merge.is_zero() || w.bytes.len() >= WRITE_BATCH {
+            // Due now (a steady publisher keeps windows at `merge`; the media thread's timer
+            // covers one that pauses), full, or no merging at all.
+            if self.merge.is_zero() || w.bytes.len() >= WRITE_BATCH || now.duration_since(opened) >= self.merge {
                 ch.flush();
             }
         }
@@ -656,10 +664,11 @@ pub fn spawn(
     Ok(())
 }
 
-/// The media thread's one merge timer: every `merge`, windows that have waited that long go.
+/// The media thread's one merge timer, for streams whose publisher pauses: every half
+/// `merge`, windows that have waited `merge` go (so none waits more than 1.5 × `merge`).
 async fn flush_windows(ctx: Rc<Ctx>, merge: Duration) {
     loop {
-        monoio::time::sleep(merge).await;
+        monoio::time::sleep(merge / 2).await;
         ctx.hub.borrow_mut().flush_due(Instant::now());
     }
 }
@@ -1475,6 +1484,12 @@ mod tests {
         assert_eq!(got_a.len(), 1);
         assert_eq!((&got_a[0].0[..], got_a[0].1), (&expected[..], 4), "one write of the four messages");
         assert_eq!(got_a[0].0.as_ptr(), got_b[0].0.as_ptr(), "the same bytes, not a copy per player");
+
+        // A steady publisher's next message flushes a window that is due, without the timer.
+        hub.publish(&key, sound(50));
+        hub.channels.get_mut(&key).unwrap().window.opened = Some(Instant::now() - Duration::from_millis(150));
+        hub.publish(&key, sound(60));
+        assert_eq!(received(&mut rx_a).iter().map(|p| p.1).collect::<Vec<_>>(), vec![2]);
 
         // A keyframe flushes what waits before it and opens a window of its own.
         hub.publish(&key, inter(66));
