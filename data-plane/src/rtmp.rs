@@ -159,6 +159,9 @@ struct Player {
     stream_id: u32,
     session: Rc<RefCell<ServerSession>>,
     closed: Rc<Cell<bool>>,
+    /// Bytes and messages of the stream's window when it joined, which its start (the GOP)
+    /// already covered: its first window is the rest.
+    joined_at: (usize, usize),
 }
 
 impl Player {
@@ -289,10 +292,15 @@ impl Channel {
         let bytes = Bytes::from(window.bytes);
         let counters = self.counters.clone();
         self.players.retain_mut(|p| {
-            if p.stream_id != 1 || !p.admits(window.keyframe, window.messages, counters.as_ref()) {
+            let (skip_bytes, skip_messages) = std::mem::take(&mut p.joined_at);
+            let messages = window.messages - skip_messages;
+            if p.stream_id != 1 || messages == 0 {
                 return true;
             }
-            p.deliver_window(&bytes, window.messages, counters.as_ref())
+            if !p.admits(window.keyframe && skip_messages == 0, messages, counters.as_ref()) {
+                return true;
+            }
+            p.deliver_window(&bytes.slice(skip_bytes..), messages, counters.as_ref())
         });
     }
 }
@@ -422,9 +430,8 @@ impl Hub {
         if ch.publisher.is_none() {
             return false;
         }
-        // The players already here get what is waiting; the joiner's start (below) covers
-        // it, and it shares windows from the next one on.
-        ch.flush();
+        // Its start (below) covers what waits in the window: it gets only the rest of it.
+        player.joined_at = (ch.window.bytes.len(), ch.window.messages);
         if let Some(c) = &ch.counters {
             c.players.fetch_add(1, Ordering::Relaxed);
         }
@@ -1181,6 +1188,7 @@ impl Conn {
             stream_id,
             session: self.session.clone(),
             closed: self.closed.clone(),
+            joined_at: (0, 0),
         };
         // Accepted first, so the play response precedes the media.
         let live = self.ctx.hub.borrow().channels.get(&key).is_some_and(|c| c.publisher.is_some());
@@ -1427,6 +1435,7 @@ mod tests {
             stream_id,
             session: Rc::new(RefCell::new(session)),
             closed: Rc::new(Cell::new(false)),
+            joined_at: (0, 0),
         };
         (player, rx)
     }
@@ -1484,6 +1493,22 @@ mod tests {
         assert_eq!(got_a.len(), 1);
         assert_eq!((&got_a[0].0[..], got_a[0].1), (&expected[..], 4), "one write of the four messages");
         assert_eq!(got_a[0].0.as_ptr(), got_b[0].0.as_ptr(), "the same bytes, not a copy per player");
+
+        // A player joining mid-window got the waiting media in its start (the GOP): it gets
+        // only the rest of that window, and nothing is flushed early for the others.
+        let (late, mut rx_late) = test_player(4, 1);
+        hub.publish(&key, sound(45));
+        assert!(hub.join(&key, late));
+        let start = received(&mut rx_late);
+        assert!(start.iter().any(|(b, _)| b[..] == chunked(&sound(45))[..]), "the GOP covers the window");
+        assert!(received(&mut rx_a).is_empty());
+        hub.publish(&key, sound(48));
+        hub.channels.get_mut(&key).unwrap().flush();
+        assert_eq!(received(&mut rx_a).iter().map(|p| p.1).collect::<Vec<_>>(), vec![2]);
+        let rest = received(&mut rx_late);
+        assert_eq!(rest.len(), 1);
+        assert_eq!((&rest[0].0[..], rest[0].1), (&chunked(&sound(48))[..], 1));
+        received(&mut rx_b);
 
         // A steady publisher's next message flushes a window that is due, without the timer.
         hub.publish(&key, sound(50));
