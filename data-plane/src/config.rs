@@ -26,6 +26,8 @@ const KNOWN: &[&str] = &[
     "rtmp_idle_timeout_secs",
     "rtmp_threads",
     "rtmp_merge_write_ms",
+    "rtmp_player_queue",
+    "rtmp_player_behind_secs",
     "srt_latency_ms",
 ];
 
@@ -60,6 +62,8 @@ pub struct Config {
     /// How long media may wait for more media to share a player's write (SRS's
     /// `mw_latency`); 0 writes each message at once.
     pub rtmp_merge_write_ms: u64,
+    pub rtmp_player_queue: usize,
+    pub rtmp_player_behind_secs: u64,
     /// The SRT latency offered to callers (libsrt's default is 120 ms).
     pub srt_latency_ms: u64,
 }
@@ -84,6 +88,8 @@ impl std::fmt::Debug for Config {
             .field("rtmp_idle_timeout_secs", &self.rtmp_idle_timeout_secs)
             .field("rtmp_threads", &self.rtmp_threads)
             .field("rtmp_merge_write_ms", &self.rtmp_merge_write_ms)
+            .field("rtmp_player_queue", &self.rtmp_player_queue)
+            .field("rtmp_player_behind_secs", &self.rtmp_player_behind_secs)
             .field("srt_latency_ms", &self.srt_latency_ms)
             .finish()
     }
@@ -124,6 +130,8 @@ impl Config {
             rtmp_idle_timeout_secs: s.or("rtmp_idle_timeout_secs", 30, "seconds")?,
             rtmp_threads: s.or("rtmp_threads", cores(), "a number of threads (at least 1)")?.max(1),
             rtmp_merge_write_ms: s.or("rtmp_merge_write_ms", 100, "milliseconds (0: no merging)")?,
+            rtmp_player_queue: s.or("rtmp_player_queue", 1024, "a number of media messages")?.max(1),
+            rtmp_player_behind_secs: s.or("rtmp_player_behind_secs", 10, "seconds")?.max(1),
             srt_latency_ms: s.or("srt_latency_ms", 120, "milliseconds")?,
         })
     }

@@ -201,6 +201,8 @@ async fn run(config: Config) -> Result<(), String> {
         max_message: config.rtmp_max_message_bytes,
         idle_timeout: std::time::Duration::from_secs(config.rtmp_idle_timeout_secs.max(1)),
         merge_write: std::time::Duration::from_millis(config.rtmp_merge_write_ms.min(1000)),
+        player_queue: config.rtmp_player_queue,
+        player_behind: std::time::Duration::from_secs(config.rtmp_player_behind_secs),
     };
     rtmp::spawn(settings, decider.clone(), jobs, decider.gate.clone())
         .map_err(|e| format!("cannot serve RTMP on {} (SLUICE_RTMP_LISTEN): {e}", config.rtmp_listen))?;

@@ -47,8 +47,6 @@ use crate::stats::{MediaStats, StreamCounters};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A player may stay silent far longer: it only acknowledges its window now and then.
 const PLAYER_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
-/// Media messages queued per player before it skips to the next keyframe.
-const PLAYER_QUEUE: usize = 1024;
 /// Media messages queued towards another media thread before that relay skips to the next
 /// keyframe (the other thread is overloaded; its players would fall behind anyway).
 const MIRROR_QUEUE: usize = 4096;
@@ -162,6 +160,26 @@ struct Player {
     /// Bytes and messages of the stream's window when it joined, which its start (the GOP)
     /// already covered: its first window is the rest.
     joined_at: (usize, usize),
+    limits: PlayerLimits,
+    /// Since when its queue has been full.
+    behind_since: Option<Instant>,
+}
+
+/// How far a player may fall behind (`Settings::player_queue`, `Settings::player_behind`).
+#[derive(Debug, Clone, Copy)]
+struct PlayerLimits {
+    queue: usize,
+    behind: Duration,
+}
+
+/// What becomes of media for a player.
+#[derive(Debug, PartialEq, Eq)]
+enum Admit {
+    Deliver,
+    /// Dropped: the player is behind, or waits for a keyframe after it was.
+    Skip,
+    /// Behind for longer than allowed: the connection is ended.
+    Disconnect,
 }
 
 impl Player {
@@ -176,10 +194,16 @@ impl Player {
                 Err(_) => return false,
             },
             Media::End => {
+                self.closed.set(true);
+                // A player that is behind would not read the goodbye: its writer may be stuck
+                // on a full socket, so the connection is ended instead.
+                if self.queued.get() >= self.limits.queue {
+                    self.out.abort();
+                    return false;
+                }
                 if let Ok(p) = self.session.borrow_mut().finish_playing(self.stream_id) {
                     let _ = self.out.unbounded_send(Out::Bytes(p.bytes));
                 }
-                self.closed.set(true);
                 let _ = self.out.unbounded_send(Out::Close);
                 return false;
             }
@@ -208,28 +232,38 @@ impl Player {
         self.stream_id == 1 && matches!(media, Media::Video(..) | Media::Audio(..))
     }
 
-    /// The queue check before `units` media messages reach this player: false (and the
-    /// messages counted as dropped) while it is behind and until a keyframe starts what comes.
-    fn admits(&mut self, keyframe: bool, units: usize, counters: Option<&Arc<StreamCounters>>) -> bool {
+    /// The queue check before `units` media messages reach this player: skipped (and counted
+    /// as dropped) while it is behind and until a keyframe starts what comes; disconnected
+    /// once it has been behind for longer than its limit.
+    fn admits(&mut self, keyframe: bool, units: usize, counters: Option<&Arc<StreamCounters>>) -> Admit {
         let drop = |c: Option<&Arc<StreamCounters>>| {
             if let Some(c) = c {
                 c.dropped.fetch_add(units as u64, Ordering::Relaxed);
             }
         };
-        if self.skipping && !keyframe {
-            drop(counters);
-            return false;
-        }
-        if self.queued.get() >= PLAYER_QUEUE {
+        if self.queued.get() >= self.limits.queue {
+            let since = *self.behind_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= self.limits.behind {
+                tracing::info!(player = self.id, "player behind for too long; disconnecting");
+                self.closed.set(true);
+                self.out.abort();
+                drop(counters);
+                return Admit::Disconnect;
+            }
             if !self.skipping {
                 tracing::debug!(player = self.id, "player behind; skipping to the next keyframe");
             }
             self.skipping = true;
             drop(counters);
-            return false;
+            return Admit::Skip;
+        }
+        self.behind_since = None;
+        if self.skipping && !keyframe {
+            drop(counters);
+            return Admit::Skip;
         }
         self.skipping = false;
-        true
+        Admit::Deliver
     }
 }
 
@@ -297,11 +331,23 @@ impl Channel {
             if p.stream_id != 1 || messages == 0 {
                 return true;
             }
-            if !p.admits(window.keyframe && skip_messages == 0, messages, counters.as_ref()) {
-                return true;
+            let kept = match p.admits(window.keyframe && skip_messages == 0, messages, counters.as_ref()) {
+                Admit::Deliver => p.deliver_window(&bytes.slice(skip_bytes..), messages, counters.as_ref()),
+                Admit::Skip => true,
+                Admit::Disconnect => false,
+            };
+            if !kept {
+                player_gone(counters.as_ref());
             }
-            p.deliver_window(&bytes.slice(skip_bytes..), messages, counters.as_ref())
+            kept
         });
+    }
+}
+
+/// A player left the stream's list without `Hub::leave` (its connection ended or was ended).
+fn player_gone(counters: Option<&Arc<StreamCounters>>) {
+    if let Some(c) = counters {
+        c.players.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -364,10 +410,21 @@ impl Hub {
             ch.flush();
         }
         ch.players.retain_mut(|p| {
-            if p.windowed(&media) || !p.admits(keyframe, 1, counters.as_ref()) {
+            if p.windowed(&media) {
                 return true;
             }
-            p.deliver(&media, counters.as_ref())
+            // The end reaches every player, behind or not.
+            let admit =
+                if matches!(media, Media::End) { Admit::Deliver } else { p.admits(keyframe, 1, counters.as_ref()) };
+            let kept = match admit {
+                Admit::Deliver => p.deliver(&media, counters.as_ref()),
+                Admit::Skip => true,
+                Admit::Disconnect => false,
+            };
+            if !kept {
+                player_gone(counters.as_ref());
+            }
+            kept
         });
         if let Some(chunked) = shared {
             let w = &mut ch.window;
@@ -551,6 +608,7 @@ struct Ctx {
     next_id: Cell<u64>,
     /// `SLUICE_RTMP_MAX_MESSAGE_BYTES`.
     max_message: usize,
+    player_limits: PlayerLimits,
     idle_timeout: Duration,
 }
 
@@ -568,6 +626,10 @@ pub struct Settings {
     /// How long a stream's media may wait for more to share its players' writes (one window
     /// per stream, shared by every player; 0: each message written at once).
     pub merge_write: Duration,
+    /// Media messages queued per player before it skips to the next keyframe.
+    pub player_queue: usize,
+    /// A player whose queue stays full this long is disconnected.
+    pub player_behind: Duration,
 }
 
 /// Starts the media threads (`settings.threads`, each a monoio runtime with its own
@@ -634,6 +696,7 @@ pub fn spawn(
                     next_id: Cell::new(1),
                     max_message: settings.max_message.max(4096),
                     idle_timeout: settings.idle_timeout,
+                    player_limits: PlayerLimits { queue: settings.player_queue.max(1), behind: settings.player_behind },
                 });
                 monoio::spawn(serve_inbox(ctx.clone(), inbox));
                 if !settings.merge_write.is_zero() {
@@ -750,15 +813,43 @@ enum Out {
 /// Most bytes gathered into one write when several messages are waiting.
 const WRITE_BATCH: usize = 256 * 1024;
 
-/// A connection's way out: everything in order, to its writer.
+/// A connection's way out: everything in order, to its writer; or `abort`, which ends the
+/// connection at once.
 #[derive(Clone)]
 struct Outbox {
     tx: fmpsc::UnboundedSender<Out>,
+    abort: Rc<[fmpsc::UnboundedSender<()>; 2]>,
 }
 
 impl Outbox {
     fn unbounded_send(&self, out: Out) -> Result<(), ()> {
         self.tx.unbounded_send(out).map_err(|_| ())
+    }
+
+    /// Ends the connection now, even if its writer is stuck on a full socket (a player that
+    /// stopped reading): its reader and writer both stop waiting and let go of the socket,
+    /// which closes it. What was queued is not written.
+    fn abort(&self) {
+        for tx in self.abort.iter() {
+            let _ = tx.unbounded_send(());
+        }
+    }
+}
+
+/// A new connection's outbox, with what its writer reads and the reader's and writer's abort
+/// signals.
+fn outbox() -> (Outbox, fmpsc::UnboundedReceiver<Out>, fmpsc::UnboundedReceiver<()>, fmpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = fmpsc::unbounded();
+    let (abort_reader, reader) = fmpsc::unbounded();
+    let (abort_writer, writer) = fmpsc::unbounded();
+    (Outbox { tx, abort: Rc::new([abort_reader, abort_writer]) }, rx, reader, writer)
+}
+
+/// Resolves when the connection is aborted; never when its outbox is simply dropped (the
+/// writer then ends by draining its queue).
+async fn aborted(signal: &mut fmpsc::UnboundedReceiver<()>) {
+    if signal.next().await.is_none() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -798,15 +889,23 @@ impl Batch {
 /// ring entry instead of one per message; a lone message is written as is, no copy). Media
 /// comes already merged per stream (`Window`), so nothing waits here: a control message or a
 /// close is written as soon as it is queued.
-async fn writer(mut wr: impl AsyncWriteRent, mut rx: fmpsc::UnboundedReceiver<Out>) {
+async fn writer(
+    mut wr: impl AsyncWriteRent,
+    mut rx: fmpsc::UnboundedReceiver<Out>,
+    mut abort: fmpsc::UnboundedReceiver<()>,
+) {
     loop {
-        let Some(first) = rx.next().await else { break };
+        let first = monoio::select! {
+            out = rx.next() => out,
+            _ = aborted(&mut abort) => None,
+        };
+        let Some(first) = first else { break };
         let mut batch = Batch::default();
         batch.take(first);
         drain(&mut rx, &mut batch);
-        let res = match batch.parts.len() {
-            0 => Ok(0),
-            1 => wr.write_all(batch.parts.pop().unwrap_or_default()).await.0,
+        let buf = match batch.parts.len() {
+            0 => Bytes::new(),
+            1 => batch.parts.pop().unwrap_or_default(),
             _ => {
                 // Gathered for this write only: an idle player holds no buffer (2,400
                 // players with a kept 64 KiB each would be 150 MiB).
@@ -814,8 +913,13 @@ async fn writer(mut wr: impl AsyncWriteRent, mut rx: fmpsc::UnboundedReceiver<Ou
                 for b in &batch.parts {
                     joined.extend_from_slice(b);
                 }
-                wr.write_all(joined).await.0
+                Bytes::from(joined)
             }
+        };
+        let res = monoio::select! {
+            r = wr.write_all(buf) => r.0,
+            // A write stuck on a full socket is cancelled; the connection is over.
+            _ = aborted(&mut abort) => return,
         };
         if let Some((queued, n)) = batch.media {
             queued.set(queued.get().saturating_sub(n));
@@ -860,9 +964,8 @@ struct Conn {
 
 async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) {
     let (mut rd, wr) = stream.into_split();
-    let (tx, out_rx) = fmpsc::unbounded();
-    let out = Outbox { tx };
-    monoio::spawn(writer(wr, out_rx));
+    let (out, out_rx, mut abort, abort_writer) = outbox();
+    monoio::spawn(writer(wr, out_rx, abort_writer));
     // Handshake, bounded in time.
     let mut hs = Handshake::new(PeerType::Server);
     let leftover = match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut hs, &out)).await {
@@ -907,7 +1010,11 @@ async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) 
         // A player only acknowledges now and then (the window it was given is large); its
         // connection lives until it closes or a write fails. Anyone else must keep talking.
         let idle = if matches!(conn.role, Role::Player(_)) { PLAYER_IDLE_TIMEOUT } else { conn.ctx.idle_timeout };
-        let (res, b) = match monoio::time::timeout(idle, rd.read(buf)).await {
+        let read = monoio::select! {
+            r = monoio::time::timeout(idle, rd.read(buf)) => r,
+            _ = aborted(&mut abort) => break,
+        };
+        let (res, b) = match read {
             Ok(r) => r,
             Err(_) => {
                 tracing::debug!(%peer, "RTMP connection idle; closing");
@@ -1189,6 +1296,8 @@ impl Conn {
             session: self.session.clone(),
             closed: self.closed.clone(),
             joined_at: (0, 0),
+            limits: self.ctx.player_limits,
+            behind_since: None,
         };
         // Accepted first, so the play response precedes the media.
         let live = self.ctx.hub.borrow().channels.get(&key).is_some_and(|c| c.publisher.is_some());
@@ -1219,7 +1328,8 @@ impl Conn {
                 reason = session.ended() => {
                     tracing::info!(%peer, reason = reason.as_str(), "RTMP session ended: no longer allowed");
                     closed.set(true);
-                    let _ = out.unbounded_send(Out::Close);
+                    // At once, even for a player that stopped reading.
+                    out.abort();
                 }
                 _ = done => {}
             }
@@ -1425,17 +1535,19 @@ mod tests {
 
     /// A player on `stream_id` and what its writer would receive.
     fn test_player(id: u64, stream_id: u32) -> (Player, fmpsc::UnboundedReceiver<Out>) {
-        let (tx, rx) = fmpsc::unbounded();
+        let (out, rx, _, _) = outbox();
         let (session, _) = ServerSession::new(ServerSessionConfig::new()).unwrap();
         let player = Player {
             id,
-            out: Outbox { tx },
+            out,
             queued: Rc::new(Cell::new(0)),
             skipping: false,
             stream_id,
             session: Rc::new(RefCell::new(session)),
             closed: Rc::new(Cell::new(false)),
             joined_at: (0, 0),
+            limits: PlayerLimits { queue: 1024, behind: Duration::from_secs(10) },
+            behind_since: None,
         };
         (player, rx)
     }
@@ -1527,7 +1639,7 @@ mod tests {
         hub.channels.get_mut(&key).unwrap().flush();
         received(&mut rx_a);
         received(&mut rx_b);
-        slow_queue.set(PLAYER_QUEUE);
+        slow_queue.set(1024);
         let dropped = counters.dropped.load(Ordering::Relaxed);
         hub.publish(&key, inter(100));
         hub.publish(&key, sound(110));

@@ -499,3 +499,135 @@ async fn ten_thousand_idle_connections_are_held_to_the_limits_and_others_still_g
     until("the places are freed", || answered("127.0.0.1", rtmp)).await;
     assert_eq!(get(&http, format!("http://127.0.0.1:{admin}/health")).await.0, 200);
 }
+
+/// A value from a worker's Prometheus `/metrics`.
+async fn metric(http: &reqwest::Client, admin: u16, name: &str) -> Option<f64> {
+    let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// An RTMP player that connects, plays `app/stream`, then never reads again.
+async fn stalled_player(port: u16, app: &str, stream: &str) -> raw::Client {
+    use rml_rtmp::sessions::ClientSessionEvent;
+    let mut c = raw::Client::handshake(port).await;
+    let connect = c.session.request_connection(app.into()).unwrap();
+    c.send(connect).await;
+    assert!(c.until(|e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await.is_some());
+    let play = c.session.request_playback(stream.into()).unwrap();
+    c.send(play).await;
+    assert!(c.until(|e| matches!(e, ClientSessionEvent::PlaybackRequestAccepted)).await.is_some());
+    c
+}
+
+/// A player that stops reading falls behind: its media is dropped (counted), and after
+/// `SLUICE_RTMP_PLAYER_BEHIND_SECS` it is disconnected, while a reading player decodes on. A
+/// kick ends a player whose writer is stuck on a full socket at once, not when it reads again.
+#[tokio::test]
+async fn players_that_stop_reading_are_dropped_then_disconnected_and_kicks_reach_them() {
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("stall").await.unwrap();
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
+    let cp = free_port();
+    let _cp = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+    post(&http, cp, "/v1/apps", json!({"name": "tv"})).await;
+    // 4 Mbit/s, so a player that does not read fills its socket buffers in a few seconds.
+    let file = dir.path().join("fast.flv");
+    let made = std::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-y", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15"])
+        .args(["-f", "lavfi", "-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-g", "15"])
+        .args(["-b:v", "4M", "-minrate", "4M", "-maxrate", "4M", "-bufsize", "1M", "-x264-params", "nal-hrd=cbr"])
+        .args(["-c:a", "aac", "-t", "20", "-f", "flv"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let worker = |node: &str, behind: &'static str| {
+        let (admin, rtmp) = (free_port(), free_port());
+        let log = dir.path().join(format!("{node}.log"));
+        let listen = format!("127.0.0.1:{rtmp}");
+        let w = worker_with(
+            &nats.url(),
+            admin,
+            &dir.path().join(node),
+            node,
+            &log,
+            &[
+                ("SLUICE_RTMP_LISTEN", &listen),
+                ("SLUICE_RTMP_THREADS", "1"),
+                ("SLUICE_RTMP_PLAYER_QUEUE", "32"),
+                ("SLUICE_RTMP_PLAYER_BEHIND_SECS", behind),
+            ],
+        );
+        (w, admin, rtmp, log)
+    };
+    let (_w1, admin1, rtmp1, log1) = worker("w1", "1");
+    let (_w2, admin2, rtmp2, log2) = worker("w2", "600");
+    ready_at_head(&http, &store, admin1).await;
+    ready_at_head(&http, &store, admin2).await;
+    let publish = |port: u16| {
+        std::process::Command::new("ffmpeg")
+            .args(["-hide_banner", "-nostdin", "-re", "-stream_loop", "-1", "-i"])
+            .arg(&file)
+            .args(["-c", "copy", "-f", "flv", &format!("rtmp://127.0.0.1:{port}/tv/cam1")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut publishers = [publish(rtmp1), publish(rtmp2)];
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // Behind for longer than allowed: disconnected; the reading player is not disturbed.
+    let mut stalled = stalled_player(rtmp1, "tv", "cam1").await;
+    let play = tokio::task::spawn_blocking(move || ffmpeg_play(&format!("rtmp://127.0.0.1:{rtmp1}/tv/cam1")));
+    until("the stalled player is disconnected", || async {
+        read(&log1).contains("player behind for too long; disconnecting")
+    })
+    .await;
+    let play = play.await.unwrap();
+    assert!(play.status.success() && stderr(&play).contains("frame="), "{}", stderr(&play));
+    // Closed by the server while the player still does not read: only the publisher is left.
+    until("the worker let go of the stalled connection", || async {
+        metric(&http, admin1, "sluice_connections").await == Some(1.0)
+    })
+    .await;
+    assert!(stalled.closed().await, "the server closed the stalled player's connection");
+    until("the dropped media is counted", || async {
+        let (_, st) = get(&http, format!("http://127.0.0.1:{cp}/v1/stats/streams/tv/cam1")).await;
+        st["dropped"].as_u64() > Some(0)
+    })
+    .await;
+
+    // Stuck and not yet over its (long) limit: a kick ends it at once all the same.
+    let mut stuck = stalled_player(rtmp2, "tv", "cam1").await;
+    // Its queue is full (media skipped): its writer is stuck on the full socket.
+    until("the stuck player's media is skipped", || async {
+        metric(&http, admin2, "sluice_player_queue_drops_total").await.is_some_and(|v| v > 0.0)
+    })
+    .await;
+    assert_eq!(metric(&http, admin2, "sluice_connections").await, Some(2.0), "the publisher and the stuck player");
+    let policy = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"], "cidrs": ["10.0.0.0/8"]}});
+    let r = http
+        .put(format!("http://127.0.0.1:{cp}/v1/apps/tv/policy"))
+        .bearer_auth(ADMIN)
+        .json(&policy)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    until("the stuck player is kicked", || async { read(&log2).contains("RTMP session ended: no longer allowed") })
+        .await;
+    // Ended by the server before the player reads a byte more.
+    until("the worker let go of the stuck connection", || async {
+        metric(&http, admin2, "sluice_connections").await == Some(1.0)
+    })
+    .await;
+    assert!(stuck.closed().await, "the kick closed the stuck player's connection");
+    for p in &mut publishers {
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+}
