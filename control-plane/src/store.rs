@@ -644,7 +644,7 @@ impl Columns<'_> {
 /// Largest INSERT statement we send (rows' canonical bytes); a larger batch goes in several
 /// statements of one transaction, on the general path. (sqlx 0.9.0 dropped TCP_NODELAY, so a
 /// message over one TCP segment stalled ~40 ms; the vendored sqlx-core sets it again.)
-const MAX_INSERT_BYTES: usize = 1024 * 1024;
+const MAX_INSERT_BYTES: usize = 4 * 1024 * 1024;
 
 async fn commit_batch(
     pool: &PgPool,

@@ -370,8 +370,8 @@ async fn recorded_events_fold_into_the_state() {
 async fn a_large_append_spans_several_statements_in_one_transaction() {
     let (_pg, store) = given_a_store().await;
     store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
-    // ~2,500 events of ~1 KB each: several INSERT statements, one commit, one chain.
-    let big: Vec<NewEvent> = (0..2500)
+    // ~5,000 events of ~1 KB each: several INSERT statements, one commit, one chain.
+    let big: Vec<NewEvent> = (0..5000)
         .map(|_| NewEvent {
             event_id: Uuid::new_v4(),
             event: sluice_events::event::StreamUpdated {
@@ -385,9 +385,9 @@ async fn a_large_append_spans_several_statements_in_one_transaction() {
         .collect();
     let a = store.append("stream-a.cam1", ExpectedVersion::NoStream, big, meta()).await.unwrap();
     assert_eq!(a.positions.first(), Some(&Position(2)));
-    assert_eq!(a.positions.last(), Some(&Position(2501)));
-    assert_eq!(a.stream_version, Some(2499));
-    assert_eq!(store.verify().await.unwrap().events, 2501);
+    assert_eq!(a.positions.last(), Some(&Position(5001)));
+    assert_eq!(a.stream_version, Some(4999));
+    assert_eq!(store.verify().await.unwrap().events, 5001);
 }
 
 #[tokio::test]
