@@ -223,54 +223,40 @@ fn canonical_bytes_ignore_key_order() {
     let b: serde_json::Value = serde_json::from_str(r#"{"a":{"c":null,"d":[1,{"x":1,"y":2}]},"b":1}"#).unwrap();
     let id = uuid::Uuid::from_u128(1);
     let meta = json!({"actor": "key:k1"});
+    let canonical =
+        |position: u64, stream: &str, version: u64, data: CanonicalJson<'_>, metadata: CanonicalJson<'_>| {
+            canonical_bytes(&CanonicalRow {
+                position: Position(position),
+                event_id: &id,
+                stream,
+                version,
+                event_type: "T",
+                type_version: 1,
+                recorded_at: T0,
+                data,
+                metadata,
+            })
+        };
     let row = |data: &serde_json::Value, version: u64| {
-        canonical_bytes(&CanonicalRow {
-            position: Position(1),
-            event_id: &id,
-            stream: "s",
-            version,
-            event_type: "T",
-            type_version: 1,
-            recorded_at: T0,
-            data: CanonicalJson::Value(data),
-            metadata: CanonicalJson::Value(&meta),
-        })
+        canonical(1, "s", version, CanonicalJson::Value(data), CanonicalJson::Value(&meta))
     };
     assert_eq!(row(&a, 0), row(&b, 0));
     // Bytes written before give the same canonical row.
     let (mut data, mut metadata) = (Vec::new(), Vec::new());
     write_canonical(&b, &mut data);
     write_canonical(&meta, &mut metadata);
-    let written = canonical_bytes(&CanonicalRow {
-        position: Position(1),
-        event_id: &id,
-        stream: "s",
-        version: 0,
-        event_type: "T",
-        type_version: 1,
-        recorded_at: T0,
-        data: CanonicalJson::Written(&data),
-        metadata: CanonicalJson::Written(&metadata),
-    });
-    assert_eq!(written, row(&a, 0));
+    let written = |position, stream, version| {
+        canonical(position, stream, version, CanonicalJson::Written(&data), CanonicalJson::Written(&metadata))
+    };
+    assert_eq!(written(1, "s", 0), row(&a, 0));
     // The head is the JSON array of the row's columns, byte for byte as the chain has always
     // hashed it (a `Value` array written canonically), escapes included: logs written before
     // must still verify.
     let stream = "s\"\\\u{1}é\u{2028}";
     let mut head = Vec::new();
     write_canonical(&json!([u64::MAX, id, stream, 7, "T", 1, T0.0]), &mut head);
-    let tricky = canonical_bytes(&CanonicalRow {
-        position: Position(u64::MAX),
-        event_id: &id,
-        stream,
-        version: 7,
-        event_type: "T",
-        type_version: 1,
-        recorded_at: T0,
-        data: CanonicalJson::Written(&data),
-        metadata: CanonicalJson::Written(&metadata),
-    });
     head.push(b'|');
+    let tricky = written(u64::MAX, stream, 7);
     assert!(tricky.starts_with(&head), "{}", String::from_utf8_lossy(&tricky));
     let h1 = chain_hash(&GENESIS, &row(&a, 0));
     let h2 = chain_hash(&GENESIS, &row(&a, 1));

@@ -281,14 +281,7 @@ async fn api(http: &reqwest::Client, port: u16, path: &str) -> (u16, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decisions_are_queryable_explainable_and_the_state_rebuilds_to_the_same_digest() {
-    let pg = Postgres::start().unwrap();
-    let url = pg.create_database("audit").await.unwrap();
-    let nats = Nats::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
-    let cp = free_port();
-    let _cp = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+    let Plane { pg: _pg, url, nats, dir, http, store, cp, control: _cp } = Plane::start("audit").await;
     let policy = json!({
         "publish": {"methods": ["one_time_token"]},
         "play": {"methods": ["open"], "cidrs": ["198.51.100.0/24"]},
@@ -538,14 +531,7 @@ async fn webhook_receiver(secret: String) -> (u16, std::sync::Arc<std::sync::Mut
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhook_decides_when_the_app_asks_it_signed_cached_and_failing_closed() {
-    let pg = Postgres::start().unwrap();
-    let url = pg.create_database("hooks").await.unwrap();
-    let nats = Nats::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
-    let cp = free_port();
-    let _cp = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+    let Plane { pg: _pg, url: _, nats, dir, http, store, cp, control: _cp } = Plane::start("hooks").await;
     post(&http, cp, "/v1/apps", json!({"name": "hooked"})).await;
     let secret = post(&http, cp, "/v1/apps/hooked/secrets/webhook", json!({})).await;
     let secret = secret["secret"].as_str().unwrap().to_owned();

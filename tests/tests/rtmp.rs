@@ -6,22 +6,14 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use sluice_control_plane::EventStore;
-use sluice_tests::{Nats, Postgres, free_port};
+use sluice_tests::{Nats, free_port};
 
 mod cluster;
 use cluster::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_recorded() {
-    let pg = Postgres::start().unwrap();
-    let url = pg.create_database("rtmp").await.unwrap();
-    let nats = Nats::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
-    let cp = free_port();
-    let _cp = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+    let Plane { pg: _pg, url: _, nats, dir, http, store, cp, control: _cp } = Plane::start("rtmp").await;
     post(&http, cp, "/v1/apps", json!({"name": "tv"})).await;
     let policy = json!({"publish": {"methods": ["one_time_token"]}, "play": {"methods": ["open"]}});
     post(&http, cp, "/v1/apps", json!({"name": "studio", "policy": policy})).await;
@@ -524,14 +516,7 @@ async fn stalled_player(port: u16, app: &str, stream: &str) -> raw::Client {
 /// kick ends a player whose writer is stuck on a full socket at once, not when it reads again.
 #[tokio::test]
 async fn players_that_stop_reading_are_dropped_then_disconnected_and_kicks_reach_them() {
-    let pg = Postgres::start().unwrap();
-    let url = pg.create_database("stall").await.unwrap();
-    let nats = Nats::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
-    let cp = free_port();
-    let _cp = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+    let Plane { pg: _pg, url: _, nats, dir, http, store, cp, control: _cp } = Plane::start("stall").await;
     post(&http, cp, "/v1/apps", json!({"name": "tv"})).await;
     // 4 Mbit/s, so a player that does not read fills its socket buffers in a few seconds.
     let file = dir.path().join("fast.flv");

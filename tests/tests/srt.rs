@@ -233,14 +233,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_cleaned_up() {
-    let pg = Postgres::start().unwrap();
-    let url = pg.create_database("srt_bad").await.unwrap();
-    let nats = Nats::start().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let http = reqwest::Client::new();
-    let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
-    let cp = free_port();
-    let _cp = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+    let Plane { pg: _pg, url: _, nats, dir, http, store, cp, control: _cp } = Plane::start("srt_bad").await;
     // Open, and streams need no registration.
     post(&http, cp, "/v1/apps", json!({"name": "open"})).await;
     let (admin, srt) = (free_port(), free_port());

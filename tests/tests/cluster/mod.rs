@@ -16,6 +16,32 @@ pub const SEALING_KEY: &str = "c2x1aWNlLXRlc3Qtc2VhbGluZy1rZXktMzItYnl0ZXM=";
 pub const ADMIN: &str = "sk_distribution_test_admin_key_0123456789";
 pub const WAIT: Duration = Duration::from_secs(30);
 
+/// A throwaway database `db` on a fresh Postgres, a NATS server, a temp dir, and one control
+/// plane (`cp-1`, admin key `ADMIN`) on them, listening on `cp`.
+pub struct Plane {
+    pub pg: sluice_tests::Postgres,
+    pub url: String,
+    pub nats: sluice_tests::Nats,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    pub store: EventStore,
+    pub cp: u16,
+    pub control: Running,
+}
+
+impl Plane {
+    pub async fn start(db: &str) -> Plane {
+        let pg = sluice_tests::Postgres::start().unwrap();
+        let url = pg.create_database(db).await.unwrap();
+        let nats = sluice_tests::Nats::start().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
+        let cp = sluice_tests::free_port();
+        let control = control(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"));
+        Plane { pg, url, nats, dir, http: reqwest::Client::new(), store, cp, control }
+    }
+}
+
 pub fn control(pg_url: &str, nats_url: &str, port: u16, instance: &str, log: &Path) -> Running {
     control_with(pg_url, nats_url, port, instance, log, &[])
 }
