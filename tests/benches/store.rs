@@ -155,21 +155,15 @@ fn main() {
         let pool = connect(&url).await.unwrap();
         store::migrate(&pool).await.unwrap();
         let store = EventStore::start(pool.clone());
-        // SLUICE_BENCH_PROBE=1: only 8 writers × 1 event (after 1 writer × 1 event with
-        // SLUICE_BENCH_PROBE_ONE=1, 1 writer × 100 with SLUICE_BENCH_PROBE_BATCH=1), for quick
-        // comparisons while profiling.
-        if std::env::var_os("SLUICE_BENCH_PROBE").is_some() {
-            if std::env::var_os("SLUICE_BENCH_PROBE_ONE").is_some() {
-                let (x, _) = run_appends(&store, 1, 1).await;
-                println!("probe 1x1 {x:.0}");
+        // SLUICE_BENCH_PROBE="1x100,8x1": only these scenarios (writers x events per append),
+        // in this order on one table, for quick comparisons while profiling.
+        if let Ok(probe) = std::env::var("SLUICE_BENCH_PROBE") {
+            for scenario in probe.split(',') {
+                let (w, n) = scenario.split_once('x').expect("SLUICE_BENCH_PROBE: WxN,WxN,…");
+                let (x, _) = run_appends(&store, w.trim().parse().unwrap(), n.trim().parse().unwrap()).await;
+                println!("probe {scenario} {x:.0}");
             }
-            if std::env::var_os("SLUICE_BENCH_PROBE_BATCH").is_some() {
-                let (x, _) = run_appends(&store, 1, 100).await;
-                println!("probe 1x100 {x:.0}");
-            }
-            let (x, _) = run_appends(&store, 8, 1).await;
-            println!("probe 8x1 {x:.0}");
-            std::process::exit(0);
+            return None;
         }
         // Warm-up.
         run_appends(&store, 2, 1).await;
@@ -187,8 +181,10 @@ fn main() {
         println!("verify-log over {} events                 {verify_rate:>9.0} events/s", report.events);
 
         sqlx::query("CREATE TABLE raw (id bigserial PRIMARY KEY, data jsonb NOT NULL)").execute(&pool).await.unwrap();
-        serde_json::json!({"one": one, "eight": eight, "batched": batched, "batched4": batched4, "verify": verify_rate, "events": report.events})
+        Some(serde_json::json!({"one": one, "eight": eight, "batched": batched, "batched4": batched4, "verify": verify_rate, "events": report.events}))
     });
+    // A probe stops here; the cluster stops when `pg` drops.
+    let Some(report) = report else { return };
     let row = r#"INSERT INTO raw (data) VALUES ('{"token_sha256":"5b1d0e5f2a6b9d8c5b1d0e5f2a6b9d8c5b1d0e5f2a6b9d8c5b1d0e5f2a6b9d8c","app":"live","stream":"cam1","action":"play","expires_at":1900000000000}');"#;
     let raw1 = pgbench(&pg, row, 1);
     println!("pgbench raw INSERT, 1 client                 {raw1:>9.0} rows/s");
