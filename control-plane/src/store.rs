@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use sluice_events::event::{CanonicalJson, CanonicalRow, GENESIS, canonical_bytes, chain_hash, write_canonical};
+use sluice_events::canonical::to_canonical;
+use sluice_events::event::{CanonicalJson, CanonicalRow, GENESIS, canonical_bytes, chain_hash, chain_hash_row};
 use sluice_events::{DecodeError, Event, Metadata, NewEvent, Position, RecordedEvent, Sha256Digest, Timestamp};
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{Postgres, Row};
@@ -104,7 +105,10 @@ struct AppendRequest {
     stream: String,
     expected: ExpectedVersion,
     events: Vec<NewEvent>,
-    metadata: Metadata,
+    /// Each event's payload as canonical JSON, and the request's metadata: written by the
+    /// caller's task, so concurrent callers serialize in parallel and the writer only chains.
+    data: Vec<String>,
+    metadata: String,
     /// Facts (decisions): each event id already in the log is skipped on its own, instead of
     /// the whole request having to be an exact retry.
     skip_known: bool,
@@ -298,7 +302,9 @@ impl EventStore {
         skip_known: bool,
     ) -> Result<Appended, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let request = AppendRequest { stream: stream.to_owned(), expected, events, metadata, skip_known, reply };
+        let data = events.iter().map(|e| canonical_string(|out| e.event.write_data(out))).collect();
+        let metadata = canonical_string(|out| to_canonical(&metadata, out));
+        let request = AppendRequest { stream: stream.to_owned(), expected, events, data, metadata, skip_known, reply };
         self.writer.send(request).await.map_err(|_| StoreError::WriterGone)?;
         answer.await.map_err(|_| StoreError::WriterGone)?
     }
@@ -611,12 +617,12 @@ struct Columns<'a> {
     version: Vec<i64>,
     event_type: Vec<&'static str>,
     type_version: Vec<i16>,
-    data: Vec<String>,
+    data: Vec<&'a str>,
     /// 1-based index into `metadata`.
     meta: Vec<i32>,
     recorded_at: Vec<DateTime<Utc>>,
     hash: Vec<Vec<u8>>,
-    metadata: Vec<String>,
+    metadata: Vec<&'a str>,
     /// Approximate encoded size of each row (its canonical bytes), to size the statements.
     size: Vec<usize>,
 }
@@ -778,41 +784,48 @@ async fn read_heads(
     .await?)
 }
 
-/// Adds one row to the INSERT's columns, with the request's metadata already added as the
-/// last of `cols.metadata`; answers the row's chain hash.
+/// Canonical JSON as a `String` (serde_json writes UTF-8).
+fn canonical_string(write: impl FnOnce(&mut Vec<u8>)) -> String {
+    let mut out = Vec::with_capacity(256);
+    write(&mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Adds one row (an event and its canonical payload) to the INSERT's columns, with the
+/// request's metadata already added as the last of `cols.metadata`; answers the row's chain
+/// hash.
 fn push_row<'a>(
     cols: &mut Columns<'a>,
     prev: &Sha256Digest,
     position: Position,
-    e: &NewEvent,
+    (e, data): (&NewEvent, &'a str),
     stream: &'a str,
     version: u64,
     recorded_at: Timestamp,
 ) -> Sha256Digest {
-    let mut data = Vec::with_capacity(256);
-    write_canonical(&e.event.data(), &mut data);
-    let metadata = cols.metadata.last().map_or(&b"{}"[..], |m| m.as_bytes());
-    let canonical = canonical_bytes(&CanonicalRow {
-        position,
-        event_id: &e.event_id,
-        stream,
-        version,
-        event_type: e.event.event_type(),
-        type_version: e.event.schema_version(),
-        recorded_at,
-        data: CanonicalJson::Written(&data),
-        metadata: CanonicalJson::Written(metadata),
-    });
-    let hash = chain_hash(prev, &canonical);
-    cols.size.push(canonical.len());
+    let metadata = cols.metadata.last().copied().unwrap_or("{}");
+    let (hash, size) = chain_hash_row(
+        prev,
+        &CanonicalRow {
+            position,
+            event_id: &e.event_id,
+            stream,
+            version,
+            event_type: e.event.event_type(),
+            type_version: e.event.schema_version(),
+            recorded_at,
+            data: CanonicalJson::Written(data.as_bytes()),
+            metadata: CanonicalJson::Written(metadata.as_bytes()),
+        },
+    );
+    cols.size.push(size);
     cols.position.push(position.0 as i64);
     cols.event_id.push(e.event_id);
     cols.stream.push(stream);
     cols.version.push(version as i64);
     cols.event_type.push(e.event.event_type());
     cols.type_version.push(e.event.schema_version() as i16);
-    // serde_json writes UTF-8.
-    cols.data.push(String::from_utf8(data).unwrap_or_default());
+    cols.data.push(data);
     cols.meta.push(i32::try_from(cols.metadata.len()).unwrap_or(i32::MAX));
     cols.recorded_at.push(to_datetime(recorded_at));
     cols.hash.push(hash.0.to_vec());
@@ -885,19 +898,17 @@ fn plan<'a>(
             }));
             continue;
         }
-        let mut metadata = Vec::with_capacity(64);
-        write_canonical(&serde_json::to_value(&req.metadata).unwrap_or_default(), &mut metadata);
-        cols.metadata.push(String::from_utf8(metadata).unwrap_or_default());
+        cols.metadata.push(&req.metadata);
         let mut version = current;
         let mut positions = Vec::with_capacity(req.events.len());
-        for e in &req.events {
+        for (e, data) in req.events.iter().zip(&req.data) {
             if req.skip_known && known.contains_key(&e.event_id) {
                 continue;
             }
             position = position.next();
             let v = version.map_or(0, |v| v + 1);
             version = Some(v);
-            prev = push_row(&mut cols, &prev, position, e, &req.stream, v, recorded_at);
+            prev = push_row(&mut cols, &prev, position, (e, data), &req.stream, v, recorded_at);
             known.insert(e.event_id, position);
             positions.push(position);
         }
@@ -1005,7 +1016,8 @@ mod tests {
             stream: stream.into(),
             expected,
             events: vec![],
-            metadata: Metadata::default(),
+            data: vec![],
+            metadata: "{}".into(),
             skip_known: false,
             reply,
         }

@@ -219,6 +219,14 @@ macro_rules! catalog {
                     $(Event::$variant(e) => serde_json::to_value(e).unwrap_or_default()),+
                 }
             }
+
+            /// Appends the payload's canonical JSON (`write_canonical` of `data()`), written
+            /// straight from the struct.
+            pub fn write_data(&self, out: &mut Vec<u8>) {
+                match self {
+                    $(Event::$variant(e) => crate::canonical::to_canonical(e, out)),+
+                }
+            }
         }
 
         $(impl From<$variant> for Event {
@@ -380,20 +388,45 @@ pub struct RecordedEvent {
 /// jsonb's own key order on read-back, would otherwise change the bytes).
 pub fn canonical_bytes(row: &CanonicalRow<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(256);
+    feed_canonical(row, |bytes| out.extend_from_slice(bytes));
+    out
+}
+
+/// `chain_hash(previous, &canonical_bytes(row))` and the canonical length, without
+/// assembling the bytes.
+pub fn chain_hash_row(previous: &Sha256Digest, row: &CanonicalRow<'_>) -> (Sha256Digest, usize) {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(previous.0);
+    let mut len = 0;
+    feed_canonical(row, |bytes| {
+        len += bytes.len();
+        h.update(bytes);
+    });
+    (Sha256Digest(h.finalize().into()), len)
+}
+
+/// Hands the canonical bytes of `row` to `sink`, in pieces.
+fn feed_canonical(row: &CanonicalRow<'_>, mut sink: impl FnMut(&[u8])) {
     // A tuple serializes as the JSON array `[position,"id","stream",...]`: no object, so no
     // key order to fix, and no intermediate `Value`.
     let head =
         (row.position.0, row.event_id, row.stream, row.version, row.event_type, row.type_version, row.recorded_at.0);
+    let mut buf = Vec::with_capacity(160);
     // Writing numbers and strings into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut out, &head);
+    let _ = serde_json::to_writer(&mut buf, &head);
+    sink(&buf);
     for part in [&row.data, &row.metadata] {
-        out.push(b'|');
+        sink(b"|");
         match part {
-            CanonicalJson::Value(v) => write_canonical(v, &mut out),
-            CanonicalJson::Written(bytes) => out.extend_from_slice(bytes),
+            CanonicalJson::Value(v) => {
+                buf.clear();
+                write_canonical(v, &mut buf);
+                sink(&buf);
+            }
+            CanonicalJson::Written(bytes) => sink(bytes),
         }
     }
-    out
 }
 
 /// Everything the hash chain covers: the row as stored, metadata (who did it) and time included.

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 #![deny(clippy::print_stdout, clippy::print_stderr)]
 
+pub mod canonical;
 pub mod command;
 pub mod decide;
 pub mod decision;

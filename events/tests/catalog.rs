@@ -186,6 +186,17 @@ fn round_trip_through_type_and_data() {
     }
 }
 
+/// The hash chain covers `write_data`'s bytes; they must be `write_canonical` of `data()`.
+#[test]
+fn every_event_writes_its_canonical_data_directly() {
+    for e in examples() {
+        let (mut direct, mut via) = (Vec::new(), Vec::new());
+        e.write_data(&mut direct);
+        write_canonical(&e.data(), &mut via);
+        assert_eq!(String::from_utf8(direct).unwrap(), String::from_utf8(via).unwrap(), "{}", e.event_type());
+    }
+}
+
 #[test]
 fn bad_rows_are_typed_errors() {
     assert_eq!(
@@ -261,6 +272,19 @@ fn canonical_bytes_ignore_key_order() {
     let h1 = chain_hash(&GENESIS, &row(&a, 0));
     let h2 = chain_hash(&GENESIS, &row(&a, 1));
     assert_ne!(h1, h2);
+    // Hashing the row in pieces is hashing its canonical bytes.
+    let parts = CanonicalRow {
+        position: Position(u64::MAX),
+        event_id: &id,
+        stream,
+        version: 7,
+        event_type: "T",
+        type_version: 1,
+        recorded_at: T0,
+        data: CanonicalJson::Value(&a),
+        metadata: CanonicalJson::Written(&metadata),
+    };
+    assert_eq!(chain_hash_row(&h1, &parts), (chain_hash(&h1, &tricky), tricky.len()));
 }
 
 #[test]

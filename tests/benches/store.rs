@@ -146,6 +146,24 @@ fn pgbench(pg: &Postgres, script: &str, clients: u32) -> f64 {
         .unwrap_or_else(|| panic!("pgbench failed: {text}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
+/// CPU time (user + system, ms) of every process whose name starts with `name`.
+fn cpu_ms(name: &str) -> f64 {
+    let tick_ms = 1000.0 / 100.0; // USER_HZ
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else { continue };
+        if !stat[open + 1..close].starts_with(name) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        total += ticks * tick_ms;
+    }
+    total
+}
+
 fn main() {
     let pg = Postgres::start_with(Durability::Durable).unwrap();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
@@ -160,8 +178,16 @@ fn main() {
         if let Ok(probe) = std::env::var("SLUICE_BENCH_PROBE") {
             for scenario in probe.split(',') {
                 let (w, n) = scenario.split_once('x').expect("SLUICE_BENCH_PROBE: WxN,WxN,…");
-                let (x, _) = run_appends(&store, w.trim().parse().unwrap(), n.trim().parse().unwrap()).await;
-                println!("probe {scenario} {x:.0}");
+                let cpu = (cpu_ms("store-"), cpu_ms("postgres"));
+                let (x, per_s) = run_appends(&store, w.trim().parse().unwrap(), n.trim().parse().unwrap()).await;
+                let appends = per_s * RUN.as_secs_f64();
+                let (client, server) = (cpu_ms("store-") - cpu.0, cpu_ms("postgres") - cpu.1);
+                println!(
+                    "probe {scenario} {x:.0}/s, {:.0} µs/append, CPU per append: bench {:.0} µs, Postgres {:.0} µs",
+                    1e6 / per_s,
+                    client * 1e3 / appends,
+                    server * 1e3 / appends
+                );
             }
             return None;
         }
