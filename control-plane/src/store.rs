@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use sluice_events::canonical::to_canonical;
-use sluice_events::event::{CanonicalJson, CanonicalRow, GENESIS, canonical_bytes, chain_hash, chain_hash_row};
+use sluice_events::event::{CanonicalJson, CanonicalRow, GENESIS, chain_hash_row};
 use sluice_events::{DecodeError, Event, Metadata, NewEvent, Position, RecordedEvent, Sha256Digest, Timestamp};
 use sqlx::postgres::{PgListener, PgPool, PgRow};
 use sqlx::{Postgres, Row};
@@ -170,8 +170,10 @@ struct RawRow {
     version: u64,
     event_type: String,
     type_version: u16,
-    data: serde_json::Value,
-    metadata: serde_json::Value,
+    /// The JSON text as stored: canonical for rows appended since the log became `json`,
+    /// jsonb's rendering for rows from before.
+    data: String,
+    metadata: String,
     recorded_at: Timestamp,
     hash: Vec<u8>,
 }
@@ -180,7 +182,8 @@ struct RawRow {
 macro_rules! select_rows {
     ($tail:literal) => {
         concat!(
-            "SELECT position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash FROM events",
+            "SELECT position, event_id, stream, version, type, type_version, data::text AS data, \
+             metadata::text AS metadata, recorded_at, hash FROM events",
             $tail
         )
     };
@@ -203,8 +206,11 @@ impl RawRow {
         })
     }
 
-    fn canonical(&self) -> Vec<u8> {
-        canonical_bytes(&CanonicalRow {
+    /// The row's chain hash after `prev`, recomputed: over the stored text when that is the
+    /// canonical text (every row appended since the log became `json`), else over the text
+    /// canonicalized (rows from before, stored as jsonb printed them).
+    fn chain_hash(&self, prev: &Sha256Digest) -> Sha256Digest {
+        let row = |data, metadata| CanonicalRow {
             position: self.position,
             event_id: &self.event_id,
             stream: &self.stream,
@@ -212,13 +218,24 @@ impl RawRow {
             event_type: &self.event_type,
             type_version: self.type_version,
             recorded_at: self.recorded_at,
-            data: CanonicalJson::Value(&self.data),
-            metadata: CanonicalJson::Value(&self.metadata),
-        })
+            data,
+            metadata,
+        };
+        let stored = (CanonicalJson::Written(self.data.as_bytes()), CanonicalJson::Written(self.metadata.as_bytes()));
+        let (hash, _) = chain_hash_row(prev, &row(stored.0, stored.1));
+        if hash.0.as_slice() == self.hash.as_slice() {
+            return hash;
+        }
+        let parse = |text: &str| serde_json::from_str::<serde_json::Value>(text).unwrap_or_default();
+        let (data, metadata) = (parse(&self.data), parse(&self.metadata));
+        chain_hash_row(prev, &row(CanonicalJson::Value(&data), CanonicalJson::Value(&metadata))).0
     }
 
     fn decode(self) -> Result<RecordedEvent, StoreError> {
-        let event = Event::decode(&self.event_type, self.type_version, &self.data)
+        let bad = |detail: String| DecodeError::BadData { event_type: self.event_type.clone(), detail };
+        let event = serde_json::from_str(&self.data)
+            .map_err(|e| bad(e.to_string()))
+            .and_then(|data| Event::decode(&self.event_type, self.type_version, &data))
             .map_err(|source| StoreError::Decode { position: self.position, source })?;
         let hash: [u8; 32] = self.hash.as_slice().try_into().unwrap_or([0; 32]);
         Ok(RecordedEvent {
@@ -228,7 +245,7 @@ impl RawRow {
             version: self.version,
             event,
             // Metadata is informational: an unreadable one must not make the event unreadable.
-            metadata: serde_json::from_value(self.metadata).unwrap_or_default(),
+            metadata: serde_json::from_str(&self.metadata).unwrap_or_default(),
             recorded_at: self.recorded_at,
             hash: Sha256Digest(hash),
         })
@@ -462,7 +479,7 @@ impl EventStore {
                 if raw.position != last.next() {
                     return Err(VerifyError::Gap { expected: last.next(), found: raw.position });
                 }
-                let expected = chain_hash(&prev, &raw.canonical());
+                let expected = raw.chain_hash(&prev);
                 if expected.0.as_slice() != raw.hash.as_slice() {
                     return Err(VerifyError::HashMismatch { position: raw.position });
                 }
@@ -607,7 +624,7 @@ impl Known {
 }
 
 /// Column vectors for one multi-row INSERT … SELECT FROM UNNEST. JSON goes as the canonical
-/// text the hash covers (written once, parsed into jsonb by Postgres); metadata once per
+/// text the hash covers (written once, stored as that `json` text); metadata once per
 /// request, each row pointing at its request's.
 #[derive(Default)]
 struct Columns<'a> {
@@ -702,7 +719,7 @@ async fn append_in_one_statement(pool: &PgPool, plan: &Plan<'_>) -> Result<bool,
     let empty = plan.start == Head::EMPTY;
     let cols = &plan.cols;
     sqlx::query_scalar(
-        "SELECT sluice_append_at($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb[], $13, $14, $15, $16::jsonb[])",
+        "SELECT sluice_append_at($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::json[], $13, $14, $15, $16::json[])",
     )
         .bind(APPEND_LOCK)
         .bind((!empty).then_some(plan.start.position.0 as i64))
@@ -976,10 +993,10 @@ async fn commit_locked(
     for range in cols.chunks(MAX_INSERT_BYTES) {
         let inserted = sqlx::query(
             "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash) \
-             SELECT r.position, r.event_id, r.stream, r.version, r.type, r.type_version, r.data, ($11::jsonb[])[r.meta], \
+             SELECT r.position, r.event_id, r.stream, r.version, r.type, r.type_version, r.data, ($11::json[])[r.meta], \
                     r.recorded_at, r.hash \
              FROM UNNEST($1::bigint[], $2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::smallint[], \
-                         $7::jsonb[], $8::integer[], $9::timestamptz[], $10::bytea[]) \
+                         $7::json[], $8::integer[], $9::timestamptz[], $10::bytea[]) \
                   AS r(position, event_id, stream, version, type, type_version, data, meta, recorded_at, hash)",
         )
         .bind(&cols.position[range.clone()])

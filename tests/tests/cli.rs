@@ -162,7 +162,7 @@ async fn verify_log_and_replay_from_the_command_line() {
 
     // Tamper with history: verify-log fails and names the position.
     sqlx::query("ALTER TABLE events DISABLE TRIGGER events_no_update_delete").execute(&pool).await.unwrap();
-    sqlx::query("UPDATE events SET data = jsonb_set(data, '{role}', '\"read\"') WHERE position = 1")
+    sqlx::query("UPDATE events SET data = jsonb_set(data::jsonb, '{role}', '\"read\"') WHERE position = 1")
         .execute(&pool)
         .await
         .unwrap();

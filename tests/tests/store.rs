@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use sluice_control_plane::store::{self, ExpectedVersion};
 use sluice_control_plane::{EventStore, StoreError, VerifyError, connect};
-use sluice_events::event::{AppCreated, AppDeleted, AppPolicyChanged};
+use sluice_events::event::{AppCreated, AppDeleted, AppPolicyChanged, write_canonical};
 use sluice_events::{AppName, DecodeError, Event, Metadata, NewEvent, Policy, Position};
 use sluice_tests::Postgres;
 use uuid::Uuid;
@@ -205,7 +205,7 @@ async fn verify_log_names_the_first_tampered_position() {
     assert_eq!(store.verify().await.unwrap().head, Position(4));
     // Someone with the owner's rights switches the guard off and edits history.
     sqlx::query("ALTER TABLE events DISABLE TRIGGER events_no_update_delete").execute(store.pool()).await.unwrap();
-    sqlx::query("UPDATE events SET data = jsonb_set(data, '{app}', '\"evil\"') WHERE position = 3")
+    sqlx::query("UPDATE events SET data = jsonb_set(data::jsonb, '{app}', '\"evil\"') WHERE position = 3")
         .execute(store.pool())
         .await
         .unwrap();
@@ -220,6 +220,42 @@ async fn verify_log_names_the_first_tampered_position() {
     // And so is a deleted row.
     sqlx::query("DELETE FROM events WHERE position = 1").execute(store.pool()).await.unwrap();
     assert_eq!(store.verify().await.unwrap_err(), VerifyError::Gap { expected: Position(1), found: Position(2) });
+}
+
+#[tokio::test]
+async fn the_log_keeps_the_canonical_text_its_hash_covers_and_rows_from_before_still_verify() {
+    let (_pg, store) = given_a_store().await;
+    for n in ["a", "b"] {
+        store.append(&format!("app-{n}"), ExpectedVersion::NoStream, vec![created(n)], meta()).await.unwrap();
+    }
+    let stored = || async {
+        sqlx::query_as::<_, (String, String)>("SELECT data::text, metadata::text FROM events ORDER BY position")
+            .fetch_all(store.pool())
+            .await
+            .unwrap()
+    };
+    let rows = stored().await;
+    let events = store.read_all(Position::ZERO, 10).await.unwrap();
+    assert_eq!(rows.len(), 2);
+    for ((data, metadata), e) in rows.iter().zip(&events) {
+        let (mut want_data, mut want_metadata) = (Vec::new(), Vec::new());
+        write_canonical(&e.event.data(), &mut want_data);
+        write_canonical(&serde_json::to_value(&e.metadata).unwrap(), &mut want_metadata);
+        assert_eq!(data.as_bytes(), want_data, "stored byte for byte as hashed");
+        assert_eq!(metadata.as_bytes(), want_metadata);
+    }
+    // Rows appended while the log was jsonb hold jsonb's rendering (keys by length, spaces):
+    // that is what the migration to json left of them. They still verify and decode.
+    sqlx::query("ALTER TABLE events DISABLE TRIGGER events_no_update_delete").execute(store.pool()).await.unwrap();
+    sqlx::query("UPDATE events SET data = data::jsonb::json, metadata = metadata::jsonb::json WHERE position = 1")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    let rendered = stored().await;
+    assert_ne!(rendered[0], rows[0], "the row now holds other text for the same JSON");
+    assert_eq!(rendered[1], rows[1]);
+    assert_eq!(store.verify().await.unwrap().head, Position(2));
+    assert_eq!(store.read_all(Position::ZERO, 10).await.unwrap(), events);
 }
 
 /// Inserts a row behind the writer's back (as a newer or broken writer might have).
