@@ -603,10 +603,17 @@ impl Known {
         self.versions.extend(plan.after.iter().map(|(s, v)| (s.clone(), *v)));
     }
 
-    /// Each stream's version before `batch`, if every one is known or implied by an exact
-    /// expectation (which the statement then checks); `None` sends the batch the general way.
-    fn versions_for(&self, batch: &[AppendRequest]) -> Option<HashMap<String, Option<u64>>> {
-        let mut before = HashMap::new();
+    /// Each stream's version before `batch`, if every one is known or implied by the
+    /// request's expectation; `None` sends the batch the general way. Also the streams whose
+    /// version only an `Exact` expectation implies: the statement must check those.
+    ///
+    /// The rest need no check. The statement checks the head's position and hash, and the
+    /// chain commits to the whole log, so an unchanged head means every version the writer
+    /// learned is still exact. A stream believed absent gets version 0, which the
+    /// `(stream, version)` index refuses if it exists. An `Exact(v)` belief can be wrong both
+    /// ways, and too high would leave a gap in the stream's versions.
+    fn versions_for(&self, batch: &[AppendRequest]) -> Option<(HashMap<String, Option<u64>>, Vec<String>)> {
+        let (mut before, mut check) = (HashMap::new(), Vec::new());
         for req in batch {
             if before.contains_key(&req.stream) {
                 continue;
@@ -614,12 +621,15 @@ impl Known {
             let version = match (self.versions.get(&req.stream), req.expected) {
                 (Some(v), _) => *v,
                 (None, ExpectedVersion::NoStream) => None,
-                (None, ExpectedVersion::Exact(v)) => Some(v),
+                (None, ExpectedVersion::Exact(v)) => {
+                    check.push(req.stream.clone());
+                    Some(v)
+                }
                 (None, ExpectedVersion::Any) => return None,
             };
             before.insert(req.stream.clone(), version);
         }
-        Some(before)
+        Some((before, check))
     }
 }
 
@@ -677,20 +687,21 @@ async fn commit_batch(
 ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
     // Fast path: what the writer knows of the log (nothing, after a doubt) lets it number and
     // chain the rows before it talks to Postgres, and send them in one statement.
-    if let (Some(head), Some(before)) = (known.head, known.versions_for(batch)) {
+    if let (Some(head), Some((before, check))) = (known.head, known.versions_for(batch)) {
         let plan = plan(batch, head, &mut HashMap::new(), before, now_ms());
         // A conflict may be a retry of an append that already happened, which only probing
         // the event ids can tell: that is the general path's job.
         let conflict = plan.results.iter().any(Result::is_err);
         if !conflict && plan.cols.chunks(MAX_INSERT_BYTES).len() <= 1 {
-            match append_in_one_statement(pool, &plan).await {
+            match append_in_one_statement(pool, &plan, &check).await {
                 Ok(true) => {
                     paths.one_statement.fetch_add(1, Ordering::Relaxed);
                     known.learn(&plan);
                     return Ok(plan.results);
                 }
-                // Someone else appended, or an event id is already in the log (a retry): the
-                // general path reads the truth under the lock.
+                // Someone else appended (the head moved, or a row collided with theirs), or an
+                // event id is already in the log (a retry): the general path reads the truth
+                // under the lock.
                 Ok(false) => {}
                 Err(e) if is_unique_violation(&e) => {}
                 Err(e) => return Err(e.into()),
@@ -712,10 +723,11 @@ async fn commit_batch(
 }
 
 /// The planned rows, checked and committed by `sluice_append_at` in one round trip. False
-/// when the head or a stream's version was not what the plan assumed: nothing was written.
-async fn append_in_one_statement(pool: &PgPool, plan: &Plan<'_>) -> Result<bool, sqlx::Error> {
+/// when the head or a `check`ed stream's version was not what the plan assumed: nothing was
+/// written (see `Known::versions_for` for why the other streams need no check).
+async fn append_in_one_statement(pool: &PgPool, plan: &Plan<'_>, check: &[String]) -> Result<bool, sqlx::Error> {
     let (streams, versions): (Vec<&str>, Vec<Option<i64>>) =
-        plan.before.iter().map(|(s, v)| (s.as_str(), v.map(|v| v as i64))).unzip();
+        check.iter().map(|s| (s.as_str(), plan.before.get(s).copied().flatten().map(|v| v as i64))).unzip();
     let empty = plan.start == Head::EMPTY;
     let cols = &plan.cols;
     sqlx::query_scalar(
@@ -1049,11 +1061,13 @@ mod tests {
             request("c", ExpectedVersion::Exact(7)),
             request("c", ExpectedVersion::Any),
         ];
-        let before = known.versions_for(&batch).unwrap();
+        let (before, check) = known.versions_for(&batch).unwrap();
         // What the writer saw wins over a request's expectation; the first request on a stream
         // the writer has not seen says what it believes, and the statement checks it.
         let expected = HashMap::from([("a".to_owned(), Some(3)), ("b".to_owned(), None), ("c".to_owned(), Some(7))]);
         assert_eq!(before, expected);
+        // Only a version nothing but an `Exact` expectation vouches for is checked.
+        assert_eq!(check, vec!["c".to_owned()]);
         assert_eq!(known.versions_for(&[request("d", ExpectedVersion::Any)]), None, "unknown: read it first");
         known.forget();
         assert_eq!((known.head, known.versions.len()), (None, 0));

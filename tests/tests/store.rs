@@ -507,6 +507,38 @@ async fn another_writer_appending_makes_the_belief_stale_and_the_checks_still_ho
 }
 
 #[tokio::test]
+async fn streams_the_writer_has_not_seen_are_caught_by_the_index_or_checked() {
+    let (pg, before) = given_a_store().await;
+    before.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
+    before.append("app-b", ExpectedVersion::NoStream, vec![created("b")], meta()).await.unwrap();
+    // A restarted control plane: it learns the head on its first append, nothing of app-a/b.
+    let store = EventStore::start(connect(&pg.url()).await.unwrap());
+    store.append("app-c", ExpectedVersion::NoStream, vec![created("c")], meta()).await.unwrap();
+    assert_eq!((store.append_paths().general, store.append_paths().one_statement), (1, 0));
+    // Believed absent: version 0 collides with app-a's on the (stream, version) index, nothing
+    // is written, and the general path answers with the conflict.
+    let err = store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::Conflict { stream: "app-a".into(), expected: ExpectedVersion::NoStream, actual: Some(0) }
+    );
+    assert_eq!((store.append_paths().general, store.append_paths().one_statement), (2, 0));
+    // Only an `Exact` expectation vouches for app-b's version: the statement checks it (5 is
+    // above app-b's 0, and writing version 6 would leave a gap in the stream).
+    let err = store.append("app-b", ExpectedVersion::Exact(5), vec![changed("b")], meta()).await.unwrap_err();
+    assert_eq!(
+        err,
+        StoreError::Conflict { stream: "app-b".into(), expected: ExpectedVersion::Exact(5), actual: Some(0) }
+    );
+    assert_eq!((store.append_paths().general, store.append_paths().one_statement), (3, 0));
+    // A true belief goes through in one statement.
+    store.append("app-b", ExpectedVersion::Exact(0), vec![changed("b")], meta()).await.unwrap();
+    assert_eq!(store.append_paths().one_statement, 1);
+    assert_eq!(store.read_stream("app-b").await.unwrap().iter().map(|e| e.version).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(store.verify().await.unwrap().events, 4);
+}
+
+#[tokio::test]
 async fn the_one_statement_append_refuses_a_stale_head_or_stream_version() {
     let (_pg, store) = given_a_store().await;
     let a = store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
