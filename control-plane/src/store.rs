@@ -576,6 +576,9 @@ impl Head {
     const EMPTY: Head = Head { position: Position::ZERO, hash: GENESIS };
 }
 
+/// Streams' last versions (`None`: the stream has no event).
+type Versions = HashMap<String, Option<u64>>;
+
 /// Streams whose version the writer remembers between batches, at most.
 const MAX_KNOWN_STREAMS: usize = 65_536;
 
@@ -612,7 +615,7 @@ impl Known {
     /// learned is still exact. A stream believed absent gets version 0, which the
     /// `(stream, version)` index refuses if it exists. An `Exact(v)` belief can be wrong both
     /// ways, and too high would leave a gap in the stream's versions.
-    fn versions_for(&self, batch: &[AppendRequest]) -> Option<(HashMap<String, Option<u64>>, Vec<String>)> {
+    fn versions_for(&self, batch: &[AppendRequest]) -> Option<(Versions, Vec<String>)> {
         let (mut before, mut check) = (HashMap::new(), Vec::new());
         for req in batch {
             if before.contains_key(&req.stream) {
