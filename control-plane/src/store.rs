@@ -232,10 +232,7 @@ impl RawRow {
     }
 
     fn decode(self) -> Result<RecordedEvent, StoreError> {
-        let bad = |detail: String| DecodeError::BadData { event_type: self.event_type.clone(), detail };
-        let event = serde_json::from_str(&self.data)
-            .map_err(|e| bad(e.to_string()))
-            .and_then(|data| Event::decode(&self.event_type, self.type_version, &data))
+        let event = Event::decode_str(&self.event_type, self.type_version, &self.data)
             .map_err(|source| StoreError::Decode { position: self.position, source })?;
         let hash: [u8; 32] = self.hash.as_slice().try_into().unwrap_or([0; 32]);
         Ok(RecordedEvent {

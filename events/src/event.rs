@@ -220,6 +220,25 @@ macro_rules! catalog {
                 }
             }
 
+            /// The payload of a known type at a readable version, deserialized straight into
+            /// its struct from any serde source (a `Value`, JSON text).
+            fn decode_data<'de, D: serde::Deserializer<'de>>(event_type: &str, version: u16, data: D) -> Result<Event, DecodeError>
+            where
+                D::Error: std::fmt::Display,
+            {
+                if version == 0 || version > 1 {
+                    if !Event::TYPES.contains(&event_type) {
+                        return Err(DecodeError::UnknownType { event_type: event_type.to_owned() });
+                    }
+                    return Err(DecodeError::UnknownVersion { event_type: event_type.to_owned(), version, max: 1 });
+                }
+                let bad = |e: D::Error| DecodeError::BadData { event_type: event_type.to_owned(), detail: e.to_string() };
+                match event_type {
+                    $(stringify!($variant) => <$variant as serde::Deserialize>::deserialize(data).map(Event::$variant).map_err(bad),)+
+                    _ => Err(DecodeError::UnknownType { event_type: event_type.to_owned() }),
+                }
+            }
+
             /// Appends the payload's canonical JSON (`write_canonical` of `data()`), written
             /// straight from the struct.
             pub fn write_data(&self, out: &mut Vec<u8>) {
@@ -278,15 +297,15 @@ impl Event {
 
     /// Rebuilds an event from its stored parts, upcasting older schema versions.
     pub fn decode(event_type: &str, version: u16, data: &serde_json::Value) -> Result<Event, DecodeError> {
-        if !Event::TYPES.contains(&event_type) {
-            return Err(DecodeError::UnknownType { event_type: event_type.to_owned() });
-        }
-        if version == 0 || version > 1 {
-            return Err(DecodeError::UnknownVersion { event_type: event_type.to_owned(), version, max: 1 });
-        }
-        let tagged = serde_json::json!({ "type": event_type, "data": data });
-        serde_json::from_value(tagged)
-            .map_err(|e| DecodeError::BadData { event_type: event_type.to_owned(), detail: e.to_string() })
+        Event::decode_data(event_type, version, data)
+    }
+
+    /// `decode` from the JSON text (what the log stores), without building a `Value`.
+    pub fn decode_str(event_type: &str, version: u16, data: &str) -> Result<Event, DecodeError> {
+        let mut de = serde_json::Deserializer::from_str(data);
+        let event = Event::decode_data(event_type, version, &mut de)?;
+        de.end().map_err(|e| DecodeError::BadData { event_type: event_type.to_owned(), detail: e.to_string() })?;
+        Ok(event)
     }
 
     /// The types for which `changes_access_tables` is false (for queries that skip them).

@@ -211,6 +211,39 @@ fn bad_rows_are_typed_errors() {
     assert!(err.to_string().contains("app name may only contain"), "{err}");
 }
 
+/// The log is read from its JSON text: the same events, and the same errors, as from a `Value`.
+#[test]
+fn decoding_from_text_matches_decoding_from_a_value() {
+    for e in examples() {
+        let text = e.data().to_string();
+        assert_eq!(Event::decode_str(e.event_type(), 1, &text).unwrap(), e);
+    }
+    let cases = [
+        ("AppRenamed", 1, r#"{}"#),
+        ("AppRenamed", 2, r#"{}"#),
+        ("AppCreated", 2, r#"{}"#),
+        ("AppCreated", 0, r#"{}"#),
+        ("AppDeleted", 1, r#"{"app": 12}"#),
+        ("AppDeleted", 1, r#"{"app": "bad name"}"#),
+        ("AppDeleted", 1, r#"null"#),
+        ("AppDeleted", 1, r#"{"app": "live", "reason": "retired"}"#),
+    ];
+    for (ty, version, text) in cases {
+        let value: serde_json::Value = serde_json::from_str(text).unwrap();
+        match (Event::decode_str(ty, version, text), Event::decode(ty, version, &value)) {
+            // Text errors also say where (line and column).
+            (Err(DecodeError::BadData { detail: from_text, .. }), Err(DecodeError::BadData { detail, .. })) => {
+                assert!(from_text.starts_with(&detail), "{from_text} / {detail}")
+            }
+            (from_text, from_value) => assert_eq!(from_text, from_value, "{ty} {text}"),
+        }
+    }
+    // Text that is not one JSON value is bad data, never a panic or a partial event.
+    for text in [r#"{"app": "live"} trailing"#, r#"{"app": "live""#, "", "\u{0}"] {
+        assert!(matches!(Event::decode_str("AppDeleted", 1, text), Err(DecodeError::BadData { .. })), "{text}");
+    }
+}
+
 #[test]
 fn newer_optional_fields_are_tolerated() {
     // A newer writer added a field: an older reader must still fold the event.
