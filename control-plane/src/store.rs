@@ -12,7 +12,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use sluice_events::canonical::to_canonical;
 use sluice_events::event::{CanonicalJson, CanonicalRow, GENESIS, chain_hash_row};
 use sluice_events::{DecodeError, Event, Metadata, NewEvent, Position, RecordedEvent, Sha256Digest, Timestamp};
-use sqlx::postgres::{PgListener, PgPool, PgRow};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnection, PgListener, PgPool, PgRow};
 use sqlx::{Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -537,6 +538,10 @@ impl VerifyError {
 async fn writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>, paths: Arc<PathCounters>) {
     let mut batch: Vec<AppendRequest> = Vec::new();
     let mut known = Known::default();
+    // The writer's own connection, kept between rounds: taking one from the pool for each
+    // round cost a ping round trip (the pool checks an idle connection before lending it),
+    // a third of the client's CPU per one-event append.
+    let mut conn: Option<PoolConnection<Postgres>> = None;
     while let Some(first) = rx.recv().await {
         batch.push(first);
         // The callers answered last round are still making their next request: let them run
@@ -549,15 +554,47 @@ async fn writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>, paths: Arc<
                 Err(_) => break,
             }
         }
-        let results = match commit_batch(&pool, &batch, &mut known, &paths).await {
+        let results = match commit_round(&pool, &mut conn, &batch, &mut known, &paths).await {
             Ok(results) => results,
-            Err(e) => {
-                known.forget();
-                batch.iter().map(|_| Err(e.clone())).collect()
-            }
+            Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
         };
         for (req, result) in batch.drain(..).zip(results) {
             let _ = req.reply.send(result);
+        }
+    }
+}
+
+/// One group commit on the writer's connection, taken from the pool (which checks it) when it
+/// has none. After an error the connection is closed, not returned: it may be broken or hold
+/// a transaction. A connection lost between rounds (Postgres restarted, a network cut) costs
+/// one retry on a fresh one rather than an error. Retrying is safe: the retry plans from
+/// nothing and reads the truth under the lock, so a round that did commit before the
+/// connection went is found by its event ids and answered as the retry it is.
+async fn commit_round(
+    pool: &PgPool,
+    conn: &mut Option<PoolConnection<Postgres>>,
+    batch: &[AppendRequest],
+    known: &mut Known,
+    paths: &PathCounters,
+) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
+    let mut retried = false;
+    loop {
+        let c = match conn {
+            Some(c) => c,
+            None => conn.insert(pool.acquire().await?),
+        };
+        match commit_batch(c, batch, known, paths).await {
+            Ok(results) => return Ok(results),
+            Err(e) => {
+                known.forget();
+                if let Some(c) = conn.take() {
+                    drop(c.detach());
+                }
+                if retried || !e.is_unavailable() {
+                    return Err(e);
+                }
+                retried = true;
+            }
         }
     }
 }
@@ -680,7 +717,7 @@ impl Columns<'_> {
 const MAX_INSERT_BYTES: usize = 4 * 1024 * 1024;
 
 async fn commit_batch(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     batch: &[AppendRequest],
     known: &mut Known,
     paths: &PathCounters,
@@ -693,7 +730,7 @@ async fn commit_batch(
         // the event ids can tell: that is the general path's job.
         let conflict = plan.results.iter().any(Result::is_err);
         if !conflict && plan.cols.chunks(MAX_INSERT_BYTES).len() <= 1 {
-            match append_in_one_statement(pool, &plan, &check).await {
+            match append_in_one_statement(conn, &plan, &check).await {
                 Ok(true) => {
                     paths.one_statement.fetch_add(1, Ordering::Relaxed);
                     known.learn(&plan);
@@ -713,9 +750,9 @@ async fn commit_batch(
     // already in the log (a mixed retry) makes the INSERT hit the unique index; then the
     // whole batch is decided again with every id probed. Nothing is written twice.
     paths.general.fetch_add(1, Ordering::Relaxed);
-    match commit_batch_once(pool, batch, false, known).await? {
+    match commit_batch_once(conn, batch, false, known).await? {
         Attempt::Done(results) => Ok(results),
-        Attempt::ProbeAll => match commit_batch_once(pool, batch, true, known).await? {
+        Attempt::ProbeAll => match commit_batch_once(conn, batch, true, known).await? {
             Attempt::Done(results) => Ok(results),
             Attempt::ProbeAll => Err(StoreError::Database("duplicate event id after a full probe".into())),
         },
@@ -725,7 +762,11 @@ async fn commit_batch(
 /// The planned rows, checked and committed by `sluice_append_at` in one round trip. False
 /// when the head or a `check`ed stream's version was not what the plan assumed: nothing was
 /// written (see `Known::versions_for` for why the other streams need no check).
-async fn append_in_one_statement(pool: &PgPool, plan: &Plan<'_>, check: &[String]) -> Result<bool, sqlx::Error> {
+async fn append_in_one_statement(
+    conn: &mut PgConnection,
+    plan: &Plan<'_>,
+    check: &[String],
+) -> Result<bool, sqlx::Error> {
     let (streams, versions): (Vec<&str>, Vec<Option<i64>>) =
         check.iter().map(|s| (s.as_str(), plan.before.get(s).copied().flatten().map(|v| v as i64))).unzip();
     let empty = plan.start == Head::EMPTY;
@@ -749,7 +790,7 @@ async fn append_in_one_statement(pool: &PgPool, plan: &Plan<'_>, check: &[String
         .bind(&cols.recorded_at)
         .bind(&cols.hash)
         .bind(&cols.metadata)
-        .fetch_one(pool)
+        .fetch_one(conn)
         .await
 }
 
@@ -760,37 +801,31 @@ enum Attempt {
 }
 
 async fn commit_batch_once(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     batch: &[AppendRequest],
     probe_all: bool,
     known: &mut Known,
 ) -> Result<Attempt, StoreError> {
-    let mut conn = pool.acquire().await?;
     // BEGIN and the lock in one round trip. The lock must come before the reads in its own
     // statement: a statement's snapshot is taken when it starts, so reads in the same
     // statement as the lock could miss a commit that happened while it waited.
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; SELECT pg_advisory_xact_lock({APPEND_LOCK})")))
         .execute(&mut *conn)
         .await?;
-    let outcome = commit_locked(&mut conn, batch, probe_all, known).await;
-    if !matches!(outcome, Ok(Attempt::Done(_))) {
-        // Leave no transaction open on a pooled connection; if even ROLLBACK fails the
-        // connection is broken, so close it instead of returning it to the pool.
-        if sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await.is_err() {
-            conn.detach();
-        }
+    let outcome = commit_locked(conn, batch, probe_all, known).await;
+    if matches!(outcome, Ok(Attempt::Done(_))) {
+        return outcome;
     }
-    outcome
+    // Leave no transaction open. If even ROLLBACK fails the connection is broken; the error
+    // makes the writer close it.
+    let rolled_back = sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await;
+    outcome.and_then(|attempt| rolled_back.map(|_| attempt).map_err(StoreError::from))
 }
 
 /// Head, already-known event ids (of `ids`) and each stream's version, in one round trip.
 /// LATERAL forces index probes (a nested loop) whatever plan the prepared statement's plan
 /// cache settles on: a plain `= ANY($1)` drifted to a sequential scan once the table had grown.
-async fn read_heads(
-    conn: &mut sqlx::pool::PoolConnection<Postgres>,
-    ids: &[Uuid],
-    streams: &[String],
-) -> Result<PgRow, StoreError> {
+async fn read_heads(conn: &mut PgConnection, ids: &[Uuid], streams: &[String]) -> Result<PgRow, StoreError> {
     Ok(sqlx::query(
         "WITH known AS ( \
              SELECT k.id, e.position FROM unnest($1::uuid[]) AS k(id) \
@@ -809,7 +844,7 @@ async fn read_heads(
     )
     .bind(ids)
     .bind(streams)
-    .fetch_one(&mut **conn)
+    .fetch_one(conn)
     .await?)
 }
 
@@ -950,7 +985,7 @@ fn plan<'a>(
 
 /// The batch, inside the transaction that holds the append lock.
 async fn commit_locked(
-    conn: &mut sqlx::pool::PoolConnection<Postgres>,
+    conn: &mut PgConnection,
     batch: &[AppendRequest],
     mut probe_all: bool,
     learned: &mut Known,
@@ -997,7 +1032,7 @@ async fn commit_locked(
 
     let plan = plan(batch, start, &mut known, before, now_ms());
     if plan.cols.position.is_empty() {
-        sqlx::raw_sql("ROLLBACK").execute(&mut **conn).await?;
+        sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
         learned.learn(&plan);
         return Ok(Attempt::Done(plan.results));
     }
@@ -1022,7 +1057,7 @@ async fn commit_locked(
         .bind(&cols.recorded_at[range.clone()])
         .bind(&cols.hash[range])
         .bind(&cols.metadata)
-        .execute(&mut **conn)
+        .execute(&mut *conn)
         .await;
         match inserted {
             Ok(_) => {}
@@ -1030,7 +1065,7 @@ async fn commit_locked(
             Err(e) => return Err(e.into()),
         }
     }
-    sqlx::raw_sql("COMMIT").execute(&mut **conn).await?;
+    sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
     learned.learn(&plan);
     Ok(Attempt::Done(plan.results))
 }

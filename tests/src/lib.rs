@@ -59,6 +59,8 @@ pub enum Durability {
 pub struct Postgres {
     dir: tempfile::TempDir,
     pub port: u16,
+    /// The server's options (`pg_ctl -o`), kept for `restart`.
+    opts: String,
     stopped: bool,
 }
 
@@ -97,16 +99,9 @@ impl Postgres {
                 "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200{extra}",
                 dir.path().display()
             );
-            let out = pg_command("pg_ctl")
-                .arg("-D")
-                .arg(&data)
-                .arg("-l")
-                .arg(dir.path().join("server.log"))
-                .args(["-w", "-t", "30", "-o", &opts, "start"])
-                .stdout(Stdio::null())
-                .output()?;
+            let out = start_server(dir.path(), &opts)?;
             if out.status.success() {
-                return Ok(Postgres { dir, port, stopped: false });
+                return Ok(Postgres { dir, port, opts, stopped: false });
             }
             last_err = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
         }
@@ -137,6 +132,26 @@ impl Postgres {
         Ok(self.url_for(name))
     }
 
+    /// Stops the server (fast shutdown: connections cut, committed data kept even with
+    /// `Durability::Fast`) and starts it again on the same port and data.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let status = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "fast", "-w", "-t", "30", "stop"])
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("pg_ctl stop failed");
+        }
+        let out = start_server(self.dir.path(), &self.opts)?;
+        if !out.status.success() {
+            bail!("pg_ctl start failed: {}", std::fs::read_to_string(self.dir.path().join("server.log"))?);
+        }
+        self.stopped = false;
+        Ok(())
+    }
+
     /// Stops the server now (the directory stays until drop).
     pub fn stop(&mut self) {
         if self.stopped {
@@ -151,6 +166,18 @@ impl Postgres {
             .status();
         self.stopped = true;
     }
+}
+
+/// `pg_ctl start` on the cluster in `dir`, waiting until it accepts connections.
+fn start_server(dir: &Path, opts: &str) -> std::io::Result<std::process::Output> {
+    pg_command("pg_ctl")
+        .arg("-D")
+        .arg(dir.join("data"))
+        .arg("-l")
+        .arg(dir.join("server.log"))
+        .args(["-w", "-t", "30", "-o", opts, "start"])
+        .stdout(Stdio::null())
+        .output()
 }
 
 impl Drop for Postgres {

@@ -389,6 +389,24 @@ async fn postgres_unreachable_is_a_clear_typed_error() {
 }
 
 #[tokio::test]
+async fn a_postgres_restart_between_appends_costs_a_retry_not_an_error() {
+    let mut pg = Postgres::start().unwrap();
+    let pool = connect(&pg.url()).await.unwrap();
+    store::migrate(&pool).await.unwrap();
+    let store = EventStore::start(pool);
+    store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
+    store.append("app-b", ExpectedVersion::NoStream, vec![created("b")], meta()).await.unwrap();
+    // The writer's connection dies with the server; the next round finds out, takes a fresh
+    // one and goes through.
+    pg.restart().unwrap();
+    let c = store.append("app-c", ExpectedVersion::NoStream, vec![created("c")], meta()).await.unwrap();
+    assert_eq!(c.positions, vec![Position(3)]);
+    store.append("app-a", ExpectedVersion::Exact(0), vec![changed("a")], meta()).await.unwrap();
+    let report = store.verify().await.unwrap();
+    assert_eq!((report.events, report.head), (4, Position(4)));
+}
+
+#[tokio::test]
 async fn recorded_events_fold_into_the_state() {
     let (_pg, store) = given_a_store().await;
     store.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap();
