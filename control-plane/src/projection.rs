@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use sluice_events::state::Spare;
 use sluice_events::{AuthState, Event, KeyId, Keyring, Position, RecordedEvent, Timestamp};
 use tokio::sync::watch;
 
@@ -156,97 +157,8 @@ impl Side {
     }
 }
 
-/// The state published before the current one, and the events it lacks (the burst that made
-/// the current one). Once no reader holds it any more, the next burst starts from it caught
-/// up by those events instead of from a copy of the current state: a copy costs every map of
-/// the state, which grows with the log, so copying per burst made registering streams
-/// quadratic (half the control plane's CPU at 40,000 streams). The price is a second copy of
-/// the state kept resident.
-#[derive(Default)]
-struct Spare {
-    state: Option<Arc<AuthState>>,
-    behind: Vec<RecordedEvent>,
-}
-
-impl Spare {
-    /// A state of its own equal to `current`.
-    fn take(&mut self, current: &Arc<AuthState>) -> AuthState {
-        let behind = std::mem::take(&mut self.behind);
-        match self.state.take().map(Arc::try_unwrap) {
-            Some(Ok(mut state)) => {
-                for e in &behind {
-                    apply_or_log(&mut state, e);
-                }
-                state
-            }
-            // The first burst, or a reader still holds the spare: copy.
-            _ => (**current).clone(),
-        }
-    }
-
-    /// `previous` was just replaced by a state that is it plus `burst`.
-    fn keep(&mut self, previous: Arc<AuthState>, burst: Vec<RecordedEvent>) {
-        self.state = Some(previous);
-        self.behind = burst;
-    }
-}
-
 fn apply_or_log(state: &mut AuthState, e: &RecordedEvent) {
     if let Err(err) = state.apply(e) {
         tracing::error!(error = %err, "projection could not apply an event");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use sluice_events::event::{AppCreated, StreamRegistered};
-    use sluice_events::{AppName, Metadata, Policy, Sha256Digest, StreamName};
-
-    fn recorded(position: u64) -> RecordedEvent {
-        let app = AppName::parse("live").unwrap();
-        let event: Event = if position == 1 {
-            AppCreated { app, policy: Policy::default() }.into()
-        } else {
-            let name = StreamName::parse(&format!("s{position}")).unwrap();
-            StreamRegistered { app, name, publish_name: None, description: None }.into()
-        };
-        RecordedEvent {
-            position: Position(position),
-            event_id: uuid::Uuid::from_u128(position.into()),
-            stream: event.log_stream(),
-            version: 0,
-            event,
-            metadata: Metadata::default(),
-            recorded_at: Timestamp(0),
-            hash: Sha256Digest([0; 32]),
-        }
-    }
-
-    #[test]
-    fn each_burst_starts_from_the_spare_caught_up_or_from_a_copy_while_a_reader_holds_it() {
-        let events: Vec<RecordedEvent> = (1..=15).map(recorded).collect();
-        let mut published = Arc::new(AuthState::new());
-        let mut spare = Spare::default();
-        let mut reader = None;
-        for (i, burst) in events.chunks(3).enumerate() {
-            let mut next = spare.take(&published);
-            for e in burst {
-                next.apply(e).unwrap();
-            }
-            let previous = std::mem::replace(&mut published, Arc::new(next));
-            if i == 1 {
-                // A request keeps this snapshot across the next burst: that burst must copy.
-                reader = Some(previous.clone());
-            }
-            spare.keep(previous, burst.to_vec());
-            let mut fresh = AuthState::new();
-            for e in &events[..(i + 1) * 3] {
-                fresh.apply(e).unwrap();
-            }
-            assert_eq!(published.digest(), fresh.digest(), "after burst {i}");
-        }
-        // The reader's snapshot never moved under it.
-        assert_eq!(reader.unwrap().position(), Position(3));
     }
 }

@@ -12,8 +12,8 @@ use arc_swap::ArcSwap;
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use futures::{FutureExt as _, StreamExt as _};
 use sluice_events::dist::{self, SnapshotManifest};
-use sluice_events::state::AccessDigestMemo;
 use sluice_events::state::snapshot::{self, SnapshotInfo};
+use sluice_events::state::{AccessDigestMemo, Spare};
 use sluice_events::{AuthState, Keyring, Position, RecordedEvent, Sha256Digest};
 use tokio::io::AsyncReadExt as _;
 
@@ -70,13 +70,12 @@ impl Shared {
 }
 
 /// Applies bursts to a spare copy and swaps it in. The copy swapped out becomes the next
-/// spare once no reader holds it, so a burst costs its own events, not a clone of the state.
+/// spare once no reader holds it (`Spare`), so a burst costs its own events, not a clone of
+/// the state.
 #[derive(Debug)]
 pub struct Applier {
     shared: Arc<Shared>,
-    spare: Option<AuthState>,
-    /// Events the spare has not seen yet (the previous burst).
-    behind: Vec<RecordedEvent>,
+    spare: Spare,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -85,21 +84,11 @@ pub struct Gap(String);
 
 impl Applier {
     pub fn new(shared: Arc<Shared>) -> Applier {
-        Applier { shared, spare: None, behind: Vec::new() }
+        Applier { shared, spare: Spare::default() }
     }
 
     pub fn apply(&mut self, burst: Vec<RecordedEvent>) -> Result<(), Gap> {
-        let mut next = match self.spare.take() {
-            Some(s) => s,
-            None => {
-                self.behind.clear();
-                (**self.shared.state.load()).clone()
-            }
-        };
-        for e in self.behind.drain(..) {
-            // Below the spare's position these are no-ops; a gap cannot happen here.
-            let _ = next.apply(&e);
-        }
+        let mut next = self.spare.take(&self.shared.state.load());
         let mut gap = None;
         let mut applied = Vec::with_capacity(burst.len());
         for e in burst {
@@ -114,10 +103,7 @@ impl Applier {
         let position = next.position().0;
         let old = self.shared.state.swap(Arc::new(next));
         self.shared.applied.send_replace(position);
-        if let Ok(s) = Arc::try_unwrap(old) {
-            self.spare = Some(s);
-            self.behind = applied;
-        }
+        self.spare.keep(old, applied);
         gap.map_or(Ok(()), Err)
     }
 }

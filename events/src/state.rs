@@ -178,6 +178,43 @@ pub enum ApplyError {
     NotDataPlane,
 }
 
+/// For a holder that publishes a new `Arc<AuthState>` per burst of events while readers keep
+/// the one they took: the state published before the current one, and the events it lacks
+/// (the burst that made the current one). Once no reader holds it any more, the next burst
+/// starts from it caught up by those events, instead of from a copy of the current state. A
+/// copy costs every map of the state, which grows with the log; copying per burst made
+/// registering streams quadratic. The price is a second copy of the state kept resident.
+#[derive(Debug, Default)]
+pub struct Spare {
+    state: Option<Arc<AuthState>>,
+    behind: Vec<RecordedEvent>,
+}
+
+impl Spare {
+    /// A state of its own equal to `current`: the spare caught up, or (the first time, or
+    /// while a reader still holds the spare) a copy.
+    pub fn take(&mut self, current: &AuthState) -> AuthState {
+        let behind = std::mem::take(&mut self.behind);
+        match self.state.take().map(Arc::try_unwrap) {
+            Some(Ok(mut state)) => {
+                for e in &behind {
+                    // These events were applied to the published state already, with the
+                    // same outcome; any error was reported then.
+                    let _ = state.apply(e);
+                }
+                state
+            }
+            _ => current.clone(),
+        }
+    }
+
+    /// `previous` was just replaced by a state that is it plus `applied`.
+    pub fn keep(&mut self, previous: Arc<AuthState>, applied: Vec<RecordedEvent>) {
+        self.state = Some(previous);
+        self.behind = applied;
+    }
+}
+
 /// The access tables at one log position.
 #[derive(Debug, Clone, Default)]
 pub struct AuthState {

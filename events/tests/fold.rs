@@ -313,3 +313,42 @@ fn changing_the_totp_settings_rebuilds_the_subscribers_generators() {
     // The old 6-digit, 60-second code no longer works.
     assert_eq!(w.when(&request(Action::Publish, "cam1-key", totp("alice", T0, 0)), T0).reason, Reason::TotpInvalid);
 }
+
+/// A holder publishing one `Arc<AuthState>` per burst gets, from `Spare`, a state equal to the
+/// published one: the previous state caught up when no reader holds it, a copy while one does.
+#[test]
+fn each_burst_starts_from_the_spare_caught_up_or_from_a_copy_while_a_reader_holds_it() {
+    let events: Vec<RecordedEvent> = (1..=15u64)
+        .map(|p| {
+            let event: Event = if p == 1 {
+                AppCreated { app: app(), policy: Policy::default() }.into()
+            } else {
+                StreamRegistered { app: app(), name: name(&format!("s{p}")), publish_name: None, description: None }
+                    .into()
+            };
+            record(p, event)
+        })
+        .collect();
+    let mut published = Arc::new(AuthState::new());
+    let mut spare = state::Spare::default();
+    let mut reader = None;
+    for (i, burst) in events.chunks(3).enumerate() {
+        let mut next = spare.take(&published);
+        for e in burst {
+            next.apply(e).unwrap();
+        }
+        let previous = std::mem::replace(&mut published, Arc::new(next));
+        if i == 1 {
+            // A request keeps this snapshot across the next burst: that burst must copy.
+            reader = Some(previous.clone());
+        }
+        spare.keep(previous, burst.to_vec());
+        let mut fresh = AuthState::new();
+        for e in &events[..(i + 1) * 3] {
+            fresh.apply(e).unwrap();
+        }
+        assert_eq!(published.digest(), fresh.digest(), "after burst {i}");
+    }
+    // The reader's snapshot never moved under it.
+    assert_eq!(reader.unwrap().position(), Position(3));
+}
