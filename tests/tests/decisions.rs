@@ -319,14 +319,7 @@ async fn decisions_are_queryable_explainable_and_the_state_rebuilds_to_the_same_
     }
     let closed =
         json!({"publish": {"methods": ["one_time_token"]}, "play": {"methods": ["open"], "cidrs": ["10.0.0.0/8"]}});
-    let r = http
-        .put(format!("http://127.0.0.1:{cp}/v1/apps/studio/policy"))
-        .bearer_auth(ADMIN)
-        .json(&closed)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    put_policy(&http, cp, "studio", &closed).await;
     until("four decisions in the read model", || async {
         let (_, body) = api(&http, cp, "/v1/decisions?app=studio").await;
         serde_json::from_str::<Value>(&body).is_ok_and(|v| v["decisions"].as_array().is_some_and(|a| a.len() == 4))
@@ -541,14 +534,7 @@ async fn a_webhook_decides_when_the_app_asks_it_signed_cached_and_failing_closed
         "play": {"methods": ["open"]},
         "webhook": {"url": format!("http://127.0.0.1:{hook}/hook"), "timeout_ms": 500},
     });
-    let r = http
-        .put(format!("http://127.0.0.1:{cp}/v1/apps/hooked/policy"))
-        .bearer_auth(ADMIN)
-        .json(&policy)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    put_policy(&http, cp, "hooked", &policy).await;
     let w = free_port();
     let _w = start_worker(&nats, w, dir.path(), "w1");
     ready_at_head(&http, &store, w).await;

@@ -595,14 +595,7 @@ async fn players_that_stop_reading_are_dropped_then_disconnected_and_kicks_reach
     .await;
     assert_eq!(metric(&http, admin2, "sluice_connections").await, Some(2.0), "the publisher and the stuck player");
     let policy = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"], "cidrs": ["10.0.0.0/8"]}});
-    let r = http
-        .put(format!("http://127.0.0.1:{cp}/v1/apps/tv/policy"))
-        .bearer_auth(ADMIN)
-        .json(&policy)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{}", r.status());
+    put_policy(&http, cp, "tv", &policy).await;
     until("the stuck player is kicked", || async { read(&log2).contains("RTMP session ended: no longer allowed") })
         .await;
     // Ended by the server before the player reads a byte more.

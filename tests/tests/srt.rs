@@ -54,14 +54,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
         "play": {"methods": ["one_time_token", "open"], "accept_undefined_streams": false},
     });
     // The SLS app exists from the start: its policy is replaced.
-    let r = http
-        .put(format!("http://127.0.0.1:{cp}/v1/apps/studio/policy"))
-        .bearer_auth(ADMIN)
-        .json(&policy)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    put_policy(&http, cp, "studio", &policy).await;
     post(&http, cp, "/v1/apps/studio/streams", json!({"name": "cam1"})).await;
     post(&http, cp, "/v1/apps/studio/streams", json!({"name": "idle"})).await;
     let token = post(&http, cp, "/v1/apps/studio/streams/cam1/tokens", json!({"action": "publish"})).await;

@@ -184,8 +184,7 @@ async fn every_method_over_srt_and_the_media_outlives_the_control_plane() {
     app("hook", both(json!(["open"]))).await;
     post(&http, cp, "/v1/apps/hook/secrets/webhook", json!({})).await;
     let hooked = json!({"publish": {"methods": ["webhook"]}, "play": {"methods": ["webhook"]}, "webhook": {"url": format!("http://127.0.0.1:{hook}/hook"), "timeout_ms": 1000}});
-    let r = http.put(format!("http://127.0.0.1:{cp}/v1/apps/hook/policy")).bearer_auth(ADMIN).json(&hooked);
-    assert!(r.send().await.unwrap().status().is_success());
+    put_policy(&http, cp, "hook", &hooked).await;
     cases.push(Case {
         app: "hook".into(),
         publish: "#!::r=hook/cam-key,m=publish,t=good".into(),

@@ -136,6 +136,18 @@ pub async fn post(http: &reqwest::Client, port: u16, path: &str, body: Value) ->
     r.json().await.unwrap_or(Value::Null)
 }
 
+/// Replaces `app`'s policy through the API.
+pub async fn put_policy(http: &reqwest::Client, port: u16, app: &str, policy: &Value) {
+    let r = http
+        .put(format!("http://127.0.0.1:{port}/v1/apps/{app}/policy"))
+        .bearer_auth(ADMIN)
+        .json(policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "PUT {app} policy");
+}
+
 /// Polls an async condition.
 pub async fn until<F, Fut>(what: &str, mut f: F)
 where
