@@ -14,7 +14,7 @@ use std::fmt;
 use std::ops::Range;
 
 use serde::Serialize;
-use serde::ser::{self, Impossible};
+use serde::ser;
 
 use crate::event::write_canonical;
 
@@ -342,7 +342,13 @@ impl ser::SerializeMap for Object<'_> {
     type Ok = ();
     type Error = Unsupported;
     fn serialize_key<T: Serialize + ?Sized>(&mut self, key: &T) -> Result<(), Unsupported> {
-        self.pending = Some(key.serialize(KeyWriter)?);
+        // A map key as `Value` makes one: a string (or char, or unit variant) as it is, an
+        // integer as its text. Anything else sends the whole value the `Value` way.
+        self.pending = Some(match serde_json::to_value(key).map_err(|_| Unsupported)? {
+            serde_json::Value::String(s) => Cow::Owned(s),
+            serde_json::Value::Number(n) if !n.is_f64() => Cow::Owned(n.to_string()),
+            _ => return Err(Unsupported),
+        });
         Ok(())
     }
     fn serialize_value<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), Unsupported> {
@@ -351,137 +357,6 @@ impl ser::SerializeMap for Object<'_> {
     }
     fn end(self) -> Result<(), Unsupported> {
         self.close()
-    }
-}
-
-/// A map key as `Value` makes one: strings as they are, integers and booleans as their
-/// text, a unit variant as its name. Anything else goes the `Value` way.
-struct KeyWriter;
-
-impl KeyWriter {
-    fn text(v: impl ToString) -> Result<Cow<'static, str>, Unsupported> {
-        Ok(Cow::Owned(v.to_string()))
-    }
-}
-
-impl ser::Serializer for KeyWriter {
-    type Ok = Cow<'static, str>;
-    type Error = Unsupported;
-    type SerializeSeq = Impossible<Self::Ok, Unsupported>;
-    type SerializeTuple = Impossible<Self::Ok, Unsupported>;
-    type SerializeTupleStruct = Impossible<Self::Ok, Unsupported>;
-    type SerializeTupleVariant = Impossible<Self::Ok, Unsupported>;
-    type SerializeMap = Impossible<Self::Ok, Unsupported>;
-    type SerializeStruct = Impossible<Self::Ok, Unsupported>;
-    type SerializeStructVariant = Impossible<Self::Ok, Unsupported>;
-
-    fn serialize_str(self, v: &str) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_char(self, v: char) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_i8(self, v: i8) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_i16(self, v: i16) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_i32(self, v: i32) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_i64(self, v: i64) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_u8(self, v: u8) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_u16(self, v: u16) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_u32(self, v: u32) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_u64(self, v: u64) -> Result<Self::Ok, Unsupported> {
-        Self::text(v)
-    }
-    fn serialize_unit_variant(self, _: &'static str, _: u32, variant: &'static str) -> Result<Self::Ok, Unsupported> {
-        Ok(Cow::Borrowed(variant))
-    }
-    fn serialize_newtype_struct<T: Serialize + ?Sized>(self, _: &'static str, v: &T) -> Result<Self::Ok, Unsupported> {
-        v.serialize(self)
-    }
-    fn serialize_bool(self, _: bool) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_i128(self, _: i128) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_u128(self, _: u128) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_f32(self, _: f32) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_f64(self, _: f64) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_bytes(self, _: &[u8]) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_none(self) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_some<T: Serialize + ?Sized>(self, _: &T) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_unit(self) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_unit_struct(self, _: &'static str) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_newtype_variant<T: Serialize + ?Sized>(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: &T,
-    ) -> Result<Self::Ok, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_seq(self, _: Option<usize>) -> Result<Self::SerializeSeq, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_tuple(self, _: usize) -> Result<Self::SerializeTuple, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_tuple_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeTupleStruct, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_tuple_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeTupleVariant, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_map(self, _: Option<usize>) -> Result<Self::SerializeMap, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_struct(self, _: &'static str, _: usize) -> Result<Self::SerializeStruct, Unsupported> {
-        Err(Unsupported)
-    }
-    fn serialize_struct_variant(
-        self,
-        _: &'static str,
-        _: u32,
-        _: &'static str,
-        _: usize,
-    ) -> Result<Self::SerializeStructVariant, Unsupported> {
-        Err(Unsupported)
     }
 }
 
