@@ -15,9 +15,48 @@ pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port (TCP and UDP) for a server this test starts, this test process's alone.
+///
+/// A port probed with a bind to port 0 could be taken by anyone between the probe and the
+/// server's bind: another test's port-0 bind or outgoing connection gets its port from the same
+/// kernel range. So ports come from below the kernel's ephemeral range
+/// (`ip_local_port_range`), which neither of those ever uses, and a lock file per port
+/// (`flock`, held until this process exits) keeps two test processes from handing out the same
+/// one. A port something already listens on is skipped.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static HELD: Mutex<Vec<std::fs::File>> = Mutex::new(Vec::new());
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const LOW: u32 = 20000;
+    if ephemeral_low <= LOW + 1000 {
+        // No room below the ephemeral range: fall back to the kernel's choice.
+        return TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    }
+    let span = ephemeral_low - LOW;
+    let dir = std::env::temp_dir().join("sluice-test-ports");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Processes start at different places, so they rarely contend for the same locks.
+    let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+    for _ in 0..span {
+        let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let Ok(file) = std::fs::File::create(dir.join(port.to_string())) else { continue };
+        if file.try_lock().is_err() {
+            continue;
+        }
+        let port = port as u16;
+        let tcp = TcpListener::bind(("127.0.0.1", port));
+        let udp = std::net::UdpSocket::bind(("127.0.0.1", port));
+        if tcp.is_ok() && udp.is_ok() {
+            HELD.lock().unwrap_or_else(|p| p.into_inner()).push(file);
+            return port;
+        }
+    }
+    panic!("no free port below {ephemeral_low}");
 }
 
 fn is_root() -> bool {
