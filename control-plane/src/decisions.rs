@@ -19,20 +19,18 @@ use sqlx::{PgPool, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::store::{EventStore, StoreError};
+use crate::task::{Backoff, Tasks};
 
 const NAME: &str = "decisions";
 /// Events folded into the table per transaction at most.
 const BURST: usize = 5000;
 
-/// Starts the projector; it runs until the process ends.
-pub fn spawn(store: EventStore, keyring: Arc<Keyring>, checkpoint_every: u64) {
-    tokio::spawn(async move {
-        loop {
-            if let Err(e) = project(&store, &keyring, checkpoint_every.max(1)).await {
-                tracing::warn!(error = %e, "decisions read model: retrying in 1 s");
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+/// Starts the projector as a supervised task, until shutdown.
+pub fn spawn(tasks: &Tasks, store: EventStore, keyring: Arc<Keyring>, checkpoint_every: u64) {
+    let every = checkpoint_every.max(1);
+    tasks.supervise("decisions read model", Backoff::new(Duration::from_secs(1), Duration::from_secs(1)), move || {
+        let (store, keyring) = (store.clone(), keyring.clone());
+        async move { project(&store, &keyring, every).await.map_err(|e| e.to_string()) }
     });
 }
 

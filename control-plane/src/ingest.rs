@@ -10,6 +10,7 @@
 //! the append committed; a crash in between means a re-delivery, which the log ignores.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, kv};
@@ -24,6 +25,7 @@ use uuid::Uuid;
 use crate::projection::Projection;
 use crate::relay::connect;
 use crate::store::EventStore;
+use crate::task::{Backoff, Tasks};
 
 /// `pg_advisory_lock` key of the ingester: "SLUICEIN".
 const INGEST_LOCK: i64 = 0x534c_5549_4345_494e;
@@ -87,21 +89,22 @@ pub async fn ensure_marks(js: &jetstream::Context) -> Result<kv::Store, String> 
     }
 }
 
-/// Starts ingestion in the background; it runs until the process ends.
-pub fn spawn(store: EventStore, projection: Projection, nats_url: String) -> watch::Receiver<IngestStatus> {
+/// Starts ingestion as a supervised task: it waits for leadership, ingests, and starts over
+/// after a failure, until shutdown.
+pub fn spawn(
+    tasks: &Tasks,
+    store: EventStore,
+    projection: Projection,
+    nats_url: String,
+) -> watch::Receiver<IngestStatus> {
     let (tx, rx) = watch::channel(IngestStatus::default());
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match lead(&store, &projection, &nats_url, &tx).await {
-                Ok(()) => backoff = Duration::from_millis(200),
-                Err(e) => {
-                    tracing::warn!(error = %e, "ingest: retrying in {:?}", backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+    let tx = Arc::new(tx);
+    tasks.supervise("ingest", Backoff::new(Duration::from_millis(200), Duration::from_secs(5)), move || {
+        let (store, projection, nats_url, tx) = (store.clone(), projection.clone(), nats_url.clone(), tx.clone());
+        async move {
+            let result = lead(&store, &projection, &nats_url, &tx).await;
             tx.send_modify(|s| s.leader = false);
-            tokio::time::sleep(backoff).await;
+            result.map_err(|e| e.to_string())
         }
     });
     rx
@@ -202,7 +205,7 @@ async fn ingest(
         let mut seen: Vec<(NodeId, Uuid, u64)> = Vec::new();
         let mut rejected = 0;
         let state = projection.current();
-        let now = crate::api::now();
+        let now = crate::clock::now();
         for msg in &messages {
             let incoming = match decode(msg) {
                 Ok(i) => i,
@@ -262,10 +265,10 @@ async fn ingest(
                 trackers.insert(key.clone(), MarkTracker::starting_at(start));
                 published.insert(node.clone(), DecisionMark { spool, sequence: start });
             }
-            if let Some(t) = trackers.get_mut(&key) {
-                if t.ingested(seq) {
-                    unpublished.insert(node, DecisionMark { spool, sequence: t.confirmed() });
-                }
+            if let Some(t) = trackers.get_mut(&key)
+                && t.ingested(seq)
+            {
+                unpublished.insert(node, DecisionMark { spool, sequence: t.confirmed() });
             }
         }
         // Marks that moved (or failed to publish last time) go out now.

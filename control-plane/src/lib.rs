@@ -5,15 +5,16 @@
 pub mod api;
 pub mod bootstrap;
 pub mod client;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod decisions;
-pub mod http;
 pub mod ingest;
 pub mod nodes;
 pub mod projection;
 pub mod relay;
 pub mod store;
+pub mod task;
 
 pub use store::{Appended, EventStore, ExpectedVersion, StoreError, VerifyError, VerifyReport};
 

@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand};
 use sluice_control_plane::bootstrap::{self, Bootstrap};
 use sluice_control_plane::client;
 use sluice_control_plane::config::Config;
+use sluice_control_plane::task::Tasks;
 use sluice_control_plane::{EventStore, connect, store};
-use sluice_events::{AuthState, Position, Timestamp};
+use sluice_events::{AuthState, Position};
 
 #[derive(Parser, Debug)]
 #[command(name = "sluice-control", version, about = "Sluice control plane")]
@@ -139,10 +140,6 @@ fn main() -> ExitCode {
     }
 }
 
-fn now() -> Timestamp {
-    Timestamp(chrono::Utc::now().timestamp_millis())
-}
-
 async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let pool = connect(&config.database_url).await?;
     match command {
@@ -210,7 +207,14 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     config.require_sealing_key()?;
     store::migrate(&pool).await?;
     let store = EventStore::start(pool);
-    match bootstrap::run(&store, config.bootstrap_admin_key.as_deref(), &config.sls_app, now()).await? {
+    match bootstrap::run(
+        &store,
+        config.bootstrap_admin_key.as_deref(),
+        &config.sls_app,
+        sluice_control_plane::clock::now(),
+    )
+    .await?
+    {
         Bootstrap::Created { key_id, generated: Some(secret) } => {
             // Printed once, to stdout only: the log keeps just its SHA-256.
             println!("==> First start: created admin API key {key_id}. Save it now; it is not shown again:");
@@ -225,13 +229,16 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     let (app, api) = sluice_control_plane::api::build(&config, store).await?;
     tracing::info!(position = %api.writer.projection().position(), "projection caught up");
     api.nodes.spawn_listener(config.nats_url.clone());
+    let tasks = Tasks::new();
     sluice_control_plane::decisions::spawn(
+        &tasks,
         api.writer.store().clone(),
         std::sync::Arc::new(sluice_events::Keyring::new(config.require_sealing_key()?.clone())),
         config.checkpoint_every_events,
     );
     if config.relay {
         sluice_control_plane::relay::spawn(
+            &tasks,
             api.writer.store().clone(),
             api.writer.projection().clone(),
             sluice_control_plane::relay::RelaySettings {
@@ -241,6 +248,7 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
             },
         );
         sluice_control_plane::ingest::spawn(
+            &tasks,
             api.writer.store().clone(),
             api.writer.projection().clone(),
             config.nats_url.clone(),
@@ -254,6 +262,9 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown())
         .await?;
+    if !tasks.shutdown(std::time::Duration::from_secs(5)).await {
+        tracing::warn!("background tasks still running after 5 s; stopping anyway");
+    }
     tracing::info!("sluice-control stopped");
     Ok(())
 }

@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::projection::Projection;
 use crate::store::EventStore;
+use crate::task::{Backoff, Tasks};
 
 /// `pg_advisory_lock` key of the relay: "SLUICERL" as an integer.
 const RELAY_LOCK: i64 = 0x534c_5549_4345_524c;
@@ -65,21 +66,22 @@ fn nats<E: std::fmt::Display>(e: E) -> RelayError {
     RelayError::Nats(e.to_string())
 }
 
-/// Starts the relay loop in the background; it runs until the process ends.
-pub fn spawn(store: EventStore, projection: Projection, settings: RelaySettings) -> watch::Receiver<RelayStatus> {
+/// Starts the relay as a supervised task: it waits for leadership, relays, and starts over
+/// after a failure, until shutdown.
+pub fn spawn(
+    tasks: &Tasks,
+    store: EventStore,
+    projection: Projection,
+    settings: RelaySettings,
+) -> watch::Receiver<RelayStatus> {
     let (tx, rx) = watch::channel(RelayStatus::default());
-    tokio::spawn(async move {
-        let mut backoff = Duration::from_millis(200);
-        loop {
-            match lead(&store, &projection, &settings, &tx).await {
-                Ok(()) => backoff = Duration::from_millis(200),
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay: retrying in {:?}", backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
+    let tx = Arc::new(tx);
+    tasks.supervise("relay", Backoff::new(Duration::from_millis(200), Duration::from_secs(5)), move || {
+        let (store, projection, settings, tx) = (store.clone(), projection.clone(), settings.clone(), tx.clone());
+        async move {
+            let result = lead(&store, &projection, &settings, &tx).await;
             tx.send_modify(|s| s.leader = false);
-            tokio::time::sleep(backoff).await;
+            result.map_err(|e| e.to_string())
         }
     });
     rx
@@ -285,7 +287,7 @@ impl Snapshots {
             schema: snapshot::SCHEMA,
             object: object.clone(),
             bytes: size,
-            created_at: crate::api::now(),
+            created_at: crate::clock::now(),
         };
         let json = serde_json::to_vec(&manifest).map_err(nats)?;
         self.kv.put(dist::SNAPSHOT_KEY, json.into()).await.map_err(nats)?;

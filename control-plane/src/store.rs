@@ -158,11 +158,6 @@ fn to_datetime(t: Timestamp) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(t.0).single().unwrap_or_default()
 }
 
-/// Wall-clock now, truncated to milliseconds so it survives the database round trip exactly.
-fn now_ms() -> Timestamp {
-    Timestamp(Utc::now().timestamp_millis())
-}
-
 /// A row as stored, before decoding: what verification hashes.
 struct RawRow {
     position: Position,
@@ -725,7 +720,7 @@ async fn commit_batch(
     // Fast path: what the writer knows of the log (nothing, after a doubt) lets it number and
     // chain the rows before it talks to Postgres, and send them in one statement.
     if let (Some(head), Some((before, check))) = (known.head, known.versions_for(batch)) {
-        let plan = plan(batch, head, &mut HashMap::new(), before, now_ms());
+        let plan = plan(batch, head, &mut HashMap::new(), before, crate::clock::now());
         // A conflict may be a retry of an append that already happened, which only probing
         // the event ids can tell: that is the general path's job.
         let conflict = plan.results.iter().any(Result::is_err);
@@ -1030,7 +1025,7 @@ async fn commit_locked(
     let mut before: HashMap<String, Option<u64>> = streams.into_iter().map(|s| (s, None)).collect();
     before.extend(version_streams.into_iter().zip(version_values).map(|(s, v)| (s, Some(v as u64))));
 
-    let plan = plan(batch, start, &mut known, before, now_ms());
+    let plan = plan(batch, start, &mut known, before, crate::clock::now());
     if plan.cols.position.is_empty() {
         sqlx::raw_sql("ROLLBACK").execute(&mut *conn).await?;
         learned.learn(&plan);

@@ -71,10 +71,10 @@ fn parse_decide(body: &[u8]) -> Result<AccessRequest, String> {
             return Err("give either `streamid` or `app` and `stream`, not both".into());
         }
         let parsed = wire::parse_srt_streamid(sid.as_bytes()).map_err(|e| format!("streamid: {e}"))?;
-        if let Some(a) = &b.action {
-            if Action::parse(a).map_err(|e| e.to_string())? != parsed.action {
-                return Err("`action` disagrees with the streamid's mode".into());
-            }
+        if let Some(a) = &b.action
+            && Action::parse(a).map_err(|e| e.to_string())? != parsed.action
+        {
+            return Err("`action` disagrees with the streamid's mode".into());
         }
         return Ok(AccessRequest {
             id,

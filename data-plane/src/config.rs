@@ -29,6 +29,7 @@ const KNOWN: &[&str] = &[
     "rtmp_player_queue",
     "rtmp_player_behind_secs",
     "srt_latency_ms",
+    "publish_lease_secs",
 ];
 
 #[derive(Clone)]
@@ -66,6 +67,10 @@ pub struct Config {
     pub rtmp_player_behind_secs: u64,
     /// The SRT latency offered to callers (libsrt's default is 120 ms).
     pub srt_latency_ms: u64,
+    /// How long a publisher's cluster-wide lease lives unrenewed (NATS KV
+    /// `sluice-publishers`): the time a killed worker's streams stay taken. Renewed every
+    /// third of it; the bucket's age limit is set by the first worker that creates it.
+    pub publish_lease_secs: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -91,6 +96,7 @@ impl std::fmt::Debug for Config {
             .field("rtmp_player_queue", &self.rtmp_player_queue)
             .field("rtmp_player_behind_secs", &self.rtmp_player_behind_secs)
             .field("srt_latency_ms", &self.srt_latency_ms)
+            .field("publish_lease_secs", &self.publish_lease_secs)
             .finish()
     }
 }
@@ -133,6 +139,7 @@ impl Config {
             rtmp_player_queue: s.or("rtmp_player_queue", 1024, "a number of media messages")?.max(1),
             rtmp_player_behind_secs: s.or("rtmp_player_behind_secs", 10, "seconds")?.max(1),
             srt_latency_ms: s.or("srt_latency_ms", 120, "milliseconds")?,
+            publish_lease_secs: s.or("publish_lease_secs", 10, "seconds")?.max(1),
         })
     }
 }

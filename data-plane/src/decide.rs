@@ -15,10 +15,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, kv};
 use rand::RngCore as _;
-use sluice_events::decision::RecordedRequest;
+use sluice_events::decision::{RecordedRequest, SlotScope};
 use sluice_events::{
-    AccessRequest, AuthState, Decision, DecisionRecord, Effect, Keyring, NodeId, OfflineOneTime, Outcome, Reason,
-    Timestamp, dist,
+    AccessRequest, AuthState, Decision, DecisionRecord, Effect, Keyring, NodeId, OfflineOneTime, Outcome, Reason, dist,
 };
 use tokio::sync::OnceCell;
 use uuid::Uuid;
@@ -30,12 +29,6 @@ use crate::sync::Shared;
 const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
 /// Local memory of used TOTP steps (a code is valid for ±1 step; an hour is plenty).
 const STEP_MEMORY: Duration = Duration::from_secs(3600);
-
-pub fn now() -> Timestamp {
-    let ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
-    Timestamp(ms)
-}
 
 /// What claiming a credential in the cluster found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,10 +197,20 @@ impl Decider {
         req: AccessRequest,
         refuse: Option<Reason>,
     ) -> Result<DecisionRecord, DecideError> {
+        self.decide_recording(req, refuse, None).await
+    }
+
+    /// As `decide_refusing`, recording what held the publisher's slot if it is allowed.
+    pub async fn decide_recording(
+        &self,
+        req: AccessRequest,
+        refuse: Option<Reason>,
+        slot: Option<SlotScope>,
+    ) -> Result<DecisionRecord, DecideError> {
         if !self.shared.is_ready() {
             return Err(DecideError::NotReady);
         }
-        let now = now();
+        let now = crate::clock::now();
         let state = self.shared.state.load_full();
         let decision = sluice_events::decide(&state, &req, now);
         let (allowed, final_reason, webhook) = match &decision.outcome {
@@ -240,6 +243,7 @@ impl Decider {
             node: Some(self.node.clone()),
             webhook,
             sequence: None,
+            publisher_slot: if allowed { slot } else { None },
         };
         record.sequence = Some(self.spool.append(record.clone()).await?);
         self.stats.decided(record.allowed, record.final_reason.as_str());

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use sluice_events::NodeId;
 use sluice_events::dist::{self, Heartbeat};
-use sluice_events::{NodeId, Timestamp};
 
 use crate::sync::Shared;
 
@@ -28,9 +28,7 @@ pub fn beat(
         uptime_secs: shared.started.elapsed().as_secs(),
         ready: shared.is_ready(),
         synced: shared.synced.load(Ordering::Acquire),
-        sent_at: Timestamp(
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
-        ),
+        sent_at: crate::clock::now(),
         decisions_pending,
         streams,
     }

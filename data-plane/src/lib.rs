@@ -1,10 +1,13 @@
 //! Sluice's data-plane worker: it holds the access tables (`sync`), serves its admin port
-//! (`admin`) and says how it is doing (`heartbeat`). The RTMP (monoio) and SRT (srt-tokio)
-//! servers land with their issues; every decision they make is `sluice_events::decide`
-//! against `Shared::state`.
+//! (`admin`) and says how it is doing (`heartbeat`). Its media servers, RTMP (`rtmp`, monoio)
+//! and SRT (`srt`, srt-tokio), translate their wire requests into `admit::Admission::admit`,
+//! the one admission step (penalty box, publisher slot, `sluice_events::decide` against
+//! `Shared::state`, claims, spool, kick-on-change registration, stats).
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod admit;
+pub mod clock;
 pub mod config;
 pub mod decide;
 pub mod heartbeat;
@@ -12,9 +15,11 @@ pub mod limits;
 pub mod local;
 pub mod rtmp;
 pub mod sessions;
+pub mod slot;
 pub mod spool;
 pub mod srt;
 pub mod stats;
 pub mod sync;
+pub mod task;
 pub mod uplink;
 pub mod webhook;

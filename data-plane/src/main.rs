@@ -133,7 +133,7 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> Result<(), String> {
     use sluice_data_plane::{
-        admin, decide, heartbeat, limits, rtmp, sessions, spool, srt, stats, sync, uplink, webhook,
+        admin, admit, decide, heartbeat, limits, rtmp, sessions, slot, spool, srt, stats, sync, task, uplink, webhook,
     };
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
@@ -148,23 +148,30 @@ async fn run(config: Config) -> Result<(), String> {
         shared.ready.store(true, Ordering::Release);
     }
     tracing::info!(node = %config.node_id, source, position = shared.position().0, "state booted");
-    tokio::spawn(sync::follow(shared.clone(), config.nats_url.clone()));
-    tokio::spawn(sync::snapshot_loop(
-        shared.clone(),
-        config.state_dir.clone(),
-        Duration::from_secs(config.snapshot_every_secs.max(1)),
-    ));
+    let tasks = task::Tasks::new();
+    sync::follow(&tasks, shared.clone(), config.nats_url.clone());
+    tasks.spawn(
+        "local snapshot",
+        sync::snapshot_loop(
+            shared.clone(),
+            config.state_dir.clone(),
+            Duration::from_secs(config.snapshot_every_secs.max(1)),
+        ),
+    );
     let spool = spool::Spool::open(&config.state_dir.join("spool")).map_err(|e| e.to_string())?;
     let media_stats = stats::MediaStats::new();
-    tokio::spawn(stats::sample_loop(media_stats.clone()));
-    tokio::spawn(heartbeat::run(
-        shared.clone(),
-        Some(spool.clone()),
-        Some(media_stats.clone()),
-        config.node_id.clone(),
-        config.nats_url.clone(),
-        Duration::from_secs(config.heartbeat_secs.max(1)),
-    ));
+    tasks.spawn("stats sampling", stats::sample_loop(media_stats.clone()));
+    tasks.spawn(
+        "heartbeat",
+        heartbeat::run(
+            shared.clone(),
+            Some(spool.clone()),
+            Some(media_stats.clone()),
+            config.node_id.clone(),
+            config.nats_url.clone(),
+            Duration::from_secs(config.heartbeat_secs.max(1)),
+        ),
+    );
     tracing::info!(spool = %spool.id(), backlog = spool.backlog(), "decision spool open");
     let nats = async_nats::ConnectOptions::new()
         .retry_on_initial_connect()
@@ -172,12 +179,18 @@ async fn run(config: Config) -> Result<(), String> {
         .connect(&config.nats_url)
         .await
         .map_err(|e| format!("NATS client: {e}"))?;
-    tokio::spawn(uplink::publish_loop(spool.clone(), nats.clone(), config.node_id.clone()));
-    tokio::spawn(uplink::mark_loop(spool.clone(), nats.clone(), config.node_id.clone()));
+    tasks.spawn("uplink", uplink::publish_loop(spool.clone(), nats.clone(), config.node_id.clone()));
+    tasks.spawn("decision marks", uplink::mark_loop(spool.clone(), nats.clone(), config.node_id.clone()));
+    let slots = slot::Slots::with_cluster(
+        &tasks,
+        nats.clone(),
+        config.node_id.clone(),
+        Duration::from_secs(config.publish_lease_secs.max(1)),
+    );
     let guard = Arc::new(decide::Guard::new(nats));
-    tokio::spawn(decide::reconcile_loop(guard.clone()));
+    tasks.spawn("one-time reconcile", decide::reconcile_loop(guard.clone()));
     let sessions = sessions::Registry::new();
-    tokio::spawn(sessions::recheck_loop(sessions.clone(), shared.clone()));
+    tasks.spawn("session recheck", sessions::recheck_loop(sessions.clone(), shared.clone()));
     let decider = decide::Decider {
         shared: shared.clone(),
         keyring: keyring.clone(),
@@ -193,8 +206,9 @@ async fn run(config: Config) -> Result<(), String> {
             config.failure_backoff_after,
         ),
     };
+    let admission = admit::Admission { decider: decider.clone(), slots };
     let (jobs, job_rx) = tokio::sync::mpsc::channel(4096);
-    tokio::spawn(rtmp::serve_decisions(decider.clone(), job_rx));
+    tasks.spawn("RTMP admissions", rtmp::serve_admissions(admission.clone(), job_rx));
     let settings = rtmp::Settings {
         listen: config.rtmp_listen,
         threads: config.rtmp_threads,
@@ -204,11 +218,11 @@ async fn run(config: Config) -> Result<(), String> {
         player_queue: config.rtmp_player_queue,
         player_behind: std::time::Duration::from_secs(config.rtmp_player_behind_secs),
     };
-    rtmp::spawn(settings, decider.clone(), jobs, decider.gate.clone())
+    rtmp::spawn(settings, jobs, decider.gate.clone())
         .map_err(|e| format!("cannot serve RTMP on {} (SLUICE_RTMP_LISTEN): {e}", config.rtmp_listen))?;
     let srt_settings =
         srt::Settings { listen: config.srt_listen, latency: std::time::Duration::from_millis(config.srt_latency_ms) };
-    srt::spawn(srt_settings, decider.clone())
+    srt::spawn(&tasks, srt_settings, admission)
         .await
         .map_err(|e| format!("cannot serve SRT on {} (SLUICE_SRT_LISTEN): {e}", config.srt_listen))?;
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
@@ -218,7 +232,11 @@ async fn run(config: Config) -> Result<(), String> {
     axum::serve(listener, admin::router(shared, Some(decider)))
         .with_graceful_shutdown(shutdown())
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    if !tasks.shutdown(Duration::from_secs(5)).await {
+        tracing::warn!("background tasks still running after 5 s; stopping anyway");
+    }
+    Ok(())
 }
 
 async fn shutdown() {

@@ -124,7 +124,7 @@ pub async fn recheck_loop(registry: Arc<Registry>, shared: Arc<Shared>) {
         let state = shared.state.load_full();
         if !registry.is_empty() && (on_tick || state.tables_position() != checked) {
             checked = state.tables_position();
-            registry.recheck(&state, crate::decide::now());
+            registry.recheck(&state, crate::clock::now());
         }
         shared.live_sessions.store(registry.len() as u64, Ordering::Relaxed);
     }

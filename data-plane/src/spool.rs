@@ -447,6 +447,7 @@ mod tests {
             node: None,
             webhook: None,
             sequence: None,
+            publisher_slot: None,
         }
     }
 

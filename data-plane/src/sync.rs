@@ -18,6 +18,7 @@ use sluice_events::{AuthState, Keyring, Position, RecordedEvent, Sha256Digest};
 use tokio::io::AsyncReadExt as _;
 
 use crate::config::Config;
+use crate::task::{Backoff, Tasks};
 
 /// Events applied per swap at most, so a long catch-up still publishes progress.
 const MAX_BURST: usize = 4096;
@@ -242,21 +243,18 @@ pub async fn rebuild_from_snapshot(
     fetch(&js, &m, keyring).await.map(|(s, _)| s).ok_or_else(|| "the NATS snapshot is unusable (see the log)".into())
 }
 
-/// Follows `SLUICE_EVENTS` forever from the state's next position, reconnecting as needed.
-pub async fn follow(shared: Arc<Shared>, nats_url: String) {
-    let mut applier = Applier::new(shared.clone());
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        match follow_once(&shared, &mut applier, &nats_url).await {
-            Ok(()) => backoff = Duration::from_millis(100),
-            Err(e) => {
-                tracing::warn!(error = %e, position = shared.position().0, "event feed interrupted; deciding from memory, retrying");
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-            }
+/// Follows `SLUICE_EVENTS` from the state's next position as a supervised task, reconnecting
+/// after every interruption (meanwhile the worker decides from memory), until shutdown.
+pub fn follow(tasks: &Tasks, shared: Arc<Shared>, nats_url: String) {
+    let applier = Arc::new(tokio::sync::Mutex::new(Applier::new(shared.clone())));
+    tasks.supervise("event feed", Backoff::new(Duration::from_millis(100), Duration::from_secs(2)), move || {
+        let (shared, applier, nats_url) = (shared.clone(), applier.clone(), nats_url.clone());
+        async move {
+            let result = follow_once(&shared, &mut *applier.lock().await, &nats_url).await;
+            shared.synced.store(false, Ordering::Release);
+            result.map_err(|e| format!("interrupted at position {}; deciding from memory: {e}", shared.position().0))
         }
-        shared.synced.store(false, Ordering::Release);
-        tokio::time::sleep(backoff).await;
-    }
+    });
 }
 
 async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Result<(), String> {

@@ -306,6 +306,21 @@ pub struct DecisionRecord {
     /// The worker's spool sequence, for idempotent ingestion and spool trimming.
     #[serde(default)]
     pub sequence: Option<u64>,
+    /// For an allowed publish: what held the stream's one publisher slot (absent otherwise,
+    /// and in records from before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher_slot: Option<SlotScope>,
+}
+
+/// What held a publisher's slot when it was admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotScope {
+    /// The cluster's lease (NATS KV `sluice-publishers`): no other worker publishes the stream.
+    Cluster,
+    /// This worker's slot alone: NATS did not answer, so another worker cut off from this one
+    /// could admit a publisher of the same stream until the lease is taken again.
+    Local,
 }
 
 impl DecisionRecord {
@@ -418,6 +433,7 @@ mod tests {
             node: None,
             webhook: None,
             sequence: Some(1),
+            publisher_slot: None,
         };
         assert!(
             matches!(record.follow_up().as_slice(), [Command::ConsumeToken { token_sha256, .. }] if *token_sha256 == digest)

@@ -33,6 +33,9 @@ pub const DECISION_MARKS_BUCKET: &str = "sluice-decision-marks";
 /// (key `s.<sha256 hex of app/stream/subscriber/step>`): `create` fails if the key exists,
 /// so a credential is used once across every worker.
 pub const CONSUMED_BUCKET: &str = "sluice-consumed";
+/// KV bucket of publisher leases (key `p.<sha256 hex of app/stream>`, value the node id): one
+/// publisher per stream across the cluster. Its `max_age` is the lease time.
+pub const PUBLISHERS_BUCKET: &str = "sluice-publishers";
 /// Message headers of a decision: the spool it came from and its sequence there.
 pub const HEADER_SPOOL: &str = "Sluice-Spool";
 pub const HEADER_SEQUENCE: &str = "Sluice-Sequence";
@@ -43,6 +46,10 @@ pub fn decision_subject(node: &NodeId) -> String {
 
 pub fn consumed_token_key(token: &Sha256Digest) -> String {
     format!("t.{}", token.to_hex())
+}
+
+pub fn publisher_lease_key(app: &str, stream: &str) -> String {
+    format!("p.{}", Sha256Digest::of(format!("{app}/{stream}").as_bytes()).to_hex())
 }
 
 pub fn used_step_key(app: &str, stream: &str, subscriber: &str, step: u64) -> String {

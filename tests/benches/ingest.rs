@@ -64,6 +64,7 @@ fn record(i: u64, node: &NodeId) -> DecisionRecord {
         node: Some(node.clone()),
         webhook: None,
         sequence: Some(i + 1),
+        publisher_slot: None,
     }
 }
 
@@ -149,7 +150,8 @@ async fn run() {
 
     let head_before = store.head().await.unwrap().0;
     let started = Instant::now();
-    let status = ingest::spawn(store.clone(), projection.clone(), nats.url());
+    let tasks = sluice_control_plane::task::Tasks::new();
+    let status = ingest::spawn(&tasks, store.clone(), projection.clone(), nats.url());
     let mut status = status;
     status.wait_for(|s| s.appended >= DECISIONS).await.unwrap();
     let secs = started.elapsed().as_secs_f64();
@@ -160,7 +162,7 @@ async fn run() {
         DECISIONS as f64 / secs
     );
 
-    decisions::spawn(store.clone(), keyring.clone(), CHECKPOINT_EVERY);
+    decisions::spawn(&tasks, store.clone(), keyring.clone(), CHECKPOINT_EVERY);
     let head = store.head().await.unwrap();
     let started = Instant::now();
     while decisions::checkpoint(store.pool()).await.unwrap() < head {

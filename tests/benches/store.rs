@@ -73,6 +73,7 @@ fn decisions_append(node: &str, n: usize) -> (String, Vec<NewEvent>) {
                     node: Some(NodeId::parse(node).unwrap()),
                     webhook: None,
                     sequence: Some(i as u64),
+                    publisher_slot: None,
                 },
             }
             .into();

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use sluice_control_plane::api::ApiState;
 use sluice_control_plane::config::Config;
 use sluice_control_plane::{EventStore, bootstrap, connect, store};
-use sluice_events::{AccessRequest, Outcome, Position, Protocol, Timestamp};
+use sluice_events::{AccessRequest, Outcome, Position, Protocol};
 use sluice_tests::Postgres;
 use tower::ServiceExt;
 
@@ -62,9 +62,7 @@ async fn given_api(extra: &[(&str, &str)]) -> Api {
     let pool = connect(&config.database_url).await.unwrap();
     store::migrate(&pool).await.unwrap();
     let store = EventStore::start(pool);
-    bootstrap::run(&store, Some(ADMIN), &config.sls_app, Timestamp(chrono::Utc::now().timestamp_millis()))
-        .await
-        .unwrap();
+    bootstrap::run(&store, Some(ADMIN), &config.sls_app, sluice_control_plane::clock::now()).await.unwrap();
     let (router, state) = sluice_control_plane::api::build(&config, store).await.unwrap();
     let router = router.layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
     Api { pg, router, state }
@@ -134,7 +132,7 @@ fn problem_type(r: &Reply) -> &str {
 }
 
 fn now_secs() -> i64 {
-    chrono::Utc::now().timestamp()
+    sluice_control_plane::clock::now().as_secs()
 }
 
 #[tokio::test]
@@ -574,7 +572,7 @@ async fn tokens_jwts_hashes_and_subscribers_pass_decide() {
             client_ip: "127.0.0.1".parse().unwrap(),
             credential: target.credential,
         };
-        sluice_events::decide(&state(), &req, Timestamp(chrono::Utc::now().timestamp_millis()))
+        sluice_events::decide(&state(), &req, sluice_control_plane::clock::now())
     };
     use sluice_events::Action::{Play, Publish};
     // One-time token: the URL uses the publish name, decide allows and asks to consume it.

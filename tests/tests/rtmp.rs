@@ -552,18 +552,22 @@ async fn players_that_stop_reading_are_dropped_then_disconnected_and_kicks_reach
     let (_w2, admin2, rtmp2, log2) = worker("w2", "600");
     ready_at_head(&http, &store, admin1).await;
     ready_at_head(&http, &store, admin2).await;
-    let publish = |port: u16| {
+    // One stream per worker: a stream has one publisher in the whole cluster.
+    let publish = |port: u16, stream: &str| {
         std::process::Command::new("ffmpeg")
             .args(["-hide_banner", "-nostdin", "-re", "-stream_loop", "-1", "-i"])
             .arg(&file)
-            .args(["-c", "copy", "-f", "flv", &format!("rtmp://127.0.0.1:{port}/tv/cam1")])
+            .args(["-c", "copy", "-f", "flv", &format!("rtmp://127.0.0.1:{port}/tv/{stream}")])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap()
     };
-    let mut publishers = [publish(rtmp1), publish(rtmp2)];
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut publishers = [publish(rtmp1, "cam1"), publish(rtmp2, "cam2")];
+    for admin in [admin1, admin2] {
+        until("the publisher is live", || async { metric(&http, admin, "sluice_live_streams").await == Some(1.0) })
+            .await;
+    }
 
     // Behind for longer than allowed: disconnected; the reading player is not disturbed.
     let mut stalled = stalled_player(rtmp1, "tv", "cam1").await;
@@ -587,7 +591,7 @@ async fn players_that_stop_reading_are_dropped_then_disconnected_and_kicks_reach
     .await;
 
     // Stuck and not yet over its (long) limit: a kick ends it at once all the same.
-    let mut stuck = stalled_player(rtmp2, "tv", "cam1").await;
+    let mut stuck = stalled_player(rtmp2, "tv", "cam2").await;
     // Its queue is full (media skipped): its writer is stuck on the full socket.
     until("the stuck player's media is skipped", || async {
         metric(&http, admin2, "sluice_player_queue_drops_total").await.is_some_and(|v| v > 0.0)

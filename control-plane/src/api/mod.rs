@@ -16,6 +16,7 @@ pub mod keys;
 pub mod limits;
 pub mod nodes;
 pub mod openapi;
+pub mod probes;
 pub mod sls;
 pub mod streams;
 pub mod subscribers;
@@ -33,7 +34,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, middleware};
 use rand::RngCore;
 use serde::Serialize;
-use sluice_events::{Keyring, SealingKey, Timestamp};
+use sluice_events::{Keyring, SealingKey};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -101,9 +102,7 @@ pub async fn build(config: &Config, store: EventStore) -> Result<(Router, ApiSta
     Ok((router(state.clone()), state))
 }
 
-pub fn now() -> Timestamp {
-    Timestamp(chrono::Utc::now().timestamp_millis())
-}
+pub use crate::clock::now;
 
 /// Random bytes for secrets and nonces.
 pub fn random<const N: usize>() -> [u8; N] {
@@ -228,7 +227,7 @@ pub fn router(api: ApiState) -> Router {
         .layer(middleware::from_fn_with_state(api.clone(), audit::record))
         .layer(middleware::from_fn_with_state(api.clone(), limits::allow_list));
     let mut app = Router::new()
-        .merge(crate::http::router())
+        .merge(probes::router())
         .merge(api_routes)
         .with_state(api)
         .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))

@@ -8,7 +8,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::api::ApiState;
+use super::ApiState;
 
 pub fn router() -> Router<ApiState> {
     Router::new().route("/health", get(health)).route("/ready", get(ready))

@@ -67,7 +67,7 @@ pub fn router() -> Router<ApiState> {
 /// Decodes a base32 secret the way Ant Media's users give it (a multiple of 8 characters).
 pub fn decode_b32(text: &str) -> Result<Vec<u8>, ApiError> {
     let t = text.trim().to_ascii_uppercase();
-    if t.is_empty() || t.len() % 8 != 0 {
+    if t.is_empty() || !t.len().is_multiple_of(8) {
         return Err(ApiError::invalid("secret", "base32 of a length that is a multiple of 8 characters"));
     }
     let bytes = base32::decode(base32::Alphabet::Rfc4648 { padding: true }, &t)

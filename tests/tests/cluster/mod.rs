@@ -296,7 +296,7 @@ pub async fn webhook() -> u16 {
 }
 
 pub fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    sluice_control_plane::clock::now().as_secs() as u64
 }
 
 pub fn srt_url(port: u16, streamid: &str) -> String {

@@ -1,0 +1,146 @@
+//! The media threads: one monoio runtime each with its own `SO_REUSEPORT` listener, the
+//! merge timer and the relay inbox; and the tokio side that serves their admissions.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use futures::channel::mpsc as fmpsc;
+use monoio::net::{ListenerOpts, TcpListener};
+use tokio::sync::mpsc;
+
+use super::conn::connection;
+use super::ctx::{AdmitJob, Attach, Ctx, Directory};
+use super::hub::{Hub, PlayerLimits};
+
+/// What the RTMP server is told at start.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// Media threads, each a monoio runtime with its own `SO_REUSEPORT` listener.
+    pub threads: usize,
+    /// Input an RTMP connection may send without completing a message.
+    pub max_message: usize,
+    /// A connection that is not playing and stays silent this long is closed (a publisher
+    /// that stopped sending).
+    pub idle_timeout: Duration,
+    /// How long a stream's media may wait for more to share its players' writes (one window
+    /// per stream, shared by every player; 0: each message written at once).
+    pub merge_write: Duration,
+    /// Media messages queued per player before it skips to the next keyframe.
+    pub player_queue: usize,
+    /// A player whose queue stays full this long is disconnected.
+    pub player_behind: Duration,
+}
+
+/// Starts the media threads (`settings.threads`, each a monoio runtime with its own
+/// `SO_REUSEPORT` listener on `listen`) and serves until the process ends. The kernel spreads
+/// connections over the threads; a stream published on one is relayed to the others that have
+/// players for it, once per thread, not once per player.
+pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::limits::Gate>) -> std::io::Result<()> {
+    let threads = settings.threads.max(1);
+    let directory = Arc::new(Directory::default());
+    let (inboxes, receivers): (Vec<_>, Vec<_>) = (0..threads).map(|_| fmpsc::unbounded::<Attach>()).unzip();
+    let inboxes = Arc::new(inboxes);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    for (thread, inbox) in receivers.into_iter().enumerate() {
+        let ready_tx = ready_tx.clone();
+        let (settings, jobs, gate) = (settings.clone(), jobs.clone(), gate.clone());
+        let (directory, inboxes) = (directory.clone(), inboxes.clone());
+        std::thread::Builder::new().name(format!("sluice-rtmp-{thread}")).spawn(move || {
+            let listen = settings.listen;
+            let uring = monoio::utils::detect_uring();
+            let rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build();
+            let mut rt = match rt {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            if thread == 0 {
+                if uring {
+                    tracing::info!(%listen, threads, "RTMP on monoio with io_uring");
+                } else {
+                    tracing::warn!(%listen, threads, "io_uring refused by this kernel; RTMP on monoio with epoll");
+                }
+            }
+            rt.block_on(async move {
+                let listener = match TcpListener::bind_with_config(listen, &ListenerOpts::new().reuse_port(true)) {
+                    Ok(l) => {
+                        let _ = ready_tx.send(Ok(()));
+                        l
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let hub = RefCell::new(Hub { channels: HashMap::new(), merge: settings.merge_write });
+                let ctx = Rc::new(Ctx {
+                    thread,
+                    directory,
+                    inboxes,
+                    hub,
+                    gate,
+                    jobs,
+                    next_id: Cell::new(1),
+                    max_message: settings.max_message.max(4096),
+                    idle_timeout: settings.idle_timeout,
+                    player_limits: PlayerLimits { queue: settings.player_queue.max(1), behind: settings.player_behind },
+                });
+                monoio::spawn(serve_inbox(ctx.clone(), inbox));
+                if !settings.merge_write.is_zero() {
+                    monoio::spawn(flush_windows(ctx.clone(), settings.merge_write));
+                }
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, peer)) => {
+                            let Some(permit) = ctx.gate.admit(peer.ip()) else {
+                                tracing::debug!(%peer, "RTMP connection refused: connection limit");
+                                drop(stream);
+                                continue;
+                            };
+                            let _ = stream.set_nodelay(true);
+                            let id = ctx.new_id();
+                            let conn_ctx = ctx.clone();
+                            monoio::spawn(async move {
+                                connection(stream, peer, id, conn_ctx).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "RTMP accept failed");
+                            monoio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        })?;
+    }
+    drop(ready_tx);
+    for _ in 0..threads {
+        ready_rx.recv().map_err(|_| std::io::Error::other("an RTMP thread stopped"))??;
+    }
+    Ok(())
+}
+
+/// The media thread's one merge timer, for streams whose publisher pauses: every half
+/// `merge`, windows that have waited `merge` go (so none waits more than 1.5 × `merge`).
+pub(super) async fn flush_windows(ctx: Rc<Ctx>, merge: Duration) {
+    loop {
+        monoio::time::sleep(merge / 2).await;
+        ctx.hub.borrow_mut().flush_due(Instant::now());
+    }
+}
+
+/// Relay requests from the other media threads.
+pub(super) async fn serve_inbox(ctx: Rc<Ctx>, mut inbox: fmpsc::UnboundedReceiver<Attach>) {
+    while let Some(Attach { key, mirror }) = inbox.next().await {
+        ctx.hub.borrow_mut().attach(&key, mirror);
+    }
+}
