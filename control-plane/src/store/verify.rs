@@ -1,0 +1,68 @@
+//! `verify-log`: the whole chain walked, positions contiguous from 1, every hash recomputed
+//! from the stored text.
+
+use sluice_events::event::GENESIS;
+use sluice_events::{Position, Sha256Digest};
+
+use super::{EventStore, PAGE, RawRow, StoreError};
+
+impl EventStore {
+    /// Walks the whole chain: positions contiguous from 1, every hash recomputed.
+    pub async fn verify(&self) -> Result<VerifyReport, VerifyError> {
+        let mut prev = GENESIS;
+        let mut last = Position::ZERO;
+        loop {
+            let rows = sqlx::query(select_rows!(" WHERE position > $1 ORDER BY position LIMIT $2"))
+                .bind(last.0 as i64)
+                .bind(PAGE)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| VerifyError::Store(StoreError::from(e)))?;
+            if rows.is_empty() {
+                return Ok(VerifyReport { events: last.0, head: last, head_hash: prev });
+            }
+            for row in &rows {
+                let raw = RawRow::from_row(row).map_err(|e| VerifyError::Store(e.into()))?;
+                if raw.position != last.next() {
+                    return Err(VerifyError::Gap { expected: last.next(), found: raw.position });
+                }
+                let expected = raw.chain_hash(&prev);
+                if expected.0.as_slice() != raw.hash.as_slice() {
+                    return Err(VerifyError::HashMismatch { position: raw.position });
+                }
+                prev = expected;
+                last = raw.position;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    pub events: u64,
+    pub head: Position,
+    pub head_hash: Sha256Digest,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error(
+        "hash chain broken at position {position}: the stored hash does not match the event (tampered or corrupted)"
+    )]
+    HashMismatch { position: Position },
+    #[error("position gap: expected {expected}, found {found}")]
+    Gap { expected: Position, found: Position },
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl VerifyError {
+    /// The first bad position, if the chain itself is broken.
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            VerifyError::HashMismatch { position } => Some(*position),
+            VerifyError::Gap { expected, .. } => Some(*expected),
+            VerifyError::Store(_) => None,
+        }
+    }
+}
