@@ -14,6 +14,7 @@ use base64::Engine as _;
 use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sluice_control_plane::api::ApiState;
+use sluice_control_plane::api::routes::Route;
 use sluice_control_plane::config::Config;
 use sluice_control_plane::{EventStore, bootstrap, connect, store};
 use sluice_events::{AccessRequest, Outcome, Position, Protocol};
@@ -1053,6 +1054,94 @@ async fn openapi_is_committed_and_every_documented_route_is_served() {
             assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
             let detail = r.body.get("detail").and_then(Value::as_str).unwrap_or_default();
             assert!(!detail.starts_with("route "), "{method} {path} is documented but not routed");
+        }
+    }
+}
+
+/// A concrete path for a route's template (`{x}` → `x1`).
+fn concrete(template: &str) -> String {
+    template.split('/').map(|s| if s.starts_with('{') { "x1" } else { s }).collect::<Vec<_>>().join("/")
+}
+
+/// A request to `route` from `ip`, with `auth` (no body: every guard answers before one is read).
+fn guarded_request(route: &Route, ip: [u8; 4], auth: Option<&str>) -> Request<Body> {
+    let mut req = Request::builder().method(route.method.clone()).uri(concrete(route.path));
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let mut req = req.body(Body::empty()).unwrap();
+    req.extensions_mut().insert(axum::extract::ConnectInfo(SocketAddr::from((ip, 40000))));
+    req
+}
+
+/// Every route of the table: without credentials a route that declares a role answers 401,
+/// with a key one role short 403; one that declares none never asks. The handler never runs
+/// for either, whatever the route.
+#[tokio::test]
+async fn every_route_enforces_the_role_its_row_declares() {
+    use sluice_control_plane::api::routes::table;
+    use sluice_events::Role;
+    let api = given_api(&[]).await;
+    let (_, read) = api.key("read", json!({})).await;
+    let (_, write) = api.key("write", json!({})).await;
+    let routes = table();
+    assert!(routes.len() >= 45, "{} routes", routes.len());
+    for route in &routes {
+        let what = format!("{} {}", route.method, route.path);
+        let anonymous = api.send(guarded_request(route, [127, 0, 0, 1], None)).await.status;
+        let short = match route.guard.role {
+            None => {
+                assert_ne!(anonymous, StatusCode::UNAUTHORIZED, "{what} declares no role");
+                continue;
+            }
+            Some(Role::Read) => {
+                assert_eq!(anonymous, StatusCode::UNAUTHORIZED, "{what}");
+                continue;
+            }
+            Some(Role::Write) => &read,
+            Some(Role::Admin) => &write,
+        };
+        assert_eq!(anonymous, StatusCode::UNAUTHORIZED, "{what} without credentials");
+        let r = api.send(guarded_request(route, [127, 0, 0, 1], Some(&bearer(short)))).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{what} with a key one role short: {:?}", r.body);
+    }
+}
+
+/// Every route of the table counts against the rate class its row declares, and no other: with
+/// one request a minute per class, a request to another route of the same class from the same
+/// address uses the route's one, and a route of another class is not affected.
+#[tokio::test]
+async fn every_route_counts_against_the_rate_class_its_row_declares() {
+    use sluice_control_plane::api::limits::Class;
+    use sluice_control_plane::api::routes::table;
+    let api = given_api(&[
+        ("SLUICE_RATE_LIMIT_API", "1"),
+        ("SLUICE_RATE_LIMIT_STATS", "1"),
+        ("SLUICE_RATE_LIMIT_CONFIG", "1"),
+        ("SLUICE_REMOTE_ALLOWED_CIDRS", "127.0.0.0/8"),
+    ])
+    .await;
+    let routes = table();
+    // Per class, a route whose request ends (not the SSE tail) to spend the class's one request.
+    let spender =
+        |class: Class| routes.iter().find(|r| r.guard.class == Some(class) && !r.path.ends_with("/stream")).unwrap();
+    let admin = bearer(ADMIN);
+    for (i, route) in routes.iter().enumerate() {
+        let what = format!("{} {}", route.method, route.path);
+        // A fresh address per route: 127.0.<i>.<class>.
+        for (k, class) in Class::ALL.into_iter().enumerate() {
+            if route.path.ends_with("/events/stream") && route.guard.class != Some(class) {
+                continue; // admitted, it would stream for ever; refused, it is checked
+            }
+            let ip = [127, 0, i as u8 + 1, k as u8 + 1];
+            let spent = api.send(guarded_request(spender(class), ip, Some(&admin))).await.status;
+            assert_ne!(spent, StatusCode::TOO_MANY_REQUESTS, "the first {} request", class.as_str());
+            let r = api.send(guarded_request(route, ip, Some(&admin))).await;
+            if route.guard.class == Some(class) {
+                assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{what} counts against {}", class.as_str());
+            } else {
+                assert_ne!(r.status, StatusCode::TOO_MANY_REQUESTS, "{what} does not count against {}", class.as_str());
+            }
         }
     }
 }

@@ -1,16 +1,15 @@
 //! `/v1/apps`: apps, their publish/play policy, and secret rotation (returned once, sealed
 //! in the log).
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use base64::Engine as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_events::state::App;
-use sluice_events::{AppName, AuthState, Command, NewSecret, Policy, Role, SecretKind};
+use sluice_events::{AppName, AuthState, Command, NewSecret, Policy, SecretKind};
 
 use super::body::{OptionalJson, StrictJson};
 use super::error::ApiError;
@@ -54,21 +53,6 @@ pub struct RotatedSecret {
     pub secret: String,
 }
 
-/// Reads and app lifecycle (write / read roles).
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/apps", get(list).post(create))
-        .route("/apps/{app}", get(read).delete(delete))
-        .route("/apps/{app}/policy", get(read_policy))
-}
-
-/// Configuration (admin, `config` rate class).
-pub fn config_router() -> Router<ApiState> {
-    Router::new()
-        .route("/apps/{app}/policy", axum::routing::put(replace_policy))
-        .route("/apps/{app}/secrets/{kind}", post(rotate).delete(remove_secret))
-}
-
 pub fn app_name(app: &str) -> Result<AppName, ApiError> {
     AppName::parse(app).map_err(|_| ApiError::not_found("app", app))
 }
@@ -86,12 +70,11 @@ fn view(name: &AppName, app: &App) -> AppView {
     }
 }
 
-async fn create(
+pub(super) async fn create(
     State(api): State<ApiState>,
     ctx: Ctx,
     StrictJson(req): StrictJson<CreateApp>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Write)?;
     let policy = req.policy.unwrap_or_default();
     let name = req.name;
     let committed = api
@@ -102,40 +85,42 @@ async fn create(
     Ok(written(StatusCode::CREATED, committed, Some(view(&name, lookup(&state, &name)?))))
 }
 
-async fn list(State(api): State<ApiState>, ctx: Ctx) -> Result<Json<AppList>, ApiError> {
-    ctx.require(Role::Read)?;
+pub(super) async fn list(State(api): State<ApiState>) -> Result<Json<AppList>, ApiError> {
     let state = api.writer.projection().current();
     Ok(Json(AppList { apps: state.apps.iter().map(|(n, a)| view(n, a)).collect() }))
 }
 
-async fn read(State(api): State<ApiState>, ctx: Ctx, Path(app): Path<String>) -> Result<Json<AppView>, ApiError> {
-    ctx.require(Role::Read)?;
+pub(super) async fn read(State(api): State<ApiState>, Path(app): Path<String>) -> Result<Json<AppView>, ApiError> {
     let name = app_name(&app)?;
     let state = api.writer.projection().current();
     Ok(Json(view(&name, lookup(&state, &name)?)))
 }
 
-async fn delete(State(api): State<ApiState>, ctx: Ctx, Path(app): Path<String>) -> Result<Response, ApiError> {
-    ctx.require(Role::Write)?;
+pub(super) async fn delete(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(app): Path<String>,
+) -> Result<Response, ApiError> {
     let name = app_name(&app)?;
     let committed = api.writer.run(&ctx.origin(), now(), |_| Ok(Command::DeleteApp { app: name.clone() })).await?;
     Ok(written::<()>(StatusCode::NO_CONTENT, committed, None))
 }
 
-async fn read_policy(State(api): State<ApiState>, ctx: Ctx, Path(app): Path<String>) -> Result<Json<Policy>, ApiError> {
-    ctx.require(Role::Read)?;
+pub(super) async fn read_policy(
+    State(api): State<ApiState>,
+    Path(app): Path<String>,
+) -> Result<Json<Policy>, ApiError> {
     let name = app_name(&app)?;
     let state = api.writer.projection().current();
     Ok(Json(lookup(&state, &name)?.policy.clone()))
 }
 
-async fn replace_policy(
+pub(super) async fn replace_policy(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path(app): Path<String>,
     StrictJson(policy): StrictJson<Policy>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Admin)?;
     let name = app_name(&app)?;
     let committed = api
         .writer
@@ -157,12 +142,11 @@ fn secret_kind(kind: &str) -> Result<SecretKind, ApiError> {
 
 /// `DELETE /v1/apps/{app}/secrets/{kind}`: the methods that need it refuse from now on
 /// (`secret_unavailable`); without an SRT passphrase, the app's SRT callers must not encrypt.
-async fn remove_secret(
+pub(super) async fn remove_secret(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, kind)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Admin)?;
     let name = app_name(&app)?;
     let kind = secret_kind(&kind)?;
     let committed =
@@ -170,13 +154,12 @@ async fn remove_secret(
     Ok(written::<()>(StatusCode::NO_CONTENT, committed, None))
 }
 
-async fn rotate(
+pub(super) async fn rotate(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, kind)): Path<(String, String)>,
     OptionalJson(body): OptionalJson<RotateSecret>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Admin)?;
     let name = app_name(&app)?;
     let kind = secret_kind(&kind)?;
     let secret = body

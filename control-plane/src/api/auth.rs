@@ -224,6 +224,10 @@ impl FromRequestParts<ApiState> for Principal {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, api: &ApiState) -> Result<Principal, ApiError> {
+        // Already authenticated by the route's guard.
+        if let Some(p) = parts.extensions.get::<Principal>() {
+            return Ok(p.clone());
+        }
         let ip = ClientIp::of(parts);
         let authorization = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         let state = api.writer.projection().current();

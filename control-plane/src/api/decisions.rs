@@ -2,19 +2,18 @@
 //! paged by cursor, as JSON, NDJSON or CSV; one decision in full; and `explain`, which
 //! rebuilds the state the decision was made on and runs `decide` again.
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::{Json, Router};
 use chrono::{DateTime, TimeZone, Utc};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sluice_events::{Keyring, Role};
+use sluice_events::Keyring;
 use uuid::Uuid;
 
+use super::ApiState;
 use super::error::ApiError;
-use super::{ApiState, Ctx};
 use crate::decisions::{self, DecisionRow, ExplainError, Explanation, Filter};
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -48,13 +47,6 @@ pub struct DecisionPage {
     pub decisions: Vec<DecisionRow>,
     /// Pass as `cursor` for the next (older) page; absent on the last page.
     pub next_cursor: Option<String>,
-}
-
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/decisions", get(list))
-        .route("/decisions/{id}", get(one))
-        .route("/decisions/{id}/explain", get(explain))
 }
 
 fn time(field: &str, text: &str) -> Result<DateTime<Utc>, ApiError> {
@@ -111,8 +103,7 @@ fn filter(q: &DecisionsQuery, max: i64) -> Result<Filter, ApiError> {
     })
 }
 
-async fn list(State(api): State<ApiState>, ctx: Ctx, Query(q): Query<DecisionsQuery>) -> Result<Response, ApiError> {
-    ctx.require(Role::Read)?;
+pub(super) async fn list(State(api): State<ApiState>, Query(q): Query<DecisionsQuery>) -> Result<Response, ApiError> {
     let format = q.format.as_deref().unwrap_or("json");
     let max = match format {
         "json" => 1000,
@@ -156,12 +147,10 @@ fn decision_id(text: &str) -> Result<Uuid, ApiError> {
 }
 
 /// The decision as recorded in the log (its credential stays sealed).
-async fn one(
+pub(super) async fn one(
     State(api): State<ApiState>,
-    ctx: Ctx,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    ctx.require(Role::Read)?;
     let id = decision_id(&id)?;
     let (position, record) = decisions::find(api.writer.store().pool(), id)
         .await?
@@ -169,8 +158,10 @@ async fn one(
     Ok(Json(serde_json::json!({"position": position.0, "record": record})))
 }
 
-async fn explain(State(api): State<ApiState>, ctx: Ctx, Path(id): Path<String>) -> Result<Json<Explanation>, ApiError> {
-    ctx.require(Role::Read)?;
+pub(super) async fn explain(
+    State(api): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<Explanation>, ApiError> {
     let id = decision_id(&id)?;
     let keyring = std::sync::Arc::new(Keyring::new((*api.sealing).clone()));
     match decisions::explain(api.writer.store(), &keyring, id).await {

@@ -4,17 +4,16 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::{Query, State};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
-use axum::routing::get;
-use axum::{Json, Router};
 use futures::Stream;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sluice_events::{Position, RecordedEvent, Role};
+use sluice_events::{Position, RecordedEvent};
 
+use super::ApiState;
 use super::error::ApiError;
-use super::{ApiState, Ctx};
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -48,10 +47,6 @@ pub struct EventPage {
     pub next_after: u64,
 }
 
-pub fn router() -> Router<ApiState> {
-    Router::new().route("/events", get(page)).route("/events/stream", get(tail))
-}
-
 pub fn view(e: &RecordedEvent) -> EventView {
     EventView {
         position: e.position.0,
@@ -66,12 +61,10 @@ pub fn view(e: &RecordedEvent) -> EventView {
     }
 }
 
-async fn page(
+pub(super) async fn page(
     State(api): State<ApiState>,
-    ctx: Ctx,
     Query(q): Query<EventsQuery>,
 ) -> Result<Json<EventPage>, ApiError> {
-    ctx.require(Role::Admin)?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::invalid("limit", "between 1 and 1000"));
@@ -82,12 +75,10 @@ async fn page(
     Ok(Json(EventPage { events: events.iter().map(view).collect(), next_after }))
 }
 
-async fn tail(
+pub(super) async fn tail(
     State(api): State<ApiState>,
-    ctx: Ctx,
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    ctx.require(Role::Admin)?;
     let sub = api.writer.store().subscribe(Position(q.after.unwrap_or(0))).await?;
     let stream = futures::stream::unfold(sub, |mut sub| async move {
         match sub.recv().await? {

@@ -1,11 +1,10 @@
 //! `/v1/keys`: API keys (admin). The secret is returned once, on creation; the log keeps
 //! only its SHA-256.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
-use axum::{Json, Router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_events::state::ApiKey;
@@ -68,16 +67,8 @@ pub struct JwksRefreshed {
     pub keys: usize,
 }
 
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/keys", get(list).post(create))
-        .route("/keys/{id}", get(read).delete(revoke))
-        .route("/auth/jwks/refresh", axum::routing::post(refresh_jwks))
-}
-
 /// Refetches `SLUICE_API_JWT_JWKS_URL` now (after a key rotation at the identity provider).
-async fn refresh_jwks(State(api): State<ApiState>, ctx: Ctx) -> Result<Json<JwksRefreshed>, ApiError> {
-    ctx.require(Role::Admin)?;
+pub(super) async fn refresh_jwks(State(api): State<ApiState>) -> Result<Json<JwksRefreshed>, ApiError> {
     if api.auth.jwks_url().is_none() {
         return Err(ApiError::Conflict("no api_jwt_jwks_url is configured".into()));
     }
@@ -113,7 +104,6 @@ pub fn new_key_material() -> (KeyId, String) {
 /// Creates a key (shared with the SLS `POST /api/keys` adapter). The secret is `None` when an
 /// idempotent retry replayed an earlier creation: that secret was shown once and never stored.
 pub async fn create_key(api: &ApiState, ctx: &Ctx, req: CreateKey) -> Result<(Option<String>, Response), ApiError> {
-    ctx.require(Role::Admin)?;
     let (generated, secret) = new_key_material();
     let id = req.id.unwrap_or(generated);
     let now = now();
@@ -154,7 +144,7 @@ pub async fn create_key(api: &ApiState, ctx: &Ctx, req: CreateKey) -> Result<(Op
     Ok((secret, written(StatusCode::CREATED, committed, Some(body))))
 }
 
-async fn create(
+pub(super) async fn create(
     State(api): State<ApiState>,
     ctx: Ctx,
     StrictJson(req): StrictJson<CreateKey>,
@@ -162,8 +152,7 @@ async fn create(
     Ok(create_key(&api, &ctx, req).await?.1)
 }
 
-async fn list(State(api): State<ApiState>, ctx: Ctx) -> Result<Json<KeyList>, ApiError> {
-    ctx.require(Role::Admin)?;
+pub(super) async fn list(State(api): State<ApiState>) -> Result<Json<KeyList>, ApiError> {
     let state = api.writer.projection().current();
     Ok(Json(KeyList { keys: state.api_keys.iter().map(|(id, k)| view(api.writer.projection(), id, k)).collect() }))
 }
@@ -176,15 +165,17 @@ fn lookup<'a>(state: &'a AuthState, id: &KeyId) -> Result<&'a ApiKey, ApiError> 
     state.api_keys.get(id).ok_or_else(|| ApiError::not_found("key", id))
 }
 
-async fn read(State(api): State<ApiState>, ctx: Ctx, Path(id): Path<String>) -> Result<Json<KeyView>, ApiError> {
-    ctx.require(Role::Admin)?;
+pub(super) async fn read(State(api): State<ApiState>, Path(id): Path<String>) -> Result<Json<KeyView>, ApiError> {
     let id = key_id(&id)?;
     let state = api.writer.projection().current();
     Ok(Json(view(api.writer.projection(), &id, lookup(&state, &id)?)))
 }
 
-async fn revoke(State(api): State<ApiState>, ctx: Ctx, Path(id): Path<String>) -> Result<Response, ApiError> {
-    ctx.require(Role::Admin)?;
+pub(super) async fn revoke(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id = key_id(&id)?;
     let committed = api.writer.run(&ctx.origin(), now(), |_| Ok(Command::RevokeApiKey { key_id: id.clone() })).await?;
     Ok(written::<()>(StatusCode::NO_CONTENT, committed, None))

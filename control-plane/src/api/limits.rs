@@ -27,6 +27,19 @@ pub enum Class {
     Config,
 }
 
+impl Class {
+    pub const ALL: [Class; 3] = [Class::Api, Class::Stats, Class::Config];
+
+    /// Its name in the document and in settings (`SLUICE_RATE_LIMIT_<NAME>`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Api => "api",
+            Class::Stats => "stats",
+            Class::Config => "config",
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Limiters {
     api: DefaultKeyedRateLimiter<IpAddr>,
@@ -71,15 +84,6 @@ impl Limiters {
                 l.config.retain_recent();
             }
         });
-    }
-}
-
-/// Middleware: one class's limit.
-pub async fn rate_limit(State((api, class)): State<(ApiState, Class)>, req: Request, next: Next) -> Response {
-    let ip = ClientIp::of_request(&req);
-    match api.limiters.check(class, ip) {
-        Ok(()) => next.run(req).await,
-        Err(wait) => ApiError::RateLimited(wait).into_response(),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod limits;
 pub mod nodes;
 pub mod openapi;
 pub mod probes;
+pub mod routes;
 pub mod sls;
 pub mod streams;
 pub mod subscribers;
@@ -43,7 +44,8 @@ use audit::AuditLog;
 pub use audit::AuditSlot;
 use auth::{Authenticator, Principal};
 use error::ApiError;
-use limits::{Class, Limiters};
+use limits::Limiters;
+use routes::Surface;
 
 use crate::commands::{Committed, Origin, Writer};
 use crate::config::{ApiSettings, Config};
@@ -196,38 +198,29 @@ pub fn written<T: Serialize>(status: StatusCode, committed: Committed, body: Opt
     response
 }
 
-/// The whole HTTP surface.
+/// The whole HTTP surface, built from the route table: each route behind its guard (rate
+/// class, then role), grouped by surface for its error envelope.
 pub fn router(api: ApiState) -> Router {
     let settings = api.settings.clone();
-    let limited = |r: Router<ApiState>, class: Class| {
-        r.route_layer(middleware::from_fn_with_state((api.clone(), class), limits::rate_limit))
-    };
-    let v1 = Router::new()
-        .merge(limited(keys::router(), Class::Config))
-        .merge(limited(apps::config_router(), Class::Config))
-        .merge(limited(apps::router(), Class::Api))
-        .merge(limited(streams::router(), Class::Api))
-        .merge(limited(tokens::router(), Class::Api))
-        .merge(limited(subscribers::router(), Class::Api))
-        .merge(limited(events::router(), Class::Api))
-        .merge(limited(decisions::router(), Class::Api))
-        .merge(limited(nodes::router(), Class::Stats))
-        .merge(limited(openapi::router(), Class::Stats));
-    let sls = Router::new()
-        .merge(limited(sls::api_router(), Class::Api))
-        .merge(limited(sls::config_router(), Class::Config))
-        .merge(limited(sls::stats_router(), Class::Stats))
-        .layer(middleware::from_fn(compat::sls_envelope));
-    let ams = limited(antmedia::router(), Class::Api).layer(middleware::from_fn(compat::antmedia_envelope));
+    let (mut probes, mut native, mut sls, mut ams) = (Router::new(), Router::new(), Router::new(), Router::new());
+    for route in routes::table() {
+        let group = match route.surface {
+            Surface::Probe => &mut probes,
+            Surface::Native => &mut native,
+            Surface::Sls => &mut sls,
+            Surface::AntMedia => &mut ams,
+        };
+        *group = std::mem::take(group).route(route.path, route.service(&api));
+    }
     let api_routes = Router::new()
-        .nest("/v1", v1)
-        .merge(sls)
-        .merge(ams)
+        .merge(native)
+        .merge(sls.layer(middleware::from_fn(compat::sls_envelope)))
+        .merge(ams.layer(middleware::from_fn(compat::antmedia_envelope)))
         .fallback(|| async { ApiError::NotFound { what: "route", id: "this path".into() } })
         .layer(middleware::from_fn_with_state(api.clone(), audit::record))
         .layer(middleware::from_fn_with_state(api.clone(), limits::allow_list));
     let mut app = Router::new()
-        .merge(probes::router())
+        .merge(probes)
         .merge(api_routes)
         .with_state(api)
         .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))

@@ -2,18 +2,12 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::get;
-use axum::{Json, Router};
-use sluice_events::Role;
 
+use super::ApiState;
 use super::error::ApiError;
-use super::{ApiState, Ctx};
 use crate::nodes::NodeList;
-
-pub fn router() -> Router<ApiState> {
-    Router::new().route("/nodes", get(list)).route("/stats/streams/{app}/{stream}", get(stream_stats))
-}
 
 /// `GET /v1/stats/streams/{app}/{stream}`.
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
@@ -91,19 +85,16 @@ fn srt_of(workers: &[WorkerStream]) -> Option<sluice_events::dist::SrtLink> {
     }))
 }
 
-async fn stream_stats(
+pub(super) async fn stream_stats(
     State(api): State<ApiState>,
-    ctx: Ctx,
     axum::extract::Path((app, stream)): axum::extract::Path<(String, String)>,
 ) -> Result<Json<StreamStats>, ApiError> {
-    ctx.require(Role::Read)?;
     let app = sluice_events::AppName::parse(&app).map_err(|e| ApiError::invalid("app", e.to_string()))?;
     let stream = sluice_events::StreamName::parse(&stream).map_err(|e| ApiError::invalid("stream", e.to_string()))?;
     Ok(Json(stream_stats_of(&api, app.as_str(), stream.as_str())))
 }
 
-async fn list(State(api): State<ApiState>, ctx: Ctx) -> Result<Json<NodeList>, ApiError> {
-    ctx.require(Role::Read)?;
+pub(super) async fn list(State(api): State<ApiState>) -> Result<Json<NodeList>, ApiError> {
     let state = api.writer.projection().current();
     let stale = Duration::from_secs(api.settings.node_stale_secs);
     // The first call after a table change digests the whole state: off the async threads.

@@ -1,18 +1,13 @@
 //! Probes: `/health` (no auth, SRT Live Server's shape) and `/ready` (Postgres reachable and
 //! the projection caught up with the log). Outside the API's allow-list and audit.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde_json::json;
 
 use super::ApiState;
-
-pub fn router() -> Router<ApiState> {
-    Router::new().route("/health", get(health)).route("/ready", get(ready))
-}
 
 /// SRT Live Server's member order.
 #[derive(Debug, serde::Serialize)]
@@ -22,11 +17,11 @@ struct Health {
     version: &'static str,
 }
 
-async fn health() -> impl IntoResponse {
+pub(super) async fn health() -> impl IntoResponse {
     Json(Health { status: "ok", service: "sluice-control", version: env!("CARGO_PKG_VERSION") })
 }
 
-async fn ready(State(api): State<ApiState>) -> impl IntoResponse {
+pub(super) async fn ready(State(api): State<ApiState>) -> impl IntoResponse {
     match api.writer.store().head().await {
         Ok(head) => {
             let applied = api.writer.projection().position();

@@ -3,11 +3,10 @@
 //! classes and its roles. It manages the app `SLUICE_SLS_APP`: a stream id's `player` is the
 //! stream's public name, its `publisher` the publish name.
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_events::{Command, Rejection, Role, StreamName};
@@ -39,21 +38,6 @@ pub struct StatsQuery {
     pub reset: Option<String>,
     /// `1` for the legacy shape.
     pub legacy: Option<String>,
-}
-
-/// `api` class: stream ids.
-pub fn api_router() -> Router<ApiState> {
-    Router::new().route("/api/stream-ids", get(list).post(add)).route("/api/stream-ids/{player_id}", delete(remove))
-}
-
-/// `config` class: API keys.
-pub fn config_router() -> Router<ApiState> {
-    Router::new().route("/api/keys", post(new_key))
-}
-
-/// `stats` class: statistics (no authentication, as in SRT Live Server).
-pub fn stats_router() -> Router<ApiState> {
-    Router::new().route("/stats/{player_id}", get(stats))
 }
 
 fn name(field: &str, value: &str) -> Result<StreamName, ApiError> {
@@ -116,8 +100,7 @@ fn sls_ok(message: &'static str) -> SlsMessage<'static> {
     SlsMessage { status: "success", message }
 }
 
-async fn list(State(api): State<ApiState>, ctx: Ctx) -> Result<Response, ApiError> {
-    ctx.require(Role::Read)?;
+pub(super) async fn list(State(api): State<ApiState>) -> Result<Response, ApiError> {
     let state = api.writer.projection().current();
     let data: Vec<StreamId> = state
         .apps
@@ -136,12 +119,11 @@ async fn list(State(api): State<ApiState>, ctx: Ctx) -> Result<Response, ApiErro
     Ok(Json(SlsList { status: "success", data }).into_response())
 }
 
-async fn add(
+pub(super) async fn add(
     State(api): State<ApiState>,
     ctx: Ctx,
     StrictJson(req): StrictJson<StreamId>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Write)?;
     let player = name("player", &req.player)?;
     let publisher = name("publisher", &req.publisher)?;
     let publish_name = (publisher != player).then_some(publisher);
@@ -169,8 +151,11 @@ async fn add(
     }
 }
 
-async fn remove(State(api): State<ApiState>, ctx: Ctx, Path(player_id): Path<String>) -> Result<Response, ApiError> {
-    ctx.require(Role::Admin)?;
+pub(super) async fn remove(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path(player_id): Path<String>,
+) -> Result<Response, ApiError> {
     let Ok(player) = StreamName::parse(&player_id) else { return Err(sls_not_found()) };
     let app = api.sls_app.clone();
     let result = api
@@ -188,7 +173,7 @@ fn sls_not_found() -> ApiError {
     ApiError::Missing("Stream ID not found")
 }
 
-async fn new_key(
+pub(super) async fn new_key(
     State(api): State<ApiState>,
     ctx: Ctx,
     StrictJson(req): StrictJson<NewKey>,
@@ -248,7 +233,7 @@ impl Resets {
 /// SLS reports its publisher's SRT link. For a stream published over SRT the figures are
 /// srt-tokio's (RTT from the handshake); for one published over RTMP, which has no RTT or
 /// latency, they are `null`.
-async fn stats(
+pub(super) async fn stats(
     State(api): State<ApiState>,
     Path(player_id): Path<String>,
     Query(q): Query<StatsQuery>,

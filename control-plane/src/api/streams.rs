@@ -1,15 +1,14 @@
 //! `/v1/apps/{app}/streams`: registered streams, each with a public name (what players use)
 //! and an optional secret publish name (what the publisher uses, SRT Live Server's mapping).
 
+use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
-use axum::{Json, Router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_events::state::{App, Stream};
-use sluice_events::{AppName, Command, Role, StreamName};
+use sluice_events::{AppName, Command, StreamName};
 
 use super::apps::{app_name, lookup};
 use super::body::StrictJson;
@@ -76,12 +75,6 @@ mod double_option {
     }
 }
 
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/apps/{app}/streams", get(list).post(register))
-        .route("/apps/{app}/streams/{name}", get(read).patch(update).delete(delete))
-}
-
 pub fn stream_name(name: &str) -> Result<StreamName, ApiError> {
     StreamName::parse(name).map_err(|_| ApiError::not_found("stream", name))
 }
@@ -99,13 +92,12 @@ pub fn view(app: &AppName, name: &StreamName, s: &Stream) -> StreamView {
     }
 }
 
-async fn register(
+pub(super) async fn register(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path(app): Path<String>,
     StrictJson(req): StrictJson<RegisterStream>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Write)?;
     let app = app_name(&app)?;
     let committed = api
         .writer
@@ -123,13 +115,11 @@ async fn register(
     Ok(written(StatusCode::CREATED, committed, Some(view(&app, &req.name, s))))
 }
 
-async fn list(
+pub(super) async fn list(
     State(api): State<ApiState>,
-    ctx: Ctx,
     Path(app): Path<String>,
     Query(page): Query<PageQuery>,
 ) -> Result<Json<StreamPage>, ApiError> {
-    ctx.require(Role::Read)?;
     let name = app_name(&app)?;
     let limit = page.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -154,24 +144,21 @@ async fn list(
     Ok(Json(StreamPage { streams, next }))
 }
 
-async fn read(
+pub(super) async fn read(
     State(api): State<ApiState>,
-    ctx: Ctx,
     Path((app, name)): Path<(String, String)>,
 ) -> Result<Json<StreamView>, ApiError> {
-    ctx.require(Role::Read)?;
     let (app, name) = (app_name(&app)?, stream_name(&name)?);
     let state = api.writer.projection().current();
     Ok(Json(view(&app, &name, lookup_stream(lookup(&state, &app)?, &name)?)))
 }
 
-async fn update(
+pub(super) async fn update(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, name)): Path<(String, String)>,
     StrictJson(req): StrictJson<UpdateStream>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Write)?;
     let (app, name) = (app_name(&app)?, stream_name(&name)?);
     let committed = api
         .writer
@@ -193,12 +180,11 @@ async fn update(
     Ok(written(StatusCode::OK, committed, Some(view(&app, &name, lookup_stream(lookup(&state, &app)?, &name)?))))
 }
 
-async fn delete(
+pub(super) async fn delete(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, name)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Write)?;
     let (app, name) = (app_name(&app)?, stream_name(&name)?);
     let committed = api
         .writer

@@ -1,14 +1,13 @@
 //! `/v1/apps/{app}/streams/{name}/subscribers`: TOTP identities (Ant Media's subscribers).
 //! The base32 secret is generated when absent and returned once, with an `otpauth://` URI.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use sluice_events::{Action, AppName, Command, NewSecret, Role, StreamName, SubscriberId, Timestamp};
+use sluice_events::{Action, AppName, Command, NewSecret, StreamName, SubscriberId, Timestamp};
 
 use super::apps::{app_name, lookup};
 use super::body::StrictJson;
@@ -57,13 +56,6 @@ pub struct Block {
     pub seconds: i64,
 }
 
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/apps/{app}/streams/{name}/subscribers", get(list).post(add))
-        .route("/apps/{app}/streams/{name}/subscribers/{id}", delete(remove))
-        .route("/apps/{app}/streams/{name}/subscribers/{id}/block", post(block))
-}
-
 /// Decodes a base32 secret the way Ant Media's users give it (a multiple of 8 characters).
 pub fn decode_b32(text: &str) -> Result<Vec<u8>, ApiError> {
     let t = text.trim().to_ascii_uppercase();
@@ -92,7 +84,6 @@ pub async fn add_subscriber(
     action: Option<Action>,
     secret_b32: Option<&str>,
 ) -> Result<(AddedSubscriber, crate::commands::Committed), ApiError> {
-    ctx.require(Role::Write)?;
     let (bytes, b32) = match secret_b32 {
         Some(t) => (decode_b32(t)?, t.trim().to_ascii_uppercase()),
         None => {
@@ -126,7 +117,7 @@ pub async fn add_subscriber(
     Ok((AddedSubscriber { id: id.clone(), action, secret_b32: b32, otpauth_uri }, committed))
 }
 
-async fn add(
+pub(super) async fn add(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, name)): Path<(String, String)>,
@@ -156,12 +147,10 @@ pub fn subscribers_of(api: &ApiState, app: &AppName, stream: &StreamName) -> Res
         .collect())
 }
 
-async fn list(
+pub(super) async fn list(
     State(api): State<ApiState>,
-    ctx: Ctx,
     Path((app, name)): Path<(String, String)>,
 ) -> Result<Json<SubscriberList>, ApiError> {
-    ctx.require(Role::Write)?;
     let (app, name) = (app_name(&app)?, stream_name(&name)?);
     Ok(Json(SubscriberList { subscribers: subscribers_of(&api, &app, &name)? }))
 }
@@ -174,7 +163,6 @@ pub async fn remove_subscriber(
     stream: &StreamName,
     id: &SubscriberId,
 ) -> Result<crate::commands::Committed, ApiError> {
-    ctx.require(Role::Write)?;
     Ok(api
         .writer
         .run(&ctx.origin(), now(), |_| {
@@ -183,7 +171,7 @@ pub async fn remove_subscriber(
         .await?)
 }
 
-async fn remove(
+pub(super) async fn remove(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, name, id)): Path<(String, String, String)>,
@@ -193,13 +181,12 @@ async fn remove(
     Ok(written::<()>(StatusCode::NO_CONTENT, committed, None))
 }
 
-async fn block(
+pub(super) async fn block(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, name, id)): Path<(String, String, String)>,
     StrictJson(req): StrictJson<Block>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Write)?;
     let (app, name, id) = (app_name(&app)?, stream_name(&name)?, subscriber_id(&id)?);
     if !(0..=366 * 24 * 3600).contains(&req.seconds) {
         return Err(ApiError::invalid("seconds", "0 (unblock) to one year"));

@@ -2,18 +2,17 @@
 //! with the app's JWT secret, and the hash/HMAC helper that computes the token a client
 //! should present. Every answer carries the RTMP URL and SRT streamid to use.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{delete, post};
-use axum::{Json, Router};
 use base64::Engine as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_events::decide::{stream_hash, stream_hmac};
 use sluice_events::event::token_id;
 use sluice_events::state::{App, TokenStatus};
-use sluice_events::{Action, AppName, Command, Method, Role, SecretKind, Sha256Digest, StreamName, Timestamp};
+use sluice_events::{Action, AppName, Command, Method, SecretKind, Sha256Digest, StreamName, Timestamp};
 
 use super::apps::{app_name, lookup};
 use super::body::StrictJson;
@@ -109,14 +108,6 @@ pub struct HashToken {
     pub usage: Usage,
 }
 
-pub fn router() -> Router<ApiState> {
-    Router::new()
-        .route("/apps/{app}/streams/{name}/tokens", post(issue).get(list))
-        .route("/apps/{app}/streams/{name}/tokens/{id}", delete(revoke))
-        .route("/apps/{app}/streams/{name}/jwt", post(mint_jwt))
-        .route("/apps/{app}/streams/{name}/hash", post(hash_token))
-}
-
 /// The expiry in Unix seconds from `expires_at` or `expires_in`.
 pub fn expiry(at: Option<i64>, within: Option<i64>, now: Timestamp) -> Result<Option<i64>, ApiError> {
     match (at, within) {
@@ -183,7 +174,6 @@ pub async fn issue_token(
     action: Action,
     expires_at: Option<i64>,
 ) -> Result<(String, IssuedToken, crate::commands::Committed), ApiError> {
-    ctx.require(Role::Write)?;
     let token = new_token();
     let digest = Sha256Digest::of(token.as_bytes());
     let committed = api
@@ -210,7 +200,7 @@ pub async fn issue_token(
     Ok((token, issued, committed))
 }
 
-async fn issue(
+pub(super) async fn issue(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, name)): Path<(String, String)>,
@@ -225,12 +215,10 @@ async fn issue(
     Ok(written(StatusCode::CREATED, committed, Some(issued)))
 }
 
-async fn list(
+pub(super) async fn list(
     State(api): State<ApiState>,
-    ctx: Ctx,
     Path((app, name)): Path<(String, String)>,
 ) -> Result<Json<TokenList>, ApiError> {
-    ctx.require(Role::Write)?;
     let (app, name) = (app_name(&app)?, stream_name(&name)?);
     let state = api.writer.projection().current();
     lookup(&state, &app)?;
@@ -254,12 +242,11 @@ async fn list(
     Ok(Json(TokenList { tokens }))
 }
 
-async fn revoke(
+pub(super) async fn revoke(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, name, id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    ctx.require(Role::Write)?;
     let (app, name) = (app_name(&app)?, stream_name(&name)?);
     let committed = api
         .writer
@@ -296,7 +283,6 @@ pub fn mint(
     action: Action,
     exp: i64,
 ) -> Result<(String, Usage), ApiError> {
-    ctx.require(Role::Write)?;
     let state = api.writer.projection().current();
     let a = lookup(&state, app)?;
     if !a.streams.contains_key(stream) && !a.policy.for_action(action).accept_undefined_streams {
@@ -327,7 +313,7 @@ pub fn mint(
     Ok((token, usage))
 }
 
-async fn mint_jwt(
+pub(super) async fn mint_jwt(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path((app, name)): Path<(String, String)>,
@@ -339,13 +325,11 @@ async fn mint_jwt(
     Ok(Json(MintedJwt { token, action: req.action, expires_at: exp, usage }))
 }
 
-async fn hash_token(
+pub(super) async fn hash_token(
     State(api): State<ApiState>,
-    ctx: Ctx,
     Path((app, name)): Path<(String, String)>,
     StrictJson(req): StrictJson<HashRequest>,
 ) -> Result<Json<HashToken>, ApiError> {
-    ctx.require(Role::Write)?;
     let (app, name) = (app_name(&app)?, stream_name(&name)?);
     let expires = expiry(req.expires_at, req.expires_in, now())?;
     let method = req.method.unwrap_or(if expires.is_some() { Method::Hmac } else { Method::Hash });
