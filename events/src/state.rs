@@ -91,7 +91,68 @@ pub struct Subscriber {
     pub last_step: Option<u64>,
 }
 
+/// Derived state is built here, once: the fold (`AuthState::apply`) and the snapshot decoder
+/// (`snapshot::decode`) both construct apps, secrets, subscribers and JWKS through these, so a
+/// booted worker precomputes exactly what a folded one does.
+impl AuthState {
+    /// An app secret with what checks need from it: its opened bytes and HMAC-SHA256 state,
+    /// when this node holds the key.
+    pub(crate) fn app_secret(&self, app: &AppName, kind: SecretKind, sealed: Sealed) -> AppSecret {
+        let plain = self.open(&sealed, &app_secret_purpose(app, kind));
+        let mac = plain.as_ref().and_then(|p| <Hmac<Sha256> as KeyInit>::new_from_slice(&p.0).ok()).map(Opened);
+        AppSecret { sealed, plain, mac }
+    }
+
+    /// A subscriber with its opened secret and the TOTP key for `settings`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn subscriber(
+        &self,
+        (app, stream, id): (&AppName, &StreamName, &SubscriberId),
+        settings: TotpSettings,
+        action: Option<Action>,
+        secret: Sealed,
+        blocked_until: Option<Timestamp>,
+        last_step: Option<u64>,
+    ) -> Subscriber {
+        let plain = self.open(&secret, &subscriber_secret_purpose(app, stream, id));
+        let totp = build_totp(plain.as_ref(), settings);
+        Subscriber { action, secret, plain, totp, blocked_until, last_step }
+    }
+}
+
+impl Jwks {
+    /// A JWK set and the keys in it that this build can verify with.
+    pub(crate) fn from_raw(raw: serde_json::Value) -> Jwks {
+        Jwks { keys: jwks_keys(&raw), raw }
+    }
+}
+
 impl App {
+    /// A new app with `policy` and nothing else yet.
+    pub(crate) fn new(policy: Policy) -> App {
+        App {
+            policy,
+            secrets: BTreeMap::new(),
+            jwks: None,
+            streams: BTreeMap::new(),
+            publish_names: HashMap::new(),
+            subscribers: BTreeMap::new(),
+        }
+    }
+
+    /// Registers a stream and its publish name.
+    pub(crate) fn add_stream(
+        &mut self,
+        name: StreamName,
+        publish_name: Option<StreamName>,
+        description: Option<String>,
+    ) {
+        if let Some(p) = &publish_name {
+            self.publish_names.insert(p.clone(), name.clone());
+        }
+        self.streams.insert(name, Stream { publish_name, description });
+    }
+
     /// The opened bytes of an app secret, when this node holds the sealing key (the control
     /// plane mints JWTs and hash tokens with them).
     pub fn secret_bytes(&self, kind: SecretKind) -> Option<&[u8]> {
@@ -331,17 +392,7 @@ impl AuthState {
                 }
             }
             Event::AppCreated(e) => {
-                self.apps.insert(
-                    e.app.clone(),
-                    App {
-                        policy: e.policy.clone(),
-                        secrets: BTreeMap::new(),
-                        jwks: None,
-                        streams: BTreeMap::new(),
-                        publish_names: HashMap::new(),
-                        subscribers: BTreeMap::new(),
-                    },
-                );
+                self.apps.insert(e.app.clone(), App::new(e.policy.clone()));
             }
             Event::AppPolicyChanged(e) => {
                 if let Some(app) = self.apps.get_mut(&e.app) {
@@ -355,11 +406,11 @@ impl AuthState {
                 }
             }
             Event::AppSecretRotated(e) => {
-                let plain = self.open(&e.secret, &app_secret_purpose(&e.app, e.kind));
-                if let Some(app) = self.apps.get_mut(&e.app) {
-                    let mac =
-                        plain.as_ref().and_then(|p| <Hmac<Sha256> as KeyInit>::new_from_slice(&p.0).ok()).map(Opened);
-                    app.secrets.insert(e.kind, AppSecret { sealed: e.secret.clone(), plain, mac });
+                if self.apps.contains_key(&e.app) {
+                    let secret = self.app_secret(&e.app, e.kind, e.secret.clone());
+                    if let Some(app) = self.apps.get_mut(&e.app) {
+                        app.secrets.insert(e.kind, secret);
+                    }
                 }
             }
             Event::AppSecretRemoved(e) => {
@@ -375,13 +426,7 @@ impl AuthState {
             }
             Event::StreamRegistered(e) => {
                 if let Some(app) = self.apps.get_mut(&e.app) {
-                    if let Some(p) = &e.publish_name {
-                        app.publish_names.insert(p.clone(), e.name.clone());
-                    }
-                    app.streams.insert(
-                        e.name.clone(),
-                        Stream { publish_name: e.publish_name.clone(), description: e.description.clone() },
-                    );
+                    app.add_stream(e.name.clone(), e.publish_name.clone(), e.description.clone());
                 }
             }
             Event::StreamUpdated(e) => {
@@ -439,20 +484,12 @@ impl AuthState {
                 }
             }
             Event::SubscriberAdded(e) => {
-                let plain = self.open(&e.secret, &subscriber_secret_purpose(&e.app, &e.stream, &e.subscriber_id));
-                if let Some(app) = self.apps.get_mut(&e.app) {
-                    let totp = build_totp(plain.as_ref(), app.policy.totp);
-                    app.subscribers.insert(
-                        (e.stream.clone(), e.subscriber_id.clone()),
-                        Subscriber {
-                            action: e.action,
-                            secret: e.secret.clone(),
-                            plain,
-                            totp,
-                            blocked_until: None,
-                            last_step: None,
-                        },
-                    );
+                if let Some(settings) = self.apps.get(&e.app).map(|a| a.policy.totp) {
+                    let id = (&e.app, &e.stream, &e.subscriber_id);
+                    let sub = self.subscriber(id, settings, e.action, e.secret.clone(), None, None);
+                    if let Some(app) = self.apps.get_mut(&e.app) {
+                        app.subscribers.insert((e.stream.clone(), e.subscriber_id.clone()), sub);
+                    }
                 }
             }
             Event::SubscriberRemoved(e) => {
@@ -472,7 +509,7 @@ impl AuthState {
             }
             Event::JwksRefreshed(e) => {
                 if let Some(app) = self.apps.get_mut(&e.app) {
-                    app.jwks = Some(Jwks { raw: e.jwks.clone(), keys: jwks_keys(&e.jwks) });
+                    app.jwks = Some(Jwks::from_raw(e.jwks.clone()));
                 }
             }
             Event::NodeRegistered(e) => {

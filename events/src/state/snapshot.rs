@@ -18,17 +18,13 @@
 //! secrets only in their sealed form; a worker reopens them with its own keyring on load.
 //! Decoding checks everything and never panics on bad bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use hmac::{Hmac, KeyInit};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{
-    App, AppSecret, AuthState, DigestHasher, Jwks, Node, Opened, Stream, Subscriber, Token, TokenStatus,
-    app_secret_purpose, build_totp, jwks_keys, subscriber_secret_purpose,
-};
+use super::{App, AuthState, DigestHasher, Jwks, Node, Token, TokenStatus};
 use crate::ids::{Action, AppName, NodeId, Position, Protocol, StreamName, SubscriberId, Timestamp};
 use crate::policy::{Policy, SecretKind};
 use crate::secret::{Keyring, Sealed, Sha256Digest};
@@ -221,44 +217,23 @@ pub fn decode(bytes: &[u8], keyring: Option<Arc<Keyring>>) -> Result<(AuthState,
     for a in body.apps {
         let policy: Policy =
             serde_json::from_str(&a.policy).map_err(|e| SnapshotError::Body(format!("policy of {}: {e}", a.name)))?;
-        let mut app = App {
-            policy,
-            secrets: BTreeMap::new(),
-            jwks: None,
-            streams: BTreeMap::new(),
-            publish_names: HashMap::new(),
-            subscribers: BTreeMap::new(),
-        };
+        let mut app = App::new(policy);
         for (kind, sealed) in a.secrets {
-            let plain = state.open(&sealed, &app_secret_purpose(&a.name, kind));
-            let mac = plain.as_ref().and_then(|p| <Hmac<Sha256> as KeyInit>::new_from_slice(&p.0).ok()).map(Opened);
-            app.secrets.insert(kind, AppSecret { sealed, plain, mac });
+            let secret = state.app_secret(&a.name, kind, sealed);
+            app.secrets.insert(kind, secret);
         }
         if let Some(raw) = a.jwks {
             let raw: serde_json::Value =
                 serde_json::from_str(&raw).map_err(|e| SnapshotError::Body(format!("jwks of {}: {e}", a.name)))?;
-            app.jwks = Some(Jwks { keys: jwks_keys(&raw), raw });
+            app.jwks = Some(Jwks::from_raw(raw));
         }
         for (name, publish_name, description) in a.streams {
-            if let Some(p) = &publish_name {
-                app.publish_names.insert(p.clone(), name.clone());
-            }
-            app.streams.insert(name, Stream { publish_name, description });
+            app.add_stream(name, publish_name, description);
         }
         for s in a.subscribers {
-            let plain = state.open(&s.secret, &subscriber_secret_purpose(&a.name, &s.stream, &s.id));
-            let totp = build_totp(plain.as_ref(), app.policy.totp);
-            app.subscribers.insert(
-                (s.stream, s.id),
-                Subscriber {
-                    action: s.action,
-                    secret: s.secret,
-                    plain,
-                    totp,
-                    blocked_until: s.blocked_until,
-                    last_step: s.last_step,
-                },
-            );
+            let id = (&a.name, &s.stream, &s.id);
+            let sub = state.subscriber(id, app.policy.totp, s.action, s.secret, s.blocked_until, s.last_step);
+            app.subscribers.insert((s.stream, s.id), sub);
         }
         state.apps.insert(a.name, app);
     }
