@@ -25,6 +25,7 @@ use super::{ApiState, Ctx, now, random};
 
 /// Ant Media's `Subscriber` as posted.
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct AmsSubscriber {
     pub subscriber_id: String,

@@ -13,15 +13,17 @@ use sluice_events::{AppName, AuthState, Command, NewSecret, Policy, SecretKind};
 
 use super::body::{OptionalJson, StrictJson};
 use super::error::ApiError;
+use super::policy::PolicyBody;
 use super::{ApiState, Ctx, now, random, written};
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateApp {
     pub name: AppName,
     /// Defaults to open publish and play with undefined streams accepted (a fresh SRS or Ant
     /// Media app).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<Policy>,
+    pub policy: Option<PolicyBody>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -39,6 +41,7 @@ pub struct AppList {
 }
 
 #[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RotateSecret {
     /// The new secret; 32 random bytes (base64url) are generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -75,7 +78,7 @@ pub(super) async fn create(
     ctx: Ctx,
     StrictJson(req): StrictJson<CreateApp>,
 ) -> Result<Response, ApiError> {
-    let policy = req.policy.unwrap_or_default();
+    let policy = req.policy.map(Policy::from).unwrap_or_default();
     let name = req.name;
     let committed = api
         .writer
@@ -119,12 +122,14 @@ pub(super) async fn replace_policy(
     State(api): State<ApiState>,
     ctx: Ctx,
     Path(app): Path<String>,
-    StrictJson(policy): StrictJson<Policy>,
+    StrictJson(policy): StrictJson<PolicyBody>,
 ) -> Result<Response, ApiError> {
     let name = app_name(&app)?;
     let committed = api
         .writer
-        .run(&ctx.origin(), now(), |_| Ok(Command::SetPolicy { app: name.clone(), policy: policy.clone() }))
+        .run(&ctx.origin(), now(), |_| {
+            Ok(Command::SetPolicy { app: name.clone(), policy: Policy::from(policy.clone()) })
+        })
         .await?;
     let state = api.writer.projection().current();
     Ok(written(StatusCode::OK, committed, Some(lookup(&state, &name)?.policy.clone())))

@@ -1,14 +1,13 @@
 //! Strict JSON request bodies: `application/json` only (415), within the size limit (413),
 //! well-formed (400), the right types (400) and no unknown fields (400), at any depth.
 //!
-//! Unknown fields are found by comparing the input with the parsed value serialized back:
-//! a member the type did not keep was not understood. That works for every body type,
-//! including the policy, which is also an event payload and so must stay lenient on read.
+//! Unknown fields are refused by the body types themselves (`deny_unknown_fields`): a REST
+//! body is its own type, converted into the event payload (`api::policy` for the policy),
+//! so the payload can stay lenient on read while a request is strict.
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::header;
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -21,7 +20,7 @@ pub struct StrictJson<T>(pub T);
 impl<S, T> FromRequest<S> for StrictJson<T>
 where
     S: Send + Sync,
-    T: DeserializeOwned + Serialize,
+    T: DeserializeOwned,
 {
     type Rejection = ApiError;
 
@@ -53,7 +52,7 @@ pub struct OptionalJson<T>(pub Option<T>);
 impl<S, T> FromRequest<S> for OptionalJson<T>
 where
     S: Send + Sync,
-    T: DeserializeOwned + Serialize,
+    T: DeserializeOwned,
 {
     type Rejection = ApiError;
 
@@ -70,37 +69,26 @@ where
 }
 
 /// Parses `bytes` as a strict `T` (exposed for the tests and the compatibility adapters).
-pub fn parse<T: DeserializeOwned + Serialize>(bytes: &[u8]) -> Result<T, ApiError> {
+/// Body types deny unknown fields themselves (`#[serde(deny_unknown_fields)]`); this names
+/// where in the body a problem is.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let input: Value =
         serde_json::from_slice(bytes).map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
     if !input.is_object() {
         return Err(ApiError::BadRequest("expected a JSON object".into()));
     }
-    let value: T =
-        serde_json::from_value(input.clone()).map_err(|e| ApiError::BadRequest(format!("invalid request: {e}")))?;
-    let back = serde_json::to_value(&value).map_err(|_| ApiError::Internal)?;
-    if let Some(path) = unknown_member(&input, &back, String::new()) {
-        return Err(ApiError::BadRequest(format!("unknown field `{path}`")));
-    }
-    Ok(value)
-}
-
-/// The first member of `input` that `parsed` does not have (null members may be dropped).
-fn unknown_member(input: &Value, parsed: &Value, path: String) -> Option<String> {
-    match (input, parsed) {
-        (Value::Object(i), Value::Object(p)) => i.iter().find_map(|(k, v)| {
-            let here = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-            match p.get(k) {
-                Some(pv) => unknown_member(v, pv, here),
-                None if v.is_null() => None,
-                None => Some(here),
-            }
-        }),
-        (Value::Array(i), Value::Array(p)) if i.len() == p.len() => {
-            i.iter().zip(p).enumerate().find_map(|(n, (iv, pv))| unknown_member(iv, pv, format!("{path}[{n}]")))
+    serde_path_to_error::deserialize(input).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        // The path ends at the unknown member itself.
+        if inner.starts_with("unknown field `") {
+            ApiError::BadRequest(format!("unknown field `{path}`"))
+        } else if path == "." {
+            ApiError::BadRequest(format!("invalid request: {inner}"))
+        } else {
+            ApiError::BadRequest(format!("invalid request: {path}: {inner}"))
         }
-        _ => None,
-    }
+    })
 }
 
 #[cfg(test)]
@@ -108,14 +96,18 @@ mod tests {
     use super::*;
     use serde::Deserialize;
 
-    #[derive(Debug, Serialize, Deserialize)]
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // only parsed
     struct Inner {
         a: u32,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(default)]
         b: Option<String>,
     }
 
-    #[derive(Debug, Serialize, Deserialize)]
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)] // only parsed
     struct Outer {
         inner: Inner,
         list: Vec<Inner>,
@@ -132,7 +124,7 @@ mod tests {
         assert_eq!(err(r#"{"inner":{"a":1},"list":[],"extra":1}"#), "unknown field `extra`");
         assert_eq!(err(r#"{"inner":{"a":1,"c":2},"list":[]}"#), "unknown field `inner.c`");
         assert_eq!(err(r#"{"inner":{"a":1},"list":[{"a":1,"z":true}]}"#), "unknown field `list[0].z`");
-        assert!(err(r#"{"inner":{"a":"one"},"list":[]}"#).starts_with("invalid request: invalid type"));
+        assert!(err(r#"{"inner":{"a":"one"},"list":[]}"#).starts_with("invalid request: inner.a: invalid type"));
         assert!(err(r#"{"inner":{"a":1}"#).starts_with("malformed JSON"));
         assert_eq!(err("[1]"), "expected a JSON object");
     }

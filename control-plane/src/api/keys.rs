@@ -16,6 +16,7 @@ use super::{ApiState, Ctx, now, random, written};
 use crate::projection::Projection;
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct CreateKey {
     /// A label for people.
     pub name: String,

@@ -16,6 +16,7 @@ pub mod keys;
 pub mod limits;
 pub mod nodes;
 pub mod openapi;
+pub mod policy;
 pub mod probes;
 pub mod routes;
 pub mod sls;

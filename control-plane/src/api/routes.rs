@@ -149,7 +149,7 @@ pub fn table() -> Vec<Route> {
         Route::new::<(), apps::AppView, _, _>(M::GET, "/v1/apps/{app}", read, api, v1("apps"), "Get an app", 200, apps::read),
         Route::new::<(), (), _, _>(M::DELETE, "/v1/apps/{app}", write, api, v1("apps"), "Delete an app", 204, apps::delete),
         Route::new::<(), Policy, _, _>(M::GET, "/v1/apps/{app}/policy", read, api, v1("apps"), "Get the publish/play policy", 200, apps::read_policy),
-        Route::new::<Policy, Policy, _, _>(M::PUT, "/v1/apps/{app}/policy", admin, config, v1("apps"), "Replace the policy", 200, apps::replace_policy),
+        Route::new::<super::policy::PolicyBody, Policy, _, _>(M::PUT, "/v1/apps/{app}/policy", admin, config, v1("apps"), "Replace the policy", 200, apps::replace_policy),
         Route::new::<apps::RotateSecret, apps::RotatedSecret, _, _>(M::POST, "/v1/apps/{app}/secrets/{kind}", admin, config, v1("apps"), "Rotate the hash, jwt, webhook or srt_passphrase secret (returned once)", 200, apps::rotate),
         Route::new::<(), (), _, _>(M::DELETE, "/v1/apps/{app}/secrets/{kind}", admin, config, v1("apps"), "Remove the secret (its methods refuse; without an SRT passphrase callers must not encrypt)", 204, apps::remove_secret),
         // Streams, tokens, subscribers.

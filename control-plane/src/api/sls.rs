@@ -18,6 +18,7 @@ use super::keys::{CreateKey, create_key};
 use super::{ApiState, Ctx, now, written};
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StreamId {
     pub publisher: String,
     pub player: String,
@@ -26,6 +27,7 @@ pub struct StreamId {
 }
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct NewKey {
     pub name: String,
     /// `admin`, `write` or `read`.

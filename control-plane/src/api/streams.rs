@@ -16,6 +16,7 @@ use super::error::ApiError;
 use super::{ApiState, Ctx, now, written};
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct RegisterStream {
     pub name: StreamName,
     /// The secret name the publisher uses instead of `name` (a stream key).
@@ -27,6 +28,7 @@ pub struct RegisterStream {
 
 /// A partial update: an absent field is kept, `null` clears it.
 #[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UpdateStream {
     #[serde(default, skip_serializing_if = "Option::is_none", with = "double_option")]
     #[schemars(with = "Option<StreamName>")]

@@ -16,6 +16,7 @@ use super::streams::stream_name;
 use super::{ApiState, Ctx, now, random, written};
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AddSubscriber {
     pub id: SubscriberId,
     /// `publish` or `play`; absent means both.
@@ -51,6 +52,7 @@ pub struct SubscriberList {
 }
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Block {
     /// How long to refuse the subscriber, 1 s to 1 year; 0 unblocks.
     pub seconds: i64,

@@ -21,6 +21,7 @@ use super::streams::stream_name;
 use super::{ApiState, Ctx, now, random, written};
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct IssueToken {
     pub action: Action,
     /// Unix seconds; or give `expires_in`. Neither: the token never expires (used once).
@@ -67,6 +68,7 @@ pub struct TokenList {
 }
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct MintJwt {
     pub action: Action,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -86,6 +88,7 @@ pub struct MintedJwt {
 }
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
 pub struct HashRequest {
     pub action: Action,
     /// `hash` (no expiry) or `hmac` (needs an expiry); default: `hmac` when an expiry is
