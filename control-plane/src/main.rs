@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 use sluice_control_plane::bootstrap::{self, Bootstrap};
 use sluice_control_plane::client;
 use sluice_control_plane::config::Config;
-use sluice_control_plane::task::Tasks;
 use sluice_control_plane::{EventStore, connect, store};
 use sluice_events::{AuthState, Position};
 
@@ -228,8 +227,8 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     }
     let (app, api) = sluice_control_plane::api::build(&config, store).await?;
     tracing::info!(position = %api.writer.projection().position(), "projection caught up");
-    api.nodes.spawn_listener(config.nats_url.clone());
-    let tasks = Tasks::new();
+    let tasks = api.tasks.clone();
+    api.nodes.spawn_listener(&tasks, config.nats_url.clone());
     sluice_control_plane::decisions::spawn(
         &tasks,
         api.writer.store().clone(),
@@ -262,6 +261,8 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown())
         .await?;
+    // The API's last audit records go out as its handles are dropped.
+    drop(api);
     if !tasks.shutdown(std::time::Duration::from_secs(5)).await {
         tracing::warn!("background tasks still running after 5 s; stopping anyway");
     }

@@ -85,10 +85,10 @@ impl Nodes {
             .collect()
     }
 
-    /// Listens to heartbeats until the process ends, reconnecting as needed.
-    pub fn spawn_listener(self: &Arc<Self>, nats_url: String) {
+    /// Listens to heartbeats until shutdown, reconnecting as needed.
+    pub fn spawn_listener(self: &Arc<Self>, tasks: &crate::task::Tasks, nats_url: String) {
         let me = Arc::downgrade(self);
-        tokio::spawn(async move {
+        tasks.spawn("heartbeat listener", async move {
             loop {
                 match crate::relay::connect(&nats_url).await {
                     Ok(client) => match client.subscribe(dist::HEARTBEAT_SUBJECTS).await {

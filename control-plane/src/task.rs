@@ -57,6 +57,15 @@ impl Tasks {
         });
     }
 
+    /// Runs `task`, which ends by itself (a batcher whose channel closes), and has shutdown
+    /// wait for it rather than cancel it, so what it holds is not lost.
+    pub fn track(&self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
+        self.tracker.spawn(async move {
+            task.await;
+            tracing::debug!(task = name, "task ended");
+        });
+    }
+
     /// Runs `round` again and again until shutdown. A round that fails is logged with the
     /// task's name; the next starts after `backoff`.
     pub fn supervise<F, Fut>(&self, name: &'static str, backoff: Backoff, mut round: F)

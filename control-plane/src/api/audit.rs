@@ -37,9 +37,10 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Starts the batching task that appends to `api-<instance>`.
-    pub fn start(store: EventStore, instance: String) -> AuditLog {
+    /// Tracked, not cancelled: it ends once every sender is gone, after appending what it holds.
+    pub fn start(tasks: &crate::task::Tasks, store: EventStore, instance: String) -> AuditLog {
         let (tx, mut rx) = mpsc::channel::<ApiAccess>(8192);
-        tokio::spawn(async move {
+        tasks.track("API audit", async move {
             let mut pending: Vec<ApiAccess> = Vec::new();
             let mut open = true;
             while open || !pending.is_empty() {

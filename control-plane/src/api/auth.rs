@@ -99,12 +99,12 @@ impl Authenticator {
     }
 
     /// Keeps the JWKS fresh in the background.
-    pub fn spawn_jwks_refresh(&self, every: Duration) {
+    pub fn spawn_jwks_refresh(&self, tasks: &crate::task::Tasks, every: Duration) {
         if self.jwks_url.is_none() {
             return;
         }
         let me = self.clone();
-        tokio::spawn(async move {
+        tasks.spawn("API JWKS refresh", async move {
             let client = reqwest::Client::new();
             loop {
                 match me.refresh_jwks(&client).await {

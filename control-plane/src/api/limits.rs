@@ -73,9 +73,9 @@ impl Limiters {
     }
 
     /// Forgets idle clients now and then so the tables stay small.
-    pub fn spawn_housekeeping(self: &Arc<Self>) {
+    pub fn spawn_housekeeping(self: &Arc<Self>, tasks: &crate::task::Tasks) {
         let me = Arc::downgrade(self);
-        tokio::spawn(async move {
+        tasks.spawn("rate-limit housekeeping", async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 let Some(l) = me.upgrade() else { return };

@@ -51,6 +51,7 @@ use routes::Surface;
 use crate::commands::{Committed, Origin, Writer};
 use crate::config::{ApiSettings, Config};
 use crate::store::EventStore;
+use crate::task::Tasks;
 
 /// Everything a handler needs. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -67,18 +68,21 @@ pub struct ApiState {
     pub nodes: Arc<crate::nodes::Nodes>,
     /// SLS `/stats/{player_id}?reset=1`: the counters as they were at the last reset.
     pub sls_resets: Arc<sls::Resets>,
+    /// The control plane's background tasks: the API's own, and those `serve` adds.
+    pub tasks: Tasks,
 }
 
 impl ApiState {
     /// Wires the API to a running store and projection, and starts its background tasks
     /// (audit batching, limiter housekeeping, JWKS refresh).
     pub fn start(config: &Config, writer: Writer, sealing: SealingKey) -> ApiState {
+        let tasks = Tasks::new();
         let settings = Arc::new(config.api.clone());
         let auth = Authenticator::new(&settings);
-        auth.spawn_jwks_refresh(Duration::from_secs(settings.jwt_jwks_refresh_secs.max(10)));
+        auth.spawn_jwks_refresh(&tasks, Duration::from_secs(settings.jwt_jwks_refresh_secs.max(10)));
         let limiters = Limiters::new(settings.rate_api, settings.rate_stats, settings.rate_config);
-        limiters.spawn_housekeeping();
-        let audit = AuditLog::start(writer.store().clone(), config.instance_id.clone());
+        limiters.spawn_housekeeping(&tasks);
+        let audit = AuditLog::start(&tasks, writer.store().clone(), config.instance_id.clone());
         ApiState {
             writer,
             auth,
@@ -90,6 +94,7 @@ impl ApiState {
             http: reqwest::Client::new(),
             nodes: Arc::default(),
             sls_resets: Arc::default(),
+            tasks,
         }
     }
 }
