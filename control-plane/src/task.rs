@@ -1,7 +1,8 @@
-//! Background tasks with owners. Every long-lived task of the control plane starts through
-//! `Tasks`: named, tracked (so shutdown and tests can wait for it) and cancelled by one shutdown
-//! token. `Tasks::supervise` is the one retry loop (the relay, ingestion and the decisions read
-//! model each had a copy): run a round, log a failure, back off, run again, until shutdown.
+//! Background tasks with owners, in each shell (the data plane compiles this same file as its
+//! `task` module). Every long-lived task starts through `Tasks`: named, tracked (so shutdown and
+//! tests can wait for it) and cancelled by one shutdown token. `Tasks::supervise` is the one
+//! retry loop (the relay, ingestion, the decisions read model and the worker's event feed each
+//! had a copy): run a round, log a failure, back off, run again, until shutdown.
 
 use std::future::Future;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-/// The control plane's background tasks.
+/// A shell's background tasks.
 #[derive(Debug, Clone, Default)]
 pub struct Tasks {
     tracker: TaskTracker,

@@ -20,6 +20,10 @@ pub mod spool;
 pub mod srt;
 pub mod stats;
 pub mod sync;
+/// The control plane's module (`control-plane/src/task.rs`), compiled into this crate too: the
+/// planes share no crate but the pure core, which has no runtime, and one source keeps the two
+/// shells' task handling the same.
+#[path = "../../control-plane/src/task.rs"]
 pub mod task;
 pub mod uplink;
 pub mod webhook;

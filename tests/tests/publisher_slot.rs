@@ -75,21 +75,12 @@ async fn live_streams(http: &reqwest::Client, admin: u16) -> u64 {
 
 /// The decisions of `node` in the log: (stream, action, allowed, reason, publisher slot).
 async fn decisions(plane: &Plane, node: &str) -> Vec<(String, String, bool, String, Option<SlotScope>)> {
-    plane
-        .store
-        .read_stream(&format!("decisions-{node}"))
+    decision_records(&plane.store, node)
         .await
-        .unwrap()
-        .iter()
-        .filter_map(|e| match &e.event {
-            sluice_events::Event::AccessDecided(d) => Some((
-                d.decision.request.stream.as_str().to_owned(),
-                d.decision.request.action.as_str().to_owned(),
-                d.decision.allowed,
-                d.decision.final_reason.as_str().to_owned(),
-                d.decision.publisher_slot,
-            )),
-            _ => None,
+        .into_iter()
+        .map(|d| {
+            let (stream, action) = (d.request.stream.as_str().to_owned(), d.request.action.as_str().to_owned());
+            (stream, action, d.allowed, d.final_reason.as_str().to_owned(), d.publisher_slot)
         })
         .collect()
 }

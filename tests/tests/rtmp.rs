@@ -49,7 +49,7 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
 
     // Open app: a publisher, then a player that decodes frames.
     let publisher = ffmpeg_testsrc("flv", &format!("{base}/tv/cam1"), 14).spawn().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_live(&http, cp, "tv", "cam1").await;
     let play = tokio::task::spawn_blocking({
         let u = format!("{base}/tv/cam1");
         move || ffmpeg_play(&u)
@@ -90,7 +90,7 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
     assert!(!public_name.status.success(), "the public name cannot publish");
     assert!(stderr(&public_name).contains("publish_name_required"), "{}", stderr(&public_name));
     let live = ffmpeg_testsrc("flv", &format!("{base}/studio/cam1-key?token={token}"), 60).spawn().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_live(&http, cp, "studio", "cam1").await;
     let play = tokio::task::spawn_blocking({
         let u = format!("{base}/studio/cam1");
         move || ffmpeg_play(&u)

@@ -36,7 +36,7 @@ struct Case {
 
 /// Runs a case: the wrong credentials fail with their reason, the right publisher streams
 /// and a player decodes frames, and the publisher runs to its end undisturbed.
-fn run_case(file: &str, case: &Case) {
+fn run_case(file: &str, cp: u16, case: &Case) {
     let name = &case.app;
     if let Some((url, reason)) = &case.wrong_publish {
         let out = publisher(file, url).arg("-t").arg("1").output().unwrap();
@@ -44,7 +44,7 @@ fn run_case(file: &str, case: &Case) {
         assert!(stderr(&out).contains(reason), "{name}: no `{reason}` in ffmpeg's output: {}", stderr(&out));
     }
     let live = publisher(file, &case.publish).spawn().unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    wait_live(cp, &case.app, "cam");
     let out = ffmpeg_play(&case.play);
     assert!(
         out.status.success() && stderr(&out).contains("frame="),
@@ -257,7 +257,7 @@ async fn every_method_admits_the_right_credential_and_refuses_the_wrong_one_over
         .cloned()
         .map(|case| {
             let file = file.clone();
-            tokio::task::spawn_blocking(move || run_case(&file, &case))
+            tokio::task::spawn_blocking(move || run_case(&file, cp, &case))
         })
         .collect();
     for r in runs {
@@ -271,7 +271,7 @@ async fn every_method_admits_the_right_credential_and_refuses_the_wrong_one_over
     assert!(read(&w_log).contains("RTMP stream relayed from another media thread"), "{}", read(&w_log));
     // When the publisher leaves, every player ends cleanly, whichever thread it is on.
     let live = publisher(&file, &format!("{base}/open/last")).args(["-t", "6"]).spawn().unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    until_live(&http, cp, "open", "last").await;
     let watchers: Vec<Child> = (0..6)
         .map(|_| {
             Command::new("ffmpeg")

@@ -121,7 +121,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     assert_eq!(reject_code_with(srt, "#!::r=studio/cam1,m=request", Some("a-passphrase-nobody-set")).await, 11);
     let vault = format!("{}&pkt_size=1316&passphrase={passphrase}&pbkeylen=16", srt_url(srt, sid));
     let encrypted = ffmpeg_testsrc("mpegts", &vault, 8).spawn().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_live(&http, cp, "vault", "cam9").await;
     let played = tokio::task::spawn_blocking({
         let u = format!("{}&passphrase={passphrase}&pbkeylen=32", srt_url(srt, "#!::r=vault/cam9,m=request"));
         move || ffmpeg_play(&u)
@@ -143,7 +143,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     // The right one publishes (standard streamid form).
     let url = format!("{}&pkt_size=1316", srt_url(srt, &format!("#!::r=studio/cam1,m=publish,t={token}")));
     let live = ffmpeg_testsrc("mpegts", &url, 20).spawn().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_live(&http, cp, "studio", "cam1").await;
     // A second publisher, even with a valid credential, is refused with 1409 and its token
     // stays unburnt.
     let spare = post(&http, cp, "/v1/apps/studio/streams/cam1/tokens", json!({"action": "publish"})).await;
@@ -329,7 +329,13 @@ async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_clean
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Joined once the keyframe is long past: the stream has been live for 3 s.
+    let longgop_stats = format!("http://127.0.0.1:{cp}/v1/stats/streams/open/longgop");
+    until("the long-GOP stream has been live for 3 s", || async {
+        let (_, s) = get(&http, longgop_stats.clone()).await;
+        s["live"] == true && s["uptime_secs"].as_u64() >= Some(3)
+    })
+    .await;
     let url = srt_url(srt, "#!::r=open/longgop,m=request");
     let played = tokio::task::spawn_blocking(move || ffmpeg_play(&url)).await.unwrap();
     let frames = stderr(&played)

@@ -36,13 +36,13 @@ struct Case {
     wrong_play: Option<(String, &'static str, i32)>,
 }
 
-async fn run_case(file: String, port: u16, case: Case) {
+async fn run_case(file: String, port: u16, cp: u16, case: Case) {
     let name = &case.app;
     if let Some((sid, _, code)) = &case.wrong_publish {
         assert_eq!(reject_code(port, sid).await, *code, "{name}: {sid}");
     }
     let live = publisher(&file, port, &case.publish).spawn().unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    until_live(&reqwest::Client::new(), cp, &case.app, "cam").await;
     let url = srt_url(port, &case.play);
     let out = tokio::task::spawn_blocking(move || ffmpeg_play(&url)).await.unwrap();
     assert!(out.status.success() && stderr(&out).contains("frame="), "{name}: no frames: {}", stderr(&out));
@@ -221,7 +221,7 @@ async fn every_method_over_srt_and_the_media_outlives_the_control_plane() {
     let file = file.await.unwrap();
 
     // Every case at once: each app has its own stream.
-    let runs: Vec<_> = cases.iter().cloned().map(|case| tokio::spawn(run_case(file.clone(), srt, case))).collect();
+    let runs: Vec<_> = cases.iter().cloned().map(|case| tokio::spawn(run_case(file.clone(), srt, cp, case))).collect();
     for r in runs {
         if let Err(e) = r.await {
             panic!("{e}\nworker log:\n{}", read(&w_log));

@@ -198,6 +198,14 @@ pub(super) struct Channel {
 }
 
 impl Channel {
+    /// What a late joiner (a player, or another thread's relay) gets first: metadata, the
+    /// sequence headers, then the current GOP.
+    pub(super) fn start(&self) -> Vec<Media> {
+        let headers =
+            [self.metadata.clone().map(Media::Metadata), self.video_header.clone(), self.audio_header.clone()];
+        headers.into_iter().flatten().chain(self.gop.iter().cloned()).collect()
+    }
+
     /// Sends the window to every stream-id-1 player that is keeping up.
     pub(super) fn flush(&mut self) {
         if self.window.messages == 0 {
@@ -345,14 +353,7 @@ impl Hub {
     /// is not live here (the other thread then ends its copy).
     pub(super) fn attach(&mut self, key: &Key, mirror: Mirror) {
         let Some(ch) = self.channels.get_mut(key).filter(|c| c.publisher.is_some() && !c.mirror) else { return };
-        let start = ch
-            .metadata
-            .clone()
-            .map(Media::Metadata)
-            .into_iter()
-            .chain(ch.video_header.clone())
-            .chain(ch.audio_header.clone())
-            .chain(ch.gop.iter().cloned());
+        let start = ch.start();
         for m in start {
             if !mirror.send(&m) {
                 return;
@@ -361,8 +362,7 @@ impl Hub {
         ch.mirrors.push(mirror);
     }
 
-    /// A late joiner's start: metadata, sequence headers, then the current GOP.
-    /// Adds a player and hands it metadata, sequence headers and the current GOP.
+    /// Adds a player and hands it the stream's start (`Channel::start`).
     pub(super) fn join(&mut self, key: &Key, mut player: Player) -> bool {
         let Some(ch) = self.channels.get_mut(key) else { return false };
         if ch.publisher.is_none() {
@@ -373,14 +373,7 @@ impl Hub {
         if let Some(c) = &ch.counters {
             c.players.fetch_add(1, Ordering::Relaxed);
         }
-        let start = ch
-            .metadata
-            .clone()
-            .map(Media::Metadata)
-            .into_iter()
-            .chain(ch.video_header.clone())
-            .chain(ch.audio_header.clone())
-            .chain(ch.gop.iter().cloned());
+        let start = ch.start();
         for m in start {
             player.deliver(&m, ch.counters.as_ref());
         }

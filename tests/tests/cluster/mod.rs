@@ -234,21 +234,32 @@ pub fn wait_bounded(mut child: Child, bound: Duration) -> Option<Output> {
     None
 }
 
-/// Every decision `node` put in the log: (app, action, allowed, final reason).
-pub async fn recorded(store: &EventStore, node: &str) -> Vec<(String, String, bool, String)> {
+/// Every decision `node` put in the log, as recorded.
+pub async fn decision_records(store: &EventStore, node: &str) -> Vec<sluice_events::DecisionRecord> {
     store
         .read_stream(&format!("decisions-{node}"))
         .await
         .unwrap()
-        .iter()
-        .filter_map(|e| match &e.event {
-            sluice_events::Event::AccessDecided(d) => Some((
-                d.decision.request.app.as_str().to_owned(),
-                d.decision.request.action.as_str().to_owned(),
-                d.decision.allowed,
-                d.decision.final_reason.as_str().to_owned(),
-            )),
+        .into_iter()
+        .filter_map(|e| match e.event {
+            sluice_events::Event::AccessDecided(d) => Some(d.decision),
             _ => None,
+        })
+        .collect()
+}
+
+/// Every decision `node` put in the log: (app, action, allowed, final reason).
+pub async fn recorded(store: &EventStore, node: &str) -> Vec<(String, String, bool, String)> {
+    decision_records(store, node)
+        .await
+        .into_iter()
+        .map(|d| {
+            (
+                d.request.app.as_str().to_owned(),
+                d.request.action.as_str().to_owned(),
+                d.allowed,
+                d.final_reason.as_str().to_owned(),
+            )
         })
         .collect()
 }
@@ -348,4 +359,40 @@ pub async fn call(
         ("Unsecure", 11),
     ];
     Err(codes.iter().find(|(name, _)| reason.contains(name)).map(|(_, c)| *c).unwrap_or_else(|| panic!("{reason}")))
+}
+
+/// `GET` with the admin key, blocking (for tests that run on a plain thread): the JSON body of
+/// a 200, else `None`.
+pub fn get_blocking(port: u16, path: &str) -> Option<Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {ADMIN}\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let (head, body) = buf.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| serde_json::from_str(body).ok()).flatten()
+}
+
+/// Whether the control plane on `cp` sees `app/stream` live with media coming in (from the
+/// workers' heartbeats): its publisher is admitted and sending.
+fn is_live(stats: Option<Value>) -> bool {
+    stats.is_some_and(|s| s["live"] == true && s["bytes_in"].as_u64() > Some(0))
+}
+
+/// Blocks until `app/stream` is live with media coming in (see `is_live`).
+pub fn wait_live(cp: u16, app: &str, stream: &str) {
+    let path = format!("/v1/stats/streams/{app}/{stream}");
+    assert!(sluice_tests::eventually(WAIT, || is_live(get_blocking(cp, &path))), "{app}/{stream} never went live");
+}
+
+/// Waits until `app/stream` is live with media coming in (see `is_live`).
+pub async fn until_live(http: &reqwest::Client, cp: u16, app: &str, stream: &str) {
+    let url = format!("http://127.0.0.1:{cp}/v1/stats/streams/{app}/{stream}");
+    until(&format!("{app}/{stream} is live"), || async {
+        let (code, v) = get(http, url.clone()).await;
+        code == 200 && is_live(Some(v))
+    })
+    .await;
 }
