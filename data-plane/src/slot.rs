@@ -298,6 +298,25 @@ mod tests {
         assert_eq!(slots.held(), 0);
     }
 
+    #[tokio::test]
+    async fn without_nats_the_local_slot_alone_holds_the_stream_and_says_so() {
+        // A real client with no server to reach (nothing listens on port 9).
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("nats://127.0.0.1:9")
+            .await
+            .unwrap();
+        let tasks = Tasks::new();
+        let slots = Slots::with_cluster(&tasks, client, NodeId::parse("w1").unwrap(), Duration::from_secs(3));
+        let cam = key("tv", "cam");
+        let slot = slots.claim(&cam).await.expect("admitted on this worker's slot");
+        assert_eq!(slot.scope, SlotScope::Local);
+        assert!(slots.claim(&cam).await.is_none(), "still one publisher per stream on this worker");
+        drop(slot);
+        assert!(slots.claim(&cam).await.is_some());
+        assert!(tasks.shutdown(Duration::from_secs(5)).await);
+    }
+
     #[test]
     fn lease_keys_are_valid_kv_keys_for_any_name() {
         let k = lease_key(&key("tv", "cam.one~2"));

@@ -170,6 +170,18 @@ async fn one_publisher_per_stream_across_protocols_and_workers_and_a_dead_worker
             assert_eq!(d.4, Some(SlotScope::Cluster), "{d:?}");
         }
     }
+
+    // NATS away: w2 admits a publisher on its own slot alone, and its decision says so once it
+    // reaches the log.
+    let mut plane = plane;
+    plane.nats.stop();
+    let offline = srt_publisher(w2.srt, "#!::r=tv/offline,m=publish").await.expect("admitted on the local slot");
+    plane.nats.restart().unwrap();
+    until("the offline publish is in the log, on the local slot", || async {
+        decisions(&plane, "w2").await.iter().any(|d| d.0 == "offline" && d.2 && d.4 == Some(SlotScope::Local))
+    })
+    .await;
+    drop(offline);
     assert!(!read(&w2.log).contains("panicked"), "{}", read(&w2.log));
     assert!(!read(&w1.log).contains("panicked"), "{}", read(&w1.log));
 }
