@@ -301,11 +301,8 @@ mod tests {
     #[tokio::test]
     async fn without_nats_the_local_slot_alone_holds_the_stream_and_says_so() {
         // A real client with no server to reach (nothing listens on port 9).
-        let client = async_nats::ConnectOptions::new()
-            .retry_on_initial_connect()
-            .connect("nats://127.0.0.1:9")
-            .await
-            .unwrap();
+        let client =
+            async_nats::ConnectOptions::new().retry_on_initial_connect().connect("nats://127.0.0.1:9").await.unwrap();
         let tasks = Tasks::new();
         let slots = Slots::with_cluster(&tasks, client, NodeId::parse("w1").unwrap(), Duration::from_secs(3));
         let cam = key("tv", "cam");
