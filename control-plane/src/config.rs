@@ -22,6 +22,7 @@ const KNOWN: &[&str] = &[
     "api_jwt_secret",
     "api_jwt_jwks_url",
     "api_jwt_role_claim",
+    "api_jwt_leeway_secs",
     "api_jwt_jwks_refresh_secs",
     "rate_limit_api",
     "rate_limit_stats",
@@ -68,6 +69,8 @@ pub struct ApiSettings {
     pub jwt_jwks_url: Option<String>,
     pub jwt_role_claim: String,
     pub jwt_jwks_refresh_secs: u64,
+    /// Clock skew allowed for an API JWT's `exp`, `nbf` and `iat`.
+    pub jwt_leeway_secs: u64,
     /// Requests per minute per client IP: SRT Live Server's classes and defaults.
     pub rate_api: u32,
     pub rate_stats: u32,
@@ -140,6 +143,7 @@ impl ApiSettings {
             jwt_secret: jwt_secret.map(sluice_events::SecretString::new),
             jwt_jwks_url,
             jwt_role_claim: s.or("api_jwt_role_claim", "role".to_owned(), "a claim name")?,
+            jwt_leeway_secs: s.or("api_jwt_leeway_secs", 5, "seconds")?,
             jwt_jwks_refresh_secs: s.or("api_jwt_jwks_refresh_secs", 300, "seconds")?,
             rate_api: positive("rate_limit_api", 30)?,
             rate_stats: positive("rate_limit_stats", 300)?,

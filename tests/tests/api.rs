@@ -250,6 +250,28 @@ async fn api_jwts_are_verified_and_carry_the_role() {
     );
 }
 
+/// `nbf` and `iat` are checked against the clock, with `SLUICE_API_JWT_LEEWAY_SECS` of leeway:
+/// a token valid from next year, or issued in the future, is refused today (issue #16, item 3).
+#[tokio::test]
+async fn api_jwts_not_yet_valid_or_issued_in_the_future_are_refused() {
+    let api = given_api(&[("SLUICE_API_JWT_LEEWAY_SECS", "30")]).await;
+    let (now, exp) = (now_secs(), now_secs() + 400 * 86_400);
+    let api = &api;
+    let call = |claims: Value| {
+        let token = api_jwt(claims, API_JWT_SECRET.as_bytes());
+        async move { api.call(Method::GET, "/v1/keys", Some(&bearer(&token)), None).await.status }
+    };
+    let next_year = now + 365 * 86_400;
+    assert_eq!(call(json!({"role": "admin", "exp": exp, "nbf": next_year})).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(json!({"role": "admin", "exp": exp, "iat": next_year})).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(json!({"role": "admin", "exp": exp, "nbf": now + 120})).await, StatusCode::UNAUTHORIZED);
+    // Within the leeway (a clock a little ahead at the issuer), and in the past: accepted.
+    assert_eq!(call(json!({"role": "admin", "exp": exp, "nbf": now + 10, "iat": now + 10})).await, StatusCode::OK);
+    assert_eq!(call(json!({"role": "admin", "exp": exp, "nbf": now - 60, "iat": now - 60})).await, StatusCode::OK);
+    // Not numbers: refused, not ignored.
+    assert_eq!(call(json!({"role": "admin", "exp": exp, "nbf": "soon"})).await, StatusCode::UNAUTHORIZED);
+}
+
 #[tokio::test]
 async fn api_jwts_from_a_jwks_url_and_its_forced_refresh() {
     // The identity provider: a real HTTP server serving a JWK set, empty at first.

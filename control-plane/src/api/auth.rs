@@ -48,6 +48,8 @@ pub struct Authenticator {
     jwks: Arc<RwLock<Vec<VerifyKey>>>,
     jwks_url: Option<String>,
     role_claim: String,
+    /// Clock skew allowed for `exp`, `nbf` and `iat`.
+    leeway_secs: u64,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -72,6 +74,7 @@ impl Authenticator {
             jwks: Arc::default(),
             jwks_url: settings.jwt_jwks_url.clone(),
             role_claim: settings.jwt_role_claim.clone(),
+            leeway_secs: settings.jwt_leeway_secs,
         }
     }
 
@@ -174,16 +177,17 @@ impl Authenticator {
         .ok_or(ApiError::Unauthorized(BAD))?;
         let mut validation = Validation::new(key.alg);
         validation.validate_aud = false;
-        validation.leeway = 5;
+        validation.validate_nbf = true;
+        validation.leeway = self.leeway_secs;
         validation.set_required_spec_claims(&["exp"]);
-        // jsonwebtoken checks `exp`/`nbf` against the wall clock; check `now` as well so the
-        // decision is reproducible in tests.
+        // jsonwebtoken checks `exp`/`nbf` against the wall clock; they are checked against `now`
+        // as well, with `iat`, so the decision is reproducible in tests.
         let data = jsonwebtoken::decode::<serde_json::Value>(token, &key.key, &validation)
             .map_err(|_| ApiError::Unauthorized(BAD))?;
-        let claims = data.claims;
-        if claims.get("exp").and_then(serde_json::Value::as_f64).is_none_or(|exp| exp * 1000.0 < now.0 as f64) {
+        if !times_hold(&data.claims, now, self.leeway_secs) {
             return Err(ApiError::Unauthorized(BAD));
         }
+        let claims = data.claims;
         let role = claims
             .get(&self.role_claim)
             .and_then(serde_json::Value::as_str)
@@ -192,6 +196,20 @@ impl Authenticator {
         let sub = claims.get("sub").and_then(serde_json::Value::as_str).unwrap_or("-");
         Ok(Principal { subject: format!("jwt:{sub}"), role, key: None })
     }
+}
+
+/// `exp` (required) is not past, and `nbf` and `iat` (optional, but numbers when present) are
+/// not in the future, each with `leeway` seconds of clock skew.
+fn times_hold(claims: &serde_json::Value, now: Timestamp, leeway: u64) -> bool {
+    let (now, leeway) = (now.0 as f64 / 1000.0, leeway as f64);
+    let claim = |name: &str| claims.get(name).map(serde_json::Value::as_f64);
+    let exp_ok = matches!(claim("exp"), Some(Some(exp)) if exp + leeway >= now);
+    let not_future = |name: &str| match claim(name) {
+        None => true,
+        Some(Some(t)) => t - leeway <= now,
+        Some(None) => false,
+    };
+    exp_ok && not_future("nbf") && not_future("iat")
 }
 
 fn looks_like_jwt(s: &str) -> bool {
