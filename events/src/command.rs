@@ -202,8 +202,10 @@ pub fn handle(state: &AuthState, command: Command, now: Timestamp) -> Result<Vec
             _ => Err(not_found("key", key_id)),
         },
         Command::CreateApp { app, policy } => {
-            if state.apps.contains_key(&app) {
-                return Err(exists("app", app));
+            // One namespace whatever the case: `Studio` and `studio` would be told apart by
+            // URLs and encoders that treat them as one.
+            if let Some(existing) = state.apps.keys().find(|a| a.as_str().eq_ignore_ascii_case(app.as_str())) {
+                return Err(exists("app", existing.clone()));
             }
             policy.validate().map_err(|e| invalid("policy", e.to_string()))?;
             one(AppCreated { app, policy }.into())

@@ -1167,3 +1167,31 @@ async fn every_route_counts_against_the_rate_class_its_row_declares() {
         }
     }
 }
+
+/// Issue #16, item 13: the smaller API defects a hostile review found.
+#[tokio::test]
+async fn positions_past_i64_query_errors_and_wrong_methods_are_problems_and_app_names_ignore_case() {
+    let api = given_api(&[]).await;
+    // A position beyond the log's range is refused, not read as position 1.
+    let r = api.admin(Method::GET, "/v1/events?after=9223372036854775808", None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{:?}", r.body);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    // A query string of the wrong type: problem+json naming it.
+    let r = api.admin(Method::GET, "/v1/events?limit=many", None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert!(r.body["detail"].as_str().unwrap().contains("limit"), "{:?}", r.body);
+    let r = api.admin(Method::GET, "/v1/events?colour=red", None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "unknown query parameters are refused too");
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    // A method the path does not serve: 405 problem+json, with Allow.
+    let r = api.admin(Method::PUT, "/v1/keys", None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    assert!(r.headers.contains_key("allow"), "{:?}", r.headers);
+    // App names are one namespace whatever their case.
+    assert_eq!(api.admin(Method::POST, "/v1/apps", Some(json!({"name": "Studio"}))).await.status, StatusCode::CREATED);
+    let r = api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    assert!(r.body["detail"].as_str().unwrap().contains("Studio"), "{:?}", r.body);
+}

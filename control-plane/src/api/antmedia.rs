@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use schemars::JsonSchema;
@@ -18,6 +18,7 @@ use super::apps::app_name;
 use super::body::StrictJson;
 use super::compat::AmsResult;
 use super::error::ApiError;
+use super::query::Query;
 use super::streams::stream_name;
 use super::subscribers::{add_subscriber, remove_subscriber, subscriber_id, subscribers_of};
 use super::tokens::{issue_token, mint};

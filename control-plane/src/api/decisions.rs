@@ -3,7 +3,7 @@
 //! rebuilds the state the decision was made on and runs `decide` again.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, TimeZone, Utc};
@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::ApiState;
 use super::error::ApiError;
+use super::query::Query;
 use crate::decisions::{self, DecisionRow, ExplainError, Explanation, Filter};
 
 #[derive(Debug, Deserialize, JsonSchema)]

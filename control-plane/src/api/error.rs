@@ -30,6 +30,8 @@ pub enum ApiError {
     AlreadyExists { what: &'static str, id: String },
     #[error("{0}")]
     Conflict(String),
+    #[error("this path does not serve that method (see Allow)")]
+    MethodNotAllowed,
     #[error("the request body is larger than the limit (max_body_bytes)")]
     TooLarge,
     #[error("expected a JSON body (Content-Type: application/json)")]
@@ -58,6 +60,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } | ApiError::Missing(_) => StatusCode::NOT_FOUND,
             ApiError::AlreadyExists { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -76,6 +79,7 @@ impl ApiError {
             ApiError::NotFound { .. } | ApiError::Missing(_) => "not-found",
             ApiError::AlreadyExists { .. } => "already-exists",
             ApiError::Conflict(_) => "conflict",
+            ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::TooLarge => "payload-too-large",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
             ApiError::RateLimited(_) => "rate-limited",

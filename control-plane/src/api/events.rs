@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use futures::Stream;
 use schemars::JsonSchema;
@@ -14,6 +14,7 @@ use sluice_events::{Position, RecordedEvent};
 
 use super::ApiState;
 use super::error::ApiError;
+use super::query::Query;
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -70,6 +71,9 @@ pub(super) async fn page(
         return Err(ApiError::invalid("limit", "between 1 and 1000"));
     }
     let after = q.after.unwrap_or(0);
+    if i64::try_from(after).is_err() {
+        return Err(ApiError::invalid("after", "a log position (at most 9223372036854775807)"));
+    }
     let events = api.writer.store().read_all(Position(after), limit).await?;
     let next_after = events.last().map_or(after, |e| e.position.0);
     Ok(Json(EventPage { events: events.iter().map(view).collect(), next_after }))
@@ -79,7 +83,11 @@ pub(super) async fn tail(
     State(api): State<ApiState>,
     Query(q): Query<EventsQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let sub = api.writer.store().subscribe(Position(q.after.unwrap_or(0))).await?;
+    let after = q.after.unwrap_or(0);
+    if i64::try_from(after).is_err() {
+        return Err(ApiError::invalid("after", "a log position (at most 9223372036854775807)"));
+    }
+    let sub = api.writer.store().subscribe(Position(after)).await?;
     let stream = futures::stream::unfold(sub, |mut sub| async move {
         match sub.recv().await? {
             Ok(e) => {

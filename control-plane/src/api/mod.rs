@@ -18,6 +18,7 @@ pub mod nodes;
 pub mod openapi;
 pub mod policy;
 pub mod probes;
+pub mod query;
 pub mod routes;
 pub mod sls;
 pub mod streams;
@@ -204,6 +205,20 @@ pub fn written<T: Serialize>(status: StatusCode, committed: Committed, body: Opt
     response
 }
 
+/// Axum answers a method a path does not serve with an empty 405: it becomes problem+json,
+/// keeping its `Allow`.
+async fn method_not_allowed(response: Response) -> Response {
+    if response.status() != StatusCode::METHOD_NOT_ALLOWED {
+        return response;
+    }
+    let allow = response.headers().get(header::ALLOW).cloned();
+    let mut problem = ApiError::MethodNotAllowed.into_response();
+    if let Some(allow) = allow {
+        problem.headers_mut().insert(header::ALLOW, allow);
+    }
+    problem
+}
+
 /// The whole HTTP surface, built from the route table: each route behind its guard (rate
 /// class, then role), grouped by surface for its error envelope.
 pub fn router(api: ApiState) -> Router {
@@ -223,6 +238,7 @@ pub fn router(api: ApiState) -> Router {
         .merge(sls.layer(middleware::from_fn(compat::sls_envelope)))
         .merge(ams.layer(middleware::from_fn(compat::antmedia_envelope)))
         .fallback(|| async { ApiError::NotFound { what: "route", id: "this path".into() } })
+        .layer(axum::middleware::map_response(method_not_allowed))
         .layer(middleware::from_fn_with_state(api.clone(), audit::record))
         .layer(middleware::from_fn_with_state(api.clone(), limits::allow_list));
     let mut app = Router::new()

@@ -4,7 +4,7 @@
 //! stream's public name, its `publisher` the publish name.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use schemars::JsonSchema;
@@ -15,6 +15,7 @@ use super::body::StrictJson;
 use super::compat::SlsMessage;
 use super::error::ApiError;
 use super::keys::{CreateKey, create_key};
+use super::query::Query;
 use super::{ApiState, Ctx, now, written};
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]

@@ -2,7 +2,7 @@
 //! and an optional secret publish name (what the publisher uses, SRT Live Server's mapping).
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use schemars::JsonSchema;
@@ -13,6 +13,7 @@ use sluice_events::{AppName, Command, StreamName};
 use super::apps::{app_name, lookup};
 use super::body::StrictJson;
 use super::error::ApiError;
+use super::query::Query;
 use super::{ApiState, Ctx, now, written};
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
