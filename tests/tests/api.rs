@@ -1195,3 +1195,31 @@ async fn positions_past_i64_query_errors_and_wrong_methods_are_problems_and_app_
     assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
     assert!(r.body["detail"].as_str().unwrap().contains("Studio"), "{:?}", r.body);
 }
+
+/// Issue #16, item 1: a `write` key cannot end up with a policy it could not set directly: it
+/// may create an app with the default policy, but not with a policy of its choice, and it may
+/// not delete an app (deleting and re-creating was the way around `PUT …/policy`).
+#[tokio::test]
+async fn a_write_key_cannot_set_a_policy_by_deleting_and_recreating_the_app() {
+    let api = given_api(&[]).await;
+    let (_, write) = api.key("write", json!({})).await;
+    let locked = json!({"publish": {"methods": ["one_time_token"]}, "play": {"methods": ["one_time_token"]}});
+    let r = api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio", "policy": locked}))).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    // The ways around PUT …/policy, each refused.
+    let r = api.call(Method::DELETE, "/v1/apps/studio", Some(&bearer(&write)), None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "a write key deleted the app: {:?}", r.body);
+    let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]},
+                      "webhook": {"url": "http://127.0.0.1:18999/internal/admin"}});
+    let r =
+        api.call(Method::POST, "/v1/apps", Some(&bearer(&write)), Some(json!({"name": "other", "policy": open}))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "a write key chose a policy: {:?}", r.body);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
+    // What a write key may still do: create an app with the default policy.
+    let r = api.call(Method::POST, "/v1/apps", Some(&bearer(&write)), Some(json!({"name": "plain"}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    // The policy is as the admin set it; admin deletes.
+    let r = api.admin(Method::GET, "/v1/apps/studio/policy", None).await;
+    assert_eq!(r.body["publish"]["methods"], json!(["one_time_token"]));
+    assert_eq!(api.admin(Method::DELETE, "/v1/apps/plain", None).await.status, StatusCode::NO_CONTENT);
+}

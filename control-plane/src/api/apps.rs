@@ -9,7 +9,7 @@ use base64::Engine as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_events::state::App;
-use sluice_events::{AppName, AuthState, Command, NewSecret, Policy, SecretKind};
+use sluice_events::{AppName, AuthState, Command, NewSecret, Policy, Role, SecretKind};
 
 use super::body::{OptionalJson, StrictJson};
 use super::error::ApiError;
@@ -21,7 +21,7 @@ use super::{ApiState, Ctx, now, random, written};
 pub struct CreateApp {
     pub name: AppName,
     /// Defaults to open publish and play with undefined streams accepted (a fresh SRS or Ant
-    /// Media app).
+    /// Media app). Giving one needs the admin role.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyBody>,
 }
@@ -78,6 +78,13 @@ pub(super) async fn create(
     ctx: Ctx,
     StrictJson(req): StrictJson<CreateApp>,
 ) -> Result<Response, ApiError> {
+    // The one rule that depends on the body, not the route: choosing the policy is the policy's
+    // role (admin, as `PUT …/policy`); a write key gets the default.
+    if req.policy.is_some() {
+        ctx.principal
+            .require(Role::Admin)
+            .map_err(|_| ApiError::Forbidden("setting an app's policy needs the admin role"))?;
+    }
     let policy = req.policy.map(Policy::from).unwrap_or_default();
     let name = req.name;
     let committed = api

@@ -144,10 +144,10 @@ pub fn table() -> Vec<Route> {
         Route::new::<(), (), _, _>(M::DELETE, "/v1/keys/{id}", admin, config, v1("keys"), "Revoke an API key", 204, keys::revoke),
         Route::new::<(), keys::JwksRefreshed, _, _>(M::POST, "/v1/auth/jwks/refresh", admin, config, v1("keys"), "Refetch the API JWKS now", 200, keys::refresh_jwks),
         // Apps.
-        Route::new::<apps::CreateApp, apps::AppView, _, _>(M::POST, "/v1/apps", write, api, v1("apps"), "Create an app", 201, apps::create),
+        Route::new::<apps::CreateApp, apps::AppView, _, _>(M::POST, "/v1/apps", write, api, v1("apps"), "Create an app (a `policy` other than the default needs admin)", 201, apps::create),
         Route::new::<(), apps::AppList, _, _>(M::GET, "/v1/apps", read, api, v1("apps"), "List apps", 200, apps::list),
         Route::new::<(), apps::AppView, _, _>(M::GET, "/v1/apps/{app}", read, api, v1("apps"), "Get an app", 200, apps::read),
-        Route::new::<(), (), _, _>(M::DELETE, "/v1/apps/{app}", write, api, v1("apps"), "Delete an app", 204, apps::delete),
+        Route::new::<(), (), _, _>(M::DELETE, "/v1/apps/{app}", admin, config, v1("apps"), "Delete an app (its tokens go with it)", 204, apps::delete),
         Route::new::<(), Policy, _, _>(M::GET, "/v1/apps/{app}/policy", read, api, v1("apps"), "Get the publish/play policy", 200, apps::read_policy),
         Route::new::<super::policy::PolicyBody, Policy, _, _>(M::PUT, "/v1/apps/{app}/policy", admin, config, v1("apps"), "Replace the policy", 200, apps::replace_policy),
         Route::new::<apps::RotateSecret, apps::RotatedSecret, _, _>(M::POST, "/v1/apps/{app}/secrets/{kind}", admin, config, v1("apps"), "Rotate the hash, jwt, webhook or srt_passphrase secret (returned once)", 200, apps::rotate),
