@@ -23,6 +23,7 @@ const KNOWN: &[&str] = &[
     "api_jwt_jwks_url",
     "api_jwt_role_claim",
     "api_jwt_leeway_secs",
+    "webhook_allowed",
     "api_jwt_jwks_refresh_secs",
     "rate_limit_api",
     "rate_limit_stats",
@@ -71,6 +72,8 @@ pub struct ApiSettings {
     pub jwt_jwks_refresh_secs: u64,
     /// Clock skew allowed for an API JWT's `exp`, `nbf` and `iat`.
     pub jwt_leeway_secs: u64,
+    /// Where a policy's webhook may point beyond public addresses (`SLUICE_WEBHOOK_ALLOWED`).
+    pub webhook_allowed: sluice_events::webhook::WebhookAllowList,
     /// Requests per minute per client IP: SRT Live Server's classes and defaults.
     pub rate_api: u32,
     pub rate_stats: u32,
@@ -134,6 +137,9 @@ impl ApiSettings {
             .map(|c| sluice_events::Cidr::parse(c))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| s.invalid("remote_allowed_cidrs", "comma-separated CIDRs like 10.0.0.0/8,::1/128"))?;
+        let webhook: List = s.or("webhook_allowed", List(vec![]), "comma-separated host names or CIDRs")?;
+        let webhook_allowed = sluice_events::webhook::WebhookAllowList::parse(&webhook.0)
+            .map_err(|_| s.invalid("webhook_allowed", "comma-separated host names or CIDRs"))?;
         let positive = |key: &str, default: u32| -> Result<u32, SettingsError> {
             let v: u32 = s.or(key, default, "a positive number of requests per minute")?;
             if v == 0 { Err(s.invalid(key, "a positive number of requests per minute")) } else { Ok(v) }
@@ -144,6 +150,7 @@ impl ApiSettings {
             jwt_jwks_url,
             jwt_role_claim: s.or("api_jwt_role_claim", "role".to_owned(), "a claim name")?,
             jwt_leeway_secs: s.or("api_jwt_leeway_secs", 5, "seconds")?,
+            webhook_allowed,
             jwt_jwks_refresh_secs: s.or("api_jwt_jwks_refresh_secs", 300, "seconds")?,
             rate_api: positive("rate_limit_api", 30)?,
             rate_stats: positive("rate_limit_stats", 300)?,

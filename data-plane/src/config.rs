@@ -30,6 +30,7 @@ const KNOWN: &[&str] = &[
     "rtmp_player_behind_secs",
     "srt_latency_ms",
     "publish_lease_secs",
+    "webhook_allowed",
 ];
 
 #[derive(Clone)]
@@ -71,6 +72,9 @@ pub struct Config {
     /// `sluice-publishers`): the time a killed worker's streams stay taken. Renewed every
     /// third of it; the bucket's age limit is set by the first worker that creates it.
     pub publish_lease_secs: u64,
+    /// Where a webhook may go beyond public addresses: host names or CIDRs
+    /// (`SLUICE_WEBHOOK_ALLOWED`, comma-separated).
+    pub webhook_allowed: sluice_events::webhook::WebhookAllowList,
 }
 
 impl std::fmt::Debug for Config {
@@ -97,6 +101,7 @@ impl std::fmt::Debug for Config {
             .field("rtmp_player_behind_secs", &self.rtmp_player_behind_secs)
             .field("srt_latency_ms", &self.srt_latency_ms)
             .field("publish_lease_secs", &self.publish_lease_secs)
+            .field("webhook_allowed", &self.webhook_allowed)
             .finish()
     }
 }
@@ -118,6 +123,10 @@ impl Config {
                 .or_else(|_| NodeId::parse("worker"))
                 .map_err(|_| s.invalid("node_id", "a node id"))?,
         };
+        let webhook: String = s.or("webhook_allowed", String::new(), "comma-separated host names or CIDRs")?;
+        let entries: Vec<String> = webhook.split(',').map(str::to_owned).collect();
+        let webhook_allowed = sluice_events::webhook::WebhookAllowList::parse(&entries)
+            .map_err(|_| s.invalid("webhook_allowed", "comma-separated host names or CIDRs"))?;
         Ok(Config {
             nats_url: s.or("nats_url", "nats://127.0.0.1:4222".to_owned(), "a nats:// URL")?,
             sealing_key,
@@ -140,6 +149,7 @@ impl Config {
             rtmp_player_behind_secs: s.or("rtmp_player_behind_secs", 10, "seconds")?.max(1),
             srt_latency_ms: s.or("srt_latency_ms", 120, "milliseconds")?,
             publish_lease_secs: s.or("publish_lease_secs", 10, "seconds")?.max(1),
+            webhook_allowed,
         })
     }
 }

@@ -198,7 +198,10 @@ async fn run(config: Config) -> Result<(), String> {
         spool,
         guard,
         sessions,
-        webhooks: Arc::new(webhook::Webhooks::new(Duration::from_secs(config.webhook_cache_secs))),
+        webhooks: Arc::new(webhook::Webhooks::new(
+            Duration::from_secs(config.webhook_cache_secs),
+            config.webhook_allowed.clone(),
+        )),
         stats: media_stats,
         gate: limits::Gate::new(
             config.max_connections.max(1),

@@ -12,18 +12,23 @@
 //! credential), so a reconnecting player does not ask again every time; denials are not.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use sluice_events::decision::WebhookAnswer;
+use sluice_events::webhook::{WebhookAllowList, url_host_port};
 use sluice_events::{AccessRequest, Sha256Digest, StreamName};
 
 #[derive(Debug)]
 pub struct Webhooks {
-    http: reqwest::Client,
     ttl: Duration,
+    /// `SLUICE_WEBHOOK_ALLOWED`: checked against the addresses the host resolves to, before
+    /// each call, and the call pinned to a checked address (a name that moves between the check
+    /// and the connection cannot take it elsewhere).
+    allow: WebhookAllowList,
     allowed: Mutex<HashMap<Sha256Digest, Instant>>,
 }
 
@@ -58,8 +63,24 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 }
 
 impl Webhooks {
-    pub fn new(cache_ttl: Duration) -> Webhooks {
-        Webhooks { http: reqwest::Client::new(), ttl: cache_ttl, allowed: Mutex::default() }
+    pub fn new(cache_ttl: Duration, allow: WebhookAllowList) -> Webhooks {
+        Webhooks { ttl: cache_ttl, allow, allowed: Mutex::default() }
+    }
+
+    /// A client that reaches `url`'s host only at an address the allow-list admits.
+    async fn client_for(&self, url: &str, timeout: Duration) -> Result<reqwest::Client, String> {
+        let (host, port) = url_host_port(url).ok_or("not an http(s) URL")?;
+        let found = tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), port)))
+            .await
+            .map_err(|_| format!("resolving {host} timed out"))?
+            .map_err(|e| format!("cannot resolve {host}: {e}"))?;
+        let addresses: Vec<SocketAddr> = found.collect();
+        let Some(addr) = addresses.iter().find(|a| self.allow.allows(&host, a.ip())) else {
+            return Err(format!(
+                "{host} resolves only to internal addresses ({addresses:?}); not in SLUICE_WEBHOOK_ALLOWED"
+            ));
+        };
+        reqwest::Client::builder().resolve(&host, *addr).build().map_err(|e| e.to_string())
     }
 
     pub async fn ask(
@@ -94,7 +115,14 @@ impl Webhooks {
             "at": now_ms,
         });
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
-        let mut call = self.http.post(url).timeout(timeout).header("content-type", "application/json");
+        let http = match self.client_for(url, timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook refused by the allow-list; failing closed");
+                return WebhookAnswer { status: None, allowed: false };
+            }
+        };
+        let mut call = http.post(url).timeout(timeout).header("content-type", "application/json");
         if let Some(secret) = secret {
             call = call.header("x-sluice-signature", signature(secret, &bytes));
         }

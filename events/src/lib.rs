@@ -17,6 +17,7 @@ pub mod schema;
 pub mod secret;
 pub mod settings;
 pub mod state;
+pub mod webhook;
 pub mod wire;
 
 pub use command::{Command, NewSecret, Rejection, handle};

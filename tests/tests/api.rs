@@ -1223,3 +1223,32 @@ async fn a_write_key_cannot_set_a_policy_by_deleting_and_recreating_the_app() {
     assert_eq!(r.body["publish"]["methods"], json!(["one_time_token"]));
     assert_eq!(api.admin(Method::DELETE, "/v1/apps/plain", None).await.status, StatusCode::NO_CONTENT);
 }
+
+/// Issue #16, item 1: a policy's webhook may not point at the workers' own network (loopback,
+/// private, link-local and the metadata address) unless `SLUICE_WEBHOOK_ALLOWED` lists it.
+#[tokio::test]
+async fn webhook_urls_to_internal_addresses_are_refused_unless_listed() {
+    let hooked = |url: &str| json!({"publish": {"methods": ["webhook"]}, "play": {"methods": ["open"]}, "webhook": {"url": url}});
+    let api = given_api(&[]).await;
+    api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    for url in [
+        "http://127.0.0.1:18999/internal/admin",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.7/hook",
+        "http://[::1]:8080/",
+        "http://localhost:9935/v1/decide",
+    ] {
+        let r = api.admin(Method::PUT, "/v1/apps/studio/policy", Some(hooked(url))).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{url}: {:?}", r.body);
+        assert!(r.body["detail"].as_str().unwrap().contains("SLUICE_WEBHOOK_ALLOWED"), "{url}: {:?}", r.body);
+        let r = api.admin(Method::POST, "/v1/apps", Some(json!({"name": "other", "policy": hooked(url)}))).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{url} at creation: {:?}", r.body);
+    }
+    // Listed, it is accepted.
+    let api = given_api(&[("SLUICE_WEBHOOK_ALLOWED", "127.0.0.1,10.0.0.0/8")]).await;
+    api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
+    for url in ["http://127.0.0.1:18999/hook", "http://10.0.0.7/hook"] {
+        let r = api.admin(Method::PUT, "/v1/apps/studio/policy", Some(hooked(url))).await;
+        assert_eq!(r.status, StatusCode::OK, "{url}: {:?}", r.body);
+    }
+}

@@ -563,4 +563,21 @@ async fn a_webhook_decides_when_the_app_asks_it_signed_cached_and_failing_closed
     assert_eq!(e["matches"], true, "{e}");
     assert_eq!(e["replayed"]["outcome"], "ask_webhook");
     assert_eq!(e["webhook"], json!({"status": 200, "allowed": true}), "{e}");
+
+    // A worker whose SLUICE_WEBHOOK_ALLOWED does not list loopback checks the host again before
+    // calling: the receiver is never asked, the decision fails closed (issue #16, item 1).
+    let w2 = free_port();
+    let _w2 = worker_with(
+        &nats.url(),
+        w2,
+        &dir.path().join("w2"),
+        "w2",
+        &dir.path().join("w2.log"),
+        &[("SLUICE_WEBHOOK_ALLOWED", "")],
+    );
+    ready_at_head(&http, &store, w2).await;
+    let (code, d) = decide(&http, w2, publish("good")).await;
+    assert_eq!((code, d["reason"].as_str()), (403, Some("webhook_failed")), "{d}");
+    assert_eq!(seen.lock().unwrap().len(), 4, "the receiver was not called");
+    assert!(read(&dir.path().join("w2.log")).contains("SLUICE_WEBHOOK_ALLOWED"));
 }

@@ -9,6 +9,7 @@ use base64::Engine as _;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_events::state::App;
+use sluice_events::webhook::url_host_port;
 use sluice_events::{AppName, AuthState, Command, NewSecret, Policy, Role, SecretKind};
 
 use super::body::{OptionalJson, StrictJson};
@@ -56,6 +57,31 @@ pub struct RotatedSecret {
     pub secret: String,
 }
 
+/// A policy's webhook must point where `SLUICE_WEBHOOK_ALLOWED` lets it: every address its host
+/// resolves to now must be allowed. A name the control plane cannot resolve (split-horizon DNS)
+/// is accepted: the worker checks again before each call, which is what protects its network.
+async fn webhook_reachable(api: &ApiState, policy: &Policy) -> Result<(), ApiError> {
+    let Some(w) = &policy.webhook else { return Ok(()) };
+    let refused = |detail: String| ApiError::invalid("policy.webhook.url", detail);
+    let (host, port) = url_host_port(&w.url).ok_or_else(|| refused("expected http(s)://host[:port]/…".into()))?;
+    let lookup =
+        tokio::time::timeout(std::time::Duration::from_secs(3), tokio::net::lookup_host((host.as_str(), port)));
+    let addresses: Vec<_> = match lookup.await {
+        Ok(Ok(found)) => found.map(|a| a.ip()).collect(),
+        _ => {
+            tracing::info!(host, "webhook host does not resolve here; the workers check it before each call");
+            return Ok(());
+        }
+    };
+    let allow = &api.settings.webhook_allowed;
+    match addresses.iter().find(|ip| !allow.allows(&host, **ip)) {
+        None => Ok(()),
+        Some(ip) => Err(refused(format!(
+            "{host} resolves to {ip}, an internal address; list it in SLUICE_WEBHOOK_ALLOWED to allow it"
+        ))),
+    }
+}
+
 pub fn app_name(app: &str) -> Result<AppName, ApiError> {
     AppName::parse(app).map_err(|_| ApiError::not_found("app", app))
 }
@@ -86,6 +112,7 @@ pub(super) async fn create(
             .map_err(|_| ApiError::Forbidden("setting an app's policy needs the admin role"))?;
     }
     let policy = req.policy.map(Policy::from).unwrap_or_default();
+    webhook_reachable(&api, &policy).await?;
     let name = req.name;
     let committed = api
         .writer
@@ -132,11 +159,11 @@ pub(super) async fn replace_policy(
     StrictJson(policy): StrictJson<PolicyBody>,
 ) -> Result<Response, ApiError> {
     let name = app_name(&app)?;
+    let policy = Policy::from(policy);
+    webhook_reachable(&api, &policy).await?;
     let committed = api
         .writer
-        .run(&ctx.origin(), now(), |_| {
-            Ok(Command::SetPolicy { app: name.clone(), policy: Policy::from(policy.clone()) })
-        })
+        .run(&ctx.origin(), now(), |_| Ok(Command::SetPolicy { app: name.clone(), policy: policy.clone() }))
         .await?;
     let state = api.writer.projection().current();
     Ok(written(StatusCode::OK, committed, Some(lookup(&state, &name)?.policy.clone())))

@@ -73,6 +73,8 @@ pub fn control_with(
         .env("SLUICE_RATE_LIMIT_API", "100000")
         .env("SLUICE_RATE_LIMIT_STATS", "100000")
         .env("SLUICE_RATE_LIMIT_CONFIG", "100000")
+        // The tests' webhook receivers listen on loopback.
+        .env("SLUICE_WEBHOOK_ALLOWED", "127.0.0.1")
         .env("SLUICE_LOG", "info,sqlx=warn,async_nats=warn");
     for (k, v) in extra {
         cmd.env(k, v);
@@ -109,6 +111,7 @@ pub fn worker_with(
         .env("SLUICE_HEARTBEAT_SECS", "1")
         .env("SLUICE_SNAPSHOT_EVERY_SECS", "1")
         .env("SLUICE_LOG", "info,async_nats=warn")
+        .env("SLUICE_WEBHOOK_ALLOWED", "127.0.0.1")
         .env("SLUICE_RTMP_LISTEN", rtmp)
         .env("SLUICE_SRT_LISTEN", format!("127.0.0.1:{}", sluice_tests::free_port()));
     for (k, v) in extra {
