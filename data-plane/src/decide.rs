@@ -103,20 +103,41 @@ impl Guard {
         }
         let Some(kv) = self.store().await else { return Claim::Unavailable };
         let value = bytes::Bytes::from(decision.to_string());
-        match tokio::time::timeout(CLAIM_TIMEOUT, kv.create(key, value)).await {
-            Ok(Ok(_)) => {
+        // The create runs on its own: if it is slow, this decision gives up on it (and refuses),
+        // but the server may still apply it; it is then taken back, so a claim that did not
+        // admit anybody burns nothing.
+        let mut attempt = tokio::spawn({
+            let (kv, key) = (kv.clone(), key.to_owned());
+            async move { kv.create(&key, value).await }
+        });
+        match tokio::time::timeout(CLAIM_TIMEOUT, &mut attempt).await {
+            Ok(Ok(Ok(_))) => {
                 self.remember(key);
                 Claim::Claimed
             }
-            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+            Ok(Ok(Err(e))) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                 self.remember(key);
                 Claim::Used
             }
-            Ok(Err(e)) => {
+            Ok(Ok(Err(e))) => {
                 tracing::warn!(error = %e, "claim in {} failed", dist::CONSUMED_BUCKET);
                 Claim::Unavailable
             }
-            Err(_) => Claim::Unavailable,
+            Ok(Err(_)) => Claim::Unavailable,
+            Err(_) => {
+                let (kv, key) = (kv.clone(), key.to_owned());
+                tokio::spawn(async move {
+                    if let Ok(Ok(revision)) = attempt.await {
+                        match kv.delete_expect_revision(&key, Some(revision)).await {
+                            Ok(()) => tracing::info!("a claim that timed out landed late; taken back"),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "a claim that timed out landed late and could not be taken back")
+                            }
+                        }
+                    }
+                });
+                Claim::Unavailable
+            }
         }
     }
 

@@ -261,6 +261,14 @@ async fn renew(slots: std::sync::Weak<Slots>, mut changes: mpsc::UnboundedReceiv
                             h.lost = false;
                         }
                         Ok(Err(e)) => {
+                            // Our own create, which timed out at claim time but landed: adopt it.
+                            if h.revision.is_none()
+                                && let Ok(Ok(Some(entry))) = tokio::time::timeout(CLAIM_TIMEOUT, kv.entry(lease.as_str())).await
+                                && entry.value == cluster.value()
+                            {
+                                h.revision = Some(entry.revision);
+                                continue;
+                            }
                             // Expired during an outage (then created again at the next tick),
                             // or taken by another worker meanwhile.
                             if h.revision.is_none() && !h.lost {
