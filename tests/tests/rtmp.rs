@@ -404,6 +404,25 @@ async fn bad_rtmp_input(port: u16, log: &std::path::Path) {
     let silent = Instant::now();
     assert!(c.closed().await, "a silent publisher is closed");
     assert!(silent.elapsed() >= Duration::from_secs(4), "closed by the idle timer, not before");
+    // Slowloris (issue #16, item 11): a connection that trickles an unfinished message one byte
+    // a second never reaches a session; the pre-session deadline (the idle timeout, 5 s here,
+    // counted from accept) closes it however often a byte arrives.
+    let mut c = Client::handshake(port).await;
+    let trickle = raw::chunk(3, 20, &[0u8; 200]);
+    let mut buf = [0u8; 4096];
+    let mut closed = false;
+    for b in trickle.iter().take(30) {
+        if c.stream.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        use tokio::io::AsyncReadExt as _;
+        if let Ok(Ok(0) | Err(_)) = tokio::time::timeout(Duration::from_secs(1), c.stream.read(&mut buf)).await {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "a connection trickling a byte a second was held open for 30 s");
     // A chunk size of 0 closes the connection. One over 2^24 changes nothing (no chunk can
     // be longer than a 24-bit message length), and the session goes on.
     for (size, goes_on) in [(0u32, false), ((1 << 24) + 1, true)] {

@@ -5,7 +5,7 @@ use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use monoio::io::{AsyncReadRent, Splitable};
 use monoio::net::TcpStream;
@@ -53,9 +53,14 @@ pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx
     let (mut rd, wr) = stream.into_split();
     let (out, out_rx, mut abort, abort_writer) = outbox();
     monoio::spawn(writer(wr, out_rx, abort_writer));
+    // The whole pre-session phase (handshake, connect, the publish or play command) has one
+    // deadline from accept, whatever trickles in meanwhile: a byte every few seconds must not
+    // hold a connection open for ever (slowloris).
+    let session_deadline = Instant::now() + ctx.idle_timeout;
     // Handshake, bounded in time.
     let mut hs = Handshake::new(PeerType::Server);
-    let leftover = match monoio::time::timeout(HANDSHAKE_TIMEOUT, handshake(&mut rd, &mut hs, &out)).await {
+    let handshake_time = HANDSHAKE_TIMEOUT.min(ctx.idle_timeout);
+    let leftover = match monoio::time::timeout(handshake_time, handshake(&mut rd, &mut hs, &out)).await {
         Ok(Ok(rest)) => rest,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "RTMP handshake failed");
@@ -96,7 +101,17 @@ pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx
     while ok && !conn.closed.get() {
         // A player only acknowledges now and then (the window it was given is large); its
         // connection lives until it closes or a write fails. Anyone else must keep talking.
-        let idle = if matches!(conn.role, Role::Player(_)) { PLAYER_IDLE_TIMEOUT } else { conn.ctx.idle_timeout };
+        let idle = match conn.role {
+            Role::Player(_) => PLAYER_IDLE_TIMEOUT,
+            Role::Publisher(..) => conn.ctx.idle_timeout,
+            Role::None => match session_deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => left,
+                _ => {
+                    tracing::debug!(%peer, "RTMP connection did not publish or play in time; closing");
+                    break;
+                }
+            },
+        };
         let read = monoio::select! {
             r = monoio::time::timeout(idle, rd.read(buf)) => r,
             _ = aborted(&mut abort) => break,
