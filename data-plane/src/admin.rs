@@ -115,6 +115,11 @@ async fn metrics(State(d): State<Arc<Decider>>) -> ([(axum::http::HeaderName, &'
         ("sluice_state_position", "Log position of the applied state.", d.shared.position().0),
         ("sluice_ready", "1 when the worker has a state to decide from.", u64::from(d.shared.is_ready())),
         ("sluice_decisions_pending", "Decisions in the spool not yet in the log.", d.spool.backlog() as u64),
+        (
+            "sluice_srt_refused_datagrams_total",
+            "SRT datagrams the listener refused (unparseable, or failing their session); logged at most once per 10 s.",
+            srt_protocol::listener::REFUSED_DATAGRAMS.load(std::sync::atomic::Ordering::Relaxed),
+        ),
     ]);
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }

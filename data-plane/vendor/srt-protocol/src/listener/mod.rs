@@ -2,7 +2,14 @@ mod input;
 mod session;
 mod statistics;
 
-use std::{collections::HashMap, fmt::Debug, net::SocketAddr, time::Duration, time::Instant};
+use std::{
+    collections::HashMap,
+    fmt::Debug,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+    time::Instant,
+};
 
 use crate::{packet::*, protocol::time::Timer, settings::ConnInitSettings};
 
@@ -14,6 +21,12 @@ pub use statistics::*;
 #[derive(Clone, Debug)]
 pub struct ListenerSettings {}
 
+/// sluice patch: datagrams the listener refused (unparseable, or failing their session), in
+/// this process. UDP sources can be spoofed, so these are counted, and logged at most once per
+/// `WARN_EVERY` with the count, instead of one line each.
+pub static REFUSED_DATAGRAMS: AtomicU64 = AtomicU64::new(0);
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 pub struct MultiplexListener {
     start_time: Instant,
@@ -22,6 +35,9 @@ pub struct MultiplexListener {
     sessions: HashMap<SessionId, SessionState>,
     stats: ListenerStatistics,
     stats_timer: Timer,
+    /// sluice patch: when the last refusal was logged, and how many since went unlogged.
+    last_warn: Option<Instant>,
+    unlogged: u64,
 }
 
 impl MultiplexListener {
@@ -33,6 +49,8 @@ impl MultiplexListener {
             sessions: Default::default(),
             stats: Default::default(),
             stats_timer: Timer::new(now, Duration::from_secs(1)),
+            last_warn: None,
+            unlogged: 0,
         }
     }
 
@@ -154,14 +172,22 @@ impl MultiplexListener {
         Action::Close
     }
 
-    fn warn(&self, now: Instant, tag: &str, debug: &impl Debug) {
+    fn warn(&mut self, now: Instant, tag: &str, debug: &impl Debug) {
+        REFUSED_DATAGRAMS.fetch_add(1, Ordering::Relaxed);
+        if self.last_warn.is_some_and(|at| now.saturating_duration_since(at) < WARN_EVERY) {
+            self.unlogged += 1;
+            return;
+        }
         log::warn!(
-            "{:?}|listen:{}|{} - {:?}",
+            "{:?}|listen:{}|{} - {:?} ({} more refused since the last line)",
             TimeSpan::from_interval(self.start_time, now),
             self.local_address.port(),
             tag,
-            debug
+            debug,
+            self.unlogged
         );
+        self.last_warn = Some(now);
+        self.unlogged = 0;
     }
 }
 
