@@ -15,7 +15,7 @@ use std::time::Instant;
 use sluice_events::decide::public_stream;
 use sluice_events::{AccessRequest, Action, DecisionRecord, Reason};
 
-use crate::decide::Decider;
+use crate::decide::{Decider, Refuse};
 use crate::sessions::Session;
 use crate::slot::{Key, Slot, Slots};
 use crate::stats::{MediaStats, StreamCounters};
@@ -75,14 +75,17 @@ impl Refusal {
 }
 
 impl Admission {
-    pub async fn admit(&self, req: AccessRequest) -> Result<Admitted, Refusal> {
+    /// `live`: for a play, whether the stream has a publisher this protocol can relay. A play of
+    /// a stream that is not live is refused `not_live` before anything is claimed (a one-time
+    /// token stays unspent); a refused credential keeps its own reason.
+    pub async fn admit(&self, req: AccessRequest, live: bool) -> Result<Admitted, Refusal> {
         let started = Instant::now();
-        let answer = self.admit_timed(req).await;
+        let answer = self.admit_timed(req, live).await;
         self.decider.stats.decision_latency(started.elapsed());
         answer
     }
 
-    async fn admit_timed(&self, req: AccessRequest) -> Result<Admitted, Refusal> {
+    async fn admit_timed(&self, req: AccessRequest, live: bool) -> Result<Admitted, Refusal> {
         let d = &self.decider;
         let ip = req.client_ip;
         if d.gate.penalized(ip, Instant::now()) {
@@ -107,13 +110,17 @@ impl Admission {
             _ => None,
         };
         let admitted_by = req.clone();
-        let record = match d.decide_recording(req, busy.then_some(Reason::StreamBusy), scope).await {
+        let refuse = Refuse {
+            always: busy.then_some(Reason::StreamBusy),
+            if_allowed: (req.action == Action::Play && !live).then_some(Reason::NotLive),
+        };
+        let record = match d.decide_with(req, refuse, scope).await {
             Ok(r) => r,
             Err(e) => return Err(Refusal::Unavailable(e.to_string())),
         };
         if record.allowed {
             d.gate.succeeded(ip);
-        } else if !matches!(record.final_reason, Reason::StreamBusy | Reason::RateLimited) {
+        } else if !matches!(record.final_reason, Reason::StreamBusy | Reason::RateLimited | Reason::NotLive) {
             d.gate.failed(ip, Instant::now());
         }
         if !record.allowed {

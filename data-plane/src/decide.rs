@@ -195,6 +195,13 @@ pub struct Decider {
     pub gate: Arc<crate::limits::Gate>,
 }
 
+/// Refusals the media server adds to a decision (see `Decider::decide_with`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Refuse {
+    pub always: Option<Reason>,
+    pub if_allowed: Option<Reason>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DecideError {
     /// The decision could not be recorded: the worker refuses rather than act unrecorded.
@@ -228,6 +235,18 @@ impl Decider {
         refuse: Option<Reason>,
         slot: Option<SlotScope>,
     ) -> Result<DecisionRecord, DecideError> {
+        self.decide_with(req, Refuse { always: refuse, if_allowed: None }, slot).await
+    }
+
+    /// The decision with the media server's own refusals: `always` whatever the verdict (a
+    /// busy stream), `if_allowed` only where the credential passed (a stream not live: a
+    /// refused credential keeps its own reason). Neither claims anything.
+    pub async fn decide_with(
+        &self,
+        req: AccessRequest,
+        refuse: Refuse,
+        slot: Option<SlotScope>,
+    ) -> Result<DecisionRecord, DecideError> {
         if !self.shared.is_ready() {
             return Err(DecideError::NotReady);
         }
@@ -235,7 +254,10 @@ impl Decider {
         let state = self.shared.state.load_full();
         let decision = sluice_events::decide(&state, &req, now);
         let (allowed, final_reason, webhook) = match &decision.outcome {
-            _ if refuse.is_some() => (false, refuse.unwrap_or(Reason::StreamBusy), None),
+            _ if refuse.always.is_some() => (false, refuse.always.unwrap_or(Reason::StreamBusy), None),
+            Outcome::Allow | Outcome::AskWebhook { .. } if refuse.if_allowed.is_some() => {
+                (false, refuse.if_allowed.unwrap_or(Reason::NotLive), None)
+            }
             Outcome::Allow => match self.claim_effects(&state, &req, &decision).await {
                 None => (true, decision.reason, None),
                 Some(refusal) => (false, refusal, None),

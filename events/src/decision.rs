@@ -108,6 +108,8 @@ pub enum Reason {
     StreamBusy,
     /// Too many denials from this address lately (per-IP backoff).
     RateLimited,
+    /// A play of a stream nobody publishes: the credential passed, nothing was claimed.
+    NotLive,
 }
 
 impl Reason {
@@ -157,6 +159,7 @@ const REASON_CODES: &[&str] = &[
     "one_time_unavailable",
     "stream_busy",
     "rate_limited",
+    "not_live",
 ];
 
 /// Something the shell must do for an `Allow` to hold (and record in the log).

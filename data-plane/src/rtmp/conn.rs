@@ -242,7 +242,8 @@ impl Conn {
     /// The worker's admission step, on the tokio thread.
     async fn admit(&self, request: AccessRequest) -> Result<Admitted, Refusal> {
         let (reply, answer) = oneshot::channel();
-        if self.ctx.jobs.try_send(AdmitJob { request, reply }).is_err() {
+        let live = request.action == Action::Publish || self.ctx.live(&(request.app.clone(), request.stream.clone()));
+        if self.ctx.jobs.try_send(AdmitJob { request, live, reply }).is_err() {
             return Err(Refusal::Unavailable("the admission queue is full".to_owned()));
         }
         answer.await.unwrap_or_else(|_| Err(Refusal::Unavailable("the admission step stopped".to_owned())))
@@ -339,7 +340,9 @@ impl Conn {
             Ok(a) => a,
             Err(refusal) => {
                 let code = match refusal.reason() {
-                    Some(Reason::StreamNotRegistered | Reason::AppNotFound) => "NetStream.Play.StreamNotFound",
+                    Some(Reason::StreamNotRegistered | Reason::AppNotFound | Reason::NotLive) => {
+                        "NetStream.Play.StreamNotFound"
+                    }
                     _ => "NetStream.Play.Failed",
                 };
                 return self.refused(request_id, code, &refusal);

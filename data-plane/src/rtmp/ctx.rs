@@ -63,6 +63,8 @@ impl Directory {
 #[derive(Debug)]
 pub struct AdmitJob {
     pub request: AccessRequest,
+    /// For a play: whether the stream is live on some media thread of this worker.
+    pub live: bool,
     pub reply: oneshot::Sender<Result<Admitted, Refusal>>,
 }
 
@@ -71,7 +73,7 @@ pub async fn serve_admissions(admission: Admission, mut jobs: mpsc::Receiver<Adm
     while let Some(job) = jobs.recv().await {
         let admission = admission.clone();
         tokio::spawn(async move {
-            let _ = job.reply.send(admission.admit(job.request).await);
+            let _ = job.reply.send(admission.admit(job.request, job.live).await);
         });
     }
 }
@@ -104,6 +106,11 @@ impl Ctx {
         let n = self.next_id.get();
         self.next_id.set(n + 1);
         ((self.thread as u64) << 48) | n
+    }
+
+    /// Whether `key` has a publisher on this thread or another (a player here can have it).
+    pub(super) fn live(&self, key: &Key) -> bool {
+        self.hub.borrow().channels.get(key).is_some_and(|c| c.publisher.is_some()) || self.directory.live(key).is_some()
     }
 
     /// Gives this thread a copy of `key` relayed from the thread where it is published, if

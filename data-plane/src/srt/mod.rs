@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use sluice_events::{AccessRequest, AppName, AuthState, Protocol, Reason, SecretKind, wire};
+use sluice_events::{AccessRequest, Action, AppName, AuthState, Protocol, Reason, SecretKind, wire};
 use srt_protocol::packet::CoreRejectReason;
 use srt_protocol::settings::KeySettings;
 use srt_tokio::SrtListener;
@@ -78,7 +78,9 @@ pub async fn spawn(tasks: &Tasks, settings: Settings, admission: Admission) -> s
 /// The reject code for a refusal.
 fn reject_reason(reason: Reason) -> RejectReason {
     match reason {
-        Reason::AppNotFound | Reason::StreamNotRegistered => RejectReason::Server(ServerRejectReason::Notfound),
+        Reason::AppNotFound | Reason::StreamNotRegistered | Reason::NotLive => {
+            RejectReason::Server(ServerRejectReason::Notfound)
+        }
         Reason::StreamBusy => RejectReason::Server(ServerRejectReason::Conflict),
         Reason::RateLimited => RejectReason::ServerUnrecognized(REJECT_TOO_MANY_REQUESTS),
         _ => RejectReason::Server(ServerRejectReason::Forbidden),
@@ -130,7 +132,8 @@ async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub
             return;
         }
     };
-    let admitted = match admission.admit(req).await {
+    let live = req.action == Action::Publish || hub.is_live(&(req.app.clone(), req.stream.clone()));
+    let admitted = match admission.admit(req, live).await {
         Ok(a) => a,
         Err(Refusal::Refused(record)) => {
             let _ = request.reject(reject_reason(record.final_reason)).await;
@@ -174,7 +177,6 @@ fn encryption(state: &AuthState, app: &AppName, caller: KeySize) -> Result<Optio
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sluice_events::Action;
 
     #[test]
     fn refusals_map_to_the_documented_reject_codes() {

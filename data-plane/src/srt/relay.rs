@@ -57,6 +57,11 @@ impl Hub {
         }
     }
 
+    /// Whether `key` has a live publisher here.
+    pub(super) fn is_live(&self, key: &Key) -> bool {
+        self.lock().contains_key(key)
+    }
+
     /// A live publisher's GOP cache and a receiver of the packets after it.
     fn subscribe(&self, key: &Key) -> Option<(Vec<Bytes>, broadcast::Receiver<Bytes>, Arc<StreamCounters>)> {
         let (feed, counters) = {
