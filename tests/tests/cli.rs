@@ -314,3 +314,32 @@ async fn operator_cli_creates_a_key_an_app_a_stream_and_a_token() {
     assert!(!stderr(&out).contains("wrong-key"));
     drop(server);
 }
+
+/// The API audit batch that is not yet written when `serve` gets SIGTERM is written before it
+/// exits (issue #16, item 13): shutdown waits for the batcher's last batch.
+#[tokio::test]
+async fn the_api_audit_batch_is_written_at_sigterm() {
+    let pg = Postgres::start().unwrap();
+    let key = "audit-flush-admin-key-0123456789abcdef";
+    let port = free_port();
+    let (mut server, _) = serve(&pg.url(), port, &[("SLUICE_BOOTSTRAP_ADMIN_KEY", key)]);
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = http.get(format!("http://127.0.0.1:{port}/v1/apps")).bearer_auth(key).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    // At once: the batch (up to a second) has not gone out yet.
+    let term = std::process::Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let exit = server.0.wait().unwrap();
+    assert!(exit.success(), "serve exits cleanly on SIGTERM: {exit:?}");
+    let pool = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    let batches: Vec<serde_json::Value> =
+        sqlx::query_scalar("SELECT data::jsonb FROM events WHERE type = 'ApiAccessed'").fetch_all(&pool).await.unwrap();
+    let calls = batches
+        .iter()
+        .flat_map(|b| b["entries"].as_array().cloned().unwrap_or_default())
+        .filter(|e| e["route"] == "/v1/apps")
+        .count();
+    assert_eq!(calls, 3, "{batches:?}");
+}
