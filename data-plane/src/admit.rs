@@ -88,7 +88,8 @@ impl Admission {
     async fn admit_timed(&self, req: AccessRequest, live: bool) -> Result<Admitted, Refusal> {
         let d = &self.decider;
         let ip = req.client_ip;
-        if d.gate.penalized(ip, Instant::now()) {
+        let target = format!("{}/{}/{}", req.app, req.stream, req.action.as_str());
+        if d.gate.penalized(ip, &target, Instant::now()) {
             return match d.decide_refusing(req, Some(Reason::RateLimited)).await {
                 Ok(record) => Err(Refusal::Refused(Box::new(record))),
                 Err(e) => Err(Refusal::Unavailable(e.to_string())),
@@ -119,9 +120,9 @@ impl Admission {
             Err(e) => return Err(Refusal::Unavailable(e.to_string())),
         };
         if record.allowed {
-            d.gate.succeeded(ip);
+            d.gate.succeeded(ip, &target);
         } else if !matches!(record.final_reason, Reason::StreamBusy | Reason::RateLimited | Reason::NotLive) {
-            d.gate.failed(ip, Instant::now());
+            d.gate.failed(ip, &target, Instant::now());
         }
         if !record.allowed {
             return Err(Refusal::Refused(Box::new(record)));

@@ -2,11 +2,15 @@
 //!
 //! - At most `max_connections` open media connections, and `max_connections_per_ip` from one
 //!   address: beyond that a connection is closed at accept.
-//! - Five denials (`failure_backoff_after`; 0 turns it off) from one address within ten
-//!   seconds put it in the penalty box for 1 s, then
-//!   2, 4, … up to 60 s for each further round: its publish/play attempts are refused with
-//!   `rate_limited` (and recorded) without being decided, so guessing credentials is slow and
-//!   a misconfigured encoder does not hammer the worker. An allow clears the address.
+//! - Five denials (`failure_backoff_after`; 0 turns it off) from one address for one target
+//!   (app, stream, action) within ten seconds put that address and target in the penalty box
+//!   for 1 s, then 2, 4, … up to 60 s for each further round: its attempts on that target are
+//!   refused with `rate_limited` (and recorded) without being decided, so guessing a stream's
+//!   credentials is slow and a misconfigured encoder does not hammer the worker. Other targets
+//!   from the same address (a viewer behind the same NAT) are not affected.
+//! - Four times as many denials from one address across all targets within ten seconds put the
+//!   whole address in the penalty box the same way (guessing across many streams).
+//! - An allow clears its target and the address.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -15,6 +19,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const WINDOW: Duration = Duration::from_secs(10);
+/// Denials across all targets that penalize a whole address, as a multiple of the per-target
+/// threshold.
+const ADDRESS_FACTOR: usize = 4;
+
+/// What the penalty box counts: one target of an address, or the whole address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Scope {
+    Address(IpAddr),
+    Target(IpAddr, String),
+}
 const MAX_PENALTY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Default)]
@@ -32,7 +46,7 @@ pub struct Gate {
     failures_allowed: usize,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
-    failures: Mutex<HashMap<IpAddr, Failures>>,
+    failures: Mutex<HashMap<Scope, Failures>>,
 }
 
 /// One admitted connection; dropping it frees its place.
@@ -86,14 +100,16 @@ impl Gate {
         self.total.load(Ordering::Acquire)
     }
 
-    /// Whether `ip` is in the penalty box at `now`.
-    pub fn penalized(&self, ip: IpAddr, now: Instant) -> bool {
+    /// Whether `ip` is in the penalty box for `target` (say `app/stream/action`), or as a
+    /// whole, at `now`.
+    pub fn penalized(&self, ip: IpAddr, target: &str, now: Instant) -> bool {
         let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        failures.get(&ip).and_then(|f| f.until).is_some_and(|until| until > now)
+        let boxed = |scope: &Scope| failures.get(scope).and_then(|f| f.until).is_some_and(|until| until > now);
+        boxed(&Scope::Target(ip, target.to_owned())) || boxed(&Scope::Address(ip))
     }
 
-    /// Notes a denial for `ip`.
-    pub fn failed(&self, ip: IpAddr, now: Instant) {
+    /// Notes a denial for `ip` on `target`.
+    pub fn failed(&self, ip: IpAddr, target: &str, now: Instant) {
         if self.failures_allowed == 0 {
             return;
         }
@@ -102,23 +118,37 @@ impl Gate {
             failures
                 .retain(|_, f| f.until.is_some_and(|u| u > now) || f.recent.back().is_some_and(|t| now - *t < WINDOW));
         }
-        let f = failures.entry(ip).or_default();
-        while f.recent.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
-            f.recent.pop_front();
-        }
-        f.recent.push_back(now);
-        if f.recent.len() >= self.failures_allowed {
-            let penalty = Duration::from_secs(1u64 << f.level.min(6)).min(MAX_PENALTY);
-            f.until = Some(now + penalty);
-            f.level += 1;
-            f.recent.clear();
-            tracing::info!(%ip, penalty_secs = penalty.as_secs(), "repeated denials: address refused for a while");
+        let per_target = self.failures_allowed;
+        for (scope, threshold) in
+            [(Scope::Target(ip, target.to_owned()), per_target), (Scope::Address(ip), per_target * ADDRESS_FACTOR)]
+        {
+            let f = failures.entry(scope.clone()).or_default();
+            while f.recent.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
+                f.recent.pop_front();
+            }
+            f.recent.push_back(now);
+            if f.recent.len() >= threshold {
+                let penalty = Duration::from_secs(1u64 << f.level.min(6)).min(MAX_PENALTY);
+                f.until = Some(now + penalty);
+                f.level += 1;
+                f.recent.clear();
+                match scope {
+                    Scope::Target(..) => {
+                        tracing::info!(%ip, target, penalty_secs = penalty.as_secs(), "repeated denials: address refused on this target for a while")
+                    }
+                    Scope::Address(_) => {
+                        tracing::info!(%ip, penalty_secs = penalty.as_secs(), "repeated denials across targets: address refused for a while")
+                    }
+                }
+            }
         }
     }
 
-    /// Notes an allow for `ip`: its record is cleared.
-    pub fn succeeded(&self, ip: IpAddr) {
-        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(&ip);
+    /// Notes an allow for `ip` on `target`: that record and the address's are cleared.
+    pub fn succeeded(&self, ip: IpAddr, target: &str) {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        failures.remove(&Scope::Target(ip, target.to_owned()));
+        failures.remove(&Scope::Address(ip));
     }
 }
 
@@ -140,33 +170,52 @@ mod tests {
         assert!(gate.admit(b).is_some(), "a place freed");
     }
 
+    const CAM: &str = "live/cam/publish";
+
     #[test]
     fn five_denials_in_ten_seconds_open_a_growing_penalty() {
         let gate = Gate::new(10, 10, 5);
         let ip: IpAddr = "198.51.100.1".parse().unwrap();
         let t0 = Instant::now();
         for i in 0..4 {
-            gate.failed(ip, t0 + Duration::from_millis(i * 100));
+            gate.failed(ip, CAM, t0 + Duration::from_millis(i * 100));
         }
-        assert!(!gate.penalized(ip, t0 + Duration::from_millis(400)));
-        gate.failed(ip, t0 + Duration::from_millis(500));
-        assert!(gate.penalized(ip, t0 + Duration::from_millis(600)));
-        assert!(!gate.penalized(ip, t0 + Duration::from_millis(1600)), "the first penalty is 1 s");
+        assert!(!gate.penalized(ip, CAM, t0 + Duration::from_millis(400)));
+        gate.failed(ip, CAM, t0 + Duration::from_millis(500));
+        assert!(gate.penalized(ip, CAM, t0 + Duration::from_millis(600)));
+        assert!(!gate.penalized(ip, "live/other/play", t0 + Duration::from_millis(600)), "other targets go on");
+        assert!(!gate.penalized(ip, CAM, t0 + Duration::from_millis(1600)), "the first penalty is 1 s");
         // Spread-out failures never add up to a penalty.
         let slow: IpAddr = "198.51.100.2".parse().unwrap();
         for i in 0..20 {
-            gate.failed(slow, t0 + Duration::from_secs(i * 3));
+            gate.failed(slow, CAM, t0 + Duration::from_secs(i * 3));
         }
-        assert!(!gate.penalized(slow, t0 + Duration::from_secs(60)));
-        // A second round costs twice as long; an allow clears the address.
+        assert!(!gate.penalized(slow, CAM, t0 + Duration::from_secs(60)));
+        // A second round costs twice as long; an allow clears the target.
         for i in 0..5 {
-            gate.failed(ip, t0 + Duration::from_secs(2) + Duration::from_millis(i * 10));
+            gate.failed(ip, CAM, t0 + Duration::from_secs(2) + Duration::from_millis(i * 10));
         }
-        assert!(gate.penalized(ip, t0 + Duration::from_millis(3500)));
-        assert!(!gate.penalized(ip, t0 + Duration::from_millis(4100)));
-        gate.succeeded(ip);
-        gate.failed(ip, t0 + Duration::from_secs(5));
-        assert!(!gate.penalized(ip, t0 + Duration::from_secs(5)));
+        assert!(gate.penalized(ip, CAM, t0 + Duration::from_millis(3500)));
+        assert!(!gate.penalized(ip, CAM, t0 + Duration::from_millis(4100)));
+        gate.succeeded(ip, CAM);
+        gate.failed(ip, CAM, t0 + Duration::from_secs(5));
+        assert!(!gate.penalized(ip, CAM, t0 + Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn denials_across_many_targets_penalize_the_whole_address() {
+        let gate = Gate::new(10, 10, 5);
+        let ip: IpAddr = "198.51.100.4".parse().unwrap();
+        let t0 = Instant::now();
+        // Four denials on each of five streams: no stream reaches five, the address reaches 20.
+        for n in 0..19 {
+            gate.failed(ip, &format!("live/cam{}/publish", n % 5), t0 + Duration::from_millis(n * 10));
+        }
+        assert!(!gate.penalized(ip, "live/new/play", t0 + Duration::from_millis(200)));
+        gate.failed(ip, "live/cam4/publish", t0 + Duration::from_millis(200));
+        assert!(gate.penalized(ip, "live/new/play", t0 + Duration::from_millis(210)), "the whole address");
+        let other: IpAddr = "198.51.100.5".parse().unwrap();
+        assert!(!gate.penalized(other, "live/new/play", t0 + Duration::from_millis(210)));
     }
 
     #[test]
@@ -175,8 +224,8 @@ mod tests {
         let ip: IpAddr = "198.51.100.3".parse().unwrap();
         let t0 = Instant::now();
         for i in 0..50 {
-            gate.failed(ip, t0 + Duration::from_millis(i));
+            gate.failed(ip, CAM, t0 + Duration::from_millis(i));
         }
-        assert!(!gate.penalized(ip, t0 + Duration::from_millis(60)));
+        assert!(!gate.penalized(ip, CAM, t0 + Duration::from_millis(60)));
     }
 }

@@ -119,6 +119,16 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
     }
     let limited = ffmpeg_testsrc("flv", &format!("{base}/studio/cam1-key?token=guess"), 1).output().unwrap();
     assert!(stderr(&limited).contains("rate_limited"), "{}", stderr(&limited));
+    // The box holds that address for that target only: a viewer of another stream behind the
+    // same address (a NAT) is decided as usual (issue #16, item 10). Nothing is live there: it
+    // is refused `not_live`, which only a decision says.
+    let other = tokio::task::spawn_blocking({
+        let u = format!("{base}/tv/cam1");
+        move || ffmpeg_play(&u)
+    })
+    .await
+    .unwrap();
+    assert!(stderr(&other).contains("not_live") && !stderr(&other).contains("rate_limited"), "{}", stderr(&other));
 
     // Every attempt is in the log with its reason.
     until("the decisions are in the log", || async { recorded(&store, "w1").await.len() >= 13 }).await;
