@@ -95,19 +95,24 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     assert!(sent >= 3, "the regression datagrams are there");
     // A flood of garbage (UDP sources can be spoofed) is counted, not logged a line each
     // (issue #16, item 12).
+    // Paced, so a loaded machine's socket buffer does not drop most of them before the listener
+    // reads them: what is asserted is lines per refused datagram, not how many arrive.
     for i in 0..2_000u32 {
         let _ = junk.send_to(&[0x80, 0, (i >> 8) as u8, i as u8, 0xde, 0xad], ("127.0.0.1", srt));
+        if i % 50 == 49 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     until("the refused datagrams are counted", || async {
         let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();
         text.lines()
             .find_map(|l| l.strip_prefix("sluice_srt_refused_datagrams_total "))
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .is_some_and(|n| n >= 1_000)
+            .is_some_and(|n| n >= 100)
     })
     .await;
     let lines = read(&w_log).lines().filter(|l| l.contains("|listen:")).count();
-    assert!(lines <= 10, "{lines} log lines for about 2,200 refused datagrams");
+    assert!(lines <= 10, "{lines} log lines for at least 100 refused datagrams");
 
     // A wrong token is refused during the handshake with 1403.
     let wrong = tokio::task::spawn_blocking({
