@@ -304,4 +304,16 @@ mod tests {
         assert!(!err.contains("pw"), "{err}");
         assert!(!format!("{:?}", Config::load(None, env(&base)).unwrap()).contains("pw"));
     }
+
+    #[test]
+    fn webhook_allow_list_and_jwt_leeway_are_checked() {
+        let base = |extra: (&str, &str)| Config::load(None, env(&[("DATABASE_URL", "postgres://x@h/db"), extra]));
+        let err = base(("SLUICE_WEBHOOK_ALLOWED", "10.0.0.0/8,not a host!")).unwrap_err().to_string();
+        assert!(err.starts_with("invalid setting SLUICE_WEBHOOK_ALLOWED") && !err.contains("not a host"), "{err}");
+        let err = base(("SLUICE_API_JWT_LEEWAY_SECS", "-1")).unwrap_err().to_string();
+        assert!(err.starts_with("invalid setting SLUICE_API_JWT_LEEWAY_SECS"), "{err}");
+        let c = base(("SLUICE_WEBHOOK_ALLOWED", "127.0.0.1")).unwrap();
+        assert!(c.api.webhook_allowed.allows("x", "127.0.0.1".parse().unwrap()));
+        assert_eq!(c.api.jwt_leeway_secs, 5);
+    }
 }

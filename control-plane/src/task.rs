@@ -42,11 +42,6 @@ impl Tasks {
         Tasks::default()
     }
 
-    /// Cancelled when shutdown begins.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
     /// Runs `task` until it ends or shutdown begins.
     pub fn spawn(&self, name: &'static str, task: impl Future<Output = ()> + Send + 'static) {
         let token = self.shutdown.clone();

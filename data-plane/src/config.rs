@@ -194,5 +194,15 @@ mod tests {
         );
         let err = Config::load(None, env(&[("SLUICE_SEALING_KEY", KEY), ("SLUICE_NODE_ID", "bad id")])).unwrap_err();
         assert!(err.to_string().contains("SLUICE_NODE_ID"));
+        for (var, bad) in [("SLUICE_WEBHOOK_ALLOWED", "10.0.0.0/8,not a host!"), ("SLUICE_PUBLISH_LEASE_SECS", "soon")]
+        {
+            let err = Config::load(None, env(&[("SLUICE_SEALING_KEY", KEY), (var, bad)])).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid setting {var}")) && !err.contains(bad), "{err}");
+        }
+        let ok = Config::load(
+            None,
+            env(&[("SLUICE_SEALING_KEY", KEY), ("SLUICE_WEBHOOK_ALLOWED", "hooks.internal, 10.0.0.0/8")]),
+        );
+        assert!(ok.unwrap().webhook_allowed.allows("hooks.internal", "192.168.1.1".parse().unwrap()));
     }
 }

@@ -225,22 +225,13 @@ impl Decider {
         req: AccessRequest,
         refuse: Option<Reason>,
     ) -> Result<DecisionRecord, DecideError> {
-        self.decide_recording(req, refuse, None).await
-    }
-
-    /// As `decide_refusing`, recording what held the publisher's slot if it is allowed.
-    pub async fn decide_recording(
-        &self,
-        req: AccessRequest,
-        refuse: Option<Reason>,
-        slot: Option<SlotScope>,
-    ) -> Result<DecisionRecord, DecideError> {
-        self.decide_with(req, Refuse { always: refuse, if_allowed: None }, slot).await
+        self.decide_with(req, Refuse { always: refuse, if_allowed: None }, None).await
     }
 
     /// The decision with the media server's own refusals: `always` whatever the verdict (a
     /// busy stream), `if_allowed` only where the credential passed (a stream not live: a
-    /// refused credential keeps its own reason). Neither claims anything.
+    /// refused credential keeps its own reason). Neither claims anything. `slot`: what held an
+    /// allowed publisher's slot, recorded with it.
     pub async fn decide_with(
         &self,
         req: AccessRequest,
@@ -253,17 +244,17 @@ impl Decider {
         let now = crate::clock::now();
         let state = self.shared.state.load_full();
         let decision = sluice_events::decide(&state, &req, now);
-        let (allowed, final_reason, webhook) = match &decision.outcome {
-            _ if refuse.always.is_some() => (false, refuse.always.unwrap_or(Reason::StreamBusy), None),
-            Outcome::Allow | Outcome::AskWebhook { .. } if refuse.if_allowed.is_some() => {
-                (false, refuse.if_allowed.unwrap_or(Reason::NotLive), None)
+        let (allowed, final_reason, webhook) = match (&decision.outcome, refuse) {
+            (_, Refuse { always: Some(reason), .. }) => (false, reason, None),
+            (Outcome::Allow | Outcome::AskWebhook { .. }, Refuse { if_allowed: Some(reason), .. }) => {
+                (false, reason, None)
             }
-            Outcome::Allow => match self.claim_effects(&state, &req, &decision).await {
+            (Outcome::Allow, _) => match self.claim_effects(&state, &req, &decision).await {
                 None => (true, decision.reason, None),
                 Some(refusal) => (false, refusal, None),
             },
-            Outcome::Deny => (false, decision.reason, None),
-            Outcome::AskWebhook { url, timeout_ms } => {
+            (Outcome::Deny, _) => (false, decision.reason, None),
+            (Outcome::AskWebhook { url, timeout_ms }, _) => {
                 let secret = state.apps.get(&req.app).and_then(|a| a.secret_bytes(sluice_events::SecretKind::Webhook));
                 let timeout = Duration::from_millis(u64::from(*timeout_ms));
                 let answer = self.webhooks.ask(url, timeout, secret, &req, &decision.stream, now.0).await;

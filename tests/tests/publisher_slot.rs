@@ -9,7 +9,6 @@ use bytes::Bytes;
 use futures::SinkExt as _;
 use serde_json::json;
 use sluice_events::decision::SlotScope;
-use sluice_tests::free_port;
 
 mod cluster;
 use cluster::*;
@@ -17,33 +16,9 @@ use cluster::*;
 /// How long a lease lives unrenewed in this test.
 const LEASE_SECS: u64 = 2;
 
-struct Worker {
-    admin: u16,
-    rtmp: u16,
-    srt: u16,
-    log: std::path::PathBuf,
-    process: sluice_tests::Running,
-}
-
-fn start_worker(plane: &Plane, node: &str) -> Worker {
-    let (admin, rtmp, srt) = (free_port(), free_port(), free_port());
-    let log = plane.dir.path().join(format!("{node}.log"));
-    let (rtmp_listen, srt_listen) = (format!("127.0.0.1:{rtmp}"), format!("127.0.0.1:{srt}"));
+fn start_worker(plane: &Plane, node: &str) -> MediaWorker {
     let lease = LEASE_SECS.to_string();
-    let process = worker_with(
-        &plane.nats.url(),
-        admin,
-        &plane.dir.path().join(node),
-        node,
-        &log,
-        &[
-            ("SLUICE_RTMP_LISTEN", &rtmp_listen),
-            ("SLUICE_SRT_LISTEN", &srt_listen),
-            ("SLUICE_PUBLISH_LEASE_SECS", &lease),
-            ("SLUICE_FAILURE_BACKOFF_AFTER", "0"),
-        ],
-    );
-    Worker { admin, rtmp, srt, log, process }
+    media_worker(plane, node, &[("SLUICE_PUBLISH_LEASE_SECS", &lease), ("SLUICE_FAILURE_BACKOFF_AFTER", "0")])
 }
 
 /// An SRT publisher (srt-tokio) that keeps sending until the returned sender is dropped.

@@ -8,7 +8,6 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::SinkExt as _;
 use serde_json::json;
-use sluice_tests::free_port;
 
 mod cluster;
 use cluster::*;
@@ -25,16 +24,8 @@ async fn a_play_of_a_stream_not_live_spends_no_token_and_is_recorded_not_live() 
         t["token"].as_str().unwrap().to_owned()
     };
     let (srt_token, rtmp_token) = (token(http.clone(), plane.cp).await, token(http.clone(), plane.cp).await);
-    let (admin, rtmp, srt) = (free_port(), free_port(), free_port());
-    let (rtmp_listen, srt_listen) = (format!("127.0.0.1:{rtmp}"), format!("127.0.0.1:{srt}"));
-    let _w = worker_with(
-        &plane.nats.url(),
-        admin,
-        &plane.dir.path().join("w1"),
-        "w1",
-        &plane.dir.path().join("w1.log"),
-        &[("SLUICE_RTMP_LISTEN", &rtmp_listen), ("SLUICE_SRT_LISTEN", &srt_listen)],
-    );
+    let w = media_worker(&plane, "w1", &[]);
+    let (admin, rtmp, srt) = (w.admin, w.rtmp, w.srt);
     ready_at_head(&http, &plane.store, admin).await;
 
     // Nothing is live: both plays are refused, SRT with 1404, RTMP with StreamNotFound.

@@ -399,3 +399,23 @@ pub async fn until_live(http: &reqwest::Client, cp: u16, app: &str, stream: &str
     })
     .await;
 }
+
+/// A worker of `plane` with RTMP and SRT on ports of its own, and what a test needs of it.
+pub struct MediaWorker {
+    pub admin: u16,
+    pub rtmp: u16,
+    pub srt: u16,
+    pub log: std::path::PathBuf,
+    pub process: Running,
+}
+
+/// Starts worker `node` on `plane` (its state and log in the plane's dir), with `extra` settings.
+pub fn media_worker(plane: &Plane, node: &str, extra: &[(&str, &str)]) -> MediaWorker {
+    let (admin, rtmp, srt) = (sluice_tests::free_port(), sluice_tests::free_port(), sluice_tests::free_port());
+    let log = plane.dir.path().join(format!("{node}.log"));
+    let (rtmp_listen, srt_listen) = (format!("127.0.0.1:{rtmp}"), format!("127.0.0.1:{srt}"));
+    let mut settings = vec![("SLUICE_RTMP_LISTEN", rtmp_listen.as_str()), ("SLUICE_SRT_LISTEN", srt_listen.as_str())];
+    settings.extend_from_slice(extra);
+    let process = worker_with(&plane.nats.url(), admin, &plane.dir.path().join(node), node, &log, &settings);
+    MediaWorker { admin, rtmp, srt, log, process }
+}
