@@ -1,17 +1,24 @@
-//! The worker's admin port: `/health` (alive), `/ready` (503 until it has a state to decide
-//! from, then 200 even when NATS or the control plane is gone: Kong's hybrid-mode rule) and
-//! `/state` (position, tables position, access digest); `POST /v1/decide`, the worker's
-//! decision endpoint for a media server beside it (and for tests): the same path as an RTMP
-//! or SRT connection, spool and all.
+//! The worker's admin port, in two parts (issue #16):
+//! - probes and metrics, open: `/health` (alive), `/ready` (503 until it has a state to decide
+//!   from, then 200 even when NATS or the control plane is gone: Kong's hybrid-mode rule) and
+//!   `/metrics`. `SLUICE_PROBE_LISTEN` serves these alone on a second listener, the one to
+//!   expose to a kubelet or a Prometheus;
+//! - the node API, only with the node credential (`Authorization: Bearer <node secret>`,
+//!   compared in constant time; 401 otherwise): `POST /v1/decide` (the same path as an RTMP
+//!   or SRT connection, spool and all: it can spend a one-time token), `/state` (position,
+//!   tables position, access digest), `/wait` and `/spool`.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{DefaultBodyLimit, Query, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
+use sluice_events::secret::SecretString;
 use sluice_events::{AccessRequest, Action, Protocol, wire};
 
 use crate::decide::{DecideError, Decider};
@@ -20,24 +27,48 @@ use crate::sync::Shared;
 /// Largest `POST /v1/decide` body.
 const MAX_DECIDE_BODY: usize = 8 * 1024;
 
-pub fn router(shared: Arc<Shared>, decider: Option<Decider>) -> Router {
-    let admin = Router::new()
+/// Probes and metrics: what may be reached without a credential.
+pub fn probes(shared: Arc<Shared>, decider: Arc<Decider>) -> Router {
+    Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok", "service": "sluice-dataplane"})) }))
         .route("/ready", get(ready))
+        .with_state(shared)
+        .merge(Router::new().route("/metrics", get(metrics)).with_state(decider))
+}
+
+/// The admin port: the probes, and the node API behind the node credential.
+pub fn router(shared: Arc<Shared>, decider: Arc<Decider>, node_secret: Arc<SecretString>) -> Router {
+    let node = Router::new()
         .route("/state", get(state))
         .route("/wait", get(wait))
-        .with_state(shared);
-    match decider {
-        Some(d) => admin.merge(
+        .with_state(shared.clone())
+        .merge(
             Router::new()
                 .route("/v1/decide", post(decide))
                 .route("/spool", get(spool))
-                .route("/metrics", get(metrics))
                 .layer(DefaultBodyLimit::max(MAX_DECIDE_BODY))
-                .with_state(Arc::new(d)),
-        ),
-        None => admin,
+                .with_state(decider.clone()),
+        )
+        .layer(middleware::from_fn_with_state(node_secret, node_only));
+    probes(shared, decider).merge(node)
+}
+
+/// Refuses a node-API request without the node credential.
+async fn node_only(State(secret): State<Arc<SecretString>>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if sluice_events::secret::ct_eq(presented.as_bytes(), secret.expose().as_bytes()) {
+        return next.run(req).await;
     }
+    let body = json!({
+        "error": "unauthorized",
+        "detail": "the node API needs `Authorization: Bearer <node secret>` (SLUICE_NODE_SECRET)",
+    });
+    (StatusCode::UNAUTHORIZED, [(axum::http::header::WWW_AUTHENTICATE, "Bearer")], Json(body)).into_response()
 }
 
 /// `POST /v1/decide`: either an RTMP-style target (`app`, `stream` with its query, `action`)

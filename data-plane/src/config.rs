@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use sluice_events::secret::SecretString;
 use sluice_events::settings::{SettingsError, Sources};
 use sluice_events::{NodeId, SealingKey};
 
@@ -31,6 +32,9 @@ const KNOWN: &[&str] = &[
     "srt_latency_ms",
     "publish_lease_secs",
     "webhook_allowed",
+    "node_secret",
+    "node_secret_file",
+    "probe_listen",
 ];
 
 #[derive(Clone)]
@@ -75,6 +79,12 @@ pub struct Config {
     /// Where a webhook may go beyond public addresses: host names or CIDRs
     /// (`SLUICE_WEBHOOK_ALLOWED`, comma-separated).
     pub webhook_allowed: sluice_events::webhook::WebhookAllowList,
+    /// The node API's bearer credential (`SLUICE_NODE_SECRET` or `SLUICE_NODE_SECRET_FILE`,
+    /// at least 16 characters). Unset: the worker keeps a random one in
+    /// `<state_dir>/node-secret` (mode 0600) for a media server beside it to read.
+    pub node_secret: Option<SecretString>,
+    /// A second listener with the probes and metrics alone (`/health`, `/ready`, `/metrics`).
+    pub probe_listen: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -102,6 +112,8 @@ impl std::fmt::Debug for Config {
             .field("srt_latency_ms", &self.srt_latency_ms)
             .field("publish_lease_secs", &self.publish_lease_secs)
             .field("webhook_allowed", &self.webhook_allowed)
+            .field("node_secret", &self.node_secret)
+            .field("probe_listen", &self.probe_listen)
             .finish()
     }
 }
@@ -127,6 +139,22 @@ impl Config {
         let entries: Vec<String> = webhook.split(',').map(str::to_owned).collect();
         let webhook_allowed = sluice_events::webhook::WebhookAllowList::parse(&entries)
             .map_err(|_| s.invalid("webhook_allowed", "comma-separated host names or CIDRs"))?;
+        const SECRET: &str = "at least 16 characters (SLUICE_NODE_SECRET, or a file holding them)";
+        let node_secret = match (s.raw("node_secret"), s.raw("node_secret_file")) {
+            (Some((v, _)), _) => Some(v.trim().to_owned())
+                .filter(|v| v.len() >= 16)
+                .map(SecretString::new)
+                .map(Some)
+                .ok_or_else(|| s.invalid("node_secret", SECRET))?,
+            (None, Some((path, _))) => std::fs::read_to_string(path.trim())
+                .ok()
+                .map(|v| v.trim().to_owned())
+                .filter(|v| v.len() >= 16)
+                .map(SecretString::new)
+                .map(Some)
+                .ok_or_else(|| s.invalid("node_secret_file", "a readable file holding at least 16 characters"))?,
+            (None, None) => None,
+        };
         Ok(Config {
             nats_url: s.or("nats_url", "nats://127.0.0.1:4222".to_owned(), "a nats:// URL")?,
             sealing_key,
@@ -150,6 +178,8 @@ impl Config {
             srt_latency_ms: s.or("srt_latency_ms", 120, "milliseconds")?,
             publish_lease_secs: s.or("publish_lease_secs", 10, "seconds")?.max(1),
             webhook_allowed,
+            node_secret,
+            probe_listen: s.optional("probe_listen", "host:port like 0.0.0.0:9936")?,
         })
     }
 }
@@ -194,8 +224,13 @@ mod tests {
         );
         let err = Config::load(None, env(&[("SLUICE_SEALING_KEY", KEY), ("SLUICE_NODE_ID", "bad id")])).unwrap_err();
         assert!(err.to_string().contains("SLUICE_NODE_ID"));
-        for (var, bad) in [("SLUICE_WEBHOOK_ALLOWED", "10.0.0.0/8,not a host!"), ("SLUICE_PUBLISH_LEASE_SECS", "soon")]
-        {
+        for (var, bad) in [
+            ("SLUICE_WEBHOOK_ALLOWED", "10.0.0.0/8,not a host!"),
+            ("SLUICE_PUBLISH_LEASE_SECS", "soon"),
+            ("SLUICE_NODE_SECRET", "short"),
+            ("SLUICE_NODE_SECRET_FILE", "/nonexistent/secret"),
+            ("SLUICE_PROBE_LISTEN", "probes"),
+        ] {
             let err = Config::load(None, env(&[("SLUICE_SEALING_KEY", KEY), (var, bad)])).unwrap_err().to_string();
             assert!(err.starts_with(&format!("invalid setting {var}")) && !err.contains(bad), "{err}");
         }

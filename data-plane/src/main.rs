@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice_data_plane::config::Config;
+use sluice_events::secret::SecretString;
 
 #[derive(Parser, Debug)]
 #[command(name = "sluice-dataplane", version, about = "Sluice data-plane worker")]
@@ -228,11 +229,24 @@ async fn run(config: Config) -> Result<(), String> {
     srt::spawn(&tasks, srt_settings, admission)
         .await
         .map_err(|e| format!("cannot serve SRT on {} (SLUICE_SRT_LISTEN): {e}", config.srt_listen))?;
+    let node_secret = Arc::new(node_secret(&config)?);
+    let decider = Arc::new(decider);
+    if let Some(probe) = config.probe_listen {
+        let listener = tokio::net::TcpListener::bind(probe)
+            .await
+            .map_err(|e| format!("cannot listen on {probe} (SLUICE_PROBE_LISTEN): {e}"))?;
+        let app = admin::probes(shared.clone(), decider.clone());
+        tasks.spawn("probe listener", async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the probe listener stopped");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_ADMIN_LISTEN): {e}", config.admin_listen))?;
     println!("sluice-dataplane {} admin on http://{}", config.node_id, config.admin_listen);
-    axum::serve(listener, admin::router(shared, Some(decider)))
+    axum::serve(listener, admin::router(shared, decider, node_secret))
         .with_graceful_shutdown(shutdown())
         .await
         .map_err(|e| e.to_string())?;
@@ -240,6 +254,36 @@ async fn run(config: Config) -> Result<(), String> {
         tracing::warn!("background tasks still running after 5 s; stopping anyway");
     }
     Ok(())
+}
+
+/// The node API's credential: the configured one, or the one kept in the state directory
+/// (created at first start, mode 0600), so a media server beside the worker can read it.
+fn node_secret(config: &Config) -> Result<SecretString, String> {
+    if let Some(s) = &config.node_secret {
+        return Ok(s.clone());
+    }
+    let path = config.state_dir.join("node-secret");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let text = text.trim();
+        if text.len() >= 16 {
+            return Ok(SecretString::new(text));
+        }
+        return Err(format!("{} holds fewer than 16 characters; remove it to have a new one made", path.display()));
+    }
+    use base64::Engine;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let secret = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>());
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| format!("{}: {e}", config.state_dir.display()))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    f.write_all(secret.as_bytes()).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    tracing::info!(path = %path.display(), "node API credential created (SLUICE_NODE_SECRET unset)");
+    Ok(SecretString::new(secret))
 }
 
 async fn shutdown() {

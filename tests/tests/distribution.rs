@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use serde_json::json;
+use serde_json::{Value, json};
 use sluice_control_plane::EventStore;
 use sluice_events::{AuthState, Position};
 use sluice_tests::{Nats, Postgres, free_port};
@@ -49,10 +49,32 @@ async fn workers_follow_the_log_through_nats_and_keep_their_state_through_outage
     // A worker boots (from the NATS snapshot once there is one) and follows the feed.
     let w_dir = dir.path().join("w1");
     let w_log = dir.path().join("w1.log");
-    let w_port = free_port();
-    let mut w = worker(&nats.url(), w_port, &w_dir, "edge-1", &w_log);
+    let (w_port, probe_port) = (free_port(), free_port());
+    let probe = format!("127.0.0.1:{probe_port}");
+    let mut w = worker_with(&nats.url(), w_port, &w_dir, "edge-1", &w_log, &[("SLUICE_PROBE_LISTEN", &probe)]);
     until("the worker is ready", || async { get(&http, format!("http://127.0.0.1:{w_port}/ready")).await.0 == 200 })
         .await;
+    // The node API wants the node credential; probes and metrics do not (issue #16 item 2),
+    // and the probe listener serves nothing else.
+    for path in ["/state", "/wait?position=1", "/spool"] {
+        let url = format!("http://127.0.0.1:{w_port}{path}");
+        assert_eq!(http.get(&url).send().await.unwrap().status(), 401, "{path} without a credential");
+        let wrong = http.get(&url).bearer_auth("not-the-node-secret-0123456789").send().await.unwrap();
+        assert_eq!(wrong.status(), 401, "{path} with a wrong credential");
+        assert_eq!(http.get(format!("http://{probe}{path}")).send().await.unwrap().status(), 404, "{path} on probes");
+    }
+    let decide = json!({"app": "studio", "stream": "cam1", "action": "play", "client_ip": "192.0.2.1"});
+    let r = http.post(format!("http://127.0.0.1:{w_port}/v1/decide")).json(&decide).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"], "unauthorized", "{body}");
+    assert_eq!(http.post(format!("http://{probe}/v1/decide")).json(&decide).send().await.unwrap().status(), 404);
+    for base in [format!("127.0.0.1:{w_port}"), probe.clone()] {
+        for path in ["/health", "/ready", "/metrics"] {
+            let r = http.get(format!("http://{base}{path}")).send().await.unwrap();
+            assert_eq!(r.status(), 200, "{base}{path} is open");
+        }
+    }
 
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
     let store = EventStore::start(pool);
@@ -77,7 +99,7 @@ async fn workers_follow_the_log_through_nats_and_keep_their_state_through_outage
     assert_eq!((code, body["waited_for"].as_u64()), (504, Some(head.0 + 1000)));
     // Bad input on the admin port: a clear 400, and the worker goes on.
     for bad in ["/wait", "/wait?position=abc", "/wait?position=-1", "/wait?position=1&timeout_ms=x"] {
-        let r = http.get(format!("http://127.0.0.1:{w_port}{bad}")).send().await.unwrap();
+        let r = http.get(format!("http://127.0.0.1:{w_port}{bad}")).bearer_auth(NODE_SECRET).send().await.unwrap();
         assert_eq!(r.status().as_u16(), 400, "{bad}");
     }
     assert_eq!(get(&http, format!("http://127.0.0.1:{w_port}/ready")).await.0, 200);

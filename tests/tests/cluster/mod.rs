@@ -14,6 +14,9 @@ use sluice_tests::{Running, binary, wait_for_port};
 
 pub const SEALING_KEY: &str = "c2x1aWNlLXRlc3Qtc2VhbGluZy1rZXktMzItYnl0ZXM=";
 pub const ADMIN: &str = "sk_distribution_test_admin_key_0123456789";
+/// The workers' node credential: the same bearer as the control plane's admin key, so one
+/// test client reaches both (production keeps them apart; nothing here relies on it).
+pub const NODE_SECRET: &str = ADMIN;
 pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A throwaway database `db` on a fresh Postgres, a NATS server, a temp dir, and one control
@@ -112,6 +115,7 @@ pub fn worker_with(
         .env("SLUICE_SNAPSHOT_EVERY_SECS", "1")
         .env("SLUICE_LOG", "info,async_nats=warn")
         .env("SLUICE_WEBHOOK_ALLOWED", "127.0.0.1")
+        .env("SLUICE_NODE_SECRET", NODE_SECRET)
         .env("SLUICE_RTMP_LISTEN", rtmp)
         .env("SLUICE_SRT_LISTEN", format!("127.0.0.1:{}", sluice_tests::free_port()));
     for (k, v) in extra {
