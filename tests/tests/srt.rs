@@ -129,8 +129,20 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     assert!(!read(&w_log).contains("panicked"), "{}", read(&w_log));
 
     // An app with a passphrase: its callers must encrypt with it, others must not encrypt.
-    let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]}});
-    post(&http, cp, "/v1/apps", json!({"name": "vault", "policy": open})).await;
+    // Its players need a one-time token, which a wrong passphrase must not spend.
+    let vault_policy = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["one_time_token"]}});
+    post(&http, cp, "/v1/apps", json!({"name": "vault", "policy": vault_policy})).await;
+    post(&http, cp, "/v1/apps/vault/streams", json!({"name": "cam9"})).await;
+    let play_token = post(
+        &http,
+        cp,
+        "/v1/apps/vault/streams/cam9/tokens",
+        json!({"action": "play", "expires_in": 600}),
+    )
+    .await["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let secret = post(&http, cp, "/v1/apps/vault/secrets/srt_passphrase", json!({})).await;
     let passphrase = secret["secret"].as_str().unwrap().to_owned();
     assert!((10..=79).contains(&passphrase.len()), "{passphrase}");
@@ -142,8 +154,12 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     let vault = format!("{}&pkt_size=1316&passphrase={passphrase}&pbkeylen=16", srt_url(srt, sid));
     let encrypted = ffmpeg_testsrc("mpegts", &vault, 8).spawn().unwrap();
     until_live(&http, cp, "vault", "cam9").await;
+    // A wrong passphrase with a good token, the stream live: refused before the decision
+    // (issue #16 item 4), so the token is still good and no allow of it is recorded.
+    let with_token = format!("#!::r=vault/cam9,m=request,t={play_token}");
+    assert_eq!(reject_code_with(srt, &with_token, Some("not-the-passphrase")).await, 10, "SRT_REJ_BADSECRET");
     let played = tokio::task::spawn_blocking({
-        let u = format!("{}&passphrase={passphrase}&pbkeylen=32", srt_url(srt, "#!::r=vault/cam9,m=request"));
+        let u = format!("{}&passphrase={passphrase}&pbkeylen=32", srt_url(srt, &with_token));
         move || ffmpeg_play(&u)
     })
     .await

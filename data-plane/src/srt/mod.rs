@@ -121,10 +121,10 @@ async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub
         }
     };
     // Encryption is the app's: callers must use its passphrase if it has one, and must not
-    // encrypt if it has none. A mismatch is refused before anything is decided (nothing to
-    // log, no one-time token spent); a wrong passphrase only shows once the handshake
-    // completes, after the decision.
-    let keys = match encryption(&admission.decider.shared.state.load(), &req.app, request.key_size()) {
+    // encrypt if it has none. A mismatch, a wrong passphrase included (the caller's key
+    // material must open with the app's), is refused before anything is decided: nothing to
+    // log, no one-time token spent (issue #16 item 4).
+    let keys = match encryption(&admission.decider.shared.state.load(), &req.app, &request) {
         Ok(keys) => keys,
         Err(reject) => {
             tracing::debug!(%peer, app = %req.app, ?reject, "SRT caller refused: encryption does not match the app's");
@@ -155,8 +155,14 @@ async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub
 }
 
 /// The key settings to accept a caller of `app` with, or the rejection when the caller's
-/// encryption does not match the app's passphrase. An unknown app is left to the decision.
-fn encryption(state: &AuthState, app: &AppName, caller: KeySize) -> Result<Option<KeySettings>, RejectReason> {
+/// encryption does not match the app's passphrase (`Unsecure` when one side encrypts and the
+/// other does not, `BadSecret` for a wrong passphrase). An unknown app is left to the decision.
+fn encryption(
+    state: &AuthState,
+    app: &AppName,
+    request: &srt_tokio::ConnectionRequest,
+) -> Result<Option<KeySettings>, RejectReason> {
+    let caller = request.key_size();
     let Some(app) = state.apps.get(app).filter(|a| a.secrets.contains_key(&SecretKind::SrtPassphrase)) else {
         return match caller {
             KeySize::Unspecified => Ok(None),
@@ -168,10 +174,14 @@ fn encryption(state: &AuthState, app: &AppName, caller: KeySize) -> Result<Optio
     let Some(passphrase) = passphrase.and_then(|p| Passphrase::try_from(p).ok()) else {
         return Err(RejectReason::Server(ServerRejectReason::Down));
     };
-    match caller {
-        KeySize::Unspecified => Err(RejectReason::Core(CoreRejectReason::Unsecure)),
-        key_size => Ok(Some(KeySettings { key_size, passphrase })),
+    if caller == KeySize::Unspecified {
+        return Err(RejectReason::Core(CoreRejectReason::Unsecure));
     }
+    let keys = KeySettings { key_size: caller, passphrase };
+    if !request.passphrase_matches(&keys) {
+        return Err(RejectReason::Core(CoreRejectReason::BadSecret));
+    }
+    Ok(Some(keys))
 }
 
 #[cfg(test)]

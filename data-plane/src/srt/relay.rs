@@ -89,7 +89,7 @@ pub(super) async fn publish(
     let mut socket = match request.accept(keys).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(%peer, error = %e, "SRT handshake failed after the decision (a wrong passphrase?)");
+            tracing::info!(%peer, error = %e, "SRT handshake failed after the decision");
             hub.release(&key, id);
             return;
         }
@@ -144,7 +144,7 @@ pub(super) async fn play(
     let mut socket = match request.accept(keys).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(%peer, error = %e, "SRT handshake failed after the decision (a wrong passphrase?)");
+            tracing::info!(%peer, error = %e, "SRT handshake failed after the decision");
             return;
         }
     };

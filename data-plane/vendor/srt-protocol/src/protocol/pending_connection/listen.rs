@@ -238,6 +238,12 @@ impl Listen {
         let stream_id = incoming.sid.clone().and_then(|s| s.try_into().ok());
         let remote_socket_id = shake.socket_id;
         let key_size = incoming.key_size;
+        // sluice patch: the caller's key material, so the acceptor can check the passphrase
+        // before it decides (and spends anything) rather than after.
+        let key_material = match &incoming.ext_km {
+            Some(SrtControlPacket::KeyRefreshRequest(km)) => Some(km.clone()),
+            _ => None,
+        };
 
         self.state = AccessControlRequested(state, timestamp, shake, incoming);
 
@@ -247,6 +253,7 @@ impl Listen {
             remote_socket_id,
             stream_id,
             key_size,
+            key_material,
         })
     }
 

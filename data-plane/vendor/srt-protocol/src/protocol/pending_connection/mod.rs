@@ -40,6 +40,27 @@ pub struct AccessControlRequest {
     pub remote_socket_id: SocketId,
     pub stream_id: Option<StreamId>,
     pub key_size: KeySize,
+    /// sluice patch: the caller's KM request, if it encrypts.
+    pub key_material: Option<KeyingMaterialMessage>,
+}
+
+impl AccessControlRequest {
+    /// sluice patch: whether the caller's key material opens with `key_settings` (its
+    /// passphrase and key size): the check the handshake makes after acceptance, made
+    /// before it. False when the caller does not encrypt.
+    pub fn passphrase_matches(&self, key_settings: &KeySettings) -> bool {
+        match &self.key_material {
+            Some(km) => {
+                key_settings.key_size == self.key_size
+                    && crate::protocol::encryption::stream::StreamEncryptionKeys::unwrap_from(
+                        key_settings,
+                        km,
+                    )
+                    .is_ok()
+            }
+            None => false,
+        }
+    }
 }
 
 #[derive(Debug, Eq, PartialEq)]
