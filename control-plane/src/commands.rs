@@ -27,6 +27,8 @@ pub struct Origin {
     pub request_id: Option<String>,
     /// `(scope, key)`: the same key in the same scope maps to the same event ids.
     pub idempotency: Option<(String, String)>,
+    /// The digest of the request made under that key (method, path, body).
+    pub request_digest: Option<sluice_events::Sha256Digest>,
 }
 
 /// A write that is in the log (and in the projection).
@@ -45,7 +47,7 @@ pub enum CommandError {
     Rejected(#[from] Rejection),
     #[error("the write kept conflicting with concurrent writes to {stream}; try again")]
     Conflict { stream: String },
-    #[error("the idempotency key was already used for a different request")]
+    #[error("the Idempotency-Key was already used for a different request (method, path or body)")]
     IdempotencyMismatch,
     #[error(transparent)]
     Store(StoreError),
@@ -87,8 +89,13 @@ impl Writer {
         F: FnMut(&AuthState) -> Result<Command, Rejection>,
     {
         if let Some(first) = self.event_id(origin, 0)
-            && let Some(position) = self.store.position_of(first).await?
+            && let Some((position, written)) = self.store.written_with(first).await?
         {
+            // The same key with another request (the IETF idempotency-key draft's 422); a
+            // write from before digests were kept is taken for the same request.
+            if written.request_digest.is_some() && written.request_digest != origin.request_digest {
+                return Err(CommandError::IdempotencyMismatch);
+            }
             self.projection.wait_for(position, APPLY_WAIT).await;
             return Ok(Committed { position, replayed: true });
         }
@@ -96,6 +103,7 @@ impl Writer {
             actor: Some(origin.actor.clone()),
             request_id: origin.request_id.clone(),
             client_ip: origin.client_ip,
+            request_digest: origin.idempotency.as_ref().and(origin.request_digest),
         };
         let mut last_stream = String::new();
         for _ in 0..MAX_ATTEMPTS {

@@ -379,6 +379,10 @@ pub struct Metadata {
     pub request_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ip: Option<std::net::IpAddr>,
+    /// SHA-256 of the method, path and body of the request written under an
+    /// `Idempotency-Key`: a reuse of the key with another request is refused, not replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_digest: Option<crate::Sha256Digest>,
 }
 
 /// An event about to be appended: its id makes re-appending idempotent.

@@ -84,7 +84,7 @@ fn decisions_append(node: &str, n: usize) -> (String, Vec<NewEvent>) {
 }
 
 fn meta() -> Metadata {
-    Metadata { actor: Some("key:bench".into()), request_id: Some("bench".into()), client_ip: None }
+    Metadata { actor: Some("key:bench".into()), request_id: Some("bench".into()), ..Metadata::default() }
 }
 
 /// `writers` tasks append `per_append` events per call until RUN passes; returns events/s

@@ -885,16 +885,17 @@ async fn antmedia_compatibility_shapes() {
 async fn idempotency_keys_apply_a_retried_post_once() {
     let api = given_api(&[]).await;
     api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
-    let post = |key: &'static str| {
+    let post_named = |key: &'static str, name: &str| {
         Request::builder()
             .method(Method::POST)
             .uri("/v1/apps/studio/streams")
             .header("authorization", bearer(ADMIN))
             .header("content-type", "application/json")
             .header("idempotency-key", key)
-            .body(Body::from(json!({"name": "cam"}).to_string()))
+            .body(Body::from(json!({"name": name}).to_string()))
             .unwrap()
     };
+    let post = |key: &'static str| post_named(key, "cam");
     let first = api.send(post("retry-1")).await;
     assert_eq!(first.status, StatusCode::CREATED);
     let again = api.send(post("retry-1")).await;
@@ -905,6 +906,25 @@ async fn idempotency_keys_apply_a_retried_post_once() {
     assert_eq!(registered, 1);
     // A different key is a different request: the stream exists now.
     assert_eq!(api.send(post("retry-2")).await.status, StatusCode::CONFLICT);
+    // The same key with another body is not a retry: 422 problem+json, and nothing written
+    // (issue #16 item 13; it answered `replayed` before).
+    let reused = api.send(post_named("retry-1", "cam2")).await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY, "{:?}", reused.body);
+    assert_eq!(reused.headers["content-type"], "application/problem+json");
+    assert!(reused.headers.get("idempotent-replayed").is_none());
+    assert!(reused.body["detail"].as_str().unwrap().contains("Idempotency-Key"), "{:?}", reused.body);
+    let streams = api.admin(Method::GET, "/v1/apps/studio/streams/cam2", None).await;
+    assert_eq!(streams.status, StatusCode::NOT_FOUND);
+    // The same key on another path is another request too.
+    let other_path = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/apps")
+        .header("authorization", bearer(ADMIN))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "retry-1")
+        .body(Body::from(json!({"name": "other"}).to_string()))
+        .unwrap();
+    assert_eq!(api.send(other_path).await.status, StatusCode::CREATED, "keys are scoped by method and path");
     // A replayed key creation never hands out a secret that was not the one stored.
     let key = |path: &'static str, body: Value| {
         Request::builder()

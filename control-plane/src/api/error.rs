@@ -30,6 +30,9 @@ pub enum ApiError {
     AlreadyExists { what: &'static str, id: String },
     #[error("{0}")]
     Conflict(String),
+    /// Well-formed but not to be done: an `Idempotency-Key` reused with another request.
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("this path does not serve that method (see Allow)")]
     MethodNotAllowed,
     #[error("the request body is larger than the limit (max_body_bytes)")]
@@ -60,6 +63,7 @@ impl ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound { .. } | ApiError::Missing(_) => StatusCode::NOT_FOUND,
             ApiError::AlreadyExists { .. } | ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -79,6 +83,7 @@ impl ApiError {
             ApiError::NotFound { .. } | ApiError::Missing(_) => "not-found",
             ApiError::AlreadyExists { .. } => "already-exists",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Unprocessable(_) => "idempotency-key-reused",
             ApiError::MethodNotAllowed => "method-not-allowed",
             ApiError::TooLarge => "payload-too-large",
             ApiError::UnsupportedMediaType => "unsupported-media-type",
@@ -156,7 +161,7 @@ impl From<CommandError> for ApiError {
         match e {
             CommandError::Rejected(r) => r.into(),
             CommandError::Conflict { .. } => ApiError::Conflict(e.to_string()),
-            CommandError::IdempotencyMismatch => ApiError::Conflict(e.to_string()),
+            CommandError::IdempotencyMismatch => ApiError::Unprocessable(e.to_string()),
             CommandError::Store(s) => s.into(),
         }
     }

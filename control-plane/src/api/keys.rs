@@ -127,7 +127,7 @@ pub async fn create_key(api: &ApiState, ctx: &Ctx, req: CreateKey) -> Result<(Op
         let first = api.writer.store().read_all(Position(committed.position.0.saturating_sub(1)), 1).await?;
         match first.first().map(|e| &e.event) {
             Some(Event::ApiKeyCreated(e)) => e.key_id.clone(),
-            _ => return Err(ApiError::Conflict("the Idempotency-Key was used for a different request".into())),
+            _ => return Err(ApiError::Unprocessable("the Idempotency-Key was used for a different request".into())),
         }
     } else {
         id

@@ -150,6 +150,7 @@ pub struct Ctx {
     pub ip: IpAddr,
     pub idempotency_key: Option<String>,
     scope: String,
+    request_digest: Option<sluice_events::Sha256Digest>,
 }
 
 impl Ctx {
@@ -159,6 +160,7 @@ impl Ctx {
             client_ip: Some(self.ip),
             request_id: None,
             idempotency: self.idempotency_key.clone().map(|k| (self.scope.clone(), k)),
+            request_digest: self.request_digest,
         }
     }
 
@@ -187,8 +189,37 @@ impl FromRequestParts<ApiState> for Ctx {
             ip: ClientIp::of(parts),
             idempotency_key,
             scope: format!("{} {}", parts.method, parts.uri.path()),
+            request_digest: parts.extensions.get::<RequestDigest>().map(|d| d.0),
         })
     }
+}
+
+/// The digest of a request made with an `Idempotency-Key`: method, path and query, body.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestDigest(pub sluice_events::Sha256Digest);
+
+/// Digests the request when it carries an `Idempotency-Key`, so a reuse of the key with
+/// another request can be told from a retry (the IETF idempotency-key draft's 422).
+async fn digest_idempotent(
+    axum::extract::State(api): axum::extract::State<ApiState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !req.headers().contains_key("idempotency-key") {
+        return next.run(req).await;
+    }
+    let (mut parts, body) = req.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, api.settings.max_body_bytes).await else {
+        return ApiError::TooLarge.into_response();
+    };
+    let mut text = Vec::with_capacity(bytes.len() + 64);
+    text.extend_from_slice(parts.method.as_str().as_bytes());
+    text.push(b' ');
+    text.extend_from_slice(parts.uri.path_and_query().map_or("", |p| p.as_str()).as_bytes());
+    text.push(b'\n');
+    text.extend_from_slice(&bytes);
+    parts.extensions.insert(RequestDigest(sluice_events::Sha256Digest::of(&text)));
+    next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
 }
 
 /// A response to a write: the status, the body, and the log position in `Sluice-Position`.
@@ -238,6 +269,7 @@ pub fn router(api: ApiState) -> Router {
         .merge(sls.layer(middleware::from_fn(compat::sls_envelope)))
         .merge(ams.layer(middleware::from_fn(compat::antmedia_envelope)))
         .fallback(|| async { ApiError::NotFound { what: "route", id: "this path".into() } })
+        .layer(middleware::from_fn_with_state(api.clone(), digest_idempotent))
         .layer(axum::middleware::map_response(method_not_allowed))
         .layer(middleware::from_fn_with_state(api.clone(), audit::record))
         .layer(middleware::from_fn_with_state(api.clone(), limits::allow_list));

@@ -372,6 +372,17 @@ impl EventStore {
     }
 
     /// The position of an event, if it is in the log (idempotent request replays).
+    /// Where `event_id` is in the log, and the request digest it was written with (see
+    /// `Metadata::request_digest`).
+    pub async fn written_with(&self, event_id: Uuid) -> Result<Option<(Position, Metadata)>, StoreError> {
+        let row: Option<(i64, String)> =
+            sqlx::query_as("SELECT position, metadata::text FROM events WHERE event_id = $1")
+                .bind(event_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map(|(p, m)| (Position(p as u64), serde_json::from_str(&m).unwrap_or_default())))
+    }
+
     pub async fn position_of(&self, event_id: Uuid) -> Result<Option<Position>, StoreError> {
         let p: Option<i64> = sqlx::query_scalar("SELECT position FROM events WHERE event_id = $1")
             .bind(event_id)
