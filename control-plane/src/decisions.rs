@@ -213,10 +213,13 @@ pub struct DecisionRow {
     pub method: Option<String>,
     /// RFC 3339.
     pub decided_at: String,
+    /// The attempts this row stands for: 1, or more when the worker coalesced a retrying
+    /// client's identical refusals (`first_decided_at` is then the first of them).
+    pub count: u64,
+    pub first_decided_at: Option<String>,
 }
 
-pub const CSV_HEADER: &str =
-    "id,position,state_position,node,app,stream,action,protocol,subject,client_ip,allowed,reason,method,decided_at";
+pub const CSV_HEADER: &str = "id,position,state_position,node,app,stream,action,protocol,subject,client_ip,allowed,reason,method,decided_at,count,first_decided_at";
 
 impl DecisionRow {
     /// One CSV line (RFC 4180 quoting where a field needs it).
@@ -239,6 +242,8 @@ impl DecisionRow {
             self.reason.clone(),
             self.method.clone().unwrap_or_default(),
             self.decided_at.clone(),
+            self.count.to_string(),
+            self.first_decided_at.clone().unwrap_or_default(),
         ]
         .join(",")
     }
@@ -247,7 +252,9 @@ impl DecisionRow {
 pub async fn query(pool: &PgPool, f: &Filter) -> Result<Vec<DecisionRow>, StoreError> {
     let mut q = QueryBuilder::new(
         "SELECT id, position, state_position, node, app, stream, action, protocol, subject, \
-         host(client_ip) AS ip, allowed, reason, method, decided_at FROM decisions WHERE true",
+         host(client_ip) AS ip, allowed, reason, method, decided_at, \
+         COALESCE((record->'repeats'->>'count')::bigint, 1) AS count, \
+         (record->'repeats'->>'first')::bigint AS first_ms FROM decisions WHERE true",
     );
     let text =
         [("app", &f.app), ("stream", &f.stream), ("subject", &f.subject), ("reason", &f.reason), ("node", &f.node)];
@@ -291,6 +298,11 @@ pub async fn query(pool: &PgPool, f: &Filter) -> Result<Vec<DecisionRow>, StoreE
                 reason: r.try_get("reason")?,
                 method: r.try_get("method")?,
                 decided_at: at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                count: r.try_get::<i64, _>("count")?.max(1) as u64,
+                first_decided_at: r
+                    .try_get::<Option<i64>, _>("first_ms")?
+                    .and_then(DateTime::<Utc>::from_timestamp_millis)
+                    .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             })
         })
         .collect::<Result<_, sqlx::Error>>()
@@ -341,6 +353,8 @@ pub struct Explanation {
     pub rule: String,
     /// A webhook's answer, as recorded (it cannot be replayed).
     pub webhook: Option<WebhookAnswer>,
+    /// Identical refusals the worker recorded as this one (see `DecisionRow::count`).
+    pub repeats: Option<sluice_events::Repeats>,
     /// The checkpoint the state was rebuilt from (0: the start of the log), and the events
     /// applied after it.
     pub rebuilt_from: u64,
@@ -465,6 +479,7 @@ pub async fn explain(store: &EventStore, keyring: &Arc<Keyring>, id: Uuid) -> Re
         final_reason: record.final_reason.as_str().to_owned(),
         rule,
         webhook: record.webhook.clone(),
+        repeats: record.repeats,
         rebuilt_from: from,
         events_replayed: replayed,
         took_ms: started.elapsed().as_secs_f64() * 1000.0,

@@ -147,6 +147,11 @@ async fn metrics(State(d): State<Arc<Decider>>) -> ([(axum::http::HeaderName, &'
         ("sluice_ready", "1 when the worker has a state to decide from.", u64::from(d.shared.is_ready())),
         ("sluice_decisions_pending", "Decisions in the spool not yet in the log.", d.spool.backlog() as u64),
         (
+            "sluice_refusals_coalesced_total",
+            "Refusals held and recorded as part of one record with a count (SLUICE_REFUSAL_WINDOW_MS).",
+            d.refusals.held.load(Ordering::Relaxed),
+        ),
+        (
             "sluice_srt_refused_datagrams_total",
             "SRT datagrams the listener refused (unparseable, or failing their session); logged at most once per 10 s.",
             srt_protocol::listener::REFUSED_DATAGRAMS.load(std::sync::atomic::Ordering::Relaxed),
@@ -183,6 +188,8 @@ async fn decide(State(decider): State<Arc<Decider>>, body: axum::body::Bytes) ->
                     "stream": r.decision.stream,
                     "position": r.decision.position.0,
                     "sequence": r.sequence,
+                    // False for a refusal held with identical ones (recorded as one, later).
+                    "recorded": r.sequence.is_some(),
                 })),
             )
         }

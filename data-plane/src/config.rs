@@ -35,6 +35,7 @@ const KNOWN: &[&str] = &[
     "node_secret",
     "node_secret_file",
     "probe_listen",
+    "refusal_window_ms",
 ];
 
 #[derive(Clone)]
@@ -85,6 +86,9 @@ pub struct Config {
     pub node_secret: Option<SecretString>,
     /// A second listener with the probes and metrics alone (`/health`, `/ready`, `/metrics`).
     pub probe_listen: Option<SocketAddr>,
+    /// Identical refusals (address, app, stream, action, reason) within this window of the
+    /// last recorded one are recorded as one, with a count (0: each is recorded).
+    pub refusal_window_ms: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -114,6 +118,7 @@ impl std::fmt::Debug for Config {
             .field("webhook_allowed", &self.webhook_allowed)
             .field("node_secret", &self.node_secret)
             .field("probe_listen", &self.probe_listen)
+            .field("refusal_window_ms", &self.refusal_window_ms)
             .finish()
     }
 }
@@ -180,6 +185,7 @@ impl Config {
             webhook_allowed,
             node_secret,
             probe_listen: s.optional("probe_listen", "host:port like 0.0.0.0:9936")?,
+            refusal_window_ms: s.or("refusal_window_ms", 1000, "milliseconds (0: record each refusal)")?.min(60_000),
         })
     }
 }

@@ -193,6 +193,8 @@ pub struct Decider {
     pub stats: Arc<crate::stats::MediaStats>,
     /// The media ports' connection limits and per-IP backoff.
     pub gate: Arc<crate::limits::Gate>,
+    /// Identical refusals within a window recorded as one (`coalesce`).
+    pub refusals: Arc<crate::coalesce::Coalescer>,
 }
 
 /// Refusals the media server adds to a decision (see `Decider::decide_with`).
@@ -278,8 +280,11 @@ impl Decider {
             webhook,
             sequence: None,
             publisher_slot: if allowed { slot } else { None },
+            repeats: None,
         };
-        record.sequence = Some(self.spool.append(record.clone()).await?);
+        if self.refusals.offer(&mut record, std::time::Instant::now()) {
+            record.sequence = Some(self.spool.append(record.clone()).await?);
+        }
         self.stats.decided(record.allowed, record.final_reason.as_str());
         Ok(record)
     }
@@ -318,6 +323,19 @@ impl Decider {
             }
         }
         None
+    }
+}
+
+/// Records the held runs of identical refusals once their window has passed.
+pub async fn record_held_refusals(decider: Decider) {
+    let period = (decider.refusals.window() / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(period).await;
+        for record in decider.refusals.due(std::time::Instant::now()) {
+            if let Err(e) = decider.spool.append(record).await {
+                tracing::warn!(error = %e, "a coalesced refusal could not be recorded");
+            }
+        }
     }
 }
 

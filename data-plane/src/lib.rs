@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod admit;
 pub mod clock;
+pub mod coalesce;
 pub mod config;
 pub mod decide;
 pub mod heartbeat;

@@ -134,7 +134,8 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> Result<(), String> {
     use sluice_data_plane::{
-        admin, admit, decide, heartbeat, limits, rtmp, sessions, slot, spool, srt, stats, sync, task, uplink, webhook,
+        admin, admit, coalesce, decide, heartbeat, limits, rtmp, sessions, slot, spool, srt, stats, sync, task, uplink,
+        webhook,
     };
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
@@ -204,12 +205,14 @@ async fn run(config: Config) -> Result<(), String> {
             config.webhook_allowed.clone(),
         )),
         stats: media_stats,
+        refusals: Arc::new(coalesce::Coalescer::new(Duration::from_millis(config.refusal_window_ms))),
         gate: limits::Gate::new(
             config.max_connections.max(1),
             config.max_connections_per_ip.max(1),
             config.failure_backoff_after,
         ),
     };
+    tasks.spawn("held refusals", decide::record_held_refusals(decider.clone()));
     let admission = admit::Admission { decider: decider.clone(), slots };
     let (jobs, job_rx) = tokio::sync::mpsc::channel(4096);
     tasks.spawn("RTMP admissions", rtmp::serve_admissions(admission.clone(), job_rx));

@@ -448,6 +448,7 @@ mod tests {
             webhook: None,
             sequence: None,
             publisher_slot: None,
+            repeats: None,
         }
     }
 

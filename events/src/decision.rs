@@ -313,6 +313,22 @@ pub struct DecisionRecord {
     /// and in records from before it was recorded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publisher_slot: Option<SlotScope>,
+    /// For a refusal: the identical refusals (same address, app, stream, action and reason)
+    /// this one stands for, itself included, when the worker coalesced a retrying client's
+    /// attempts rather than record each (absent: this attempt alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeats: Option<Repeats>,
+}
+
+/// Identical refusals recorded as one (see `DecisionRecord::repeats`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Repeats {
+    /// How many attempts, this one included (at least 2).
+    pub count: u64,
+    /// When the first and the last of them were decided.
+    pub first: Timestamp,
+    pub last: Timestamp,
 }
 
 /// What held a publisher's slot when it was admitted.
@@ -437,6 +453,7 @@ mod tests {
             webhook: None,
             sequence: Some(1),
             publisher_slot: None,
+            repeats: None,
         };
         assert!(
             matches!(record.follow_up().as_slice(), [Command::ConsumeToken { token_sha256, .. }] if *token_sha256 == digest)

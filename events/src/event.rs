@@ -182,6 +182,31 @@ pub struct ApiAccess {
     pub route: String,
     pub client_ip: std::net::IpAddr,
     pub status: u16,
+    /// Identical calls (subject, method, route, address, status) in one batch are one entry:
+    /// how many (absent: one), and when the last of them was (`at` is the first).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub count: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last: Option<Timestamp>,
+}
+
+fn one() -> u64 {
+    1
+}
+
+fn is_one(n: &u64) -> bool {
+    *n == 1
+}
+
+impl ApiAccess {
+    /// The fields that make two calls identical for the audit.
+    pub fn same_call(&self, other: &ApiAccess) -> bool {
+        (self.subject == other.subject)
+            && self.method == other.method
+            && self.route == other.route
+            && self.client_ip == other.client_ip
+            && self.status == other.status
+    }
 }
 
 /// A batch of API calls, recorded together so auditing costs no round trip per request.

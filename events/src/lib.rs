@@ -22,7 +22,7 @@ pub mod wire;
 
 pub use command::{Command, NewSecret, Rejection, handle};
 pub use decide::decide;
-pub use decision::{AccessRequest, Credential, Decision, DecisionRecord, Effect, Outcome, Reason};
+pub use decision::{AccessRequest, Credential, Decision, DecisionRecord, Effect, Outcome, Reason, Repeats};
 pub use event::{DecodeError, Event, Metadata, NewEvent, RecordedEvent};
 pub use ids::{
     Action, AppName, Cidr, KeyId, NodeId, ParseError, Position, Protocol, Role, StreamName, SubscriberId, Timestamp,

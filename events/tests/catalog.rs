@@ -109,6 +109,7 @@ fn examples() -> Vec<Event> {
                 webhook: Some(WebhookAnswer { status: Some(200), allowed: true }),
                 sequence: Some(17),
                 publisher_slot: None,
+                repeats: None,
             },
         }
         .into(),
@@ -121,6 +122,8 @@ fn examples() -> Vec<Event> {
                 route: "/v1/apps".into(),
                 client_ip: "127.0.0.1".parse().unwrap(),
                 status: 201,
+                count: 1,
+                last: None,
             }],
         }
         .into(),

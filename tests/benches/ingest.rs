@@ -65,6 +65,7 @@ fn record(i: u64, node: &NodeId) -> DecisionRecord {
         webhook: None,
         sequence: Some(i + 1),
         publisher_slot: None,
+        repeats: None,
     }
 }
 

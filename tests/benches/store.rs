@@ -74,6 +74,7 @@ fn decisions_append(node: &str, n: usize) -> (String, Vec<NewEvent>) {
                     webhook: None,
                     sequence: Some(i as u64),
                     publisher_slot: None,
+                    repeats: None,
                 },
             }
             .into();

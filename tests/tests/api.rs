@@ -996,6 +996,41 @@ async fn postgres_down_is_a_503_and_reads_go_on() {
 }
 
 #[tokio::test]
+async fn a_client_hammering_unknown_routes_adds_a_bounded_audit() {
+    let api = given_api(&[]).await;
+    // 3,000 anonymous calls to paths that match no route (the hostile review's case).
+    for i in 0..3000 {
+        let r = api.call(Method::GET, &format!("/v1/scan-{i}"), None, None).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+    }
+    let mut calls = 0;
+    let mut entries = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let log = api.log().await;
+        let batches: Vec<_> = log
+            .iter()
+            .filter_map(|e| match &e.event {
+                sluice_events::Event::ApiAccessed(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect();
+        let scans: Vec<_> = batches.iter().flat_map(|b| b.entries.iter()).filter(|a| a.route == "(no route)").collect();
+        calls = scans.iter().map(|a| a.count).sum::<u64>();
+        entries = scans.len();
+        if calls == 3000 {
+            break;
+        }
+    }
+    // Every call is counted; the entries are one per batch at most (a batch gathers for
+    // about a second), not one per call.
+    assert_eq!(calls, 3000);
+    let batches = api.log().await.iter().filter(|e| e.event.event_type() == "ApiAccessed").count();
+    assert!(entries <= batches && entries < 100, "{entries} entries in {batches} batches");
+    assert!(!api.log().await.iter().any(|e| format!("{:?}", e.event).contains("scan-")), "no scanned path recorded");
+}
+
+#[tokio::test]
 async fn events_audit_and_last_used() {
     let api = given_api(&[]).await;
     api.admin(Method::POST, "/v1/apps", Some(json!({"name": "studio"}))).await;
@@ -1020,10 +1055,13 @@ async fn events_audit_and_last_used() {
     let e = found.expect("an ApiAccessed batch");
     let sluice_events::Event::ApiAccessed(batch) = &e.event else { unreachable!() };
     assert_eq!(batch.instance, "test");
-    assert!(batch.entries.len() >= 3);
+    assert!(batch.entries.iter().map(|a| a.count).sum::<u64>() >= 3);
     assert!(
         batch.entries.iter().any(|a| a.subject == "key:bootstrap-admin" && a.route == "/v1/apps" && a.status == 201)
     );
+    // The two identical GETs are one entry with a count (issue #16 item 9).
+    let gets = batch.entries.iter().find(|a| a.route == "/v1/events" && a.method == "GET").unwrap();
+    assert_eq!((gets.count, gets.last.is_some()), (2, true), "{gets:?}");
     let key = api.admin(Method::GET, "/v1/keys/bootstrap-admin", None).await;
     assert!(key.body["last_used"].as_i64().unwrap() >= now_secs() - 60);
     let r = api.call(Method::GET, "/v1/events", Some(&basic("root", "correct horse battery")), None).await;

@@ -20,6 +20,33 @@ use crate::store::{EventStore, ExpectedVersion};
 const BATCH: usize = 500;
 const KEEP_WHILE_DOWN: usize = 50_000;
 
+/// The calls not yet written, identical calls merged into one entry with a count (issue #16
+/// item 9: a client hammering one route adds one entry per batch, not one per call).
+#[derive(Debug, Default)]
+struct Pending {
+    entries: Vec<ApiAccess>,
+}
+
+impl Pending {
+    fn push(&mut self, access: ApiAccess) {
+        // Every pending entry is unwritten (the task appends between pushes), so any may be
+        // merged into; only the newest batch's worth is searched, to bound the cost.
+        let recent = self.entries.len().saturating_sub(BATCH);
+        if let Some(same) = self.entries[recent..].iter_mut().rev().find(|e| e.same_call(&access)) {
+            same.count += access.count;
+            same.last = Some(access.last.unwrap_or(access.at));
+            return;
+        }
+        self.entries.push(access);
+    }
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// Filled by the `Principal` extractor with the authenticated subject.
 #[derive(Debug, Clone, Default)]
 pub struct AuditSlot(Arc<OnceLock<String>>);
@@ -41,7 +68,7 @@ impl AuditLog {
     pub fn start(tasks: &crate::task::Tasks, store: EventStore, instance: String) -> AuditLog {
         let (tx, mut rx) = mpsc::channel::<ApiAccess>(8192);
         tasks.track("API audit", async move {
-            let mut pending: Vec<ApiAccess> = Vec::new();
+            let mut pending = Pending::default();
             let mut open = true;
             while open || !pending.is_empty() {
                 if pending.is_empty() {
@@ -62,6 +89,7 @@ impl AuditLog {
                         _ = &mut deadline => break,
                     }
                 }
+                let pending = &mut pending.entries;
                 let take = pending.len().min(BATCH);
                 let entries: Vec<ApiAccess> = pending[..take].to_vec();
                 let event = ApiAccessed { instance: instance.clone(), entries }.into();
@@ -102,15 +130,14 @@ pub async fn record(State(api): State<ApiState>, mut req: Request, next: Next) -
     let slot = AuditSlot::default();
     req.extensions_mut().insert(slot.clone());
     let method = req.method().to_string();
-    // The concrete path (no query string, which may carry credentials), capped.
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| req.uri().path().chars().take(256).collect());
+    // The route's template (no query string, which may carry credentials); a path that
+    // matches no route is "(no route)", so a scan of random paths merges into one entry.
+    let route =
+        req.extensions().get::<MatchedPath>().map_or_else(|| "(no route)".to_owned(), |p| p.as_str().to_owned());
     let client_ip = ClientIp::of_request(&req);
     let response = next.run(req).await;
     let subject = slot.0.get().cloned().unwrap_or_else(|| "anonymous".into());
-    api.audit.record(ApiAccess { at: now(), subject, method, route, client_ip, status: response.status().as_u16() });
+    let status = response.status().as_u16();
+    api.audit.record(ApiAccess { at: now(), subject, method, route, client_ip, status, count: 1, last: None });
     response
 }
