@@ -217,9 +217,23 @@ pub struct DecisionRow {
     /// client's identical refusals (`first_decided_at` is then the first of them).
     pub count: u64,
     pub first_decided_at: Option<String>,
+    /// For an allowed one-time token: an earlier allow of the same token, when there is one
+    /// (a double use, possible only while workers were cut off from NATS with
+    /// `offline_one_time = allow_local`).
+    pub conflict_with: Option<Uuid>,
 }
 
-pub const CSV_HEADER: &str = "id,position,state_position,node,app,stream,action,protocol,subject,client_ip,allowed,reason,method,decided_at,count,first_decided_at";
+pub const CSV_HEADER: &str = "id,position,state_position,node,app,stream,action,protocol,subject,client_ip,allowed,reason,method,decided_at,count,first_decided_at,conflict_with";
+
+/// An earlier allow of the same one-time token than the `decisions` row in scope (`d`).
+macro_rules! conflict_with {
+    () => {
+        "CASE WHEN d.allowed AND d.method = 'one_time_token' AND d.subject IS NOT NULL THEN \
+     (SELECT e.id FROM decisions e WHERE e.subject = d.subject AND e.allowed AND e.method = 'one_time_token' \
+      AND e.position < d.position ORDER BY e.position LIMIT 1) END"
+    };
+}
+const CONFLICT_WITH: &str = conflict_with!();
 
 impl DecisionRow {
     /// One CSV line (RFC 4180 quoting where a field needs it).
@@ -244,18 +258,20 @@ impl DecisionRow {
             self.decided_at.clone(),
             self.count.to_string(),
             self.first_decided_at.clone().unwrap_or_default(),
+            self.conflict_with.map(|u| u.to_string()).unwrap_or_default(),
         ]
         .join(",")
     }
 }
 
 pub async fn query(pool: &PgPool, f: &Filter) -> Result<Vec<DecisionRow>, StoreError> {
-    let mut q = QueryBuilder::new(
+    let mut q = QueryBuilder::new(format!(
         "SELECT id, position, state_position, node, app, stream, action, protocol, subject, \
          host(client_ip) AS ip, allowed, reason, method, decided_at, \
          COALESCE((record->'repeats'->>'count')::bigint, 1) AS count, \
-         (record->'repeats'->>'first')::bigint AS first_ms FROM decisions WHERE true",
-    );
+         (record->'repeats'->>'first')::bigint AS first_ms, {CONFLICT_WITH} AS conflict_with \
+         FROM decisions d WHERE true"
+    ));
     let text =
         [("app", &f.app), ("stream", &f.stream), ("subject", &f.subject), ("reason", &f.reason), ("node", &f.node)];
     for (column, value) in text {
@@ -303,6 +319,7 @@ pub async fn query(pool: &PgPool, f: &Filter) -> Result<Vec<DecisionRow>, StoreE
                     .try_get::<Option<i64>, _>("first_ms")?
                     .and_then(DateTime::<Utc>::from_timestamp_millis)
                     .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+                conflict_with: r.try_get("conflict_with")?,
             })
         })
         .collect::<Result<_, sqlx::Error>>()
@@ -311,12 +328,23 @@ pub async fn query(pool: &PgPool, f: &Filter) -> Result<Vec<DecisionRow>, StoreE
 
 /// The recorded decision and its log position.
 pub async fn find(pool: &PgPool, id: Uuid) -> Result<Option<(Position, DecisionRecord)>, StoreError> {
-    let row = sqlx::query("SELECT position, record FROM decisions WHERE id = $1").bind(id).fetch_optional(pool).await?;
+    Ok(find_with_conflict(pool, id).await?.map(|(p, r, _)| (p, r)))
+}
+
+/// As `find`, with an earlier allow of the same one-time token (see `DecisionRow`).
+pub async fn find_with_conflict(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<(Position, DecisionRecord, Option<Uuid>)>, StoreError> {
+    let sql =
+        concat!("SELECT position, record, ", conflict_with!(), " AS conflict_with FROM decisions d WHERE id = $1");
+    let row = sqlx::query(sql).bind(id).fetch_optional(pool).await?;
     let Some(row) = row else { return Ok(None) };
+    let conflict: Option<Uuid> = row.try_get("conflict_with")?;
     let position: i64 = row.try_get("position")?;
     let record: serde_json::Value = row.try_get("record")?;
     let record = serde_json::from_value(record).map_err(|e| StoreError::Database(format!("decision {id}: {e}")))?;
-    Ok(Some((Position(position as u64), record)))
+    Ok(Some((Position(position as u64), record, conflict)))
 }
 
 /// What `decide` says about a decision, re-run on the state it was made on.
@@ -355,6 +383,9 @@ pub struct Explanation {
     pub webhook: Option<WebhookAnswer>,
     /// Identical refusals the worker recorded as this one (see `DecisionRow::count`).
     pub repeats: Option<sluice_events::Repeats>,
+    /// An earlier allow of the same one-time token: this allow was a double use (see
+    /// `DecisionRow::conflict_with`); `matches` can be true all the same.
+    pub conflict_with: Option<Uuid>,
     /// The checkpoint the state was rebuilt from (0: the start of the log), and the events
     /// applied after it.
     pub rebuilt_from: u64,
@@ -436,7 +467,8 @@ pub async fn state_at(
 
 pub async fn explain(store: &EventStore, keyring: &Arc<Keyring>, id: Uuid) -> Result<Explanation, ExplainError> {
     let started = Instant::now();
-    let (position, record) = find(store.pool(), id).await?.ok_or(ExplainError::NotFound(id))?;
+    let (position, record, conflict_with) =
+        find_with_conflict(store.pool(), id).await?.ok_or(ExplainError::NotFound(id))?;
     let request = record.request.reopen(id, keyring).map_err(|e| ExplainError::Sealed(e.to_string()))?;
     let (state, from, replayed) = state_at(store, keyring, record.decision.position).await?;
     let again = sluice_events::decide(&state, &request, record.decided_at);
@@ -480,6 +512,7 @@ pub async fn explain(store: &EventStore, keyring: &Arc<Keyring>, id: Uuid) -> Re
         rule,
         webhook: record.webhook.clone(),
         repeats: record.repeats,
+        conflict_with,
         rebuilt_from: from,
         events_replayed: replayed,
         took_ms: started.elapsed().as_secs_f64() * 1000.0,

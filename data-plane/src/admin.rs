@@ -147,6 +147,11 @@ async fn metrics(State(d): State<Arc<Decider>>) -> ([(axum::http::HeaderName, &'
         ("sluice_ready", "1 when the worker has a state to decide from.", u64::from(d.shared.is_ready())),
         ("sluice_decisions_pending", "Decisions in the spool not yet in the log.", d.spool.backlog() as u64),
         (
+            "sluice_one_time_conflicts_total",
+            "One-time tokens admitted here offline (allow_local) that another worker had also admitted.",
+            d.guard.conflicts.load(Ordering::Relaxed),
+        ),
+        (
             "sluice_refusals_coalesced_total",
             "Refusals held and recorded as part of one record with a count (SLUICE_REFUSAL_WINDOW_MS).",
             d.refusals.held.load(Ordering::Relaxed),

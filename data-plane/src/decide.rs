@@ -50,11 +50,59 @@ pub struct Guard {
     local: Mutex<HashMap<String, Instant>>,
     /// Tokens admitted while NATS was unreachable, to claim once it is back.
     unreconciled: Mutex<Vec<(String, Uuid)>>,
+    /// This node's claims on disk (none in unit tests): they survive a restart.
+    claims: Option<crate::claims::ClaimLog>,
+    /// Tokens admitted here offline that another worker had also admitted
+    /// (`sluice_one_time_conflicts_total`).
+    pub conflicts: std::sync::atomic::AtomicU64,
 }
 
 impl Guard {
     pub fn new(client: async_nats::Client) -> Guard {
-        Guard { client, kv: OnceCell::new(), local: Mutex::default(), unreconciled: Mutex::default() }
+        Guard {
+            client,
+            kv: OnceCell::new(),
+            local: Mutex::default(),
+            unreconciled: Mutex::default(),
+            claims: None,
+            conflicts: Default::default(),
+        }
+    }
+
+    /// A guard that keeps its claims in `log`, starting from what it held.
+    pub fn with_claims(
+        client: async_nats::Client,
+        log: crate::claims::ClaimLog,
+        loaded: crate::claims::Loaded,
+    ) -> Guard {
+        let now = Instant::now();
+        let local = loaded.claimed.into_iter().map(|k| (k, now)).collect();
+        Guard {
+            local: Mutex::new(local),
+            unreconciled: Mutex::new(loaded.unreconciled),
+            claims: Some(log),
+            ..Guard::new(client)
+        }
+    }
+
+    /// Writes a claim to disk; false if it could not be made durable.
+    fn persist(&self, key: &str, decision: Uuid, local: bool) -> bool {
+        let Some(log) = &self.claims else { return true };
+        match log.claimed(key, decision, crate::clock::now().0, local) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, path = %log.path().display(), "a claim could not be written to disk");
+                false
+            }
+        }
+    }
+
+    fn persist_reconciled(&self, key: &str) {
+        if let Some(log) = &self.claims
+            && let Err(e) = log.reconciled(key)
+        {
+            tracing::warn!(error = %e, path = %log.path().display(), "a reconciled claim could not be noted on disk");
+        }
     }
 
     async fn store(&self) -> Option<&kv::Store> {
@@ -113,6 +161,8 @@ impl Guard {
         match tokio::time::timeout(CLAIM_TIMEOUT, &mut attempt).await {
             Ok(Ok(Ok(_))) => {
                 self.remember(key);
+                // KV holds it too; the copy on disk covers a restart while NATS is away.
+                self.persist(key, decision, false);
                 Claim::Claimed
             }
             Ok(Ok(Err(e))) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -141,13 +191,18 @@ impl Guard {
         }
     }
 
-    /// Admits `key` on this node only (NATS unreachable, the app allows it).
+    /// Admits `key` on this node only (NATS unreachable, the app allows it). The claim is on
+    /// disk before it answers; a token claim that cannot be written is `Unavailable`.
     pub fn claim_locally(&self, key: &str, decision: Uuid) -> Claim {
         if self.used_here(key) {
             return Claim::Used;
         }
+        let token = key.starts_with("t.");
+        if !self.persist(key, decision, token) && token {
+            return Claim::Unavailable;
+        }
         self.remember(key);
-        if key.starts_with("t.") {
+        if token {
             self.unreconciled.lock().unwrap_or_else(|p| p.into_inner()).push((key.to_owned(), decision));
         }
         Claim::Claimed
@@ -167,10 +222,17 @@ impl Guard {
             };
             match tokio::time::timeout(CLAIM_TIMEOUT, kv.create(&key, bytes::Bytes::from(decision.to_string()))).await {
                 Ok(Ok(_)) => {
+                    self.persist_reconciled(&key);
                     tracing::info!(%decision, "one-time token used during the NATS outage is now claimed cluster-wide")
                 }
                 Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    tracing::warn!(%decision, "one-time token admitted locally during the NATS outage had also been used elsewhere (offline_one_time = allow_local)")
+                    // Ours if an earlier attempt landed; otherwise a double use in a partition.
+                    let holder = kv.get(&key).await.ok().flatten();
+                    if holder.as_deref() != Some(decision.to_string().as_bytes()) {
+                        self.conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(%decision, "one-time token admitted locally during the NATS outage had also been used elsewhere (offline_one_time = allow_local): a conflict, flagged in /v1/decisions")
+                    }
+                    self.persist_reconciled(&key);
                 }
                 _ => left.push((key, decision)),
             }
@@ -301,11 +363,11 @@ impl Decider {
                         Claim::Used => return Some(Reason::TokenConsumed),
                         Claim::Unavailable => match offline {
                             OfflineOneTime::Deny => return Some(Reason::OneTimeUnavailable),
-                            OfflineOneTime::AllowLocal => {
-                                if self.guard.claim_locally(&key, req.id) == Claim::Used {
-                                    return Some(Reason::TokenConsumed);
-                                }
-                            }
+                            OfflineOneTime::AllowLocal => match self.guard.claim_locally(&key, req.id) {
+                                Claim::Claimed => {}
+                                Claim::Used => return Some(Reason::TokenConsumed),
+                                Claim::Unavailable => return Some(Reason::OneTimeUnavailable),
+                            },
                         },
                     }
                 }

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod admit;
+pub mod claims;
 pub mod clock;
 pub mod coalesce;
 pub mod config;

@@ -134,8 +134,8 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> Result<(), String> {
     use sluice_data_plane::{
-        admin, admit, coalesce, decide, heartbeat, limits, rtmp, sessions, slot, spool, srt, stats, sync, task, uplink,
-        webhook,
+        admin, admit, claims, clock, coalesce, decide, heartbeat, limits, rtmp, sessions, slot, spool, srt, stats,
+        sync, task, uplink, webhook,
     };
     use std::sync::Arc;
     use std::sync::atomic::Ordering;
@@ -189,7 +189,16 @@ async fn run(config: Config) -> Result<(), String> {
         config.node_id.clone(),
         Duration::from_secs(config.publish_lease_secs.max(1)),
     );
-    let guard = Arc::new(decide::Guard::new(nats));
+    let claims_path = config.state_dir.join("claims.jsonl");
+    let (claims, loaded) = claims::ClaimLog::open(&claims_path, clock::now().0)
+        .map_err(|e| format!("cannot open {} (the node's one-time claims): {e}", claims_path.display()))?;
+    if !loaded.unreconciled.is_empty() {
+        tracing::info!(
+            count = loaded.unreconciled.len(),
+            "one-time tokens admitted offline before a restart, to claim in KV"
+        );
+    }
+    let guard = Arc::new(decide::Guard::with_claims(nats, claims, loaded));
     tasks.spawn("one-time reconcile", decide::reconcile_loop(guard.clone()));
     let sessions = sessions::Registry::new();
     tasks.spawn("session recheck", sessions::recheck_loop(sessions.clone(), shared.clone()));

@@ -211,7 +211,7 @@ async fn a_one_time_token_is_used_once_across_workers_and_offline_follows_the_po
     }
     let publish = |app: &str, token: &str| json!({"app": app, "stream": format!("cam1?token={token}"), "action": "publish", "client_ip": "203.0.113.5"});
     let (p1, p2) = (free_port(), free_port());
-    let _w1 = start_worker(&nats, p1, dir.path(), "w1");
+    let mut w1 = start_worker(&nats, p1, dir.path(), "w1");
     let _w2 = start_worker(&nats, p2, dir.path(), "w2");
     ready_at_head(&http, &store, p1).await;
     ready_at_head(&http, &store, p2).await;
@@ -243,7 +243,10 @@ async fn a_one_time_token_is_used_once_across_workers_and_offline_follows_the_po
     assert_eq!(consumed, 1);
 
     // NATS away: `deny` refuses a fresh token without burning it; `allow_local` admits one
-    // once on this worker and claims it cluster-wide when NATS is back.
+    // once on this worker and claims it cluster-wide when NATS is back. (w1 restarts in the
+    // outage below: it boots from its local snapshot, so that must be written first.)
+    let local_snapshot = dir.path().join("w1").join("snapshot.bin");
+    until("w1 has a local snapshot", || async { local_snapshot.exists() }).await;
     nats.stop();
     let strict = &tokens[&("strict", 1)];
     let relaxed = &tokens[&("relaxed", 0)];
@@ -253,6 +256,22 @@ async fn a_one_time_token_is_used_once_across_workers_and_offline_follows_the_po
     assert_eq!((code, d["reason"].as_str()), (200, Some("allowed")), "{d}");
     let (code, d) = decide(&http, p1, publish("relaxed", relaxed)).await;
     assert_eq!((code, d["reason"].as_str()), (403, Some("token_consumed")), "{d}");
+    // Killed and restarted while NATS is still away, the worker remembers what it admitted
+    // (issue #16 item 5: it admitted the token again before).
+    drop(w1);
+    w1 = start_worker(&nats, p1, dir.path(), "w1");
+    until("the restarted worker is ready offline", || async {
+        get(&http, format!("http://127.0.0.1:{p1}/ready")).await.0 == 200
+    })
+    .await;
+    let (code, d) = decide(&http, p1, publish("relaxed", relaxed)).await;
+    assert_eq!((code, d["reason"].as_str()), (403, Some("token_consumed")), "after a restart: {d}");
+    // Two workers cut off from NATS both admit another token (allow_local's price): the
+    // double use is flagged once NATS is back.
+    let twice = &tokens[&("relaxed", 1)];
+    let (c1, d1) = decide(&http, p1, publish("relaxed", twice)).await;
+    let (c2, d2) = decide(&http, p2, publish("relaxed", twice)).await;
+    assert_eq!((c1, c2), (200, 200), "{d1} {d2}");
     nats.restart().unwrap();
     let key = sluice_events::dist::consumed_token_key(&Sha256Digest::of(relaxed.as_bytes()));
     let nats_url = nats.url();
@@ -266,6 +285,34 @@ async fn a_one_time_token_is_used_once_across_workers_and_offline_follows_the_po
         decide(&http, p2, publish("strict", strict)).await.0 == 200
     })
     .await;
+    // The double use: counted by the worker that found the token claimed, and flagged on the
+    // later allow in /v1/decisions and in its explanation.
+    let conflicts = |port: u16| {
+        let http = http.clone();
+        async move {
+            let text = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix("sluice_one_time_conflicts_total "))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        }
+    };
+    until("a worker counts the conflict", || async { conflicts(p1).await + conflicts(p2).await == 1 }).await;
+    let ids = [d1["decision_id"].as_str().unwrap(), d2["decision_id"].as_str().unwrap()];
+    let flagged_row = || async {
+        let (_, body) = get(&http, format!("http://127.0.0.1:{cp_port}/v1/decisions?app=relaxed&outcome=allow")).await;
+        let rows = body["decisions"].as_array().cloned().unwrap_or_default();
+        rows.into_iter().find(|r| ids.contains(&r["id"].as_str().unwrap_or("")) && !r["conflict_with"].is_null())
+    };
+    until("the double use is flagged in /v1/decisions", || async { flagged_row().await.is_some() }).await;
+    let flagged = flagged_row().await.unwrap();
+    let other = ids.iter().find(|i| **i != flagged["id"].as_str().unwrap()).unwrap();
+    assert_eq!(flagged["conflict_with"].as_str(), Some(*other), "{flagged}");
+    let (_, explained) =
+        get(&http, format!("http://127.0.0.1:{cp_port}/v1/decisions/{}/explain", flagged["id"].as_str().unwrap()))
+            .await;
+    assert_eq!(explained["conflict_with"].as_str(), Some(*other), "{explained}");
+    drop(w1);
 }
 
 fn run(cmd: &mut std::process::Command) -> String {
