@@ -40,6 +40,8 @@ const KNOWN: &[&str] = &[
     "checkpoint_every_events",
     "snapshot_every_secs",
     "node_stale_secs",
+    "anchor_file",
+    "anchor_every_secs",
 ];
 
 /// A comma-separated list (a TOML array works too), e.g. `127.0.0.1/32,::1/128`.
@@ -184,6 +186,10 @@ pub struct Config {
     /// (explain rebuilds from the nearest one).
     pub checkpoint_every_events: u64,
     pub snapshot_every_secs: u64,
+    /// Where signed anchors of the log's head are appended (besides NATS KV `sluice-anchors`).
+    pub anchor_file: Option<std::path::PathBuf>,
+    /// How often the head is anchored (when it moved).
+    pub anchor_every_secs: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -201,6 +207,8 @@ impl std::fmt::Debug for Config {
             .field("snapshot_every_events", &self.snapshot_every_events)
             .field("checkpoint_every_events", &self.checkpoint_every_events)
             .field("snapshot_every_secs", &self.snapshot_every_secs)
+            .field("anchor_file", &self.anchor_file)
+            .field("anchor_every_secs", &self.anchor_every_secs)
             .finish_non_exhaustive()
     }
 }
@@ -248,6 +256,8 @@ impl Config {
             snapshot_every_events: s.or("snapshot_every_events", 10_000, "a number of events")?,
             checkpoint_every_events: s.or("checkpoint_every_events", 10_000, "a number of events")?,
             snapshot_every_secs: s.or("snapshot_every_secs", 60, "seconds")?,
+            anchor_file: s.optional("anchor_file", "a file path")?,
+            anchor_every_secs: s.or("anchor_every_secs", 10, "seconds")?.max(1),
         })
     }
 

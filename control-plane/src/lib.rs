@@ -2,6 +2,7 @@
 //! bootstrap of a fresh log. The decisions themselves live in `sluice-events`.
 #![forbid(unsafe_code)]
 
+pub mod anchor;
 pub mod api;
 pub mod bootstrap;
 pub mod client;

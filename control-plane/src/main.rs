@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use sluice_control_plane::bootstrap::{self, Bootstrap};
 use sluice_control_plane::client;
 use sluice_control_plane::config::Config;
-use sluice_control_plane::{EventStore, connect, store};
+use sluice_control_plane::{EventStore, anchor, connect, store};
 use sluice_events::{AuthState, Position};
 
 #[derive(Parser, Debug)]
@@ -26,8 +26,13 @@ enum Cmd {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
-    /// Walk the hash chain; exit 1 and name the first bad position if it is broken.
+    /// Walk the hash chain and check it against the reachable anchors; exit 1 and name the
+    /// first bad position if either disagrees.
     VerifyLog,
+    /// The way out when the relay reports that SLUICE_EVENTS and the log disagree: delete the
+    /// stream and the data-plane snapshot from NATS, so the relay publishes the log again from
+    /// position 1 (restart workers with an empty state directory afterwards).
+    ReseedNats,
     /// Rebuild the state from the log and print its position and digest.
     Replay {
         /// Stop after this position.
@@ -142,6 +147,36 @@ fn main() -> ExitCode {
 async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let pool = connect(&config.database_url).await?;
     match command {
+        Cmd::ReseedNats => {
+            let client = sluice_control_plane::relay::connect(&config.nats_url).await?;
+            let js = async_nats::jetstream::new(client);
+            for (what, result) in [
+                (
+                    "stream",
+                    js.delete_stream(sluice_events::dist::EVENTS_STREAM).await.map(|_| ()).map_err(|e| e.to_string()),
+                ),
+                (
+                    "snapshot manifest bucket",
+                    js.delete_key_value(sluice_events::dist::SNAPSHOTS_BUCKET)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                ),
+                (
+                    "snapshot object store",
+                    js.delete_object_store(sluice_events::dist::SNAPSHOT_OBJECTS)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                ),
+            ] {
+                match result {
+                    Ok(()) => println!("deleted the {what}"),
+                    Err(e) => println!("the {what}: {e} (nothing to delete?)"),
+                }
+            }
+            println!("the relay (a running `serve`) now publishes the log again from position 1");
+        }
         Cmd::Migrate => {
             store::migrate(&pool).await?;
             println!("migrations applied");
@@ -149,7 +184,28 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
         Cmd::VerifyLog => {
             let store = EventStore::start(pool);
             match store.verify().await {
-                Ok(r) => println!("ok: {} events, head {}, head hash {}", r.events, r.head, r.head_hash.to_hex()),
+                Ok(r) => {
+                    println!("ok: {} events, head {}, head hash {}", r.events, r.head, r.head_hash.to_hex());
+                    // The chain holds; now against the anchors it can reach.
+                    let anchors = reachable_anchors(&config).await?;
+                    match anchor::check(&store, &anchors).await {
+                        Ok(Some(a)) => println!(
+                            "anchored: agrees with {} anchor(s), newest at position {}",
+                            anchors.len(),
+                            a.position
+                        ),
+                        Ok(None) => {
+                            println!("not anchored: no anchor reachable (SLUICE_ANCHOR_FILE, NATS KV sluice-anchors)")
+                        }
+                        Err(e) => {
+                            match e.position() {
+                                Some(p) => println!("BROKEN at anchored position {p}: {e}"),
+                                None => println!("could not check the anchors: {e}"),
+                            }
+                            return Ok(ExitCode::FAILURE);
+                        }
+                    }
+                }
                 Err(e) => {
                     match e.position() {
                         Some(p) => println!("BROKEN at position {p}: {e}"),
@@ -226,7 +282,29 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
         Bootstrap::NotNeeded => {}
     }
     let (app, api) = sluice_control_plane::api::build(&config, store).await?;
-    tracing::info!(position = %api.writer.projection().position(), "projection caught up");
+    tracing::info!(position = %api.writer.projection().position(), "projection caught up (hash chain checked)");
+    // The chain holds from genesis (the projection checked it); it must also agree with the
+    // newest anchors reachable, or a rewritten or truncated log would be served.
+    let anchors = reachable_anchors(&config).await?;
+    match anchor::check(api.writer.store(), &anchors).await {
+        Ok(Some(a)) => tracing::info!(position = a.position, "the log agrees with its anchors"),
+        Ok(None) => tracing::info!("no anchor reachable yet (SLUICE_ANCHOR_FILE, NATS KV sluice-anchors)"),
+        Err(e) => return Err(format!("refusing to serve this log: {e}").into()),
+    }
+    api.tasks.spawn(
+        "log anchors",
+        anchor::run(
+            api.writer.store().clone(),
+            anchor::Settings {
+                signer: anchor::Signer::new(config.require_sealing_key()?),
+                instance: config.instance_id.clone(),
+                nats_url: config.nats_url.clone(),
+                file: config.anchor_file.clone(),
+                every: std::time::Duration::from_secs(config.anchor_every_secs),
+            },
+            api.writer.projection().position(),
+        ),
+    );
     let tasks = api.tasks.clone();
     api.nodes.spawn_listener(&tasks, config.nats_url.clone());
     sluice_control_plane::decisions::spawn(
@@ -245,6 +323,7 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
                 snapshot_every_events: config.snapshot_every_events.max(1),
                 snapshot_every: std::time::Duration::from_secs(config.snapshot_every_secs.max(1)),
             },
+            api.relay_health.clone(),
         );
         sluice_control_plane::ingest::spawn(
             &tasks,
@@ -268,6 +347,16 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     }
     tracing::info!("sluice-control stopped");
     Ok(())
+}
+
+/// The genuine anchors in `SLUICE_ANCHOR_FILE` and the newest in NATS KV (when NATS answers).
+async fn reachable_anchors(config: &Config) -> Result<Vec<anchor::Anchor>, Box<dyn std::error::Error>> {
+    let signer = anchor::Signer::new(config.require_sealing_key()?);
+    let mut anchors = config.anchor_file.as_deref().map(|p| anchor::read_file(p, &signer)).unwrap_or_default();
+    if let Some(a) = anchor::read_kv(&config.nats_url, &signer).await {
+        anchors.push(a);
+    }
+    Ok(anchors)
 }
 
 async fn shutdown() {

@@ -38,11 +38,12 @@ impl Projection {
             None => AuthState::new(),
         };
         let mut side = Side::default();
+        // The whole log, its hash chain checked on the way: a tampered log is not served.
+        let (mut after, mut prev) = (Position::ZERO, sluice_events::event::GENESIS);
         loop {
-            let page = store.read_all(state.position(), 5000).await?;
-            if page.is_empty() {
-                break;
-            }
+            let page = store.read_chained(after, prev, 5000).await?;
+            let Some(last) = page.last() else { break };
+            (after, prev) = (last.position, last.hash);
             for e in &page {
                 apply_or_log(&mut state, e);
                 side.note(e);

@@ -47,6 +47,16 @@ pub struct RelayStatus {
     pub snapshot: Position,
 }
 
+/// What `/ready` and `/metrics` need to know of the relay: whether SLUICE_EVENTS and the log
+/// disagree about what was relayed (issue #16 item 7).
+#[derive(Debug, Default)]
+pub struct RelayHealth {
+    /// The stream position where the stream's message and the log's row differ (0: none).
+    pub diverged_at: std::sync::atomic::AtomicU64,
+    /// Times the relay found them apart and stopped (`sluice_relay_diverged_total`).
+    pub diverged_total: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum RelayError {
     #[error("nats: {0}")]
@@ -60,6 +70,12 @@ enum RelayError {
          Not relaying."
     )]
     Ahead { stream: u64, log: u64 },
+    #[error(
+        "SLUICE_EVENTS and the log disagree at position {position}: the message relayed there is not the log's \
+         row there (Postgres restored from an older backup, or rows deleted and rewritten). Not relaying; \
+         re-seed NATS from the log (docs/security.md)"
+    )]
+    Diverged { position: u64 },
 }
 
 fn nats<E: std::fmt::Display>(e: E) -> RelayError {
@@ -73,14 +89,21 @@ pub fn spawn(
     store: EventStore,
     projection: Projection,
     settings: RelaySettings,
+    health: Arc<RelayHealth>,
 ) -> watch::Receiver<RelayStatus> {
     let (tx, rx) = watch::channel(RelayStatus::default());
     let tx = Arc::new(tx);
     tasks.supervise("relay", Backoff::new(Duration::from_millis(200), Duration::from_secs(5)), move || {
         let (store, projection, settings, tx) = (store.clone(), projection.clone(), settings.clone(), tx.clone());
+        let health = health.clone();
         async move {
-            let result = lead(&store, &projection, &settings, &tx).await;
+            let result = lead(&store, &projection, &settings, &tx, &health).await;
             tx.send_modify(|s| s.leader = false);
+            if let Err(RelayError::Diverged { position }) = &result {
+                use std::sync::atomic::Ordering::Relaxed;
+                health.diverged_at.store(*position, Relaxed);
+                health.diverged_total.fetch_add(1, Relaxed);
+            }
             result.map_err(|e| e.to_string())
         }
     });
@@ -93,10 +116,11 @@ async fn lead(
     projection: &Projection,
     settings: &RelaySettings,
     status: &watch::Sender<RelayStatus>,
+    health: &RelayHealth,
 ) -> Result<(), RelayError> {
     let mut lock = store.lead(RELAY_LOCK).await.map_err(|e| RelayError::Store(e.to_string()))?;
     tracing::info!("relay: this instance is the relay");
-    let result = relay(store, projection, settings, status, &mut lock).await;
+    let result = relay(store, projection, settings, status, &mut lock, health).await;
     // Dropping the connection frees the lock; close it politely when we still can.
     let _ = lock.close().await;
     result
@@ -125,6 +149,7 @@ async fn relay(
     settings: &RelaySettings,
     status: &watch::Sender<RelayStatus>,
     lock: &mut sqlx::PgConnection,
+    health: &RelayHealth,
 ) -> Result<(), RelayError> {
     let js = jetstream::new(connect(&settings.nats_url).await.map_err(nats)?);
     let stream = ensure_events_stream(&js).await.map_err(RelayError::Nats)?;
@@ -133,6 +158,25 @@ async fn relay(
     if last > head {
         return Err(RelayError::Ahead { stream: last, log: head });
     }
+    // Positions are not enough: the stream's last message must be the log's row at that
+    // position (same hash), or the log was rewritten under the stream and what lies between
+    // would never reach the workers.
+    if last > 0 {
+        match stream.get_raw_message(last).await {
+            Ok(message) => match dist::decode_event(&message.payload) {
+                Ok(relayed) => {
+                    let ours = store.hash_at(Position(last)).await.map_err(|e| RelayError::Store(e.to_string()))?;
+                    if ours != Some(relayed.hash) {
+                        tracing::error!(position = last, "relay: SLUICE_EVENTS and the log disagree; not relaying");
+                        return Err(RelayError::Diverged { position: last });
+                    }
+                }
+                Err(e) => tracing::warn!(position = last, error = %e, "relay: cannot read the stream's last message"),
+            },
+            Err(e) => tracing::warn!(position = last, error = %e, "relay: cannot fetch the stream's last message"),
+        }
+    }
+    health.diverged_at.store(0, std::sync::atomic::Ordering::Relaxed);
     let snapshots = Snapshots::open(&js).await?;
     let mut snap_at = snapshots.latest_position().await;
     let mut snap_time = Instant::now();

@@ -33,6 +33,8 @@ pub const DECISION_MARKS_BUCKET: &str = "sluice-decision-marks";
 /// (key `s.<sha256 hex of app/stream/subscriber/step>`): `create` fails if the key exists,
 /// so a credential is used once across every worker.
 pub const CONSUMED_BUCKET: &str = "sluice-consumed";
+/// KV bucket of the log's signed anchors (key `head`: the newest; history kept).
+pub const ANCHORS_BUCKET: &str = "sluice-anchors";
 /// KV bucket of publisher leases (key `p.<sha256 hex of app/stream>`, value the node id): one
 /// publisher per stream across the cluster. Its `max_age` is the lease time.
 pub const PUBLISHERS_BUCKET: &str = "sluice-publishers";

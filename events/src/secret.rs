@@ -152,6 +152,16 @@ impl SealingKey {
     /// Seals `plaintext`; `purpose` is bound as associated data, so a ciphertext cannot be
     /// moved from one field to another. The nonce must be unique per key (the shell draws it
     /// from a CSPRNG).
+    /// A key for another purpose, derived from this one (HMAC-SHA256 of the purpose): e.g.
+    /// the log anchors' signing key, which a Postgres superuser does not hold.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        use hmac::{Hmac, KeyInit, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(b"sluice derive v1|");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     pub fn seal(&self, purpose: &str, plaintext: &[u8], nonce: [u8; 24]) -> Sealed {
         let cipher = XChaCha20Poly1305::new((&self.key).into());
         let aad = aad(&self.id, purpose);

@@ -71,6 +71,8 @@ pub struct ApiState {
     pub sls_resets: Arc<sls::Resets>,
     /// The control plane's background tasks: the API's own, and those `serve` adds.
     pub tasks: Tasks,
+    /// The relay's view of SLUICE_EVENTS against the log (for `/ready` and `/metrics`).
+    pub relay_health: Arc<crate::relay::RelayHealth>,
 }
 
 impl ApiState {
@@ -94,6 +96,7 @@ impl ApiState {
             sls_app: config.sls_app.clone(),
             http: reqwest::Client::new(),
             nodes: Arc::default(),
+            relay_health: Arc::default(),
             sls_resets: Arc::default(),
             tasks,
         }

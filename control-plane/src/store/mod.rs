@@ -66,6 +66,9 @@ pub enum StoreError {
     Database(String),
     #[error("the event store's writer has stopped")]
     WriterGone,
+    /// The log fails its hash chain or its anchor: tampered or corrupted.
+    #[error("{0}")]
+    Integrity(String),
 }
 
 impl StoreError {
@@ -371,7 +374,58 @@ impl EventStore {
         Ok(events)
     }
 
-    /// The position of an event, if it is in the log (idempotent request replays).
+    /// As `read_all`, but proven to extend the chain: positions follow `after` without a gap
+    /// and every row's hash is recomputed from its stored text and `prev` (the hash at
+    /// `after`, `GENESIS` at 0). The projection folds the log through this at start, so a row
+    /// edited in Postgres (trigger disabled, replication role) is refused, not served.
+    pub async fn read_chained(
+        &self,
+        after: Position,
+        prev: Sha256Digest,
+        limit: i64,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let rows = sqlx::query(select_rows!(" WHERE position > $1 ORDER BY position LIMIT $2"))
+            .bind(after.0 as i64)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        let (mut last, mut prev) = (after, prev);
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let raw = RawRow::from_row(row)?;
+            if raw.position != last.next() {
+                return Err(StoreError::Integrity(format!(
+                    "the log has a gap: position {} follows {last} (rows deleted?)",
+                    raw.position
+                )));
+            }
+            let expected = raw.chain_hash(&prev);
+            if expected.0.as_slice() != raw.hash.as_slice() {
+                return Err(StoreError::Integrity(format!(
+                    "hash chain broken at position {}: the stored event does not match its hash (edited in \
+                     Postgres, or corrupted); run `sluice-control verify-log`",
+                    raw.position
+                )));
+            }
+            match raw.decode() {
+                Ok(e) => events.push(e),
+                Err(e) if events.is_empty() => return Err(e),
+                Err(_) => break,
+            }
+            (last, prev) = (last.next(), expected);
+        }
+        Ok(events)
+    }
+
+    /// The stored hash of the row at `position`, if there is one.
+    pub async fn hash_at(&self, position: Position) -> Result<Option<Sha256Digest>, StoreError> {
+        let h: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
+            .bind(position.0 as i64)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(h.and_then(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(Sha256Digest))
+    }
+
     /// Where `event_id` is in the log, and the request digest it was written with (see
     /// `Metadata::request_digest`).
     pub async fn written_with(&self, event_id: Uuid) -> Result<Option<(Position, Metadata)>, StoreError> {
@@ -383,6 +437,7 @@ impl EventStore {
         Ok(row.map(|(p, m)| (Position(p as u64), serde_json::from_str(&m).unwrap_or_default())))
     }
 
+    /// The position of an event, if it is in the log.
     pub async fn position_of(&self, event_id: Uuid) -> Result<Option<Position>, StoreError> {
         let p: Option<i64> = sqlx::query_scalar("SELECT position FROM events WHERE event_id = $1")
             .bind(event_id)
