@@ -207,9 +207,35 @@ fn main() {
         let report = store.verify().await.unwrap();
         let verify_rate = report.events as f64 / started.elapsed().as_secs_f64();
         println!("verify-log over {} events                 {verify_rate:>9.0} events/s", report.events);
+        // What `serve` pays at start (issue #16 item 6): the log read with its chain checked,
+        // against the same read unchecked, and the whole checked fold (the projection).
+        let read = |checked: bool| {
+            let store = store.clone();
+            async move {
+                let started = Instant::now();
+                let (mut after, mut prev) = (sluice_events::Position::ZERO, sluice_events::event::GENESIS);
+                loop {
+                    let page = if checked {
+                        store.read_chained(after, prev, 5000).await.unwrap()
+                    } else {
+                        store.read_all(after, 5000).await.unwrap()
+                    };
+                    let Some(last) = page.last() else { break };
+                    (after, prev) = (last.position, last.hash);
+                }
+                started.elapsed().as_secs_f64()
+            }
+        };
+        let unchecked = read(false).await;
+        let checked = read(true).await;
+        println!("read the log, unchecked / chain checked    {unchecked:.2} s / {checked:.2} s");
+        let started = Instant::now();
+        let projection = sluice_control_plane::projection::Projection::start(&store, None).await.unwrap();
+        let fold = started.elapsed().as_secs_f64();
+        println!("serve's checked fold over {} events      {fold:.2} s", projection.position().0);
 
         sqlx::query("CREATE TABLE raw (id bigserial PRIMARY KEY, data jsonb NOT NULL)").execute(&pool).await.unwrap();
-        Some(serde_json::json!({"one": one, "eight": eight, "batched": batched, "batched4": batched4, "verify": verify_rate, "events": report.events}))
+        Some(serde_json::json!({"one": one, "eight": eight, "batched": batched, "batched4": batched4, "verify": verify_rate, "events": report.events, "read_unchecked_s": unchecked, "read_checked_s": checked, "checked_fold_s": fold}))
     });
     // A probe stops here; the cluster stops when `pg` drops.
     let Some(report) = report else { return };
