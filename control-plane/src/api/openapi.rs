@@ -31,6 +31,10 @@ pub struct Op {
     request: Option<Schema>,
     status: u16,
     response: Option<Schema>,
+    produces: &'static str,
+    body_optional: bool,
+    /// SLS and Ant Media routes answer errors in their own JSON envelopes.
+    envelope: bool,
 }
 
 /// Every route of the surface, documented from the route table.
@@ -47,12 +51,21 @@ pub fn operations(g: &mut SchemaGenerator) -> Vec<Op> {
             request: r.request.map(|f| f(g)),
             status: r.status,
             response: r.response.map(|f| f(g)),
+            produces: r.produces,
+            body_optional: r.body_optional,
+            envelope: matches!(r.surface, routes::Surface::Sls | routes::Surface::AntMedia),
         })
         .collect()
 }
 
 fn problem(description: &str) -> Value {
     json!({"description": description, "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}})
+}
+
+/// An error in a compatibility envelope: SLS `{"status":"error","message"}`, Ant Media
+/// `{"success":false,"message",…}`.
+fn envelope(description: &str) -> Value {
+    json!({"description": description, "content": {"application/json": {"schema": {"type": "object"}}}})
 }
 
 /// The whole document.
@@ -72,10 +85,21 @@ pub fn document() -> Value {
             .collect();
         let mut responses = Map::new();
         let ok = match &op.response {
+            Some(_) if op.produces == "text/event-stream" => {
+                // Each Server-Sent Event: `id` (the position), `event` (the type), `data` (the
+                // event as JSON text).
+                let event = json!({"type": "object", "properties": {
+                    "id": {"type": "string"}, "event": {"type": "string"}, "data": {"type": "string"}}});
+                json!({"description": "success", "content": {op.produces: {"schema": event}}})
+            }
+            Some(_) if op.produces != "application/json" => {
+                json!({"description": "success", "content": {op.produces: {"schema": {"type": "string"}}}})
+            }
             Some(schema) => json!({"description": "success", "content": {"application/json": {"schema": schema}}}),
             None => json!({"description": "success"}),
         };
         responses.insert(op.status.to_string(), ok);
+        let problem = if op.envelope { envelope } else { problem };
         if op.role.is_some() {
             responses.insert("401".into(), problem("missing or invalid credentials"));
             responses.insert("403".into(), problem("role or address not allowed"));
@@ -102,7 +126,8 @@ pub fn document() -> Value {
             None => operation["security"] = json!([]),
         }
         if let Some(schema) = &op.request {
-            operation["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": schema}}});
+            operation["requestBody"] =
+                json!({"required": !op.body_optional, "content": {"application/json": {"schema": schema}}});
         }
         let entry = paths.entry(op.path.to_owned()).or_insert_with(|| json!({}));
         entry[op.method.as_str()] = operation;

@@ -30,7 +30,9 @@ pub struct PolicyBody {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionPolicyBody {
-    /// Any-of: a request passes when one of these accepts it. Empty denies everything.
+    /// Any-of: a request passes when one of these accepts it. Empty denies everything. A
+    /// method listed twice is refused (the document says the items are unique).
+    #[serde(deserialize_with = "unique_methods")]
     pub methods: BTreeSet<Method>,
     /// IP gate, checked before any method. Empty means anywhere.
     #[serde(default)]
@@ -42,6 +44,17 @@ pub struct ActionPolicyBody {
 
 fn yes() -> bool {
     true
+}
+
+fn unique_methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BTreeSet<Method>, D::Error> {
+    let listed = Vec::<Method>::deserialize(d)?;
+    let mut set = BTreeSet::new();
+    for m in listed {
+        if !set.insert(m) {
+            return Err(serde::de::Error::custom(format!("method {m:?} is listed twice")));
+        }
+    }
+    Ok(set)
 }
 
 /// TOTP parameters for the app's subscribers.

@@ -55,6 +55,10 @@ pub struct Route {
     pub status: u16,
     pub request: Option<SchemaFn>,
     pub response: Option<SchemaFn>,
+    /// The success's content type (`application/json` unless the route says otherwise).
+    pub produces: &'static str,
+    /// Whether the request body may be left out (Ant Media's create takes none).
+    pub body_optional: bool,
     handler: MethodRouter<ApiState>,
 }
 
@@ -91,8 +95,22 @@ impl Route {
             status,
             request: doc::<Req>(),
             response: doc::<Res>(),
+            produces: "application/json",
+            body_optional: false,
             handler: on(filter, handler),
         }
+    }
+
+    /// A success that is not JSON (Prometheus text, Server-Sent Events).
+    fn produces(mut self, content_type: &'static str) -> Route {
+        self.produces = content_type;
+        self
+    }
+
+    /// A request body that may be left out.
+    fn body_optional(mut self) -> Route {
+        self.body_optional = true;
+        self
     }
 
     /// The handler behind its guard.
@@ -136,7 +154,7 @@ pub fn table() -> Vec<Route> {
     vec![
         Route::new::<(), Value, _, _>(M::GET, "/health", public, None, probe("probes"), "Liveness (SRT Live Server's shape)", 200, probes::health),
         Route::new::<(), Value, _, _>(M::GET, "/ready", public, None, probe("probes"), "Postgres reachable, projection caught up, relay and log agree", 200, probes::ready),
-        Route::new::<(), String, _, _>(M::GET, "/metrics", public, None, probe("probes"), "Prometheus text: log head, projection, relay divergences", 200, probes::metrics),
+        Route::new::<(), String, _, _>(M::GET, "/metrics", public, None, probe("probes"), "Prometheus text: log head, projection, relay divergences", 200, probes::metrics).produces("text/plain"),
         Route::new::<(), Value, _, _>(M::GET, "/v1/openapi.json", public, stats, v1("meta"), "This document", 200, openapi::serve),
         // Keys (admin, configuration).
         Route::new::<keys::CreateKey, keys::CreatedKey, _, _>(M::POST, "/v1/keys", admin, config, v1("keys"), "Create an API key (secret returned once)", 201, keys::create),
@@ -170,7 +188,7 @@ pub fn table() -> Vec<Route> {
         Route::new::<subscribers::Block, subscribers::SubscriberView, _, _>(M::POST, "/v1/apps/{app}/streams/{name}/subscribers/{id}/block", write, api, v1("subscribers"), "Block a subscriber for N seconds", 200, subscribers::block),
         // The log, decisions, workers.
         Route::new::<(), events::EventPage, _, _>(M::GET, "/v1/events", admin, api, v1("events"), "Read the log (after, limit)", 200, events::page),
-        Route::new::<(), Value, _, _>(M::GET, "/v1/events/stream", admin, api, v1("events"), "Tail the log as Server-Sent Events", 200, events::tail),
+        Route::new::<(), Value, _, _>(M::GET, "/v1/events/stream", admin, api, v1("events"), "Tail the log as Server-Sent Events", 200, events::tail).produces("text/event-stream"),
         Route::new::<(), decisions::DecisionPage, _, _>(M::GET, "/v1/decisions", read, api, v1("decisions"), "Audit: decisions newest first; filters app, stream, subject, ip (or CIDR), outcome, reason, since, until, node; cursor; format json|ndjson|csv", 200, decisions::list),
         Route::new::<(), Value, _, _>(M::GET, "/v1/decisions/{id}", read, api, v1("decisions"), "One decision as recorded", 200, decisions::one),
         Route::new::<(), crate::decisions::Explanation, _, _>(M::GET, "/v1/decisions/{id}/explain", read, api, v1("decisions"), "Rebuild the state the decision was made on and run decide again", 200, decisions::explain),
@@ -188,6 +206,6 @@ pub fn table() -> Vec<Route> {
         Route::new::<antmedia::AmsSubscriber, Value, _, _>(M::POST, "/{app}/rest/v2/broadcasts/{stream}/subscribers", write, api, ams, "Ant Media: add a TOTP subscriber", 200, antmedia::add),
         Route::new::<(), Value, _, _>(M::GET, "/{app}/rest/v2/broadcasts/{stream}/subscribers/list/{offset}/{size}", write, api, ams, "Ant Media: list subscribers", 200, antmedia::list),
         Route::new::<(), Value, _, _>(M::DELETE, "/{app}/rest/v2/broadcasts/{stream}/subscribers/{id}", write, api, ams, "Ant Media: remove a subscriber", 200, antmedia::remove),
-        Route::new::<Value, Value, _, _>(M::POST, "/{app}/rest/v2/broadcasts/create", write, api, ams, "Ant Media: create a broadcast (register a stream)", 200, antmedia::create_broadcast),
+        Route::new::<Value, Value, _, _>(M::POST, "/{app}/rest/v2/broadcasts/create", write, api, ams, "Ant Media: create a broadcast (register a stream)", 200, antmedia::create_broadcast).body_optional(),
     ]
 }
