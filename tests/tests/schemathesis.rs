@@ -33,7 +33,7 @@ async fn schemathesis_finds_no_server_error_and_no_schema_violation() {
                 .arg(&dir)
                 .env("SCHEMATHESIS_HOOKS", "")
                 .env("NO_COLOR", "1")
-                .current_dir(&dir.parent().unwrap())
+                .current_dir(dir.parent().unwrap())
                 .output()
                 .unwrap()
         }
