@@ -93,7 +93,7 @@ fn bad(detail: impl std::fmt::Display) -> (StatusCode, Json<Value>) {
     (StatusCode::BAD_REQUEST, Json(json!({"error": "bad_request", "detail": detail.to_string()})))
 }
 
-fn parse_decide(body: &[u8]) -> Result<AccessRequest, String> {
+fn parse_decide(body: &[u8], decider: &Decider) -> Result<AccessRequest, String> {
     let b: DecideBody = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
     // Time-ordered, as every decision id (it becomes an event id in the log).
     let id = uuid::Uuid::now_v7();
@@ -101,21 +101,15 @@ fn parse_decide(body: &[u8]) -> Result<AccessRequest, String> {
         if b.app.is_some() || b.stream.is_some() {
             return Err("give either `streamid` or `app` and `stream`, not both".into());
         }
-        let parsed = wire::parse_srt_streamid(sid.as_bytes()).map_err(|e| format!("streamid: {e}"))?;
+        let state = decider.shared.state.load();
+        let req = crate::srt::access_request(sid.as_bytes(), b.client_ip, &state, &decider.sls_app)
+            .map_err(|e| format!("streamid: {e}"))?;
         if let Some(a) = &b.action
-            && Action::parse(a).map_err(|e| e.to_string())? != parsed.action
+            && Action::parse(a).map_err(|e| e.to_string())? != req.action
         {
             return Err("`action` disagrees with the streamid's mode".into());
         }
-        return Ok(AccessRequest {
-            id,
-            app: parsed.target.app,
-            stream: parsed.target.stream,
-            action: parsed.action,
-            protocol: Protocol::Srt,
-            client_ip: b.client_ip,
-            credential: parsed.target.credential,
-        });
+        return Ok(AccessRequest { id, ..req });
     }
     let (Some(app), Some(stream)) = (&b.app, &b.stream) else {
         return Err("missing `app` and `stream` (or `streamid`)".into());
@@ -174,7 +168,7 @@ async fn spool(State(decider): State<Arc<Decider>>) -> Json<Value> {
 /// 200 allowed, 403 denied (nginx-rtmp's `on_publish` convention), 400 bad input, 503 when
 /// the worker cannot decide or cannot record the decision.
 async fn decide(State(decider): State<Arc<Decider>>, body: axum::body::Bytes) -> (StatusCode, Json<Value>) {
-    let req = match parse_decide(&body) {
+    let req = match parse_decide(&body, &decider) {
         Ok(r) => r,
         Err(e) => return bad(e),
     };

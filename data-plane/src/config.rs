@@ -36,6 +36,7 @@ const KNOWN: &[&str] = &[
     "node_secret_file",
     "probe_listen",
     "refusal_window_ms",
+    "sls_app",
 ];
 
 #[derive(Clone)]
@@ -89,6 +90,8 @@ pub struct Config {
     /// Identical refusals (address, app, stream, action, reason) within this window of the
     /// last recorded one are recorded as one, with a count (0: each is recorded).
     pub refusal_window_ms: u64,
+    /// SRT Live Server's one app: a bare SRT streamid (`publisher_id`) is a stream of it.
+    pub sls_app: sluice_events::AppName,
 }
 
 impl std::fmt::Debug for Config {
@@ -119,6 +122,7 @@ impl std::fmt::Debug for Config {
             .field("node_secret", &self.node_secret)
             .field("probe_listen", &self.probe_listen)
             .field("refusal_window_ms", &self.refusal_window_ms)
+            .field("sls_app", &self.sls_app)
             .finish()
     }
 }
@@ -186,8 +190,14 @@ impl Config {
             node_secret,
             probe_listen: s.optional("probe_listen", "host:port like 0.0.0.0:9936")?,
             refusal_window_ms: s.or("refusal_window_ms", 1000, "milliseconds (0: record each refusal)")?.min(60_000),
+            sls_app: sls_app(&s)?,
         })
     }
+}
+
+fn sls_app(s: &Sources) -> Result<sluice_events::AppName, SettingsError> {
+    let name: String = s.or("sls_app", "live".to_owned(), "an app name")?;
+    sluice_events::AppName::parse(name.trim()).map_err(|_| s.invalid("sls_app", "an app name"))
 }
 
 fn cores() -> usize {

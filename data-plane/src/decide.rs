@@ -257,6 +257,8 @@ pub struct Decider {
     pub gate: Arc<crate::limits::Gate>,
     /// Identical refusals within a window recorded as one (`coalesce`).
     pub refusals: Arc<crate::coalesce::Coalescer>,
+    /// SRT Live Server's app: where a bare SRT streamid (`publisher_id`) is (`SLUICE_SLS_APP`).
+    pub sls_app: sluice_events::AppName,
 }
 
 /// Refusals the media server adds to a decision (see `Decider::decide_with`).

@@ -215,6 +215,7 @@ async fn run(config: Config) -> Result<(), String> {
         )),
         stats: media_stats,
         refusals: Arc::new(coalesce::Coalescer::new(Duration::from_millis(config.refusal_window_ms))),
+        sls_app: config.sls_app.clone(),
         gate: limits::Gate::new(
             config.max_connections.max(1),
             config.max_connections_per_ip.max(1),

@@ -123,8 +123,8 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     .unwrap();
     assert!(wrong.0.contains("REJECT") && wrong.1.is_empty(), "{}", wrong.0);
     assert_eq!(reject_code(srt, "#!::r=studio/cam1,m=publish,t=guess").await, 1403);
-    // Ant Media's form has no mode, so it plays: nothing is live yet.
-    assert_eq!(reject_code(srt, "studio/cam1,token=guess").await, 1404, "Ant Media's form");
+    // Ant Media's form is its ingest form: a publisher, here with a wrong token.
+    assert_eq!(reject_code(srt, "studio/cam1,token=guess").await, 1403, "Ant Media's form");
     assert_eq!(reject_code(srt, "#!::m=publish").await, 1400, "no resource");
     assert!(!read(&w_log).contains("panicked"), "{}", read(&w_log));
 

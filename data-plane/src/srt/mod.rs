@@ -87,15 +87,29 @@ fn reject_reason(reason: Reason) -> RejectReason {
     }
 }
 
-/// An SRT streamid as an `AccessRequest`.
-pub fn access_request(raw: &[u8], client_ip: std::net::IpAddr) -> Result<AccessRequest, String> {
-    let parsed = wire::parse_srt_streamid(raw).map_err(|e| e.to_string())?;
+/// An SRT streamid as an `AccessRequest`. A streamid with no mode (SLS's plain names) takes
+/// the name's: a stream's secret publish name publishes, any other name plays; a bare name is
+/// in `default_app` (`SLUICE_SLS_APP`).
+pub fn access_request(
+    raw: &[u8],
+    client_ip: std::net::IpAddr,
+    state: &AuthState,
+    default_app: &AppName,
+) -> Result<AccessRequest, String> {
+    let parsed = wire::parse_srt_streamid_in(raw, Some(default_app)).map_err(|e| e.to_string())?;
+    let publish_name =
+        |app: &AppName, stream| state.apps.get(app).is_some_and(|a| a.publish_names.contains_key(stream));
+    let action = if parsed.by_name && publish_name(&parsed.target.app, &parsed.target.stream) {
+        Action::Publish
+    } else {
+        parsed.action
+    };
     Ok(AccessRequest {
         // Time-ordered, as every decision id (it becomes an event id in the log).
         id: uuid::Uuid::now_v7(),
         app: parsed.target.app,
         stream: parsed.target.stream,
-        action: parsed.action,
+        action,
         protocol: Protocol::Srt,
         client_ip,
         credential: parsed.target.credential,
@@ -112,7 +126,8 @@ async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub
         return;
     };
     let raw = request.stream_id().map(|s: &StreamId| s.as_bytes().to_vec()).unwrap_or_default();
-    let req = match access_request(&raw, peer.ip()) {
+    let req = match access_request(&raw, peer.ip(), &admission.decider.shared.state.load(), &admission.decider.sls_app)
+    {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "SRT streamid refused");
@@ -207,16 +222,20 @@ mod tests {
     #[test]
     fn streamids_in_every_form_become_requests_and_garbage_is_an_error() {
         let ip = std::net::IpAddr::from([192, 0, 2, 7]);
-        let r = access_request(b"#!::r=live/cam1,m=publish,t=abc", ip).unwrap();
+        let (state, live) = (AuthState::new(), AppName::parse("live").unwrap());
+        let request = |raw: &[u8]| access_request(raw, ip, &state, &live);
+        let r = request(b"#!::r=live/cam1,m=publish,t=abc").unwrap();
         assert_eq!((r.app.as_str(), r.stream.as_str(), r.action), ("live", "cam1", Action::Publish));
         assert_eq!(r.protocol, Protocol::Srt);
-        let r = access_request(b"live/cam1,token=abc", ip).unwrap();
-        assert_eq!(r.stream.as_str(), "cam1");
-        let r = access_request(b"live/cam1", ip).unwrap();
-        assert_eq!(r.action, Action::Play);
+        let r = request(b"studio/cam1,token=abc").unwrap();
+        assert_eq!((r.app.as_str(), r.stream.as_str(), r.action), ("studio", "cam1", Action::Publish), "Ant's form");
+        let r = request(b"live/cam1").unwrap();
+        assert_eq!(r.action, Action::Play, "a name that is no publish name plays");
+        let r = request(b"cam1").unwrap();
+        assert_eq!((r.app.as_str(), r.action), ("live", Action::Play), "SLS's bare name is in its app");
         for bad in [&b""[..], &[0xff, 0xfe], b"#!::m=publish", b"#!::r=a/b,r=a/c", b"#!::r=a/b,m=record", &[b'a'; 600]]
         {
-            assert!(access_request(bad, ip).is_err(), "{bad:?}");
+            assert!(request(bad).is_err(), "{bad:?}");
         }
     }
 }
