@@ -64,11 +64,11 @@ ensure_schemathesis() {
   [ -x "$VENV/bin/schemathesis" ] || die "schemathesis installed no schemathesis command"
 }
 
-# The real media clients of the end-to-end tests: ffmpeg (RTMP/SRT publisher and player) and
-# srt-tools (srt-live-transmit).
+# The real media clients of the end-to-end tests: ffmpeg (RTMP/SRT publisher and player),
+# srt-tools (srt-live-transmit) and rtmpdump (librtmp's player).
 ensure_media_clients() {
-  if ! command -v ffmpeg >/dev/null || ! command -v srt-live-transmit >/dev/null; then
-    apt_install ffmpeg srt-tools
+  if ! command -v ffmpeg >/dev/null || ! command -v srt-live-transmit >/dev/null || ! command -v rtmpdump >/dev/null; then
+    apt_install ffmpeg srt-tools rtmpdump
   fi
 }
 

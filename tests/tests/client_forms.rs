@@ -90,3 +90,34 @@ async fn the_urls_people_already_type_are_decided_as_they_mean() {
     ams.abort();
     sls.abort();
 }
+
+/// Refusals every player shows (issue #17): an RTMP refusal goes out as nginx-rtmp and SRS
+/// send it, `onStatus` with level `error`, the code and the reason, then the `_error` result.
+/// rtmpdump (librtmp) acts on the status code and prints it; ffmpeg prints the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_refusals_are_shown_by_librtmp_and_ffmpeg() {
+    let plane = Plane::start("refusals_shown").await;
+    let http = plane.http.clone();
+    let secure = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["one_time_token"]}});
+    post(&http, plane.cp, "/v1/apps", json!({"name": "secure", "policy": secure})).await;
+    let w = media_worker(&plane, "w1", &[("SLUICE_FAILURE_BACKOFF_AFTER", "0")]);
+    ready_at_head(&http, &plane.store, w.admin).await;
+    let url = format!("rtmp://127.0.0.1:{}/secure/cam", w.rtmp);
+    let out = tokio::task::spawn_blocking({
+        let url = url.clone();
+        move || {
+            std::process::Command::new("rtmpdump")
+                .args(["-r", &url, "-o", "/dev/null", "--timeout", "10", "-m", "10"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("Closing connection: NetStream.Play.Failed"), "rtmpdump shows the refusal: {said}");
+    let out = tokio::task::spawn_blocking(move || ffmpeg_play(&url)).await.unwrap();
+    let said = stderr(&out);
+    assert!(!out.status.success() && said.contains("credential_missing"), "ffmpeg shows the reason: {said}");
+}

@@ -26,6 +26,29 @@ pub(super) const CHUNK_SIZE: usize = 4096;
 pub(super) const VIDEO_CSID: u8 = 4;
 pub(super) const AUDIO_CSID: u8 = 5;
 
+/// The chunk stream of refusal statuses: one rml_rtmp never uses, so a type-0 header there
+/// cannot upset the compressed headers of its own chunk streams.
+pub(super) const STATUS_CSID: u8 = 8;
+
+/// An `onStatus` with level `error` (AMF0 command, type 20) on message stream `stream_id`:
+/// what nginx-rtmp and SRS send when they refuse, and what every RTMP client shows.
+pub(super) fn status_error(stream_id: u32, code: &str, description: &str) -> Option<Bytes> {
+    use rml_rtmp::rml_amf0::{Amf0Value, serialize};
+    let status = std::collections::HashMap::from([
+        ("level".to_owned(), Amf0Value::Utf8String("error".to_owned())),
+        ("code".to_owned(), Amf0Value::Utf8String(code.to_owned())),
+        ("description".to_owned(), Amf0Value::Utf8String(description.to_owned())),
+    ]);
+    let values = vec![
+        Amf0Value::Utf8String("onStatus".to_owned()),
+        Amf0Value::Number(0.0),
+        Amf0Value::Null,
+        Amf0Value::Object(status),
+    ];
+    let payload = serialize(&values).ok()?;
+    Some(chunk_message(STATUS_CSID, 20, stream_id, 0, &payload, CHUNK_SIZE))
+}
+
 /// One RTMP message as chunks: a type-0 header (absolute timestamp), then type-3 headers
 /// between chunks, so the bytes depend only on the message and the stream id.
 pub fn chunk_message(

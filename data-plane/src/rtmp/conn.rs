@@ -226,8 +226,14 @@ impl Conn {
         }
     }
 
-    /// Refuses the request with `code` and the reason in the description, then closes.
-    pub(super) fn refuse(&mut self, request_id: u32, code: &str, reason: &str) -> bool {
+    /// Refuses the request as nginx-rtmp and SRS do, so every client shows why: `onStatus`
+    /// with level `error`, `code`, and the reason in `description`, on the request's message
+    /// stream (`stream_id`; 1 for a publish, which rml_rtmp does not report and every client
+    /// uses), then rml_rtmp's `_error` result for the command, then the connection closes.
+    pub(super) fn refuse(&mut self, request_id: u32, stream_id: u32, code: &str, reason: &str) -> bool {
+        if let Some(status) = super::chunk::status_error(stream_id, code, reason) {
+            self.send(status.to_vec());
+        }
         if let Ok(results) = self.session.borrow_mut().reject_request(request_id, code, reason) {
             for r in results {
                 if let ServerSessionResult::OutboundResponse(p) = r {
@@ -288,19 +294,22 @@ impl Conn {
 
     pub(super) async fn publish(&mut self, request_id: u32, app: &str, stream_key: &str) -> bool {
         const BAD_NAME: &str = "NetStream.Publish.BadName";
+        const PUBLISH_STREAM: u32 = 1;
         if !matches!(self.role, Role::None) {
-            return self.refuse(request_id, BAD_NAME, "one stream per connection");
+            return self.refuse(request_id, PUBLISH_STREAM, BAD_NAME, "one stream per connection");
         }
         let req = match self.request(app, stream_key, Action::Publish) {
             Ok(r) => r,
-            Err(e) => return self.refuse(request_id, BAD_NAME, &format!("malformed: {e}")),
+            Err(e) => return self.refuse(request_id, PUBLISH_STREAM, BAD_NAME, &format!("malformed: {e}")),
         };
         let admitted = match self.admit(req).await {
             Ok(a) => a,
-            Err(refusal) => return self.refused(request_id, BAD_NAME, &refusal),
+            Err(refusal) => return self.refused(request_id, PUBLISH_STREAM, BAD_NAME, &refusal),
         };
         let Admitted { key, session, publishing, .. } = admitted;
-        let Some(publishing) = publishing else { return self.refuse(request_id, BAD_NAME, "unavailable") };
+        let Some(publishing) = publishing else {
+            return self.refuse(request_id, PUBLISH_STREAM, BAD_NAME, "unavailable");
+        };
         {
             let mut hub = self.ctx.hub.borrow_mut();
             // A copy relayed from a publisher that has just left ends here first.
@@ -318,23 +327,23 @@ impl Conn {
     }
 
     /// Refuses with the refusal's reason (`unavailable` when nothing could be decided).
-    fn refused(&mut self, request_id: u32, code: &str, refusal: &Refusal) -> bool {
+    fn refused(&mut self, request_id: u32, stream_id: u32, code: &str, refusal: &Refusal) -> bool {
         match refusal {
-            Refusal::Refused(record) => self.refuse(request_id, code, record.final_reason.as_str()),
+            Refusal::Refused(record) => self.refuse(request_id, stream_id, code, record.final_reason.as_str()),
             Refusal::Unavailable(e) => {
                 tracing::warn!(peer = %self.peer, error = %e, "RTMP request refused: no decision");
-                self.refuse(request_id, code, "unavailable")
+                self.refuse(request_id, stream_id, code, "unavailable")
             }
         }
     }
 
     pub(super) async fn play(&mut self, request_id: u32, app: &str, stream_key: &str, stream_id: u32) -> bool {
         if !matches!(self.role, Role::None) {
-            return self.refuse(request_id, "NetStream.Play.Failed", "one stream per connection");
+            return self.refuse(request_id, stream_id, "NetStream.Play.Failed", "one stream per connection");
         }
         let req = match self.request(app, stream_key, Action::Play) {
             Ok(r) => r,
-            Err(e) => return self.refuse(request_id, "NetStream.Play.Failed", &format!("malformed: {e}")),
+            Err(e) => return self.refuse(request_id, stream_id, "NetStream.Play.Failed", &format!("malformed: {e}")),
         };
         let Admitted { key, session, .. } = match self.admit(req).await {
             Ok(a) => a,
@@ -345,7 +354,7 @@ impl Conn {
                     }
                     _ => "NetStream.Play.Failed",
                 };
-                return self.refused(request_id, code, &refusal);
+                return self.refused(request_id, stream_id, code, &refusal);
             }
         };
         let player = Player {
@@ -363,7 +372,7 @@ impl Conn {
         // Accepted first, so the play response precedes the media.
         let live = self.ctx.hub.borrow().channels.get(&key).is_some_and(|c| c.publisher.is_some());
         if !live && !self.ctx.mirror(&key) {
-            return self.refuse(request_id, "NetStream.Play.StreamNotFound", "not_live");
+            return self.refuse(request_id, stream_id, "NetStream.Play.StreamNotFound", "not_live");
         }
         if !self.accept(request_id) {
             return false;
