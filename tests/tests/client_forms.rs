@@ -121,3 +121,93 @@ async fn rtmp_refusals_are_shown_by_librtmp_and_ffmpeg() {
     let said = stderr(&out);
     assert!(!out.status.success() && said.contains("credential_missing"), "ffmpeg shows the reason: {said}");
 }
+
+/// Pipelined RTMP commands (issue #17): `connect`, `createStream` and `play` in one write,
+/// without waiting for each answer, as the protocol allows and nginx-rtmp serves. Each is
+/// answered in order; before, the `play` was refused ("Can't play before connecting") and the
+/// client got nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_rtmp_commands_are_served_in_order() {
+    use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    fn command(name: &str, txn: f64, object: Option<&[(&str, &str)]>, args: &[&str]) -> Vec<u8> {
+        let mut p = vec![0x02];
+        string(&mut p, name);
+        p.push(0x00);
+        p.extend_from_slice(&txn.to_be_bytes());
+        match object {
+            Some(props) => {
+                p.push(0x03);
+                for (k, v) in props {
+                    string(&mut p, k);
+                    p.push(0x02);
+                    string(&mut p, v);
+                }
+                p.extend_from_slice(&[0, 0, 9]);
+            }
+            None => p.push(0x05),
+        }
+        for a in args {
+            p.push(0x02);
+            string(&mut p, a);
+        }
+        p
+    }
+    fn chunk(csid: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![csid, 0, 0, 0];
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.push(20);
+        out.extend_from_slice(&stream_id.to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    let plane = Plane::start("pipelined").await;
+    let w = media_worker(&plane, "w1", &[]);
+    ready_at_head(&plane.http, &plane.store, w.admin).await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", w.rtmp)).await.unwrap();
+    let mut hs = Handshake::new(PeerType::Client);
+    stream.write_all(&hs.generate_outbound_p0_and_p1().unwrap()).await.unwrap();
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed during the handshake");
+        match hs.process_bytes(&buf[..n]).unwrap() {
+            HandshakeProcessResult::InProgress { response_bytes } => stream.write_all(&response_bytes).await.unwrap(),
+            HandshakeProcessResult::Completed { response_bytes, .. } => {
+                stream.write_all(&response_bytes).await.unwrap();
+                break;
+            }
+        }
+    }
+    // One write: connect (app `live`, SLS's open app), createStream, play on stream 1.
+    let tc_url = format!("rtmp://127.0.0.1:{}/live", w.rtmp);
+    let mut all = chunk(3, 0, &command("connect", 1.0, Some(&[("app", "live"), ("tcUrl", &tc_url)]), &[]));
+    all.extend(chunk(3, 0, &command("createStream", 2.0, None, &[])));
+    all.extend(chunk(8, 1, &command("play", 0.0, None, &["cam"])));
+    stream.write_all(&all).await.unwrap();
+    // The play is decided (`cam` is no registered stream of SLS's app: refused, with its status).
+    let mut said = Vec::new();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !String::from_utf8_lossy(&said).contains("NetStream.Play.StreamNotFound")
+        && tokio::time::Instant::now() < deadline
+    {
+        match tokio::time::timeout(std::time::Duration::from_secs(1), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => break,
+            Ok(Ok(n)) => said.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    let said = String::from_utf8_lossy(&said);
+    assert!(!said.contains("Can't play before connecting"), "{said}");
+    assert!(said.contains("NetConnection.Connect.Success") && said.contains("NetStream.Play.StreamNotFound"), "{said}");
+    until("the play's decision is in the log", || async {
+        decision_records(&plane.store, "w1").await.iter().any(|d| d.request.stream.as_str() == "cam")
+    })
+    .await;
+}

@@ -47,6 +47,8 @@ pub(super) struct Conn {
     pub(super) done: Vec<futures::channel::oneshot::Sender<()>>,
     /// Input bytes since the last complete message.
     pub(super) unfinished: usize,
+    /// Until the connection publishes or plays, its input is fed a message at a time.
+    pub(super) splitter: Option<super::input::Splitter>,
 }
 
 pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) {
@@ -91,6 +93,7 @@ pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx
         closed: Rc::new(Cell::new(false)),
         done: Vec::new(),
         unfinished: 0,
+        splitter: Some(super::input::Splitter::default()),
     };
     let mut ok = conn.results(results).await;
     if ok && !leftover.is_empty() {
@@ -172,8 +175,37 @@ impl Conn {
         let _ = self.out.unbounded_send(Out::Bytes(bytes));
     }
 
-    /// Feeds bytes from the client; false ends the connection.
+    /// Feeds bytes from the client; false ends the connection. Before the connection
+    /// publishes or plays, a message at a time, each answered before the next is read
+    /// (`input::Splitter`).
     pub(super) async fn input(&mut self, data: &[u8]) -> bool {
+        if !matches!(self.role, Role::None) {
+            self.splitter = None;
+        }
+        let Some(splitter) = self.splitter.as_mut() else { return self.feed(data).await };
+        let cuts = match splitter.split(data) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "RTMP input refused; closing");
+                return false;
+            }
+        };
+        let mut at = 0;
+        for len in cuts {
+            if !self.feed(&data[at..at + len]).await {
+                return false;
+            }
+            at += len;
+            if !matches!(self.role, Role::None) {
+                // Publishing or playing: the rest goes in as it comes.
+                self.splitter = None;
+                return at == data.len() || self.feed(&data[at..]).await;
+            }
+        }
+        true
+    }
+
+    async fn feed(&mut self, data: &[u8]) -> bool {
         let results = match guarded_input(&mut self.session.borrow_mut(), data) {
             Ok(r) => r,
             Err(e) => {

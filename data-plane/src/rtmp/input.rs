@@ -33,6 +33,59 @@ thread_local! {
     static GUARDED: Cell<bool> = const { Cell::new(false) };
 }
 
+/// Splits a client's bytes at RTMP message boundaries before the session is established, so
+/// each command reaches rml_rtmp only after the previous one was answered. A client may send
+/// `connect`, `createStream` and `play` in one write without waiting (the protocol allows it;
+/// nginx-rtmp serves it); fed at once, rml_rtmp would refuse the `play` before the `connect`
+/// is accepted ("Can't play before connecting") and the client would get nothing. Only the
+/// pre-session phase goes through here (a few hundred bytes), one byte at a time into a
+/// shadow chunk deserializer that follows the client's chunk size as rml_rtmp does.
+pub(super) struct Splitter {
+    shadow: rml_rtmp::chunk_io::ChunkDeserializer,
+}
+
+impl Default for Splitter {
+    fn default() -> Self {
+        Splitter { shadow: rml_rtmp::chunk_io::ChunkDeserializer::new() }
+    }
+}
+
+impl Splitter {
+    /// The lengths of the complete messages at the front of `data`, and what is left after
+    /// them (a message not complete yet). An error: input the shadow cannot read (or that
+    /// panics it, as it panics rml_rtmp's own deserializer).
+    pub(super) fn split(&mut self, data: &[u8]) -> Result<Vec<usize>, String> {
+        let mut cuts = Vec::new();
+        let mut start = 0;
+        for i in 0..data.len() {
+            let shadow = &mut self.shadow;
+            // The same deserializer as rml_rtmp's, so the same panics: contained the same way.
+            GUARDED.with(|g| g.set(true));
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shadow.get_next_message(&data[i..=i])));
+            GUARDED.with(|g| g.set(false));
+            match step {
+                Ok(Ok(Some(message))) => {
+                    // Set Chunk Size: the shadow follows it, as the session's deserializer does.
+                    if message.type_id == 1 && message.data.len() >= 4 {
+                        let size =
+                            u32::from_be_bytes([message.data[0], message.data[1], message.data[2], message.data[3]]);
+                        self.shadow.set_max_chunk_size((size & 0x7fff_ffff) as usize).map_err(|e| format!("{e:?}"))?;
+                    }
+                    cuts.push(i + 1 - start);
+                    start = i + 1;
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(e)) => return Err(format!("{e:?}")),
+                Err(_) => return Err("the chunk stream panicked the message splitter".to_owned()),
+            }
+        }
+        if start < data.len() {
+            cuts.push(data.len() - start);
+        }
+        Ok(cuts)
+    }
+}
+
 /// Whether this thread is inside `guarded_input` (for the fuzz target's panic hook: a panic
 /// there is contained by design; anywhere else it is a crash).
 #[doc(hidden)]
