@@ -42,6 +42,7 @@ const KNOWN: &[&str] = &[
     "node_stale_secs",
     "anchor_file",
     "anchor_every_secs",
+    "jwks_refresh_secs",
 ];
 
 /// A comma-separated list (a TOML array works too), e.g. `127.0.0.1/32,::1/128`.
@@ -190,6 +191,8 @@ pub struct Config {
     pub anchor_file: Option<std::path::PathBuf>,
     /// How often the head is anchored (when it moved).
     pub anchor_every_secs: u64,
+    /// How often an app's stream-JWT JWKS (`policy.jwt.jwks_url`) is fetched again.
+    pub jwks_refresh_secs: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -209,6 +212,7 @@ impl std::fmt::Debug for Config {
             .field("snapshot_every_secs", &self.snapshot_every_secs)
             .field("anchor_file", &self.anchor_file)
             .field("anchor_every_secs", &self.anchor_every_secs)
+            .field("jwks_refresh_secs", &self.jwks_refresh_secs)
             .finish_non_exhaustive()
     }
 }
@@ -258,6 +262,7 @@ impl Config {
             snapshot_every_secs: s.or("snapshot_every_secs", 60, "seconds")?,
             anchor_file: s.optional("anchor_file", "a file path")?,
             anchor_every_secs: s.or("anchor_every_secs", 10, "seconds")?.max(1),
+            jwks_refresh_secs: s.or("jwks_refresh_secs", 300, "seconds")?.max(1),
         })
     }
 

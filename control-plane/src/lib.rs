@@ -11,6 +11,7 @@ pub mod commands;
 pub mod config;
 pub mod decisions;
 pub mod ingest;
+pub mod jwks;
 pub mod nodes;
 pub mod projection;
 pub mod relay;

@@ -73,6 +73,13 @@ pub struct Jwks {
     pub(crate) keys: Vec<JwkKey>,
 }
 
+impl Jwks {
+    /// How many of the set's keys are usable (RSA or EC P-256/P-384 with a `kid`).
+    pub fn usable(&self) -> usize {
+        self.keys.len()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stream {
     pub publish_name: Option<StreamName>,

@@ -315,6 +315,93 @@ async fn api_jwts_from_a_jwks_url_and_its_forced_refresh() {
     );
 }
 
+/// Stream JWTs from a JWKS (issue #17): the control plane fetches the app's `jwt.jwks_url`,
+/// records the public keys (`JwksRefreshed`), and the state every worker folds verifies RS256
+/// and ES256 offline; a rotated set (a new `kid`) is picked up; a failing fetch keeps the last
+/// keys and says so in the app's view and `/metrics`. Before, nothing fetched it.
+#[tokio::test]
+async fn stream_jwts_are_verified_from_the_apps_jwks() {
+    let full: Value = serde_json::from_str(include_str!("../../events/tests/fixtures/jwks.json")).unwrap();
+    // At first the identity provider serves the EC key alone.
+    let ec_only = json!({"keys": full["keys"].as_array().unwrap().iter().filter(|k| k["kty"] == "EC").cloned().collect::<Vec<_>>()});
+    let jwks = std::sync::Arc::new(std::sync::Mutex::new((200u16, ec_only)));
+    let served = jwks.clone();
+    let idp = Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let (status, body) = served.lock().unwrap().clone();
+            async move { (StatusCode::from_u16(status).unwrap(), axum::Json(body)) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, idp).await.unwrap() });
+    let api = given_api(&[("SLUICE_WEBHOOK_ALLOWED", "127.0.0.1"), ("SLUICE_JWKS_REFRESH_SECS", "1")]).await;
+    let policy = json!({"publish": {"methods": ["jwt"]}, "play": {"methods": ["jwt"]}, "jwt": {"jwks_url": url}});
+    let r = api.admin(Method::POST, "/v1/apps", Some(json!({"name": "live2", "policy": policy}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let jwks_view = || async { api.admin(Method::GET, "/v1/apps/live2", None).await.body["jwks"].clone() };
+    let poll = |want: fn(&Value) -> bool| async move {
+        for _ in 0..100 {
+            let v = jwks_view().await;
+            if want(&v) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the app's JWKS view never got there: {}", jwks_view().await);
+    };
+    let v = poll(|v| v["keys"] == 1).await;
+    assert!(v["fetched_at"].is_i64() && v["last_error"].is_null(), "{v}");
+    let decide = |token: String| {
+        let req = AccessRequest {
+            id: uuid::Uuid::new_v4(),
+            app: sluice_events::AppName::parse("live2").unwrap(),
+            stream: sluice_events::StreamName::parse("cam").unwrap(),
+            action: sluice_events::Action::Publish,
+            protocol: Protocol::Rtmp,
+            client_ip: "127.0.0.1".parse().unwrap(),
+            credential: sluice_events::Credential::token(&token),
+        };
+        sluice_events::decide(&api.state.writer.projection().current(), &req, sluice_control_plane::clock::now()).reason
+    };
+    let claims = json!({"sub": "enc-1", "app": "live2", "stream": "cam", "action": "publish", "exp": now_secs() + 300});
+    let sign = |alg: jsonwebtoken::Algorithm, kid: &str, key: jsonwebtoken::EncodingKey| {
+        let mut h = jsonwebtoken::Header::new(alg);
+        h.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&h, &claims, &key).unwrap()
+    };
+    let ec_kid =
+        full["keys"].as_array().unwrap().iter().find(|k| k["kty"] == "EC").unwrap()["kid"].as_str().unwrap().to_owned();
+    let es = sign(
+        jsonwebtoken::Algorithm::ES256,
+        &ec_kid,
+        jsonwebtoken::EncodingKey::from_ec_der(include_bytes!("../../events/tests/fixtures/ec.pk8.der")),
+    );
+    let rs = sign(
+        jsonwebtoken::Algorithm::RS256,
+        "rsa-1",
+        jsonwebtoken::EncodingKey::from_rsa_der(include_bytes!("../../events/tests/fixtures/rsa.der")),
+    );
+    assert_eq!(decide(es.clone()), sluice_events::Reason::Allowed, "ES256 from the fetched set");
+    assert_eq!(decide(rs.clone()), sluice_events::Reason::JwtKeyUnknown, "not in the set yet");
+    // A rotation: the RSA key joins the set; the next fetch records it.
+    jwks.lock().unwrap().1 = full.clone();
+    poll(|v| v["keys"] == 2).await;
+    assert_eq!(decide(rs.clone()), sluice_events::Reason::Allowed, "RS256 after the rotation");
+    let refreshed = api.log().await.iter().filter(|e| e.event.event_type() == "JwksRefreshed").count();
+    assert_eq!(refreshed, 2, "one event per change, not per fetch");
+    // The identity provider fails: the keys stay, and the view and the metric say so.
+    jwks.lock().unwrap().0 = 500;
+    let v = poll(|v| v["last_error"].is_string()).await;
+    assert_eq!(v["keys"], 2, "{v}");
+    assert!(v["last_error"].as_str().unwrap().contains("500"), "{v}");
+    assert_eq!(decide(rs), sluice_events::Reason::Allowed, "the last keys are kept");
+    let text = api.call(Method::GET, "/metrics", None, None).await.text;
+    let failures = text.lines().find_map(|l| l.strip_prefix("sluice_jwks_refresh_failures_total ")).unwrap_or("0");
+    assert_ne!(failures, "0", "{text}");
+}
+
 #[tokio::test]
 async fn apps_policy_and_streams_round_trip_with_positions() {
     let api = given_api(&[]).await;

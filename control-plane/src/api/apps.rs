@@ -34,6 +34,9 @@ pub struct AppView {
     pub streams: usize,
     /// Which secrets are set (never their values).
     pub secrets: Vec<SecretKind>,
+    /// For a policy with `jwt.jwks_url`: the last fetch of its key set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<crate::jwks::JwksView>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -90,12 +93,19 @@ pub fn lookup<'a>(state: &'a AuthState, app: &AppName) -> Result<&'a App, ApiErr
     state.apps.get(app).ok_or_else(|| ApiError::not_found("app", app))
 }
 
-fn view(name: &AppName, app: &App) -> AppView {
+fn view(api: &ApiState, name: &AppName, app: &App) -> AppView {
+    let jwks = app.policy.jwt.jwks_url.as_ref().map(|url| {
+        api.jwks
+            .view(name)
+            .filter(|v| &v.url == url)
+            .unwrap_or_else(|| crate::jwks::JwksView { url: url.clone(), ..Default::default() })
+    });
     AppView {
         name: name.clone(),
         policy: app.policy.clone(),
         streams: app.streams.len(),
         secrets: app.secrets.keys().copied().collect(),
+        jwks,
     }
 }
 
@@ -119,18 +129,18 @@ pub(super) async fn create(
         .run(&ctx.origin(), now(), |_| Ok(Command::CreateApp { app: name.clone(), policy: policy.clone() }))
         .await?;
     let state = api.writer.projection().current();
-    Ok(written(StatusCode::CREATED, committed, Some(view(&name, lookup(&state, &name)?))))
+    Ok(written(StatusCode::CREATED, committed, Some(view(&api, &name, lookup(&state, &name)?))))
 }
 
 pub(super) async fn list(State(api): State<ApiState>) -> Result<Json<AppList>, ApiError> {
     let state = api.writer.projection().current();
-    Ok(Json(AppList { apps: state.apps.iter().map(|(n, a)| view(n, a)).collect() }))
+    Ok(Json(AppList { apps: state.apps.iter().map(|(n, a)| view(&api, n, a)).collect() }))
 }
 
 pub(super) async fn read(State(api): State<ApiState>, Path(app): Path<String>) -> Result<Json<AppView>, ApiError> {
     let name = app_name(&app)?;
     let state = api.writer.projection().current();
-    Ok(Json(view(&name, lookup(&state, &name)?)))
+    Ok(Json(view(&api, &name, lookup(&state, &name)?)))
 }
 
 pub(super) async fn delete(

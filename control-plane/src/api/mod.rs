@@ -73,6 +73,8 @@ pub struct ApiState {
     pub tasks: Tasks,
     /// The relay's view of SLUICE_EVENTS against the log (for `/ready` and `/metrics`).
     pub relay_health: Arc<crate::relay::RelayHealth>,
+    /// The apps' JWKS fetches (stream JWTs), kept fresh by `jwks::run`.
+    pub jwks: Arc<crate::jwks::JwksStatus>,
 }
 
 impl ApiState {
@@ -86,6 +88,16 @@ impl ApiState {
         let limiters = Limiters::new(settings.rate_api, settings.rate_stats, settings.rate_config);
         limiters.spawn_housekeeping(&tasks);
         let audit = AuditLog::start(&tasks, writer.store().clone(), config.instance_id.clone());
+        let jwks = Arc::new(crate::jwks::JwksStatus::default());
+        tasks.spawn(
+            "stream JWKS refresh",
+            crate::jwks::run(
+                writer.clone(),
+                jwks.clone(),
+                Duration::from_secs(config.jwks_refresh_secs.max(1)),
+                settings.webhook_allowed.clone(),
+            ),
+        );
         ApiState {
             writer,
             auth,
@@ -97,6 +109,7 @@ impl ApiState {
             http: reqwest::Client::new(),
             nodes: Arc::default(),
             relay_health: Arc::default(),
+            jwks,
             sls_resets: Arc::default(),
             tasks,
         }

@@ -49,7 +49,7 @@ pub(super) async fn ready(State(api): State<ApiState>) -> impl IntoResponse {
     }
 }
 
-/// Prometheus text: the log's head, the projection, the relay's divergences.
+/// Prometheus text: the log's head, the projection, the relay's divergences, JWKS failures.
 pub(super) async fn metrics(State(api): State<ApiState>) -> impl IntoResponse {
     use std::sync::atomic::Ordering::Relaxed;
     let head = api.writer.store().head().await.map(|h| h.0).unwrap_or(0);
@@ -73,6 +73,12 @@ pub(super) async fn metrics(State(api): State<ApiState>) -> impl IntoResponse {
             "counter",
             "Times the relay found SLUICE_EVENTS and the log apart and stopped.",
             h.diverged_total.load(Relaxed),
+        ),
+        (
+            "sluice_jwks_refresh_failures_total",
+            "counter",
+            "Failed fetches of an app's stream-JWT JWKS (its previous keys kept).",
+            api.jwks.failures_total.load(Relaxed),
         ),
     ];
     let mut text = String::new();
