@@ -828,6 +828,9 @@ async fn sls_compatibility_shapes() {
     let r = api.call(Method::DELETE, "/api/stream-ids/live_stream", Some(&bearer(&reader)), None).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     insta::assert_snapshot!("sls_403", r.text);
+    // A registered stream with no publisher, as OpenIRL/srt-live-server's code answers it
+    // (slscore/SLSManager.cpp, generate_json_for_publisher): 200, a message, no publisher (a
+    // zero-filled one made the management UI show every stream online).
     let r = api.call(Method::GET, "/stats/live_stream", None, None).await;
     assert_eq!(r.status, StatusCode::OK);
     insta::assert_snapshot!("sls_stats", r.text);
@@ -836,6 +839,8 @@ async fn sls_compatibility_shapes() {
     let r = api.call(Method::GET, "/stats/nobody", None, None).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     insta::assert_snapshot!("sls_stats_404", r.text);
+    // A publisher key is looked up too, but only a live one (find_publisher_by_player_key).
+    assert_eq!(api.call(Method::GET, "/stats/studio_1", None, None).await.status, StatusCode::NOT_FOUND);
     let r = api.call(Method::DELETE, "/api/stream-ids/live_stream", Some(&admin), None).await;
     assert_eq!(r.status, StatusCode::OK);
     insta::assert_snapshot!("sls_delete", r.text);

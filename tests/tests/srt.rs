@@ -226,9 +226,10 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     assert!(p["rtt"].as_f64() > Some(0.0) && p["latency"].as_u64() >= Some(120), "{sls}");
     assert!(p["bitrate"].as_u64() > Some(0) && p["uptime"].is_u64() && p["buffer"].is_u64(), "{sls}");
     let (_, legacy) = get(&http, format!("http://127.0.0.1:{cp}/stats/cam1?legacy=1&reset=1")).await;
-    let p = &legacy["publishers"]["cam1"];
-    assert!(p["mbps_recv_rate"].as_f64() > Some(0.0) && p["rtt"].as_f64() > Some(0.0), "{legacy}");
-    assert!(p["mbps_bandwidth"].as_f64() > Some(0.0), "{legacy}");
+    // OpenIRL's code: the literal key `live`, camelCase members.
+    let p = &legacy["publishers"]["live"];
+    assert!(p["mbpsRecvRate"].as_f64() > Some(0.0) && p["rtt"].as_f64() > Some(0.0), "{legacy}");
+    assert!(p["mbpsBandwidth"].as_f64() > Some(0.0) && p["pktRcvLoss"].is_u64(), "{legacy}");
     assert_eq!(legacy["status"], "ok");
     // The worker's Prometheus text has the SRT series.
     let metrics = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();

@@ -60,43 +60,50 @@ struct SlsKey {
     message: &'static str,
 }
 
-/// `GET /stats/{player_id}`, SRT Live Server's member order.
+/// `GET /stats/{player_id}` as OpenIRL/srt-live-server's code answers it
+/// (`slscore/SLSManager.cpp`, `generate_json_for_publisher`): nlohmann's json, so members in
+/// sorted order; a live publisher under `publisher`, or with `legacy=1` under the literal key
+/// `publishers.live` in camelCase (`create_legacy_json_stats_for_publisher`); a known stream with
+/// no publisher is 200 `{"message":"Publisher is currently not streaming","status":"ok"}` (and
+/// `"publishers":{}` with `legacy=1`), not a zero-filled publisher that a dashboard shows as
+/// online; an unknown id is 404 `{"message":"Invalid player key","status":"error"}`.
 #[derive(Debug, Serialize)]
 struct Stats {
-    publisher: PublisherStats,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publisher: Option<PublisherStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    publishers: Option<std::collections::BTreeMap<&'static str, LegacyPublisher>>,
     status: &'static str,
 }
 
+/// `create_json_stats_for_publisher`, members sorted.
 #[derive(Debug, Default, Serialize)]
 struct PublisherStats {
     bitrate: u64,
     buffer: u64,
     dropped_pkts: u64,
-    rtt: Option<f64>,
+    latency: u64,
+    rtt: f64,
     uptime: u64,
-    latency: Option<u64>,
 }
 
-/// `legacy=1`.
-#[derive(Debug, Serialize)]
-struct LegacyStats {
-    publishers: std::collections::BTreeMap<String, LegacyPublisher>,
-    status: &'static str,
-}
-
+/// `create_legacy_json_stats_for_publisher`, members sorted.
 #[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
 struct LegacyPublisher {
     bitrate: u64,
     bytes_rcv_drop: u64,
     bytes_rcv_loss: u64,
+    latency: u64,
     mbps_bandwidth: f64,
     mbps_recv_rate: f64,
     ms_rcv_buf: u64,
     pkt_rcv_drop: u64,
     pkt_rcv_loss: u64,
-    rtt: Option<f64>,
+    rtt: f64,
     uptime: u64,
-    latency: Option<u64>,
 }
 
 fn sls_ok(message: &'static str) -> SlsMessage<'static> {
@@ -234,26 +241,45 @@ impl Resets {
 }
 
 /// SLS reports its publisher's SRT link. For a stream published over SRT the figures are
-/// srt-tokio's (RTT from the handshake); for one published over RTMP, which has no RTT or
-/// latency, they are `null`.
+/// srt-tokio's (RTT from the handshake); one published over RTMP has no RTT or SRT latency:
+/// they are 0 (clients parse numbers). The id is a player id (a stream's public name in the SLS
+/// app) or, as OpenIRL falls back to, the key of a live publisher (a publish name).
 pub(super) async fn stats(
     State(api): State<ApiState>,
     Path(player_id): Path<String>,
     Query(q): Query<StatsQuery>,
 ) -> Result<Response, ApiError> {
     let state = api.writer.projection().current();
-    let known = StreamName::parse(&player_id)
-        .ok()
-        .is_some_and(|p| state.apps.get(&api.sls_app).is_some_and(|a| a.streams.contains_key(&p)));
-    if !known {
-        return Err(sls_not_found());
+    let app = state.apps.get(&api.sls_app);
+    let id = StreamName::parse(&player_id).ok();
+    let player = id.as_ref().and_then(|id| {
+        let app = app?;
+        if app.streams.contains_key(id) {
+            return Some(id.clone());
+        }
+        // A publisher key: the stream it publishes, when it is live.
+        let public = app.publish_names.get(id)?;
+        super::nodes::stream_stats_of(&api, api.sls_app.as_str(), public.as_str()).live.then(|| public.clone())
+    });
+    let legacy = q.legacy.as_deref() == Some("1");
+    let Some(player) = player else {
+        let body = Stats { message: Some("Invalid player key"), publisher: None, publishers: None, status: "error" };
+        return Ok((StatusCode::NOT_FOUND, Json(body)).into_response());
+    };
+    let live = super::nodes::stream_stats_of(&api, api.sls_app.as_str(), player.as_str());
+    if !live.live {
+        let body = Stats {
+            message: Some("Publisher is currently not streaming"),
+            publisher: None,
+            publishers: legacy.then(Default::default),
+            status: "ok",
+        };
+        return Ok(Json(body).into_response());
     }
-    let live = super::nodes::stream_stats_of(&api, api.sls_app.as_str(), &player_id);
     let link = live.srt.clone().unwrap_or_default();
-    let (rtt, latency) = match (&live.srt, live.live) {
-        (Some(l), _) => (Some(l.rtt_us as f64 / 1000.0), Some(l.latency_ms)),
-        (None, true) => (None, None),
-        (None, false) => (Some(0.0), Some(0)),
+    let (rtt, latency) = match &live.srt {
+        Some(l) => (l.rtt_us as f64 / 1000.0, l.latency_ms),
+        None => (0.0, 0),
     };
     let dropped = if live.srt.is_some() { link.pkt_rcv_drop } else { live.dropped };
     let counters = Counters {
@@ -263,13 +289,14 @@ pub(super) async fn stats(
         pkt_drop: link.pkt_rcv_drop,
         bytes_drop: link.bytes_rcv_drop,
     };
-    let c = api.sls_resets.read(&player_id, live.uptime_secs, counters, q.reset.is_some());
+    let c = api.sls_resets.read(player.as_str(), live.uptime_secs, counters, q.reset.is_some());
     let kbps = live.bitrate_10s / 1000;
-    if q.legacy.as_deref() == Some("1") {
+    if legacy {
         let publisher = LegacyPublisher {
             bitrate: kbps,
             bytes_rcv_drop: c.bytes_drop,
             bytes_rcv_loss: c.bytes_loss,
+            latency,
             mbps_bandwidth: link.bandwidth_bps as f64 / 1e6,
             mbps_recv_rate: live.bitrate_1s as f64 / 1e6,
             ms_rcv_buf: link.rcv_buf_ms,
@@ -277,20 +304,19 @@ pub(super) async fn stats(
             pkt_rcv_loss: c.pkt_loss,
             rtt,
             uptime: live.uptime_secs,
-            latency,
         };
-        let publishers = [(player_id, publisher)].into_iter().collect();
-        return Ok(Json(LegacyStats { publishers, status: "ok" }).into_response());
+        let publishers = Some([("live", publisher)].into_iter().collect());
+        return Ok(Json(Stats { message: None, publisher: None, publishers, status: "ok" }).into_response());
     }
     let publisher = PublisherStats {
         bitrate: kbps,
         buffer: link.rcv_buf_ms,
         dropped_pkts: c.dropped,
+        latency,
         rtt,
         uptime: live.uptime_secs,
-        latency,
     };
-    Ok(Json(Stats { publisher, status: "ok" }).into_response())
+    Ok(Json(Stats { message: None, publisher: Some(publisher), publishers: None, status: "ok" }).into_response())
 }
 
 #[cfg(test)]
@@ -309,5 +335,57 @@ mod tests {
         assert_eq!(resets.read("other", 12, at(9), false).dropped, 9, "per stream");
         // A new publisher (uptime went back) starts from its own zero.
         assert_eq!(resets.read("cam", 3, at(1), false).dropped, 1);
+    }
+
+    /// The live shapes byte for byte as OpenIRL/srt-live-server builds them
+    /// (`slscore/SLSManager.cpp`: `create_json_stats_for_publisher`,
+    /// `create_legacy_json_stats_for_publisher`, nlohmann's sorted members), with the figures of
+    /// the sls-management-ui's own examples (`usePublisherStats.ts`).
+    #[test]
+    fn live_stats_are_openirls_shapes() {
+        let modern = Stats {
+            message: None,
+            publisher: Some(PublisherStats {
+                bitrate: 2261,
+                buffer: 2990,
+                dropped_pkts: 0,
+                latency: 3000,
+                rtt: 33.494,
+                uptime: 7,
+            }),
+            publishers: None,
+            status: "ok",
+        };
+        assert_eq!(
+            serde_json::to_string(&modern).unwrap(),
+            r#"{"publisher":{"bitrate":2261,"buffer":2990,"dropped_pkts":0,"latency":3000,"rtt":33.494,"uptime":7},"status":"ok"}"#
+        );
+        let live = LegacyPublisher {
+            bitrate: 3726,
+            bytes_rcv_drop: 0,
+            bytes_rcv_loss: 4943644,
+            latency: 3000,
+            mbps_bandwidth: 330.828,
+            mbps_recv_rate: 3.3834749940744926,
+            ms_rcv_buf: 2972,
+            pkt_rcv_drop: 0,
+            pkt_rcv_loss: 3636,
+            rtt: 32.23,
+            uptime: 38,
+        };
+        let legacy = Stats {
+            message: None,
+            publisher: None,
+            publishers: Some([("live", live)].into_iter().collect()),
+            status: "ok",
+        };
+        assert_eq!(
+            serde_json::to_string(&legacy).unwrap(),
+            concat!(
+                r#"{"publishers":{"live":{"bitrate":3726,"bytesRcvDrop":0,"bytesRcvLoss":4943644,"latency":3000,"#,
+                r#""mbpsBandwidth":330.828,"mbpsRecvRate":3.3834749940744926,"msRcvBuf":2972,"pktRcvDrop":0,"#,
+                r#""pktRcvLoss":3636,"rtt":32.23,"uptime":38}},"status":"ok"}"#
+            )
+        );
     }
 }
