@@ -32,6 +32,7 @@ const KNOWN: &[&str] = &[
     "max_body_bytes",
     "request_timeout_ms",
     "cors_allowed_origins",
+    "sls_cors_origin",
     "content_security_policy",
     "public_rtmp_url",
     "public_srt_url",
@@ -86,6 +87,8 @@ pub struct ApiSettings {
     pub request_timeout_ms: u64,
     /// `*` or a list of origins; empty disables CORS.
     pub cors_allowed_origins: Vec<String>,
+    /// `Access-Control-Allow-Origin` on SRT Live Server's routes (OpenIRL sends `*`).
+    pub sls_cors_origin: String,
     pub content_security_policy: Option<String>,
     pub public_rtmp_url: String,
     pub public_srt_url: String,
@@ -162,6 +165,7 @@ impl ApiSettings {
             max_body_bytes: s.or("max_body_bytes", 64 * 1024, "a size in bytes")?,
             request_timeout_ms: s.or("request_timeout_ms", 10_000, "milliseconds")?,
             cors_allowed_origins: s.or("cors_allowed_origins", List(vec![]), "comma-separated origins or *")?.0,
+            sls_cors_origin: s.or("sls_cors_origin", "*".to_owned(), "an origin or *")?,
             content_security_policy: s.optional("content_security_policy", "a Content-Security-Policy value")?,
             public_rtmp_url: s.or("public_rtmp_url", "rtmp://127.0.0.1:1935".to_owned(), "an rtmp:// URL")?,
             public_srt_url: s.or("public_srt_url", "srt://127.0.0.1:4200".to_owned(), "an srt:// URL")?,

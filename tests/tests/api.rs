@@ -818,6 +818,39 @@ async fn sls_compatibility_shapes() {
     let r = api.call(Method::GET, "/api/stream-ids", None, None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     insta::assert_snapshot!("sls_401", r.text);
+    // OpenIRL's wording (slscore/SLSApiServer.cpp): a key it does not know, a body that is
+    // not JSON, a body without its two fields; CORS on every SLS route, 204 to a preflight.
+    let r = api.call(Method::GET, "/api/stream-ids", Some(&bearer("nosuchkey0123456789")), None).await;
+    assert_eq!((r.status, r.body["message"].as_str()), (StatusCode::UNAUTHORIZED, Some("Invalid API key")));
+    let r = api
+        .send(
+            Request::builder()
+                .method(Method::POST)
+                .uri("/api/stream-ids")
+                .header("authorization", &admin)
+                .header("content-type", "application/json")
+                .body(Body::from("{\"publisher\": "))
+                .unwrap(),
+        )
+        .await;
+    assert_eq!((r.status, r.body["message"].as_str()), (StatusCode::BAD_REQUEST, Some("Invalid JSON body")));
+    let r = api.call(Method::POST, "/api/stream-ids", Some(&admin), Some(json!({"player": "x"}))).await;
+    assert_eq!(r.body["message"], "Missing or invalid required fields: publisher, player", "{:?}", r.body);
+    let r =
+        api.send(Request::builder().method(Method::OPTIONS).uri("/api/stream-ids").body(Body::empty()).unwrap()).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    assert_eq!(r.headers["access-control-allow-origin"], "*");
+    assert_eq!(r.headers["access-control-allow-methods"], "GET, POST, DELETE, OPTIONS");
+    assert_eq!(api.call(Method::GET, "/stats/nobody", None, None).await.headers["access-control-allow-origin"], "*");
+    // `POST /api/keys {}`: SLS's defaults, a read key named "New API Key".
+    let r = api.call(Method::POST, "/api/keys", Some(&admin), Some(json!({}))).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let keys = api.admin(Method::GET, "/v1/keys", None).await;
+    assert!(
+        keys.body["keys"].as_array().unwrap().iter().any(|k| k["name"] == "New API Key" && k["role"] == "read"),
+        "{:?}",
+        keys.body
+    );
     let r = api
         .call(Method::POST, "/api/keys", Some(&admin), Some(json!({"name": "Frontend App", "permissions": "read"})))
         .await;

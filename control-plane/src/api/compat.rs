@@ -28,23 +28,67 @@ pub struct AmsResult<'a> {
     pub error_id: i32,
 }
 
-/// SRT Live Server's messages for the statuses its clients know.
-pub fn sls_message(problem: &Problem) -> String {
+/// SRT Live Server's message for an error, as OpenIRL's code words it
+/// (`slscore/SLSApiServer.cpp`): which 401 (no header, or a key it does not know), which 403
+/// (admin-only routes say so), and its two 400s for `POST /api/stream-ids`.
+pub fn sls_message(problem: &Problem, route: &SlsRoute) -> String {
+    const MISSING: &str = "Missing or invalid Authorization header";
     match problem.status {
-        StatusCode::UNAUTHORIZED => "Missing or invalid Authorization header".into(),
+        StatusCode::UNAUTHORIZED if problem.detail == MISSING => MISSING.into(),
+        StatusCode::UNAUTHORIZED => "Invalid API key".into(),
+        StatusCode::FORBIDDEN if route.admin_only => "Admin permissions required".into(),
         StatusCode::FORBIDDEN => "Insufficient permissions".into(),
         StatusCode::TOO_MANY_REQUESTS => "Rate limit exceeded".into(),
+        StatusCode::BAD_REQUEST if problem.detail.starts_with("malformed JSON") => "Invalid JSON body".into(),
+        StatusCode::BAD_REQUEST if route.stream_ids_post => {
+            "Missing or invalid required fields: publisher, player".into()
+        }
         _ => problem.detail.clone(),
     }
 }
 
+/// What of the request decides SLS's wording.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SlsRoute {
+    /// `DELETE /api/stream-ids/{id}` and `POST /api/keys`: admin's.
+    pub admin_only: bool,
+    pub stream_ids_post: bool,
+}
+
+/// OpenIRL's CORS on every SLS route (`setCorsHeaders`): the management UI and OBS overlays
+/// run in browsers.
+fn sls_cors(headers: &mut axum::http::HeaderMap, origin: &HeaderValue) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
+    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST, DELETE, OPTIONS"));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("Content-Type, Authorization"));
+}
+
 /// `{"status":"error","message":…}` with the original status and headers
-/// (`WWW-Authenticate`, `Retry-After`).
-pub async fn sls_envelope(req: Request, next: Next) -> Response {
-    let response = next.run(req).await;
-    let Some(problem) = response.extensions().get::<Problem>().cloned() else { return response };
-    let message = sls_message(&problem);
-    rewrap(response, Json(SlsMessage { status: "error", message: &message }))
+/// (`WWW-Authenticate`, `Retry-After`), and SLS's CORS headers (`SLUICE_SLS_CORS_ORIGIN`);
+/// `OPTIONS` (a browser's preflight) is 204 at once.
+pub async fn sls_envelope(
+    axum::extract::State(origin): axum::extract::State<HeaderValue>,
+    req: Request,
+    next: Next,
+) -> Response {
+    use axum::http::Method;
+    if req.method() == Method::OPTIONS {
+        let mut response = StatusCode::NO_CONTENT.into_response();
+        sls_cors(response.headers_mut(), &origin);
+        return response;
+    }
+    let path = req.uri().path();
+    let route = SlsRoute {
+        admin_only: req.method() == Method::DELETE || (req.method() == Method::POST && path == "/api/keys"),
+        stream_ids_post: req.method() == Method::POST && path == "/api/stream-ids",
+    };
+    let mut response = next.run(req).await;
+    if let Some(problem) = response.extensions().get::<Problem>().cloned() {
+        let message = sls_message(&problem, &route);
+        response = rewrap(response, Json(SlsMessage { status: "error", message: &message }));
+    }
+    sls_cors(response.headers_mut(), &origin);
+    response
 }
 
 /// Ant Media's `Result`: `{"success":false,"message":…,"dataId":null,"errorId":0}`.

@@ -271,6 +271,7 @@ async fn method_not_allowed(response: Response) -> Response {
 pub fn router(api: ApiState) -> Router {
     let settings = api.settings.clone();
     let (mut probes, mut native, mut sls, mut ams) = (Router::new(), Router::new(), Router::new(), Router::new());
+    let sls_origin = HeaderValue::from_str(&settings.sls_cors_origin).unwrap_or(HeaderValue::from_static("*"));
     for route in routes::table() {
         let group = match route.surface {
             Surface::Probe => &mut probes,
@@ -282,7 +283,7 @@ pub fn router(api: ApiState) -> Router {
     }
     let api_routes = Router::new()
         .merge(native)
-        .merge(sls.layer(middleware::from_fn(compat::sls_envelope)))
+        .merge(sls.layer(middleware::from_fn_with_state(sls_origin, compat::sls_envelope)))
         .merge(ams.layer(middleware::from_fn(compat::antmedia_envelope)))
         .fallback(|| async { ApiError::NotFound { what: "route", id: "this path".into() } })
         .layer(middleware::from_fn_with_state(api.clone(), digest_idempotent))

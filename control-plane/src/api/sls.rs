@@ -30,9 +30,20 @@ pub struct StreamId {
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewKey {
+    /// SLS's default when absent: "New API Key".
+    #[serde(default = "new_key_name")]
     pub name: String,
-    /// `admin`, `write` or `read`.
+    /// `admin`, `write` or `read` (SLS's default when absent: `read`).
+    #[serde(default = "read_role")]
     pub permissions: Role,
+}
+
+fn new_key_name() -> String {
+    "New API Key".to_owned()
+}
+
+fn read_role() -> Role {
+    Role::Read
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
