@@ -1,8 +1,6 @@
 //! First start on an empty log: an admin API key (generated and printed once, or taken from
 //! `SLUICE_BOOTSTRAP_ADMIN_KEY`) and the SLS app (registered names are the credential).
 
-use base64::Engine as _;
-use rand::RngCore;
 use sluice_events::{Command, Event, KeyId, Metadata, NewEvent, Policy, Role, Sha256Digest, Timestamp, handle};
 use uuid::Uuid;
 
@@ -21,11 +19,12 @@ pub enum Bootstrap {
     Created { key_id: KeyId, generated: Option<String> },
 }
 
-/// A new API key secret: 32 random bytes, URL-safe base64, with a recognisable prefix.
+/// A new API key secret: `sk` and 43 random letters and digits (256 bits), nothing else, so
+/// the tools that pick a key out of SRT Live Server's output with `[A-Za-z0-9]+` get all of it.
 pub fn generate_key_secret() -> String {
-    let mut bytes = [0u8; 32];
-    rand::rng().fill_bytes(&mut bytes);
-    format!("sk_{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+    use rand::Rng as _;
+    let body: String = rand::rng().sample_iter(rand::distr::Alphanumeric).take(43).map(char::from).collect();
+    format!("sk{body}")
 }
 
 pub async fn run(

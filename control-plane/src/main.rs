@@ -275,6 +275,8 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
             println!("==> First start: created admin API key {key_id}. Save it now; it is not shown again:");
             println!("    SLUICE_ADMIN_KEY={secret}");
             println!("    (use it as: Authorization: Bearer $SLUICE_ADMIN_KEY)");
+            // SRT Live Server's own line, which its deployment scripts read.
+            println!("Generated default admin API key: {secret}");
         }
         Bootstrap::Created { key_id, generated: None } => {
             println!("==> First start: admin API key {key_id} created from SLUICE_BOOTSTRAP_ADMIN_KEY");

@@ -73,7 +73,10 @@ async fn first_start_bootstraps_once_and_serves_health() {
     let (server, lines) = serve(&pg.url(), port, &[]);
     let key_line = lines.iter().find(|l| l.contains("SLUICE_ADMIN_KEY=")).expect("admin key printed on first start");
     let secret = key_line.trim().trim_start_matches("SLUICE_ADMIN_KEY=").to_owned();
-    assert!(secret.starts_with("sk_") && secret.len() > 40, "{secret}");
+    // Letters and digits only (tools extract SLS keys with `[A-Za-z0-9]+`), and SLS's own line.
+    assert!(secret.starts_with("sk") && secret.len() == 45, "{secret}");
+    assert!(secret.chars().all(|c| c.is_ascii_alphanumeric()), "{secret}");
+    assert!(lines.iter().any(|l| l.trim() == format!("Generated default admin API key: {secret}")), "{lines:?}");
 
     let (status, body) = http_get(port, "/health").unwrap();
     assert_eq!(status, 200);
