@@ -470,14 +470,20 @@ pub async fn explain(store: &EventStore, keyring: &Arc<Keyring>, id: Uuid) -> Re
     let (position, record, conflict_with) =
         find_with_conflict(store.pool(), id).await?.ok_or(ExplainError::NotFound(id))?;
     let request = record.request.reopen(id, keyring).map_err(|e| ExplainError::Sealed(e.to_string()))?;
-    let (state, from, replayed) = state_at(store, keyring, record.decision.position).await?;
-    let again = sluice_events::decide(&state, &request, record.decided_at);
     let recorded = verdict(&record.decision);
-    let replay = verdict(&again);
-    let matches = again.outcome == record.decision.outcome
-        && again.reason == record.decision.reason
-        && again.method == record.decision.method
-        && again.subject == record.decision.subject;
+    // A request that could not be read has nothing to replay: its record is its explanation.
+    let malformed = record.decision.reason == sluice_events::Reason::Malformed;
+    let (replay, matches, from, replayed) = if malformed {
+        (recorded.clone(), true, 0, 0)
+    } else {
+        let (state, from, replayed) = state_at(store, keyring, record.decision.position).await?;
+        let again = sluice_events::decide(&state, &request, record.decided_at);
+        let matches = again.outcome == record.decision.outcome
+            && again.reason == record.decision.reason
+            && again.method == record.decision.method
+            && again.subject == record.decision.subject;
+        (verdict(&again), matches, from, replayed)
+    };
     let d = &record.decision;
     let policy = format!("{} policy of app {}", request.action.as_str(), request.app);
     let mut rule = match (&d.outcome, d.method) {
@@ -490,6 +496,9 @@ pub async fn explain(store: &EventStore, keyring: &Arc<Keyring>, id: Uuid) -> Re
             format!("{policy}: no local method accepted; the webhook {url} was asked")
         }
         (_, Some(m)) => format!("{policy}: refused, {} ({})", d.reason.as_str(), m.as_str()),
+        (_, None) if malformed => "the request could not be read (a malformed streamid or name): refused, malformed; \
+             nothing of it is kept but the address, the protocol and the time"
+            .to_owned(),
         (_, None) => format!("{policy}: refused, {}", d.reason.as_str()),
     };
     if record.final_reason != d.reason {

@@ -261,6 +261,14 @@ pub struct Decider {
     pub sls_app: sluice_events::AppName,
 }
 
+/// What the shell concluded of a decision.
+struct Verdict {
+    allowed: bool,
+    final_reason: Reason,
+    webhook: Option<sluice_events::decision::WebhookAnswer>,
+    slot: Option<SlotScope>,
+}
+
 /// Refusals the media server adds to a decision (see `Decider::decide_with`).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Refuse {
@@ -332,18 +340,45 @@ impl Decider {
                 (answer.allowed, reason, Some(answer))
             }
         };
+        let verdict = Verdict { allowed, final_reason, webhook, slot: if allowed { slot } else { None } };
+        self.record(&req, decision, verdict, now).await
+    }
+
+    /// Records a request that could not be read (`Reason::Malformed`, under the app and stream
+    /// `-`): a misconfigured client shows in the audit (coalesced like any refusal) and in
+    /// `sluice_decisions_total{reason="malformed"}`.
+    pub async fn record_malformed(
+        &self,
+        action: sluice_events::Action,
+        protocol: sluice_events::Protocol,
+        client_ip: std::net::IpAddr,
+    ) -> Result<DecisionRecord, DecideError> {
+        let req = AccessRequest::malformed(uuid::Uuid::now_v7(), action, protocol, client_ip);
+        let decision = Decision::malformed(req.id, self.shared.position());
+        let verdict = Verdict { allowed: false, final_reason: Reason::Malformed, webhook: None, slot: None };
+        self.record(&req, decision, verdict, crate::clock::now()).await
+    }
+
+    /// The record of a decision, sealed, coalesced (a refusal) and spooled before it returns.
+    async fn record(
+        &self,
+        req: &AccessRequest,
+        decision: Decision,
+        verdict: Verdict,
+        now: sluice_events::Timestamp,
+    ) -> Result<DecisionRecord, DecideError> {
         let mut nonce = [0u8; 24];
         rand::rng().fill_bytes(&mut nonce);
         let mut record = DecisionRecord {
-            request: RecordedRequest::record(&req, self.keyring.current(), nonce),
+            request: RecordedRequest::record(req, self.keyring.current(), nonce),
             decision,
-            allowed,
-            final_reason,
+            allowed: verdict.allowed,
+            final_reason: verdict.final_reason,
             decided_at: now,
             node: Some(self.node.clone()),
-            webhook,
+            webhook: verdict.webhook,
             sequence: None,
-            publisher_slot: if allowed { slot } else { None },
+            publisher_slot: verdict.slot,
             repeats: None,
         };
         if self.refusals.offer(&mut record, std::time::Instant::now()) {

@@ -110,6 +110,10 @@ pub enum Reason {
     RateLimited,
     /// A play of a stream nobody publishes: the credential passed, nothing was claimed.
     NotLive,
+    /// The request could not be read (an empty or malformed streamid, a name with characters a
+    /// name cannot have): recorded so a misconfigured client shows in the audit, with
+    /// `MALFORMED_TARGET` for its app and stream.
+    Malformed,
 }
 
 impl Reason {
@@ -160,6 +164,7 @@ const REASON_CODES: &[&str] = &[
     "stream_busy",
     "rate_limited",
     "not_live",
+    "malformed",
 ];
 
 /// Something the shell must do for an `Allow` to hold (and record in the log).
@@ -195,6 +200,38 @@ pub struct Decision {
 impl Decision {
     pub fn is_allow(&self) -> bool {
         self.outcome == Outcome::Allow
+    }
+
+    /// The refusal of a request that could not be read, decided on the state at `position`.
+    pub fn malformed(id: Uuid, position: Position) -> Decision {
+        Decision {
+            id,
+            outcome: Outcome::Deny,
+            reason: Reason::Malformed,
+            method: None,
+            subject: None,
+            stream: malformed_target().1,
+            position,
+            effects: Vec::new(),
+        }
+    }
+}
+
+/// The app and stream a malformed request is recorded under: `-` and `-` (valid names, so the
+/// record reads back; nothing was readable of the real ones, and nothing of the raw text is
+/// kept: it may carry a credential).
+pub fn malformed_target() -> (AppName, StreamName) {
+    (
+        AppName::parse("-").unwrap_or_else(|_| unreachable!("`-` is a valid app name")),
+        StreamName::parse("-").unwrap_or_else(|_| unreachable!("`-` is a valid stream name")),
+    )
+}
+
+impl AccessRequest {
+    /// A request that could not be read, from `client_ip`, for the audit.
+    pub fn malformed(id: Uuid, action: Action, protocol: Protocol, client_ip: IpAddr) -> AccessRequest {
+        let (app, stream) = malformed_target();
+        AccessRequest { id, app, stream, action, protocol, client_ip, credential: Credential::default() }
     }
 }
 

@@ -73,6 +73,26 @@ async fn the_urls_people_already_type_are_decided_as_they_mean() {
     assert_eq!(reject_code(w.srt, "cam").await, 0);
     assert_eq!(reject_code(w.srt, "live/sec-4f1c9e").await, 1409, "the publish name publishes: busy");
 
+    // What cannot be read is refused 1400 and recorded (`malformed`, under `-`/`-`), with
+    // nothing of the raw streamid kept; explain has nothing to replay.
+    assert_eq!(reject_code(w.srt, "#!::m=publish,t=secret-in-a-bad-streamid").await, 1400);
+    let malformed = || async {
+        let (_, body) = get(&http, format!("http://127.0.0.1:{}/v1/decisions?reason=malformed", plane.cp)).await;
+        body["decisions"].as_array().cloned().unwrap_or_default()
+    };
+    until("the malformed request is in the log", || async { !malformed().await.is_empty() }).await;
+    let row = malformed().await[0].clone();
+    assert_eq!(
+        (row["app"].as_str(), row["stream"].as_str(), row["allowed"].as_bool()),
+        (Some("-"), Some("-"), Some(false))
+    );
+    let (_, explained) =
+        get(&http, format!("http://127.0.0.1:{}/v1/decisions/{}/explain", plane.cp, row["id"].as_str().unwrap())).await;
+    assert_eq!(explained["matches"], true, "{explained}");
+    assert!(explained["rule"].as_str().unwrap().contains("could not be read"), "{explained}");
+    let records = decision_records(&plane.store, "w1").await;
+    assert!(!format!("{records:?}").contains("secret-in-a-bad-streamid"), "the raw streamid is not kept");
+
     // RTMP with the credential on the connect URL (the app's query), as OBS sends it with the
     // token in its Server field: ffmpeg's -rtmp_app sets exactly that.
     let mut rtmp = std::process::Command::new("ffmpeg")

@@ -277,11 +277,21 @@ impl Conn {
         false
     }
 
+    /// Has a request that could not be read recorded (`Reason::Malformed`), without waiting.
+    fn record_malformed(&self, action: Action) {
+        let request =
+            AccessRequest::malformed(uuid::Uuid::now_v7(), action, sluice_events::Protocol::Rtmp, self.peer.ip());
+        let (reply, _) = oneshot::channel();
+        if self.ctx.jobs.try_send(AdmitJob { request, live: false, malformed: true, reply }).is_err() {
+            tracing::debug!(peer = %self.peer, "a malformed request was not recorded: the admission queue is full");
+        }
+    }
+
     /// The worker's admission step, on the tokio thread.
     async fn admit(&self, request: AccessRequest) -> Result<Admitted, Refusal> {
         let (reply, answer) = oneshot::channel();
         let live = request.action == Action::Publish || self.ctx.live(&(request.app.clone(), request.stream.clone()));
-        if self.ctx.jobs.try_send(AdmitJob { request, live, reply }).is_err() {
+        if self.ctx.jobs.try_send(AdmitJob { request, live, malformed: false, reply }).is_err() {
             return Err(Refusal::Unavailable("the admission queue is full".to_owned()));
         }
         answer.await.unwrap_or_else(|_| Err(Refusal::Unavailable("the admission step stopped".to_owned())))
@@ -332,7 +342,10 @@ impl Conn {
         }
         let req = match self.request(app, stream_key, Action::Publish) {
             Ok(r) => r,
-            Err(e) => return self.refuse(request_id, PUBLISH_STREAM, BAD_NAME, &format!("malformed: {e}")),
+            Err(e) => {
+                self.record_malformed(Action::Publish);
+                return self.refuse(request_id, PUBLISH_STREAM, BAD_NAME, &format!("malformed: {e}"));
+            }
         };
         let admitted = match self.admit(req).await {
             Ok(a) => a,
@@ -375,7 +388,10 @@ impl Conn {
         }
         let req = match self.request(app, stream_key, Action::Play) {
             Ok(r) => r,
-            Err(e) => return self.refuse(request_id, stream_id, "NetStream.Play.Failed", &format!("malformed: {e}")),
+            Err(e) => {
+                self.record_malformed(Action::Play);
+                return self.refuse(request_id, stream_id, "NetStream.Play.Failed", &format!("malformed: {e}"));
+            }
         };
         let Admitted { key, session, .. } = match self.admit(req).await {
             Ok(a) => a,

@@ -65,6 +65,8 @@ pub struct AdmitJob {
     pub request: AccessRequest,
     /// For a play: whether the stream is live on some media thread of this worker.
     pub live: bool,
+    /// The request could not be read: only recorded (`Decider::record_malformed`), refused.
+    pub malformed: bool,
     pub reply: oneshot::Sender<Result<Admitted, Refusal>>,
 }
 
@@ -73,7 +75,16 @@ pub async fn serve_admissions(admission: Admission, mut jobs: mpsc::Receiver<Adm
     while let Some(job) = jobs.recv().await {
         let admission = admission.clone();
         tokio::spawn(async move {
-            let _ = job.reply.send(admission.admit(job.request, job.live).await);
+            let r = &job.request;
+            let answer = if job.malformed {
+                match admission.decider.record_malformed(r.action, r.protocol, r.client_ip).await {
+                    Ok(record) => Err(Refusal::Refused(Box::new(record))),
+                    Err(e) => Err(Refusal::Unavailable(e.to_string())),
+                }
+            } else {
+                admission.admit(job.request, job.live).await
+            };
+            let _ = job.reply.send(answer);
         });
     }
 }

@@ -131,6 +131,10 @@ async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "SRT streamid refused");
+            // Recorded, so a misconfigured caller shows in the audit (coalesced when it retries).
+            if let Err(e) = admission.decider.record_malformed(Action::Play, Protocol::Srt, peer.ip()).await {
+                tracing::debug!(%peer, error = %e, "a malformed SRT request was not recorded");
+            }
             let _ = request.reject(RejectReason::Server(ServerRejectReason::BadRequest)).await;
             return;
         }
