@@ -44,6 +44,7 @@ const KNOWN: &[&str] = &[
     "anchor_file",
     "anchor_every_secs",
     "jwks_refresh_secs",
+    "jwks_kid_refetch_secs",
 ];
 
 /// A comma-separated list (a TOML array works too), e.g. `127.0.0.1/32,::1/128`.
@@ -197,6 +198,8 @@ pub struct Config {
     pub anchor_every_secs: u64,
     /// How often an app's stream-JWT JWKS (`policy.jwt.jwks_url`) is fetched again.
     pub jwks_refresh_secs: u64,
+    /// The shortest time between two early fetches caused by a JWT with an unknown `kid`.
+    pub jwks_kid_refetch_secs: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -217,6 +220,7 @@ impl std::fmt::Debug for Config {
             .field("anchor_file", &self.anchor_file)
             .field("anchor_every_secs", &self.anchor_every_secs)
             .field("jwks_refresh_secs", &self.jwks_refresh_secs)
+            .field("jwks_kid_refetch_secs", &self.jwks_kid_refetch_secs)
             .finish_non_exhaustive()
     }
 }
@@ -267,6 +271,7 @@ impl Config {
             anchor_file: s.optional("anchor_file", "a file path")?,
             anchor_every_secs: s.or("anchor_every_secs", 10, "seconds")?.max(1),
             jwks_refresh_secs: s.or("jwks_refresh_secs", 300, "seconds")?.max(1),
+            jwks_kid_refetch_secs: s.or("jwks_kid_refetch_secs", 60, "seconds")?.max(1),
         })
     }
 

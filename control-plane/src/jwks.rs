@@ -104,9 +104,39 @@ fn public_only(set: &serde_json::Value) -> serde_json::Value {
     serde_json::json!({ "keys": keys })
 }
 
-/// Keeps every app's JWKS fresh until the process ends.
-pub async fn run(writer: Writer, status: std::sync::Arc<JwksStatus>, every: Duration, allow: WebhookAllowList) {
+/// Apps whose workers met a JWT with a `kid` their key set lacks since `after` (decisions
+/// refused `jwt_key_unknown`, from the decisions read model), and the last position seen.
+async fn unknown_kids(pool: &sqlx::PgPool, after: i64) -> Result<(Vec<String>, i64), sqlx::Error> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT position, app FROM decisions WHERE reason = 'jwt_key_unknown' AND position > $1 ORDER BY position LIMIT 1000",
+    )
+    .bind(after)
+    .fetch_all(pool)
+    .await?;
+    let last = rows.last().map_or(after, |(p, _)| *p);
+    Ok((rows.into_iter().map(|(_, app)| app).collect(), last))
+}
+
+/// Keeps every app's JWKS fresh until the process ends: at start, when the URL changes, every
+/// `every`, and early (at most once a minute) when a worker refused a JWT for an unknown `kid`
+/// (a key rotated in before the next period).
+/// `kid_refetch`: the shortest time between two fetches an unknown `kid` may cause.
+pub async fn run(
+    writer: Writer,
+    status: std::sync::Arc<JwksStatus>,
+    every: Duration,
+    kid_refetch: Duration,
+    allow: WebhookAllowList,
+) {
+    let pool = writer.store().pool().clone();
+    let mut seen: i64 =
+        sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM decisions").fetch_one(&pool).await.unwrap_or(0);
     loop {
+        let mut early: Vec<String> = Vec::new();
+        match unknown_kids(&pool, seen).await {
+            Ok((apps, last)) => (early, seen) = (apps, last),
+            Err(e) => tracing::debug!(error = %e, "JWKS: cannot read the decisions read model"),
+        }
         let state = writer.projection().current();
         let wanted: Vec<(AppName, String)> = state
             .apps
@@ -116,8 +146,11 @@ pub async fn run(writer: Writer, status: std::sync::Arc<JwksStatus>, every: Dura
         for (app, url) in wanted {
             let due = {
                 let apps = status.apps.lock().unwrap_or_else(|p| p.into_inner());
+                let unknown_kid = early.iter().any(|a| a == app.as_str());
                 match apps.get(&app) {
-                    Some((view, Some(at))) => view.url != url || at.elapsed() >= every,
+                    Some((view, Some(at))) => {
+                        view.url != url || at.elapsed() >= every || (unknown_kid && at.elapsed() >= kid_refetch)
+                    }
                     _ => true,
                 }
             };

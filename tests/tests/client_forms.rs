@@ -231,3 +231,72 @@ async fn pipelined_rtmp_commands_are_served_in_order() {
     })
     .await;
 }
+
+/// Stream JWTs from a JWKS, end to end (issue #17): a key rotated in at the identity provider
+/// is fetched early when a worker meets a JWT with its unknown `kid` (at most once per
+/// `SLUICE_JWKS_KID_REFETCH_SECS`), not only at the next period (an hour here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_with_an_unknown_kid_makes_the_control_plane_refetch_the_jwks() {
+    use serde_json::Value;
+    let full: Value = serde_json::from_str(include_str!("../../events/tests/fixtures/jwks.json")).unwrap();
+    let ec_only = json!({"keys": full["keys"].as_array().unwrap().iter().filter(|k| k["kty"] == "EC").cloned().collect::<Vec<_>>()});
+    let served = std::sync::Arc::new(std::sync::Mutex::new(ec_only));
+    let idp = {
+        let served = served.clone();
+        axum::Router::new().route(
+            "/jwks.json",
+            axum::routing::get(move || {
+                let body = served.lock().unwrap().clone();
+                async move { axum::Json(body) }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks.json", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, idp).await.unwrap() });
+
+    let pg = sluice_tests::Postgres::start().unwrap();
+    let db = pg.create_database("kid").await.unwrap();
+    let nats = sluice_tests::Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = sluice_control_plane::EventStore::start(sluice_control_plane::connect(&db).await.unwrap());
+    let cp = sluice_tests::free_port();
+    let settings = [("SLUICE_JWKS_REFRESH_SECS", "3600"), ("SLUICE_JWKS_KID_REFETCH_SECS", "1")];
+    let control = control_with(&db, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"), &settings);
+    let plane = Plane { pg, url: db, nats, dir, http: reqwest::Client::new(), store, cp, control };
+    let http = plane.http.clone();
+    let policy = json!({"publish": {"methods": ["jwt"]}, "play": {"methods": ["open"]}, "jwt": {"jwks_url": url}});
+    post(&http, cp, "/v1/apps", json!({"name": "jw", "policy": policy})).await;
+    until("the first set is fetched", || async {
+        get(&http, format!("http://127.0.0.1:{cp}/v1/apps/jw")).await.1["jwks"]["keys"] == 1
+    })
+    .await;
+    let w = media_worker(&plane, "w1", &[("SLUICE_FAILURE_BACKOFF_AFTER", "0")]);
+    ready_at_head(&http, &plane.store, w.admin).await;
+
+    // The identity provider rotates the RSA key in; the control plane would see it in an hour.
+    *served.lock().unwrap() = full;
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some("rsa-1".into());
+    let claims = json!({"sub": "enc-1", "app": "jw", "stream": "cam", "action": "publish", "exp": 4_102_444_800i64});
+    let key = jsonwebtoken::EncodingKey::from_rsa_der(include_bytes!("../../events/tests/fixtures/rsa.der"));
+    let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    let decide = || {
+        let http = http.clone();
+        let body = json!({"app": "jw", "stream": format!("cam?token={token}"), "action": "publish", "client_ip": "203.0.113.9"});
+        async move {
+            let r = http
+                .post(format!("http://127.0.0.1:{}/v1/decide", w.admin))
+                .bearer_auth(NODE_SECRET)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            r.json::<Value>().await.unwrap()["reason"].as_str().unwrap_or_default().to_owned()
+        }
+    };
+    assert_eq!(decide().await, "jwt_key_unknown");
+    // That refusal reaches the control plane, which fetches the set again; the worker learns
+    // the new key through the log.
+    until("the rotated key is admitted", || async { decide().await == "allowed" }).await;
+}

@@ -95,6 +95,7 @@ impl ApiState {
                 writer.clone(),
                 jwks.clone(),
                 Duration::from_secs(config.jwks_refresh_secs.max(1)),
+                Duration::from_secs(config.jwks_kid_refetch_secs.max(1)),
                 settings.webhook_allowed.clone(),
             ),
         );
