@@ -1003,6 +1003,20 @@ async fn antmedia_compatibility_shapes() {
         .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.body["success"], false);
+    // Seed 004's "mysecret" is 5 bytes: Sluice keeps RFC 4226's 128-bit floor (a deliberate
+    // difference from Ant Media, which takes it), and says so.
+    assert!(r.body["message"].as_str().unwrap().contains("16 bytes"), "{:?}", r.body);
+    // Ant's own members are accepted as its clients send them back; `b32Secret` is generated
+    // when absent; a `streamId` naming another stream is refused.
+    let ant = json!({"subscriberId": "c", "streamId": "stream1", "subscriberName": "Cam C", "type": "play",
+                     "connected": false, "currentConcurrentConnections": 0, "concurrentConnectionsLimit": 1});
+    let r = api.call(Method::POST, "/LiveApp/rest/v2/broadcasts/stream1/subscribers", Some(&admin), Some(ant)).await;
+    assert_eq!((r.status, r.body["success"].as_bool()), (StatusCode::OK, Some(true)), "{:?}", r.body);
+    let other = json!({"subscriberId": "d", "streamId": "stream2"});
+    let r = api.call(Method::POST, "/LiveApp/rest/v2/broadcasts/stream1/subscribers", Some(&admin), Some(other)).await;
+    assert_eq!((r.status, r.body["success"].as_bool()), (StatusCode::BAD_REQUEST, Some(false)), "{:?}", r.body);
+    let r = api.call(Method::DELETE, "/LiveApp/rest/v2/broadcasts/stream1/subscribers/c", Some(&admin), None).await;
+    assert_eq!(r.body["success"], true);
     let r =
         api.call(Method::GET, "/LiveApp/rest/v2/broadcasts/stream1/subscribers/list/0/10", Some(&admin), None).await;
     insta::assert_snapshot!("ams_subscribers", r.text);

@@ -30,11 +30,26 @@ use super::{ApiState, Ctx, now, random};
 #[serde(rename_all = "camelCase")]
 pub struct AmsSubscriber {
     pub subscriber_id: String,
+    /// Generated when absent, as Ant Media does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub b32_secret: Option<String>,
     /// `publish` or `play`.
     #[serde(default, skip_serializing_if = "Option::is_none", rename = "type")]
     pub kind: Option<Action>,
+    /// Ant Media's own members of `Subscriber`, which its clients send back as they got them:
+    /// `streamId` must name the path's stream; the others are Ant's bookkeeping and are ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscriber_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_concurrent_connections: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_connections_limit: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<serde_json::Value>,
 }
 
 fn success() -> Json<AmsResult<'static>> {
@@ -145,8 +160,12 @@ pub(super) async fn add(
     let (app, stream) = names(&app, &stream)?;
     let id = sluice_events::SubscriberId::parse(&req.subscriber_id)
         .map_err(|e| ApiError::invalid("subscriberId", e.to_string()))?;
-    let secret = req.b32_secret.as_deref().ok_or_else(|| ApiError::invalid("b32Secret", "required"))?;
-    add_subscriber(&api, &ctx, &app, &stream, &id, req.kind, Some(secret)).await?;
+    if let Some(named) = &req.stream_id
+        && named != stream.as_str()
+    {
+        return Err(ApiError::invalid("streamId", format!("names {named:?}, not the path's stream {stream:?}")));
+    }
+    add_subscriber(&api, &ctx, &app, &stream, &id, req.kind, req.b32_secret.as_deref()).await?;
     Ok(success())
 }
 
