@@ -65,10 +65,16 @@ ensure_schemathesis() {
 }
 
 # The real media clients of the end-to-end tests: ffmpeg (RTMP/SRT publisher and player),
-# srt-tools (srt-live-transmit) and rtmpdump (librtmp's player).
+# srt-tools (srt-live-transmit), rtmpdump (librtmp's player) and GStreamer.
 ensure_media_clients() {
   if ! command -v ffmpeg >/dev/null || ! command -v srt-live-transmit >/dev/null || ! command -v rtmpdump >/dev/null; then
     apt_install ffmpeg srt-tools rtmpdump
+  fi
+  # GStreamer 1.22: rtmp2sink/rtmp2src, srtsink (plugins-bad), x264enc (plugins-ugly).
+  if ! command -v gst-launch-1.0 >/dev/null || ! gst-inspect-1.0 rtmp2sink >/dev/null 2>&1 \
+    || ! gst-inspect-1.0 x264enc >/dev/null 2>&1; then
+    apt_install gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+      gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
   fi
 }
 

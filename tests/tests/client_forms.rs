@@ -300,3 +300,67 @@ async fn a_jwt_with_an_unknown_kid_makes_the_control_plane_refetch_the_jwks() {
     // the new key through the log.
     until("the rotated key is admitted", || async { decide().await == "allowed" }).await;
 }
+
+/// GStreamer 1.22 as a user runs it (issue #17): `rtmp2sink` publishes with the token in the
+/// URL and `rtmp2src` plays; `srtsink` publishes with the access-control streamid, which a
+/// GStreamer URI must percent-encode (`#` starts a fragment); a refused `rtmp2sink` ends with an
+/// error rather than waiting for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gstreamer_publishes_and_plays_over_rtmp_and_srt() {
+    let plane = Plane::start("gstreamer").await;
+    let http = plane.http.clone();
+    let gated = json!({"publish": {"methods": ["one_time_token"]}, "play": {"methods": ["open"]}});
+    post(&http, plane.cp, "/v1/apps", json!({"name": "gst", "policy": gated})).await;
+    let token = |stream: &'static str| {
+        let http = http.clone();
+        let cp = plane.cp;
+        async move {
+            let t =
+                post(&http, cp, &format!("/v1/apps/gst/streams/{stream}/tokens"), json!({"action": "publish"})).await;
+            t["token"].as_str().unwrap().to_owned()
+        }
+    };
+    let (rtmp_token, srt_token) = (token("rtmp1").await, token("srt1").await);
+    let w = media_worker(&plane, "w1", &[("SLUICE_FAILURE_BACKOFF_AFTER", "0")]);
+    ready_at_head(&http, &plane.store, w.admin).await;
+    let source = "videotestsrc is-live=true num-buffers=450 ! video/x-raw,width=320,height=240,framerate=15/1 ! \
+                  x264enc tune=zerolatency speed-preset=ultrafast key-int-max=15";
+    let launch = |pipeline: String| {
+        std::process::Command::new("gst-launch-1.0")
+            .args(pipeline.split_whitespace())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // RTMP: publish with the token, play it back.
+    let rtmp_url = format!("rtmp://127.0.0.1:{}/gst/rtmp1?token={rtmp_token}", w.rtmp);
+    let mut publisher = launch(format!("{source} ! flvmux streamable=true ! rtmp2sink location={rtmp_url}"));
+    until_live(&http, plane.cp, "gst", "rtmp1").await;
+    let play = format!("rtmp2src location=rtmp://127.0.0.1:{}/gst/rtmp1 num-buffers=30 ! fakesink", w.rtmp);
+    let played = tokio::task::spawn_blocking(move || wait_bounded(launch(play), std::time::Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert!(played.as_ref().is_some_and(|o| o.status.success()), "rtmp2src played: {played:?}");
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    // A refused publish (a wrong token) ends with an error, and says why.
+    let refused = format!(
+        "{source} ! flvmux streamable=true ! rtmp2sink location=rtmp://127.0.0.1:{}/gst/rtmp2?token=guess",
+        w.rtmp
+    );
+    let out = tokio::task::spawn_blocking(move || wait_bounded(launch(refused), std::time::Duration::from_secs(20)))
+        .await
+        .unwrap()
+        .expect("a refused rtmp2sink ends");
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // rtmp2sink prints the status it got: "Failed to connect: publish denied; …
+    // "description": "token_not_found", "code": "NetStream.Publish.BadName"".
+    assert!(!out.status.success() && said.contains("token_not_found"), "{said}");
+    // SRT: srtsink with the access-control streamid, percent-encoded in the URI.
+    let sid = format!("%23!%3A%3Ar%3Dgst%2Fsrt1%2Cm%3Dpublish%2Ct%3D{srt_token}");
+    let mut srt = launch(format!("{source} ! mpegtsmux ! srtsink uri=srt://127.0.0.1:{}?streamid={sid}", w.srt));
+    until_live(&http, plane.cp, "gst", "srt1").await;
+    let _ = srt.kill();
+    let _ = srt.wait();
+}
