@@ -151,6 +151,11 @@ impl ApiSettings {
             let v: u32 = s.or(key, default, "a positive number of requests per minute")?;
             if v == 0 { Err(s.invalid(key, "a positive number of requests per minute")) } else { Ok(v) }
         };
+        let sls_cors_origin: String = s.or("sls_cors_origin", "*".to_owned(), "an origin or *")?;
+        let sls_cors_origin = sls_cors_origin.trim().to_owned();
+        if sls_cors_origin.is_empty() || !sls_cors_origin.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(s.invalid("sls_cors_origin", "an origin or *"));
+        }
         Ok(ApiSettings {
             admin_user,
             jwt_secret: jwt_secret.map(sluice_events::SecretString::new),
@@ -166,7 +171,7 @@ impl ApiSettings {
             max_body_bytes: s.or("max_body_bytes", 64 * 1024, "a size in bytes")?,
             request_timeout_ms: s.or("request_timeout_ms", 10_000, "milliseconds")?,
             cors_allowed_origins: s.or("cors_allowed_origins", List(vec![]), "comma-separated origins or *")?.0,
-            sls_cors_origin: s.or("sls_cors_origin", "*".to_owned(), "an origin or *")?,
+            sls_cors_origin,
             content_security_policy: s.optional("content_security_policy", "a Content-Security-Policy value")?,
             public_rtmp_url: s.or("public_rtmp_url", "rtmp://127.0.0.1:1935".to_owned(), "an rtmp:// URL")?,
             public_srt_url: s.or("public_srt_url", "srt://127.0.0.1:4200".to_owned(), "an srt:// URL")?,
@@ -336,7 +341,21 @@ mod tests {
         assert!(err.starts_with("invalid setting SLUICE_WEBHOOK_ALLOWED") && !err.contains("not a host"), "{err}");
         let err = base(("SLUICE_API_JWT_LEEWAY_SECS", "-1")).unwrap_err().to_string();
         assert!(err.starts_with("invalid setting SLUICE_API_JWT_LEEWAY_SECS"), "{err}");
+        for (var, bad) in [
+            ("SLUICE_SLS_CORS_ORIGIN", "two words"),
+            ("SLUICE_ANCHOR_EVERY_SECS", "often"),
+            ("SLUICE_JWKS_REFRESH_SECS", "-5"),
+            ("SLUICE_JWKS_KID_REFETCH_SECS", "x"),
+        ] {
+            let err = base((var, bad)).unwrap_err().to_string();
+            assert!(err.starts_with(&format!("invalid setting {var}")), "{err}");
+        }
+        assert_eq!(
+            base(("SLUICE_SLS_CORS_ORIGIN", "https://ui.example")).unwrap().api.sls_cors_origin,
+            "https://ui.example"
+        );
         let c = base(("SLUICE_WEBHOOK_ALLOWED", "127.0.0.1")).unwrap();
+        assert_eq!((c.api.sls_cors_origin.as_str(), c.anchor_every_secs, c.jwks_kid_refetch_secs), ("*", 10, 60));
         assert!(c.api.webhook_allowed.allows("x", "127.0.0.1".parse().unwrap()));
         assert_eq!(c.api.jwt_leeway_secs, 5);
     }

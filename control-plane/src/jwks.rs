@@ -50,18 +50,8 @@ impl JwksStatus {
 /// to the one checked.
 async fn fetch(url: &str, allow: &WebhookAllowList) -> Result<serde_json::Value, String> {
     let (host, port) = url_host_port(url).ok_or("expected http(s)://host[:port]/…")?;
-    let lookup = tokio::time::timeout(Duration::from_secs(3), tokio::net::lookup_host((host.as_str(), port)));
-    let addresses: Vec<std::net::SocketAddr> = match lookup.await {
-        Ok(Ok(found)) => found.collect(),
-        _ => return Err(format!("{host} does not resolve")),
-    };
-    let first = *addresses.first().ok_or_else(|| format!("{host} does not resolve"))?;
-    if let Some(bad) = addresses.iter().find(|a| !allow.allows(&host, a.ip())) {
-        return Err(format!(
-            "{host} resolves to {}, an internal address; list it in SLUICE_WEBHOOK_ALLOWED to allow it",
-            bad.ip()
-        ));
-    }
+    let addresses = crate::outbound::resolve_allowed(&host, port, allow).await.map_err(|e| format!("{host} {e}"))?;
+    let first = addresses[0];
     let client = reqwest::Client::builder()
         .resolve(&host, first)
         .redirect(reqwest::redirect::Policy::none())

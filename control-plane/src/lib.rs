@@ -13,6 +13,7 @@ pub mod decisions;
 pub mod ingest;
 pub mod jwks;
 pub mod nodes;
+pub mod outbound;
 pub mod projection;
 pub mod relay;
 pub mod store;

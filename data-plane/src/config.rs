@@ -246,6 +246,8 @@ mod tests {
             ("SLUICE_NODE_SECRET", "short"),
             ("SLUICE_NODE_SECRET_FILE", "/nonexistent/secret"),
             ("SLUICE_PROBE_LISTEN", "probes"),
+            ("SLUICE_REFUSAL_WINDOW_MS", "a second"),
+            ("SLUICE_SLS_APP", "no/slash"),
         ] {
             let err = Config::load(None, env(&[("SLUICE_SEALING_KEY", KEY), (var, bad)])).unwrap_err().to_string();
             assert!(err.starts_with(&format!("invalid setting {var}")) && !err.contains(bad), "{err}");

@@ -51,7 +51,7 @@ pub struct Guard {
     /// Tokens admitted while NATS was unreachable, to claim once it is back.
     unreconciled: Mutex<Vec<(String, Uuid)>>,
     /// This node's claims on disk (none in unit tests): they survive a restart.
-    claims: Option<crate::claims::ClaimLog>,
+    claims: Option<Arc<crate::claims::ClaimLog>>,
     /// Tokens admitted here offline that another worker had also admitted
     /// (`sluice_one_time_conflicts_total`).
     pub conflicts: std::sync::atomic::AtomicU64,
@@ -80,21 +80,25 @@ impl Guard {
         Guard {
             local: Mutex::new(local),
             unreconciled: Mutex::new(loaded.unreconciled),
-            claims: Some(log),
+            claims: Some(Arc::new(log)),
             ..Guard::new(client)
         }
     }
 
-    /// Writes a claim to disk; false if it could not be made durable.
-    fn persist(&self, key: &str, decision: Uuid, local: bool) -> bool {
-        let Some(log) = &self.claims else { return true };
-        match log.claimed(key, decision, crate::clock::now().0, local) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::error!(error = %e, path = %log.path().display(), "a claim could not be written to disk");
-                false
+    /// Writes a claim to disk (write and fsync off the async threads); the answer, when
+    /// awaited, says whether it is durable.
+    fn persist(&self, key: &str, decision: Uuid, local: bool) -> tokio::task::JoinHandle<bool> {
+        let (log, key) = (self.claims.clone(), key.to_owned());
+        tokio::task::spawn_blocking(move || {
+            let Some(log) = log else { return true };
+            match log.claimed(&key, decision, crate::clock::now().0, local) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::error!(error = %e, path = %log.path().display(), "a claim could not be written to disk");
+                    false
+                }
             }
-        }
+        })
     }
 
     fn persist_reconciled(&self, key: &str) {
@@ -136,12 +140,25 @@ impl Guard {
         self.local.lock().unwrap_or_else(|p| p.into_inner()).contains_key(key)
     }
 
-    fn remember(&self, key: &str) {
+    /// Marks `key` used here; false if it already was.
+    fn take(&self, key: &str) -> bool {
         let mut local = self.local.lock().unwrap_or_else(|p| p.into_inner());
+        if local.contains_key(key) {
+            return false;
+        }
         if local.len() > 100_000 {
             local.retain(|k, at| k.starts_with("t.") || at.elapsed() < STEP_MEMORY);
         }
         local.insert(key.to_owned(), Instant::now());
+        true
+    }
+
+    fn forget(&self, key: &str) {
+        self.local.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+
+    fn remember(&self, key: &str) {
+        self.take(key);
     }
 
     /// Claims `key` for `decision`: first use wins, across every worker.
@@ -161,8 +178,9 @@ impl Guard {
         match tokio::time::timeout(CLAIM_TIMEOUT, &mut attempt).await {
             Ok(Ok(Ok(_))) => {
                 self.remember(key);
-                // KV holds it too; the copy on disk covers a restart while NATS is away.
-                self.persist(key, decision, false);
+                // KV holds it: the copy on disk (for a restart while NATS is away) is written in
+                // the background, off the decision's path.
+                drop(self.persist(key, decision, false));
                 Claim::Claimed
             }
             Ok(Ok(Err(e))) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
@@ -193,15 +211,18 @@ impl Guard {
 
     /// Admits `key` on this node only (NATS unreachable, the app allows it). The claim is on
     /// disk before it answers; a token claim that cannot be written is `Unavailable`.
-    pub fn claim_locally(&self, key: &str, decision: Uuid) -> Claim {
-        if self.used_here(key) {
+    pub async fn claim_locally(&self, key: &str, decision: Uuid) -> Claim {
+        // Taken in memory at once (check and insert under one lock), so a concurrent attempt on
+        // this node is `Used` even while the disk write is under way.
+        if !self.take(key) {
             return Claim::Used;
         }
         let token = key.starts_with("t.");
-        if !self.persist(key, decision, token) && token {
+        let durable = self.persist(key, decision, token).await.unwrap_or(false);
+        if !durable && token {
+            self.forget(key);
             return Claim::Unavailable;
         }
-        self.remember(key);
         if token {
             self.unreconciled.lock().unwrap_or_else(|p| p.into_inner()).push((key.to_owned(), decision));
         }
@@ -400,7 +421,7 @@ impl Decider {
                         Claim::Used => return Some(Reason::TokenConsumed),
                         Claim::Unavailable => match offline {
                             OfflineOneTime::Deny => return Some(Reason::OneTimeUnavailable),
-                            OfflineOneTime::AllowLocal => match self.guard.claim_locally(&key, req.id) {
+                            OfflineOneTime::AllowLocal => match self.guard.claim_locally(&key, req.id).await {
                                 Claim::Claimed => {}
                                 Claim::Used => return Some(Reason::TokenConsumed),
                                 Claim::Unavailable => return Some(Reason::OneTimeUnavailable),
@@ -412,7 +433,7 @@ impl Decider {
                     let key =
                         dist::used_step_key(req.app.as_str(), decision.stream.as_str(), subscriber_id.as_str(), *step);
                     let claim = match self.guard.claim(&key, req.id).await {
-                        Claim::Unavailable => self.guard.claim_locally(&key, req.id),
+                        Claim::Unavailable => self.guard.claim_locally(&key, req.id).await,
                         c => c,
                     };
                     if claim == Claim::Used {

@@ -342,7 +342,8 @@ async fn stream_jwts_are_verified_from_the_apps_jwks() {
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let jwks_view = || async { api.admin(Method::GET, "/v1/apps/live2", None).await.body["jwks"].clone() };
     let poll = |want: fn(&Value) -> bool| async move {
-        for _ in 0..100 {
+        // Up to 30 s: the fetch runs every second, but a loaded machine may be slow.
+        for _ in 0..300 {
             let v = jwks_view().await;
             if want(&v) {
                 return v;
@@ -1083,6 +1084,18 @@ async fn idempotency_keys_apply_a_retried_post_once() {
         .body(Body::from(json!({"name": "other"}).to_string()))
         .unwrap();
     assert_eq!(api.send(other_path).await.status, StatusCode::CREATED, "keys are scoped by method and path");
+    // A body over the limit under a key: 413 problem+json before anything is digested or written.
+    let huge = Request::builder()
+        .method(Method::POST)
+        .uri("/v1/apps")
+        .header("authorization", bearer(ADMIN))
+        .header("content-type", "application/json")
+        .header("idempotency-key", "big-1")
+        .body(Body::from(vec![b' '; 200 * 1024]))
+        .unwrap();
+    let r = api.send(huge).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.headers["content-type"], "application/problem+json");
     // A replayed key creation never hands out a secret that was not the one stored.
     let key = |path: &'static str, body: Value| {
         Request::builder()

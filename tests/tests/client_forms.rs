@@ -25,11 +25,6 @@ async fn srt_publisher(port: u16, streamid: &str) -> tokio::task::JoinHandle<()>
     })
 }
 
-async fn live_streams(http: &reqwest::Client, admin: u16) -> u64 {
-    let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix("sluice_live_streams ")).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_urls_people_already_type_are_decided_as_they_mean() {
     let plane = Plane::start("forms").await;
@@ -41,23 +36,18 @@ async fn the_urls_people_already_type_are_decided_as_they_mean() {
     // `live` is SLS's app, made at bootstrap.
     put_policy(&http, plane.cp, "live", &open).await;
     post(&http, plane.cp, "/v1/apps/live/streams", json!({"name": "cam", "publish_name": "sec-4f1c9e"})).await;
-    let token = |app: &'static str, stream: &'static str| {
-        let http = http.clone();
-        let cp = plane.cp;
-        async move {
-            let t =
-                post(&http, cp, &format!("/v1/apps/{app}/streams/{stream}/tokens"), json!({"action": "publish"})).await;
-            t["token"].as_str().unwrap().to_owned()
-        }
-    };
-    let (ams_token, rtmp_token) = (token("ams", "cam1").await, token("gated", "obs").await);
+    let ams_token = one_time_token(&http, plane.cp, "ams", "cam1", "publish").await;
+    let rtmp_token = one_time_token(&http, plane.cp, "gated", "obs", "publish").await;
     let w = media_worker(&plane, "w1", &[("SLUICE_FAILURE_BACKOFF_AFTER", "0")]);
     ready_at_head(&http, &plane.store, w.admin).await;
 
     // Ant Media's SRT ingest form publishes (it was taken for a play: 1404).
     assert_eq!(reject_code(w.srt, "ams/cam1,token=guess").await, 1403, "a wrong token, as a publisher");
     let ams = srt_publisher(w.srt, &format!("ams/cam1,token={ams_token}")).await;
-    until("the Ant Media publisher is live", || async { live_streams(&http, w.admin).await == 1 }).await;
+    until("the Ant Media publisher is live", || async {
+        worker_metric(&http, w.admin, "sluice_live_streams").await == Some(1.0)
+    })
+    .await;
     // Its `,play` flag plays; a percent-encoded access-control streamid plays too.
     assert_eq!(reject_code(w.srt, "ams/cam1,play").await, 0);
     assert_eq!(reject_code(w.srt, "%23!%3A%3Ar%3Dams%2Fcam1%2Cm%3Drequest").await, 0, "percent-encoded");
@@ -67,7 +57,10 @@ async fn the_urls_people_already_type_are_decided_as_they_mean() {
     // public name plays, with or without the app and SLS's domain.
     assert_eq!(reject_code(w.srt, "cam").await, 1404, "the public name plays, and nothing is live");
     let sls = srt_publisher(w.srt, "sec-4f1c9e").await;
-    until("the SLS publisher is live", || async { live_streams(&http, w.admin).await == 2 }).await;
+    until("the SLS publisher is live", || async {
+        worker_metric(&http, w.admin, "sluice_live_streams").await == Some(2.0)
+    })
+    .await;
     assert_eq!(reject_code(w.srt, "live/cam").await, 0);
     assert_eq!(reject_code(w.srt, "uplive.sls.com/live/cam").await, 0);
     assert_eq!(reject_code(w.srt, "cam").await, 0);
@@ -311,16 +304,8 @@ async fn gstreamer_publishes_and_plays_over_rtmp_and_srt() {
     let http = plane.http.clone();
     let gated = json!({"publish": {"methods": ["one_time_token"]}, "play": {"methods": ["open"]}});
     post(&http, plane.cp, "/v1/apps", json!({"name": "gst", "policy": gated})).await;
-    let token = |stream: &'static str| {
-        let http = http.clone();
-        let cp = plane.cp;
-        async move {
-            let t =
-                post(&http, cp, &format!("/v1/apps/gst/streams/{stream}/tokens"), json!({"action": "publish"})).await;
-            t["token"].as_str().unwrap().to_owned()
-        }
-    };
-    let (rtmp_token, srt_token) = (token("rtmp1").await, token("srt1").await);
+    let rtmp_token = one_time_token(&http, plane.cp, "gst", "rtmp1", "publish").await;
+    let srt_token = one_time_token(&http, plane.cp, "gst", "srt1", "publish").await;
     let w = media_worker(&plane, "w1", &[("SLUICE_FAILURE_BACKOFF_AFTER", "0")]);
     ready_at_head(&http, &plane.store, w.admin).await;
     let source = "videotestsrc is-live=true num-buffers=450 ! video/x-raw,width=320,height=240,framerate=15/1 ! \

@@ -289,15 +289,9 @@ async fn a_one_time_token_is_used_once_across_workers_and_offline_follows_the_po
     // later allow in /v1/decisions and in its explanation.
     let conflicts = |port: u16| {
         let http = http.clone();
-        async move {
-            let text = http.get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
-            text.lines()
-                .find_map(|l| l.strip_prefix("sluice_one_time_conflicts_total "))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        }
+        async move { worker_metric(&http, port, "sluice_one_time_conflicts_total").await.unwrap_or(0.0) }
     };
-    until("a worker counts the conflict", || async { conflicts(p1).await + conflicts(p2).await == 1 }).await;
+    until("a worker counts the conflict", || async { conflicts(p1).await + conflicts(p2).await == 1.0 }).await;
     let ids = [d1["decision_id"].as_str().unwrap(), d2["decision_id"].as_str().unwrap()];
     let flagged_row = || async {
         let (_, body) = get(&http, format!("http://127.0.0.1:{cp_port}/v1/decisions?app=relaxed&outcome=allow")).await;

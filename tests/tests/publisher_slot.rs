@@ -41,13 +41,6 @@ async fn srt_publisher(port: u16, streamid: &str) -> Result<tokio::sync::oneshot
     Ok(stop)
 }
 
-/// Live streams on a worker, from its metrics.
-async fn live_streams(http: &reqwest::Client, admin: u16) -> u64 {
-    let Ok(r) = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await else { return 0 };
-    let text = r.text().await.unwrap_or_default();
-    text.lines().find_map(|l| l.strip_prefix("sluice_live_streams ")).and_then(|n| n.trim().parse().ok()).unwrap_or(0)
-}
-
 /// The decisions of `node` in the log: (stream, action, allowed, reason, publisher slot).
 async fn decisions(plane: &Plane, node: &str) -> Vec<(String, String, bool, String, Option<SlotScope>)> {
     decision_records(&plane.store, node)
@@ -74,7 +67,10 @@ async fn one_publisher_per_stream_across_protocols_and_workers_and_a_dead_worker
     // Given an RTMP publisher live on w1.
     let rtmp1 = format!("rtmp://127.0.0.1:{}/tv/cam", w1.rtmp);
     let publisher = ffmpeg_testsrc("flv", &rtmp1, 60).spawn().unwrap();
-    until("the RTMP publisher is live on w1", || async { live_streams(&http, w1.admin).await == 1 }).await;
+    until("the RTMP publisher is live on w1", || async {
+        worker_metric(&http, w1.admin, "sluice_live_streams").await == Some(1.0)
+    })
+    .await;
 
     // When the same stream is published over SRT on the same worker: refused, 1409.
     assert_eq!(reject_code(w1.srt, "#!::r=tv/cam,m=publish").await, 1409, "SRT after RTMP on one worker");

@@ -19,11 +19,8 @@ async fn a_play_of_a_stream_not_live_spends_no_token_and_is_recorded_not_live() 
     let policy = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["one_time_token"]}});
     post(&http, plane.cp, "/v1/apps", json!({"name": "gated", "policy": policy})).await;
     post(&http, plane.cp, "/v1/apps/gated/streams", json!({"name": "cam"})).await;
-    let token = |http: reqwest::Client, cp: u16| async move {
-        let t = post(&http, cp, "/v1/apps/gated/streams/cam/tokens", json!({"action": "play"})).await;
-        t["token"].as_str().unwrap().to_owned()
-    };
-    let (srt_token, rtmp_token) = (token(http.clone(), plane.cp).await, token(http.clone(), plane.cp).await);
+    let srt_token = one_time_token(&http, plane.cp, "gated", "cam", "play").await;
+    let rtmp_token = one_time_token(&http, plane.cp, "gated", "cam", "play").await;
     let w = media_worker(&plane, "w1", &[]);
     let (admin, rtmp, srt) = (w.admin, w.rtmp, w.srt);
     ready_at_head(&http, &plane.store, admin).await;
@@ -50,11 +47,8 @@ async fn a_play_of_a_stream_not_live_spends_no_token_and_is_recorded_not_live() 
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     });
-    until("the stream is live", || async {
-        let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();
-        text.lines().any(|l| l == "sluice_live_streams 1")
-    })
-    .await;
+    until("the stream is live", || async { worker_metric(&http, admin, "sluice_live_streams").await == Some(1.0) })
+        .await;
     assert_eq!(reject_code(srt, &srt_play).await, 0, "the SRT token was spent by its refused play");
     assert_eq!(reject_code(srt, &srt_play).await, 1403, "and it is one-time");
 
@@ -115,11 +109,6 @@ async fn a_retrying_client_adds_about_one_record_per_second_and_every_attempt_is
     let bound = reasons.len() as u64 * (secs + 2);
     assert!((records.len() as u64) <= bound, "{} records for {ATTEMPTS} attempts in {secs} s", records.len());
     assert!(records.iter().any(|d| d.repeats.is_some_and(|r| r.count > 1 && r.first <= r.last)));
-    let coalesced = metric(&http, w.admin, "sluice_refusals_coalesced_total").await;
+    let coalesced = worker_metric(&http, w.admin, "sluice_refusals_coalesced_total").await.unwrap_or(0.0) as u64;
     assert!(coalesced >= ATTEMPTS - records.len() as u64, "{coalesced} held");
-}
-
-async fn metric(http: &reqwest::Client, admin: u16, name: &str) -> u64 {
-    let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok()).unwrap_or(0)
 }

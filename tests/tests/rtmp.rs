@@ -521,12 +521,6 @@ async fn ten_thousand_idle_connections_are_held_to_the_limits_and_others_still_g
     assert_eq!(get(&http, format!("http://127.0.0.1:{admin}/health")).await.0, 200);
 }
 
-/// A value from a worker's Prometheus `/metrics`.
-async fn metric(http: &reqwest::Client, admin: u16, name: &str) -> Option<f64> {
-    let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.ok()?.text().await.ok()?;
-    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
 /// An RTMP player that connects, plays `app/stream`, then never reads again.
 async fn stalled_player(port: u16, app: &str, stream: &str) -> raw::Client {
     use rml_rtmp::sessions::ClientSessionEvent;
@@ -594,8 +588,10 @@ async fn players_that_stop_reading_are_dropped_then_disconnected_and_kicks_reach
     };
     let mut publishers = [publish(rtmp1, "cam1"), publish(rtmp2, "cam2")];
     for admin in [admin1, admin2] {
-        until("the publisher is live", || async { metric(&http, admin, "sluice_live_streams").await == Some(1.0) })
-            .await;
+        until("the publisher is live", || async {
+            worker_metric(&http, admin, "sluice_live_streams").await == Some(1.0)
+        })
+        .await;
     }
 
     // Behind for longer than allowed: disconnected; the reading player is not disturbed.
@@ -609,7 +605,7 @@ async fn players_that_stop_reading_are_dropped_then_disconnected_and_kicks_reach
     assert!(play.status.success() && stderr(&play).contains("frame="), "{}", stderr(&play));
     // Closed by the server while the player still does not read: only the publisher is left.
     until("the worker let go of the stalled connection", || async {
-        metric(&http, admin1, "sluice_connections").await == Some(1.0)
+        worker_metric(&http, admin1, "sluice_connections").await == Some(1.0)
     })
     .await;
     assert!(stalled.closed().await, "the server closed the stalled player's connection");
@@ -623,17 +619,21 @@ async fn players_that_stop_reading_are_dropped_then_disconnected_and_kicks_reach
     let mut stuck = stalled_player(rtmp2, "tv", "cam2").await;
     // Its queue is full (media skipped): its writer is stuck on the full socket.
     until("the stuck player's media is skipped", || async {
-        metric(&http, admin2, "sluice_player_queue_drops_total").await.is_some_and(|v| v > 0.0)
+        worker_metric(&http, admin2, "sluice_player_queue_drops_total").await.is_some_and(|v| v > 0.0)
     })
     .await;
-    assert_eq!(metric(&http, admin2, "sluice_connections").await, Some(2.0), "the publisher and the stuck player");
+    assert_eq!(
+        worker_metric(&http, admin2, "sluice_connections").await,
+        Some(2.0),
+        "the publisher and the stuck player"
+    );
     let policy = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"], "cidrs": ["10.0.0.0/8"]}});
     put_policy(&http, cp, "tv", &policy).await;
     until("the stuck player is kicked", || async { read(&log2).contains("RTMP session ended: no longer allowed") })
         .await;
     // Ended by the server before the player reads a byte more.
     until("the worker let go of the stuck connection", || async {
-        metric(&http, admin2, "sluice_connections").await == Some(1.0)
+        worker_metric(&http, admin2, "sluice_connections").await == Some(1.0)
     })
     .await;
     assert!(stuck.closed().await, "the kick closed the stuck player's connection");

@@ -104,11 +104,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
         }
     }
     until("the refused datagrams are counted", || async {
-        let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.unwrap().text().await.unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix("sluice_srt_refused_datagrams_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .is_some_and(|n| n >= 100)
+        worker_metric(&http, admin, "sluice_srt_refused_datagrams_total").await.is_some_and(|n| n >= 100.0)
     })
     .await;
     let lines = read(&w_log).lines().filter(|l| l.contains("|listen:")).count();

@@ -67,21 +67,13 @@ async fn webhook_reachable(api: &ApiState, policy: &Policy) -> Result<(), ApiErr
     let Some(w) = &policy.webhook else { return Ok(()) };
     let refused = |detail: String| ApiError::invalid("policy.webhook.url", detail);
     let (host, port) = url_host_port(&w.url).ok_or_else(|| refused("expected http(s)://host[:port]/…".into()))?;
-    let lookup =
-        tokio::time::timeout(std::time::Duration::from_secs(3), tokio::net::lookup_host((host.as_str(), port)));
-    let addresses: Vec<_> = match lookup.await {
-        Ok(Ok(found)) => found.map(|a| a.ip()).collect(),
-        _ => {
+    match crate::outbound::resolve_allowed(&host, port, &api.settings.webhook_allowed).await {
+        Ok(_) => Ok(()),
+        Err(crate::outbound::Refused::Unresolved) => {
             tracing::info!(host, "webhook host does not resolve here; the workers check it before each call");
-            return Ok(());
+            Ok(())
         }
-    };
-    let allow = &api.settings.webhook_allowed;
-    match addresses.iter().find(|ip| !allow.allows(&host, **ip)) {
-        None => Ok(()),
-        Some(ip) => Err(refused(format!(
-            "{host} resolves to {ip}, an internal address; list it in SLUICE_WEBHOOK_ALLOWED to allow it"
-        ))),
+        Err(e) => Err(refused(format!("{host} {e}"))),
     }
 }
 

@@ -263,21 +263,25 @@ pub(super) async fn stats(
     let state = api.writer.projection().current();
     let app = state.apps.get(&api.sls_app);
     let id = StreamName::parse(&player_id).ok();
-    let player = id.as_ref().and_then(|id| {
+    // A player id, or (OpenIRL's fallback) the key of a publisher, which counts only while live.
+    let found = id.as_ref().and_then(|id| {
         let app = app?;
         if app.streams.contains_key(id) {
-            return Some(id.clone());
+            Some((id.clone(), false))
+        } else {
+            app.publish_names.get(id).map(|public| (public.clone(), true))
         }
-        // A publisher key: the stream it publishes, when it is live.
-        let public = app.publish_names.get(id)?;
-        super::nodes::stream_stats_of(&api, api.sls_app.as_str(), public.as_str()).live.then(|| public.clone())
     });
     let legacy = q.legacy.as_deref() == Some("1");
-    let Some(player) = player else {
+    let invalid = || {
         let body = Stats { message: Some("Invalid player key"), publisher: None, publishers: None, status: "error" };
-        return Ok((StatusCode::NOT_FOUND, Json(body)).into_response());
+        (StatusCode::NOT_FOUND, Json(body)).into_response()
     };
+    let Some((player, by_publisher_key)) = found else { return Ok(invalid()) };
     let live = super::nodes::stream_stats_of(&api, api.sls_app.as_str(), player.as_str());
+    if by_publisher_key && !live.live {
+        return Ok(invalid());
+    }
     if !live.live {
         let body = Stats {
             message: Some("Publisher is currently not streaming"),

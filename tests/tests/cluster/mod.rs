@@ -143,6 +143,13 @@ pub async fn post(http: &reqwest::Client, port: u16, path: &str, body: Value) ->
     r.json().await.unwrap_or(Value::Null)
 }
 
+/// A one-time token for `action` on `app/stream`, issued through the API.
+pub async fn one_time_token(http: &reqwest::Client, cp: u16, app: &str, stream: &str, action: &str) -> String {
+    let t =
+        post(http, cp, &format!("/v1/apps/{app}/streams/{stream}/tokens"), serde_json::json!({"action": action})).await;
+    t["token"].as_str().unwrap().to_owned()
+}
+
 /// Replaces `app`'s policy through the API.
 pub async fn put_policy(http: &reqwest::Client, port: u16, app: &str, policy: &Value) {
     let r = http
@@ -153,6 +160,12 @@ pub async fn put_policy(http: &reqwest::Client, port: u16, app: &str, policy: &V
         .await
         .unwrap();
     assert_eq!(r.status(), 200, "PUT {app} policy");
+}
+
+/// A value from a worker's Prometheus `/metrics` (on its admin port), if the series is there.
+pub async fn worker_metric(http: &reqwest::Client, admin: u16, name: &str) -> Option<f64> {
+    let text = http.get(format!("http://127.0.0.1:{admin}/metrics")).send().await.ok()?.text().await.ok()?;
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Polls an async condition.
