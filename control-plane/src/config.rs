@@ -41,6 +41,7 @@ const KNOWN: &[&str] = &[
     "checkpoint_every_events",
     "snapshot_every_secs",
     "node_stale_secs",
+    "ready_max_lag_ms",
     "anchor_file",
     "anchor_every_secs",
     "jwks_refresh_secs",
@@ -95,6 +96,9 @@ pub struct ApiSettings {
     pub public_srt_url: String,
     /// A worker without a heartbeat for this long is shown as stale.
     pub node_stale_secs: u64,
+    /// `/ready` stays 200 while the projection trails the log's head for less than this
+    /// (a write in flight); longer, it is 503.
+    pub ready_max_lag_ms: u64,
 }
 
 impl std::fmt::Debug for ApiSettings {
@@ -176,6 +180,7 @@ impl ApiSettings {
             public_rtmp_url: s.or("public_rtmp_url", "rtmp://127.0.0.1:1935".to_owned(), "an rtmp:// URL")?,
             public_srt_url: s.or("public_srt_url", "srt://127.0.0.1:4200".to_owned(), "an srt:// URL")?,
             node_stale_secs: s.or("node_stale_secs", 15, "seconds")?,
+            ready_max_lag_ms: s.or("ready_max_lag_ms", 5_000, "milliseconds")?,
         })
     }
 }

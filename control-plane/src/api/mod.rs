@@ -75,6 +75,8 @@ pub struct ApiState {
     pub relay_health: Arc<crate::relay::RelayHealth>,
     /// The apps' JWKS fetches (stream JWTs), kept fresh by `jwks::run`.
     pub jwks: Arc<crate::jwks::JwksStatus>,
+    /// How long the projection has trailed the log (for `/ready`).
+    pub lag: Arc<probes::LagWatch>,
 }
 
 impl ApiState {
@@ -111,6 +113,7 @@ impl ApiState {
             nodes: Arc::default(),
             relay_health: Arc::default(),
             jwks,
+            lag: Arc::default(),
             sls_resets: Arc::default(),
             tasks,
         }
