@@ -121,6 +121,8 @@ pub enum Command {
         stream: StreamName,
         subscriber_id: SubscriberId,
         until: Timestamp,
+        /// Only this action is refused; `None`: both.
+        action: Option<Action>,
     },
     UseTotpStep {
         app: AppName,
@@ -308,11 +310,11 @@ pub fn handle(state: &AuthState, command: Command, now: Timestamp) -> Result<Vec
             }
             one(SubscriberRemoved { app, stream, subscriber_id }.into())
         }
-        Command::BlockSubscriber { app, stream, subscriber_id, until } => {
+        Command::BlockSubscriber { app, stream, subscriber_id, until, action } => {
             if !app_of(&app)?.subscribers.contains_key(&(stream.clone(), subscriber_id.clone())) {
                 return Err(not_found("subscriber", subscriber_id));
             }
-            one(SubscriberBlocked { app, stream, subscriber_id, until }.into())
+            one(SubscriberBlocked { app, stream, subscriber_id, until, action }.into())
         }
         Command::UseTotpStep { app, stream, subscriber_id, step } => {
             let a = app_of(&app)?;

@@ -491,7 +491,8 @@ fn check_totp(ctx: &Ctx<'_>) -> Check {
     if sub.action.is_some_and(|a| a != ctx.req.action) {
         return Check::Deny(Reason::SubscriberWrongAction, 3);
     }
-    if sub.blocked_until.is_some_and(|until| until > ctx.now) {
+    if sub.blocked_until.is_some_and(|until| until > ctx.now) && sub.blocked_action.is_none_or(|a| a == ctx.req.action)
+    {
         return Check::Deny(Reason::SubscriberBlocked, 3);
     }
     let Some(totp) = &sub.totp else {

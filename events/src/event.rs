@@ -141,6 +141,10 @@ pub struct SubscriberBlocked {
     pub subscriber_id: SubscriberId,
     /// Refused until this time (an unblock is a block until the past).
     pub until: Timestamp,
+    /// Refused for this action only (Ant Media's block types `publish`, `play`); absent:
+    /// both (`publish_play`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -94,6 +94,8 @@ pub struct Subscriber {
     /// The TOTP key for the app's current period and digits.
     pub(crate) totp: Option<Opened<Arc<TotpKey>>>,
     pub blocked_until: Option<Timestamp>,
+    /// The action `blocked_until` refuses; `None`: both.
+    pub blocked_action: Option<Action>,
     /// The last TOTP step accepted: a code at or before it is a replay.
     pub last_step: Option<u64>,
 }
@@ -118,12 +120,12 @@ impl AuthState {
         settings: TotpSettings,
         action: Option<Action>,
         secret: Sealed,
-        blocked_until: Option<Timestamp>,
+        (blocked_until, blocked_action): (Option<Timestamp>, Option<Action>),
         last_step: Option<u64>,
     ) -> Subscriber {
         let plain = self.open(&secret, &subscriber_secret_purpose(app, stream, id));
         let totp = build_totp(plain.as_ref(), settings);
-        Subscriber { action, secret, plain, totp, blocked_until, last_step }
+        Subscriber { action, secret, plain, totp, blocked_until, blocked_action, last_step }
     }
 }
 
@@ -493,7 +495,7 @@ impl AuthState {
             Event::SubscriberAdded(e) => {
                 if let Some(settings) = self.apps.get(&e.app).map(|a| a.policy.totp) {
                     let id = (&e.app, &e.stream, &e.subscriber_id);
-                    let sub = self.subscriber(id, settings, e.action, e.secret.clone(), None, None);
+                    let sub = self.subscriber(id, settings, e.action, e.secret.clone(), (None, None), None);
                     if let Some(app) = self.apps.get_mut(&e.app) {
                         app.subscribers.insert((e.stream.clone(), e.subscriber_id.clone()), sub);
                     }
@@ -507,6 +509,7 @@ impl AuthState {
             Event::SubscriberBlocked(e) => {
                 if let Some(s) = self.subscriber_mut(&e.app, &e.stream, &e.subscriber_id) {
                     s.blocked_until = Some(e.until);
+                    s.blocked_action = e.action;
                 }
             }
             Event::TotpStepUsed(e) => {
@@ -588,6 +591,11 @@ impl AuthState {
                 h.opt_str(s.action.map(Action::as_str));
                 h.sealed(&s.secret);
                 h.opt_i64(s.blocked_until.map(|t| t.0));
+                // Hashed only when set, so a state without typed blocks keeps its digest.
+                if let Some(a) = s.blocked_action {
+                    h.str("blocked_action");
+                    h.str(a.as_str());
+                }
                 h.opt_i64(s.last_step.map(|v| v as i64));
             }
         }

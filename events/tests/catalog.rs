@@ -67,7 +67,8 @@ fn examples() -> Vec<Event> {
         }
         .into(),
         SubscriberRemoved { app: app(), stream: name("cam1"), subscriber_id: alice.clone() }.into(),
-        SubscriberBlocked { app: app(), stream: name("cam1"), subscriber_id: alice.clone(), until: T0 }.into(),
+        SubscriberBlocked { app: app(), stream: name("cam1"), subscriber_id: alice.clone(), until: T0, action: None }
+            .into(),
         TotpStepUsed { app: app(), stream: name("cam1"), subscriber_id: alice, step: 30_000_000 }.into(),
         JwksRefreshed {
             app: app(),

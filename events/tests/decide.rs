@@ -302,13 +302,37 @@ fn blocked_subscriber_is_refused_until_the_block_ends() {
     let mut w = world(&[Method::Totp]);
     let alice = SubscriberId::parse("alice").unwrap();
     w.command(
-        Command::BlockSubscriber { app: app(), stream: name("cam1"), subscriber_id: alice, until: T0.plus_secs(120) },
+        Command::BlockSubscriber {
+            app: app(),
+            stream: name("cam1"),
+            subscriber_id: alice,
+            until: T0.plus_secs(120),
+            action: None,
+        },
         T0,
     )
     .unwrap();
     assert_eq!(w.when(&request(PUB, "cam1-key", totp("alice", T0, 0)), T0).reason, Reason::SubscriberBlocked);
     let later = T0.plus_secs(180);
     assert!(w.when(&request(PUB, "cam1-key", totp("alice", later, 0)), later).is_allow());
+}
+
+#[test]
+fn a_block_of_one_action_leaves_the_other() {
+    // Ant Media's block types: `play` leaves a publisher publishing, `publish` stops it.
+    let mut w = world(&[Method::Totp]);
+    let alice = SubscriberId::parse("alice").unwrap();
+    let block = |action| Command::BlockSubscriber {
+        app: app(),
+        stream: name("cam1"),
+        subscriber_id: alice.clone(),
+        until: T0.plus_secs(120),
+        action: Some(action),
+    };
+    w.command(block(PLAY), T0).unwrap();
+    assert!(w.when(&request(PUB, "cam1-key", totp("alice", T0, 0)), T0).is_allow());
+    w.command(block(PUB), T0).unwrap();
+    assert_eq!(w.when(&request(PUB, "cam1-key", totp("alice", T0, 0)), T0).reason, Reason::SubscriberBlocked);
 }
 
 #[test]
@@ -426,6 +450,7 @@ mod recheck {
                 stream: name("cam1"),
                 subscriber_id: alice.clone(),
                 until: T0.plus_secs(60),
+                action: None,
             },
             T0,
         )

@@ -47,7 +47,14 @@ fn rich() -> Given {
         }
         .into(),
         TokenRevoked { token_sha256: Sha256Digest::of(b"tok-revoked") }.into(),
-        SubscriberBlocked { app: app(), stream: name("cam1"), subscriber_id: alice(), until: T0.plus_secs(-10) }.into(),
+        SubscriberBlocked {
+            app: app(),
+            stream: name("cam1"),
+            subscriber_id: alice(),
+            until: T0.plus_secs(-10),
+            action: None,
+        }
+        .into(),
         TotpStepUsed { app: app(), stream: name("cam1"), subscriber_id: alice(), step: 3 }.into(),
         NodeRegistered {
             node_id: NodeId::parse("edge-1").unwrap(),
@@ -151,6 +158,12 @@ fn bad_bytes_are_typed_errors() {
     assert_eq!(
         snapshot::decode(&future, None).unwrap_err(),
         SnapshotError::FutureSchema { found: snapshot::SCHEMA + 1, max: snapshot::SCHEMA }
+    );
+    let mut old = bytes.clone();
+    old[16..18].copy_from_slice(&(snapshot::SCHEMA - 1).to_le_bytes());
+    assert_eq!(
+        snapshot::decode(&old, None).unwrap_err(),
+        SnapshotError::OldSchema { found: snapshot::SCHEMA - 1, current: snapshot::SCHEMA }
     );
     let mut flipped = bytes.clone();
     let last = flipped.len() - 1;

@@ -56,6 +56,9 @@ pub struct SubscriberList {
 pub struct Block {
     /// How long to refuse the subscriber, 1 s to 1 year; 0 unblocks.
     pub seconds: i64,
+    /// Refuse only `publish` or only `play`; absent: both. A block replaces the previous one.
+    #[serde(default)]
+    pub action: Option<Action>,
 }
 
 /// Decodes a base32 secret the way Ant Media's users give it (a multiple of 8 characters).
@@ -198,7 +201,13 @@ pub(super) async fn block(
     let committed = api
         .writer
         .run(&ctx.origin(), now, |_| {
-            Ok(Command::BlockSubscriber { app: app.clone(), stream: name.clone(), subscriber_id: id.clone(), until })
+            Ok(Command::BlockSubscriber {
+                app: app.clone(),
+                stream: name.clone(),
+                subscriber_id: id.clone(),
+                until,
+                action: req.action,
+            })
         })
         .await?;
     let view = SubscriberView { id, action: None, blocked_until: Some(until.as_secs()) };

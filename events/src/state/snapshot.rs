@@ -30,8 +30,10 @@ use crate::policy::{Policy, SecretKind};
 use crate::secret::{Keyring, Sealed, Sha256Digest};
 
 pub const MAGIC: &[u8; 16] = b"SLUICE-SNAPSHOT\0";
-/// Bumped when the body's layout changes; a reader refuses a newer one.
-pub const SCHEMA: u16 = 1;
+/// Bumped when the body's layout changes; a reader refuses a newer one, and an older one
+/// (the worker then catches up from the log instead). 2: a subscriber's block names its
+/// action.
+pub const SCHEMA: u16 = 2;
 const HEADER: usize = 16 + 2 + 8 + 8 + 32 + 32 + 8;
 /// A body larger than this is refused before allocating (1M tokens take ~70 MB).
 const MAX_BODY: u64 = 4 << 30;
@@ -53,6 +55,8 @@ pub enum SnapshotError {
     Truncated(usize),
     #[error("snapshot schema {found} is newer than this build reads ({max})")]
     FutureSchema { found: u16, max: u16 },
+    #[error("snapshot schema {found} is older than this build reads ({current}); the log replaces it")]
+    OldSchema { found: u16, current: u16 },
     #[error("snapshot corrupt: body checksum mismatch")]
     Checksum,
     #[error("snapshot corrupt: {0}")]
@@ -86,6 +90,7 @@ struct SnapSubscriber {
     action: Option<Action>,
     secret: Sealed,
     blocked_until: Option<Timestamp>,
+    blocked_action: Option<Action>,
     last_step: Option<u64>,
 }
 
@@ -127,6 +132,7 @@ pub fn encode_with_digest(state: &AuthState, digest: Sha256Digest) -> Vec<u8> {
                     action: s.action,
                     secret: s.secret.clone(),
                     blocked_until: s.blocked_until,
+                    blocked_action: s.blocked_action,
                     last_step: s.last_step,
                 })
                 .collect(),
@@ -181,6 +187,9 @@ pub fn info(bytes: &[u8]) -> Result<SnapshotInfo, SnapshotError> {
     if schema > SCHEMA {
         return Err(SnapshotError::FutureSchema { found: schema, max: SCHEMA });
     }
+    if schema < SCHEMA {
+        return Err(SnapshotError::OldSchema { found: schema, current: SCHEMA });
+    }
     if bytes.len() < HEADER {
         return Err(SnapshotError::Truncated(bytes.len()));
     }
@@ -232,7 +241,14 @@ pub fn decode(bytes: &[u8], keyring: Option<Arc<Keyring>>) -> Result<(AuthState,
         }
         for s in a.subscribers {
             let id = (&a.name, &s.stream, &s.id);
-            let sub = state.subscriber(id, app.policy.totp, s.action, s.secret, s.blocked_until, s.last_step);
+            let sub = state.subscriber(
+                id,
+                app.policy.totp,
+                s.action,
+                s.secret,
+                (s.blocked_until, s.blocked_action),
+                s.last_step,
+            );
             app.subscribers.insert((s.stream, s.id), sub);
         }
         state.apps.insert(a.name, app);
