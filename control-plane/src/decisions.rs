@@ -191,6 +191,11 @@ pub struct Filter {
     /// Only rows with a log position below this (the cursor; newest first).
     pub before: Option<i64>,
     pub limit: i64,
+    /// Subjects starting with this (`subscriber:` for Ant Media's connection events).
+    pub subject_prefix: Option<String>,
+    /// Oldest first (Ant Media's lists), and rows skipped before the first returned.
+    pub oldest_first: bool,
+    pub offset: i64,
 }
 
 /// One row of the audit table.
@@ -294,7 +299,11 @@ pub async fn query(pool: &PgPool, f: &Filter) -> Result<Vec<DecisionRow>, StoreE
     if let Some(b) = f.before {
         q.push(" AND position < ").push_bind(b);
     }
-    q.push(" ORDER BY position DESC LIMIT ").push_bind(f.limit);
+    if let Some(p) = &f.subject_prefix {
+        q.push(" AND starts_with(subject, ").push_bind(p.clone()).push(")");
+    }
+    q.push(if f.oldest_first { " ORDER BY position ASC" } else { " ORDER BY position DESC" });
+    q.push(" LIMIT ").push_bind(f.limit).push(" OFFSET ").push_bind(f.offset.max(0));
     let rows = q.build().fetch_all(pool).await?;
     rows.iter()
         .map(|r| {

@@ -100,6 +100,15 @@ pub struct Subscriber {
     pub last_step: Option<u64>,
 }
 
+impl Subscriber {
+    /// The code for TOTP `step`, zero-padded to the app's digits; `None` when this node cannot
+    /// open the secret (Ant Media's `/subscribers/{sid}/totp` helper).
+    pub fn code_at(&self, step: u64) -> Option<String> {
+        let key = &self.totp.as_ref()?.0;
+        Some(format!("{:0width$}", key.code(step), width = key.digits))
+    }
+}
+
 /// Derived state is built here, once: the fold (`AuthState::apply`) and the snapshot decoder
 /// (`snapshot::decode`) both construct apps, secrets, subscribers and JWKS through these, so a
 /// booted worker precomputes exactly what a folded one does.

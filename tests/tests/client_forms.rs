@@ -349,3 +349,52 @@ async fn gstreamer_publishes_and_plays_over_rtmp_and_srt() {
     let _ = srt.kill();
     let _ = srt.wait();
 }
+
+/// Ant Media's REST v2 around a real publisher (issue #17): the `/totp` helper's code
+/// publishes with ffmpeg, the broadcast shows `broadcasting` over RTMP, and the admission is
+/// a `connected` connection event and in the subscriber's stats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ant_media_rest_v2_follows_a_real_publisher() {
+    let plane = Plane::start("amsrest").await;
+    let http = plane.http.clone();
+    let policy = json!({"publish": {"methods": ["totp"]}, "play": {"methods": ["open"]}});
+    post(&http, plane.cp, "/v1/apps", json!({"name": "LiveApp", "policy": policy})).await;
+    post(&http, plane.cp, "/LiveApp/rest/v2/broadcasts/create", json!({"streamId": "stream1"})).await;
+    let sub = json!({"subscriberId": "publisherA", "type": "publish"});
+    assert_eq!(post(&http, plane.cp, "/LiveApp/rest/v2/broadcasts/stream1/subscribers", sub).await["success"], true);
+    let w = media_worker(&plane, "w1", &[]);
+    ready_at_head(&http, &plane.store, w.admin).await;
+    let base = format!("http://127.0.0.1:{}/LiveApp/rest/v2/broadcasts", plane.cp);
+    let (_, b) = get(&http, format!("{base}/stream1")).await;
+    assert_eq!((b["status"].as_str(), b["publishType"].as_str()), (Some("created"), None));
+
+    let (_, totp) = get(&http, format!("{base}/stream1/subscribers/publisherA/totp")).await;
+    let code = totp["dataId"].as_str().unwrap().to_owned();
+    let url = format!("rtmp://127.0.0.1:{}/LiveApp/stream1?subscriberId=publisherA&subscriberCode={code}", w.rtmp);
+    let mut ffmpeg = ffmpeg_testsrc("flv", &url, 30).spawn().unwrap();
+    until_live(&http, plane.cp, "LiveApp", "stream1").await;
+    let (_, b) = get(&http, format!("{base}/stream1")).await;
+    assert_eq!((b["status"].as_str(), b["publishType"].as_str()), (Some("broadcasting"), Some("RTMP")), "{b}");
+    assert!(b["startTime"].as_i64().unwrap() > 0 && b["receivedBytes"].as_u64().unwrap() > 0, "{b}");
+
+    let events = || async { get(&http, format!("{base}/stream1/connection-events/0/10")).await.1 };
+    until("the admission is a connection event", || async { events().await.as_array().is_some_and(|a| !a.is_empty()) })
+        .await;
+    let e = events().await[0].clone();
+    assert_eq!(
+        (e["eventType"].as_str(), e["type"].as_str(), e["eventProtocol"].as_str()),
+        (Some("connected"), Some("publish"), Some("rtmp")),
+        "{e}"
+    );
+    assert_eq!(
+        (e["subscriberId"].as_str(), e["streamId"].as_str(), e["instanceIP"].as_str()),
+        (Some("publisherA"), Some("stream1"), Some("w1"))
+    );
+    let (_, other) = get(&http, format!("{base}/stream1/connection-events/0/10?subscriberId=someoneElse")).await;
+    assert_eq!(other, json!([]));
+    let (_, stats) = get(&http, format!("{base}/stream1/subscriber-stats/list/0/10")).await;
+    assert_eq!(stats[0]["subscriberId"], "publisherA");
+    assert_eq!(stats[0]["connectionEvents"].as_array().unwrap().len(), 1, "{stats}");
+    let _ = ffmpeg.kill();
+    let _ = ffmpeg.wait();
+}

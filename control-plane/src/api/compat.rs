@@ -21,10 +21,10 @@ pub struct SlsMessage<'a> {
 /// Ant Media's `Result`, in its member order.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-pub struct AmsResult<'a> {
+pub struct AmsResult {
     pub success: bool,
-    pub message: Option<&'a str>,
-    pub data_id: Option<&'a str>,
+    pub message: Option<String>,
+    pub data_id: Option<String>,
     pub error_id: i32,
 }
 
@@ -92,11 +92,28 @@ pub async fn sls_envelope(
 }
 
 /// Ant Media's `Result`: `{"success":false,"message":…,"dataId":null,"errorId":0}`.
+///
+/// Ant Media answers a refused operation with 200 and `success: false`
+/// (`BroadcastRestService.java`: add, delete and block subscribers, revoke, validate-token,
+/// delete a broadcast); only its token calls answer 400 with the `Result`. Authentication,
+/// rate limits and outages keep their status (Ant's filters answer 403 before the service).
 pub async fn antmedia_envelope(req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let keeps_status =
+        req.method() == axum::http::Method::GET && (path.ends_with("/token") || path.ends_with("/jwt-token"));
     let response = next.run(req).await;
     let Some(problem) = response.extensions().get::<Problem>().cloned() else { return response };
-    let body = AmsResult { success: false, message: Some(&problem.detail), data_id: None, error_id: 0 };
-    rewrap(response, Json(body))
+    let refused = matches!(
+        problem.status,
+        StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY
+    );
+    let body = AmsResult { success: false, message: Some(problem.detail.clone()), data_id: None, error_id: 0 };
+    let mut response = rewrap(response, Json(body));
+    if refused {
+        // The token calls answer every refusal 400 (`Status.BAD_REQUEST`), the rest 200.
+        *response.status_mut() = if keeps_status { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+    }
+    response
 }
 
 fn rewrap<T: Serialize>(original: Response, body: Json<T>) -> Response {

@@ -101,6 +101,7 @@ fn filter(q: &DecisionsQuery, max: i64) -> Result<Filter, ApiError> {
         until: q.until.as_deref().map(|t| time("until", t)).transpose()?,
         before,
         limit,
+        ..Filter::default()
     })
 }
 

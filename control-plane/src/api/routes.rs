@@ -207,5 +207,16 @@ pub fn table() -> Vec<Route> {
         Route::new::<(), Value, _, _>(M::GET, "/{app}/rest/v2/broadcasts/{stream}/subscribers/list/{offset}/{size}", write, api, ams, "Ant Media: list subscribers", 200, antmedia::list),
         Route::new::<(), Value, _, _>(M::DELETE, "/{app}/rest/v2/broadcasts/{stream}/subscribers/{id}", write, api, ams, "Ant Media: remove a subscriber", 200, antmedia::remove),
         Route::new::<Value, Value, _, _>(M::POST, "/{app}/rest/v2/broadcasts/create", write, api, ams, "Ant Media: create a broadcast (register a stream)", 200, antmedia::create_broadcast).body_optional(),
+        Route::new::<(), Value, _, _>(M::GET, "/{app}/rest/v2/broadcasts/{stream}", read, api, ams, "Ant Media: a broadcast (a registered stream and its live figures); 404 without a body", 200, antmedia::get_broadcast),
+        Route::new::<(), Value, _, _>(M::GET, "/{app}/rest/v2/broadcasts/list/{offset}/{size}", read, api, ams, "Ant Media: list broadcasts (at most 50)", 200, antmedia::list_broadcasts),
+        Route::new::<(), Value, _, _>(M::DELETE, "/{app}/rest/v2/broadcasts/{stream}", write, api, ams, "Ant Media: delete a broadcast (unregister the stream)", 200, antmedia::delete_broadcast),
+        Route::new::<(), Value, _, _>(M::GET, "/{app}/rest/v2/broadcasts/{stream}/tokens/list/{offset}/{size}", write, api, ams, "Ant Media: a stream's unused tokens (tokenId is Sluice's token id)", 200, antmedia::list_tokens),
+        Route::new::<(), Value, _, _>(M::DELETE, "/{app}/rest/v2/broadcasts/{stream}/tokens", write, api, ams, "Ant Media: revoke a stream's tokens", 200, antmedia::revoke_tokens),
+        Route::new::<antmedia::AmsTokenBody, Value, _, _>(M::POST, "/{app}/rest/v2/broadcasts/validate-token", write, api, ams, "Ant Media: is this token unused and valid (checked, not consumed)", 200, antmedia::validate_token),
+        Route::new::<(), Value, _, _>(M::DELETE, "/{app}/rest/v2/broadcasts/{stream}/subscribers", write, api, ams, "Ant Media: remove every subscriber of a stream", 200, antmedia::revoke_subscribers),
+        Route::new::<(), Value, _, _>(M::PUT, "/{app}/rest/v2/broadcasts/{stream}/subscribers/{id}/block/{seconds}/{type}", write, api, ams, "Ant Media: block a subscriber (publish, play or publish_play; 0 s unblocks)", 200, antmedia::block),
+        Route::new::<(), Value, _, _>(M::GET, "/{app}/rest/v2/broadcasts/{stream}/subscribers/{id}/totp", write, api, ams, "Ant Media: the subscriber's current TOTP code (dataId)", 200, antmedia::totp),
+        Route::new::<(), Value, _, _>(M::GET, "/{app}/rest/v2/broadcasts/{stream}/connection-events/{offset}/{size}", read, api, ams, "Ant Media: TOTP subscribers' admissions, oldest first (subscriberId filters)", 200, antmedia::list_connection_events),
+        Route::new::<(), Value, _, _>(M::GET, "/{app}/rest/v2/broadcasts/{stream}/subscriber-stats/list/{offset}/{size}", read, api, ams, "Ant Media (before 3.0): per subscriber, its connection events", 200, antmedia::list_subscriber_stats),
     ]
 }
