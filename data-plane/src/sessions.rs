@@ -178,7 +178,7 @@ mod tests {
             let name = StreamName::parse(name).unwrap();
             apply(
                 &mut state,
-                StreamRegistered { app: live.clone(), name, publish_name: None, description: None }.into(),
+                StreamRegistered { plays: None, app: live.clone(), name, publish_name: None, description: None }.into(),
             );
         }
         let registry = Registry::new();

@@ -77,6 +77,7 @@ fn world() -> &'static World {
             let a = apps[(i % apps.len() as u64) as usize];
             events.push(
                 StreamRegistered {
+                    plays: None,
                     app: app(a),
                     name: StreamName::parse(&format!("s{i}")).unwrap(),
                     publish_name: None,

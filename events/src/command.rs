@@ -79,6 +79,14 @@ pub enum Command {
         publish_name: Option<StreamName>,
         description: Option<String>,
     },
+    /// Another player name for what a stream publishes (`plays`: its publish name, or the
+    /// stream's own name when it has none).
+    RegisterPlayer {
+        app: AppName,
+        name: StreamName,
+        plays: StreamName,
+        description: Option<String>,
+    },
     UpdateStream {
         app: AppName,
         name: StreamName,
@@ -252,11 +260,27 @@ pub fn handle(state: &AuthState, command: Command, now: Timestamp) -> Result<Vec
             }
             check_publish_name(a, &name, publish_name.as_ref())?;
             check_text("description", &description)?;
-            one(StreamRegistered { app, name, publish_name, description }.into())
+            one(StreamRegistered { app, name, publish_name, description, plays: None }.into())
+        }
+        Command::RegisterPlayer { app, name, plays, description } => {
+            let a = app_of(&app)?;
+            if a.streams.contains_key(&name) || a.publish_names.contains_key(&name) {
+                return Err(exists("stream", &name));
+            }
+            let publishes = a.publish_names.contains_key(&plays)
+                || a.streams.get(&plays).is_some_and(|s| s.publish_name.is_none() && s.plays.is_none());
+            if !publishes {
+                return Err(not_found("publish name", &plays));
+            }
+            check_text("description", &description)?;
+            one(StreamRegistered { app, name, publish_name: None, description, plays: Some(plays) }.into())
         }
         Command::UpdateStream { app, name, publish_name, description } => {
             let a = app_of(&app)?;
             let current = a.streams.get(&name).ok_or_else(|| not_found("stream", &name))?;
+            if current.plays.is_some() && publish_name.is_some() {
+                return Err(invalid("publish_name", "an extra player name has no publish name of its own"));
+            }
             if current.publish_name != publish_name {
                 check_publish_name(a, &name, publish_name.as_ref())?;
             }

@@ -157,13 +157,23 @@ fn resolve_stream<'a>(app: &'a App, req: &'a AccessRequest) -> Result<(&'a Strea
             }
             match app.streams.get(&req.stream) {
                 Some(s) if s.publish_name.is_some() => Err(Reason::PublishNameRequired),
+                Some(s) if s.plays.is_some() => Err(Reason::PublishNameRequired),
                 Some(_) => Ok((&req.stream, true)),
                 None => Ok((&req.stream, false)),
             }
         }
         Action::Play => {
-            if app.streams.contains_key(&req.stream) {
-                Ok((&req.stream, true))
+            if let Some(s) = app.streams.get(&req.stream) {
+                // An extra player name plays the stream published under `plays`.
+                match &s.plays {
+                    None => Ok((&req.stream, true)),
+                    Some(p) => app
+                        .publish_names
+                        .get(p)
+                        .or_else(|| app.streams.get_key_value(p).map(|(k, _)| k))
+                        .map(|public| (public, true))
+                        .ok_or(Reason::StreamNotRegistered),
+                }
             } else if app.publish_names.contains_key(&req.stream) {
                 Err(Reason::StreamNotRegistered)
             } else {

@@ -70,6 +70,11 @@ pub struct StreamRegistered {
     pub publish_name: Option<StreamName>,
     #[serde(default)]
     pub description: Option<String>,
+    /// A second player name (SRT Live Server's many player ids per publisher): this name
+    /// plays what is published under this publish name (or under this stream's own name, for
+    /// a stream without one). It has no publish name of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plays: Option<StreamName>,
 }
 
 /// Replaces a stream's mutable fields.

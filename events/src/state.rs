@@ -84,6 +84,8 @@ impl Jwks {
 pub struct Stream {
     pub publish_name: Option<StreamName>,
     pub description: Option<String>,
+    /// An extra player name: plays what is published under this name (`StreamRegistered`).
+    pub plays: Option<StreamName>,
 }
 
 #[derive(Debug, Clone)]
@@ -159,16 +161,37 @@ impl App {
     }
 
     /// Registers a stream and its publish name.
+    /// After the stream publishing under `published` is deleted, its first other player name
+    /// (by name) takes the publish name over, so the publisher and every other player keep
+    /// working: SRT Live Server deletes one player id, not the publisher. Deterministic, so
+    /// every node folds the same. Nothing to do when the deleted stream was itself an extra
+    /// player.
+    fn promote_player(&mut self, published: &StreamName, was_player: bool) {
+        if was_player {
+            return;
+        }
+        let Some(heir) = self.streams.iter().find(|(_, s)| s.plays.as_ref() == Some(published)).map(|(n, _)| n.clone())
+        else {
+            return;
+        };
+        if let Some(s) = self.streams.get_mut(&heir) {
+            s.plays = None;
+            s.publish_name = Some(published.clone());
+        }
+        self.publish_names.insert(published.clone(), heir);
+    }
+
     pub(crate) fn add_stream(
         &mut self,
         name: StreamName,
         publish_name: Option<StreamName>,
         description: Option<String>,
+        plays: Option<StreamName>,
     ) {
         if let Some(p) = &publish_name {
             self.publish_names.insert(p.clone(), name.clone());
         }
-        self.streams.insert(name, Stream { publish_name, description });
+        self.streams.insert(name, Stream { publish_name, description, plays });
     }
 
     /// The opened bytes of an app secret, when this node holds the sealing key (the control
@@ -444,13 +467,14 @@ impl AuthState {
             }
             Event::StreamRegistered(e) => {
                 if let Some(app) = self.apps.get_mut(&e.app) {
-                    app.add_stream(e.name.clone(), e.publish_name.clone(), e.description.clone());
+                    app.add_stream(e.name.clone(), e.publish_name.clone(), e.description.clone(), e.plays.clone());
                 }
             }
             Event::StreamUpdated(e) => {
                 if let Some(app) = self.apps.get_mut(&e.app)
                     && let Some(stream) = app.streams.get_mut(&e.name)
                 {
+                    let was = stream.publish_name.clone().unwrap_or_else(|| e.name.clone());
                     if let Some(old) = stream.publish_name.take() {
                         app.publish_names.remove(&old);
                     }
@@ -459,15 +483,23 @@ impl AuthState {
                     }
                     stream.publish_name = e.publish_name.clone();
                     stream.description = e.description.clone();
+                    // Extra players follow the stream to its new publish name.
+                    let now = e.publish_name.clone().unwrap_or_else(|| e.name.clone());
+                    if was != now {
+                        for s in app.streams.values_mut().filter(|s| s.plays.as_ref() == Some(&was)) {
+                            s.plays = Some(now.clone());
+                        }
+                    }
                 }
             }
             Event::StreamDeleted(e) => {
                 if let Some(app) = self.apps.get_mut(&e.app)
                     && let Some(stream) = app.streams.remove(&e.name)
                 {
-                    if let Some(p) = stream.publish_name {
-                        app.publish_names.remove(&p);
+                    if let Some(p) = &stream.publish_name {
+                        app.publish_names.remove(p);
                     }
+                    app.promote_player(stream.publish_name.as_ref().unwrap_or(&e.name), stream.plays.is_some());
                     app.subscribers.retain(|(s, _), _| *s != e.name);
                 }
             }
@@ -592,6 +624,11 @@ impl AuthState {
                 h.str(sname.as_str());
                 h.opt_str(s.publish_name.as_ref().map(|p| p.as_str()));
                 h.opt_str(s.description.as_deref());
+                // Hashed only when set, so a state without extra players keeps its digest.
+                if let Some(p) = &s.plays {
+                    h.str("plays");
+                    h.str(p.as_str());
+                }
             }
             h.u64(app.subscribers.len() as u64);
             for ((stream, id), s) in &app.subscribers {

@@ -35,6 +35,7 @@ fn examples() -> Vec<Event> {
         AppSecretRemoved { app: app(), kind: SecretKind::SrtPassphrase }.into(),
         AppDeleted { app: app() }.into(),
         StreamRegistered {
+            plays: None,
             app: app(),
             name: name("cam1"),
             publish_name: Some(name("cam1-key")),

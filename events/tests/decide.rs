@@ -515,3 +515,55 @@ fn the_public_stream_maps_publish_names_without_deciding() {
     other.app = AppName::parse("elsewhere").unwrap();
     assert_eq!(sluice_events::decide::public_stream(&w.state, &other).as_str(), "cam1");
 }
+
+#[test]
+fn extra_player_names_play_the_publisher_and_outlive_the_first() {
+    // SRT Live Server's many player ids per publisher.
+    let mut w = world(&[Method::Open]);
+    let public = |w: &Given, action, name: &str| {
+        sluice_events::decide::public_stream(&w.state, &request(action, name, Credential::default())).to_string()
+    };
+    let player = |name: &str, plays: &str| Command::RegisterPlayer {
+        app: app(),
+        name: name.parse().unwrap(),
+        plays: plays.parse().unwrap(),
+        description: None,
+    };
+    w.command(player("cam1-b", "cam1-key"), T0).unwrap();
+    w.command(player("cam1-c", "cam1-key"), T0).unwrap();
+    // Another player of a stream without a publish name plays under that stream's name.
+    w.command(player("cam2-b", "cam2"), T0).unwrap();
+    assert!(w.command(player("x", "nothing"), T0).is_err(), "no such publisher");
+    assert!(w.command(player("x", "cam1-b"), T0).is_err(), "an extra player publishes nothing");
+    assert!(w.command(player("cam1", "cam2"), T0).is_err(), "taken");
+    assert!(w.when(&request(PLAY, "cam1-b", Credential::default()), T0).is_allow());
+    assert_eq!(public(&w, PLAY, "cam1-b"), "cam1");
+    assert_eq!(public(&w, PLAY, "cam2-b"), "cam2");
+    assert_eq!(
+        w.when(&request(PUB, "cam1-b", Credential::default()), T0).reason,
+        Reason::PublishNameRequired,
+        "an extra player name does not publish"
+    );
+    // The first player goes: the next one by name takes the publish name over, the others
+    // follow, and the publisher still publishes.
+    w.command(Command::DeleteStream { app: app(), name: name("cam1") }, T0).unwrap();
+    assert_eq!(public(&w, PUB, "cam1-key"), "cam1-b");
+    assert_eq!(public(&w, PLAY, "cam1-c"), "cam1-b");
+    assert!(w.when(&request(PUB, "cam1-key", Credential::default()), T0).is_allow());
+    // A new publish name carries its players along.
+    w.command(
+        Command::UpdateStream {
+            app: app(),
+            name: name("cam1-b"),
+            publish_name: Some(name("cam1-new")),
+            description: None,
+        },
+        T0,
+    )
+    .unwrap();
+    assert_eq!(public(&w, PLAY, "cam1-c"), "cam1-b");
+    assert_eq!(public(&w, PUB, "cam1-new"), "cam1-b");
+    let update_player =
+        Command::UpdateStream { app: app(), name: name("cam1-c"), publish_name: Some(name("k")), description: None };
+    assert!(w.command(update_player, T0).is_err(), "an extra player takes no publish name");
+}

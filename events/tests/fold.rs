@@ -192,6 +192,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
         Just(AppCreated { app: app(), policy: Policy::default() }.into()),
         Just(AppDeleted { app: app() }.into()),
         (arb_stream(), prop::option::of(arb_name())).prop_map(|(n, p)| StreamRegistered {
+            plays: None,
             app: app(),
             name: n,
             publish_name: p.map(|p: String| name(p.as_str())),
@@ -323,8 +324,14 @@ fn each_burst_starts_from_the_spare_caught_up_or_from_a_copy_while_a_reader_hold
             let event: Event = if p == 1 {
                 AppCreated { app: app(), policy: Policy::default() }.into()
             } else {
-                StreamRegistered { app: app(), name: name(&format!("s{p}")), publish_name: None, description: None }
-                    .into()
+                StreamRegistered {
+                    plays: None,
+                    app: app(),
+                    name: name(&format!("s{p}")),
+                    publish_name: None,
+                    description: None,
+                }
+                .into()
             };
             record(p, event)
         })

@@ -41,7 +41,7 @@ fn state(key: &SealingKey) -> AuthState {
     for i in 0..STREAMS {
         let a = apps[(i % apps.len() as u64) as usize];
         let name = StreamName::parse(&format!("s{i}")).unwrap();
-        events.push(StreamRegistered { app: app(a), name, publish_name: None, description: None }.into());
+        events.push(StreamRegistered { plays: None, app: app(a), name, publish_name: None, description: None }.into());
     }
     for t in 0..TOKENS {
         let stream = 3 + 6 * (t % (STREAMS / 6));

@@ -97,6 +97,7 @@ async fn run() {
         .unwrap();
     for i in 0..STREAMS {
         let e: Event = StreamRegistered {
+            plays: None,
             app: live.clone(),
             name: StreamName::parse(&format!("cam{i}")).unwrap(),
             publish_name: None,
@@ -202,6 +203,7 @@ async fn run() {
             let live = live.clone();
             async move {
                 let e: Event = StreamRegistered {
+                    plays: None,
                     app: live,
                     name: StreamName::parse(&format!("burst{i}")).unwrap(),
                     publish_name: None,

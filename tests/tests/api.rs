@@ -875,9 +875,35 @@ async fn sls_compatibility_shapes() {
     insta::assert_snapshot!("sls_stats_404", r.text);
     // A publisher key is looked up too, but only a live one (find_publisher_by_player_key).
     assert_eq!(api.call(Method::GET, "/stats/studio_1", None, None).await.status, StatusCode::NOT_FOUND);
+    // More player ids for the same publisher (the UI's "add player"), listed with it; the
+    // stats of one are the publisher's.
+    for player in ["live_b", "live_c"] {
+        let body = json!({"publisher": "studio_1", "player": player});
+        let r = api.call(Method::POST, "/api/stream-ids", Some(&admin), Some(body)).await;
+        assert_eq!((r.status, r.body["status"].as_str()), (StatusCode::OK, Some("success")), "{:?}", r.body);
+    }
+    let listed = |r: &Reply| -> Vec<(String, String)> {
+        r.body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d["publisher"].as_str().unwrap().to_owned(), d["player"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let r = api.call(Method::GET, "/api/stream-ids", Some(&admin), None).await;
+    assert_eq!(
+        listed(&r),
+        [("studio_1", "live_b"), ("studio_1", "live_c"), ("studio_1", "live_stream")]
+            .map(|(a, b)| (a.into(), b.into()))
+    );
+    let r = api.call(Method::GET, "/stats/live_b", None, None).await;
+    assert_eq!((r.status, r.body["message"].as_str()), (StatusCode::OK, Some("Publisher is currently not streaming")));
     let r = api.call(Method::DELETE, "/api/stream-ids/live_stream", Some(&admin), None).await;
     assert_eq!(r.status, StatusCode::OK);
     insta::assert_snapshot!("sls_delete", r.text);
+    // The first player id went; the publisher and its other player ids stay.
+    let r = api.call(Method::GET, "/api/stream-ids", Some(&admin), None).await;
+    assert_eq!(listed(&r), [("studio_1", "live_b"), ("studio_1", "live_c")].map(|(a, b)| (a.into(), b.into())));
     let r = api.call(Method::DELETE, "/api/stream-ids/live_stream", Some(&admin), None).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     insta::assert_snapshot!("sls_delete_404", r.text);

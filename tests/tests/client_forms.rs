@@ -65,6 +65,11 @@ async fn the_urls_people_already_type_are_decided_as_they_mean() {
     assert_eq!(reject_code(w.srt, "uplive.sls.com/live/cam").await, 0);
     assert_eq!(reject_code(w.srt, "cam").await, 0);
     assert_eq!(reject_code(w.srt, "live/sec-4f1c9e").await, 1409, "the publish name publishes: busy");
+    // Another player id for the same publisher, through SLS's API, plays it.
+    let second = json!({"publisher": "sec-4f1c9e", "player": "cam-b"});
+    assert_eq!(post(&http, plane.cp, "/api/stream-ids", second).await["status"], "success");
+    until("the second player id plays", || async { reject_code(w.srt, "cam-b").await == 0 }).await;
+    assert_eq!(reject_code(w.srt, "live/cam-b").await, 0);
 
     // What cannot be read is refused 1400 and recorded (`malformed`, under `-`/`-`), with
     // nothing of the raw streamid kept; explain has nothing to replay.
@@ -395,6 +400,13 @@ async fn ant_media_rest_v2_follows_a_real_publisher() {
     let (_, stats) = get(&http, format!("{base}/stream1/subscriber-stats/list/0/10")).await;
     assert_eq!(stats[0]["subscriberId"], "publisherA");
     assert_eq!(stats[0]["connectionEvents"].as_array().unwrap().len(), 1, "{stats}");
+    // Another player name for the stream plays it over RTMP (the media is the publisher's).
+    let extra =
+        post(&http, plane.cp, "/v1/apps/LiveApp/streams", json!({"name": "stream1-b", "plays": "stream1"})).await;
+    assert_eq!(extra["plays"], "stream1");
+    let url = format!("rtmp://127.0.0.1:{}/LiveApp/stream1-b", w.rtmp);
+    let played = tokio::task::spawn_blocking(move || ffmpeg_play(&url)).await.unwrap();
+    assert!(played.status.success() && stderr(&played).contains("frame="), "{}", stderr(&played));
     let _ = ffmpeg.kill();
     let _ = ffmpeg.wait();
 }

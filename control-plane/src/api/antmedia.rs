@@ -259,7 +259,7 @@ pub(super) async fn create_broadcast(
             })
         })
         .await?;
-    let stream = sluice_events::state::Stream { publish_name: None, description: description.clone() };
+    let stream = sluice_events::state::Stream { publish_name: None, description: description.clone(), plays: None };
     let body = AmsBroadcast { name: req.name, date: now.0, ..broadcast_of(&api, &app, &id, &stream) };
     Ok((StatusCode::OK, Json(body)).into_response())
 }

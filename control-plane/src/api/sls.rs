@@ -130,7 +130,7 @@ pub(super) async fn list(State(api): State<ApiState>) -> Result<Response, ApiErr
             a.streams
                 .iter()
                 .map(|(n, s)| StreamId {
-                    publisher: s.publish_name.as_ref().unwrap_or(n).to_string(),
+                    publisher: s.publish_name.as_ref().or(s.plays.as_ref()).unwrap_or(n).to_string(),
                     player: n.to_string(),
                     description: s.description.clone(),
                 })
@@ -151,12 +151,28 @@ pub(super) async fn add(
     let app = api.sls_app.clone();
     let result = api
         .writer
-        .run(&ctx.origin(), now(), |_| {
-            Ok(Command::RegisterStream {
-                app: app.clone(),
-                name: player.clone(),
-                publish_name: publish_name.clone(),
-                description: req.description.clone(),
+        .run(&ctx.origin(), now(), |state| {
+            // A publisher that is already registered gets another player id (SLS keeps many
+            // per publisher): a name that plays it.
+            let existing = state.apps.get(&app).is_some_and(|a| {
+                publish_name.as_ref().is_some_and(|p| {
+                    a.publish_names.contains_key(p)
+                        || a.streams.get(p).is_some_and(|s| s.publish_name.is_none() && s.plays.is_none())
+                })
+            });
+            Ok(match (&publish_name, existing) {
+                (Some(p), true) => Command::RegisterPlayer {
+                    app: app.clone(),
+                    name: player.clone(),
+                    plays: p.clone(),
+                    description: req.description.clone(),
+                },
+                _ => Command::RegisterStream {
+                    app: app.clone(),
+                    name: player.clone(),
+                    publish_name: publish_name.clone(),
+                    description: req.description.clone(),
+                },
             })
         })
         .await;
@@ -266,8 +282,10 @@ pub(super) async fn stats(
     // A player id, or (OpenIRL's fallback) the key of a publisher, which counts only while live.
     let found = id.as_ref().and_then(|id| {
         let app = app?;
-        if app.streams.contains_key(id) {
-            Some((id.clone(), false))
+        if let Some(s) = app.streams.get(id) {
+            // Another player id of a publisher: the stats of what it plays.
+            let primary = s.plays.as_ref().map_or(id, |p| app.publish_names.get(p).unwrap_or(p));
+            Some((primary.clone(), false))
         } else {
             app.publish_names.get(id).map(|public| (public.clone(), true))
         }

@@ -25,6 +25,11 @@ pub struct RegisterStream {
     pub publish_name: Option<StreamName>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Another player name for a stream that is registered: the publish name (or the name,
+    /// for a stream without one) whose media this name plays. Such a name does not publish,
+    /// and outlives the first stream (SRT Live Server's many player ids per publisher).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plays: Option<StreamName>,
 }
 
 /// A partial update: an absent field is kept, `null` clears it.
@@ -45,6 +50,9 @@ pub struct StreamView {
     pub name: StreamName,
     pub publish_name: Option<StreamName>,
     pub description: Option<String>,
+    /// For another player name: what it plays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plays: Option<StreamName>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -92,6 +100,7 @@ pub fn view(app: &AppName, name: &StreamName, s: &Stream) -> StreamView {
         name: name.clone(),
         publish_name: s.publish_name.clone(),
         description: s.description.clone(),
+        plays: s.plays.clone(),
     }
 }
 
@@ -104,13 +113,23 @@ pub(super) async fn register(
     let app = app_name(&app)?;
     let committed = api
         .writer
-        .run(&ctx.origin(), now(), |_| {
-            Ok(Command::RegisterStream {
+        .run(&ctx.origin(), now(), |_| match (&req.plays, &req.publish_name) {
+            (Some(_), Some(_)) => Err(sluice_events::Rejection::Invalid {
+                field: "plays",
+                detail: "another player name has no publish_name".into(),
+            }),
+            (Some(plays), None) => Ok(Command::RegisterPlayer {
+                app: app.clone(),
+                name: req.name.clone(),
+                plays: plays.clone(),
+                description: req.description.clone(),
+            }),
+            (None, _) => Ok(Command::RegisterStream {
                 app: app.clone(),
                 name: req.name.clone(),
                 publish_name: req.publish_name.clone(),
                 description: req.description.clone(),
-            })
+            }),
         })
         .await?;
     let state = api.writer.projection().current();

@@ -282,7 +282,7 @@ impl Conn {
         let request =
             AccessRequest::malformed(uuid::Uuid::now_v7(), action, sluice_events::Protocol::Rtmp, self.peer.ip());
         let (reply, _) = oneshot::channel();
-        if self.ctx.jobs.try_send(AdmitJob { request, live: false, malformed: true, reply }).is_err() {
+        if self.ctx.jobs.try_send(AdmitJob { request, live: false, malformed: true, live_as: None, reply }).is_err() {
             tracing::debug!(peer = %self.peer, "a malformed request was not recorded: the admission queue is full");
         }
     }
@@ -291,7 +291,10 @@ impl Conn {
     async fn admit(&self, request: AccessRequest) -> Result<Admitted, Refusal> {
         let (reply, answer) = oneshot::channel();
         let live = request.action == Action::Publish || self.ctx.live(&(request.app.clone(), request.stream.clone()));
-        if self.ctx.jobs.try_send(AdmitJob { request, live, malformed: false, reply }).is_err() {
+        let directory = self.ctx.directory.clone();
+        let live_as = super::ctx::LiveCheck(Box::new(move |key| directory.live(key).is_some()));
+        let job = AdmitJob { request, live, malformed: false, live_as: Some(live_as), reply };
+        if self.ctx.jobs.try_send(job).is_err() {
             return Err(Refusal::Unavailable("the admission queue is full".to_owned()));
         }
         answer.await.unwrap_or_else(|_| Err(Refusal::Unavailable("the admission step stopped".to_owned())))

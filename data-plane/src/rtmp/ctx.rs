@@ -67,7 +67,19 @@ pub struct AdmitJob {
     pub live: bool,
     /// The request could not be read: only recorded (`Decider::record_malformed`), refused.
     pub malformed: bool,
+    /// For a play that is not live under the name asked for: whether the public name it
+    /// resolves to (another player id of a publisher) is live on this worker.
+    pub live_as: Option<LiveCheck>,
     pub reply: oneshot::Sender<Result<Admitted, Refusal>>,
+}
+
+/// Whether a stream is live on any media thread (the directory, shared by them).
+pub struct LiveCheck(pub Box<dyn Fn(&Key) -> bool + Send>);
+
+impl std::fmt::Debug for LiveCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LiveCheck")
+    }
 }
 
 /// Runs the media threads' admissions on the tokio runtime.
@@ -82,7 +94,12 @@ pub async fn serve_admissions(admission: Admission, mut jobs: mpsc::Receiver<Adm
                     Err(e) => Err(Refusal::Unavailable(e.to_string())),
                 }
             } else {
-                admission.admit(job.request, job.live).await
+                let live = job.live
+                    || job.live_as.as_ref().is_some_and(|live_as| {
+                        let public = sluice_events::decide::public_stream(&admission.decider.shared.state.load(), r);
+                        public != r.stream && (live_as.0)(&(r.app.clone(), public))
+                    });
+                admission.admit(job.request, live).await
             };
             let _ = job.reply.send(answer);
         });

@@ -151,7 +151,12 @@ async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub
             return;
         }
     };
-    let live = req.action == Action::Publish || hub.is_live(&(req.app.clone(), req.stream.clone()));
+    // Live under the public name the request resolves to (another player id of a publisher
+    // plays the publisher's stream).
+    let live = req.action == Action::Publish || {
+        let public = sluice_events::decide::public_stream(&admission.decider.shared.state.load(), &req);
+        hub.is_live(&(req.app.clone(), public))
+    };
     let admitted = match admission.admit(req, live).await {
         Ok(a) => a,
         Err(Refusal::Refused(record)) => {

@@ -32,7 +32,7 @@ use crate::secret::{Keyring, Sealed, Sha256Digest};
 pub const MAGIC: &[u8; 16] = b"SLUICE-SNAPSHOT\0";
 /// Bumped when the body's layout changes; a reader refuses a newer one, and an older one
 /// (the worker then catches up from the log instead). 2: a subscriber's block names its
-/// action.
+/// action, and a stream may be an extra player name (`plays`).
 pub const SCHEMA: u16 = 2;
 const HEADER: usize = 16 + 2 + 8 + 8 + 32 + 32 + 8;
 /// A body larger than this is refused before allocating (1M tokens take ~70 MB).
@@ -79,9 +79,12 @@ struct SnapApp {
     policy: String,
     secrets: Vec<(SecretKind, Sealed)>,
     jwks: Option<String>,
-    streams: Vec<(StreamName, Option<StreamName>, Option<String>)>,
+        streams: Vec<SnapStream>,
     subscribers: Vec<SnapSubscriber>,
 }
+
+/// (name, publish name, description, plays)
+type SnapStream = (StreamName, Option<StreamName>, Option<String>, Option<StreamName>);
 
 #[derive(Serialize, Deserialize)]
 struct SnapSubscriber {
@@ -121,7 +124,7 @@ pub fn encode_with_digest(state: &AuthState, digest: Sha256Digest) -> Vec<u8> {
             streams: app
                 .streams
                 .iter()
-                .map(|(n, s)| (n.clone(), s.publish_name.clone(), s.description.clone()))
+                .map(|(n, s)| (n.clone(), s.publish_name.clone(), s.description.clone(), s.plays.clone()))
                 .collect(),
             subscribers: app
                 .subscribers
@@ -236,8 +239,8 @@ pub fn decode(bytes: &[u8], keyring: Option<Arc<Keyring>>) -> Result<(AuthState,
                 serde_json::from_str(&raw).map_err(|e| SnapshotError::Body(format!("jwks of {}: {e}", a.name)))?;
             app.jwks = Some(Jwks::from_raw(raw));
         }
-        for (name, publish_name, description) in a.streams {
-            app.add_stream(name, publish_name, description);
+        for (name, publish_name, description, plays) in a.streams {
+            app.add_stream(name, publish_name, description, plays);
         }
         for s in a.subscribers {
             let id = (&a.name, &s.stream, &s.id);

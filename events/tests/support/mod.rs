@@ -118,9 +118,15 @@ pub fn world(methods: &[Method]) -> Given {
         }
         .into(),
         JwksRefreshed { app: app(), jwks }.into(),
-        StreamRegistered { app: app(), name: name("cam1"), publish_name: Some(name("cam1-key")), description: None }
-            .into(),
-        StreamRegistered { app: app(), name: name("cam2"), publish_name: None, description: None }.into(),
+        StreamRegistered {
+            plays: None,
+            app: app(),
+            name: name("cam1"),
+            publish_name: Some(name("cam1-key")),
+            description: None,
+        }
+        .into(),
+        StreamRegistered { plays: None, app: app(), name: name("cam2"), publish_name: None, description: None }.into(),
         SubscriberAdded {
             app: app(),
             stream: name("cam1"),
