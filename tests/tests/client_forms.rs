@@ -410,3 +410,116 @@ async fn ant_media_rest_v2_follows_a_real_publisher() {
     let _ = ffmpeg.kill();
     let _ = ffmpeg.wait();
 }
+
+/// NOALBS (NOALBS/nginx-obs-automatic-low-bitrate-switching) switches scenes on `/stats`.
+/// Its three SRT server types, transcribed from `src/stream_servers/openirl.rs`, `sls.rs` and
+/// `belabox.rs`: the request (a GET of the configured stats URL, 200 required), where each
+/// looks (`publisher`, or `publishers[<publisher>]`) and the struct it parses. Each must
+/// parse Sluice's `/stats` while the publisher is live and find nothing once it is gone
+/// (NOALBS's offline scene).
+mod noalbs {
+    use serde::Deserialize;
+    use serde_json::Value;
+
+    /// `openirl.rs` `Stat` (OpenIRL type; stats URL `/stats/<player>`).
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    pub struct OpenIrlStat {
+        pub bitrate: u32,
+        pub buffer: u32,
+        pub dropped_pkts: u64,
+        #[serde(default)]
+        pub latency: Option<u16>,
+        #[serde(default)]
+        pub rtt: Option<f64>,
+        pub uptime: u64,
+    }
+
+    /// `sls.rs` `Stat` (SrtLiveServer type; stats URL `/stats/<player>?legacy=1`, publisher
+    /// `live`).
+    #[derive(Deserialize, Debug)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    pub struct SlsStat {
+        pub bitrate: i64,
+        pub bytes_rcv_drop: u64,
+        pub bytes_rcv_loss: u64,
+        pub mbps_bandwidth: f64,
+        pub mbps_recv_rate: f64,
+        pub ms_rcv_buf: i32,
+        pub pkt_rcv_drop: i32,
+        pub pkt_rcv_loss: i32,
+        pub rtt: f64,
+        pub uptime: i64,
+    }
+
+    /// `belabox.rs` `Stat` (Belabox type; stats URL `/stats/<player>?belabox=1`, publisher
+    /// `live`).
+    #[derive(Deserialize, Debug)]
+    #[allow(dead_code)]
+    pub struct BelaboxStat {
+        pub bitrate: i64,
+        pub rtt: f64,
+        pub dropped_pkts: i32,
+    }
+
+    /// `get_stats` of each type: `None` is NOALBS's offline.
+    pub async fn get(url: &str) -> Option<Value> {
+        let res = reqwest::get(url).await.ok()?;
+        if res.status() != reqwest::StatusCode::OK {
+            return None;
+        }
+        serde_json::from_str(&res.text().await.ok()?).ok()
+    }
+
+    pub async fn openirl(url: &str) -> Option<OpenIrlStat> {
+        let data = get(url).await?;
+        serde_json::from_value(data.get("publisher")?.to_owned()).ok()
+    }
+
+    pub async fn sls(url: &str, publisher: &str) -> Option<SlsStat> {
+        let data = get(url).await?;
+        serde_json::from_value(data["publishers"][publisher].to_owned()).ok()
+    }
+
+    pub async fn belabox(url: &str, publisher: &str) -> Option<BelaboxStat> {
+        let data = get(url).await?;
+        serde_json::from_value(data["publishers"][publisher].to_owned()).ok()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn noalbs_reads_sluice_stats_as_each_of_its_srt_server_types() {
+    let plane = Plane::start("noalbs").await;
+    let http = plane.http.clone();
+    let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]}});
+    put_policy(&http, plane.cp, "live", &open).await;
+    let sid = json!({"publisher": "publish_feed1", "player": "play_feed1"});
+    assert_eq!(post(&http, plane.cp, "/api/stream-ids", sid).await["status"], "success");
+    let w = media_worker(&plane, "w1", &[]);
+    ready_at_head(&http, &plane.store, w.admin).await;
+    let stats = format!("http://127.0.0.1:{}/stats/play_feed1", plane.cp);
+    let (openirl, legacy, belabox) = (stats.clone(), format!("{stats}?legacy=1"), format!("{stats}?belabox=1"));
+    // Registered, nothing live: every type sees it offline.
+    assert!(noalbs::openirl(&openirl).await.is_none());
+    assert!(noalbs::sls(&legacy, "live").await.is_none());
+    assert!(noalbs::belabox(&belabox, "live").await.is_none());
+
+    let publisher = srt_publisher(w.srt, "publish_feed1").await;
+    until("every NOALBS type reads the live publisher", || async {
+        noalbs::openirl(&openirl).await.is_some_and(|s| s.bitrate > 0 && s.uptime < 3600)
+            && noalbs::sls(&legacy, "live").await.is_some_and(|s| s.bitrate > 0)
+            && noalbs::belabox(&belabox, "live").await.is_some_and(|s| s.bitrate > 0)
+    })
+    .await;
+    let s = noalbs::openirl(&openirl).await.unwrap();
+    assert!(s.rtt.is_some() && s.latency.is_some(), "{s:?}");
+
+    publisher.abort();
+    until("every NOALBS type sees the publisher gone", || async {
+        noalbs::openirl(&openirl).await.is_none()
+            && noalbs::sls(&legacy, "live").await.is_none()
+            && noalbs::belabox(&belabox, "live").await.is_none()
+    })
+    .await;
+}

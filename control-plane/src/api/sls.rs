@@ -52,6 +52,9 @@ pub struct StatsQuery {
     pub reset: Option<String>,
     /// `1` for the legacy shape.
     pub legacy: Option<String>,
+    /// `1` for the BELABOX receiver's shape (NOALBS's `Belabox` type): the modern members
+    /// under `publishers.live`.
+    pub belabox: Option<String>,
 }
 
 fn name(field: &str, value: &str) -> Result<StreamName, ApiError> {
@@ -85,8 +88,16 @@ struct Stats {
     #[serde(skip_serializing_if = "Option::is_none")]
     publisher: Option<PublisherStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    publishers: Option<std::collections::BTreeMap<&'static str, LegacyPublisher>>,
+    publishers: Option<Publishers>,
     status: &'static str,
+}
+
+/// `publishers`: OpenIRL's legacy members, or (`belabox=1`) the modern ones, by key.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum Publishers {
+    Legacy(std::collections::BTreeMap<&'static str, LegacyPublisher>),
+    Belabox(std::collections::BTreeMap<&'static str, PublisherStats>),
 }
 
 /// `create_json_stats_for_publisher`, members sorted.
@@ -291,6 +302,7 @@ pub(super) async fn stats(
         }
     });
     let legacy = q.legacy.as_deref() == Some("1");
+    let belabox = q.belabox.as_deref() == Some("1") && !legacy;
     let invalid = || {
         let body = Stats { message: Some("Invalid player key"), publisher: None, publishers: None, status: "error" };
         (StatusCode::NOT_FOUND, Json(body)).into_response()
@@ -304,7 +316,7 @@ pub(super) async fn stats(
         let body = Stats {
             message: Some("Publisher is currently not streaming"),
             publisher: None,
-            publishers: legacy.then(Default::default),
+            publishers: (legacy || belabox).then(|| Publishers::Legacy(Default::default())),
             status: "ok",
         };
         return Ok(Json(body).into_response());
@@ -338,7 +350,7 @@ pub(super) async fn stats(
             rtt,
             uptime: live.uptime_secs,
         };
-        let publishers = Some([("live", publisher)].into_iter().collect());
+        let publishers = Some(Publishers::Legacy([("live", publisher)].into_iter().collect()));
         return Ok(Json(Stats { message: None, publisher: None, publishers, status: "ok" }).into_response());
     }
     let publisher = PublisherStats {
@@ -349,6 +361,10 @@ pub(super) async fn stats(
         rtt,
         uptime: live.uptime_secs,
     };
+    if belabox {
+        let publishers = Some(Publishers::Belabox([("live", publisher)].into_iter().collect()));
+        return Ok(Json(Stats { message: None, publisher: None, publishers, status: "ok" }).into_response());
+    }
     Ok(Json(Stats { message: None, publisher: Some(publisher), publishers: None, status: "ok" }).into_response())
 }
 
@@ -409,7 +425,7 @@ mod tests {
         let legacy = Stats {
             message: None,
             publisher: None,
-            publishers: Some([("live", live)].into_iter().collect()),
+            publishers: Some(Publishers::Legacy([("live", live)].into_iter().collect())),
             status: "ok",
         };
         assert_eq!(
@@ -419,6 +435,19 @@ mod tests {
                 r#""mbpsBandwidth":330.828,"mbpsRecvRate":3.3834749940744926,"msRcvBuf":2972,"pktRcvDrop":0,"#,
                 r#""pktRcvLoss":3636,"rtt":32.23,"uptime":38}},"status":"ok"}"#
             )
+        );
+        // `belabox=1`: the modern members under `publishers.live` (NOALBS's Belabox type).
+        let publisher =
+            PublisherStats { bitrate: 2261, buffer: 2990, dropped_pkts: 4, latency: 3000, rtt: 33.494, uptime: 7 };
+        let belabox = Stats {
+            message: None,
+            publisher: None,
+            publishers: Some(Publishers::Belabox([("live", publisher)].into_iter().collect())),
+            status: "ok",
+        };
+        assert_eq!(
+            serde_json::to_string(&belabox).unwrap(),
+            r#"{"publishers":{"live":{"bitrate":2261,"buffer":2990,"dropped_pkts":4,"latency":3000,"rtt":33.494,"uptime":7}},"status":"ok"}"#
         );
     }
 }

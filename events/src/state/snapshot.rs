@@ -79,7 +79,7 @@ struct SnapApp {
     policy: String,
     secrets: Vec<(SecretKind, Sealed)>,
     jwks: Option<String>,
-        streams: Vec<SnapStream>,
+    streams: Vec<SnapStream>,
     subscribers: Vec<SnapSubscriber>,
 }
 
