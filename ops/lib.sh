@@ -76,6 +76,11 @@ ensure_media_clients() {
     apt_install gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
       gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
   fi
+  # VLC 3.0 (run as a non-root user by the client suite): RTMP through libavformat
+  # (plugins-base), SRT through access_srt (access-extra).
+  if ! command -v cvlc >/dev/null || ! ls /usr/lib/*/vlc/plugins/access/libaccess_srt_plugin.so >/dev/null 2>&1; then
+    apt_install vlc-bin vlc-plugin-base vlc-plugin-access-extra
+  fi
 }
 
 ensure_rust() {

@@ -26,6 +26,11 @@ use crate::sessions::Session;
 pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A player may stay silent far longer: it only acknowledges its window now and then.
 pub(super) const PLAYER_IDLE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// After a refusal, how long the worker keeps reading (and discarding) before it closes. The
+/// refusal and a half-close go out first; a client still writing meanwhile (librtmp sends its
+/// next commands without waiting) must not meet a reset socket: librtmp dies of SIGPIPE then,
+/// without printing anything.
+pub(super) const REFUSAL_LINGER: Duration = Duration::from_secs(2);
 
 /// What a connection is doing.
 pub(super) enum Role {
@@ -49,6 +54,8 @@ pub(super) struct Conn {
     pub(super) unfinished: usize,
     /// Until the connection publishes or plays, its input is fed a message at a time.
     pub(super) splitter: Option<super::input::Splitter>,
+    /// A refusal went out: the connection lingers (`REFUSAL_LINGER`) before it closes.
+    pub(super) refused: bool,
 }
 
 pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) {
@@ -94,6 +101,7 @@ pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx
         done: Vec::new(),
         unfinished: 0,
         splitter: Some(super::input::Splitter::default()),
+        refused: false,
     };
     let mut ok = conn.results(results).await;
     if ok && !leftover.is_empty() {
@@ -138,7 +146,21 @@ pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx
             }
         }
     }
+    if conn.refused {
+        linger(&mut rd, vec![0u8; 4096], REFUSAL_LINGER).await;
+    }
     conn.finish();
+}
+
+/// Reads and discards until the peer closes, fails, or `bound` passes.
+async fn linger(rd: &mut impl AsyncReadRent, mut buf: Vec<u8>, bound: Duration) {
+    let until = Instant::now() + bound;
+    while let Some(left) = until.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()) {
+        match monoio::time::timeout(left, rd.read(buf)).await {
+            Ok((Ok(n), b)) if n > 0 => buf = b,
+            _ => return,
+        }
+    }
 }
 
 pub(super) async fn handshake(
@@ -274,6 +296,7 @@ impl Conn {
             }
         }
         let _ = self.out.unbounded_send(Out::Close);
+        self.refused = true;
         false
     }
 
