@@ -904,6 +904,20 @@ async fn sls_compatibility_shapes() {
     // The first player id went; the publisher and its other player ids stay.
     let r = api.call(Method::GET, "/api/stream-ids", Some(&admin), None).await;
     assert_eq!(listed(&r), [("studio_1", "live_b"), ("studio_1", "live_c")].map(|(a, b)| (a.into(), b.into())));
+    // Stream ids in SLS's streamid forms (`host/app/name`, `app/name`) name the stream in
+    // SLS's app; another app is refused.
+    let body = json!({"publisher": "uplive.sls.com/live/pub_y", "player": "live/play_y"});
+    let r = api.call(Method::POST, "/api/stream-ids", Some(&admin), Some(body)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    let r = api.call(Method::GET, "/api/stream-ids", Some(&admin), None).await;
+    assert!(listed(&r).contains(&("pub_y".into(), "play_y".into())), "{:?}", r.body);
+    let r = api.call(Method::GET, "/stats/live%2Fplay_y", None, None).await;
+    assert_eq!((r.status, r.body["message"].as_str()), (StatusCode::OK, Some("Publisher is currently not streaming")));
+    let body = json!({"publisher": "other/pub_z", "player": "play_z"});
+    let r = api.call(Method::POST, "/api/stream-ids", Some(&admin), Some(body)).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = api.call(Method::DELETE, "/api/stream-ids/uplive.sls.com%2Flive%2Fplay_y", Some(&admin), None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let r = api.call(Method::DELETE, "/api/stream-ids/live_stream", Some(&admin), None).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     insta::assert_snapshot!("sls_delete_404", r.text);

@@ -57,8 +57,21 @@ pub struct StatsQuery {
     pub belabox: Option<String>,
 }
 
-fn name(field: &str, value: &str) -> Result<StreamName, ApiError> {
-    StreamName::parse(value).map_err(|e| ApiError::invalid(field, e.to_string()))
+fn name(sls_app: &sluice_events::AppName, field: &str, value: &str) -> Result<StreamName, ApiError> {
+    sls_stream(sls_app, value).map_err(|e| ApiError::invalid(field, e))
+}
+
+/// A stream id as SLS users write it: `name`, `app/name` or `host/app/name` (its streamid
+/// forms, e.g. `uplive.sls.com/live/x`), the app being SLS's (`SLUICE_SLS_APP`).
+fn sls_stream(sls_app: &sluice_events::AppName, value: &str) -> Result<StreamName, String> {
+    let parts: Vec<&str> = value.split('/').collect();
+    let last = match parts.as_slice() {
+        [name] => name,
+        [app, name] | [_, app, name] if *app == sls_app.as_str() => name,
+        [_, _] | [_, _, _] => return Err(format!("the app must be {sls_app} (SRT Live Server's)")),
+        _ => return Err("a name, app/name or host/app/name".into()),
+    };
+    StreamName::parse(last).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Serialize)]
@@ -156,8 +169,8 @@ pub(super) async fn add(
     ctx: Ctx,
     StrictJson(req): StrictJson<StreamId>,
 ) -> Result<Response, ApiError> {
-    let player = name("player", &req.player)?;
-    let publisher = name("publisher", &req.publisher)?;
+    let player = name(&api.sls_app, "player", &req.player)?;
+    let publisher = name(&api.sls_app, "publisher", &req.publisher)?;
     let publish_name = (publisher != player).then_some(publisher);
     let app = api.sls_app.clone();
     let result = api
@@ -204,7 +217,7 @@ pub(super) async fn remove(
     ctx: Ctx,
     Path(player_id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let Ok(player) = StreamName::parse(&player_id) else { return Err(sls_not_found()) };
+    let Ok(player) = sls_stream(&api.sls_app, &player_id) else { return Err(sls_not_found()) };
     let app = api.sls_app.clone();
     let result = api
         .writer
@@ -289,7 +302,7 @@ pub(super) async fn stats(
 ) -> Result<Response, ApiError> {
     let state = api.writer.projection().current();
     let app = state.apps.get(&api.sls_app);
-    let id = StreamName::parse(&player_id).ok();
+    let id = sls_stream(&api.sls_app, &player_id).ok();
     // A player id, or (OpenIRL's fallback) the key of a publisher, which counts only while live.
     let found = id.as_ref().and_then(|id| {
         let app = app?;
