@@ -906,11 +906,13 @@ async fn sls_compatibility_shapes() {
     assert_eq!(listed(&r), [("studio_1", "live_b"), ("studio_1", "live_c")].map(|(a, b)| (a.into(), b.into())));
     // Stream ids in SLS's streamid forms (`host/app/name`, `app/name`) name the stream in
     // SLS's app; another app is refused.
-    let body = json!({"publisher": "uplive.sls.com/live/pub_y", "player": "live/play_y"});
+    let body = json!({"publisher": "uplive.sls.com/live/pub_y", "player": "live/play_y", "description": ""});
     let r = api.call(Method::POST, "/api/stream-ids", Some(&admin), Some(body)).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     let r = api.call(Method::GET, "/api/stream-ids", Some(&admin), None).await;
     assert!(listed(&r).contains(&("pub_y".into(), "play_y".into())), "{:?}", r.body);
+    let row = r.body["data"].as_array().unwrap().iter().find(|d| d["player"] == "play_y").unwrap().clone();
+    assert!(row.get("description").is_none(), "an empty description is omitted: {row}");
     let r = api.call(Method::GET, "/stats/live%2Fplay_y", None, None).await;
     assert_eq!((r.status, r.body["message"].as_str()), (StatusCode::OK, Some("Publisher is currently not streaming")));
     let body = json!({"publisher": "other/pub_z", "player": "play_z"});

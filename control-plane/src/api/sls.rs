@@ -172,6 +172,8 @@ pub(super) async fn add(
     let player = name(&api.sls_app, "player", &req.player)?;
     let publisher = name(&api.sls_app, "publisher", &req.publisher)?;
     let publish_name = (publisher != player).then_some(publisher);
+    // SLS omits an empty description.
+    let description = req.description.clone().filter(|d| !d.is_empty());
     let app = api.sls_app.clone();
     let result = api
         .writer
@@ -189,13 +191,13 @@ pub(super) async fn add(
                     app: app.clone(),
                     name: player.clone(),
                     plays: p.clone(),
-                    description: req.description.clone(),
+                    description: description.clone(),
                 },
                 _ => Command::RegisterStream {
                     app: app.clone(),
                     name: player.clone(),
                     publish_name: publish_name.clone(),
-                    description: req.description.clone(),
+                    description: description.clone(),
                 },
             })
         })
