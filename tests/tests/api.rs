@@ -1157,6 +1157,13 @@ async fn antmedia_rest_v2_drop_in() {
     }
     let r = call(Method::POST, "/LiveApp/rest/v2/broadcasts/validate-token", Some(json!({"tokenId": "x"}))).await;
     assert_eq!((r.status, r.body["success"].as_bool()), (StatusCode::OK, Some(false)), "a partial Token");
+    // What cannot be read stays 400 (Jersey refuses it before the service runs): a body of
+    // the wrong type, a path parameter that is not a number.
+    let r = call(Method::POST, "/LiveApp/rest/v2/broadcasts/validate-token", Some(json!([null, null]))).await;
+    assert_eq!((r.status, r.body["success"].as_bool()), (StatusCode::BAD_REQUEST, Some(false)));
+    let r = call(Method::GET, "/LiveApp/rest/v2/broadcasts/list/x/10", None).await;
+    assert_eq!((r.status, r.body["success"].as_bool()), (StatusCode::BAD_REQUEST, Some(false)), "{}", r.text);
+    assert_eq!(r.headers["content-type"], "application/json");
     let r = call(Method::DELETE, "/LiveApp/rest/v2/broadcasts/stream1/tokens", None).await;
     insta::assert_snapshot!("ams_revoke_tokens", r.text);
     let r = call(Method::GET, "/LiveApp/rest/v2/broadcasts/stream1/tokens/list/0/10", None).await;

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use schemars::JsonSchema;
@@ -27,7 +27,7 @@ use super::apps::app_name;
 use super::body::StrictJson;
 use super::compat::AmsResult;
 use super::error::ApiError;
-use super::query::Query;
+use super::query::{Path, Query};
 use super::streams::stream_name;
 use super::subscribers::{add_subscriber, remove_subscriber, subscriber_id};
 use super::tokens::{issue_token, mint};
@@ -442,10 +442,13 @@ pub(super) async fn revoke_tokens(
 #[serde(deny_unknown_fields)]
 #[serde(rename_all = "camelCase")]
 pub struct AmsTokenBody {
+    /// Members left out are Jackson's nulls, as Ant reads them: such a token is not valid.
+    #[serde(default)]
     pub token_id: String,
+    #[serde(default)]
     pub stream_id: String,
     /// `publish` or `play`.
-    #[serde(rename = "type")]
+    #[serde(default, rename = "type")]
     pub kind: String,
     #[serde(default)]
     pub expire_date: Option<i64>,

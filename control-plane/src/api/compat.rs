@@ -103,10 +103,13 @@ pub async fn antmedia_envelope(req: Request, next: Next) -> Response {
         req.method() == axum::http::Method::GET && (path.ends_with("/token") || path.ends_with("/jwt-token"));
     let response = next.run(req).await;
     let Some(problem) = response.extensions().get::<Problem>().cloned() else { return response };
-    let refused = matches!(
-        problem.status,
-        StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY
-    );
+    // A request that cannot be read (a body that is not the JSON the route takes, a path
+    // parameter of the wrong type) stays 400, as Jersey answers it before the service runs.
+    let refused = problem.slug != "bad-request"
+        && matches!(
+            problem.status,
+            StatusCode::BAD_REQUEST | StatusCode::NOT_FOUND | StatusCode::CONFLICT | StatusCode::UNPROCESSABLE_ENTITY
+        );
     let body = AmsResult { success: false, message: Some(problem.detail.clone()), data_id: None, error_id: 0 };
     let mut response = rewrap(response, Json(body));
     if refused {
