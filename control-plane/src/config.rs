@@ -107,11 +107,24 @@ impl std::fmt::Debug for ApiSettings {
             .field("admin_user", &self.admin_user.as_ref().map(|(u, _)| u))
             .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "<set>"))
             .field("jwt_jwks_url", &self.jwt_jwks_url)
+            .field("jwt_role_claim", &self.jwt_role_claim)
+            .field("jwt_jwks_refresh_secs", &self.jwt_jwks_refresh_secs)
+            .field("jwt_leeway_secs", &self.jwt_leeway_secs)
+            .field("webhook_allowed", &self.webhook_allowed)
             .field("rate_api", &self.rate_api)
             .field("rate_stats", &self.rate_stats)
             .field("rate_config", &self.rate_config)
             .field("remote_allowed_cidrs", &self.remote_allowed_cidrs)
-            .finish_non_exhaustive()
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("cors_allowed_origins", &self.cors_allowed_origins)
+            .field("sls_cors_origin", &self.sls_cors_origin)
+            .field("content_security_policy", &self.content_security_policy)
+            .field("public_rtmp_url", &self.public_rtmp_url)
+            .field("public_srt_url", &self.public_srt_url)
+            .field("node_stale_secs", &self.node_stale_secs)
+            .field("ready_max_lag_ms", &self.ready_max_lag_ms)
+            .finish()
     }
 }
 
@@ -216,7 +229,8 @@ impl std::fmt::Debug for Config {
     // Never print the database URL (it may carry a password) or any secret.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("nats_url", &self.nats_url)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("nats_url", &redact_url(&self.nats_url))
             .field("api_listen", &self.api_listen)
             .field("bootstrap_admin_key", &self.bootstrap_admin_key.as_ref().map(|_| "<set>"))
             .field("sealing_key", &self.sealing_key.as_ref().map(SealingKey::id))
@@ -295,6 +309,23 @@ impl Config {
     }
 }
 
+/// A URL with its password (if any) replaced by `***`, for printing.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let (authority, tail) = rest.split_once('/').map_or((rest, None), |(a, t)| (a, Some(t)));
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    match tail {
+        Some(t) => format!("{scheme}://{authority}/{t}"),
+        None => format!("{scheme}://{authority}"),
+    }
+}
+
 fn default_instance_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -309,6 +340,31 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn printed_config_redacts_every_secret() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("SLUICE_DATABASE_URL", "postgres://sluice:pg-password-1@db.internal:5432/sluice?sslmode=require"),
+                ("SLUICE_NATS_URL", "nats://worker:nats-password-2@nats.internal:4222"),
+                ("SLUICE_BOOTSTRAP_ADMIN_KEY", "an-admin-key-of-at-least-24-chars"),
+                ("SLUICE_API_JWT_SECRET", "an-api-jwt-secret-of-32-bytes-or-more!!"),
+                ("SLUICE_ADMIN_USERNAME", "ops"),
+                ("SLUICE_ADMIN_PASSWORD", "a-static-admin-password"),
+            ]),
+        )
+        .unwrap();
+        let printed = format!("{c:#?}");
+        for secret in ["pg-password-1", "nats-password-2", "an-admin-key", "an-api-jwt-secret", "a-static-admin"] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        assert!(printed.contains("postgres://sluice:***@db.internal:5432/sluice?sslmode=require"), "{printed}");
+        assert!(printed.contains("nats://worker:***@nats.internal:4222"), "{printed}");
+        assert!(printed.contains("ready_max_lag_ms"), "every setting is printed: {printed}");
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
     }
 
     #[test]

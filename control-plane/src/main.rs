@@ -43,6 +43,9 @@ enum Cmd {
         #[arg(long)]
         read_models: bool,
     },
+    /// Load the settings (file and environment), print the effective configuration with
+    /// secrets redacted, and exit (2 when a setting is wrong).
+    CheckConfig,
     /// Print the JSON Schema of every event (the content of schemas/events.schema.json).
     Schema,
     /// Print the OpenAPI document (the content of schemas/openapi.json).
@@ -128,6 +131,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Cmd::CheckConfig = cli.command {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -248,7 +255,8 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
             }
         }
         Cmd::Serve => serve(pool, config).await?,
-        Cmd::Schema
+        Cmd::CheckConfig
+        | Cmd::Schema
         | Cmd::Openapi
         | Cmd::Keys { .. }
         | Cmd::Apps { .. }

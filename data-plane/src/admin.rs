@@ -206,12 +206,14 @@ async fn decide(State(decider): State<Arc<Decider>>, body: axum::body::Bytes) ->
 }
 
 async fn ready(State(shared): State<Arc<Shared>>) -> (StatusCode, Json<Value>) {
+    let ready = shared.is_ready() && !shared.is_draining();
     let body = json!({
-        "ready": shared.is_ready(),
+        "ready": ready,
+        "draining": shared.is_draining(),
         "synced": shared.synced.load(Ordering::Acquire),
         "position": shared.position().0,
     });
-    let code = if shared.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(body))
 }
 

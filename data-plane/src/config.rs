@@ -36,6 +36,7 @@ const KNOWN: &[&str] = &[
     "node_secret_file",
     "probe_listen",
     "refusal_window_ms",
+    "drain_secs",
     "sls_app",
 ];
 
@@ -92,6 +93,9 @@ pub struct Config {
     pub refusal_window_ms: u64,
     /// SRT Live Server's one app: a bare SRT streamid (`publisher_id`) is a stream of it.
     pub sls_app: sluice_events::AppName,
+    /// On SIGTERM, how long live sessions may go on before the worker exits (a second
+    /// SIGTERM: at once).
+    pub drain_secs: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -122,6 +126,7 @@ impl std::fmt::Debug for Config {
             .field("node_secret", &self.node_secret)
             .field("probe_listen", &self.probe_listen)
             .field("refusal_window_ms", &self.refusal_window_ms)
+            .field("drain_secs", &self.drain_secs)
             .field("sls_app", &self.sls_app)
             .finish()
     }
@@ -191,6 +196,7 @@ impl Config {
             probe_listen: s.optional("probe_listen", "host:port like 0.0.0.0:9936")?,
             refusal_window_ms: s.or("refusal_window_ms", 1000, "milliseconds (0: record each refusal)")?.min(60_000),
             sls_app: sls_app(&s)?,
+            drain_secs: s.or("drain_secs", 30, "seconds")?,
         })
     }
 }

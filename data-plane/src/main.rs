@@ -234,6 +234,7 @@ async fn run(config: Config) -> Result<(), String> {
         merge_write: std::time::Duration::from_millis(config.rtmp_merge_write_ms.min(1000)),
         player_queue: config.rtmp_player_queue,
         player_behind: std::time::Duration::from_secs(config.rtmp_player_behind_secs),
+        drain: shared.draining.subscribe(),
     };
     rtmp::spawn(settings, jobs, decider.gate.clone())
         .map_err(|e| format!("cannot serve RTMP on {} (SLUICE_RTMP_LISTEN): {e}", config.rtmp_listen))?;
@@ -259,8 +260,9 @@ async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_ADMIN_LISTEN): {e}", config.admin_listen))?;
     println!("sluice-dataplane {} admin on http://{}", config.node_id, config.admin_listen);
+    let drained = drain_on_signal(shared.clone(), decider.clone(), Duration::from_secs(config.drain_secs));
     axum::serve(listener, admin::router(shared, decider, node_secret))
-        .with_graceful_shutdown(shutdown())
+        .with_graceful_shutdown(drained)
         .await
         .map_err(|e| e.to_string())?;
     if !tasks.shutdown(Duration::from_secs(5)).await {
@@ -299,14 +301,60 @@ fn node_secret(config: &Config) -> Result<SecretString, String> {
     Ok(SecretString::new(secret))
 }
 
-async fn shutdown() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// SIGTERM (or Ctrl-C) drains the worker: `/ready` turns 503 at once, the listeners take no
+/// one new (RTMP stops accepting, SRT answers 1503), live sessions go on until they end or
+/// `drain` is up, then the decisions still spooled go to NATS (for at most 5 s) and the worker
+/// stops. A second signal stops it at once.
+async fn drain_on_signal(
+    shared: std::sync::Arc<sluice_data_plane::sync::Shared>,
+    decider: std::sync::Arc<sluice_data_plane::decide::Decider>,
+    drain: std::time::Duration,
+) {
+    use std::time::Duration;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut signalled = async || match term.as_mut() {
+        Some(t) => {
+            tokio::select! { _ = t.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+        }
+        None => {
+            let _ = tokio::signal::ctrl_c().await;
         }
     };
-    tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
+    signalled().await;
+    shared.draining.send_replace(true);
+    let live = decider.gate.connections();
+    tracing::info!(
+        live,
+        drain_secs = drain.as_secs(),
+        "draining: /ready is 503, no new connections, live sessions go on"
+    );
+    let deadline = tokio::time::Instant::now() + drain;
+    loop {
+        let live = decider.gate.connections();
+        if live == 0 {
+            tracing::info!("drained: no live sessions left");
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!(live, "drain time is up; closing the sessions still live");
+            break;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = signalled() => {
+                tracing::info!(live, "second signal: stopping now");
+                return;
+            }
+        }
+    }
+    let flush = tokio::time::Instant::now() + Duration::from_secs(5);
+    while decider.spool.backlog() > 0 && tokio::time::Instant::now() < flush {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if decider.spool.backlog() > 0 {
+        tracing::warn!(
+            backlog = decider.spool.backlog(),
+            "decisions not yet in NATS stay in the spool for the next start"
+        );
+    }
 }

@@ -38,6 +38,9 @@ pub struct Shared {
     pub digest: AccessDigestMemo,
     /// The applied position, for waiters (`GET /wait`).
     pub applied: tokio::sync::watch::Sender<u64>,
+    /// Set on SIGTERM: `/ready` is 503, the listeners take no one new, live sessions go on
+    /// until they end or the drain time is up.
+    pub draining: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -45,6 +48,7 @@ impl Shared {
         let applied = tokio::sync::watch::Sender::new(state.position().0);
         Arc::new(Shared {
             applied,
+            draining: tokio::sync::watch::Sender::new(false),
             state: ArcSwap::from_pointee(state),
             ready: AtomicBool::new(false),
             synced: AtomicBool::new(false),
@@ -60,6 +64,10 @@ impl Shared {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
     }
 
     /// The access digest of the current tables and the position it holds at (a pass over

@@ -35,6 +35,8 @@ pub struct Settings {
     pub player_queue: usize,
     /// A player whose queue stays full this long is disconnected.
     pub player_behind: Duration,
+    /// Turns true on SIGTERM: the listeners close (live connections go on).
+    pub drain: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Starts the media threads (`settings.threads`, each a monoio runtime with its own
@@ -97,8 +99,13 @@ pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::
                 if !settings.merge_write.is_zero() {
                     monoio::spawn(flush_windows(ctx.clone(), settings.merge_write));
                 }
+                let mut drain = settings.drain.clone();
                 loop {
-                    match listener.accept().await {
+                    let accepted = monoio::select! {
+                        a = listener.accept() => a,
+                        _ = drain.wait_for(|d| *d) => break,
+                    };
+                    match accepted {
                         Ok((stream, peer)) => {
                             let Some(permit) = ctx.gate.admit(peer.ip()) else {
                                 tracing::debug!(%peer, "RTMP connection refused: connection limit");
@@ -119,6 +126,9 @@ pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::
                         }
                     }
                 }
+                // Draining: no new connections; the thread serves its live ones to their end.
+                drop(listener);
+                std::future::pending::<()>().await;
             });
         })?;
     }

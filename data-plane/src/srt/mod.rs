@@ -120,6 +120,12 @@ pub fn access_request(
 /// accepted connection handed to its publisher or player loop.
 async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub: Arc<Hub>) {
     let peer = request.remote();
+    if admission.decider.shared.is_draining() {
+        // The worker is going away: try another (1503), nothing decided. The UDP socket is
+        // every SRT session's, so it stays open for the live ones.
+        let _ = request.reject(RejectReason::Server(ServerRejectReason::Down)).await;
+        return;
+    }
     let Some(permit) = admission.decider.gate.admit(peer.ip()) else {
         tracing::debug!(%peer, "SRT caller refused: connection limit");
         let _ = request.reject(RejectReason::Server(ServerRejectReason::Overload)).await;

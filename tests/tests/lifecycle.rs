@@ -1,0 +1,110 @@
+//! Running it in production (issue #18): a worker drains on SIGTERM. `/ready` turns 503 at
+//! once, RTMP stops accepting and SRT answers 1503, live sessions go on (a player keeps
+//! receiving), and the worker exits 0 once they end, within `SLUICE_DRAIN_SECS`; a second
+//! SIGTERM stops it at once.
+#![allow(clippy::unwrap_used)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+mod cluster;
+use cluster::*;
+
+fn sigterm(pid: u32) {
+    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill -TERM {pid}");
+}
+
+/// Waits (bounded) for the worker to exit; its exit status.
+async fn exited(w: &mut MediaWorker, bound: Duration) -> Option<std::process::ExitStatus> {
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < bound {
+        if let Some(status) = w.process.0.try_wait().unwrap() {
+            return Some(status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_worker_and_live_sessions_go_on() {
+    let plane = Plane::start("drain").await;
+    let http = plane.http.clone();
+    let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]}});
+    post(&http, plane.cp, "/v1/apps", json!({"name": "d", "policy": open})).await;
+    let mut w = media_worker(&plane, "w1", &[("SLUICE_DRAIN_SECS", "120")]);
+    ready_at_head(&http, &plane.store, w.admin).await;
+    let url = format!("rtmp://127.0.0.1:{}/d/cam", w.rtmp);
+    let mut publisher = ffmpeg_testsrc("flv", &url, 60).spawn().unwrap();
+    until_live(&http, plane.cp, "d", "cam").await;
+    // A player that wants 6 s of media.
+    let player = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-rw_timeout", "10000000", "-i", &url, "-t", "6", "-f", "null", "-"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until("the player is counted", || async {
+        get(&http, format!("http://127.0.0.1:{}/v1/stats/streams/d/cam", plane.cp)).await.1["players"]
+            .as_u64()
+            .is_some_and(|p| p >= 1)
+    })
+    .await;
+
+    sigterm(w.process.0.id());
+    until("/ready is 503 and says draining", || async {
+        let (code, body) = get(&http, format!("http://127.0.0.1:{}/ready", w.admin)).await;
+        code == 503 && body["draining"] == true
+    })
+    .await;
+    // No one new: RTMP's port is closed, an SRT caller is told to try elsewhere (1503).
+    let rtmp_port = w.rtmp;
+    until("the RTMP listener is closed", || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", rtmp_port)).await.is_err()
+    })
+    .await;
+    assert_eq!(reject_code(w.srt, "d/cam").await, 1503);
+    // The player got all it asked for through the drain.
+    let out = tokio::task::spawn_blocking(move || wait_bounded(player, Duration::from_secs(40)))
+        .await
+        .unwrap()
+        .expect("the player ended");
+    let said = stderr(&out);
+    assert!(out.status.success() && said.contains("frame="), "{said}");
+    assert!(w.process.0.try_wait().unwrap().is_none(), "the publisher is still live: the worker waits");
+    // The last session ends: the worker exits 0, long before the drain time is up.
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    let status = exited(&mut w, Duration::from_secs(60)).await.expect("the drained worker exits");
+    assert!(status.success(), "{status:?}");
+    let log = read(&w.log);
+    assert!(log.contains("draining") && log.contains("drained: no live sessions left"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_the_worker_at_once() {
+    let plane = Plane::start("drain2").await;
+    let http = plane.http.clone();
+    let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]}});
+    post(&http, plane.cp, "/v1/apps", json!({"name": "d", "policy": open})).await;
+    let mut w = media_worker(&plane, "w1", &[("SLUICE_DRAIN_SECS", "600")]);
+    ready_at_head(&http, &plane.store, w.admin).await;
+    let mut publisher = ffmpeg_testsrc("flv", &format!("rtmp://127.0.0.1:{}/d/cam", w.rtmp), 120).spawn().unwrap();
+    until_live(&http, plane.cp, "d", "cam").await;
+    sigterm(w.process.0.id());
+    until("draining", || async {
+        get(&http, format!("http://127.0.0.1:{}/ready", w.admin)).await.1["draining"] == true
+    })
+    .await;
+    assert!(w.process.0.try_wait().unwrap().is_none(), "a live publisher holds the drain");
+    sigterm(w.process.0.id());
+    // Far below the 600 s drain.
+    let status = exited(&mut w, Duration::from_secs(60)).await.expect("the second SIGTERM stops the worker");
+    assert!(status.success(), "{status:?}");
+    assert!(read(&w.log).contains("second signal: stopping now"));
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}
