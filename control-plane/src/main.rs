@@ -97,16 +97,28 @@ fn remote(remote: client::Remote, call: Result<client::Call, String>) -> ExitCod
     }
 }
 
+/// A line for the person at the terminal, on stdout; with `SLUICE_LOG_FORMAT=json` (a log
+/// collector reads the output) the log line alone says it.
+fn say(line: &str) {
+    if std::env::var("SLUICE_LOG_FORMAT").as_deref() != Ok("json") {
+        println!("{line}");
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // `SLUICE_LOG_FORMAT`: `text` (default) or `json` (one JSON object a line on stderr).
+    match std::env::var("SLUICE_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("text") => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        Ok("json") => builder.json().flatten_event(true).with_current_span(false).init(),
+        Ok(other) => {
+            eprintln!("sluice-control: SLUICE_LOG_FORMAT={other:?}: expected text or json");
+            return ExitCode::from(2);
+        }
+    }
     match cli.command {
         Cmd::Schema => {
             print!("{}", sluice_events::schema::events_schema_text());
@@ -287,7 +299,8 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
             println!("Generated default admin API key: {secret}");
         }
         Bootstrap::Created { key_id, generated: None } => {
-            println!("==> First start: admin API key {key_id} created from SLUICE_BOOTSTRAP_ADMIN_KEY");
+            tracing::info!(%key_id, "first start: admin API key created from SLUICE_BOOTSTRAP_ADMIN_KEY");
+            say(&format!("==> First start: admin API key {key_id} created from SLUICE_BOOTSTRAP_ADMIN_KEY"));
         }
         Bootstrap::NotNeeded => {}
     }
@@ -346,7 +359,8 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_API_LISTEN): {e}", config.api_listen))?;
     tracing::info!(addr = %config.api_listen, "sluice-control listening");
-    println!("sluice-control listening on http://{}", config.api_listen);
+    tracing::info!(listen = %config.api_listen, instance = %config.instance_id, "sluice-control serving the API");
+    say(&format!("sluice-control listening on http://{}", config.api_listen));
     axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
         .with_graceful_shutdown(shutdown())
         .await?;

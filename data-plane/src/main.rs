@@ -41,6 +41,21 @@ enum Cmd {
     },
 }
 
+#[derive(Debug, Clone, Copy)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// `SLUICE_LOG_FORMAT`: `text` (default) or `json` (one JSON object a line on stderr).
+fn log_format() -> Result<LogFormat, String> {
+    match std::env::var("SLUICE_LOG_FORMAT").as_deref() {
+        Err(_) | Ok("text") => Ok(LogFormat::Text),
+        Ok("json") => Ok(LogFormat::Json),
+        Ok(other) => Err(format!("SLUICE_LOG_FORMAT={other:?}: expected text or json")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -52,14 +67,17 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            tracing_subscriber::fmt()
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
-                )
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .init();
+            let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+            match log_format() {
+                Ok(LogFormat::Json) => builder.json().flatten_event(true).with_current_span(false).init(),
+                Ok(LogFormat::Text) => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+                Err(e) => {
+                    eprintln!("sluice-dataplane: {e}");
+                    return ExitCode::from(2);
+                }
+            }
             // A panic inside rml_rtmp on a client's bytes is contained and ends that one
             // connection (`rtmp::guarded_input`); it is logged as one line, not as a backtrace
             // on stderr that any client could make the worker print at will.
@@ -259,7 +277,7 @@ async fn run(config: Config) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_ADMIN_LISTEN): {e}", config.admin_listen))?;
-    println!("sluice-dataplane {} admin on http://{}", config.node_id, config.admin_listen);
+    tracing::info!(node = %config.node_id, admin = %config.admin_listen, "sluice-dataplane serving");
     let drained = drain_on_signal(shared.clone(), decider.clone(), Duration::from_secs(config.drain_secs));
     axum::serve(listener, admin::router(shared, decider, node_secret))
         .with_graceful_shutdown(drained)

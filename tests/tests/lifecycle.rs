@@ -35,7 +35,7 @@ async fn sigterm_drains_the_worker_and_live_sessions_go_on() {
     let http = plane.http.clone();
     let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]}});
     post(&http, plane.cp, "/v1/apps", json!({"name": "d", "policy": open})).await;
-    let mut w = media_worker(&plane, "w1", &[("SLUICE_DRAIN_SECS", "120")]);
+    let mut w = media_worker(&plane, "w1", &[("SLUICE_DRAIN_SECS", "120"), ("SLUICE_LOG_FORMAT", "json")]);
     ready_at_head(&http, &plane.store, w.admin).await;
     let url = format!("rtmp://127.0.0.1:{}/d/cam", w.rtmp);
     let mut publisher = ffmpeg_testsrc("flv", &url, 60).spawn().unwrap();
@@ -80,8 +80,49 @@ async fn sigterm_drains_the_worker_and_live_sessions_go_on() {
     let _ = publisher.wait();
     let status = exited(&mut w, Duration::from_secs(60)).await.expect("the drained worker exits");
     assert!(status.success(), "{status:?}");
-    let log = read(&w.log);
-    assert!(log.contains("draining") && log.contains("drained: no live sessions left"), "{log}");
+    // SLUICE_LOG_FORMAT=json: every line is one JSON object, with the event's fields.
+    let lines = json_lines(&read(&w.log));
+    let drain = lines.iter().find(|l| l["message"].as_str().is_some_and(|m| m.starts_with("draining"))).unwrap();
+    assert_eq!(
+        (drain["level"].as_str(), drain["live"].as_u64(), drain["drain_secs"].as_u64()),
+        (Some("INFO"), Some(2), Some(120)),
+        "{drain}"
+    );
+    assert!(lines.iter().any(|l| l["message"] == "drained: no live sessions left"));
+    assert!(lines.iter().any(|l| l["node"] == "w1" && l["message"] == "sluice-dataplane serving"));
+}
+
+/// Every line of a JSON log, parsed (a line that is not JSON fails the test).
+fn json_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_logs_json_lines() {
+    let pg = sluice_tests::Postgres::start().unwrap();
+    let url = pg.create_database("jsonlog").await.unwrap();
+    let nats = sluice_tests::Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (port, log) = (sluice_tests::free_port(), dir.path().join("cp.log"));
+    let cp = control_with(&url, &nats.url(), port, "cp-json", &log, &[("SLUICE_LOG_FORMAT", "json")]);
+    let http = reqwest::Client::new();
+    post(&http, port, "/v1/apps", json!({"name": "logged"})).await;
+    drop(cp);
+    let lines = json_lines(&read(&log));
+    assert!(lines.len() > 2, "{lines:?}");
+    assert!(lines.iter().all(|l| l["timestamp"].is_string() && l["level"].is_string() && l["target"].is_string()));
+    // A wrong format is refused at start.
+    let out = Command::new(sluice_tests::binary("sluice-control"))
+        .arg("check-config")
+        .env("SLUICE_LOG_FORMAT", "yaml")
+        .env("SLUICE_DATABASE_URL", &url)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected text or json"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
