@@ -309,22 +309,7 @@ impl Config {
     }
 }
 
-/// A URL with its password (if any) replaced by `***`, for printing.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, tail) = rest.split_once('/').map_or((rest, None), |(a, t)| (a, Some(t)));
-    let authority = match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{user}:***@{host}"),
-            None => format!("{userinfo}@{host}"),
-        },
-        None => authority.to_owned(),
-    };
-    match tail {
-        Some(t) => format!("{scheme}://{authority}/{t}"),
-        None => format!("{scheme}://{authority}"),
-    }
-}
+pub use sluice_events::settings::redact_url;
 
 fn default_instance_id() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -101,7 +101,7 @@ pub struct Config {
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
-            .field("nats_url", &self.nats_url)
+            .field("nats_url", &sluice_events::settings::redact_url(&self.nats_url))
             .field("sealing_key", &self.sealing_key.id())
             .field("node_id", &self.node_id)
             .field("rtmp_listen", &self.rtmp_listen)
