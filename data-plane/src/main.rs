@@ -41,6 +41,40 @@ enum Cmd {
     },
 }
 
+/// systemd's notify protocol (`Type=notify` units): `READY=1` once the listeners are up,
+/// `STOPPING=1` when the drain starts, `WATCHDOG=1` every half `WatchdogSec` from the
+/// runtime. Without `NOTIFY_SOCKET`, nothing.
+mod systemd {
+    use sd_notify::NotifyState;
+
+    pub fn ready(tasks: &sluice_data_plane::task::Tasks) {
+        let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+        if let Some(usec) = watchdog_usec() {
+            let every = std::time::Duration::from_micros(usec / 2);
+            tasks.spawn("systemd watchdog", async move {
+                loop {
+                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
+    }
+
+    /// `WATCHDOG_USEC`, when the watchdog is this process's (`WATCHDOG_PID` unset, as
+    /// libsystemd reads it, or ours).
+    fn watchdog_usec() -> Option<u64> {
+        let usec = std::env::var("WATCHDOG_USEC").ok()?.parse::<u64>().ok().filter(|u| *u > 0)?;
+        match std::env::var("WATCHDOG_PID") {
+            Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
+            _ => Some(usec),
+        }
+    }
+
+    pub fn stopping() {
+        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 enum LogFormat {
     Text,
@@ -278,6 +312,7 @@ async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_ADMIN_LISTEN): {e}", config.admin_listen))?;
     tracing::info!(node = %config.node_id, admin = %config.admin_listen, "sluice-dataplane serving");
+    systemd::ready(&tasks);
     let drained = drain_on_signal(shared.clone(), decider.clone(), Duration::from_secs(config.drain_secs));
     axum::serve(listener, admin::router(shared, decider, node_secret))
         .with_graceful_shutdown(drained)
@@ -340,6 +375,7 @@ async fn drain_on_signal(
     };
     signalled().await;
     shared.draining.send_replace(true);
+    systemd::stopping();
     let live = decider.gate.connections();
     tracing::info!(
         live,

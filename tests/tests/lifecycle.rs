@@ -149,3 +149,57 @@ async fn a_second_sigterm_stops_the_worker_at_once() {
     let _ = publisher.kill();
     let _ = publisher.wait();
 }
+
+/// systemd's notify protocol, without systemd: a datagram socket as `NOTIFY_SOCKET`. Each
+/// binary says `READY=1` once it serves, pings `WATCHDOG=1` every half `WATCHDOG_USEC`, and
+/// says `STOPPING=1` on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_planes_speak_systemds_notify_protocol() {
+    let pg = sluice_tests::Postgres::start().unwrap();
+    let url = pg.create_database("notify").await.unwrap();
+    let nats = sluice_tests::Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let heard = |socket: &std::os::unix::net::UnixDatagram, what: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 512];
+        while std::time::Instant::now() < deadline {
+            if let Ok(n) = socket.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n]).lines().any(|l| l == what)
+            {
+                return true;
+            }
+        }
+        false
+    };
+    for plane in ["control", "worker"] {
+        let path = dir.path().join(format!("{plane}.notify"));
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let notify = path.to_str().unwrap().to_owned();
+        let env = [("NOTIFY_SOCKET", notify.as_str()), ("WATCHDOG_USEC", "400000")];
+        let log = dir.path().join(format!("{plane}.log"));
+        let mut running = if plane == "control" {
+            control_with(&url, &nats.url(), sluice_tests::free_port(), "cp-notify", &log, &env)
+        } else {
+            let state = dir.path().join("w");
+            worker_with(&nats.url(), sluice_tests::free_port(), &state, "w-notify", &log, &env)
+        };
+        assert!(heard(&socket, "READY=1"), "{plane}: READY=1 ({})", read(&log));
+        assert!(heard(&socket, "WATCHDOG=1"), "{plane}: WATCHDOG=1");
+        sigterm(running.0.id());
+        assert!(heard(&socket, "STOPPING=1"), "{plane}: STOPPING=1");
+        let status = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            while started.elapsed() < Duration::from_secs(30) {
+                if let Some(s) = running.0.try_wait().unwrap() {
+                    return Some(s);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            None
+        })
+        .await
+        .unwrap();
+        assert!(status.is_some_and(|s| s.success()), "{plane} exits 0 after SIGTERM: {status:?}");
+    }
+}
