@@ -323,6 +323,31 @@ fn default_instance_id() -> String {
 mod tests {
     use super::*;
 
+    /// `ops/deb/control.toml` (installed as /etc/sluice/control.toml) names every setting and
+    /// loads as it is, with its defaults.
+    #[test]
+    fn the_packaged_example_holds_every_setting_and_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/deb/control.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in KNOWN {
+            let written = text.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim_start();
+                l.starts_with(&format!("{key} =")) || l.starts_with(&format!("{key}="))
+            });
+            assert!(written, "{key} is missing from {}", path.display());
+        }
+        // The sealing key file does not exist here; the environment's key wins.
+        let key = "SLUICE_SEALING_KEY";
+        let c = Config::load(Some(&path), env(&[(key, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")])).unwrap();
+        let defaults =
+            Config::load(None, env(&[("SLUICE_DATABASE_URL", "postgres://sluice@127.0.0.1:5432/sluice")])).unwrap();
+        assert_eq!(format!("{:?}", c.api), format!("{:?}", defaults.api), "the example's values are the defaults");
+        assert_eq!(
+            (c.relay, c.anchor_every_secs, c.sls_app.as_str()),
+            (defaults.relay, defaults.anchor_every_secs, "live")
+        );
+    }
+
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }

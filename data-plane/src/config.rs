@@ -218,6 +218,26 @@ fn host_name() -> String {
 mod tests {
     use super::*;
 
+    /// `ops/deb/dataplane.toml` (installed as /etc/sluice/dataplane.toml) names every setting
+    /// and loads as it is.
+    #[test]
+    fn the_packaged_example_holds_every_setting_and_loads() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/deb/dataplane.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        for key in KNOWN {
+            let written = text.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim_start();
+                l.starts_with(&format!("{key} =")) || l.starts_with(&format!("{key}="))
+            });
+            assert!(written, "{key} is missing from {}", path.display());
+        }
+        let env: BTreeMap<String, String> =
+            [("SLUICE_SEALING_KEY".to_owned(), "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".to_owned())].into();
+        let c = Config::load(Some(&path), env).unwrap();
+        assert_eq!((c.drain_secs, c.max_connections, c.rtmp_player_queue), (30, 10_000, 1024));
+        assert_eq!(c.state_dir, std::path::PathBuf::from("/var/lib/sluice/dataplane"));
+    }
+
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
