@@ -29,6 +29,7 @@ const KNOWN: &[&str] = &[
     "rate_limit_stats",
     "rate_limit_config",
     "remote_allowed_cidrs",
+    "trusted_proxies",
     "max_body_bytes",
     "request_timeout_ms",
     "cors_allowed_origins",
@@ -85,6 +86,9 @@ pub struct ApiSettings {
     pub rate_stats: u32,
     pub rate_config: u32,
     pub remote_allowed_cidrs: Vec<sluice_events::Cidr>,
+    /// Peers whose `Forwarded` / `X-Forwarded-For` name the client (reverse proxies, load
+    /// balancers); from anyone else those headers are ignored.
+    pub trusted_proxies: Vec<sluice_events::Cidr>,
     pub max_body_bytes: usize,
     pub request_timeout_ms: u64,
     /// `*` or a list of origins; empty disables CORS.
@@ -115,6 +119,7 @@ impl std::fmt::Debug for ApiSettings {
             .field("rate_stats", &self.rate_stats)
             .field("rate_config", &self.rate_config)
             .field("remote_allowed_cidrs", &self.remote_allowed_cidrs)
+            .field("trusted_proxies", &self.trusted_proxies)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("request_timeout_ms", &self.request_timeout_ms)
             .field("cors_allowed_origins", &self.cors_allowed_origins)
@@ -161,6 +166,13 @@ impl ApiSettings {
             .map(|c| sluice_events::Cidr::parse(c))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| s.invalid("remote_allowed_cidrs", "comma-separated CIDRs like 10.0.0.0/8,::1/128"))?;
+        let proxies: List = s.or("trusted_proxies", List(vec![]), "comma-separated CIDRs")?;
+        let trusted_proxies = proxies
+            .0
+            .iter()
+            .map(|c| sluice_events::Cidr::parse(c))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| s.invalid("trusted_proxies", "comma-separated CIDRs like 10.0.0.0/8,::1/128"))?;
         let webhook: List = s.or("webhook_allowed", List(vec![]), "comma-separated host names or CIDRs")?;
         let webhook_allowed = sluice_events::webhook::WebhookAllowList::parse(&webhook.0)
             .map_err(|_| s.invalid("webhook_allowed", "comma-separated host names or CIDRs"))?;
@@ -185,6 +197,7 @@ impl ApiSettings {
             rate_stats: positive("rate_limit_stats", 300)?,
             rate_config: positive("rate_limit_config", 20)?,
             remote_allowed_cidrs,
+            trusted_proxies,
             max_body_bytes: s.or("max_body_bytes", 64 * 1024, "a size in bytes")?,
             request_timeout_ms: s.or("request_timeout_ms", 10_000, "milliseconds")?,
             cors_allowed_origins: s.or("cors_allowed_origins", List(vec![]), "comma-separated origins or *")?.0,

@@ -1682,3 +1682,49 @@ async fn webhook_urls_to_internal_addresses_are_refused_unless_listed() {
         assert_eq!(r.status, StatusCode::OK, "{url}: {:?}", r.body);
     }
 }
+
+/// `GET /v1/apps` as admin, with one more header.
+async fn get_with(api: &Api, header: Option<(&str, &str)>) -> StatusCode {
+    let mut req =
+        Request::builder().method(Method::GET).uri("/v1/apps").header("authorization", format!("Bearer {ADMIN}"));
+    if let Some((k, v)) = header {
+        req = req.header(k, v);
+    }
+    api.send(req.body(Body::empty()).unwrap()).await.status
+}
+
+/// Behind a reverse proxy (issue #18): from a trusted proxy, `X-Forwarded-For` and
+/// `Forwarded` name the client, and the allow-list, the audit and the rate limits see it; from
+/// anyone else the headers change nothing.
+#[tokio::test]
+async fn a_trusted_proxy_names_the_client_and_no_one_else_can() {
+    // The test's peer (127.0.0.1) is the proxy; clients come from 203.0.113.0/24.
+    let api =
+        given_api(&[("SLUICE_TRUSTED_PROXIES", "127.0.0.1/32"), ("SLUICE_REMOTE_ALLOWED_CIDRS", "203.0.113.0/24")])
+            .await;
+    assert_eq!(get_with(&api, None).await, StatusCode::FORBIDDEN, "the proxy itself is not a client");
+    assert_eq!(get_with(&api, Some(("x-forwarded-for", "203.0.113.7"))).await, StatusCode::OK);
+    assert_eq!(get_with(&api, Some(("forwarded", "for=\"203.0.113.8:5000\";proto=https"))).await, StatusCode::OK);
+    assert_eq!(get_with(&api, Some(("x-forwarded-for", "198.51.100.1"))).await, StatusCode::FORBIDDEN);
+    // A client cannot smuggle an allowed address through the proxy.
+    assert_eq!(get_with(&api, Some(("x-forwarded-for", "203.0.113.7, 198.51.100.1"))).await, StatusCode::FORBIDDEN);
+    // The audit has the client, not the proxy (the allow-list's refusals are not audited).
+    let audited = || async {
+        let log = api.log().await;
+        format!("{:?}", log.iter().filter(|e| e.event.event_type() == "ApiAccessed").collect::<Vec<_>>())
+    };
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = audited().await;
+        if seen.contains("203.0.113.7") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(seen.contains("203.0.113.7") && !seen.contains("127.0.0.1"), "{seen}");
+
+    // Without trusted proxies (the default) the headers are ignored: no spoofing.
+    let api = given_api(&[("SLUICE_REMOTE_ALLOWED_CIDRS", "203.0.113.0/24")]).await;
+    assert_eq!(get_with(&api, Some(("x-forwarded-for", "203.0.113.7"))).await, StatusCode::FORBIDDEN);
+    assert_eq!(get_with(&api, Some(("forwarded", "for=203.0.113.7"))).await, StatusCode::FORBIDDEN);
+}

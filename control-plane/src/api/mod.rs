@@ -18,6 +18,7 @@ pub mod nodes;
 pub mod openapi;
 pub mod policy;
 pub mod probes;
+pub mod proxy;
 pub mod query;
 pub mod routes;
 pub mod sls;
@@ -153,9 +154,18 @@ impl ClientIp {
         Self::from_extensions(req.extensions())
     }
 
-    /// The connection's peer (or the tests' `MockConnectInfo`); unknown is 0.0.0.0, which no
-    /// default allow-list admits.
+    /// The client: the one a trusted proxy named (`proxy::real_client`), else the connection's
+    /// peer (or the tests' `MockConnectInfo`); unknown is 0.0.0.0, which no default allow-list
+    /// admits.
     fn from_extensions(ext: &axum::http::Extensions) -> IpAddr {
+        if let Some(proxy::Forwarded(ip)) = ext.get::<proxy::Forwarded>() {
+            return *ip;
+        }
+        Self::peer(ext)
+    }
+
+    /// The connection's peer, whatever the headers say.
+    fn peer(ext: &axum::http::Extensions) -> IpAddr {
         if let Some(c) = ext.get::<ConnectInfo<SocketAddr>>() {
             return c.0.ip();
         }
@@ -304,6 +314,10 @@ pub fn router(api: ApiState) -> Router {
             StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_millis(settings.request_timeout_ms.max(100)),
         ));
+    if !settings.trusted_proxies.is_empty() {
+        // Outermost: the allow-list, rate limits, key CIDRs and the audit all see the client.
+        app = app.layer(middleware::from_fn_with_state(settings.trusted_proxies.clone(), proxy::real_client));
+    }
     if let Some(csp) = settings.content_security_policy.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
         app = app.layer(SetResponseHeaderLayer::overriding(header::CONTENT_SECURITY_POLICY, csp));
     }
