@@ -47,6 +47,8 @@ const KNOWN: &[&str] = &[
     "anchor_every_secs",
     "jwks_refresh_secs",
     "jwks_kid_refetch_secs",
+    "api_tls_cert",
+    "api_tls_key",
 ];
 
 /// A comma-separated list (a TOML array works too), e.g. `127.0.0.1/32,::1/128`.
@@ -236,6 +238,9 @@ pub struct Config {
     pub jwks_refresh_secs: u64,
     /// The shortest time between two early fetches caused by a JWT with an unknown `kid`.
     pub jwks_kid_refetch_secs: u64,
+    /// The API over HTTPS: a PEM certificate chain and its PEM private key (reloaded on
+    /// SIGHUP). Unset: plain HTTP (for loopback-only setups).
+    pub api_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl std::fmt::Debug for Config {
@@ -258,6 +263,7 @@ impl std::fmt::Debug for Config {
             .field("anchor_every_secs", &self.anchor_every_secs)
             .field("jwks_refresh_secs", &self.jwks_refresh_secs)
             .field("jwks_kid_refetch_secs", &self.jwks_kid_refetch_secs)
+            .field("api_tls", &self.api_tls)
             .finish_non_exhaustive()
     }
 }
@@ -309,6 +315,15 @@ impl Config {
             anchor_every_secs: s.or("anchor_every_secs", 10, "seconds")?.max(1),
             jwks_refresh_secs: s.or("jwks_refresh_secs", 300, "seconds")?.max(1),
             jwks_kid_refetch_secs: s.or("jwks_kid_refetch_secs", 60, "seconds")?.max(1),
+            api_tls: match (
+                s.optional::<std::path::PathBuf>("api_tls_cert", "a PEM certificate chain file")?,
+                s.optional::<std::path::PathBuf>("api_tls_key", "a PEM private key file")?,
+            ) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                (Some(_), None) => return Err(s.missing("api_tls_key", "a PEM private key file (with api_tls_cert)")),
+                (None, Some(_)) => return Err(s.missing("api_tls_cert", "a PEM certificate chain (with api_tls_key)")),
+            },
         })
     }
 

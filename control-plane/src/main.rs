@@ -358,12 +358,31 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_API_LISTEN): {e}", config.api_listen))?;
-    tracing::info!(listen = %config.api_listen, instance = %config.instance_id, "sluice-control serving the API");
-    systemd::ready(&tasks);
-    say(&format!("sluice-control listening on http://{}", config.api_listen));
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(shutdown())
-        .await?;
+    let scheme = if config.api_tls.is_some() { "https" } else { "http" };
+    tracing::info!(listen = %config.api_listen, instance = %config.instance_id, scheme, "sluice-control serving the API");
+    let service = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    match &config.api_tls {
+        None => {
+            tls::sighup(&tasks, None);
+            systemd::ready(&tasks);
+            say(&format!("sluice-control listening on http://{}", config.api_listen));
+            axum::serve(listener, service).with_graceful_shutdown(shutdown()).await?;
+        }
+        Some((cert, key)) => {
+            let tls = tls::load(cert, key).await?;
+            tls::sighup(&tasks, Some((tls.clone(), cert.clone(), key.clone())));
+            let handle = axum_server::Handle::new();
+            let stopper = handle.clone();
+            tasks.spawn("API shutdown", async move {
+                shutdown().await;
+                stopper.graceful_shutdown(Some(std::time::Duration::from_secs(10)));
+            });
+            let listener = listener.into_std()?;
+            systemd::ready(&tasks);
+            say(&format!("sluice-control listening on https://{}", config.api_listen));
+            axum_server::from_tcp_rustls(listener, tls).handle(handle).serve(service).await?;
+        }
+    }
     // The API's last audit records go out as its handles are dropped.
     drop(api);
     if !tasks.shutdown(std::time::Duration::from_secs(5)).await {
@@ -397,6 +416,41 @@ async fn shutdown() {
     };
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     systemd::stopping();
+}
+
+/// The API's TLS (rustls, ring): the certificate and key from PEM files, swapped on SIGHUP for
+/// new handshakes while the connections already open go on.
+mod tls {
+    use axum_server::tls_rustls::RustlsConfig;
+    use std::path::{Path, PathBuf};
+
+    pub async fn load(cert: &Path, key: &Path) -> Result<RustlsConfig, String> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        RustlsConfig::from_pem_file(cert, key).await.map_err(|e| {
+            format!("cannot load the API's TLS certificate {} and key {}: {e}", cert.display(), key.display())
+        })
+    }
+
+    /// SIGHUP reloads the API's certificate; nothing else of the control plane changes live
+    /// yet, and a SIGHUP never stops it (its default action would).
+    pub fn sighup(tasks: &sluice_control_plane::task::Tasks, tls: Option<(RustlsConfig, PathBuf, PathBuf)>) {
+        tasks.spawn("SIGHUP", async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                let Some((tls, cert, key)) = &tls else {
+                    tracing::info!("SIGHUP: no TLS certificate to reload; other settings need a restart");
+                    continue;
+                };
+                match tls.reload_from_pem_file(cert, key).await {
+                    Ok(()) => tracing::info!(cert = %cert.display(), "SIGHUP: the API's TLS certificate reloaded"),
+                    Err(e) => tracing::error!(
+                        cert = %cert.display(), error = %e,
+                        "SIGHUP: the API's TLS certificate could not be reloaded; the previous one stays"
+                    ),
+                }
+            }
+        });
+    }
 }
 
 /// systemd's notify protocol (`Type=notify` units): `READY=1` once the API serves,
