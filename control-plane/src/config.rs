@@ -49,6 +49,9 @@ const KNOWN: &[&str] = &[
     "jwks_kid_refetch_secs",
     "api_tls_cert",
     "api_tls_key",
+    "nats_ca_file",
+    "nats_nkey_seed_file",
+    "nats_creds_file",
 ];
 
 /// A comma-separated list (a TOML array works too), e.g. `127.0.0.1/32,::1/128`.
@@ -241,6 +244,8 @@ pub struct Config {
     /// The API over HTTPS: a PEM certificate chain and its PEM private key (reloaded on
     /// SIGHUP). Unset: plain HTTP (for loopback-only setups).
     pub api_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// How to reach NATS beyond its URL (TLS trust, credentials).
+    pub nats_auth: sluice_events::settings::NatsAuth,
 }
 
 impl std::fmt::Debug for Config {
@@ -264,6 +269,7 @@ impl std::fmt::Debug for Config {
             .field("jwks_refresh_secs", &self.jwks_refresh_secs)
             .field("jwks_kid_refetch_secs", &self.jwks_kid_refetch_secs)
             .field("api_tls", &self.api_tls)
+            .field("nats_auth", &self.nats_auth)
             .finish_non_exhaustive()
     }
 }
@@ -324,6 +330,7 @@ impl Config {
                 (Some(_), None) => return Err(s.missing("api_tls_key", "a PEM private key file (with api_tls_cert)")),
                 (None, Some(_)) => return Err(s.missing("api_tls_cert", "a PEM certificate chain (with api_tls_key)")),
             },
+            nats_auth: sluice_events::settings::NatsAuth::load(&s)?,
         })
     }
 

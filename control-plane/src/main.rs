@@ -164,6 +164,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    sluice_control_plane::relay::set_nats_auth(config.nats_auth.clone());
     let pool = connect(&config.database_url).await?;
     match command {
         Cmd::ReseedNats => {

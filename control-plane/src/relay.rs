@@ -126,9 +126,47 @@ async fn lead(
     result
 }
 
-/// A NATS client that gives up a connection attempt after 2 s (callers retry).
-pub async fn connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
-    async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).connect(url).await
+/// How every NATS connection of this process authenticates (`nats_ca_file`, an NKey seed or
+/// a `.creds` file), set once at start; unset: the URL alone.
+static NATS_AUTH: std::sync::OnceLock<sluice_events::settings::NatsAuth> = std::sync::OnceLock::new();
+
+pub fn set_nats_auth(auth: sluice_events::settings::NatsAuth) {
+    let _ = NATS_AUTH.set(auth);
+}
+
+/// A NATS client that gives up a connection attempt after 2 s (callers retry), with the
+/// process's TLS trust and credentials.
+pub async fn connect(url: &str) -> Result<async_nats::Client, String> {
+    let mut options = async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2));
+    options = match sluice_events::settings::url_credentials(url) {
+        Some((user, Some(password))) => options.user_and_password(user, password),
+        Some((token, None)) => options.token(token),
+        None => options,
+    };
+    let options = match NATS_AUTH.get() {
+        Some(auth) => nats_options(options, auth).await?,
+        None => options,
+    };
+    options.connect(url).await.map_err(|e| format!("NATS at {}: {e}", sluice_events::settings::redact_url(url)))
+}
+
+/// `options` with a CA to trust (and TLS required) and an NKey seed or a `.creds` file.
+pub async fn nats_options(
+    mut options: async_nats::ConnectOptions,
+    auth: &sluice_events::settings::NatsAuth,
+) -> Result<async_nats::ConnectOptions, String> {
+    if let Some(ca) = &auth.ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some(path) = &auth.nkey_seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|e| format!("nats_nkey_seed_file {}: {e}", path.display()))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some(path) = &auth.creds_file {
+        options =
+            options.credentials_file(path).await.map_err(|e| format!("nats_creds_file {}: {e}", path.display()))?;
+    }
+    Ok(options)
 }
 
 pub async fn ensure_events_stream(js: &jetstream::Context) -> Result<jetstream::stream::Stream, String> {

@@ -37,6 +37,9 @@ const KNOWN: &[&str] = &[
     "probe_listen",
     "refusal_window_ms",
     "drain_secs",
+    "nats_ca_file",
+    "nats_nkey_seed_file",
+    "nats_creds_file",
     "sls_app",
 ];
 
@@ -96,6 +99,8 @@ pub struct Config {
     /// On SIGTERM, how long live sessions may go on before the worker exits (a second
     /// SIGTERM: at once).
     pub drain_secs: u64,
+    /// How to reach NATS beyond its URL (TLS trust, credentials).
+    pub nats_auth: sluice_events::settings::NatsAuth,
 }
 
 impl std::fmt::Debug for Config {
@@ -127,6 +132,7 @@ impl std::fmt::Debug for Config {
             .field("probe_listen", &self.probe_listen)
             .field("refusal_window_ms", &self.refusal_window_ms)
             .field("drain_secs", &self.drain_secs)
+            .field("nats_auth", &self.nats_auth)
             .field("sls_app", &self.sls_app)
             .finish()
     }
@@ -197,6 +203,7 @@ impl Config {
             refusal_window_ms: s.or("refusal_window_ms", 1000, "milliseconds (0: record each refusal)")?.min(60_000),
             sls_app: sls_app(&s)?,
             drain_secs: s.or("drain_secs", 30, "seconds")?,
+            nats_auth: sluice_events::settings::NatsAuth::load(&s)?,
         })
     }
 }

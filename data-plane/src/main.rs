@@ -95,7 +95,10 @@ fn main() -> ExitCode {
     match cli.command {
         Cmd::Run => {
             let config = match Config::load(cli.config.as_deref(), std::env::vars().collect()) {
-                Ok(c) => c,
+                Ok(c) => {
+                    sluice_data_plane::sync::set_nats_auth(c.nats_auth.clone());
+                    c
+                }
                 Err(e) => {
                     eprintln!("sluice-dataplane: {e}");
                     return ExitCode::from(2);
@@ -144,7 +147,10 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let config = match Config::load(cli.config.as_deref(), std::env::vars().collect()) {
-                Ok(c) => c,
+                Ok(c) => {
+                    sluice_data_plane::sync::set_nats_auth(c.nats_auth.clone());
+                    c
+                }
                 Err(e) => {
                     eprintln!("sluice-dataplane: {e}");
                     return ExitCode::from(2);
@@ -227,12 +233,14 @@ async fn run(config: Config) -> Result<(), String> {
         ),
     );
     tracing::info!(spool = %spool.id(), backlog = spool.backlog(), "decision spool open");
-    let nats = async_nats::ConnectOptions::new()
-        .retry_on_initial_connect()
-        .connection_timeout(Duration::from_secs(2))
-        .connect(&config.nats_url)
-        .await
-        .map_err(|e| format!("NATS client: {e}"))?;
+    let nats = sync::nats_options(
+        async_nats::ConnectOptions::new().retry_on_initial_connect().connection_timeout(Duration::from_secs(2)),
+        &config.nats_url,
+    )
+    .await?
+    .connect(&config.nats_url)
+    .await
+    .map_err(|e| format!("NATS client: {e}"))?;
     tasks.spawn("uplink", uplink::publish_loop(spool.clone(), nats.clone(), config.node_id.clone()));
     tasks.spawn("decision marks", uplink::mark_loop(spool.clone(), nats.clone(), config.node_id.clone()));
     let slots = slot::Slots::with_cluster(

@@ -151,13 +151,47 @@ pub async fn boot(config: &Config, keyring: Arc<Keyring>) -> (AuthState, Option<
     }
 }
 
+/// How every NATS connection of this process authenticates (`nats_ca_file`, an NKey seed or
+/// a `.creds` file), set once at start; unset: the URL alone.
+static NATS_AUTH: std::sync::OnceLock<sluice_events::settings::NatsAuth> = std::sync::OnceLock::new();
+
+pub fn set_nats_auth(auth: sluice_events::settings::NatsAuth) {
+    let _ = NATS_AUTH.set(auth);
+}
+
+/// Options for `url` with its credentials (a user and password, or a token, written in it),
+/// the process's TLS trust (TLS then required) and NKey or `.creds` credentials.
+pub async fn nats_options(
+    options: async_nats::ConnectOptions,
+    url: &str,
+) -> Result<async_nats::ConnectOptions, String> {
+    let mut options = match sluice_events::settings::url_credentials(url) {
+        Some((user, Some(password))) => options.user_and_password(user, password),
+        Some((token, None)) => options.token(token),
+        None => options,
+    };
+    let Some(auth) = NATS_AUTH.get() else { return Ok(options) };
+    if let Some(ca) = &auth.ca_file {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let Some(path) = &auth.nkey_seed_file {
+        let seed = std::fs::read_to_string(path).map_err(|e| format!("nats_nkey_seed_file {}: {e}", path.display()))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some(path) = &auth.creds_file {
+        options =
+            options.credentials_file(path).await.map_err(|e| format!("nats_creds_file {}: {e}", path.display()))?;
+    }
+    Ok(options)
+}
+
 /// A NATS client that gives up a connection attempt after 2 s (callers retry).
 pub async fn connect(url: &str) -> Result<async_nats::Client, String> {
-    async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(2))
+    nats_options(async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)), url)
+        .await?
         .connect(url)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| format!("NATS at {}: {e}", sluice_events::settings::redact_url(url)))
 }
 
 async fn manifest(js: &jetstream::Context) -> Option<SnapshotManifest> {

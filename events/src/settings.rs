@@ -145,6 +145,42 @@ impl Sources {
     }
 }
 
+/// How a plane reaches NATS beyond its URL (which may carry `user:password@` and the
+/// `tls://` scheme): a CA to trust for its TLS certificate, and an NKey seed or a `.creds`
+/// file (JWT + NKey) to authenticate with. Files are named here and read when connecting.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NatsAuth {
+    pub ca_file: Option<std::path::PathBuf>,
+    pub nkey_seed_file: Option<std::path::PathBuf>,
+    pub creds_file: Option<std::path::PathBuf>,
+}
+
+impl NatsAuth {
+    pub fn load(s: &Sources) -> Result<NatsAuth, SettingsError> {
+        let auth = NatsAuth {
+            ca_file: s.optional("nats_ca_file", "a PEM CA certificate file")?,
+            nkey_seed_file: s.optional("nats_nkey_seed_file", "a file holding an NKey seed (SU…)")?,
+            creds_file: s.optional("nats_creds_file", "a NATS .creds file")?,
+        };
+        if auth.nkey_seed_file.is_some() && auth.creds_file.is_some() {
+            return Err(s.invalid("nats_creds_file", "either nats_nkey_seed_file or nats_creds_file, not both"));
+        }
+        Ok(auth)
+    }
+}
+
+/// The credentials written in a URL (`nats://user:password@host`, or `nats://token@host`): a
+/// user and its password, or a token alone. The NATS client does not read them from the URL.
+pub fn url_credentials(url: &str) -> Option<(String, Option<String>)> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (userinfo, _) = authority.rsplit_once('@')?;
+    Some(match userinfo.split_once(':') {
+        Some((user, password)) => (user.to_owned(), Some(password.to_owned())),
+        None => (userinfo.to_owned(), None),
+    })
+}
+
 /// A URL with its password (if any) replaced by `***`, for printing.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };

@@ -272,6 +272,37 @@ impl Nats {
         bail!("nats-server did not start: {last}")
     }
 
+    /// A NATS server with JetStream and `extra` in its configuration file (a `tls` block, an
+    /// `authorization` block).
+    pub fn start_with_config(extra: &str) -> anyhow::Result<Nats> {
+        let bin = nats_server_binary()?;
+        let dir = tempfile::Builder::new().prefix("sluice-nats-").tempdir()?;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let (port, monitor_port) = (free_port(), free_port());
+            let conf = dir.path().join("nats.conf");
+            let body = format!(
+                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+                dir.path().display()
+            );
+            std::fs::write(&conf, body)?;
+            let mut child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("starting {}", bin.display()))?;
+            if wait_for_port(port, Duration::from_secs(10)) {
+                return Ok(Nats { child, _dir: dir, port, monitor_port });
+            }
+            let _ = child.kill();
+            let out = child.wait_with_output()?;
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        bail!("nats-server did not start: {last}")
+    }
+
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -150,3 +150,103 @@ async fn the_api_serves_https_and_reloads_its_certificate_on_sighup() {
     assert!(read(&d.join("cp.log")).contains("certificate reloaded"));
     drop(control);
 }
+
+/// NATS with TLS and authentication (issue #18): nats-server requires TLS and a user; the
+/// control plane logs in with a password in its URL, the worker with an NKey seed file, both
+/// trusting the test CA (`SLUICE_NATS_CA_FILE`). The worker follows the log and its
+/// heartbeats reach the control plane; a client without TLS gets nothing; the password is
+/// never printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_planes_reach_nats_over_tls_with_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    openssl(
+        d,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=sluice-test-ca",
+        ],
+    );
+    let (cert, key) = make_cert(d, "nats");
+    let worker_key = nkeys::KeyPair::new_user();
+    let seed_file = d.join("worker.nk");
+    std::fs::write(&seed_file, worker_key.seed().unwrap()).unwrap();
+    let conf = format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}\nauthorization {{ users = [ {{ user: \"control\", password: \"control-nats-pass\" }}, {{ nkey: \"{}\" }} ] }}",
+        cert.display(),
+        key.display(),
+        worker_key.public_key()
+    );
+    let nats = sluice_tests::Nats::start_with_config(&conf).unwrap();
+    let ca = d.join("ca.pem").to_str().unwrap().to_owned();
+    let url = format!("tls://control:control-nats-pass@127.0.0.1:{}", nats.port);
+
+    let pg = sluice_tests::Postgres::start().unwrap();
+    let db = pg.create_database("natstls").await.unwrap();
+    let cp = sluice_tests::free_port();
+    let control = control_with(&db, &url, cp, "cp-nats", &d.join("cp.log"), &[("SLUICE_NATS_CA_FILE", ca.as_str())]);
+    let (admin, seed) = (sluice_tests::free_port(), seed_file.to_str().unwrap().to_owned());
+    let worker_url = format!("tls://127.0.0.1:{}", nats.port);
+    let _worker = worker_with(
+        &worker_url,
+        admin,
+        &d.join("w"),
+        "w-tls",
+        &d.join("w.log"),
+        &[("SLUICE_NATS_CA_FILE", ca.as_str()), ("SLUICE_NATS_NKEY_SEED_FILE", seed.as_str())],
+    );
+    let http = reqwest::Client::new();
+    post(&http, cp, "/v1/apps", json!({"name": "over-tls"})).await;
+    let mut synced = false;
+    for _ in 0..300 {
+        let (code, body) = get(&http, format!("http://127.0.0.1:{admin}/ready")).await;
+        if code == 200 && body["synced"] == true {
+            synced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        synced,
+        "the worker follows the log over NATS with TLS\n--- cp ---\n{}\n--- worker ---\n{}",
+        read(&d.join("cp.log")),
+        read(&d.join("w.log"))
+    );
+    until("its heartbeats reach the control plane", || async {
+        let (_, body) = get(&http, format!("http://127.0.0.1:{cp}/v1/nodes")).await;
+        body.to_string().contains("w-tls")
+    })
+    .await;
+    // No TLS and no credentials: nats-server lets no one in.
+    let plain = async_nats::ConnectOptions::new()
+        .connection_timeout(Duration::from_secs(2))
+        .connect(format!("nats://127.0.0.1:{}", nats.port))
+        .await;
+    assert!(plain.is_err(), "a client without TLS or credentials connected");
+    for log in ["cp.log", "w.log"] {
+        assert!(!read(&d.join(log)).contains("control-nats-pass"), "{log} holds the password");
+    }
+    let out = Command::new(sluice_tests::binary("sluice-control"))
+        .arg("check-config")
+        .env("SLUICE_DATABASE_URL", &db)
+        .env("SLUICE_NATS_URL", &url)
+        .env("SLUICE_NATS_CA_FILE", &ca)
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(printed.contains("tls://control:***@127.0.0.1") && !printed.contains("control-nats-pass"), "{printed}");
+    drop(control);
+}
