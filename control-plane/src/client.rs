@@ -20,6 +20,7 @@ pub struct Remote {
 pub enum Keys {
     /// Create a key; its secret is printed once.
     Create {
+        /// A name for people (who or what uses the key).
         #[arg(long)]
         name: String,
         /// admin, write or read.
@@ -32,8 +33,11 @@ pub enum Keys {
         #[arg(long)]
         expires_at: Option<i64>,
     },
+    /// List the keys (never their secrets).
     List,
+    /// Revoke a key: it stops working at once.
     Revoke {
+        /// The key's id (from `keys list`).
         id: String,
     },
 }
@@ -42,26 +46,36 @@ pub enum Keys {
 pub enum Apps {
     /// Create an app (open policy unless --policy-file is given).
     Create {
+        /// The app's name (letters, digits, '_', '-').
         name: String,
         /// A JSON file with the policy.
         #[arg(long)]
         policy_file: Option<std::path::PathBuf>,
     },
+    /// List the apps.
     List,
+    /// Show an app: its policy, streams and secrets (never their values).
     Get {
+        /// The app's name.
         name: String,
     },
+    /// Delete an app and everything in it (admin).
     Delete {
+        /// The app's name.
         name: String,
     },
     /// Replace the policy from a JSON file.
     SetPolicy {
+        /// The app's name.
         name: String,
+        /// A JSON file with the policy.
         file: std::path::PathBuf,
     },
     /// Rotate the hash, jwt or webhook secret; the new secret is printed once.
     RotateSecret {
+        /// The app's name.
         name: String,
+        /// hash, jwt, webhook or srt_passphrase.
         kind: String,
     },
 }
@@ -70,27 +84,41 @@ pub enum Apps {
 pub enum Streams {
     /// Register a stream in an app.
     Create {
+        /// The app's name.
         app: String,
+        /// The stream's public name (what players use).
         name: String,
+        /// A secret name the publisher must use instead (a stream key).
         #[arg(long)]
         publish_name: Option<String>,
+        /// A note for people.
         #[arg(long)]
         description: Option<String>,
     },
+    /// List an app's streams.
     List {
+        /// The app's name.
         app: String,
     },
+    /// Show a stream.
     Get {
+        /// The app's name.
         app: String,
+        /// The stream's name.
         name: String,
     },
+    /// Unregister a stream.
     Delete {
+        /// The app's name.
         app: String,
+        /// The stream's name.
         name: String,
     },
     /// Issue a one-time token (printed once, with the RTMP URL and SRT streamid).
     Token {
+        /// The app's name.
         app: String,
+        /// The stream's name.
         name: String,
         /// publish or play.
         #[arg(long)]

@@ -46,6 +46,12 @@ enum Cmd {
     /// Load the settings (file and environment), print the effective configuration with
     /// secrets redacted, and exit (2 when a setting is wrong).
     CheckConfig,
+    /// Print a shell completion script: `sluice-control completions bash >
+    /// /etc/bash_completion.d/sluice-control` (zsh, fish, elvish and powershell too).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Print the JSON Schema of every event (the content of schemas/events.schema.json).
     Schema,
     /// Print the OpenAPI document (the content of schemas/openapi.json).
@@ -126,6 +132,11 @@ fn main() -> ExitCode {
         }
         Cmd::Openapi => {
             print!("{}", sluice_control_plane::api::openapi::document_text());
+            return ExitCode::SUCCESS;
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory as _;
+            clap_complete::generate(shell, &mut Cli::command(), "sluice-control", &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
         Cmd::Keys { remote: r, cmd } => return remote(r, client::keys(cmd)),
@@ -269,6 +280,7 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
         }
         Cmd::Serve => serve(pool, config).await?,
         Cmd::CheckConfig
+        | Cmd::Completions { .. }
         | Cmd::Schema
         | Cmd::Openapi
         | Cmd::Keys { .. }
@@ -485,5 +497,33 @@ mod systemd {
 
     pub fn stopping() {
         let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Every subcommand and every argument says what it is for (`--help`, completions).
+    #[test]
+    fn every_subcommand_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let builtin = matches!(arg.get_id().as_str(), "help" | "version");
+                if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
+                    missing.push(format!("{path} --{}", arg.get_id()));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let here = format!("{path} {}", sub.get_name());
+                if sub.get_name() != "help" && sub.get_about().is_none() {
+                    missing.push(here.clone());
+                }
+                walk(sub, &here, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&super::Cli::command(), "sluice-control", &mut missing);
+        assert!(missing.is_empty(), "without help: {missing:?}");
     }
 }

@@ -347,3 +347,17 @@ async fn the_api_audit_batch_is_written_at_sigterm() {
         .sum::<u64>();
     assert_eq!(calls, 3, "{batches:?}");
 }
+
+#[test]
+fn shell_completions_cover_every_subcommand() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(sluice_tests::binary("sluice-control")).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8_lossy(&out.stdout);
+        for sub in ["serve", "check-config", "verify-log", "explain", "streams", "completions"] {
+            assert!(script.contains(sub), "{shell} completions lack {sub}");
+        }
+    }
+    let out = Command::new(sluice_tests::binary("sluice-control")).args(["completions", "tcsh"]).output().unwrap();
+    assert!(!out.status.success(), "an unknown shell is refused");
+}

@@ -186,9 +186,12 @@ where
 
 /// The worker-visible state at the log's head, folded here from Postgres.
 /// Waits until the worker with admin `port` has applied `position` of the log.
+/// Waits until the worker with admin `port` has applied `position` and decides (`/ready`: it
+/// marks itself ready once its catch-up is complete, a moment after it applied the position).
 pub async fn ready_at(http: &reqwest::Client, port: u16, position: u64) {
-    until("the worker has applied the position", || async {
+    until("the worker has applied the position and decides", || async {
         get(http, format!("http://127.0.0.1:{port}/wait?position={position}&timeout_ms=500")).await.0 == 200
+            && get(http, format!("http://127.0.0.1:{port}/ready")).await.0 == 200
     })
     .await;
 }
