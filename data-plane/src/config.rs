@@ -37,6 +37,7 @@ const KNOWN: &[&str] = &[
     "probe_listen",
     "refusal_window_ms",
     "drain_secs",
+    "proxy_protocol_from",
     "nats_ca_file",
     "nats_nkey_seed_file",
     "nats_creds_file",
@@ -101,6 +102,9 @@ pub struct Config {
     pub drain_secs: u64,
     /// How to reach NATS beyond its URL (TLS trust, credentials).
     pub nats_auth: sluice_events::settings::NatsAuth,
+    /// Peers (a load balancer such as HAProxy) whose RTMP connections open with a PROXY
+    /// protocol v1 or v2 header naming the client.
+    pub proxy_protocol_from: Vec<sluice_events::Cidr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -133,6 +137,7 @@ impl std::fmt::Debug for Config {
             .field("refusal_window_ms", &self.refusal_window_ms)
             .field("drain_secs", &self.drain_secs)
             .field("nats_auth", &self.nats_auth)
+            .field("proxy_protocol_from", &self.proxy_protocol_from)
             .field("sls_app", &self.sls_app)
             .finish()
     }
@@ -204,6 +209,15 @@ impl Config {
             sls_app: sls_app(&s)?,
             drain_secs: s.or("drain_secs", 30, "seconds")?,
             nats_auth: sluice_events::settings::NatsAuth::load(&s)?,
+            proxy_protocol_from: {
+                let text: String = s.or("proxy_protocol_from", String::new(), "comma-separated CIDRs")?;
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .map(sluice_events::Cidr::parse)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| s.invalid("proxy_protocol_from", "comma-separated CIDRs like 10.0.0.0/8"))?
+            },
         })
     }
 }

@@ -295,6 +295,7 @@ async fn run(config: Config) -> Result<(), String> {
         player_queue: config.rtmp_player_queue,
         player_behind: std::time::Duration::from_secs(config.rtmp_player_behind_secs),
         drain: shared.draining.subscribe(),
+        proxy_protocol_from: config.proxy_protocol_from.clone(),
     };
     rtmp::spawn(settings, jobs, decider.gate.clone())
         .map_err(|e| format!("cannot serve RTMP on {} (SLUICE_RTMP_LISTEN): {e}", config.rtmp_listen))?;

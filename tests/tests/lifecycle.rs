@@ -203,3 +203,81 @@ async fn both_planes_speak_systemds_notify_protocol() {
         assert!(status.is_some_and(|s| s.success()), "{plane} exits 0 after SIGTERM: {status:?}");
     }
 }
+
+/// A TCP relay in front of the worker's RTMP port that opens each connection with `header`
+/// (HAProxy's `send-proxy`), then copies both ways. Its port.
+async fn proxy_relay(worker_rtmp: u16, header: Vec<u8>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let header = header.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt as _;
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", worker_rtmp)).await else { return };
+                if upstream.write_all(&header).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+/// PROXY protocol on RTMP (issue #18): behind a load balancer that sends the header (v1 or
+/// v2), ffmpeg publishes and plays, and the decisions carry the clients' addresses; the
+/// trusted peer without a header is refused; anyone else's PROXY header is garbage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_behind_a_proxy_protocol_load_balancer_sees_the_clients() {
+    let plane = Plane::start("proxyproto").await;
+    let http = plane.http.clone();
+    let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]}});
+    post(&http, plane.cp, "/v1/apps", json!({"name": "px", "policy": open})).await;
+    let w = media_worker(&plane, "w1", &[("SLUICE_PROXY_PROTOCOL_FROM", "127.0.0.1/32")]);
+    ready_at_head(&http, &plane.store, w.admin).await;
+    let v1 = proxy_relay(w.rtmp, b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 1935\r\n".to_vec()).await;
+    let mut v2_header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2_header.extend_from_slice(&[0x21, 0x21, 0, 36]);
+    v2_header.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2_header.extend_from_slice(&"2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
+    v2_header.extend_from_slice(&4711u16.to_be_bytes());
+    v2_header.extend_from_slice(&1935u16.to_be_bytes());
+    let v2 = proxy_relay(w.rtmp, v2_header).await;
+
+    let mut publisher = ffmpeg_testsrc("flv", &format!("rtmp://127.0.0.1:{v1}/px/cam"), 40).spawn().unwrap();
+    until_live(&http, plane.cp, "px", "cam").await;
+    let url = format!("rtmp://127.0.0.1:{v2}/px/cam");
+    let played = tokio::task::spawn_blocking(move || ffmpeg_play(&url)).await.unwrap();
+    assert!(played.status.success() && stderr(&played).contains("frame="), "{}", stderr(&played));
+    // The trusted peer itself, without a header: refused.
+    let direct = format!("rtmp://127.0.0.1:{}/px/cam", w.rtmp);
+    let refused = tokio::task::spawn_blocking(move || ffmpeg_play(&direct)).await.unwrap();
+    assert!(!refused.status.success(), "a connection from the proxy without its header played");
+    // Someone else (127.0.0.2) claiming an address with a PROXY header: just garbage.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut spoof = socket.connect(format!("127.0.0.1:{}", w.rtmp).parse().unwrap()).await.unwrap();
+    {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        spoof.write_all(b"PROXY TCP4 198.51.100.99 127.0.0.1 1 1935\r\n").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(20), spoof.read(&mut buf)).await.unwrap().unwrap_or(0);
+        assert_eq!(n, 0, "the worker answered a PROXY header from an untrusted peer");
+    }
+
+    let clients = || async {
+        let (_, body) = get(&http, format!("http://127.0.0.1:{}/v1/decisions?app=px", plane.cp)).await;
+        body["decisions"].as_array().cloned().unwrap_or_default()
+    };
+    until("both decisions are in the log", || async { clients().await.len() >= 2 }).await;
+    let rows = clients().await;
+    let seen: Vec<(String, String)> = rows
+        .iter()
+        .map(|d| (d["action"].as_str().unwrap().to_owned(), d["client_ip"].as_str().unwrap().to_owned()))
+        .collect();
+    assert!(seen.contains(&("publish".into(), "203.0.113.9".into())), "{seen:?}");
+    assert!(seen.contains(&("play".into(), "2001:db8::7".into())), "{seen:?}");
+    assert!(!format!("{seen:?}").contains("198.51.100.99"), "{seen:?}");
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+}

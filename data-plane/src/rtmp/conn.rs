@@ -58,7 +58,8 @@ pub(super) struct Conn {
     pub(super) refused: bool,
 }
 
-pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>) {
+/// Serves one RTMP connection; `prefix`: bytes already read from it (after a PROXY header).
+pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>, prefix: Vec<u8>) {
     let (mut rd, wr) = stream.into_split();
     let (out, out_rx, mut abort, abort_writer) = outbox();
     monoio::spawn(writer(wr, out_rx, abort_writer));
@@ -69,7 +70,7 @@ pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx
     // Handshake, bounded in time.
     let mut hs = Handshake::new(PeerType::Server);
     let handshake_time = HANDSHAKE_TIMEOUT.min(ctx.idle_timeout);
-    let leftover = match monoio::time::timeout(handshake_time, handshake(&mut rd, &mut hs, &out)).await {
+    let leftover = match monoio::time::timeout(handshake_time, handshake(&mut rd, &mut hs, &out, prefix)).await {
         Ok(Ok(rest)) => rest,
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "RTMP handshake failed");
@@ -167,16 +168,22 @@ pub(super) async fn handshake(
     rd: &mut impl AsyncReadRent,
     hs: &mut Handshake,
     out: &Outbox,
+    mut prefix: Vec<u8>,
 ) -> Result<Vec<u8>, String> {
     let mut buf = vec![0u8; 4096];
     loop {
-        let (res, b) = rd.read(buf).await;
-        buf = b;
-        let n = res.map_err(|e| e.to_string())?;
-        if n == 0 {
-            return Err("closed during the handshake".into());
-        }
-        match hs.process_bytes(&buf[..n]).map_err(|e| format!("{e:?}"))? {
+        let input = if prefix.is_empty() {
+            let (res, b) = rd.read(buf).await;
+            buf = b;
+            let n = res.map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed during the handshake".into());
+            }
+            buf[..n].to_vec()
+        } else {
+            std::mem::take(&mut prefix)
+        };
+        match hs.process_bytes(&input).map_err(|e| format!("{e:?}"))? {
             HandshakeProcessResult::InProgress { response_bytes } => {
                 if !response_bytes.is_empty() {
                     let _ = out.unbounded_send(Out::Bytes(response_bytes));

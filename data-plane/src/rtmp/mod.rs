@@ -24,6 +24,7 @@ mod conn;
 mod ctx;
 mod hub;
 mod input;
+mod proxy;
 mod server;
 mod writer;
 

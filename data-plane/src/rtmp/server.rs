@@ -37,6 +37,8 @@ pub struct Settings {
     pub player_behind: Duration,
     /// Turns true on SIGTERM: the listeners close (live connections go on).
     pub drain: tokio::sync::watch::Receiver<bool>,
+    /// Peers whose connections open with a PROXY protocol header naming the client.
+    pub proxy_protocol_from: Vec<sluice_events::Cidr>,
 }
 
 /// Starts the media threads (`settings.threads`, each a monoio runtime with its own
@@ -106,6 +108,34 @@ pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::
                         _ = drain.wait_for(|d| *d) => break,
                     };
                     match accepted {
+                        Ok((stream, peer)) if settings.proxy_protocol_from.iter().any(|c| c.contains(peer.ip())) => {
+                            // The client is the header's; limits apply to it once it is read.
+                            let conn_ctx = ctx.clone();
+                            monoio::spawn(async move {
+                                let mut stream = stream;
+                                let (client, rest) = match super::proxy::read_header(
+                                    &mut stream,
+                                    super::conn::HANDSHAKE_TIMEOUT,
+                                )
+                                .await
+                                {
+                                    Ok(read) => read,
+                                    Err(e) => {
+                                        tracing::debug!(%peer, error = %e, "RTMP connection from a PROXY peer refused");
+                                        return;
+                                    }
+                                };
+                                let client = client.unwrap_or(peer);
+                                let Some(permit) = conn_ctx.gate.admit(client.ip()) else {
+                                    tracing::debug!(%client, "RTMP connection refused: connection limit");
+                                    return;
+                                };
+                                let _ = stream.set_nodelay(true);
+                                let id = conn_ctx.new_id();
+                                connection(stream, client, id, conn_ctx, rest).await;
+                                drop(permit);
+                            });
+                        }
                         Ok((stream, peer)) => {
                             let Some(permit) = ctx.gate.admit(peer.ip()) else {
                                 tracing::debug!(%peer, "RTMP connection refused: connection limit");
@@ -116,7 +146,7 @@ pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::
                             let id = ctx.new_id();
                             let conn_ctx = ctx.clone();
                             monoio::spawn(async move {
-                                connection(stream, peer, id, conn_ctx).await;
+                                connection(stream, peer, id, conn_ctx, Vec::new()).await;
                                 drop(permit);
                             });
                         }
