@@ -83,6 +83,19 @@ ensure_media_clients() {
   fi
 }
 
+# What the packaging and TLS tests use: dpkg-deb and adduser (the packages' postinst),
+# systemd-analyze (checks the units; systemd is installed, not started), openssl (test CAs).
+ensure_ops_tools() {
+  local missing=()
+  command -v dpkg-deb >/dev/null || missing+=(dpkg)
+  command -v adduser >/dev/null || missing+=(adduser)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  command -v openssl >/dev/null || missing+=(openssl)
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt_install "${missing[@]}"
+  fi
+}
+
 ensure_rust() {
   command -v cargo >/dev/null || die "cargo not found: install Rust (rustup) first"
 }
