@@ -151,6 +151,11 @@ async fn metrics(State(d): State<Arc<Decider>>) -> ([(axum::http::HeaderName, &'
             d.refusals.held.load(Ordering::Relaxed),
         ),
         (
+            "sluice_events_skipped_total",
+            "Events of a type or schema version this worker does not know (a newer control plane), skipped.",
+            crate::sync::SKIPPED_EVENTS.load(Ordering::Relaxed),
+        ),
+        (
             "sluice_srt_refused_datagrams_total",
             "SRT datagrams the listener refused (unparseable, or failing their session); logged at most once per 10 s.",
             srt_protocol::listener::REFUSED_DATAGRAMS.load(std::sync::atomic::Ordering::Relaxed),

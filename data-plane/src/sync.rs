@@ -345,11 +345,23 @@ async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Resul
     }
 }
 
+/// Events of a type or schema version this build does not know, skipped (kept as no-ops at
+/// their positions): `sluice_events_skipped_total`.
+pub static SKIPPED_EVENTS: AtomicU64 = AtomicU64::new(0);
+
 fn decode(m: &jetstream::Message) -> Result<RecordedEvent, String> {
-    dist::decode_event(&m.payload).map_err(|e| {
+    let (event, skipped) = dist::decode_event_or_skip(&m.payload).map_err(|e| {
         let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
         format!("event at stream sequence {seq} unreadable: {e}")
-    })
+    })?;
+    if let Some(event_type) = skipped {
+        SKIPPED_EVENTS.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            position = event.position.0, %event_type,
+            "an event this worker does not know (written by a newer control plane) is skipped; upgrade the worker"
+        );
+    }
+    Ok(event)
 }
 
 /// Writes the local snapshot every `every` while the state moved.

@@ -154,6 +154,35 @@ pub enum WireError {
     Decode(#[from] DecodeError),
 }
 
+/// `decode_event` for a worker older than the log's writer (a rolling upgrade: control planes
+/// first): an event of a type or schema version this build does not know is kept as a no-op
+/// at its position (an empty `ApiAccessed`, which changes nothing a worker holds), so the
+/// worker follows on instead of stopping there; the second member names what was skipped.
+/// If the skipped event changed access tables, the worker's access digest no longer matches
+/// the control plane's, and `/v1/nodes` shows it.
+pub fn decode_event_or_skip(bytes: &[u8]) -> Result<(RecordedEvent, Option<String>), WireError> {
+    let wire: WireEvent<'_> = serde_json::from_slice(bytes).map_err(|e| WireError::Json(e.to_string()))?;
+    let (event, skipped) = match Event::decode(&wire.event_type, wire.schema_version, &wire.data) {
+        Ok(event) => (event, None),
+        Err(DecodeError::UnknownType { event_type } | DecodeError::UnknownVersion { event_type, .. }) => {
+            let noop = Event::ApiAccessed(crate::event::ApiAccessed { instance: String::new(), entries: Vec::new() });
+            (noop, Some(event_type))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let recorded = RecordedEvent {
+        position: Position(wire.position),
+        event_id: wire.event_id,
+        stream: wire.stream.into_owned(),
+        version: wire.version,
+        event,
+        metadata: wire.metadata,
+        recorded_at: Timestamp(wire.recorded_at),
+        hash: wire.hash,
+    };
+    Ok((recorded, skipped))
+}
+
 pub fn decode_event(bytes: &[u8]) -> Result<RecordedEvent, WireError> {
     let wire: WireEvent<'_> = serde_json::from_slice(bytes).map_err(|e| WireError::Json(e.to_string()))?;
     let event = Event::decode(&wire.event_type, wire.schema_version, &wire.data)?;
@@ -295,6 +324,38 @@ mod tests {
         let unknown = br#"{"position":1,"event_id":"00000000-0000-0000-0000-000000000001","stream":"x","version":0,
             "type":"SomethingNew","schema_version":1,"data":{},"recorded_at":0,"hash":"00"}"#;
         assert!(decode_event(unknown).is_err());
+    }
+
+    #[test]
+    fn an_older_worker_skips_what_it_does_not_know_at_its_position() {
+        let e = RecordedEvent {
+            position: Position(9),
+            event_id: Uuid::from_u128(9),
+            stream: "app-live".into(),
+            version: 1,
+            event: Event::AppCreated(AppCreated {
+                app: AppName::parse("live").unwrap(),
+                policy: crate::policy::Policy::default(),
+            }),
+            metadata: Metadata::default(),
+            recorded_at: Timestamp(1_800_000_000_000),
+            hash: GENESIS,
+        };
+        let text = String::from_utf8(encode_event(&e)).unwrap();
+        // A type from a newer build, and a known type at a newer schema version.
+        for newer in [
+            text.replace("\"AppCreated\"", "\"AppSuspended\""),
+            text.replace("\"schema_version\":1", "\"schema_version\":99"),
+        ] {
+            let (skipped, what) = decode_event_or_skip(newer.as_bytes()).unwrap();
+            assert_eq!(skipped.position, Position(9), "{newer}");
+            assert!(!skipped.event.changes_access_tables());
+            assert!(what.is_some(), "{newer}");
+        }
+        // Known events pass through; data that does not match a known schema is an error.
+        assert_eq!(decode_event_or_skip(text.as_bytes()).unwrap(), (e, None));
+        let broken = text.replace("\"app\":\"live\"", "\"app\":7");
+        assert!(decode_event_or_skip(broken.as_bytes()).is_err());
     }
 
     #[test]

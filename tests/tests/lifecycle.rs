@@ -281,3 +281,53 @@ async fn rtmp_behind_a_proxy_protocol_load_balancer_sees_the_clients() {
     let _ = publisher.kill();
     let _ = publisher.wait();
 }
+
+/// A rolling upgrade (issue #18): control planes go first, so a worker may meet an event type
+/// it does not know. It skips it at its position (counted in `sluice_events_skipped_total`,
+/// logged) and follows on, instead of stopping at it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_worker_skips_an_event_it_does_not_know_and_follows_on() {
+    use sluice_events::dist;
+    use sluice_events::event::{AppCreated, GENESIS, Metadata, RecordedEvent, StreamRegistered};
+    let nats = sluice_tests::Nats::start().unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    js.get_or_create_stream(async_nats::jetstream::stream::Config {
+        name: dist::EVENTS_STREAM.into(),
+        subjects: vec![dist::EVENTS_SUBJECTS.into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let app = sluice_events::AppName::parse("up").unwrap();
+    let recorded = |position: u64, event: sluice_events::Event| RecordedEvent {
+        position: sluice_events::Position(position),
+        event_id: uuid::Uuid::new_v4(),
+        stream: "app-up".into(),
+        version: position - 1,
+        event,
+        metadata: Metadata::default(),
+        recorded_at: sluice_events::Timestamp(1_800_000_000_000),
+        hash: GENESIS,
+    };
+    let first = recorded(1, AppCreated { app: app.clone(), policy: Default::default() }.into());
+    // What a newer control plane wrote: a type this build has never heard of.
+    let newer = String::from_utf8(dist::encode_event(&recorded(
+        2,
+        AppCreated { app: app.clone(), policy: Default::default() }.into(),
+    )))
+    .unwrap()
+    .replace("\"AppCreated\"", "\"AppSuspended\"");
+    let name = sluice_events::StreamName::parse("cam").unwrap();
+    let third = recorded(3, StreamRegistered { plays: None, app, name, publish_name: None, description: None }.into());
+    for payload in [dist::encode_event(&first), newer.into_bytes(), dist::encode_event(&third)] {
+        js.publish("sluice.ev.app", payload.into()).await.unwrap().await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let admin = sluice_tests::free_port();
+    let log = dir.path().join("w.log");
+    let _w = worker(&nats.url(), admin, &dir.path().join("w"), "w-old", &log);
+    let http = reqwest::Client::new();
+    ready_at(&http, admin, 3).await;
+    assert_eq!(worker_metric(&http, admin, "sluice_events_skipped_total").await, Some(1.0));
+    assert!(read(&log).contains("AppSuspended"), "the skip is logged with its type");
+}
