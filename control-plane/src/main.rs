@@ -32,7 +32,13 @@ enum Cmd {
     /// The way out when the relay reports that SLUICE_EVENTS and the log disagree: delete the
     /// stream and the data-plane snapshot from NATS, so the relay publishes the log again from
     /// position 1 (restart workers with an empty state directory afterwards).
-    ReseedNats,
+    ReseedNats {
+        /// Postgres was restored from a backup on purpose: also retire the anchors past the
+        /// restored log (NATS KV `sluice-anchors`; SLUICE_ANCHOR_FILE is moved aside), which
+        /// would otherwise make `serve` refuse the shorter log as truncated.
+        #[arg(long)]
+        after_restore: bool,
+    },
     /// Rebuild the state from the log and print its position and digest.
     Replay {
         /// Stop after this position.
@@ -178,7 +184,7 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
     sluice_control_plane::relay::set_nats_auth(config.nats_auth.clone());
     let pool = connect(&config.database_url).await?;
     match command {
-        Cmd::ReseedNats => {
+        Cmd::ReseedNats { after_restore } => {
             let client = sluice_control_plane::relay::connect(&config.nats_url).await?;
             let js = async_nats::jetstream::new(client);
             for (what, result) in [
@@ -204,6 +210,17 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
                 match result {
                     Ok(()) => println!("deleted the {what}"),
                     Err(e) => println!("the {what}: {e} (nothing to delete?)"),
+                }
+            }
+            if after_restore {
+                match js.delete_key_value(sluice_events::dist::ANCHORS_BUCKET).await {
+                    Ok(_) => println!("deleted the anchors in NATS KV (the restored log is the one to anchor now)"),
+                    Err(e) => println!("the anchors in NATS KV: {e} (nothing to delete?)"),
+                }
+                if let Some(file) = config.anchor_file.as_deref().filter(|f| f.exists()) {
+                    let aside = file.with_extension(format!("before-restore-{}", sluice_control_plane::clock::now().0));
+                    std::fs::rename(file, &aside)?;
+                    println!("moved {} aside to {}", file.display(), aside.display());
                 }
             }
             println!("the relay (a running `serve`) now publishes the log again from position 1");

@@ -66,7 +66,7 @@ fn is_root() -> bool {
 }
 
 /// Runs a Postgres tool, as user `postgres` when we are root (initdb refuses root).
-fn pg_command(tool: &str) -> Command {
+pub fn pg_command(tool: &str) -> Command {
     let bin = pg_bin_dir().join(tool);
     if is_root() {
         let mut c = Command::new("runuser");

@@ -292,3 +292,116 @@ async fn the_relay_refuses_to_resume_onto_a_different_log() {
     .await;
     drop(control);
 }
+
+/// Backup and restore (issue #18): `pg_dump` of the log, more writes, then Postgres restored
+/// from that older dump. `serve` refuses the shorter log (its anchors cover positions it no
+/// longer has); `reseed-nats --after-restore` retires those anchors and NATS's copy of the
+/// newer log; the control plane then serves the restored log, relays it from position 1, and
+/// a worker started empty agrees with it (same access digest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_backup_comes_back_consistent_with_one_command() {
+    let pg = Postgres::start().unwrap();
+    let url = pg.create_database("restore").await.unwrap();
+    let nats = Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let anchors = d.join("anchors.jsonl");
+    let anchors_env = anchors.to_str().unwrap().to_owned();
+    let settings = [("SLUICE_ANCHOR_EVERY_SECS", "1"), ("SLUICE_ANCHOR_FILE", anchors_env.as_str())];
+    let http = reqwest::Client::new();
+    let cp = free_port();
+    let store = sluice_control_plane::EventStore::start(sluice_control_plane::connect(&url).await.unwrap());
+    let anchored_head = |store: &sluice_control_plane::EventStore| {
+        let (store, anchors) = (store.clone(), anchors.clone());
+        async move {
+            let head = store.head().await.unwrap().0;
+            std::fs::read_to_string(&anchors).unwrap_or_default().lines().any(|l| {
+                serde_json::from_str::<serde_json::Value>(l).ok().and_then(|a| a["position"].as_u64()) == Some(head)
+            })
+        }
+    };
+    let control = control_with(&url, &nats.url(), cp, "cp-1", &d.join("cp.log"), &settings);
+    post(&http, cp, "/v1/apps", json!({"name": "before"})).await;
+    until("the head is anchored", || anchored_head(&store)).await;
+    // The backup.
+    let dump = d.join("log.dump");
+    // (Postgres's tools run as `postgres`, which cannot write into this test's directory.)
+    let shared_dump = std::env::temp_dir().join(format!("sluice-restore-{}.dump", pg.port));
+    let out = sluice_tests::pg_command("pg_dump").arg("-Fc").arg("-f").arg(&shared_dump).arg(&url).output().unwrap();
+    assert!(out.status.success(), "pg_dump: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::copy(&shared_dump, &dump).unwrap();
+    // Life goes on after it.
+    post(&http, cp, "/v1/apps", json!({"name": "after"})).await;
+    until("the newer head is anchored", || anchored_head(&store)).await;
+    drop(control);
+
+    // Postgres is restored from the older dump.
+    let admin = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    sqlx::query("DROP DATABASE restore WITH (FORCE)").execute(&admin).await.unwrap();
+    sqlx::query("CREATE DATABASE restore TEMPLATE template0").execute(&admin).await.unwrap();
+    let out =
+        sluice_tests::pg_command("pg_restore").args(["--no-owner", "-d", &url]).arg(&shared_dump).output().unwrap();
+    let _ = std::fs::remove_file(&shared_dump);
+    assert!(out.status.success(), "pg_restore: {}", String::from_utf8_lossy(&out.stderr));
+
+    // `serve` refuses the shorter log: its anchors cover positions the log no longer has.
+    let refused = sluice_control::serve_once(&url, &nats.url(), &anchors_env);
+    assert!(refused.contains("rows were deleted"), "{refused}");
+
+    // The one command for a deliberate restore.
+    let out = Command::new(sluice_tests::binary("sluice-control"))
+        .args(["reseed-nats", "--after-restore"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("SLUICE_DATABASE_URL", &url)
+        .env("SLUICE_NATS_URL", nats.url())
+        .env("SLUICE_ANCHOR_FILE", &anchors_env)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("deleted the anchors") && said.contains("moved"), "{said}");
+
+    let control = control_with(&url, &nats.url(), cp, "cp-1", &d.join("cp2.log"), &settings);
+    let (_, apps) = get(&http, format!("http://127.0.0.1:{cp}/v1/apps")).await;
+    let names = apps.to_string();
+    assert!(names.contains("\"before\"") && !names.contains("\"after\""), "{names}");
+    until("the control plane is ready on the restored log", || async {
+        get(&http, format!("http://127.0.0.1:{cp}/ready")).await.0 == 200
+    })
+    .await;
+    // A worker started empty follows the restored log and agrees with it.
+    let w = free_port();
+    let _worker = worker(&nats.url(), w, &d.join("w"), "w1", &d.join("w.log"));
+    let head = store.head().await.unwrap().0;
+    ready_at(&http, w, head).await;
+    until("the worker's access digest matches the control plane's", || async {
+        let (_, body) = get(&http, format!("http://127.0.0.1:{cp}/v1/nodes")).await;
+        body["nodes"].as_array().is_some_and(|n| n.iter().any(|n| n["node_id"] == "w1" && n["digest_match"] == true))
+    })
+    .await;
+    drop(control);
+}
+
+/// `serve` run once against `url` with the test's settings, until it exits (bounded): what it
+/// printed.
+mod sluice_control {
+    pub fn serve_once(url: &str, nats: &str, anchors: &str) -> String {
+        let child = std::process::Command::new(sluice_tests::binary("sluice-control"))
+            .arg("serve")
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SLUICE_DATABASE_URL", url)
+            .env("SLUICE_NATS_URL", nats)
+            .env("SLUICE_SEALING_KEY", super::SEALING_KEY)
+            .env("SLUICE_API_LISTEN", format!("127.0.0.1:{}", sluice_tests::free_port()))
+            .env("SLUICE_ANCHOR_FILE", anchors)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out =
+            super::wait_bounded(child, std::time::Duration::from_secs(60)).expect("serve exits on a truncated log");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    }
+}
