@@ -321,6 +321,16 @@ async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_ADMIN_LISTEN): {e}", config.admin_listen))?;
     tracing::info!(node = %config.node_id, admin = %config.admin_listen, "sluice-dataplane serving");
+    // A SIGHUP (a terminal closing, a `reload`) must not stop a worker with live sessions,
+    // which its default action would; nothing of the worker reloads live yet.
+    tasks.spawn("SIGHUP", async {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            tracing::info!(
+                "SIGHUP: nothing of the worker reloads live yet; changed settings need a restart (drain first)"
+            );
+        }
+    });
     systemd::ready(&tasks);
     let drained = drain_on_signal(shared.clone(), decider.clone(), Duration::from_secs(config.drain_secs));
     axum::serve(listener, admin::router(shared, decider, node_secret))

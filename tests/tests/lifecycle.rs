@@ -54,6 +54,10 @@ async fn sigterm_drains_the_worker_and_live_sessions_go_on() {
     })
     .await;
 
+    // A SIGHUP changes nothing for a worker (its default action would have stopped it).
+    assert!(Command::new("kill").args(["-HUP", &w.process.0.id().to_string()]).status().unwrap().success());
+    until("the SIGHUP is logged", || async { read(&w.log).contains("SIGHUP") }).await;
+    assert!(w.process.0.try_wait().unwrap().is_none(), "a SIGHUP stopped the worker");
     sigterm(w.process.0.id());
     until("/ready is 503 and says draining", || async {
         let (code, body) = get(&http, format!("http://127.0.0.1:{}/ready", w.admin)).await;
