@@ -27,8 +27,13 @@ enum Cmd {
     /// Apply the database migrations and exit.
     Migrate,
     /// Walk the hash chain and check it against the reachable anchors; exit 1 and name the
-    /// first bad position if either disagrees.
-    VerifyLog,
+    /// first bad position if either disagrees. On a terminal it shows its progress.
+    VerifyLog {
+        /// Resume from the anchor at this position (its signed hash is the starting point):
+        /// only the rows after it are walked.
+        #[arg(long)]
+        from: Option<u64>,
+    },
     /// The way out when the relay reports that SLUICE_EVENTS and the log disagree: delete the
     /// stream and the data-plane snapshot from NATS, so the relay publishes the log again from
     /// position 1 (restart workers with an empty state directory afterwards).
@@ -229,9 +234,27 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
             store::migrate(&pool).await?;
             println!("migrations applied");
         }
-        Cmd::VerifyLog => {
+        Cmd::VerifyLog { from } => {
             let store = EventStore::start(pool);
-            match store.verify().await {
+            let (start, prev) = match from {
+                None => (Position::ZERO, sluice_events::event::GENESIS),
+                Some(p) => {
+                    let anchors = reachable_anchors(&config).await?;
+                    let Some(a) = anchors.iter().find(|a| a.position == p) else {
+                        let known: Vec<u64> = anchors.iter().map(|a| a.position).collect();
+                        eprintln!(
+                            "sluice-control: no anchor at position {p} to resume from (anchors reachable: {known:?})"
+                        );
+                        return Ok(ExitCode::from(2));
+                    };
+                    (Position(p), a.hash)
+                }
+            };
+            let head = store.head().await?.0;
+            let mut meter = progress::Meter::new("verified", start.0, head);
+            let verified = store.verify_from(start, prev, |p| meter.at(p.0)).await;
+            meter.done();
+            match verified {
                 Ok(r) => {
                     println!("ok: {} events, head {}, head hash {}", r.events, r.head, r.head_hash.to_hex());
                     // The chain holds; now against the anchors it can reach.
@@ -542,5 +565,49 @@ mod tests {
         let mut missing = Vec::new();
         walk(&super::Cli::command(), "sluice-control", &mut missing);
         assert!(missing.is_empty(), "without help: {missing:?}");
+    }
+}
+
+/// Progress of a long walk over the log, on stderr when it is a terminal (events per second,
+/// position, ETA, redrawn at most once a second); silent in scripts and logs.
+mod progress {
+    use std::io::{IsTerminal as _, Write as _};
+    use std::time::Instant;
+
+    pub struct Meter {
+        what: &'static str,
+        from: u64,
+        to: u64,
+        started: Instant,
+        shown: Option<Instant>,
+        tty: bool,
+    }
+
+    impl Meter {
+        pub fn new(what: &'static str, from: u64, to: u64) -> Meter {
+            Meter { what, from, to, started: Instant::now(), shown: None, tty: std::io::stderr().is_terminal() }
+        }
+
+        pub fn at(&mut self, position: u64) {
+            if !self.tty || self.shown.is_some_and(|t| t.elapsed().as_secs_f64() < 1.0) {
+                return;
+            }
+            self.shown = Some(Instant::now());
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            let rate = (position.saturating_sub(self.from)) as f64 / secs;
+            let eta = if rate > 0.0 { (self.to.saturating_sub(position)) as f64 / rate } else { 0.0 };
+            let _ = write!(
+                std::io::stderr(),
+                "\r{} {position}/{} ({rate:.0} events/s, about {eta:.0} s left)   ",
+                self.what,
+                self.to
+            );
+        }
+
+        pub fn done(&self) {
+            if self.tty && self.shown.is_some() {
+                let _ = writeln!(std::io::stderr());
+            }
+        }
     }
 }

@@ -9,8 +9,18 @@ use super::{EventStore, PAGE, RawRow, StoreError};
 impl EventStore {
     /// Walks the whole chain: positions contiguous from 1, every hash recomputed.
     pub async fn verify(&self) -> Result<VerifyReport, VerifyError> {
-        let mut prev = GENESIS;
-        let mut last = Position::ZERO;
+        self.verify_from(Position::ZERO, GENESIS, |_| {}).await
+    }
+
+    /// Walks the chain after `start`, whose hash is `prev` (an anchor's, to resume from it),
+    /// calling `progress` with the last position checked after each page.
+    pub async fn verify_from(
+        &self,
+        start: Position,
+        mut prev: Sha256Digest,
+        mut progress: impl FnMut(Position),
+    ) -> Result<VerifyReport, VerifyError> {
+        let mut last = start;
         loop {
             let rows = sqlx::query(select_rows!(" WHERE position > $1 ORDER BY position LIMIT $2"))
                 .bind(last.0 as i64)
@@ -19,7 +29,7 @@ impl EventStore {
                 .await
                 .map_err(|e| VerifyError::Store(StoreError::from(e)))?;
             if rows.is_empty() {
-                return Ok(VerifyReport { events: last.0, head: last, head_hash: prev });
+                return Ok(VerifyReport { events: last.0 - start.0, head: last, head_hash: prev });
             }
             for row in &rows {
                 let raw = RawRow::from_row(row).map_err(|e| VerifyError::Store(e.into()))?;
@@ -33,6 +43,7 @@ impl EventStore {
                 prev = expected;
                 last = raw.position;
             }
+            progress(last);
         }
     }
 }
