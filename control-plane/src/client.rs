@@ -114,6 +114,44 @@ pub enum Streams {
         /// The stream's name.
         name: String,
     },
+    /// List a stream's one-time tokens (ids and status, never the tokens).
+    Tokens {
+        /// The app's name.
+        app: String,
+        /// The stream's name.
+        name: String,
+    },
+    /// Revoke one of a stream's one-time tokens.
+    RevokeToken {
+        /// The app's name.
+        app: String,
+        /// The stream's name.
+        name: String,
+        /// The token's id (from `streams tokens`).
+        id: String,
+    },
+    /// List a stream's TOTP subscribers.
+    Subscribers {
+        /// The app's name.
+        app: String,
+        /// The stream's name.
+        name: String,
+    },
+    /// Block a subscriber for a while (0 seconds unblocks).
+    BlockSubscriber {
+        /// The app's name.
+        app: String,
+        /// The stream's name.
+        name: String,
+        /// The subscriber's id.
+        id: String,
+        /// How long, in seconds.
+        #[arg(long)]
+        seconds: i64,
+        /// Only `publish` or only `play`; both when left out.
+        #[arg(long)]
+        action: Option<String>,
+    },
     /// Issue a one-time token (printed once, with the RTMP URL and SRT streamid).
     Token {
         /// The app's name.
@@ -127,6 +165,54 @@ pub enum Streams {
         #[arg(long)]
         expires_in: Option<i64>,
     },
+}
+
+/// The audit: decisions, one at a time or by filter.
+#[derive(Subcommand, Debug)]
+pub enum Decisions {
+    /// Decisions newest first, filtered.
+    List {
+        /// Only this app.
+        #[arg(long)]
+        app: Option<String>,
+        /// Only this stream.
+        #[arg(long)]
+        stream: Option<String>,
+        /// Only from this address or CIDR.
+        #[arg(long)]
+        ip: Option<String>,
+        /// allow or deny.
+        #[arg(long)]
+        outcome: Option<String>,
+        /// Only this reason (e.g. token_not_found).
+        #[arg(long)]
+        reason: Option<String>,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// One decision as recorded.
+    Get {
+        /// The decision's id.
+        id: String,
+    },
+}
+
+pub fn decisions(cmd: Decisions) -> Result<Call, String> {
+    use reqwest::Method as M;
+    Ok(match cmd {
+        Decisions::List { app, stream, ip, outcome, reason, limit } => {
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query.append_pair("limit", &limit.to_string());
+            for (k, v) in [("app", app), ("stream", stream), ("ip", ip), ("outcome", outcome), ("reason", reason)] {
+                if let Some(v) = v {
+                    query.append_pair(k, &v);
+                }
+            }
+            (M::GET, format!("/v1/decisions?{}", query.finish()), None)
+        }
+        Decisions::Get { id } => (M::GET, format!("/v1/decisions/{id}"), None),
+    })
 }
 
 /// What to send: method, path, body.
@@ -186,6 +272,18 @@ pub fn streams(cmd: Streams) -> Result<Call, String> {
         Streams::List { app } => (M::GET, format!("/v1/apps/{app}/streams?limit=1000"), None),
         Streams::Get { app, name } => (M::GET, format!("/v1/apps/{app}/streams/{name}"), None),
         Streams::Delete { app, name } => (M::DELETE, format!("/v1/apps/{app}/streams/{name}"), None),
+        Streams::Tokens { app, name } => (M::GET, format!("/v1/apps/{app}/streams/{name}/tokens"), None),
+        Streams::RevokeToken { app, name, id } => {
+            (M::DELETE, format!("/v1/apps/{app}/streams/{name}/tokens/{id}"), None)
+        }
+        Streams::Subscribers { app, name } => (M::GET, format!("/v1/apps/{app}/streams/{name}/subscribers"), None),
+        Streams::BlockSubscriber { app, name, id, seconds, action } => {
+            let mut body = json!({"seconds": seconds});
+            if let Some(a) = action {
+                body["action"] = json!(a);
+            }
+            (M::POST, format!("/v1/apps/{app}/streams/{name}/subscribers/{id}/block"), Some(body))
+        }
         Streams::Token { app, name, action, expires_in } => {
             let mut body = json!({"action": action});
             if let Some(s) = expires_in {

@@ -89,6 +89,29 @@ enum Cmd {
         /// The decision id.
         id: String,
     },
+    /// The audit of decisions, through the REST API.
+    Decisions {
+        #[command(flatten)]
+        remote: client::Remote,
+        #[command(subcommand)]
+        cmd: client::Decisions,
+    },
+    /// The workers: applied position, lag, digest match, last heartbeat (through the REST API).
+    Nodes {
+        #[command(flatten)]
+        remote: client::Remote,
+    },
+    /// A page of the log (admin), through the REST API.
+    Events {
+        #[command(flatten)]
+        remote: client::Remote,
+        /// Events after this position.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// Streams and their one-time tokens, through the REST API.
     Streams {
         #[command(flatten)]
@@ -153,6 +176,11 @@ fn main() -> ExitCode {
         Cmd::Keys { remote: r, cmd } => return remote(r, client::keys(cmd)),
         Cmd::Apps { remote: r, cmd } => return remote(r, client::apps(cmd)),
         Cmd::Streams { remote: r, cmd } => return remote(r, client::streams(cmd)),
+        Cmd::Decisions { remote: r, cmd } => return remote(r, client::decisions(cmd)),
+        Cmd::Nodes { remote: r } => return remote(r, Ok((reqwest::Method::GET, "/v1/nodes".into(), None))),
+        Cmd::Events { remote: r, after, limit } => {
+            return remote(r, Ok((reqwest::Method::GET, format!("/v1/events?after={after}&limit={limit}"), None)));
+        }
         Cmd::Explain { remote: r, id } => {
             return remote(r, Ok((reqwest::Method::GET, format!("/v1/decisions/{id}/explain"), None)));
         }
@@ -326,6 +354,9 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
         | Cmd::Keys { .. }
         | Cmd::Apps { .. }
         | Cmd::Streams { .. }
+        | Cmd::Decisions { .. }
+        | Cmd::Nodes { .. }
+        | Cmd::Events { .. }
         | Cmd::Explain { .. } => {}
     }
     Ok(ExitCode::SUCCESS)

@@ -305,6 +305,25 @@ async fn operator_cli_creates_a_key_an_app_a_stream_and_a_token() {
     assert!(token["rtmp_url"].as_str().unwrap().contains("/studio/cam1-key?token="));
     let out = cli(&writer, &["streams", "list", "studio"]);
     assert!(stdout(&out).contains("\"cam1\""));
+    // What operators do daily: a stream's tokens and revoking one, the audit, the workers, the log.
+    let out = cli(&writer, &["streams", "tokens", "studio", "cam1"]);
+    let listed: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = listed["tokens"][0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(listed["tokens"][0]["status"], "active");
+    let out = cli(&writer, &["streams", "revoke-token", "studio", "cam1", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = cli(&writer, &["streams", "tokens", "studio", "cam1"]);
+    assert!(stdout(&out).contains("\"revoked\""), "{}", stdout(&out));
+    let out = cli(&writer, &["decisions", "list", "--app", "studio", "--outcome", "deny", "--limit", "10"]);
+    assert!(out.status.success() && stdout(&out).contains("\"decisions\""), "{}", stderr(&out));
+    let out = cli(&writer, &["decisions", "list", "--outcome", "maybe"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("400"), "{}", stderr(&out));
+    let out = cli(&writer, &["nodes"]);
+    assert!(out.status.success() && stdout(&out).contains("\"nodes\""), "{}", stderr(&out));
+    let out = cli(admin, &["events", "--limit", "3"]);
+    let page: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(page["events"].as_array().unwrap().len(), 3, "{page}");
     // Errors: one line with the status and the problem's detail; exit 1.
     let out = cli(&writer, &["keys", "list"]);
     assert_eq!(out.status.code(), Some(1));
