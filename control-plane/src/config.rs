@@ -364,13 +364,8 @@ mod tests {
     fn the_packaged_example_holds_every_setting_and_loads() {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/deb/control.toml");
         let text = std::fs::read_to_string(&path).unwrap();
-        for key in KNOWN {
-            let written = text.lines().any(|l| {
-                let l = l.trim_start_matches('#').trim_start();
-                l.starts_with(&format!("{key} =")) || l.starts_with(&format!("{key}="))
-            });
-            assert!(written, "{key} is missing from {}", path.display());
-        }
+        let missing = sluice_events::settings::keys_missing_from(&text, KNOWN);
+        assert!(missing.is_empty(), "{missing:?} missing from {}", path.display());
         // The sealing key file does not exist here; the environment's key wins.
         let key = "SLUICE_SEALING_KEY";
         let c = Config::load(Some(&path), env(&[(key, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")])).unwrap();

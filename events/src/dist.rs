@@ -161,15 +161,28 @@ pub enum WireError {
 /// If the skipped event changed access tables, the worker's access digest no longer matches
 /// the control plane's, and `/v1/nodes` shows it.
 pub fn decode_event_or_skip(bytes: &[u8]) -> Result<(RecordedEvent, Option<String>), WireError> {
-    let wire: WireEvent<'_> = serde_json::from_slice(bytes).map_err(|e| WireError::Json(e.to_string()))?;
-    let (event, skipped) = match Event::decode(&wire.event_type, wire.schema_version, &wire.data) {
-        Ok(event) => (event, None),
+    decode_with(bytes, |wire| match Event::decode(&wire.event_type, wire.schema_version, &wire.data) {
+        Ok(event) => Ok((event, None)),
         Err(DecodeError::UnknownType { event_type } | DecodeError::UnknownVersion { event_type, .. }) => {
             let noop = Event::ApiAccessed(crate::event::ApiAccessed { instance: String::new(), entries: Vec::new() });
-            (noop, Some(event_type))
+            Ok((noop, Some(event_type)))
         }
-        Err(e) => return Err(e.into()),
-    };
+        Err(e) => Err(e.into()),
+    })
+}
+
+pub fn decode_event(bytes: &[u8]) -> Result<RecordedEvent, WireError> {
+    decode_with(bytes, |wire| Ok((Event::decode(&wire.event_type, wire.schema_version, &wire.data)?, ())))
+        .map(|(e, ())| e)
+}
+
+/// A message's envelope around the event `event` makes of it (and what else it says).
+fn decode_with<T>(
+    bytes: &[u8],
+    event: impl FnOnce(&WireEvent<'_>) -> Result<(Event, T), WireError>,
+) -> Result<(RecordedEvent, T), WireError> {
+    let wire: WireEvent<'_> = serde_json::from_slice(bytes).map_err(|e| WireError::Json(e.to_string()))?;
+    let (event, also) = event(&wire)?;
     let recorded = RecordedEvent {
         position: Position(wire.position),
         event_id: wire.event_id,
@@ -180,22 +193,7 @@ pub fn decode_event_or_skip(bytes: &[u8]) -> Result<(RecordedEvent, Option<Strin
         recorded_at: Timestamp(wire.recorded_at),
         hash: wire.hash,
     };
-    Ok((recorded, skipped))
-}
-
-pub fn decode_event(bytes: &[u8]) -> Result<RecordedEvent, WireError> {
-    let wire: WireEvent<'_> = serde_json::from_slice(bytes).map_err(|e| WireError::Json(e.to_string()))?;
-    let event = Event::decode(&wire.event_type, wire.schema_version, &wire.data)?;
-    Ok(RecordedEvent {
-        position: Position(wire.position),
-        event_id: wire.event_id,
-        stream: wire.stream.into_owned(),
-        version: wire.version,
-        event,
-        metadata: wire.metadata,
-        recorded_at: Timestamp(wire.recorded_at),
-        hash: wire.hash,
-    })
+    Ok((recorded, also))
 }
 
 /// The manifest stored under `SNAPSHOT_KEY`: which object holds the newest snapshot.

@@ -145,6 +145,21 @@ impl Sources {
     }
 }
 
+/// The keys of `known` an example configuration does not name (as `key = …`, commented out
+/// or not): what keeps a packaged example complete.
+pub fn keys_missing_from(example: &str, known: &[&str]) -> Vec<String> {
+    known
+        .iter()
+        .filter(|key| {
+            !example.lines().any(|l| {
+                let l = l.trim_start_matches('#').trim_start();
+                l.strip_prefix(**key).is_some_and(|rest| rest.trim_start().starts_with('='))
+            })
+        })
+        .map(|k| (*k).to_owned())
+        .collect()
+}
+
 /// How a plane reaches NATS beyond its URL (which may carry `user:password@` and the
 /// `tls://` scheme): a CA to trust for its TLS certificate, and an NKey seed or a `.creds`
 /// file (JWT + NKey) to authenticate with. Files are named here and read when connecting.
@@ -245,6 +260,12 @@ mod tests {
             Sources::new(None, env(&[("SLUICE_SEALING_KEY", "bad"), ("SLUICE_SEALING_KEY_FILE", "/k")]), &[]).unwrap();
         assert!(s.sealing_key(read).unwrap_err().to_string().contains("SLUICE_SEALING_KEY "));
         assert_eq!(Sources::new(None, env(&[]), &[]).unwrap().sealing_key(read).unwrap().map(|k| k.id().len()), None);
+    }
+
+    #[test]
+    fn an_example_missing_a_key_is_caught() {
+        let example = "# a_key = 1\nother = 2\nlonger_key_x = 3\n";
+        assert_eq!(keys_missing_from(example, &["a_key", "other", "longer_key"]), vec!["longer_key".to_owned()]);
     }
 
     #[test]

@@ -249,46 +249,40 @@ pub struct Nats {
 
 impl Nats {
     pub fn start() -> anyhow::Result<Nats> {
-        let bin = nats_server_binary()?;
-        let dir = tempfile::Builder::new().prefix("sluice-nats-").tempdir()?;
-        let mut last = String::new();
-        for _ in 0..5 {
-            let (port, monitor_port) = (free_port(), free_port());
-            let mut child = Command::new(&bin)
-                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string()])
+        Nats::spawn(|cmd, dir, port, monitor_port| {
+            cmd.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-m", &monitor_port.to_string()])
                 .arg("-sd")
-                .arg(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("starting {}", bin.display()))?;
-            if wait_for_port(port, Duration::from_secs(10)) {
-                return Ok(Nats { child, _dir: dir, port, monitor_port });
-            }
-            let _ = child.kill();
-            let out = child.wait_with_output()?;
-            last = String::from_utf8_lossy(&out.stderr).into_owned();
-        }
-        bail!("nats-server did not start: {last}")
+                .arg(dir);
+            Ok(())
+        })
     }
 
     /// A NATS server with JetStream and `extra` in its configuration file (a `tls` block, an
     /// `authorization` block).
     pub fn start_with_config(extra: &str) -> anyhow::Result<Nats> {
+        Nats::spawn(|cmd, dir, port, monitor_port| {
+            let conf = dir.join("nats.conf");
+            let body = format!(
+                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
+                dir.display()
+            );
+            std::fs::write(&conf, body)?;
+            cmd.arg("-c").arg(conf);
+            Ok(())
+        })
+    }
+
+    /// Starts nats-server with the arguments `args` adds for a data directory and two ports,
+    /// trying other ports if it does not come up.
+    fn spawn(args: impl Fn(&mut Command, &Path, u16, u16) -> anyhow::Result<()>) -> anyhow::Result<Nats> {
         let bin = nats_server_binary()?;
         let dir = tempfile::Builder::new().prefix("sluice-nats-").tempdir()?;
         let mut last = String::new();
         for _ in 0..5 {
             let (port, monitor_port) = (free_port(), free_port());
-            let conf = dir.path().join("nats.conf");
-            let body = format!(
-                "listen: \"127.0.0.1:{port}\"\nhttp: \"127.0.0.1:{monitor_port}\"\njetstream {{ store_dir: \"{}\" }}\n{extra}\n",
-                dir.path().display()
-            );
-            std::fs::write(&conf, body)?;
-            let mut child = Command::new(&bin)
-                .arg("-c")
-                .arg(&conf)
+            let mut cmd = Command::new(&bin);
+            args(&mut cmd, dir.path(), port, monitor_port)?;
+            let mut child = cmd
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()

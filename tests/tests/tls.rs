@@ -18,6 +18,15 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// A server certificate for 127.0.0.1 named `cn`, signed by the test CA in `dir`.
+/// A test CA in `dir` (`ca.pem`, `ca.key`).
+fn test_ca(dir: &Path) {
+    let ca = ["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    openssl(
+        dir,
+        &[&ca[..], &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=sluice-test-ca"]].concat(),
+    );
+}
+
 fn make_cert(dir: &Path, cn: &str) -> (std::path::PathBuf, std::path::PathBuf) {
     let (key, csr, pem) = (format!("{cn}.key"), format!("{cn}.csr"), format!("{cn}.pem"));
     let subject = format!("/CN={cn}");
@@ -77,26 +86,7 @@ fn presented_subject(port: u16) -> String {
 async fn the_api_serves_https_and_reloads_its_certificate_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=sluice-test-ca",
-        ],
-    );
+    test_ca(d);
     let (first, first_key) = make_cert(d, "first");
     let (second, second_key) = make_cert(d, "second");
     let (cert, key) = (d.join("api.pem"), d.join("api.key"));
@@ -160,26 +150,7 @@ async fn the_api_serves_https_and_reloads_its_certificate_on_sighup() {
 async fn both_planes_reach_nats_over_tls_with_credentials() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    openssl(
-        d,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=sluice-test-ca",
-        ],
-    );
+    test_ca(d);
     let (cert, key) = make_cert(d, "nats");
     let worker_key = nkeys::KeyPair::new_user();
     let seed_file = d.join("worker.nk");

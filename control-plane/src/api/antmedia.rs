@@ -281,12 +281,24 @@ fn block_type(action: Option<Action>) -> &'static str {
     action.map_or("publish_play", Action::as_str)
 }
 
-/// The request's origin for one of several commands it makes: an Idempotency-Key covers each
-/// item on its own, so a retried request skips what it already did.
-fn item_origin(ctx: &Ctx, item: &str) -> crate::commands::Origin {
-    let mut origin = ctx.origin();
-    origin.idempotency = origin.idempotency.map(|(scope, key)| (format!("{scope}|{item}"), key));
-    origin
+/// Runs one command per item of a request that acts on several (revoke all, remove all). An
+/// Idempotency-Key covers each item on its own, so a retried request skips what it already
+/// did; an item gone meanwhile (used, revoked, removed) is nothing left to do.
+async fn run_each(api: &ApiState, ctx: &Ctx, commands: Vec<(String, Command)>) -> Result<(), ApiError> {
+    for (item, command) in commands {
+        let mut origin = ctx.origin();
+        origin.idempotency = origin.idempotency.map(|(scope, key)| (format!("{scope}|{item}"), key));
+        match api.writer.run(&origin, now(), |_| Ok(command.clone())).await {
+            Ok(_) | Err(crate::commands::CommandError::Rejected(sluice_events::Rejection::NotFound { .. })) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// An unused token of `app`/`stream` (Ant deletes a token when it is used).
+fn unused_of(t: &sluice_events::state::Token, app: &AppName, stream: &StreamName) -> bool {
+    t.app == *app && t.stream == *stream && t.status == sluice_events::state::TokenStatus::Active
 }
 
 /// Ant Media's `Broadcast`, in its member order: the members Sluice fills from the stream's
@@ -398,7 +410,7 @@ pub(super) async fn list_tokens(
     let mut tokens: Vec<AmsToken> = state
         .tokens
         .iter()
-        .filter(|(_, t)| t.app == app && t.stream == stream && t.status == sluice_events::state::TokenStatus::Active)
+        .filter(|(_, t)| unused_of(t, &app, &stream))
         .map(|(d, t)| AmsToken {
             token_id: sluice_events::event::token_id(d),
             stream_id: stream.clone(),
@@ -420,20 +432,13 @@ pub(super) async fn revoke_tokens(
 ) -> Result<Json<AmsResult>, ApiError> {
     let (app, stream) = names(&app, &stream)?;
     let state = api.writer.projection().current();
-    let digests: Vec<sluice_events::Sha256Digest> = state
-        .tokens
-        .iter()
-        .filter(|(_, t)| t.app == app && t.stream == stream && t.status == sluice_events::state::TokenStatus::Active)
-        .map(|(d, _)| *d)
+    let digests: Vec<sluice_events::Sha256Digest> =
+        state.tokens.iter().filter(|(_, t)| unused_of(t, &app, &stream)).map(|(d, _)| *d).collect();
+    let commands = digests
+        .into_iter()
+        .map(|d| (sluice_events::event::token_id(&d), Command::RevokeToken { token_sha256: d }))
         .collect();
-    for digest in digests {
-        let origin = item_origin(&ctx, &sluice_events::event::token_id(&digest));
-        match api.writer.run(&origin, now(), |_| Ok(Command::RevokeToken { token_sha256: digest })).await {
-            // Used or revoked meanwhile: nothing left to revoke.
-            Ok(_) | Err(crate::commands::CommandError::Rejected(sluice_events::Rejection::NotFound { .. })) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    run_each(&api, &ctx, commands).await?;
     Ok(success())
 }
 
@@ -493,16 +498,15 @@ pub(super) async fn revoke_subscribers(
         .filter(|(s, _)| *s == stream)
         .map(|(_, id)| id.clone())
         .collect();
-    for id in ids {
-        let origin = item_origin(&ctx, id.as_str());
-        let remove = |_: &sluice_events::AuthState| {
-            Ok(Command::RemoveSubscriber { app: app.clone(), stream: stream.clone(), subscriber_id: id.clone() })
-        };
-        match api.writer.run(&origin, now(), remove).await {
-            Ok(_) | Err(crate::commands::CommandError::Rejected(sluice_events::Rejection::NotFound { .. })) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    let commands = ids
+        .into_iter()
+        .map(|id| {
+            let remove =
+                Command::RemoveSubscriber { app: app.clone(), stream: stream.clone(), subscriber_id: id.clone() };
+            (id.to_string(), remove)
+        })
+        .collect();
+    run_each(&api, &ctx, commands).await?;
     Ok(success())
 }
 

@@ -321,9 +321,13 @@ impl Conn {
     async fn admit(&self, request: AccessRequest) -> Result<Admitted, Refusal> {
         let (reply, answer) = oneshot::channel();
         let live = request.action == Action::Publish || self.ctx.live(&(request.app.clone(), request.stream.clone()));
-        let directory = self.ctx.directory.clone();
-        let live_as = super::ctx::LiveCheck(Box::new(move |key| directory.live(key).is_some()));
-        let job = AdmitJob { request, live, malformed: false, live_as: Some(live_as), reply };
+        // Not live under the name asked for: the admission step looks under the public name
+        // it resolves to (another player id of a publisher).
+        let live_as = (!live).then(|| {
+            let directory = self.ctx.directory.clone();
+            super::ctx::LiveCheck(Box::new(move |key| directory.live(key).is_some()))
+        });
+        let job = AdmitJob { request, live, malformed: false, live_as, reply };
         if self.ctx.jobs.try_send(job).is_err() {
             return Err(Refusal::Unavailable("the admission queue is full".to_owned()));
         }

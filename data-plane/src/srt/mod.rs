@@ -159,9 +159,9 @@ async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub
     };
     // Live under the public name the request resolves to (another player id of a publisher
     // plays the publisher's stream).
-    let live = req.action == Action::Publish || {
+    let live = req.action == Action::Publish || hub.is_live(&(req.app.clone(), req.stream.clone())) || {
         let public = sluice_events::decide::public_stream(&admission.decider.shared.state.load(), &req);
-        hub.is_live(&(req.app.clone(), public))
+        public != req.stream && hub.is_live(&(req.app.clone(), public))
     };
     let admitted = match admission.admit(req, live).await {
         Ok(a) => a,
