@@ -52,6 +52,21 @@ const KNOWN: &[&str] = &[
     "nats_ca_file",
     "nats_nkey_seed_file",
     "nats_creds_file",
+    "log",
+    "metrics_listen",
+    "metrics_token",
+];
+
+/// What a SIGHUP changes live (with the API's TLS certificate, read again from its files);
+/// any other setting changed in the file needs a restart.
+pub const RELOADABLE: &[&str] = &[
+    "log",
+    "rate_limit_api",
+    "rate_limit_stats",
+    "rate_limit_config",
+    "webhook_allowed",
+    "api_tls_cert",
+    "api_tls_key",
 ];
 
 /// A comma-separated list (a TOML array works too), e.g. `127.0.0.1/32,::1/128`.
@@ -108,6 +123,8 @@ pub struct ApiSettings {
     /// `/ready` stays 200 while the projection trails the log's head for less than this
     /// (a write in flight); longer, it is 503.
     pub ready_max_lag_ms: u64,
+    /// The bearer token a scrape of `/metrics` must present (`SLUICE_METRICS_TOKEN`), if set.
+    pub metrics_token: Option<sluice_events::SecretString>,
 }
 
 impl std::fmt::Debug for ApiSettings {
@@ -134,6 +151,7 @@ impl std::fmt::Debug for ApiSettings {
             .field("public_srt_url", &self.public_srt_url)
             .field("node_stale_secs", &self.node_stale_secs)
             .field("ready_max_lag_ms", &self.ready_max_lag_ms)
+            .field("metrics_token", &self.metrics_token.as_ref().map(|_| "<set>"))
             .finish()
     }
 }
@@ -212,6 +230,11 @@ impl ApiSettings {
             public_srt_url: s.or("public_srt_url", "srt://127.0.0.1:4200".to_owned(), "an srt:// URL")?,
             node_stale_secs: s.or("node_stale_secs", 15, "seconds")?,
             ready_max_lag_ms: s.or("ready_max_lag_ms", 5_000, "milliseconds")?,
+            metrics_token: match s.raw("metrics_token") {
+                None => None,
+                Some((v, _)) if v.trim().len() >= 16 => Some(sluice_events::SecretString::new(v.trim().to_owned())),
+                Some(_) => return Err(s.invalid("metrics_token", "at least 16 characters")),
+            },
         })
     }
 }
@@ -246,6 +269,12 @@ pub struct Config {
     pub api_tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// How to reach NATS beyond its URL (TLS trust, credentials).
     pub nats_auth: sluice_events::settings::NatsAuth,
+    /// The log filter (tracing's syntax); reloaded on SIGHUP.
+    pub log: String,
+    /// A listener serving `/metrics` alone (with the metrics token when one is set).
+    pub metrics_listen: Option<SocketAddr>,
+    /// Every setting's raw value, to tell what a reload changed (never printed).
+    pub effective: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -270,6 +299,8 @@ impl std::fmt::Debug for Config {
             .field("jwks_kid_refetch_secs", &self.jwks_kid_refetch_secs)
             .field("api_tls", &self.api_tls)
             .field("nats_auth", &self.nats_auth)
+            .field("log", &self.log)
+            .field("metrics_listen", &self.metrics_listen)
             .finish_non_exhaustive()
     }
 }
@@ -331,6 +362,15 @@ impl Config {
                 (None, Some(_)) => return Err(s.missing("api_tls_cert", "a PEM certificate chain (with api_tls_key)")),
             },
             nats_auth: sluice_events::settings::NatsAuth::load(&s)?,
+            log: {
+                let filter: String =
+                    s.or("log", "info,sqlx=warn,async_nats=warn".to_owned(), "a log filter like info,sqlx=warn")?;
+                tracing_subscriber::EnvFilter::try_new(&filter)
+                    .map_err(|_| s.invalid("log", "a log filter like info,sqlx=warn"))?;
+                filter
+            },
+            metrics_listen: s.optional("metrics_listen", "host:port like 0.0.0.0:9090")?,
+            effective: s.effective(KNOWN),
         })
     }
 

@@ -194,6 +194,8 @@ async fn ingest(
             sqlx::query("SELECT 1").execute(&mut *lock).await.map_err(|_| IngestError::LostLock)?;
             lock_check = std::time::Instant::now();
         }
+        let backlog = messages.last().and_then(|m| m.info().ok()).map_or(0, |i| i.pending);
+        crate::metrics::METRICS.ingest_backlog.store(backlog, std::sync::atomic::Ordering::Relaxed);
         let Some(last) = messages.last() else {
             if !unpublished.is_empty() {
                 publish_marks(&marks, &mut published, &mut unpublished).await;
@@ -204,6 +206,7 @@ async fn ingest(
         let mut follow_ups: Vec<NewEvent> = Vec::new();
         let mut seen: Vec<(NodeId, Uuid, u64)> = Vec::new();
         let mut rejected = 0;
+        let mut outcomes: Vec<(bool, &'static str)> = Vec::new();
         let state = projection.current();
         let now = crate::clock::now();
         for msg in &messages {
@@ -222,6 +225,7 @@ async fn ingest(
                 }
             };
             let record = incoming.record;
+            outcomes.push((record.allowed, record.final_reason.as_str()));
             for (n, command) in record.follow_up().into_iter().enumerate() {
                 match sluice_events::handle(&state, command, now) {
                     Ok(events) => follow_ups
@@ -258,6 +262,9 @@ async fn ingest(
         }
         // Durable in Postgres: now JetStream may forget them, and the workers may trim.
         last.ack().await.map_err(nats)?;
+        for (allowed, reason) in outcomes {
+            crate::metrics::ingested(allowed, reason);
+        }
         for (node, spool, seq) in seen {
             let key = (node.clone(), spool);
             if !trackers.contains_key(&key) {

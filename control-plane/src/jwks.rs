@@ -116,7 +116,7 @@ pub async fn run(
     status: std::sync::Arc<JwksStatus>,
     every: Duration,
     kid_refetch: Duration,
-    allow: WebhookAllowList,
+    allow: std::sync::Arc<arc_swap::ArcSwap<WebhookAllowList>>,
 ) {
     let pool = writer.store().pool().clone();
     let mut seen: i64 =
@@ -147,7 +147,7 @@ pub async fn run(
             if !due {
                 continue;
             }
-            let result = fetch(&url, &allow).await;
+            let result = fetch(&url, &allow.load_full()).await;
             let mut view = status
                 .view(&app)
                 .filter(|v| v.url == url)

@@ -12,6 +12,7 @@ pub mod config;
 pub mod decisions;
 pub mod ingest;
 pub mod jwks;
+pub mod metrics;
 pub mod nodes;
 pub mod outbound;
 pub mod projection;

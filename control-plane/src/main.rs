@@ -145,15 +145,34 @@ fn say(line: &str) {
     }
 }
 
+/// The log filter's handle: `serve` sets the `log` setting through it, and a SIGHUP a changed one.
+static LOG_FILTER: std::sync::OnceLock<
+    tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+> = std::sync::OnceLock::new();
+
+fn set_log_filter(filter: &str) {
+    if let Some(handle) = LOG_FILTER.get()
+        && let Err(e) = handle.reload(tracing_subscriber::EnvFilter::new(filter))
+    {
+        tracing::error!(error = %e, "cannot set the log filter");
+    }
+}
+
 fn main() -> ExitCode {
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let cli = Cli::parse();
+    // Until the settings are read (and for commands other than `serve`): SLUICE_LOG.
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| "info,sqlx=warn,async_nats=warn".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    let _ = LOG_FILTER.set(handle);
+    let layered = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     // `SLUICE_LOG_FORMAT`: `text` (default) or `json` (one JSON object a line on stderr).
     match std::env::var("SLUICE_LOG_FORMAT").as_deref() {
-        Err(_) | Ok("text") => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
-        Ok("json") => builder.json().flatten_event(true).with_current_span(false).init(),
+        Err(_) | Ok("text") => layered.with(fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))).init(),
+        Ok("json") => layered.with(fmt.json().flatten_event(true).with_current_span(false)).init(),
         Ok(other) => {
             eprintln!("sluice-control: SLUICE_LOG_FORMAT={other:?}: expected text or json");
             return ExitCode::from(2);
@@ -204,7 +223,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, config)) {
+    match runtime.block_on(run(cli.command, config, cli.config)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("sluice-control: {e}");
@@ -213,7 +232,11 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::error::Error>> {
+async fn run(
+    command: Cmd,
+    config: Config,
+    config_file: Option<PathBuf>,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
     sluice_control_plane::relay::set_nats_auth(config.nats_auth.clone());
     let pool = connect(&config.database_url).await?;
     match command {
@@ -346,7 +369,7 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
                 println!("read models rebuilt: {rows} decisions");
             }
         }
-        Cmd::Serve => serve(pool, config).await?,
+        Cmd::Serve => serve(pool, config, config_file).await?,
         Cmd::CheckConfig
         | Cmd::Completions { .. }
         | Cmd::Schema
@@ -362,8 +385,13 @@ async fn run(command: Cmd, config: Config) -> Result<ExitCode, Box<dyn std::erro
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(
+    pool: sqlx::PgPool,
+    config: Config,
+    config_file: Option<PathBuf>,
+) -> Result<(), Box<dyn std::error::Error>> {
     config.require_sealing_key()?;
+    set_log_filter(&config.log);
     store::migrate(&pool).await?;
     let store = EventStore::start(pool);
     match bootstrap::run(
@@ -439,6 +467,17 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
             config.nats_url.clone(),
         );
     }
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (SLUICE_METRICS_LISTEN): {e}"))?;
+        let app = sluice_control_plane::api::metrics_router(api.clone());
+        tasks.spawn("metrics listener", async move {
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown()).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     let listener = tokio::net::TcpListener::bind(config.api_listen)
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_API_LISTEN): {e}", config.api_listen))?;
@@ -447,14 +486,20 @@ async fn serve(pool: sqlx::PgPool, config: Config) -> Result<(), Box<dyn std::er
     let service = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     match &config.api_tls {
         None => {
-            tls::sighup(&tasks, None);
+            reload::sighup(
+                &tasks,
+                reload::Reload { file: config_file, running: config.clone(), api: api.clone(), tls: None },
+            );
             systemd::ready(&tasks);
             say(&format!("sluice-control listening on http://{}", config.api_listen));
             axum::serve(listener, service).with_graceful_shutdown(shutdown()).await?;
         }
         Some((cert, key)) => {
             let tls = tls::load(cert, key).await?;
-            tls::sighup(&tasks, Some((tls.clone(), cert.clone(), key.clone())));
+            reload::sighup(
+                &tasks,
+                reload::Reload { file: config_file, running: config.clone(), api: api.clone(), tls: Some(tls.clone()) },
+            );
             let handle = axum_server::Handle::new();
             let stopper = handle.clone();
             tasks.spawn("API shutdown", async move {
@@ -506,7 +551,7 @@ async fn shutdown() {
 /// new handshakes while the connections already open go on.
 mod tls {
     use axum_server::tls_rustls::RustlsConfig;
-    use std::path::{Path, PathBuf};
+    use std::path::Path;
 
     pub async fn load(cert: &Path, key: &Path) -> Result<RustlsConfig, String> {
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -514,17 +559,50 @@ mod tls {
             format!("cannot load the API's TLS certificate {} and key {}: {e}", cert.display(), key.display())
         })
     }
+}
 
-    /// SIGHUP reloads the API's certificate; nothing else of the control plane changes live
-    /// yet, and a SIGHUP never stops it (its default action would).
-    pub fn sighup(tasks: &sluice_control_plane::task::Tasks, tls: Option<(RustlsConfig, PathBuf, PathBuf)>) {
+/// SIGHUP: the settings read again; what can change live does (`config::RELOADABLE`: the log
+/// filter, the API's rate limits, the webhook allow-list, the API's TLS certificate from its
+/// files); changed settings that need a restart are named in one line. A SIGHUP never stops
+/// the control plane (its default action would), and settings that do not read change nothing.
+mod reload {
+    use axum_server::tls_rustls::RustlsConfig;
+    use sluice_control_plane::api::ApiState;
+    use sluice_control_plane::config::{Config, RELOADABLE};
+    use std::path::PathBuf;
+
+    pub struct Reload {
+        pub file: Option<PathBuf>,
+        pub running: Config,
+        pub api: ApiState,
+        pub tls: Option<RustlsConfig>,
+    }
+
+    pub fn sighup(tasks: &sluice_control_plane::task::Tasks, mut reload: Reload) {
         tasks.spawn("SIGHUP", async move {
             let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
             while hup.recv().await.is_some() {
-                let Some((tls, cert, key)) = &tls else {
-                    tracing::info!("SIGHUP: no TLS certificate to reload; other settings need a restart");
-                    continue;
-                };
+                reload.apply().await;
+            }
+        });
+    }
+
+    impl Reload {
+        async fn apply(&mut self) {
+            let new = match Config::load(self.file.as_deref(), std::env::vars().collect()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "SIGHUP: the settings do not read; nothing changed");
+                    return;
+                }
+            };
+            let changed = sluice_events::settings::Sources::changed(&self.running.effective, &new.effective);
+            let (live, restart): (Vec<String>, Vec<String>) =
+                changed.into_iter().partition(|k| RELOADABLE.contains(&k.as_str()));
+            super::set_log_filter(&new.log);
+            self.api.limiters.set_rates(new.api.rate_api, new.api.rate_stats, new.api.rate_config);
+            self.api.webhook_allowed.store(std::sync::Arc::new(new.api.webhook_allowed.clone()));
+            if let (Some(tls), Some((cert, key))) = (&self.tls, &new.api_tls) {
                 match tls.reload_from_pem_file(cert, key).await {
                     Ok(()) => tracing::info!(cert = %cert.display(), "SIGHUP: the API's TLS certificate reloaded"),
                     Err(e) => tracing::error!(
@@ -533,7 +611,18 @@ mod tls {
                     ),
                 }
             }
-        });
+            if !restart.is_empty() {
+                tracing::warn!(settings = %restart.join(", "), "SIGHUP: these changed settings need a restart; kept as they were");
+            }
+            tracing::info!(reloaded = %live.join(", "), "SIGHUP: settings reloaded");
+            // What was applied is now the running value; what needs a restart is still the old.
+            for key in &live {
+                match new.effective.get(key) {
+                    Some(v) => self.running.effective.insert(key.clone(), v.clone()),
+                    None => self.running.effective.remove(key),
+                };
+            }
+        }
     }
 }
 

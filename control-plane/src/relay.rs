@@ -278,11 +278,17 @@ async fn publish(js: &jetstream::Context, batch: &[RecordedEvent], mut last: u64
                 .message_id(e.event_id.to_string())
                 .expected_last_sequence(e.position.0 - 1);
             let ack = js.send_publish(dist::event_subject(&e.event), msg).await.map_err(nats)?;
-            acks.push((e.position.0, ack));
+            acks.push((e.position.0, e.recorded_at, ack));
         }
-        for (position, ack) in acks {
+        for (position, recorded_at, ack) in acks {
             match ack.await {
-                Ok(a) if a.sequence == position => last = position,
+                Ok(a) if a.sequence == position => {
+                    last = position;
+                    let m = &*crate::metrics::METRICS;
+                    let lag_ms = crate::clock::now().0.saturating_sub(recorded_at.0).max(0);
+                    m.relay_lag_seconds.observe(lag_ms as f64 / 1000.0);
+                    m.relay_position.store(position, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(a) => {
                     return Err(RelayError::Nats(format!(
                         "stream sequence {} for log position {position}: the stream and the log disagree",

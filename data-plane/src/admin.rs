@@ -27,17 +27,45 @@ use crate::sync::Shared;
 /// Largest `POST /v1/decide` body.
 const MAX_DECIDE_BODY: usize = 8 * 1024;
 
-/// Probes and metrics: what may be reached without a credential.
-pub fn probes(shared: Arc<Shared>, decider: Arc<Decider>) -> Router {
+/// The bearer token `/metrics` asks for (`SLUICE_METRICS_TOKEN`), if any.
+pub type MetricsToken = Option<Arc<SecretString>>;
+
+/// Probes and metrics: what may be reached without a credential (`/metrics` with the metrics
+/// token when one is set).
+pub fn probes(shared: Arc<Shared>, decider: Arc<Decider>, token: MetricsToken) -> Router {
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok", "service": "sluice-dataplane"})) }))
         .route("/ready", get(ready))
         .with_state(shared)
-        .merge(Router::new().route("/metrics", get(metrics)).with_state(decider))
+        .merge(metrics_only(decider, token))
+}
+
+/// `/metrics` alone (`SLUICE_METRICS_LISTEN`).
+pub fn metrics_only(decider: Arc<Decider>, token: MetricsToken) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(decider)
+        .layer(middleware::from_fn_with_state(token, metrics_auth))
+}
+
+/// Refuses a scrape without the metrics token, when one is set.
+async fn metrics_auth(State(token): State<MetricsToken>, req: Request, next: Next) -> Response {
+    let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if sluice_events::metrics::bearer_allows(token.as_deref(), header) {
+        return next.run(req).await;
+    }
+    let body =
+        json!({"error": "unauthorized", "detail": "metrics need `Authorization: Bearer <SLUICE_METRICS_TOKEN>`"});
+    (StatusCode::UNAUTHORIZED, [(axum::http::header::WWW_AUTHENTICATE, "Bearer")], Json(body)).into_response()
 }
 
 /// The admin port: the probes, and the node API behind the node credential.
-pub fn router(shared: Arc<Shared>, decider: Arc<Decider>, node_secret: Arc<SecretString>) -> Router {
+pub fn router(
+    shared: Arc<Shared>,
+    decider: Arc<Decider>,
+    node_secret: Arc<SecretString>,
+    token: MetricsToken,
+) -> Router {
     let node = Router::new()
         .route("/state", get(state))
         .route("/wait", get(wait))
@@ -50,7 +78,7 @@ pub fn router(shared: Arc<Shared>, decider: Arc<Decider>, node_secret: Arc<Secre
                 .with_state(decider.clone()),
         )
         .layer(middleware::from_fn_with_state(node_secret, node_only));
-    probes(shared, decider).merge(node)
+    probes(shared, decider, token).merge(node)
 }
 
 /// Refuses a node-API request without the node credential.
@@ -132,36 +160,52 @@ fn parse_decide(body: &[u8], decider: &Decider) -> Result<AccessRequest, String>
     })
 }
 
-/// Prometheus text: media, decisions, sessions, connections, state and spool.
+/// Media, decisions, sessions, connections, limits, state and spool (OpenMetrics text).
 async fn metrics(State(d): State<Arc<Decider>>) -> ([(axum::http::HeaderName, &'static str); 1], String) {
-    let text = d.stats.prometheus(&[
-        ("sluice_sessions", "Live sessions (publishers and players).", d.sessions.len() as u64),
-        ("sluice_connections", "Open media connections.", d.gate.connections() as u64),
-        ("sluice_state_position", "Log position of the applied state.", d.shared.position().0),
-        ("sluice_ready", "1 when the worker has a state to decide from.", u64::from(d.shared.is_ready())),
-        ("sluice_decisions_pending", "Decisions in the spool not yet in the log.", d.spool.backlog() as u64),
-        (
-            "sluice_one_time_conflicts_total",
+    let counter = |v: u64| vec![(Vec::new(), v as f64)];
+    let mut extra = sluice_events::metrics::Snapshot::default();
+    extra
+        .gauge("sluice_sessions", "Live sessions (publishers and players).", d.sessions.len() as f64)
+        .gauge("sluice_connections", "Open media connections.", d.gate.connections() as f64)
+        .gauge("sluice_state_position", "Log position of the applied state.", d.shared.position().0 as f64)
+        .gauge(
+            "sluice_ready",
+            "1 when the worker has a state to decide from.",
+            f64::from(u8::from(d.shared.is_ready())),
+        )
+        .gauge(
+            "sluice_draining",
+            "1 while the worker drains (SIGTERM): no new sessions.",
+            f64::from(u8::from(*d.shared.draining.borrow())),
+        )
+        .gauge("sluice_decisions_pending", "Decisions in the spool not yet in the log.", d.spool.backlog() as f64)
+        .counters(
+            "sluice_limit_refusals",
+            "Connections closed at accept by SLUICE_MAX_CONNECTIONS (limit=\"total\") or SLUICE_MAX_CONNECTIONS_PER_IP \
+             (limit=\"per_ip\"); attempts in the penalty box are decisions with reason rate_limited.",
+            d.gate.refusals().into_iter().map(|(limit, n)| (vec![("limit", limit.to_owned())], n as f64)).collect(),
+        )
+        .counters(
+            "sluice_one_time_conflicts",
             "One-time tokens admitted here offline (allow_local) that another worker had also admitted.",
-            d.guard.conflicts.load(Ordering::Relaxed),
-        ),
-        (
-            "sluice_refusals_coalesced_total",
+            counter(d.guard.conflicts.load(Ordering::Relaxed)),
+        )
+        .counters(
+            "sluice_refusals_coalesced",
             "Refusals held and recorded as part of one record with a count (SLUICE_REFUSAL_WINDOW_MS).",
-            d.refusals.held.load(Ordering::Relaxed),
-        ),
-        (
-            "sluice_events_skipped_total",
+            counter(d.refusals.held.load(Ordering::Relaxed)),
+        )
+        .counters(
+            "sluice_events_skipped",
             "Events of a type or schema version this worker does not know (a newer control plane), skipped.",
-            crate::sync::SKIPPED_EVENTS.load(Ordering::Relaxed),
-        ),
-        (
-            "sluice_srt_refused_datagrams_total",
+            counter(crate::sync::SKIPPED_EVENTS.load(Ordering::Relaxed)),
+        )
+        .counters(
+            "sluice_srt_refused_datagrams",
             "SRT datagrams the listener refused (unparseable, or failing their session); logged at most once per 10 s.",
-            srt_protocol::listener::REFUSED_DATAGRAMS.load(std::sync::atomic::Ordering::Relaxed),
-        ),
-    ]);
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+            counter(srt_protocol::listener::REFUSED_DATAGRAMS.load(Ordering::Relaxed)),
+        );
+    ([(axum::http::header::CONTENT_TYPE, sluice_events::metrics::CONTENT_TYPE)], d.stats.render(extra))
 }
 
 /// The decision spool: durable, confirmed (in the log), waiting.

@@ -42,7 +42,14 @@ const KNOWN: &[&str] = &[
     "nats_nkey_seed_file",
     "nats_creds_file",
     "sls_app",
+    "log",
+    "metrics_listen",
+    "metrics_token",
 ];
+
+/// What a SIGHUP changes live; any other setting changed in the file needs a restart.
+pub const RELOADABLE: &[&str] =
+    &["log", "max_connections", "max_connections_per_ip", "failure_backoff_after", "webhook_allowed"];
 
 #[derive(Clone)]
 pub struct Config {
@@ -105,6 +112,15 @@ pub struct Config {
     /// Peers (a load balancer such as HAProxy) whose RTMP connections open with a PROXY
     /// protocol v1 or v2 header naming the client.
     pub proxy_protocol_from: Vec<sluice_events::Cidr>,
+    /// The log filter (`RUST_LOG` syntax, like `info,sluice_data_plane=debug`); reloaded on
+    /// SIGHUP.
+    pub log: String,
+    /// A listener serving `/metrics` alone.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The bearer token a scrape must present (`/metrics` on every listener), if set.
+    pub metrics_token: Option<SecretString>,
+    /// Every setting's raw value, to tell what a reload changed (never printed).
+    pub effective: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for Config {
@@ -139,6 +155,9 @@ impl std::fmt::Debug for Config {
             .field("nats_auth", &self.nats_auth)
             .field("proxy_protocol_from", &self.proxy_protocol_from)
             .field("sls_app", &self.sls_app)
+            .field("log", &self.log)
+            .field("metrics_listen", &self.metrics_listen)
+            .field("metrics_token", &self.metrics_token)
             .finish()
     }
 }
@@ -218,7 +237,29 @@ impl Config {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|_| s.invalid("proxy_protocol_from", "comma-separated CIDRs like 10.0.0.0/8"))?
             },
+            log: log_filter(&s)?,
+            metrics_listen: s.optional("metrics_listen", "host:port like 0.0.0.0:9937")?,
+            metrics_token: metrics_token(&s)?,
+            effective: s.effective(KNOWN),
         })
+    }
+}
+
+/// `log`: a tracing filter (default `info,async_nats=warn`), checked here so a bad one is a
+/// settings error rather than a silently ignored filter.
+pub fn log_filter(s: &Sources) -> Result<String, SettingsError> {
+    let filter: String =
+        s.or("log", "info,async_nats=warn".to_owned(), "a log filter like info,sluice_data_plane=debug")?;
+    tracing_subscriber::EnvFilter::try_new(&filter)
+        .map_err(|_| s.invalid("log", "a log filter like info,sluice_data_plane=debug"))?;
+    Ok(filter)
+}
+
+fn metrics_token(s: &Sources) -> Result<Option<SecretString>, SettingsError> {
+    match s.raw("metrics_token") {
+        None => Ok(None),
+        Some((v, _)) if v.trim().len() >= 16 => Ok(Some(SecretString::new(v.trim().to_owned()))),
+        Some(_) => Err(s.invalid("metrics_token", "at least 16 characters")),
     }
 }
 

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -40,11 +40,15 @@ struct Failures {
 
 #[derive(Debug)]
 pub struct Gate {
-    max_total: usize,
-    max_per_ip: usize,
+    /// The limits, changed live by a reload (SIGHUP).
+    max_total: AtomicUsize,
+    max_per_ip: AtomicUsize,
     /// Denials within `WINDOW` that open the penalty box (0: never).
-    failures_allowed: usize,
+    failures_allowed: AtomicUsize,
     total: AtomicUsize,
+    /// Connections refused at accept: over the total, over the per-address limit.
+    refused_total: AtomicU64,
+    refused_per_ip: AtomicU64,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     failures: Mutex<HashMap<Scope, Failures>>,
 }
@@ -72,10 +76,12 @@ impl Drop for Permit {
 impl Gate {
     pub fn new(max_total: usize, max_per_ip: usize, failures_allowed: usize) -> Arc<Gate> {
         Arc::new(Gate {
-            max_total,
-            max_per_ip,
-            failures_allowed,
+            max_total: AtomicUsize::new(max_total),
+            max_per_ip: AtomicUsize::new(max_per_ip),
+            failures_allowed: AtomicUsize::new(failures_allowed),
             total: AtomicUsize::new(0),
+            refused_total: AtomicU64::new(0),
+            refused_per_ip: AtomicU64::new(0),
             per_ip: Mutex::default(),
             failures: Mutex::default(),
         })
@@ -85,10 +91,13 @@ impl Gate {
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Permit> {
         let mut per_ip = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = per_ip.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip || self.total.load(Ordering::Acquire) >= self.max_total {
+        let over_ip = *n >= self.max_per_ip.load(Ordering::Relaxed);
+        if over_ip || self.total.load(Ordering::Acquire) >= self.max_total.load(Ordering::Relaxed) {
             if *n == 0 {
                 per_ip.remove(&ip);
             }
+            let counter = if over_ip { &self.refused_per_ip } else { &self.refused_total };
+            counter.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         *n += 1;
@@ -98,6 +107,18 @@ impl Gate {
 
     pub fn connections(&self) -> usize {
         self.total.load(Ordering::Acquire)
+    }
+
+    /// Connections refused at accept, by limit (`total`, `per_ip`).
+    pub fn refusals(&self) -> [(&'static str, u64); 2] {
+        [("total", self.refused_total.load(Ordering::Relaxed)), ("per_ip", self.refused_per_ip.load(Ordering::Relaxed))]
+    }
+
+    /// New limits (a reload): connections already open stay; new ones meet the new limits.
+    pub fn set_limits(&self, max_total: usize, max_per_ip: usize, failures_allowed: usize) {
+        self.max_total.store(max_total, Ordering::Relaxed);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
+        self.failures_allowed.store(failures_allowed, Ordering::Relaxed);
     }
 
     /// Whether `ip` is in the penalty box for `target` (say `app/stream/action`), or as a
@@ -110,7 +131,8 @@ impl Gate {
 
     /// Notes a denial for `ip` on `target`.
     pub fn failed(&self, ip: IpAddr, target: &str, now: Instant) {
-        if self.failures_allowed == 0 {
+        let per_target = self.failures_allowed.load(Ordering::Relaxed);
+        if per_target == 0 {
             return;
         }
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
@@ -118,7 +140,6 @@ impl Gate {
             failures
                 .retain(|_, f| f.until.is_some_and(|u| u > now) || f.recent.back().is_some_and(|t| now - *t < WINDOW));
         }
-        let per_target = self.failures_allowed;
         for (scope, threshold) in
             [(Scope::Target(ip, target.to_owned()), per_target), (Scope::Address(ip), per_target * ADDRESS_FACTOR)]
         {

@@ -104,12 +104,18 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+            use tracing_subscriber::layer::SubscriberExt as _;
+            use tracing_subscriber::util::SubscriberInitExt as _;
+            // The filter sits behind a reload handle: a SIGHUP sets a changed `log` setting live.
+            let (filter, log_filter) =
+                tracing_subscriber::reload::Layer::new(tracing_subscriber::EnvFilter::new(&config.log));
+            let layered = tracing_subscriber::registry().with(filter);
+            let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
             match log_format() {
-                Ok(LogFormat::Json) => builder.json().flatten_event(true).with_current_span(false).init(),
-                Ok(LogFormat::Text) => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+                Ok(LogFormat::Json) => layered.with(fmt.json().flatten_event(true).with_current_span(false)).init(),
+                Ok(LogFormat::Text) => {
+                    layered.with(fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))).init()
+                }
                 Err(e) => {
                     eprintln!("sluice-dataplane: {e}");
                     return ExitCode::from(2);
@@ -133,7 +139,8 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match rt.block_on(run(config)) {
+            let reload = Reload { file: cli.config.clone(), log_filter };
+            match rt.block_on(run(config, reload)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("sluice-dataplane: {e}");
@@ -190,7 +197,58 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> Result<(), String> {
+/// What a SIGHUP needs: the config file to read again, the log filter's handle.
+struct Reload {
+    file: Option<PathBuf>,
+    log_filter: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, tracing_subscriber::Registry>,
+}
+
+impl Reload {
+    /// Reads the settings again and applies what can change live (`config::RELOADABLE`): the
+    /// log filter, the connection limits and penalty threshold, the webhook allow-list. Names
+    /// in one line the changed settings that need a restart. A file that no longer reads
+    /// changes nothing.
+    fn apply(&self, running: &mut Config, decider: &sluice_data_plane::decide::Decider) {
+        use sluice_data_plane::config::RELOADABLE;
+        let new = match Config::load(self.file.as_deref(), std::env::vars().collect()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "SIGHUP: the settings do not read; nothing changed");
+                return;
+            }
+        };
+        let changed = sluice_events::settings::Sources::changed(&running.effective, &new.effective);
+        let (live, restart): (Vec<String>, Vec<String>) =
+            changed.into_iter().partition(|k| RELOADABLE.contains(&k.as_str()));
+        if let Err(e) = self.log_filter.reload(tracing_subscriber::EnvFilter::new(&new.log)) {
+            tracing::error!(error = %e, "SIGHUP: cannot set the new log filter");
+        }
+        decider.gate.set_limits(
+            new.max_connections.max(1),
+            new.max_connections_per_ip.max(1),
+            new.failure_backoff_after,
+        );
+        decider.webhooks.set_allow_list(new.webhook_allowed.clone());
+        if !restart.is_empty() {
+            tracing::warn!(settings = %restart.join(", "), "SIGHUP: these changed settings need a restart (drain first); kept as they were");
+        }
+        tracing::info!(reloaded = %live.join(", "), "SIGHUP: settings reloaded");
+        // What was applied is now the running value; what needs a restart is still the old.
+        for key in &live {
+            match new.effective.get(key) {
+                Some(v) => running.effective.insert(key.clone(), v.clone()),
+                None => running.effective.remove(key),
+            };
+        }
+        running.log = new.log;
+        running.max_connections = new.max_connections;
+        running.max_connections_per_ip = new.max_connections_per_ip;
+        running.failure_backoff_after = new.failure_backoff_after;
+        running.webhook_allowed = new.webhook_allowed;
+    }
+}
+
+async fn run(config: Config, reload: Reload) -> Result<(), String> {
     use sluice_data_plane::{
         admin, admit, claims, clock, coalesce, decide, heartbeat, limits, rtmp, sessions, slot, spool, srt, stats,
         sync, task, uplink, webhook,
@@ -261,7 +319,7 @@ async fn run(config: Config) -> Result<(), String> {
     let guard = Arc::new(decide::Guard::with_claims(nats, claims, loaded));
     tasks.spawn("one-time reconcile", decide::reconcile_loop(guard.clone()));
     let sessions = sessions::Registry::new();
-    tasks.spawn("session recheck", sessions::recheck_loop(sessions.clone(), shared.clone()));
+    tasks.spawn("session recheck", sessions::recheck_loop(sessions.clone(), shared.clone(), media_stats.clone()));
     let decider = decide::Decider {
         shared: shared.clone(),
         keyring: keyring.clone(),
@@ -306,11 +364,23 @@ async fn run(config: Config) -> Result<(), String> {
         .map_err(|e| format!("cannot serve SRT on {} (SLUICE_SRT_LISTEN): {e}", config.srt_listen))?;
     let node_secret = Arc::new(node_secret(&config)?);
     let decider = Arc::new(decider);
+    let metrics_token = config.metrics_token.clone().map(Arc::new);
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} (SLUICE_METRICS_LISTEN): {e}"))?;
+        let app = admin::metrics_only(decider.clone(), metrics_token.clone());
+        tasks.spawn("metrics listener", async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     if let Some(probe) = config.probe_listen {
         let listener = tokio::net::TcpListener::bind(probe)
             .await
             .map_err(|e| format!("cannot listen on {probe} (SLUICE_PROBE_LISTEN): {e}"))?;
-        let app = admin::probes(shared.clone(), decider.clone());
+        let app = admin::probes(shared.clone(), decider.clone(), metrics_token.clone());
         tasks.spawn("probe listener", async move {
             if let Err(e) = axum::serve(listener, app).await {
                 tracing::error!(error = %e, "the probe listener stopped");
@@ -321,19 +391,19 @@ async fn run(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {} (SLUICE_ADMIN_LISTEN): {e}", config.admin_listen))?;
     tracing::info!(node = %config.node_id, admin = %config.admin_listen, "sluice-dataplane serving");
-    // A SIGHUP (a terminal closing, a `reload`) must not stop a worker with live sessions,
-    // which its default action would; nothing of the worker reloads live yet.
-    tasks.spawn("SIGHUP", async {
+    // A SIGHUP (`systemctl reload`) reloads what can change live; it never stops a worker
+    // with live sessions, which its default action would.
+    let mut running = config.clone();
+    let reloaded = decider.clone();
+    tasks.spawn("SIGHUP", async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
         while hup.recv().await.is_some() {
-            tracing::info!(
-                "SIGHUP: nothing of the worker reloads live yet; changed settings need a restart (drain first)"
-            );
+            reload.apply(&mut running, &reloaded);
         }
     });
     systemd::ready(&tasks);
     let drained = drain_on_signal(shared.clone(), decider.clone(), Duration::from_secs(config.drain_secs));
-    axum::serve(listener, admin::router(shared, decider, node_secret))
+    axum::serve(listener, admin::router(shared, decider, node_secret, metrics_token))
         .with_graceful_shutdown(drained)
         .await
         .map_err(|e| e.to_string())?;

@@ -110,7 +110,9 @@ impl Registry {
 }
 
 /// Re-checks the registry whenever the access tables change, and every second (expiries).
-pub async fn recheck_loop(registry: Arc<Registry>, shared: Arc<Shared>) {
+/// Sessions a change ended are timed from the change's record in the log
+/// (`sluice_revocation_seconds`).
+pub async fn recheck_loop(registry: Arc<Registry>, shared: Arc<Shared>, stats: Arc<crate::stats::MediaStats>) {
     let mut applied = shared.applied.subscribe();
     let mut checked = Position(0);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -123,8 +125,17 @@ pub async fn recheck_loop(registry: Arc<Registry>, shared: Arc<Shared>) {
         };
         let state = shared.state.load_full();
         if !registry.is_empty() && (on_tick || state.tables_position() != checked) {
+            let changed = state.tables_position() != checked;
             checked = state.tables_position();
-            registry.recheck(&state, crate::clock::now());
+            let now = crate::clock::now();
+            let ended = registry.recheck(&state, now);
+            let recorded = shared.tables_changed_at.load(Ordering::Relaxed);
+            if changed && recorded > 0 {
+                let after = Duration::from_millis(now.0.saturating_sub(recorded).max(0) as u64);
+                for _ in &ended {
+                    stats.revoked(after);
+                }
+            }
         }
         shared.live_sessions.store(registry.len() as u64, Ordering::Relaxed);
     }
@@ -206,7 +217,7 @@ mod tests {
         apply(&mut state, AppCreated { app: live.clone(), policy: Policy::default() }.into());
         let shared = Shared::new(state.clone());
         let registry = Registry::new();
-        tokio::spawn(recheck_loop(registry.clone(), shared.clone()));
+        tokio::spawn(recheck_loop(registry.clone(), shared.clone(), crate::stats::MediaStats::new()));
         let mut session = registry.admit(player("anything"), Some(Method::Open));
         apply(&mut state, sluice_events::event::AppDeleted { app: live }.into());
         let position = state.position().0;

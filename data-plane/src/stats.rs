@@ -2,15 +2,19 @@
 //! over 1 s and 10 s, players, frames dropped for slow players, uptime), counted with atomics
 //! on the media threads and sampled once a second on the tokio thread; decisions by outcome
 //! and reason. They travel with the heartbeat (`/v1/stats/streams/...` and SLS `/stats` on the
-//! control plane) and are served as Prometheus text on the admin port (`/metrics`).
+//! control plane) and are served on the admin port (`/metrics`, OpenMetrics text through
+//! `prometheus-client`) with the decision and revocation histograms, the connection limits'
+//! refusals and the process's own figures.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_events::dist::{SrtLink, StreamStat};
+use sluice_events::metrics::prometheus_client::metrics::histogram::Histogram;
+use sluice_events::metrics::prometheus_client::registry::Registry;
+use sluice_events::metrics::{self, ProcReaders, ProcessCollector, Snapshot};
 
 /// Counters of one live stream, shared with the media thread that serves it.
 #[derive(Debug)]
@@ -39,7 +43,7 @@ struct Live {
     samples: VecDeque<u64>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MediaStats {
     live: Mutex<HashMap<(String, String), Live>>,
     decisions: Mutex<BTreeMap<(bool, &'static str), u64>>,
@@ -49,9 +53,25 @@ pub struct MediaStats {
     ended_dropped: AtomicU64,
     /// SRT packet counters of ended streams: (retransmitted, lost, dropped) in and out.
     ended_srt: Mutex<SrtLink>,
-    /// The last decision latencies of the media servers (command received → answer sent), ms.
-    latencies: Mutex<VecDeque<f64>>,
-    latency_count: AtomicU64,
+    /// Media decision latency (command received → answer sent).
+    decision_seconds: Histogram,
+    /// From a change's record in the log to the end of a session it refused.
+    revocation_seconds: Histogram,
+}
+
+impl Default for MediaStats {
+    fn default() -> Self {
+        MediaStats {
+            live: Mutex::default(),
+            decisions: Mutex::default(),
+            ended_in: AtomicU64::default(),
+            ended_out: AtomicU64::default(),
+            ended_dropped: AtomicU64::default(),
+            ended_srt: Mutex::default(),
+            decision_seconds: metrics::latency_histogram(),
+            revocation_seconds: metrics::latency_histogram(),
+        }
+    }
 }
 
 fn bits_per_sec(samples: &VecDeque<u64>, window: usize) -> u64 {
@@ -102,23 +122,12 @@ impl MediaStats {
 
     /// Notes how long a media decision took, from the client's command to the answer.
     pub fn decision_latency(&self, took: Duration) {
-        self.latency_count.fetch_add(1, Ordering::Relaxed);
-        let mut l = self.latencies.lock().unwrap_or_else(|p| p.into_inner());
-        if l.len() >= 10_000 {
-            l.pop_front();
-        }
-        l.push_back(took.as_secs_f64() * 1000.0);
+        self.decision_seconds.observe(took.as_secs_f64());
     }
 
-    /// p50 and p99 of the last 10,000 decision latencies, in ms.
-    pub fn latency_quantiles(&self) -> Option<(f64, f64)> {
-        let mut v: Vec<f64> = self.latencies.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
-        Some((at(0.5), at(0.99)))
+    /// Notes a session ended `after` the change that refused it was recorded in the log.
+    pub fn revoked(&self, after: Duration) {
+        self.revocation_seconds.observe(after.as_secs_f64());
     }
 
     /// Takes this second's sample of every live stream.
@@ -154,46 +163,40 @@ impl MediaStats {
         out
     }
 
-    /// Prometheus text exposition of the media and decision counters plus `extra` gauges.
-    pub fn prometheus(&self, extra: &[(&str, &str, u64)]) -> String {
+    /// The exposition: media, SRT links, decisions, the histograms, `extra` (the worker's
+    /// other figures, taken by the caller), build and process figures.
+    pub fn render(&self, extra: Snapshot) -> String {
         let streams = self.snapshot();
-        let mut t = String::with_capacity(2048);
-        let sum = |f: fn(&StreamStat) -> u64| streams.iter().map(f).sum::<u64>();
-        let mut metric = |name: &str, kind: &str, help: &str, lines: Vec<(String, u64)>| {
-            let _ = writeln!(t, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, v) in lines {
-                let _ = writeln!(t, "{name}{labels} {v}");
-            }
-        };
-        metric(
-            "sluice_live_streams",
-            "gauge",
-            "Streams with a live publisher.",
-            vec![(String::new(), streams.len() as u64)],
-        );
-        metric("sluice_players", "gauge", "Players connected.", vec![(String::new(), sum(|s| s.players))]);
-        metric(
-            "sluice_media_bytes_total",
-            "counter",
-            "Media bytes received from publishers and sent to players.",
-            vec![
-                ("{direction=\"in\"}".into(), sum(|s| s.bytes_in) + self.ended_in.load(Ordering::Relaxed)),
-                ("{direction=\"out\"}".into(), sum(|s| s.bytes_out) + self.ended_out.load(Ordering::Relaxed)),
-            ],
-        );
-        metric(
-            "sluice_player_queue_drops_total",
-            "counter",
-            "Media messages skipped for players that fell behind.",
-            vec![(String::new(), sum(|s| s.dropped) + self.ended_dropped.load(Ordering::Relaxed))],
-        );
+        let sum = |f: fn(&StreamStat) -> u64| streams.iter().map(f).sum::<u64>() as f64;
+        let one = |v: f64| vec![(Vec::new(), v)];
+        let mut m = Snapshot::default();
+        m.gauge("sluice_live_streams", "Streams with a live publisher.", streams.len() as f64)
+            .gauge("sluice_players", "Players connected.", sum(|s| s.players))
+            .counters(
+                "sluice_media_bytes",
+                "Media bytes received from publishers and sent to players.",
+                vec![
+                    (
+                        vec![("direction", "in".into())],
+                        sum(|s| s.bytes_in) + self.ended_in.load(Ordering::Relaxed) as f64,
+                    ),
+                    (
+                        vec![("direction", "out".into())],
+                        sum(|s| s.bytes_out) + self.ended_out.load(Ordering::Relaxed) as f64,
+                    ),
+                ],
+            )
+            .counters(
+                "sluice_player_queue_drops",
+                "Media messages skipped for players that fell behind.",
+                one(sum(|s| s.dropped) + self.ended_dropped.load(Ordering::Relaxed) as f64),
+            );
         let mut srt = self.ended_srt.lock().unwrap_or_else(|p| p.into_inner()).clone();
         for link in streams.iter().filter_map(|s| s.srt.as_ref()) {
             add_packet_counts(&mut srt, link);
         }
-        metric(
-            "sluice_srt_packets_total",
-            "counter",
+        m.counters(
+            "sluice_srt_packets",
             "SRT data packets retransmitted, lost or dropped, from publishers (in) and to players (out).",
             [
                 ("retransmitted", "in", srt.pkt_rcv_retrans),
@@ -204,48 +207,53 @@ impl MediaStats {
                 ("dropped", "out", srt.pkt_snd_drop),
             ]
             .into_iter()
-            .map(|(kind, direction, n)| (format!("{{kind=\"{kind}\",direction=\"{direction}\"}}"), n))
+            .map(|(kind, direction, n)| {
+                (vec![("kind", kind.to_owned()), ("direction", direction.to_owned())], n as f64)
+            })
             .collect(),
         );
+        m.gauges(
+            "sluice_srt_rtt_seconds",
+            "Round trip to each SRT publisher (SRT's running estimate).",
+            streams
+                .iter()
+                .filter_map(|s| {
+                    let link = s.srt.as_ref()?;
+                    Some((vec![("app", s.app.clone()), ("stream", s.stream.clone())], link.rtt_us as f64 / 1e6))
+                })
+                .collect(),
+        );
         let decisions = self.decisions.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        metric(
-            "sluice_decisions_total",
-            "counter",
-            "Publish/play decisions by outcome and reason.",
+        m.counters(
+            "sluice_decisions",
+            "Publish/play decisions by outcome and reason (refusals by reason: outcome=\"deny\").",
             decisions
                 .iter()
                 .map(|((allowed, reason), n)| {
                     let outcome = if *allowed { "allow" } else { "deny" };
-                    (format!("{{outcome=\"{outcome}\",reason=\"{reason}\"}}"), *n)
+                    (vec![("outcome", outcome.to_owned()), ("reason", (*reason).to_owned())], *n as f64)
                 })
                 .collect(),
         );
-        for (name, help, v) in extra {
-            metric(name, "gauge", help, vec![(String::new(), *v)]);
-        }
-        let _ = writeln!(
-            t,
-            "# HELP sluice_srt_rtt_seconds Round trip to each SRT publisher (SRT's running estimate).\n\
-             # TYPE sluice_srt_rtt_seconds gauge"
+        let mut registry = Registry::default();
+        metrics::register_build_info(&mut registry, "sluice-dataplane", env!("CARGO_PKG_VERSION"));
+        registry.register(
+            "sluice_media_decision_seconds",
+            "Media decision latency, command received to answer sent.",
+            self.decision_seconds.clone(),
         );
-        for (s, link) in streams.iter().filter_map(|s| Some((s, s.srt.as_ref()?))) {
-            let (app, stream, rtt) = (label(&s.app), label(&s.stream), link.rtt_us as f64 / 1e6);
-            let _ = writeln!(t, "sluice_srt_rtt_seconds{{app=\"{app}\",stream=\"{stream}\"}} {rtt}");
-        }
-        if let Some((p50, p99)) = self.latency_quantiles() {
-            let _ = writeln!(
-                t,
-                "# HELP sluice_media_decision_seconds Media decision latency, command received to answer sent (last 10,000).\n\
-                 # TYPE sluice_media_decision_seconds summary\n\
-                 sluice_media_decision_seconds{{quantile=\"0.5\"}} {}\n\
-                 sluice_media_decision_seconds{{quantile=\"0.99\"}} {}\n\
-                 sluice_media_decision_seconds_count {}",
-                p50 / 1000.0,
-                p99 / 1000.0,
-                self.latency_count.load(Ordering::Relaxed)
-            );
-        }
-        t
+        registry.register(
+            "sluice_revocation_seconds",
+            "From a change's record in the log (control plane's clock) to the end of a live session it refused.",
+            self.revocation_seconds.clone(),
+        );
+        registry.register_collector(Box::new(m));
+        registry.register_collector(Box::new(extra));
+        registry.register_collector(Box::new(ProcessCollector::of_self(ProcReaders {
+            text: |p| std::fs::read_to_string(p).unwrap_or_default(),
+            entries: |p| std::fs::read_dir(p).map_or(0, |d| d.count() as u64),
+        })));
+        metrics::render(&registry)
     }
 }
 
@@ -257,11 +265,6 @@ fn add_packet_counts(into: &mut SrtLink, link: &SrtLink) {
     into.pkt_snd_retrans += link.pkt_snd_retrans;
     into.pkt_snd_loss += link.pkt_snd_loss;
     into.pkt_snd_drop += link.pkt_snd_drop;
-}
-
-/// A Prometheus label value, escaped.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"")
 }
 
 /// Samples every second, forever.
@@ -297,15 +300,23 @@ mod tests {
             l.rtt_us = 1500;
             l.pkt_rcv_loss = 7;
         });
-        let text = stats.prometheus(&[]);
+        let text = stats.render(Snapshot::default());
         assert!(text.contains("sluice_srt_rtt_seconds{app=\"live\",stream=\"cam2\"} 0.0015"), "{text}");
         stats.stream_ended("live", "cam2");
         stats.stream_ended("live", "cam1");
-        let text = stats.prometheus(&[("sluice_state_position", "Applied log position.", 42)]);
+        stats.decision_latency(Duration::from_micros(300));
+        let mut extra = Snapshot::default();
+        extra.gauge("sluice_state_position", "Applied log position.", 42.0);
+        let text = stats.render(extra);
         assert!(text.contains("sluice_media_bytes_total{direction=\"in\"} 3000000"), "{text}");
         assert!(text.contains("sluice_decisions_total{outcome=\"deny\",reason=\"token_expired\"} 2"), "{text}");
         assert!(text.contains("sluice_state_position 42"), "{text}");
         assert!(text.contains("sluice_live_streams 0"));
+        assert!(text.contains("sluice_media_decision_seconds_count 1"), "{text}");
+        assert!(text.contains("sluice_media_decision_seconds_bucket{le=\"0.0005\"} 1"), "{text}");
+        assert!(text.contains("sluice_media_decision_seconds_bucket{le=\"0.00025\"} 0"), "{text}");
+        assert!(text.contains("sluice_build_info{service=\"sluice-dataplane\""), "{text}");
+        assert!(text.contains("# TYPE process_resident_memory_bytes gauge"), "{text}");
         assert!(
             text.contains("sluice_srt_packets_total{kind=\"lost\",direction=\"in\"} 7"),
             "ended streams keep their counts: {text}"

@@ -41,6 +41,9 @@ pub struct Shared {
     /// Set on SIGTERM: `/ready` is 503, the listeners take no one new, live sessions go on
     /// until they end or the drain time is up.
     pub draining: tokio::sync::watch::Sender<bool>,
+    /// When the last applied change of the access tables was recorded in the log (ms since
+    /// the epoch, the control plane's clock): the start of a revocation's clock.
+    pub tables_changed_at: std::sync::atomic::AtomicI64,
 }
 
 impl Shared {
@@ -55,6 +58,7 @@ impl Shared {
             live_sessions: AtomicU64::new(0),
             started: Instant::now(),
             digest: AccessDigestMemo::default(),
+            tables_changed_at: std::sync::atomic::AtomicI64::new(0),
         })
     }
 
@@ -110,6 +114,9 @@ impl Applier {
             }
         }
         let position = next.position().0;
+        if let Some(e) = applied.iter().rev().find(|e| e.event.changes_access_tables()) {
+            self.shared.tables_changed_at.store(e.recorded_at.0, Ordering::Relaxed);
+        }
         let old = self.shared.state.swap(Arc::new(next));
         self.shared.applied.send_replace(position);
         self.spare.keep(old, applied);

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -28,7 +28,8 @@ pub struct Webhooks {
     /// `SLUICE_WEBHOOK_ALLOWED`: checked against the addresses the host resolves to, before
     /// each call, and the call pinned to a checked address (a name that moves between the check
     /// and the connection cannot take it elsewhere).
-    allow: WebhookAllowList,
+    /// Replaced live by a reload (SIGHUP).
+    allow: arc_swap::ArcSwap<WebhookAllowList>,
     allowed: Mutex<HashMap<Sha256Digest, Instant>>,
 }
 
@@ -64,7 +65,12 @@ pub fn signature(secret: &[u8], body: &[u8]) -> String {
 
 impl Webhooks {
     pub fn new(cache_ttl: Duration, allow: WebhookAllowList) -> Webhooks {
-        Webhooks { ttl: cache_ttl, allow, allowed: Mutex::default() }
+        Webhooks { ttl: cache_ttl, allow: arc_swap::ArcSwap::from_pointee(allow), allowed: Mutex::default() }
+    }
+
+    /// A new allow-list (a reload): calls from now on are checked against it.
+    pub fn set_allow_list(&self, allow: WebhookAllowList) {
+        self.allow.store(Arc::new(allow));
     }
 
     /// A client that reaches `url`'s host only at an address the allow-list admits.
@@ -75,7 +81,8 @@ impl Webhooks {
             .map_err(|_| format!("resolving {host} timed out"))?
             .map_err(|e| format!("cannot resolve {host}: {e}"))?;
         let addresses: Vec<SocketAddr> = found.collect();
-        let Some(addr) = addresses.iter().find(|a| self.allow.allows(&host, a.ip())) else {
+        let allow = self.allow.load();
+        let Some(addr) = addresses.iter().find(|a| allow.allows(&host, a.ip())) else {
             return Err(format!(
                 "{host} resolves only to internal addresses ({addresses:?}); not in SLUICE_WEBHOOK_ALLOWED"
             ));

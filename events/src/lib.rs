@@ -12,6 +12,7 @@ pub mod decision;
 pub mod dist;
 pub mod event;
 pub mod ids;
+pub mod metrics;
 pub mod policy;
 pub mod schema;
 pub mod secret;

@@ -93,6 +93,21 @@ impl Sources {
         self.file.get(key).map(|v| (v.as_str(), Origin::File))
     }
 
+    /// Each of `keys` that is set, with its raw value: what a reload compares to tell which
+    /// settings changed (never printed: values may be secrets).
+    pub fn effective(&self, keys: &[&str]) -> BTreeMap<String, String> {
+        keys.iter().filter_map(|k| Some(((*k).to_owned(), self.raw(k)?.0.to_owned()))).collect()
+    }
+
+    /// The keys whose effective value differs between `before` and `after`.
+    pub fn changed(before: &BTreeMap<String, String>, after: &BTreeMap<String, String>) -> Vec<String> {
+        let mut keys: Vec<String> = before.keys().chain(after.keys()).cloned().collect();
+        keys.sort();
+        keys.dedup();
+        keys.retain(|k| before.get(k) != after.get(k));
+        keys
+    }
+
     /// A raw environment variable outside the `SLUICE_` namespace (e.g. `DATABASE_URL`).
     pub fn env_var(&self, name: &str) -> Option<&str> {
         self.env.get(name).map(String::as_str).filter(|v| !v.is_empty())

@@ -72,7 +72,11 @@ async fn ffmpeg_publishes_and_plays_through_the_worker_and_every_decision_is_rec
     assert!(metrics.contains("sluice_live_streams 1"), "{metrics}");
     assert!(metrics.contains("sluice_decisions_total{outcome=\"allow\",reason=\"allowed\"}"), "{metrics}");
     assert!(metrics.contains("sluice_media_bytes_total{direction=\"in\"}"), "{metrics}");
-    assert!(metrics.contains("sluice_media_decision_seconds{quantile=\"0.99\"}"), "{metrics}");
+    // A histogram: every decision so far under the 10 s bucket, with its sum.
+    let count = metrics.lines().find_map(|l| l.strip_prefix("sluice_media_decision_seconds_count ")).unwrap();
+    assert!(count.parse::<u64>().unwrap() >= 1, "{metrics}");
+    assert!(metrics.contains(&format!("sluice_media_decision_seconds_bucket{{le=\"10.0\"}} {count}")), "{metrics}");
+    assert!(metrics.contains("sluice_media_decision_seconds_sum "), "{metrics}");
     // A second publisher on the live stream is refused, with the reason.
     let second = ffmpeg_testsrc("flv", &format!("{base}/tv/cam1"), 2).output().unwrap();
     assert!(!second.status.success());

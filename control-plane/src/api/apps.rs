@@ -67,7 +67,7 @@ async fn webhook_reachable(api: &ApiState, policy: &Policy) -> Result<(), ApiErr
     let Some(w) = &policy.webhook else { return Ok(()) };
     let refused = |detail: String| ApiError::invalid("policy.webhook.url", detail);
     let (host, port) = url_host_port(&w.url).ok_or_else(|| refused("expected http(s)://host[:port]/…".into()))?;
-    match crate::outbound::resolve_allowed(&host, port, &api.settings.webhook_allowed).await {
+    match crate::outbound::resolve_allowed(&host, port, &api.webhook_allowed.load_full()).await {
         Ok(_) => Ok(()),
         Err(crate::outbound::Refused::Unresolved) => {
             tracing::info!(host, "webhook host does not resolve here; the workers check it before each call");

@@ -40,12 +40,29 @@ impl Class {
     }
 }
 
+/// The three classes' limiters, replaced whole when a reload (SIGHUP) changes the rates (the
+/// clients' counts start over).
 #[derive(Debug)]
 pub struct Limiters {
+    classes: arc_swap::ArcSwap<Classes>,
+    clock: DefaultClock,
+}
+
+#[derive(Debug)]
+struct Classes {
     api: DefaultKeyedRateLimiter<IpAddr>,
     stats: DefaultKeyedRateLimiter<IpAddr>,
     config: DefaultKeyedRateLimiter<IpAddr>,
-    clock: DefaultClock,
+}
+
+impl Classes {
+    fn new(api: u32, stats: u32, config: u32) -> Classes {
+        Classes {
+            api: RateLimiter::keyed(per_minute(api)),
+            stats: RateLimiter::keyed(per_minute(stats)),
+            config: RateLimiter::keyed(per_minute(config)),
+        }
+    }
 }
 
 fn per_minute(n: u32) -> Quota {
@@ -55,19 +72,23 @@ fn per_minute(n: u32) -> Quota {
 impl Limiters {
     pub fn new(api: u32, stats: u32, config: u32) -> Arc<Limiters> {
         Arc::new(Limiters {
-            api: RateLimiter::keyed(per_minute(api)),
-            stats: RateLimiter::keyed(per_minute(stats)),
-            config: RateLimiter::keyed(per_minute(config)),
+            classes: arc_swap::ArcSwap::from_pointee(Classes::new(api, stats, config)),
             clock: DefaultClock::default(),
         })
     }
 
+    /// New rates (requests per minute per client address), from now on.
+    pub fn set_rates(&self, api: u32, stats: u32, config: u32) {
+        self.classes.store(Arc::new(Classes::new(api, stats, config)));
+    }
+
     /// `Ok` when the request may go on; otherwise the seconds to wait.
     pub fn check(&self, class: Class, ip: IpAddr) -> Result<(), u64> {
+        let classes = self.classes.load();
         let limiter = match class {
-            Class::Api => &self.api,
-            Class::Stats => &self.stats,
-            Class::Config => &self.config,
+            Class::Api => &classes.api,
+            Class::Stats => &classes.stats,
+            Class::Config => &classes.config,
         };
         limiter.check_key(&ip).map_err(|not_until| not_until.wait_time_from(self.clock.now()).as_secs() + 1)
     }
@@ -79,9 +100,10 @@ impl Limiters {
             loop {
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 let Some(l) = me.upgrade() else { return };
-                l.api.retain_recent();
-                l.stats.retain_recent();
-                l.config.retain_recent();
+                let c = l.classes.load();
+                c.api.retain_recent();
+                c.stats.retain_recent();
+                c.config.retain_recent();
             }
         });
     }

@@ -78,6 +78,8 @@ pub struct ApiState {
     pub jwks: Arc<crate::jwks::JwksStatus>,
     /// How long the projection has trailed the log (for `/ready`).
     pub lag: Arc<probes::LagWatch>,
+    /// `SLUICE_WEBHOOK_ALLOWED` (webhook and JWKS URLs), replaced by a reload.
+    pub webhook_allowed: Arc<arc_swap::ArcSwap<sluice_events::webhook::WebhookAllowList>>,
 }
 
 impl ApiState {
@@ -92,6 +94,7 @@ impl ApiState {
         limiters.spawn_housekeeping(&tasks);
         let audit = AuditLog::start(&tasks, writer.store().clone(), config.instance_id.clone());
         let jwks = Arc::new(crate::jwks::JwksStatus::default());
+        let webhook_allowed = Arc::new(arc_swap::ArcSwap::from_pointee(settings.webhook_allowed.clone()));
         tasks.spawn(
             "stream JWKS refresh",
             crate::jwks::run(
@@ -99,7 +102,7 @@ impl ApiState {
                 jwks.clone(),
                 Duration::from_secs(config.jwks_refresh_secs.max(1)),
                 Duration::from_secs(config.jwks_kid_refetch_secs.max(1)),
-                settings.webhook_allowed.clone(),
+                webhook_allowed.clone(),
             ),
         );
         ApiState {
@@ -115,6 +118,7 @@ impl ApiState {
             relay_health: Arc::default(),
             jwks,
             lag: Arc::default(),
+            webhook_allowed,
             sls_resets: Arc::default(),
             tasks,
         }
@@ -280,6 +284,11 @@ async fn method_not_allowed(response: Response) -> Response {
     problem
 }
 
+/// `/metrics` alone, for `SLUICE_METRICS_LISTEN`.
+pub fn metrics_router(api: ApiState) -> Router {
+    Router::new().route("/metrics", axum::routing::get(probes::metrics)).with_state(api)
+}
+
 /// The whole HTTP surface, built from the route table: each route behind its guard (rate
 /// class, then role), grouped by surface for its error envelope.
 pub fn router(api: ApiState) -> Router {
@@ -313,7 +322,8 @@ pub fn router(api: ApiState) -> Router {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
             Duration::from_millis(settings.request_timeout_ms.max(100)),
-        ));
+        ))
+        .layer(middleware::from_fn(crate::metrics::observe));
     if !settings.trusted_proxies.is_empty() {
         // Outermost: the allow-list, rate limits, key CIDRs and the audit all see the client.
         app = app.layer(middleware::from_fn_with_state(settings.trusted_proxies.clone(), proxy::real_client));

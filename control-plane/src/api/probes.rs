@@ -58,43 +58,77 @@ pub(super) async fn ready(State(api): State<ApiState>) -> impl IntoResponse {
     }
 }
 
-/// Prometheus text: the log's head, the projection, the relay's divergences, JWKS failures.
-pub(super) async fn metrics(State(api): State<ApiState>) -> impl IntoResponse {
+/// The metrics (OpenMetrics text): the instruments of `crate::metrics`, and what is read for
+/// this scrape: the log's head, the projection and its lag, the relay's divergences, JWKS
+/// failures, the workers as their heartbeats show them. Behind `SLUICE_METRICS_TOKEN` when set.
+pub(super) async fn metrics(State(api): State<ApiState>, headers: axum::http::HeaderMap) -> axum::response::Response {
     use std::sync::atomic::Ordering::Relaxed;
-    let head = api.writer.store().head().await.map(|h| h.0).unwrap_or(0);
-    let h = &api.relay_health;
-    let lines = [
-        ("sluice_log_head", "gauge", "The log's last position.", head),
-        (
-            "sluice_projection_position",
-            "gauge",
-            "Position the API's projection has applied.",
-            api.writer.projection().position().0,
-        ),
-        (
-            "sluice_relay_diverged",
-            "gauge",
-            "Position where SLUICE_EVENTS and the log disagree (0: none).",
-            h.diverged_at.load(Relaxed),
-        ),
-        (
-            "sluice_relay_diverged_total",
-            "counter",
-            "Times the relay found SLUICE_EVENTS and the log apart and stopped.",
-            h.diverged_total.load(Relaxed),
-        ),
-        (
-            "sluice_jwks_refresh_failures_total",
-            "counter",
-            "Failed fetches of an app's stream-JWT JWKS (its previous keys kept).",
-            api.jwks.failures_total.load(Relaxed),
-        ),
-    ];
-    let mut text = String::new();
-    for (name, kind, help, value) in lines {
-        text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"));
+    let authorization = headers.get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if !sluice_events::metrics::bearer_allows(api.settings.metrics_token.as_ref(), authorization) {
+        return super::error::ApiError::Unauthorized("metrics need `Authorization: Bearer <SLUICE_METRICS_TOKEN>`")
+            .into_response();
     }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+    let head = api.writer.store().head().await.map(|h| h.0).unwrap_or(0);
+    let applied = api.writer.projection().position().0;
+    let h = &api.relay_health;
+    let mut s = sluice_events::metrics::Snapshot::default();
+    s.gauge("sluice_log_head", "The log's last position.", head as f64)
+        .gauge("sluice_projection_position", "Position the API's projection has applied.", applied as f64)
+        .gauge(
+            "sluice_projection_lag_events",
+            "Events of the log the projection has not applied yet.",
+            head.saturating_sub(applied) as f64,
+        )
+        .gauge(
+            "sluice_relay_diverged",
+            "Position where SLUICE_EVENTS and the log disagree (0: none).",
+            h.diverged_at.load(Relaxed) as f64,
+        )
+        .counters(
+            "sluice_relay_diverged",
+            "Times the relay found SLUICE_EVENTS and the log apart and stopped.",
+            vec![(Vec::new(), h.diverged_total.load(Relaxed) as f64)],
+        )
+        .counters(
+            "sluice_jwks_refresh_failures",
+            "Failed fetches of an app's stream-JWT JWKS (its previous keys kept).",
+            vec![(Vec::new(), api.jwks.failures_total.load(Relaxed) as f64)],
+        );
+    let nodes = api.nodes.list(&api.writer.projection().current(), Duration::from_secs(api.settings.node_stale_secs));
+    let per_node = |f: &dyn Fn(&crate::nodes::NodeView) -> f64| -> Vec<sluice_events::metrics::Sample> {
+        nodes.iter().map(|n| (vec![("node", n.node_id.clone())], f(n))).collect()
+    };
+    let stale = nodes.iter().filter(|n| n.stale).count();
+    s.gauges(
+        "sluice_nodes",
+        "Workers known from their heartbeats, live or stale.",
+        vec![
+            (vec![("state", "live".to_owned())], (nodes.len() - stale) as f64),
+            (vec![("state", "stale".to_owned())], stale as f64),
+        ],
+    )
+    .gauges("sluice_node_lag_events", "Log head minus the position a worker has applied.", per_node(&|n| n.lag as f64))
+    .gauges("sluice_node_live_sessions", "A worker's live sessions.", per_node(&|n| n.live_sessions as f64))
+    .gauges(
+        "sluice_node_decisions_pending",
+        "Decisions in a worker's spool that the log does not hold yet.",
+        per_node(&|n| n.decisions_pending as f64),
+    )
+    .gauges(
+        "sluice_node_digest_match",
+        "1 when a worker's access tables hash as the control plane's (0: apart; absent until comparable).",
+        nodes
+            .iter()
+            .filter_map(|n| Some((vec![("node", n.node_id.clone())], f64::from(u8::from(n.digest_match?)))))
+            .collect(),
+    )
+    .gauges(
+        "sluice_node_last_seen_seconds",
+        "Seconds since a worker's last heartbeat.",
+        per_node(&|n| n.last_seen_ms as f64 / 1000.0),
+    );
+    ([(axum::http::header::CONTENT_TYPE, sluice_events::metrics::CONTENT_TYPE)], crate::metrics::render(s))
+        .into_response()
 }
 
 /// How long the projection has trailed the log. A write in flight puts the head one step

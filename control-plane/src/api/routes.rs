@@ -154,7 +154,7 @@ pub fn table() -> Vec<Route> {
     vec![
         Route::new::<(), Value, _, _>(M::GET, "/health", public, None, probe("probes"), "Liveness (SRT Live Server's shape)", 200, probes::health),
         Route::new::<(), Value, _, _>(M::GET, "/ready", public, None, probe("probes"), "Postgres reachable, projection caught up, relay and log agree", 200, probes::ready),
-        Route::new::<(), String, _, _>(M::GET, "/metrics", public, None, probe("probes"), "Prometheus text: log head, projection, relay divergences", 200, probes::metrics).produces("text/plain"),
+        Route::new::<(), String, _, _>(M::GET, "/metrics", public, None, probe("probes"), "Prometheus metrics (OpenMetrics text): API, log, relay, ingest, nodes, process; with SLUICE_METRICS_TOKEN, a bearer token", 200, probes::metrics).produces("application/openmetrics-text"),
         Route::new::<(), Value, _, _>(M::GET, "/v1/openapi.json", public, stats, v1("meta"), "This document", 200, openapi::serve),
         // Keys (admin, configuration).
         Route::new::<keys::CreateKey, keys::CreatedKey, _, _>(M::POST, "/v1/keys", admin, config, v1("keys"), "Create an API key (secret returned once)", 201, keys::create),

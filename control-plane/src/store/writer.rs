@@ -41,10 +41,14 @@ pub(super) async fn writer(pool: PgPool, mut rx: mpsc::Receiver<AppendRequest>, 
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let results = match commit_round(&pool, &mut conn, &batch, &mut known, &paths).await {
             Ok(results) => results,
             Err(e) => batch.iter().map(|_| Err(e.clone())).collect(),
         };
+        let m = &*crate::metrics::METRICS;
+        m.append_seconds.observe(started.elapsed().as_secs_f64());
+        m.append_batch_events.observe(batch.iter().map(|r| r.events.len()).sum::<usize>() as f64);
         for (req, result) in batch.drain(..).zip(results) {
             let _ = req.reply.send(result);
         }
