@@ -45,11 +45,22 @@ const KNOWN: &[&str] = &[
     "log",
     "metrics_listen",
     "metrics_token",
+    "rtmps_listen",
+    "rtmps_cert",
+    "rtmps_key",
 ];
 
 /// What a SIGHUP changes live; any other setting changed in the file needs a restart.
-pub const RELOADABLE: &[&str] =
-    &["log", "max_connections", "max_connections_per_ip", "failure_backoff_after", "webhook_allowed"];
+/// (The RTMPS certificate and key files are read again on every SIGHUP, changed or not.)
+pub const RELOADABLE: &[&str] = &[
+    "log",
+    "max_connections",
+    "max_connections_per_ip",
+    "failure_backoff_after",
+    "webhook_allowed",
+    "rtmps_cert",
+    "rtmps_key",
+];
 
 #[derive(Clone)]
 pub struct Config {
@@ -119,6 +130,10 @@ pub struct Config {
     pub metrics_listen: Option<SocketAddr>,
     /// The bearer token a scrape must present (`/metrics` on every listener), if set.
     pub metrics_token: Option<SecretString>,
+    /// RTMPS: where it listens, and its PEM certificate chain and private key (both, or
+    /// neither: no RTMPS).
+    pub rtmps_listen: SocketAddr,
+    pub rtmps: Option<(PathBuf, PathBuf)>,
     /// Every setting's raw value, to tell what a reload changed (never printed).
     pub effective: BTreeMap<String, String>,
 }
@@ -158,6 +173,8 @@ impl std::fmt::Debug for Config {
             .field("log", &self.log)
             .field("metrics_listen", &self.metrics_listen)
             .field("metrics_token", &self.metrics_token)
+            .field("rtmps_listen", &self.rtmps_listen)
+            .field("rtmps", &self.rtmps)
             .finish()
     }
 }
@@ -240,6 +257,16 @@ impl Config {
             log: log_filter(&s)?,
             metrics_listen: s.optional("metrics_listen", "host:port like 0.0.0.0:9937")?,
             metrics_token: metrics_token(&s)?,
+            rtmps_listen: s.or("rtmps_listen", addr("0.0.0.0:1936"), "host:port like 0.0.0.0:1936")?,
+            rtmps: match (
+                s.optional::<PathBuf>("rtmps_cert", "a PEM certificate chain file")?,
+                s.optional::<PathBuf>("rtmps_key", "a PEM private key file")?,
+            ) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                (Some(_), None) => return Err(s.missing("rtmps_key", "a PEM private key file (with rtmps_cert)")),
+                (None, Some(_)) => return Err(s.missing("rtmps_cert", "a PEM certificate chain file (with rtmps_key)")),
+            },
             effective: s.effective(KNOWN),
         })
     }

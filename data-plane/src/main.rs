@@ -208,7 +208,12 @@ impl Reload {
     /// log filter, the connection limits and penalty threshold, the webhook allow-list. Names
     /// in one line the changed settings that need a restart. A file that no longer reads
     /// changes nothing.
-    fn apply(&self, running: &mut Config, decider: &sluice_data_plane::decide::Decider) {
+    fn apply(
+        &self,
+        running: &mut Config,
+        decider: &sluice_data_plane::decide::Decider,
+        rtmps: Option<&sluice_data_plane::rtmp::tls::Certificates>,
+    ) {
         use sluice_data_plane::config::RELOADABLE;
         let new = match Config::load(self.file.as_deref(), std::env::vars().collect()) {
             Ok(c) => c,
@@ -229,6 +234,22 @@ impl Reload {
             new.failure_backoff_after,
         );
         decider.webhooks.set_allow_list(new.webhook_allowed.clone());
+        // RTMPS: the files are read again (a renewed certificate keeps its path). Turning RTMPS
+        // on or off needs a restart (the listeners are bound at start).
+        match (rtmps, &new.rtmps) {
+            (Some(certs), Some((cert, key))) => match sluice_data_plane::rtmp::tls::load(cert, key) {
+                Ok(config) => {
+                    certs.store(config);
+                    tracing::info!(cert = %cert.display(), "SIGHUP: the RTMPS certificate reloaded");
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: the RTMPS certificate could not be reloaded; the previous one stays"
+                ),
+            },
+            (None, None) => {}
+            _ => tracing::warn!("SIGHUP: turning RTMPS on or off needs a restart"),
+        }
         if !restart.is_empty() {
             tracing::warn!(settings = %restart.join(", "), "SIGHUP: these changed settings need a restart (drain first); kept as they were");
         }
@@ -344,6 +365,12 @@ async fn run(config: Config, reload: Reload) -> Result<(), String> {
     let admission = admit::Admission { decider: decider.clone(), slots };
     let (jobs, job_rx) = tokio::sync::mpsc::channel(4096);
     tasks.spawn("RTMP admissions", rtmp::serve_admissions(admission.clone(), job_rx));
+    let rtmps_certificates = match &config.rtmps {
+        Some((cert, key)) => Some(Arc::new(arc_swap::ArcSwap::new(
+            rtmp::tls::load(cert, key).map_err(|e| format!("RTMPS (SLUICE_RTMPS_CERT, SLUICE_RTMPS_KEY): {e}"))?,
+        ))),
+        None => None,
+    };
     let settings = rtmp::Settings {
         listen: config.rtmp_listen,
         threads: config.rtmp_threads,
@@ -354,9 +381,14 @@ async fn run(config: Config, reload: Reload) -> Result<(), String> {
         player_behind: std::time::Duration::from_secs(config.rtmp_player_behind_secs),
         drain: shared.draining.subscribe(),
         proxy_protocol_from: config.proxy_protocol_from.clone(),
+        rtmps: rtmps_certificates.clone().map(|certs| (config.rtmps_listen, certs)),
     };
-    rtmp::spawn(settings, jobs, decider.gate.clone())
-        .map_err(|e| format!("cannot serve RTMP on {} (SLUICE_RTMP_LISTEN): {e}", config.rtmp_listen))?;
+    rtmp::spawn(settings, jobs, decider.gate.clone()).map_err(|e| {
+        format!("cannot serve RTMP on {} (SLUICE_RTMP_LISTEN, SLUICE_RTMPS_LISTEN): {e}", config.rtmp_listen)
+    })?;
+    if config.rtmps.is_some() {
+        tracing::info!(listen = %config.rtmps_listen, "RTMPS serving");
+    }
     let srt_settings =
         srt::Settings { listen: config.srt_listen, latency: std::time::Duration::from_millis(config.srt_latency_ms) };
     srt::spawn(&tasks, srt_settings, admission)
@@ -398,7 +430,7 @@ async fn run(config: Config, reload: Reload) -> Result<(), String> {
     tasks.spawn("SIGHUP", async move {
         let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
         while hup.recv().await.is_some() {
-            reload.apply(&mut running, &reloaded);
+            reload.apply(&mut running, &reloaded, rtmps_certificates.as_ref());
         }
     });
     systemd::ready(&tasks);

@@ -208,26 +208,6 @@ async fn both_planes_speak_systemds_notify_protocol() {
     }
 }
 
-/// A TCP relay in front of the worker's RTMP port that opens each connection with `header`
-/// (HAProxy's `send-proxy`), then copies both ways. Its port.
-async fn proxy_relay(worker_rtmp: u16, header: Vec<u8>) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            let header = header.clone();
-            tokio::spawn(async move {
-                use tokio::io::AsyncWriteExt as _;
-                let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", worker_rtmp)).await else { return };
-                if upstream.write_all(&header).await.is_ok() {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-            });
-        }
-    });
-    port
-}
-
 /// PROXY protocol on RTMP (issue #18): behind a load balancer that sends the header (v1 or
 /// v2), ffmpeg publishes and plays, and the decisions carry the clients' addresses; the
 /// trusted peer without a header is refused; anyone else's PROXY header is garbage.
@@ -239,14 +219,14 @@ async fn rtmp_behind_a_proxy_protocol_load_balancer_sees_the_clients() {
     post(&http, plane.cp, "/v1/apps", json!({"name": "px", "policy": open})).await;
     let w = media_worker(&plane, "w1", &[("SLUICE_PROXY_PROTOCOL_FROM", "127.0.0.1/32")]);
     ready_at_head(&http, &plane.store, w.admin).await;
-    let v1 = proxy_relay(w.rtmp, b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 1935\r\n".to_vec()).await;
+    let v1 = proxy_relay(w.rtmp, None, b"PROXY TCP4 203.0.113.9 127.0.0.1 5555 1935\r\n".to_vec()).await;
     let mut v2_header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
     v2_header.extend_from_slice(&[0x21, 0x21, 0, 36]);
     v2_header.extend_from_slice(&"2001:db8::7".parse::<std::net::Ipv6Addr>().unwrap().octets());
     v2_header.extend_from_slice(&"2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets());
     v2_header.extend_from_slice(&4711u16.to_be_bytes());
     v2_header.extend_from_slice(&1935u16.to_be_bytes());
-    let v2 = proxy_relay(w.rtmp, v2_header).await;
+    let v2 = proxy_relay(w.rtmp, None, v2_header).await;
 
     let mut publisher = ffmpeg_testsrc("flv", &format!("rtmp://127.0.0.1:{v1}/px/cam"), 40).spawn().unwrap();
     until_live(&http, plane.cp, "px", "cam").await;

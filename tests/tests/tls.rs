@@ -221,3 +221,109 @@ async fn both_planes_reach_nats_over_tls_with_credentials() {
     assert!(printed.contains("tls://control:***@127.0.0.1") && !printed.contains("control-nats-pass"), "{printed}");
     drop(control);
 }
+
+/// RTMPS (issue #18): a worker serves RTMP inside TLS on its own listener. ffmpeg publishes
+/// and plays over `rtmps://` verifying the test CA; a client that does not trust the CA, and
+/// plain RTMP on the RTMPS port, get nothing; the certificate is swapped on SIGHUP for new
+/// handshakes while the publisher's TLS connection goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmps_carries_publish_and_play_and_reloads_its_certificate() {
+    let plane = Plane::start("rtmps").await;
+    let d = plane.dir.path();
+    test_ca(d);
+    let (first, first_key) = make_cert(d, "first");
+    let (second, second_key) = make_cert(d, "second");
+    let (cert, key) = (d.join("rtmps.pem"), d.join("rtmps.key"));
+    std::fs::copy(&first, &cert).unwrap();
+    std::fs::copy(&first_key, &key).unwrap();
+    let http = plane.http.clone();
+    let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]}});
+    post(&http, plane.cp, "/v1/apps", json!({"name": "secure", "policy": open})).await;
+    let rtmps = sluice_tests::free_port();
+    let listen = format!("127.0.0.1:{rtmps}");
+    let (c, k) = (cert.to_str().unwrap().to_owned(), key.to_str().unwrap().to_owned());
+    let w = media_worker(
+        &plane,
+        "w1",
+        &[
+            ("SLUICE_RTMPS_LISTEN", &listen),
+            ("SLUICE_RTMPS_CERT", &c),
+            ("SLUICE_RTMPS_KEY", &k),
+            // A load balancer at 127.0.0.2 sends PROXY headers; everyone else connects directly.
+            ("SLUICE_PROXY_PROTOCOL_FROM", "127.0.0.2/32"),
+        ],
+    );
+    ready_at_head(&http, &plane.store, w.admin).await;
+    assert!(presented_subject(rtmps).contains("first"), "{}", presented_subject(rtmps));
+    let ca = d.join("ca.pem").to_str().unwrap().to_owned();
+    let url = format!("rtmps://127.0.0.1:{rtmps}/secure/cam");
+    // ffmpeg's TLS options, given before the output, reach the rtmps:// output's tls:// layer.
+    let publisher = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=15", "-f", "lavfi"])
+        .args(["-i", "sine", "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency", "-g", "15"])
+        .args(["-c:a", "aac", "-t", "40", "-tls_verify", "1", "-ca_file", &ca, "-f", "flv", &url])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    until_live(&http, plane.cp, "secure", "cam").await;
+    let play = |extra: &[&str]| {
+        let mut cmd = Command::new("ffmpeg");
+        cmd.args(["-hide_banner", "-nostdin", "-rw_timeout", "10000000"])
+            .args(extra)
+            .args(["-i", &url, "-t", "3", "-f", "null", "-"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let played = play(&["-tls_verify", "1", "-ca_file", &ca]).output().unwrap();
+    assert!(played.status.success() && stderr(&played).contains("frame="), "{}", stderr(&played));
+    // A player that verifies against another CA is refused by its own TLS layer.
+    let other = tempfile::tempdir().unwrap();
+    test_ca(other.path());
+    let other_ca = other.path().join("ca.pem").to_str().unwrap().to_owned();
+    let refused = play(&["-tls_verify", "1", "-ca_file", &other_ca]).output().unwrap();
+    assert!(!refused.status.success(), "{}", stderr(&refused));
+    // Through the load balancer: the PROXY header, then TLS; the decision sees the client.
+    let relay = proxy_relay(
+        rtmps,
+        Some("127.0.0.2".parse().unwrap()),
+        b"PROXY TCP4 203.0.113.77 127.0.0.1 5555 1936\r\n".to_vec(),
+    )
+    .await;
+    let relayed = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-rw_timeout", "10000000", "-tls_verify", "1", "-ca_file", &ca])
+        .args(["-i", &format!("rtmps://127.0.0.1:{relay}/secure/cam"), "-t", "3", "-f", "null", "-"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(relayed.status.success() && stderr(&relayed).contains("frame="), "{}", stderr(&relayed));
+    until("the proxied play is in the log with the client's address", || async {
+        let (_, body) = get(&http, format!("http://127.0.0.1:{}/v1/decisions?app=secure", plane.cp)).await;
+        body["decisions"].as_array().into_iter().flatten().any(|d| d["client_ip"] == "203.0.113.77")
+    })
+    .await;
+    // Plain RTMP on the RTMPS port: the handshake is not TLS, nothing is served.
+    let plain = ffmpeg_play(&format!("rtmp://127.0.0.1:{rtmps}/secure/cam"));
+    assert!(!plain.status.success() && !stderr(&plain).contains("frame="), "{}", stderr(&plain));
+
+    // A new certificate, and the worker told: new handshakes get it, the publisher goes on.
+    std::fs::copy(&second, &cert).unwrap();
+    std::fs::copy(&second_key, &key).unwrap();
+    assert!(Command::new("kill").args(["-HUP", &w.process.0.id().to_string()]).status().unwrap().success());
+    until("new handshakes get the new certificate", || async {
+        tokio::task::spawn_blocking(move || presented_subject(rtmps)).await.unwrap().contains("second")
+    })
+    .await;
+    let played = play(&["-tls_verify", "1", "-ca_file", &ca]).output().unwrap();
+    assert!(played.status.success() && stderr(&played).contains("frame="), "{}", stderr(&played));
+    let out = tokio::task::spawn_blocking(move || wait_bounded(publisher, Duration::from_secs(60)))
+        .await
+        .unwrap()
+        .expect("the publisher ran to its end");
+    assert!(out.status.success(), "the reload disturbed the publisher: {}", stderr(&out));
+    assert!(read(&w.log).contains("RTMPS certificate reloaded"));
+    let decisions = recorded(&plane.store, "w1").await;
+    assert!(decisions.iter().filter(|d| d.2).count() >= 3, "{decisions:?}");
+}

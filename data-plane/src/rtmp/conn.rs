@@ -7,8 +7,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use monoio::io::{AsyncReadRent, Splitable};
-use monoio::net::TcpStream;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, Split, Splitable};
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
 use rml_rtmp::sessions::{ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult};
 use sluice_events::{AccessRequest, Action, Reason};
@@ -59,7 +58,10 @@ pub(super) struct Conn {
 }
 
 /// Serves one RTMP connection; `prefix`: bytes already read from it (after a PROXY header).
-pub(super) async fn connection(stream: TcpStream, peer: SocketAddr, id: u64, ctx: Rc<Ctx>, prefix: Vec<u8>) {
+pub(super) async fn connection<S>(stream: S, peer: SocketAddr, id: u64, ctx: Rc<Ctx>, prefix: Vec<u8>)
+where
+    S: Split + AsyncReadRent + AsyncWriteRent + 'static,
+{
     let (mut rd, wr) = stream.into_split();
     let (out, out_rx, mut abort, abort_writer) = outbox();
     monoio::spawn(writer(wr, out_rx, abort_writer));

@@ -18,6 +18,8 @@
 //!
 //! Bounded per connection: connections (per address and in total, `limits::Gate`), handshake
 //! time, silence, and input that completes no message (`Settings::max_message`).
+//!
+//! RTMPS (`tls.rs`): the same connections inside TLS, on a second listener per media thread.
 
 mod chunk;
 mod conn;
@@ -26,6 +28,7 @@ mod hub;
 mod input;
 mod proxy;
 mod server;
+pub mod tls;
 mod writer;
 
 pub use chunk::chunk_message;

@@ -39,6 +39,8 @@ pub struct Settings {
     pub drain: tokio::sync::watch::Receiver<bool>,
     /// Peers whose connections open with a PROXY protocol header naming the client.
     pub proxy_protocol_from: Vec<sluice_events::Cidr>,
+    /// RTMPS: its listen address and the certificates (swapped by a reload).
+    pub rtmps: Option<(SocketAddr, super::tls::Certificates)>,
 }
 
 /// Starts the media threads (`settings.threads`, each a monoio runtime with its own
@@ -74,7 +76,18 @@ pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::
                 }
             }
             rt.block_on(async move {
-                let listener = match TcpListener::bind_with_config(listen, &ListenerOpts::new().reuse_port(true)) {
+                let bind = |at: SocketAddr| TcpListener::bind_with_config(at, &ListenerOpts::new().reuse_port(true));
+                let rtmps = match &settings.rtmps {
+                    Some((at, certs)) => match bind(*at) {
+                        Ok(l) => Some((l, certs.clone())),
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(std::io::Error::new(e.kind(), format!("RTMPS on {at}: {e}"))));
+                            return;
+                        }
+                    },
+                    None => None,
+                };
+                let listener = match bind(listen) {
                     Ok(l) => {
                         let _ = ready_tx.send(Ok(()));
                         l
@@ -101,63 +114,12 @@ pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::
                 if !settings.merge_write.is_zero() {
                     monoio::spawn(flush_windows(ctx.clone(), settings.merge_write));
                 }
-                let mut drain = settings.drain.clone();
-                loop {
-                    let accepted = monoio::select! {
-                        a = listener.accept() => a,
-                        _ = drain.wait_for(|d| *d) => break,
-                    };
-                    match accepted {
-                        Ok((stream, peer)) if settings.proxy_protocol_from.iter().any(|c| c.contains(peer.ip())) => {
-                            // The client is the header's; limits apply to it once it is read.
-                            let conn_ctx = ctx.clone();
-                            monoio::spawn(async move {
-                                let mut stream = stream;
-                                let (client, rest) = match super::proxy::read_header(
-                                    &mut stream,
-                                    super::conn::HANDSHAKE_TIMEOUT,
-                                )
-                                .await
-                                {
-                                    Ok(read) => read,
-                                    Err(e) => {
-                                        tracing::debug!(%peer, error = %e, "RTMP connection from a PROXY peer refused");
-                                        return;
-                                    }
-                                };
-                                let client = client.unwrap_or(peer);
-                                let Some(permit) = conn_ctx.gate.admit(client.ip()) else {
-                                    tracing::debug!(%client, "RTMP connection refused: connection limit");
-                                    return;
-                                };
-                                let _ = stream.set_nodelay(true);
-                                let id = conn_ctx.new_id();
-                                connection(stream, client, id, conn_ctx, rest).await;
-                                drop(permit);
-                            });
-                        }
-                        Ok((stream, peer)) => {
-                            let Some(permit) = ctx.gate.admit(peer.ip()) else {
-                                tracing::debug!(%peer, "RTMP connection refused: connection limit");
-                                drop(stream);
-                                continue;
-                            };
-                            let _ = stream.set_nodelay(true);
-                            let id = ctx.new_id();
-                            let conn_ctx = ctx.clone();
-                            monoio::spawn(async move {
-                                connection(stream, peer, id, conn_ctx, Vec::new()).await;
-                                drop(permit);
-                            });
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "RTMP accept failed");
-                            monoio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
+                let settings = Rc::new(settings);
+                if let Some((tls_listener, certs)) = rtmps {
+                    monoio::spawn(accept_loop(tls_listener, ctx.clone(), settings.clone(), Some(certs)));
                 }
+                accept_loop(listener, ctx, settings, None).await;
                 // Draining: no new connections; the thread serves its live ones to their end.
-                drop(listener);
                 std::future::pending::<()>().await;
             });
         })?;
@@ -167,6 +129,84 @@ pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::
         ready_rx.recv().map_err(|_| std::io::Error::other("an RTMP thread stopped"))??;
     }
     Ok(())
+}
+
+/// Accepts on `listener` until the drain starts (then closes it): each connection, after its
+/// PROXY header when its peer is a trusted load balancer, takes a place under the connection
+/// limits and, on the RTMPS listener (`tls`), completes a TLS handshake within
+/// `HANDSHAKE_TIMEOUT` before it is served.
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Rc<Ctx>,
+    settings: Rc<Settings>,
+    tls: Option<super::tls::Certificates>,
+) {
+    let mut drain = settings.drain.clone();
+    loop {
+        let accepted = monoio::select! {
+            a = listener.accept() => a,
+            _ = drain.wait_for(|d| *d) => break,
+        };
+        let (mut stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "RTMP accept failed");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let proxied = settings.proxy_protocol_from.iter().any(|c| c.contains(peer.ip()));
+        // Limits apply at once to a direct peer, and to a proxied client once its header is read.
+        let mut permit = None;
+        if !proxied {
+            let Some(p) = ctx.gate.admit(peer.ip()) else {
+                tracing::debug!(%peer, "RTMP connection refused: connection limit");
+                continue;
+            };
+            permit = Some(p);
+        }
+        let (ctx, tls) = (ctx.clone(), tls.clone());
+        monoio::spawn(async move {
+            let (client, rest) = if proxied {
+                match super::proxy::read_header(&mut stream, super::conn::HANDSHAKE_TIMEOUT).await {
+                    Ok((client, rest)) => (client.unwrap_or(peer), rest),
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "RTMP connection from a PROXY peer refused");
+                        return;
+                    }
+                }
+            } else {
+                (peer, Vec::new())
+            };
+            let permit = match permit {
+                Some(p) => p,
+                None => match ctx.gate.admit(client.ip()) {
+                    Some(p) => p,
+                    None => {
+                        tracing::debug!(%client, "RTMP connection refused: connection limit");
+                        return;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let id = ctx.new_id();
+            match tls {
+                None => connection(stream, client, id, ctx, rest).await,
+                Some(certs) => {
+                    // What followed a PROXY header is the start of the TLS handshake.
+                    let io = monoio::io::PrefixedReadIo::new(stream, std::io::Cursor::new(rest));
+                    let acceptor = monoio_rustls::TlsAcceptor::from(certs.load_full());
+                    match monoio::time::timeout(super::conn::HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                        Ok(Ok(tls_stream)) => connection(tls_stream, client, id, ctx, Vec::new()).await,
+                        Ok(Err(e)) => tracing::debug!(%client, error = %e, "RTMPS handshake failed"),
+                        Err(_) => tracing::debug!(%client, "RTMPS handshake timed out"),
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
 }
 
 /// The media thread's one merge timer, for streams whose publisher pauses: every half

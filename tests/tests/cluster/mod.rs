@@ -439,3 +439,28 @@ pub fn media_worker(plane: &Plane, node: &str, extra: &[(&str, &str)]) -> MediaW
     let process = worker_with(&plane.nats.url(), admin, &plane.dir.path().join(node), node, &log, &settings);
     MediaWorker { admin, rtmp, srt, log, process }
 }
+
+/// A TCP relay in front of a worker's RTMP (or RTMPS) port that opens each connection with
+/// `header` (HAProxy's `send-proxy`), from the loopback address `source` if given, then copies
+/// both ways. Its port.
+pub async fn proxy_relay(worker_port: u16, source: Option<std::net::IpAddr>, header: Vec<u8>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let header = header.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt as _;
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                if let Some(ip) = source {
+                    socket.bind(std::net::SocketAddr::new(ip, 0)).unwrap();
+                }
+                let Ok(mut upstream) = socket.connect(([127, 0, 0, 1], worker_port).into()).await else { return };
+                if upstream.write_all(&header).await.is_ok() {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    port
+}
