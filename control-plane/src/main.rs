@@ -303,8 +303,14 @@ async fn run(
             };
             let head = store.head().await?.0;
             let mut meter = progress::Meter::new("verified", start.0, head);
-            let verified = store.verify_from(start, prev, |p| meter.at(p.0)).await;
-            meter.done();
+            let mut reached = start.0;
+            let verified = store
+                .verify_from(start, prev, |p| {
+                    reached = p.0;
+                    meter.at(p.0)
+                })
+                .await;
+            meter.done(reached);
             match verified {
                 Ok(r) => {
                     println!("ok: {} events, head {}, head hash {}", r.events, r.head, r.head_hash.to_hex());
@@ -341,6 +347,7 @@ async fn run(
             let store = EventStore::start(pool);
             let limit = to.map(Position).unwrap_or(Position(u64::MAX));
             let mut state = AuthState::new();
+            let mut meter = progress::Meter::new("replay", 0, store.head().await?.0.min(limit.0));
             'pages: loop {
                 let page = store.read_all(state.position(), 5000).await?;
                 if page.is_empty() {
@@ -352,7 +359,9 @@ async fn run(
                     }
                     state.apply(e)?;
                 }
+                meter.at(state.position().0);
             }
+            meter.done(state.position().0);
             // `access_digest` covers what a worker holds: `sluice-dataplane rebuild` prints the
             // same one at the same position.
             println!(
@@ -694,39 +703,33 @@ mod progress {
     use std::io::{IsTerminal as _, Write as _};
     use std::time::Instant;
 
+    /// `sluice_events::progress::Meter` on stderr when it is a terminal.
     pub struct Meter {
-        what: &'static str,
-        from: u64,
-        to: u64,
-        started: Instant,
-        shown: Option<Instant>,
+        meter: sluice_events::progress::Meter,
+        epoch: Instant,
         tty: bool,
     }
 
     impl Meter {
         pub fn new(what: &'static str, from: u64, to: u64) -> Meter {
-            Meter { what, from, to, started: Instant::now(), shown: None, tty: std::io::stderr().is_terminal() }
+            let meter = sluice_events::progress::Meter::new(what, from, to, 0.0);
+            Meter { meter, epoch: Instant::now(), tty: std::io::stderr().is_terminal() }
         }
 
         pub fn at(&mut self, position: u64) {
-            if !self.tty || self.shown.is_some_and(|t| t.elapsed().as_secs_f64() < 1.0) {
-                return;
+            if self.tty
+                && let Some(line) = self.meter.at(position, self.epoch.elapsed().as_secs_f64())
+            {
+                let _ = write!(std::io::stderr(), "\r{line}   ");
             }
-            self.shown = Some(Instant::now());
-            let secs = self.started.elapsed().as_secs_f64().max(0.001);
-            let rate = (position.saturating_sub(self.from)) as f64 / secs;
-            let eta = if rate > 0.0 { (self.to.saturating_sub(position)) as f64 / rate } else { 0.0 };
-            let _ = write!(
-                std::io::stderr(),
-                "\r{} {position}/{} ({rate:.0} events/s, about {eta:.0} s left)   ",
-                self.what,
-                self.to
-            );
         }
 
-        pub fn done(&self) {
-            if self.tty && self.shown.is_some() {
-                let _ = writeln!(std::io::stderr());
+        /// The final line at `position`, ended with a newline (when one was shown).
+        pub fn done(&mut self, position: u64) {
+            if self.tty
+                && let Some(line) = self.meter.last(position, self.epoch.elapsed().as_secs_f64())
+            {
+                let _ = writeln!(std::io::stderr(), "\r{line}   ");
             }
         }
     }

@@ -164,15 +164,29 @@ fn main() -> ExitCode {
                 }
             };
             let keyring = std::sync::Arc::new(sluice_events::Keyring::new(config.sealing_key.clone()));
+            // Progress on stderr when it is a terminal (events/s, time left); quiet in scripts.
+            let (tty, epoch) = (std::io::IsTerminal::is_terminal(&std::io::stderr()), std::time::Instant::now());
+            let mut meter: Option<sluice_events::progress::Meter> = None;
+            let mut progress = |position: u64, target: u64| {
+                let m = meter.get_or_insert_with(|| sluice_events::progress::Meter::new("rebuild", 0, target, 0.0));
+                if let Some(line) = m.at(position, epoch.elapsed().as_secs_f64()).filter(|_| tty) {
+                    eprint!("\r{line}   ");
+                }
+            };
             let rebuilt = tokio::runtime::Runtime::new().map_err(|e| e.to_string()).and_then(|rt| {
                 rt.block_on(async {
                     if from_log {
-                        sluice_data_plane::sync::rebuild_from_log(&config.nats_url, keyring, to).await
+                        sluice_data_plane::sync::rebuild_from_log(&config.nats_url, keyring, to, &mut progress).await
                     } else {
                         sluice_data_plane::sync::rebuild_from_snapshot(&config, keyring, file.as_deref()).await
                     }
                 })
             });
+            if let (true, Some(m), Ok(state)) = (tty, meter.as_mut(), &rebuilt)
+                && let Some(line) = m.last(state.position().0, epoch.elapsed().as_secs_f64())
+            {
+                eprintln!("\r{line}   ");
+            }
             match rebuilt {
                 Ok(state) => {
                     println!("position {} access_digest {}", state.position(), state.access_digest().to_hex());

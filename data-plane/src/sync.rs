@@ -243,7 +243,13 @@ async fn fetch(
 
 /// Folds `SLUICE_EVENTS` from its first message into a fresh state, up to `to` (default: the
 /// stream's last sequence when the rebuild starts): `sluice-dataplane rebuild --from-log`.
-pub async fn rebuild_from_log(url: &str, keyring: Arc<Keyring>, to: Option<u64>) -> Result<AuthState, String> {
+/// `progress` is told (position, target) as the fold goes.
+pub async fn rebuild_from_log(
+    url: &str,
+    keyring: Arc<Keyring>,
+    to: Option<u64>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<AuthState, String> {
     let js = jetstream::new(connect(url).await?);
     let stream = js.get_stream(dist::EVENTS_STREAM).await.map_err(|e| format!("{}: {e}", dist::EVENTS_STREAM))?;
     let last = stream.get_info().await.map_err(|e| e.to_string())?.state.last_sequence;
@@ -264,6 +270,7 @@ pub async fn rebuild_from_log(url: &str, keyring: Arc<Keyring>, to: Option<u64>)
             None => return Err("the consumer ended".into()),
         };
         state.apply(&decode(&m)?).map_err(|e| e.to_string())?;
+        progress(state.position().0, target);
     }
     Ok(state)
 }

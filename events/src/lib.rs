@@ -14,6 +14,7 @@ pub mod event;
 pub mod ids;
 pub mod metrics;
 pub mod policy;
+pub mod progress;
 pub mod schema;
 pub mod secret;
 pub mod settings;

@@ -456,4 +456,28 @@ async fn verify_log_resumes_from_an_anchor() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no anchor at position 999999"));
     // The whole walk still agrees.
     assert!(verify_log(&url, &anchors).0);
+    // On a terminal (`script` gives them one), the long operations show their progress:
+    // position, events per second, time left.
+    let on_terminal = |binary: &str, args: &str| {
+        let line = format!("{} {args}", sluice_tests::binary(binary).display());
+        let out = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("SLUICE_DATABASE_URL", &url)
+            .env("SLUICE_SEALING_KEY", SEALING_KEY)
+            .env("SLUICE_NATS_URL", nats.url())
+            .env("SLUICE_ANCHOR_FILE", &anchors_env)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = on_terminal("sluice-control", "verify-log");
+    assert!(shown.contains(&format!("verified {head}/{head} (")) && shown.contains("events/s"), "{shown}");
+    let shown = on_terminal("sluice-control", "replay");
+    assert!(shown.contains(&format!("replay {head}/{head} (")) && shown.contains("events/s"), "{shown}");
+    let shown = on_terminal("sluice-dataplane", "rebuild --from-log");
+    assert!(shown.contains(&format!("rebuild {head}/{head} (")) && shown.contains("events/s"), "{shown}");
+    assert!(shown.contains(&format!("position {head} access_digest")), "{shown}");
 }
