@@ -137,6 +137,21 @@ pub enum Streams {
         /// The stream's name.
         name: String,
     },
+    /// End a stream's live sessions on every worker (all, or only publishers or players, or
+    /// only those from one address). New attempts are decided as usual: revoke the
+    /// credential too to keep someone out.
+    Kick {
+        /// The app's name.
+        app: String,
+        /// The name the clients used (public, publish or player name).
+        name: String,
+        /// Only `publish` or only `play`; both when left out.
+        #[arg(long)]
+        action: Option<String>,
+        /// Only sessions from this address.
+        #[arg(long)]
+        client_ip: Option<String>,
+    },
     /// Block a subscriber for a while (0 seconds unblocks).
     BlockSubscriber {
         /// The app's name.
@@ -196,6 +211,12 @@ pub enum Decisions {
         /// The decision's id.
         id: String,
     },
+    /// Every decision as it reaches the log (one JSON line each), until interrupted.
+    Tail {
+        /// Start after this log position (0: from the beginning of the log).
+        #[arg(long)]
+        after: Option<u64>,
+    },
 }
 
 pub fn decisions(cmd: Decisions) -> Result<Call, String> {
@@ -212,7 +233,67 @@ pub fn decisions(cmd: Decisions) -> Result<Call, String> {
             (M::GET, format!("/v1/decisions?{}", query.finish()), None)
         }
         Decisions::Get { id } => (M::GET, format!("/v1/decisions/{id}"), None),
+        Decisions::Tail { .. } => return Err("decisions tail streams; see `tail`".into()),
     })
+}
+
+/// Follows the log (`/v1/events/stream`, Server-Sent Events) from `after`, printing each
+/// event (only those of `only` when given: their `data`) as one JSON line, until the stream
+/// ends or the process is interrupted. `after: None` starts at the log's head.
+pub async fn tail(remote: &Remote, after: Option<u64>, only: Option<&str>) -> Result<(), String> {
+    use std::io::Write as _;
+    let key = remote.key.as_deref().ok_or("no API key: pass --key or set SLUICE_API_KEY")?;
+    let base = remote.api.trim_end_matches('/');
+    let http = reqwest::Client::new();
+    let after = match after {
+        Some(a) => a,
+        None => {
+            let head: Value = http
+                .get(format!("{base}/ready"))
+                .send()
+                .await
+                .map_err(|e| format!("cannot reach {}: {e}", remote.api))?
+                .json()
+                .await
+                .map_err(|e| e.to_string())?;
+            head["log_head"].as_u64().unwrap_or(0)
+        }
+    };
+    let res = http
+        .get(format!("{base}/v1/events/stream?after={after}"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {}: {e}", remote.api))?;
+    if !res.status().is_success() {
+        let status = res.status();
+        let text = res.text().await.unwrap_or_default();
+        return Err(format!("{} {}: {text}", status.as_u16(), status.canonical_reason().unwrap_or("")));
+    }
+    let mut res = res;
+    // Bytes until a whole event is in: a character may straddle two chunks.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut out = std::io::stdout();
+    while let Some(chunk) = res.chunk().await.map_err(|e| e.to_string())? {
+        pending.extend_from_slice(&chunk);
+        // One SSE event ends with a blank line; its `data:` line is the event as JSON.
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            let raw: Vec<u8> = pending.drain(..end + 2).collect();
+            let block = String::from_utf8_lossy(&raw);
+            let kind = block.lines().find_map(|l| l.strip_prefix("event:")).map(str::trim);
+            let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")).map(str::trim) else { continue };
+            if kind == Some("error") {
+                return Err(format!("the log stream ended: {data}"));
+            }
+            let line = match only {
+                Some(t) if kind != Some(t) => continue,
+                Some(_) => serde_json::from_str::<Value>(data).map_or(data.to_owned(), |v| v["data"].to_string()),
+                None => data.to_owned(),
+            };
+            writeln!(out, "{line}").and_then(|()| out.flush()).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
 }
 
 /// What to send: method, path, body.
@@ -277,6 +358,16 @@ pub fn streams(cmd: Streams) -> Result<Call, String> {
             (M::DELETE, format!("/v1/apps/{app}/streams/{name}/tokens/{id}"), None)
         }
         Streams::Subscribers { app, name } => (M::GET, format!("/v1/apps/{app}/streams/{name}/subscribers"), None),
+        Streams::Kick { app, name, action, client_ip } => {
+            let mut body = json!({});
+            if let Some(a) = action {
+                body["action"] = json!(a);
+            }
+            if let Some(ip) = client_ip {
+                body["client_ip"] = json!(ip);
+            }
+            (M::POST, format!("/v1/apps/{app}/streams/{name}/kick"), Some(body))
+        }
         Streams::BlockSubscriber { app, name, id, seconds, action } => {
             let mut body = json!({"seconds": seconds});
             if let Some(a) = action {

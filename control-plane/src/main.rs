@@ -111,6 +111,9 @@ enum Cmd {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Keep following the log: every new event as one JSON line, until interrupted.
+        #[arg(long)]
+        follow: bool,
     },
     /// Streams and their one-time tokens, through the REST API.
     Streams {
@@ -128,6 +131,20 @@ fn remote(remote: client::Remote, call: Result<client::Call, String>) -> ExitCod
             .map_err(|e| format!("cannot start the runtime: {e}"))?
             .block_on(client::send(&remote, call))
     });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-control: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `events --follow`, `decisions tail`: the log as it grows.
+fn follow(remote: client::Remote, after: Option<u64>, only: Option<&str>) -> ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .and_then(|rt| rt.block_on(client::tail(&remote, after, only)));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -195,9 +212,13 @@ fn main() -> ExitCode {
         Cmd::Keys { remote: r, cmd } => return remote(r, client::keys(cmd)),
         Cmd::Apps { remote: r, cmd } => return remote(r, client::apps(cmd)),
         Cmd::Streams { remote: r, cmd } => return remote(r, client::streams(cmd)),
+        Cmd::Decisions { remote: r, cmd: client::Decisions::Tail { after } } => {
+            return follow(r, after, Some("AccessDecided"));
+        }
         Cmd::Decisions { remote: r, cmd } => return remote(r, client::decisions(cmd)),
+        Cmd::Events { remote: r, after, follow: true, .. } => return follow(r, Some(after), None),
         Cmd::Nodes { remote: r } => return remote(r, Ok((reqwest::Method::GET, "/v1/nodes".into(), None))),
-        Cmd::Events { remote: r, after, limit } => {
+        Cmd::Events { remote: r, after, limit, follow: false } => {
             return remote(r, Ok((reqwest::Method::GET, format!("/v1/events?after={after}&limit={limit}"), None)));
         }
         Cmd::Explain { remote: r, id } => {

@@ -127,7 +127,7 @@ impl Admission {
         if !record.allowed {
             return Err(Refusal::Refused(Box::new(record)));
         }
-        let session = d.sessions.admit(admitted_by, record.decision.method);
+        let session = d.sessions.admit(admitted_by, record.decision.method, record.decision.position);
         let (key, publishing) = match slot {
             Some(Ok(slot)) => {
                 let key = slot.key().clone();

@@ -2,7 +2,9 @@
 //! registered with the request that admitted it; whenever the access tables change (and once
 //! a second, for expiries) each session is checked again with `sluice_events::decide::recheck`,
 //! and a session that no longer passes is told to end, with the reason. The media code (RTMP,
-//! SRT) holds the `Session` and drops the connection when `ended()` fires.
+//! SRT) holds the `Session` and drops the connection when `ended()` fires. An operator's kick
+//! (`SessionsKicked` in the log) ends the matching sessions admitted before it (by log
+//! position, so no clock is compared), with `Reason::Kicked`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sluice_events::decide::recheck;
+use sluice_events::event::SessionsKicked;
 use sluice_events::{AccessRequest, AuthState, Method, Position, Reason, Timestamp};
 use tokio::sync::oneshot;
 
@@ -18,6 +21,8 @@ use crate::sync::Shared;
 struct Live {
     request: AccessRequest,
     admitted_by: Option<Method>,
+    /// The state position the admitting decision was made at.
+    admitted_at: Position,
     end: oneshot::Sender<Reason>,
 }
 
@@ -68,10 +73,16 @@ impl Registry {
 
     /// Registers a session admitted by `method` for `request` (the credential is kept, in
     /// memory only, to check it again).
-    pub fn admit(self: &Arc<Self>, request: AccessRequest, admitted_by: Option<Method>) -> Session {
+    pub fn admit(
+        self: &Arc<Self>,
+        request: AccessRequest,
+        admitted_by: Option<Method>,
+        admitted_at: Position,
+    ) -> Session {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let (end, ended) = oneshot::channel();
-        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Live { request, admitted_by, end });
+        let live = Live { request, admitted_by, admitted_at, end };
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(id, live);
         Session { id, registry: self.clone(), ended: Some(ended) }
     }
 
@@ -81,6 +92,37 @@ impl Registry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Ends the sessions `kick` names that were admitted before its position `at`.
+    pub fn kick(&self, kick: &SessionsKicked, at: Position) -> usize {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let kicked: Vec<u64> = live
+            .iter()
+            .filter(|(_, s)| {
+                let r = &s.request;
+                s.admitted_at < at
+                    && r.app == kick.app
+                    && r.stream == kick.stream
+                    && kick.action.is_none_or(|a| a == r.action)
+                    && kick.client_ip.is_none_or(|ip| ip == r.client_ip)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &kicked {
+            if let Some(s) = live.remove(id) {
+                tracing::info!(
+                    session = id,
+                    app = %s.request.app,
+                    stream = %s.request.stream,
+                    action = s.request.action.as_str(),
+                    client = %s.request.client_ip,
+                    "session kicked by an operator; ending it"
+                );
+                let _ = s.end.send(Reason::Kicked);
+            }
+        }
+        kicked.len()
     }
 
     /// Checks every live session against `state` at `now`; ends (and unregisters) those that
@@ -123,6 +165,10 @@ pub async fn recheck_loop(registry: Arc<Registry>, shared: Arc<Shared>, stats: A
             _ = applied.changed() => false,
             _ = tick.tick() => true,
         };
+        let kicks = std::mem::take(&mut *shared.kicks.lock().unwrap_or_else(|p| p.into_inner()));
+        for (kick, at) in &kicks {
+            registry.kick(kick, *at);
+        }
         let state = shared.state.load_full();
         if !registry.is_empty() && (on_tick || state.tables_position() != checked) {
             let changed = state.tables_position() != checked;
@@ -166,6 +212,31 @@ mod tests {
             .unwrap();
     }
 
+    #[tokio::test]
+    async fn a_kick_ends_matching_sessions_admitted_before_it_only() {
+        let registry = Registry::new();
+        let mut early = registry.admit(player("cam1"), Some(Method::Open), Position(4));
+        let mut late = registry.admit(player("cam1"), Some(Method::Open), Position(9));
+        let mut other = registry.admit(player("cam2"), Some(Method::Open), Position(4));
+        let app = AppName::parse("live").unwrap();
+        let kick = |action, ip: Option<&str>| SessionsKicked {
+            app: app.clone(),
+            stream: StreamName::parse("cam1").unwrap(),
+            action,
+            client_ip: ip.map(|i| i.parse().unwrap()),
+        };
+        assert_eq!(registry.kick(&kick(Some(Action::Publish), None), Position(7)), 0, "no publisher");
+        assert_eq!(registry.kick(&kick(None, Some("198.51.100.1")), Position(7)), 0, "another address");
+        assert_eq!(registry.kick(&kick(Some(Action::Play), None), Position(7)), 1);
+        assert_eq!(early.ended().await, Reason::Kicked);
+        assert_eq!(registry.len(), 2, "admitted after the kick, or another stream: still live");
+        let pending = |s: &mut Session| {
+            let f = s.ended();
+            futures::FutureExt::now_or_never(f).is_none()
+        };
+        assert!(pending(&mut late) && pending(&mut other));
+    }
+
     fn player(stream: &str) -> AccessRequest {
         AccessRequest {
             id: uuid::Uuid::new_v4(),
@@ -193,9 +264,9 @@ mod tests {
             );
         }
         let registry = Registry::new();
-        let mut on_cam1 = registry.admit(player("cam1"), Some(Method::Open));
-        let mut also_cam1 = registry.admit(player("cam1"), Some(Method::Open));
-        let on_cam2 = registry.admit(player("cam2"), Some(Method::Open));
+        let mut on_cam1 = registry.admit(player("cam1"), Some(Method::Open), Position(1));
+        let mut also_cam1 = registry.admit(player("cam1"), Some(Method::Open), Position(1));
+        let on_cam2 = registry.admit(player("cam2"), Some(Method::Open), Position(1));
         assert_eq!(registry.len(), 3);
         assert!(registry.recheck(&state, Timestamp(0)).is_empty(), "nothing changed, nobody ends");
 
@@ -218,7 +289,7 @@ mod tests {
         let shared = Shared::new(state.clone());
         let registry = Registry::new();
         tokio::spawn(recheck_loop(registry.clone(), shared.clone(), crate::stats::MediaStats::new()));
-        let mut session = registry.admit(player("anything"), Some(Method::Open));
+        let mut session = registry.admit(player("anything"), Some(Method::Open), Position(1));
         apply(&mut state, sluice_events::event::AppDeleted { app: live }.into());
         let position = state.position().0;
         shared.state.store(Arc::new(state));

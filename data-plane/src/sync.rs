@@ -44,6 +44,9 @@ pub struct Shared {
     /// When the last applied change of the access tables was recorded in the log (ms since
     /// the epoch, the control plane's clock): the start of a revocation's clock.
     pub tables_changed_at: std::sync::atomic::AtomicI64,
+    /// Kicks applied and not yet acted on (`sessions::recheck_loop` takes them), each with
+    /// its log position.
+    pub kicks: std::sync::Mutex<Vec<(sluice_events::event::SessionsKicked, Position)>>,
 }
 
 impl Shared {
@@ -59,6 +62,7 @@ impl Shared {
             started: Instant::now(),
             digest: AccessDigestMemo::default(),
             tables_changed_at: std::sync::atomic::AtomicI64::new(0),
+            kicks: std::sync::Mutex::default(),
         })
     }
 
@@ -116,6 +120,11 @@ impl Applier {
         let position = next.position().0;
         if let Some(e) = applied.iter().rev().find(|e| e.event.changes_access_tables()) {
             self.shared.tables_changed_at.store(e.recorded_at.0, Ordering::Relaxed);
+        }
+        for e in &applied {
+            if let sluice_events::Event::SessionsKicked(k) = &e.event {
+                self.shared.kicks.lock().unwrap_or_else(|p| p.into_inner()).push((k.clone(), e.position));
+            }
         }
         let old = self.shared.state.swap(Arc::new(next));
         self.shared.applied.send_replace(position);

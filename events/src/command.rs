@@ -132,6 +132,13 @@ pub enum Command {
         /// Only this action is refused; `None`: both.
         action: Option<Action>,
     },
+    /// Ends the live sessions of `stream` (of one action, from one address, when given).
+    KickSessions {
+        app: AppName,
+        stream: StreamName,
+        action: Option<Action>,
+        client_ip: Option<std::net::IpAddr>,
+    },
     UseTotpStep {
         app: AppName,
         stream: StreamName,
@@ -339,6 +346,10 @@ pub fn handle(state: &AuthState, command: Command, now: Timestamp) -> Result<Vec
                 return Err(not_found("subscriber", subscriber_id));
             }
             one(SubscriberBlocked { app, stream, subscriber_id, until, action }.into())
+        }
+        Command::KickSessions { app, stream, action, client_ip } => {
+            app_of(&app)?;
+            one(SessionsKicked { app, stream, action, client_ip }.into())
         }
         Command::UseTotpStep { app, stream, subscriber_id, step } => {
             let a = app_of(&app)?;

@@ -114,6 +114,8 @@ pub enum Reason {
     /// name cannot have): recorded so a misconfigured client shows in the audit, with
     /// `MALFORMED_TARGET` for its app and stream.
     Malformed,
+    /// A live session an operator ended (`SessionsKicked`); a new attempt is decided as usual.
+    Kicked,
 }
 
 impl Reason {
@@ -165,6 +167,7 @@ const REASON_CODES: &[&str] = &[
     "rate_limited",
     "not_live",
     "malformed",
+    "kicked",
 ];
 
 /// Something the shell must do for an `Allow` to hold (and record in the log).

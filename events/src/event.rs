@@ -152,6 +152,21 @@ pub struct SubscriberBlocked {
     pub action: Option<Action>,
 }
 
+/// An operator ended a stream's live sessions (`POST /v1/apps/{app}/streams/{name}/kick`):
+/// every worker ends those admitted before this event was recorded (of one action, from one
+/// address, when given). It changes no access table: a new attempt is decided as usual (to
+/// keep someone out, revoke their credential as well).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SessionsKicked {
+    pub app: AppName,
+    /// The name the clients used (a player name, a publish name or the public name).
+    pub stream: StreamName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<Action>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<std::net::IpAddr>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TotpStepUsed {
     pub app: AppName,
@@ -306,6 +321,7 @@ catalog! {
     SubscriberRemoved => "subscriber",
     SubscriberBlocked => "subscriber",
     TotpStepUsed => "subscriber",
+    SessionsKicked => "stream",
     JwksRefreshed => "jwks",
     NodeRegistered => "node",
     AccessDecided => "decisions",
@@ -344,13 +360,18 @@ impl Event {
 
     /// The types for which `changes_access_tables` is false (for queries that skip them).
     pub const NON_TABLE_TYPES: &'static [&'static str] =
-        &["AccessDecided", "ApiAccessed", "ApiKeyCreated", "ApiKeyRevoked"];
+        &["AccessDecided", "ApiAccessed", "ApiKeyCreated", "ApiKeyRevoked", "SessionsKicked"];
 
-    /// Whether applying it changes what a worker holds: audit facts and API keys do not.
+    /// Whether applying it changes what a worker holds: audit facts, API keys and kicks (which
+    /// a worker acts on as they arrive) do not.
     pub fn changes_access_tables(&self) -> bool {
         !matches!(
             self,
-            Event::AccessDecided(_) | Event::ApiAccessed(_) | Event::ApiKeyCreated(_) | Event::ApiKeyRevoked(_)
+            Event::AccessDecided(_)
+                | Event::ApiAccessed(_)
+                | Event::ApiKeyCreated(_)
+                | Event::ApiKeyRevoked(_)
+                | Event::SessionsKicked(_)
         )
     }
 
@@ -374,6 +395,7 @@ impl Event {
             Event::SubscriberRemoved(e) => subscriber_log(&e.app, &e.stream, &e.subscriber_id),
             Event::SubscriberBlocked(e) => subscriber_log(&e.app, &e.stream, &e.subscriber_id),
             Event::TotpStepUsed(e) => subscriber_log(&e.app, &e.stream, &e.subscriber_id),
+            Event::SessionsKicked(e) => stream_log(&e.app, &e.stream),
             Event::JwksRefreshed(e) => format!("jwks-{}", e.app),
             Event::NodeRegistered(e) => format!("node-{}", e.node_id),
             Event::AccessDecided(e) => {

@@ -568,7 +568,8 @@ impl AuthState {
                     .insert(e.node_id.clone(), Node { version: e.version.clone(), protocols: e.protocols.clone() });
             }
             // Facts about the past that change no access table.
-            Event::AccessDecided(_) | Event::ApiAccessed(_) => {}
+            // A kick changes no table: the workers act on it as it arrives (`sync::Applier`).
+            Event::AccessDecided(_) | Event::ApiAccessed(_) | Event::SessionsKicked(_) => {}
         }
     }
 

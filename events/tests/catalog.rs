@@ -71,6 +71,13 @@ fn examples() -> Vec<Event> {
         SubscriberBlocked { app: app(), stream: name("cam1"), subscriber_id: alice.clone(), until: T0, action: None }
             .into(),
         TotpStepUsed { app: app(), stream: name("cam1"), subscriber_id: alice, step: 30_000_000 }.into(),
+        SessionsKicked {
+            app: app(),
+            stream: name("cam1"),
+            action: Some(Action::Play),
+            client_ip: Some("203.0.113.9".parse().unwrap()),
+        }
+        .into(),
         JwksRefreshed {
             app: app(),
             jwks: json!({"keys": [{"kty": "EC", "kid": "ec-1", "crv": "P-256", "x": "AA", "y": "AA"}]}),

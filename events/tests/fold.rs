@@ -225,6 +225,13 @@ fn arb_event() -> impl Strategy<Value = Event> {
             step
         }
         .into()),
+        (arb_stream(), any::<bool>()).prop_map(|(n, play)| SessionsKicked {
+            app: app(),
+            stream: n,
+            action: play.then_some(Action::Play),
+            client_ip: None
+        }
+        .into()),
     ]
 }
 

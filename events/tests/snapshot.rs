@@ -56,6 +56,7 @@ fn rich() -> Given {
         }
         .into(),
         TotpStepUsed { app: app(), stream: name("cam1"), subscriber_id: alice(), step: 3 }.into(),
+        SessionsKicked { app: app(), stream: name("cam1"), action: None, client_ip: None }.into(),
         NodeRegistered {
             node_id: NodeId::parse("edge-1").unwrap(),
             version: "0.1.0".into(),

@@ -315,3 +315,88 @@ async fn an_older_worker_skips_an_event_it_does_not_know_and_follows_on() {
     assert_eq!(worker_metric(&http, admin, "sluice_events_skipped_total").await, Some(1.0));
     assert!(read(&log).contains("AppSuspended"), "the skip is logged with its type");
 }
+
+/// The operator's daily CLI (issue #18): `streams kick` ends live sessions on every worker
+/// (players only, then one address's publisher), without refusing the next attempt;
+/// `decisions tail` and `events --follow` print the log as it grows, one JSON line an event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_kicks_sessions_and_follows_the_log_from_the_cli() {
+    let plane = Plane::start("kick").await;
+    let http = plane.http.clone();
+    let open = json!({"publish": {"methods": ["open"]}, "play": {"methods": ["open"]}});
+    post(&http, plane.cp, "/v1/apps", json!({"name": "k", "policy": open})).await;
+    let w = media_worker(&plane, "w1", &[]);
+    ready_at_head(&http, &plane.store, w.admin).await;
+    let api = format!("http://127.0.0.1:{}", plane.cp);
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(sluice_tests::binary("sluice-control"));
+        c.args(args).env_clear().env("SLUICE_API_URL", &api).env("SLUICE_API_KEY", ADMIN);
+        c
+    };
+    let (decisions_out, events_out) = (plane.dir.path().join("decisions.jsonl"), plane.dir.path().join("events.jsonl"));
+    let mut tail = cli(&["decisions", "tail", "--after", "0"])
+        .stdout(std::fs::File::create(&decisions_out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut follow = cli(&["events", "--follow"])
+        .stdout(std::fs::File::create(&events_out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let url = format!("rtmp://127.0.0.1:{}/k/cam", w.rtmp);
+    let publisher = ffmpeg_testsrc("flv", &url, 60).spawn().unwrap();
+    until_live(&http, plane.cp, "k", "cam").await;
+    let player = Command::new("ffmpeg")
+        .args(["-hide_banner", "-nostdin", "-rw_timeout", "10000000", "-i", &url, "-t", "60", "-f", "null", "-"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    until("the player is counted", || async {
+        get(&http, format!("{api}/v1/stats/streams/k/cam")).await.1["players"].as_u64().is_some_and(|p| p >= 1)
+    })
+    .await;
+
+    // Players only: the player ends, the publisher goes on.
+    let out = cli(&["streams", "kick", "k", "cam", "--action", "play"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"position\""));
+    let ended = tokio::task::spawn_blocking(move || wait_bounded(player, Duration::from_secs(30))).await.unwrap();
+    assert!(ended.is_some(), "the kicked player did not end");
+    let mut publisher = publisher;
+    assert!(publisher.try_wait().unwrap().is_none(), "kicking players ended the publisher");
+    until("the kick is logged", || async { read(&w.log).contains("session kicked by an operator") }).await;
+    // The publisher from 127.0.0.1: it ends; a new one is admitted (a kick refuses nothing).
+    let out =
+        cli(&["streams", "kick", "k", "cam", "--action", "publish", "--client-ip", "127.0.0.1"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ended = tokio::task::spawn_blocking(move || wait_bounded(publisher, Duration::from_secs(30))).await.unwrap();
+    assert!(ended.is_some(), "the kicked publisher did not end");
+    let again = ffmpeg_testsrc("flv", &url, 2).output().unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    // Bad input is refused with the API's reason.
+    let out = cli(&["streams", "kick", "k", "cam", "--action", "sideways"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("400"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // What the followers printed: every line one JSON value.
+    until("both kicks reached the event follower", || async {
+        read(&events_out).lines().filter(|l| l.contains("\"SessionsKicked\"")).count() == 2
+    })
+    .await;
+    until("the decisions reached the decision tail", || async {
+        read(&decisions_out).lines().filter(|l| l.contains("\"allowed\"")).count() >= 3
+    })
+    .await;
+    for line in read(&decisions_out).lines().chain(read(&events_out).lines()) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v.is_object(), "{line}");
+    }
+    assert!(!read(&decisions_out).contains("SessionsKicked"), "decisions tail prints decisions only");
+    let _ = tail.kill();
+    let _ = tail.wait();
+    let _ = follow.kill();
+    let _ = follow.wait();
+}

@@ -177,6 +177,7 @@ pub fn table() -> Vec<Route> {
         Route::new::<(), streams::StreamView, _, _>(M::GET, "/v1/apps/{app}/streams/{name}", read, api, v1("streams"), "Get a stream", 200, streams::read),
         Route::new::<streams::UpdateStream, streams::StreamView, _, _>(M::PATCH, "/v1/apps/{app}/streams/{name}", write, api, v1("streams"), "Update a stream (absent keeps, null clears)", 200, streams::update),
         Route::new::<(), (), _, _>(M::DELETE, "/v1/apps/{app}/streams/{name}", write, api, v1("streams"), "Delete a stream", 204, streams::delete),
+        Route::new::<streams::Kick, streams::Kicked, _, _>(M::POST, "/v1/apps/{app}/streams/{name}/kick", write, api, v1("streams"), "End the stream's live sessions on every worker (of one action, from one address, when given); new attempts are decided as usual", 202, streams::kick),
         Route::new::<tokens::IssueToken, tokens::IssuedToken, _, _>(M::POST, "/v1/apps/{app}/streams/{name}/tokens", write, api, v1("tokens"), "Issue a one-time token (returned once)", 201, tokens::issue),
         Route::new::<(), tokens::TokenList, _, _>(M::GET, "/v1/apps/{app}/streams/{name}/tokens", write, api, v1("tokens"), "List a stream's tokens", 200, tokens::list),
         Route::new::<(), (), _, _>(M::DELETE, "/v1/apps/{app}/streams/{name}/tokens/{id}", write, api, v1("tokens"), "Revoke a token", 204, tokens::revoke),

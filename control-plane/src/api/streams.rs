@@ -86,6 +86,25 @@ mod double_option {
     }
 }
 
+/// `POST .../kick`: which of the stream's live sessions to end (all when empty).
+#[derive(Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Kick {
+    /// Only publishers (`publish`) or only players (`play`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<sluice_events::Action>,
+    /// Only sessions from this address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ip: Option<std::net::IpAddr>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Kicked {
+    /// The kick's log position: every worker ends the matching sessions it admitted before it,
+    /// as it applies it.
+    pub position: u64,
+}
+
 pub fn stream_name(name: &str) -> Result<StreamName, ApiError> {
     StreamName::parse(name).map_err(|_| ApiError::not_found("stream", name))
 }
@@ -200,6 +219,31 @@ pub(super) async fn update(
         .await?;
     let state = api.writer.projection().current();
     Ok(written(StatusCode::OK, committed, Some(view(&app, &name, lookup_stream(lookup(&state, &app)?, &name)?))))
+}
+
+/// Ends live sessions of a stream on every worker (the name the clients used: a public,
+/// publish or player name; registered or not). Nothing is refused afterwards: revoke the
+/// credential as well to keep someone out.
+pub(super) async fn kick(
+    State(api): State<ApiState>,
+    ctx: Ctx,
+    Path((app, name)): Path<(String, String)>,
+    StrictJson(req): StrictJson<Kick>,
+) -> Result<Response, ApiError> {
+    let (app, stream) = (app_name(&app)?, stream_name(&name)?);
+    let committed = api
+        .writer
+        .run(&ctx.origin(), now(), |_| {
+            Ok(Command::KickSessions {
+                app: app.clone(),
+                stream: stream.clone(),
+                action: req.action,
+                client_ip: req.client_ip,
+            })
+        })
+        .await?;
+    let position = committed.position.0;
+    Ok(written(StatusCode::ACCEPTED, committed, Some(Kicked { position })))
 }
 
 pub(super) async fn delete(
