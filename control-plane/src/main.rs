@@ -478,8 +478,8 @@ async fn serve(
         std::sync::Arc::new(sluice_events::Keyring::new(config.require_sealing_key()?.clone())),
         config.checkpoint_every_events,
     );
-    if config.relay {
-        sluice_control_plane::relay::spawn(
+    let relay_status = if config.relay {
+        let status = sluice_control_plane::relay::spawn(
             &tasks,
             api.writer.store().clone(),
             api.writer.projection().clone(),
@@ -496,7 +496,10 @@ async fn serve(
             api.writer.projection().clone(),
             config.nats_url.clone(),
         );
-    }
+        Some(status)
+    } else {
+        None
+    };
     if let Some(addr) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -542,6 +545,11 @@ async fn serve(
             axum_server::from_tcp_rustls(listener, tls).handle(handle).serve(service).await?;
         }
     }
+    // What the log holds reaches the workers before the relay stops: when this instance
+    // relays, it goes on until SLUICE_EVENTS has the log's head (at most RELAY_FLUSH).
+    if let Some(mut status) = relay_status {
+        flush_relay(api.writer.store(), &mut status).await;
+    }
     // The API's last audit records go out as its handles are dropped.
     drop(api);
     if !tasks.shutdown(std::time::Duration::from_secs(5)).await {
@@ -549,6 +557,29 @@ async fn serve(
     }
     tracing::info!("sluice-control stopped");
     Ok(())
+}
+
+/// How long a stopping control plane waits for its relay to publish the log's head.
+const RELAY_FLUSH: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn flush_relay(
+    store: &EventStore,
+    status: &mut tokio::sync::watch::Receiver<sluice_control_plane::relay::RelayStatus>,
+) {
+    if !status.borrow().leader {
+        return;
+    }
+    let Ok(head) = store.head().await else { return };
+    let flushed = tokio::time::timeout(RELAY_FLUSH, status.wait_for(|s| s.relayed >= head || !s.leader)).await;
+    match flushed {
+        Ok(Ok(s)) if s.relayed >= head => {
+            tracing::info!(position = head.0, "relay: the log's head is in SLUICE_EVENTS")
+        }
+        _ => tracing::warn!(
+            position = head.0,
+            "relay: stopping before SLUICE_EVENTS has the log's head; the next relay publishes the rest"
+        ),
+    }
 }
 
 /// The genuine anchors in `SLUICE_ANCHOR_FILE` and the newest in NATS KV (when NATS answers).

@@ -400,3 +400,55 @@ async fn an_operator_kicks_sessions_and_follows_the_log_from_the_cli() {
     let _ = follow.kill();
     let _ = follow.wait();
 }
+
+/// Control-plane shutdown (issue #18): what the log holds reaches SLUICE_EVENTS before the
+/// relay stops. NATS is frozen (SIGSTOP) while changes are written, so the relay falls behind;
+/// NATS is thawed and the control plane told to stop at once: it exits 0 only after the
+/// stream has the log's head, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_control_plane_relays_the_logs_head_first() {
+    let plane = Plane::start("flush").await;
+    let http = plane.http.clone();
+    post(&http, plane.cp, "/v1/apps", json!({"name": "f"})).await;
+    let js = async_nats::jetstream::new(async_nats::connect(plane.nats.url()).await.unwrap());
+    let last_relayed = || {
+        let js = js.clone();
+        async move {
+            match js.get_stream(sluice_events::dist::EVENTS_STREAM).await {
+                Ok(mut s) => s.info().await.map(|i| i.state.last_sequence).unwrap_or(0),
+                Err(_) => 0,
+            }
+        }
+    };
+    let head = || async { plane.store.head().await.unwrap().0 };
+    until("the relay is caught up", || async { last_relayed().await == head().await }).await;
+    let nats_pid = plane.nats.pid().to_string();
+    let signal = |sig: &str, pid: &str| {
+        assert!(Command::new("kill").args([sig, pid]).status().unwrap().success(), "kill {sig} {pid}");
+    };
+    signal("-STOP", &nats_pid);
+    for i in 0..20 {
+        post(&http, plane.cp, "/v1/apps/f/streams", json!({"name": format!("cam{i}")})).await;
+    }
+    let target = head().await;
+    signal("-CONT", &nats_pid);
+    let mut control = plane.control;
+    signal("-TERM", &control.0.id().to_string());
+    let status = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(40) {
+            if let Some(s) = control.0.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .expect("the control plane exits");
+    assert!(status.success(), "{status:?}");
+    assert_eq!(last_relayed().await, target, "the stream has the log's head");
+    let log = read(&plane.dir.path().join("cp.log"));
+    assert!(log.contains("the log's head is in SLUICE_EVENTS"), "{log}");
+}
