@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use futures::channel::mpsc as fmpsc;
-use monoio::net::{ListenerOpts, TcpListener};
+use monoio::net::{ListenerOpts, TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use super::conn::connection;
@@ -147,7 +147,7 @@ async fn accept_loop(
             a = listener.accept() => a,
             _ = drain.wait_for(|d| *d) => break,
         };
-        let (mut stream, peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 tracing::warn!(error = %e, "RTMP accept failed");
@@ -165,48 +165,79 @@ async fn accept_loop(
             };
             permit = Some(p);
         }
-        let (ctx, tls) = (ctx.clone(), tls.clone());
-        monoio::spawn(async move {
-            let (client, rest) = if proxied {
-                match super::proxy::read_header(&mut stream, super::conn::HANDSHAKE_TIMEOUT).await {
-                    Ok((client, rest)) => (client.unwrap_or(peer), rest),
-                    Err(e) => {
-                        tracing::debug!(%peer, error = %e, "RTMP connection from a PROXY peer refused");
+        // Each kind of connection is its own task type: a plain connection's task must not be
+        // sized for a TLS session it never has (it was, and cost 3 KiB a connection).
+        let ctx = ctx.clone();
+        match &tls {
+            None => {
+                monoio::spawn(async move {
+                    let Some((stream, client, rest, permit)) = admitted(stream, peer, proxied, permit, &ctx).await
+                    else {
                         return;
-                    }
-                }
-            } else {
-                (peer, Vec::new())
-            };
-            let permit = match permit {
-                Some(p) => p,
-                None => match ctx.gate.admit(client.ip()) {
-                    Some(p) => p,
-                    None => {
-                        tracing::debug!(%client, "RTMP connection refused: connection limit");
+                    };
+                    let id = ctx.new_id();
+                    connection(stream, client, id, ctx, rest).await;
+                    drop(permit);
+                });
+            }
+            Some(certs) => {
+                let certs = certs.clone();
+                monoio::spawn(async move {
+                    let Some((stream, client, rest, permit)) = admitted(stream, peer, proxied, permit, &ctx).await
+                    else {
                         return;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
-            let id = ctx.new_id();
-            match tls {
-                None => connection(stream, client, id, ctx, rest).await,
-                Some(certs) => {
+                    };
                     // What followed a PROXY header is the start of the TLS handshake.
                     let io = monoio::io::PrefixedReadIo::new(stream, std::io::Cursor::new(rest));
                     let acceptor = monoio_rustls::TlsAcceptor::from(certs.load_full());
                     match monoio::time::timeout(super::conn::HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
-                        Ok(Ok(tls_stream)) => connection(tls_stream, client, id, ctx, Vec::new()).await,
+                        Ok(Ok(tls_stream)) => {
+                            let id = ctx.new_id();
+                            connection(tls_stream, client, id, ctx, Vec::new()).await;
+                        }
                         Ok(Err(e)) => tracing::debug!(%client, error = %e, "RTMPS handshake failed"),
                         Err(_) => tracing::debug!(%client, "RTMPS handshake timed out"),
                     }
-                }
+                    drop(permit);
+                });
             }
-            drop(permit);
-        });
+        }
     }
     drop(listener);
+}
+
+/// The client behind a connection (its PROXY header's, from a trusted load balancer), what
+/// followed the header, and its place under the connection limits; `None` when refused.
+async fn admitted(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    proxied: bool,
+    permit: Option<crate::limits::Permit>,
+    ctx: &Ctx,
+) -> Option<(TcpStream, SocketAddr, Vec<u8>, crate::limits::Permit)> {
+    let (client, rest) = if proxied {
+        match super::proxy::read_header(&mut stream, super::conn::HANDSHAKE_TIMEOUT).await {
+            Ok((client, rest)) => (client.unwrap_or(peer), rest),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "RTMP connection from a PROXY peer refused");
+                return None;
+            }
+        }
+    } else {
+        (peer, Vec::new())
+    };
+    let permit = match permit {
+        Some(p) => p,
+        None => match ctx.gate.admit(client.ip()) {
+            Some(p) => p,
+            None => {
+                tracing::debug!(%client, "RTMP connection refused: connection limit");
+                return None;
+            }
+        },
+    };
+    let _ = stream.set_nodelay(true);
+    Some((stream, client, rest, permit))
 }
 
 /// The media thread's one merge timer, for streams whose publisher pauses: every half
