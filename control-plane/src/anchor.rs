@@ -101,16 +101,21 @@ fn append_file(path: &Path, anchor: &Anchor) -> std::io::Result<()> {
 }
 
 async fn bucket(js: &jetstream::Context) -> Result<kv::Store, String> {
-    if let Ok(kv) = js.get_key_value(dist::ANCHORS_BUCKET).await {
-        return Ok(kv);
-    }
-    let config = kv::Config {
-        bucket: dist::ANCHORS_BUCKET.to_owned(),
-        history: 64,
-        storage: jetstream::stream::StorageType::File,
-        ..Default::default()
+    let kv = match js.get_key_value(dist::ANCHORS_BUCKET).await {
+        Ok(kv) => kv,
+        Err(_) => {
+            let config = kv::Config {
+                bucket: dist::ANCHORS_BUCKET.to_owned(),
+                history: 64,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: crate::relay::replicas(),
+                ..Default::default()
+            };
+            js.create_key_value(config).await.map_err(|e| e.to_string())?
+        }
     };
-    js.create_key_value(config).await.map_err(|e| e.to_string())
+    crate::relay::check_replicas(js, &dist::kv_stream(dist::ANCHORS_BUCKET)).await?;
+    Ok(kv)
 }
 
 /// The newest genuine anchor in NATS KV, if NATS answers within 2 s.

@@ -52,6 +52,7 @@ const KNOWN: &[&str] = &[
     "nats_ca_file",
     "nats_nkey_seed_file",
     "nats_creds_file",
+    "nats_replicas",
     "log",
     "metrics_listen",
     "metrics_token",

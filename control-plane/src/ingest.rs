@@ -61,32 +61,39 @@ fn nats<E: std::fmt::Display>(e: E) -> IngestError {
 }
 
 pub async fn ensure_decisions_stream(js: &jetstream::Context) -> Result<jetstream::stream::Stream, String> {
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: dist::DECISIONS_STREAM.into(),
-        subjects: vec![dist::DECISIONS_SUBJECTS.into()],
-        storage: jetstream::stream::StorageType::File,
-        duplicate_window: Duration::from_secs(120),
-        // Ingested decisions live in the log; the stream is only the queue in front of it.
-        max_age: Duration::from_secs(7 * 24 * 3600),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| e.to_string())
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: dist::DECISIONS_STREAM.into(),
+            subjects: vec![dist::DECISIONS_SUBJECTS.into()],
+            storage: jetstream::stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            // Ingested decisions live in the log; the stream is only the queue in front of it.
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            num_replicas: crate::relay::replicas(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    crate::relay::check_replicas(js, dist::DECISIONS_STREAM).await?;
+    Ok(stream)
 }
 
 pub async fn ensure_marks(js: &jetstream::Context) -> Result<kv::Store, String> {
-    match js.get_key_value(dist::DECISION_MARKS_BUCKET).await {
-        Ok(kv) => Ok(kv),
+    let kv = match js.get_key_value(dist::DECISION_MARKS_BUCKET).await {
+        Ok(kv) => kv,
         Err(_) => js
             .create_key_value(kv::Config {
                 bucket: dist::DECISION_MARKS_BUCKET.into(),
                 history: 1,
                 storage: jetstream::stream::StorageType::File,
+                num_replicas: crate::relay::replicas(),
                 ..Default::default()
             })
             .await
-            .map_err(|e| e.to_string()),
-    }
+            .map_err(|e| e.to_string())?,
+    };
+    crate::relay::check_replicas(js, &dist::kv_stream(dist::DECISION_MARKS_BUCKET)).await?;
+    Ok(kv)
 }
 
 /// Starts ingestion as a supervised task: it waits for leadership, ingests, and starts over

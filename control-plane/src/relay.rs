@@ -147,7 +147,23 @@ pub async fn connect(url: &str) -> Result<async_nats::Client, String> {
         Some(auth) => nats_options(options, auth).await?,
         None => options,
     };
-    options.connect(url).await.map_err(|e| format!("NATS at {}: {e}", sluice_events::settings::redact_url(url)))
+    let servers = sluice_events::settings::nats_servers(url);
+    options
+        .connect(servers.as_slice())
+        .await
+        .map_err(|e| format!("NATS at {}: {e}", sluice_events::settings::redact_url(url)))
+}
+
+/// The replicas every stream and bucket this process creates gets (`nats_replicas`).
+pub fn replicas() -> usize {
+    NATS_AUTH.get().map_or(1, |a| a.replicas.max(1))
+}
+
+/// Refuses an existing stream (or a bucket's stream) whose replicas differ from `replicas()`.
+pub async fn check_replicas(js: &jetstream::Context, stream: &str) -> Result<(), String> {
+    let mut s = js.get_stream(stream).await.map_err(|e| format!("{stream}: {e}"))?;
+    let have = s.info().await.map_err(|e| format!("{stream}: {e}"))?.config.num_replicas;
+    dist::replicas_agree(stream, have, replicas())
 }
 
 /// `options` with a CA to trust (and TLS required) and an NKey seed or a `.creds` file.
@@ -170,15 +186,19 @@ pub async fn nats_options(
 }
 
 pub async fn ensure_events_stream(js: &jetstream::Context) -> Result<jetstream::stream::Stream, String> {
-    js.get_or_create_stream(jetstream::stream::Config {
-        name: dist::EVENTS_STREAM.into(),
-        subjects: vec![dist::EVENTS_SUBJECTS.into()],
-        storage: jetstream::stream::StorageType::File,
-        duplicate_window: Duration::from_secs(120),
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| e.to_string())
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: dist::EVENTS_STREAM.into(),
+            subjects: vec![dist::EVENTS_SUBJECTS.into()],
+            storage: jetstream::stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            num_replicas: replicas(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    check_replicas(js, dist::EVENTS_STREAM).await?;
+    Ok(stream)
 }
 
 async fn relay(
@@ -328,6 +348,7 @@ impl Snapshots {
                 .create_key_value(jetstream::kv::Config {
                     bucket: dist::SNAPSHOTS_BUCKET.into(),
                     history: 1,
+                    num_replicas: replicas(),
                     ..Default::default()
                 })
                 .await
@@ -338,11 +359,15 @@ impl Snapshots {
             Err(_) => js
                 .create_object_store(jetstream::object_store::Config {
                     bucket: dist::SNAPSHOT_OBJECTS.into(),
+                    num_replicas: replicas(),
                     ..Default::default()
                 })
                 .await
                 .map_err(nats)?,
         };
+        for stream in [dist::kv_stream(dist::SNAPSHOTS_BUCKET), dist::object_stream(dist::SNAPSHOT_OBJECTS)] {
+            check_replicas(js, &stream).await.map_err(RelayError::Nats)?;
+        }
         Ok(Snapshots { kv, objects })
     }
 

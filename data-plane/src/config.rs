@@ -41,6 +41,7 @@ const KNOWN: &[&str] = &[
     "nats_ca_file",
     "nats_nkey_seed_file",
     "nats_creds_file",
+    "nats_replicas",
     "sls_app",
     "log",
     "metrics_listen",

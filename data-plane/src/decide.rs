@@ -119,12 +119,15 @@ impl Guard {
                 bucket: dist::CONSUMED_BUCKET.to_owned(),
                 history: 1,
                 storage: jetstream::stream::StorageType::File,
+                num_replicas: crate::sync::replicas(),
                 ..Default::default()
             };
-            match js.get_key_value(dist::CONSUMED_BUCKET).await {
-                Ok(kv) => Ok(kv),
-                Err(_) => js.create_key_value(config).await.map_err(|e| e.to_string()),
-            }
+            let kv = match js.get_key_value(dist::CONSUMED_BUCKET).await {
+                Ok(kv) => kv,
+                Err(_) => js.create_key_value(config).await.map_err(|e| e.to_string())?,
+            };
+            crate::sync::check_replicas(&js, &dist::kv_stream(dist::CONSUMED_BUCKET)).await?;
+            Ok::<_, String>(kv)
         };
         match tokio::time::timeout(CLAIM_TIMEOUT, self.kv.get_or_try_init(|| init)).await {
             Ok(Ok(kv)) => Some(kv),

@@ -326,12 +326,10 @@ async fn run(config: Config, reload: Reload) -> Result<(), String> {
         ),
     );
     tracing::info!(spool = %spool.id(), backlog = spool.backlog(), "decision spool open");
-    let nats = sync::nats_options(
+    let nats = sync::connect_with(
         async_nats::ConnectOptions::new().retry_on_initial_connect().connection_timeout(Duration::from_secs(2)),
         &config.nats_url,
     )
-    .await?
-    .connect(&config.nats_url)
     .await
     .map_err(|e| format!("NATS client: {e}"))?;
     tasks.spawn("uplink", uplink::publish_loop(spool.clone(), nats.clone(), config.node_id.clone()));

@@ -168,8 +168,8 @@ impl Cluster {
         }
         let js = jetstream::new(self.client.clone());
         let init = async {
-            match js.get_key_value(dist::PUBLISHERS_BUCKET).await {
-                Ok(kv) => Ok(kv),
+            let kv = match js.get_key_value(dist::PUBLISHERS_BUCKET).await {
+                Ok(kv) => kv,
                 Err(_) => js
                     .create_key_value(kv::Config {
                         bucket: dist::PUBLISHERS_BUCKET.to_owned(),
@@ -177,11 +177,14 @@ impl Cluster {
                         // The lease time: a lease nobody renews is gone after it.
                         max_age: self.ttl,
                         storage: jetstream::stream::StorageType::Memory,
+                        num_replicas: crate::sync::replicas(),
                         ..Default::default()
                     })
                     .await
-                    .map_err(|e| e.to_string()),
-            }
+                    .map_err(|e| e.to_string())?,
+            };
+            crate::sync::check_replicas(&js, &dist::kv_stream(dist::PUBLISHERS_BUCKET)).await?;
+            Ok::<_, String>(kv)
         };
         match tokio::time::timeout(CLAIM_TIMEOUT, self.kv.get_or_try_init(|| init)).await {
             Ok(Ok(kv)) => Some(kv),

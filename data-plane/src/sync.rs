@@ -203,11 +203,30 @@ pub async fn nats_options(
 
 /// A NATS client that gives up a connection attempt after 2 s (callers retry).
 pub async fn connect(url: &str) -> Result<async_nats::Client, String> {
-    nats_options(async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)), url)
+    connect_with(async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)), url).await
+}
+
+/// `options` (with the process's TLS trust and credentials) connected to the servers of `url`:
+/// one, or a cluster's, comma-separated.
+pub async fn connect_with(options: async_nats::ConnectOptions, url: &str) -> Result<async_nats::Client, String> {
+    let servers = sluice_events::settings::nats_servers(url);
+    nats_options(options, url)
         .await?
-        .connect(url)
+        .connect(servers.as_slice())
         .await
         .map_err(|e| format!("NATS at {}: {e}", sluice_events::settings::redact_url(url)))
+}
+
+/// The replicas of the buckets this worker creates (`nats_replicas`).
+pub fn replicas() -> usize {
+    NATS_AUTH.get().map_or(1, |a| a.replicas.max(1))
+}
+
+/// Refuses an existing bucket whose stream's replicas differ from `replicas()`.
+pub async fn check_replicas(js: &jetstream::Context, stream: &str) -> Result<(), String> {
+    let mut s = js.get_stream(stream).await.map_err(|e| format!("{stream}: {e}"))?;
+    let have = s.info().await.map_err(|e| format!("{stream}: {e}"))?.config.num_replicas;
+    dist::replicas_agree(stream, have, replicas())
 }
 
 async fn manifest(js: &jetstream::Context) -> Option<SnapshotManifest> {

@@ -107,6 +107,30 @@ pub fn event_subject(event: &Event) -> String {
     format!("sluice.ev.{}", event.category())
 }
 
+/// The JetStream stream behind a KV bucket.
+pub fn kv_stream(bucket: &str) -> String {
+    format!("KV_{bucket}")
+}
+
+/// The JetStream stream behind an object store.
+pub fn object_stream(bucket: &str) -> String {
+    format!("OBJ_{bucket}")
+}
+
+/// Whether an existing stream has the replicas a plane asks for (`nats_replicas`; JetStream
+/// may report 0 for the default of 1): a bucket made with one replica on a cluster would lose
+/// its data with one server, so the difference stops the plane with what to do.
+pub fn replicas_agree(stream: &str, have: usize, want: usize) -> Result<(), String> {
+    let (have, want) = (have.max(1), want.max(1));
+    if have == want {
+        return Ok(());
+    }
+    Err(format!(
+        "{stream} has {have} replica(s) but SLUICE_NATS_REPLICAS is {want}: make them agree \
+         (`nats stream edit {stream} --replicas {want}`, or SLUICE_NATS_REPLICAS={have})"
+    ))
+}
+
 pub fn heartbeat_subject(node: &NodeId) -> String {
     format!("sluice.hb.{node}")
 }

@@ -183,6 +183,9 @@ pub struct NatsAuth {
     pub ca_file: Option<std::path::PathBuf>,
     pub nkey_seed_file: Option<std::path::PathBuf>,
     pub creds_file: Option<std::path::PathBuf>,
+    /// `nats_replicas`: the replicas of every stream, KV bucket and object store a plane
+    /// creates (1, or 3 or 5 on a JetStream cluster); an existing one that differs is refused.
+    pub replicas: usize,
 }
 
 impl NatsAuth {
@@ -191,7 +194,11 @@ impl NatsAuth {
             ca_file: s.optional("nats_ca_file", "a PEM CA certificate file")?,
             nkey_seed_file: s.optional("nats_nkey_seed_file", "a file holding an NKey seed (SU…)")?,
             creds_file: s.optional("nats_creds_file", "a NATS .creds file")?,
+            replicas: s.or("nats_replicas", 1, "1, 3 or 5 (a JetStream cluster's replicas)")?,
         };
+        if !matches!(auth.replicas, 1 | 3 | 5) {
+            return Err(s.invalid("nats_replicas", "1, 3 or 5 (a JetStream cluster's replicas)"));
+        }
         if auth.nkey_seed_file.is_some() && auth.creds_file.is_some() {
             return Err(s.invalid("nats_creds_file", "either nats_nkey_seed_file or nats_creds_file, not both"));
         }
@@ -199,9 +206,18 @@ impl NatsAuth {
     }
 }
 
+/// The servers of a `nats_url`: one URL, or several of one cluster separated by commas
+/// (`nats://n1:4222,nats://n2:4222,nats://n3:4222`); the client picks one and moves to
+/// another when it goes.
+pub fn nats_servers(url: &str) -> Vec<&str> {
+    url.split(',').map(str::trim).filter(|s| !s.is_empty()).collect()
+}
+
 /// The credentials written in a URL (`nats://user:password@host`, or `nats://token@host`): a
-/// user and its password, or a token alone. The NATS client does not read them from the URL.
+/// user and its password, or a token alone; of a list, the first server's (a cluster's servers
+/// share them). The NATS client does not read them from the URL.
 pub fn url_credentials(url: &str) -> Option<(String, Option<String>)> {
+    let url = nats_servers(url).into_iter().next()?;
     let (_, rest) = url.split_once("://")?;
     let authority = rest.split('/').next().unwrap_or(rest);
     let (userinfo, _) = authority.rsplit_once('@')?;
@@ -211,8 +227,17 @@ pub fn url_credentials(url: &str) -> Option<(String, Option<String>)> {
     })
 }
 
-/// A URL with its password (if any) replaced by `***`, for printing.
+/// A URL with its password (if any) replaced by `***`, for printing; a list of NATS servers
+/// each.
 pub fn redact_url(url: &str) -> String {
+    let servers: Vec<&str> = url.split(',').collect();
+    if servers.len() > 1 && servers.iter().all(|s| s.contains("://")) {
+        return servers.iter().map(|s| redact_one(s.trim())).collect::<Vec<_>>().join(",");
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
     let (authority, tail) = rest.split_once('/').map_or((rest, None), |(a, t)| (a, Some(t)));
     let authority = match authority.rsplit_once('@') {
@@ -281,6 +306,21 @@ mod tests {
     fn an_example_missing_a_key_is_caught() {
         let example = "# a_key = 1\nother = 2\nlonger_key_x = 3\n";
         assert_eq!(keys_missing_from(example, &["a_key", "other", "longer_key"]), vec!["longer_key".to_owned()]);
+    }
+
+    #[test]
+    fn a_list_of_nats_servers_is_read_redacted_and_checked() {
+        let list = "nats://u:secret@n1:4222, nats://u:secret@n2:4222,nats://u:secret@n3:4222";
+        assert_eq!(
+            nats_servers(list),
+            ["nats://u:secret@n1:4222", "nats://u:secret@n2:4222", "nats://u:secret@n3:4222"]
+        );
+        assert_eq!(url_credentials(list), Some(("u".into(), Some("secret".into()))));
+        assert_eq!(redact_url(list), "nats://u:***@n1:4222,nats://u:***@n2:4222,nats://u:***@n3:4222");
+        assert_eq!(redact_url("postgres://u:p@h1:5432,h2:5432/db"), "postgres://u:***@h1:5432,h2:5432/db");
+        let s = |v: &str| Sources::new(None, env(&[("SLUICE_NATS_REPLICAS", v)]), &[]).unwrap();
+        assert_eq!(NatsAuth::load(&s("3")).unwrap().replicas, 3);
+        assert!(NatsAuth::load(&s("2")).unwrap_err().to_string().contains("SLUICE_NATS_REPLICAS"));
     }
 
     #[test]

@@ -335,6 +335,123 @@ impl Drop for Nats {
     }
 }
 
+/// A JetStream cluster of `nats-server` processes on loopback (`-cluster`, `-routes`, each its
+/// own store), killed on drop. Servers are named `n0`, `n1`, …
+#[derive(Debug)]
+pub struct NatsCluster {
+    nodes: Vec<ClusterNode>,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    port: u16,
+    cluster_port: u16,
+    monitor_port: u16,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers and waits until JetStream has a meta leader.
+    pub fn start(n: usize) -> anyhow::Result<NatsCluster> {
+        let mut last = None;
+        // A port taken between choosing and binding: another set of ports.
+        for _ in 0..3 {
+            let mut cluster = NatsCluster { nodes: Vec::new() };
+            for _ in 0..n {
+                cluster.nodes.push(ClusterNode {
+                    child: None,
+                    dir: tempfile::Builder::new().prefix("sluice-natsc-").tempdir()?,
+                    port: free_port(),
+                    cluster_port: free_port(),
+                    monitor_port: free_port(),
+                });
+            }
+            for i in 0..n {
+                cluster.spawn(i)?;
+            }
+            let up = cluster.nodes.iter().all(|node| wait_for_port(node.port, Duration::from_secs(10)));
+            if up && eventually(Duration::from_secs(30), || cluster.meta_leader().is_some()) {
+                return Ok(cluster);
+            }
+            last = Some(format!("{cluster:?}"));
+        }
+        bail!("the NATS cluster did not form: {}", last.unwrap_or_default())
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let routes: Vec<String> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, n)| format!("nats://127.0.0.1:{}", n.cluster_port))
+            .collect();
+        let node = &self.nodes[i];
+        let child = Command::new(nats_server_binary()?)
+            .args(["-js", "-a", "127.0.0.1", "-p", &node.port.to_string(), "-m", &node.monitor_port.to_string()])
+            .args(["-n", &format!("n{i}"), "--cluster_name", "sluice"])
+            .args(["-cluster", &format!("nats://127.0.0.1:{}", node.cluster_port), "-routes", &routes.join(",")])
+            .arg("-sd")
+            .arg(node.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        self.nodes[i].child = Some(child);
+        Ok(())
+    }
+
+    /// Every server, comma-separated (what `SLUICE_NATS_URL` takes).
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(|n| format!("nats://127.0.0.1:{}", n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    /// One server's URL.
+    pub fn url_of(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].port)
+    }
+
+    /// The index of server `name` (`n0`, `n1`, …).
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        name.strip_prefix('n')?.parse().ok().filter(|i| *i < self.nodes.len())
+    }
+
+    /// The JetStream meta leader as a live server reports it (`/jsz`).
+    pub fn meta_leader(&self) -> Option<String> {
+        self.nodes.iter().filter(|n| n.child.is_some()).find_map(|n| {
+            let (_, body) = http_get(n.monitor_port, "/jsz").ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v["meta_cluster"]["leader"].as_str().filter(|l| !l.is_empty()).map(str::to_owned)
+        })
+    }
+
+    /// SIGKILLs server `i` (its store stays).
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.nodes[i].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts server `i` again on its ports with its store.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.kill(i);
+        self.spawn(i)?;
+        if !wait_for_port(self.nodes[i].port, Duration::from_secs(10)) {
+            bail!("nats-server n{i} did not come back");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
+
 /// True once something accepts TCP connections on the loopback port.
 pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
