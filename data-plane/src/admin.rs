@@ -281,6 +281,12 @@ fn default_wait_ms() -> u64 {
 /// client read its own write at the edge, and the propagation benchmark time it.
 async fn wait(State(shared): State<Arc<Shared>>, Query(q): Query<WaitQuery>) -> (StatusCode, Json<Value>) {
     let mut rx = shared.applied.subscribe();
+    if q.position > shared.position().0 {
+        // The events in between may all be ones no worker receives: the feed looks now, and
+        // again while the position is not reached.
+        shared.wanted.fetch_max(q.position, Ordering::Relaxed);
+        shared.head_probe.notify_one();
+    }
     let timeout = std::time::Duration::from_millis(q.timeout_ms.min(60_000));
     let reached = tokio::time::timeout(timeout, rx.wait_for(|p| *p >= q.position)).await;
     let position = shared.position().0;

@@ -47,6 +47,12 @@ pub struct Shared {
     /// Kicks applied and not yet acted on (`sessions::recheck_loop` takes them), each with
     /// its log position.
     pub kicks: std::sync::Mutex<Vec<(sluice_events::event::SessionsKicked, Position)>>,
+    /// Asks the event feed to look for the log's head now (a `/wait` for a position past
+    /// ours: the events in between may all be ones no worker receives).
+    pub head_probe: tokio::sync::Notify,
+    /// The highest position a `/wait` asked for: while it is past ours, the feed looks for the
+    /// head every `WANTED_PROBE_EVERY`.
+    pub wanted: AtomicU64,
 }
 
 impl Shared {
@@ -63,6 +69,8 @@ impl Shared {
             digest: AccessDigestMemo::default(),
             tables_changed_at: std::sync::atomic::AtomicI64::new(0),
             kicks: std::sync::Mutex::default(),
+            head_probe: tokio::sync::Notify::new(),
+            wanted: AtomicU64::new(0),
         })
     }
 
@@ -104,11 +112,15 @@ impl Applier {
         Applier { shared, spare: Spare::default() }
     }
 
+    /// Applies events of `SLUICE_EVENTS` as the worker receives them: only those that reach
+    /// workers (`dist::WORKER_SUBJECTS`), in order, so the positions between two of them
+    /// belong to events no worker needs (decisions, the API audit, API keys) and are skipped.
     pub fn apply(&mut self, burst: Vec<RecordedEvent>) -> Result<(), Gap> {
         let mut next = self.spare.take(&self.shared.state.load());
         let mut gap = None;
         let mut applied = Vec::with_capacity(burst.len());
         for e in burst {
+            let _ = next.skip_to(Position(e.position.0.saturating_sub(1)));
             match next.apply(&e) {
                 Ok(()) => applied.push(e),
                 Err(err) => {
@@ -130,6 +142,22 @@ impl Applier {
         self.shared.applied.send_replace(position);
         self.spare.keep(old, applied);
         gap.map_or(Ok(()), Err)
+    }
+}
+
+impl Applier {
+    /// Moves the position to `position` (no event: every one up to it that reaches workers
+    /// has been applied; `follow_once` checks that first).
+    pub fn skip_to(&mut self, position: Position) {
+        let current = self.shared.state.load_full();
+        if position <= current.position() {
+            return;
+        }
+        let mut next = self.spare.take(&current);
+        let _ = next.skip_to(position);
+        let old = self.shared.state.swap(Arc::new(next));
+        self.shared.applied.send_replace(position.0);
+        self.spare.keep(old, Vec::new());
     }
 }
 
@@ -350,19 +378,35 @@ async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Resul
     let consumer = stream
         .create_consumer(OrderedConfig {
             deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+            filter_subjects: dist::WORKER_SUBJECTS.iter().map(|s| (*s).to_owned()).collect(),
             ..Default::default()
         })
         .await
         .map_err(|e| e.to_string())?;
+    let mut probe_every = tokio::time::interval(HEAD_PROBE_EVERY);
+    probe_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     shared.synced.store(true, Ordering::Release);
-    if last < from {
-        // Nothing to catch up on: the state we have is current.
+    if last < from || head_probe(&stream, shared, applier).await {
+        // Nothing to catch up on (or nothing a worker receives): the state we have is current.
         shared.ready.store(true, Ordering::Release);
     }
     tracing::info!(from, stream_last = last, "following the event feed");
     loop {
-        let first = match messages.next().await {
+        let waited_for = shared.wanted.load(Ordering::Relaxed) > shared.position().0;
+        let next = tokio::select! {
+            m = messages.next() => Some(m),
+            () = tokio::time::sleep(WANTED_PROBE_EVERY), if waited_for => None,
+            _ = probe_every.tick() => None,
+            () = shared.head_probe.notified() => None,
+        };
+        let Some(next) = next else {
+            if head_probe(&stream, shared, applier).await {
+                shared.ready.store(true, Ordering::Release);
+            }
+            continue;
+        };
+        let first = match next {
             Some(Ok(m)) => m,
             Some(Err(e)) => return Err(e.to_string()),
             None => return Err("the consumer ended".into()),
@@ -385,6 +429,41 @@ async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Resul
             shared.ready.store(true, Ordering::Release);
         }
     }
+}
+
+/// How often an idle feed looks for the log's head (what `/v1/nodes` shows as the worker's
+/// position between two events it receives).
+const HEAD_PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// How often it looks while a `/wait` waits for a position past ours.
+const WANTED_PROBE_EVERY: Duration = Duration::from_millis(50);
+
+/// Moves the position over the events no worker receives at the end of the log: the stream's
+/// last sequence `L` is read first, then the newest message of each subject a worker receives;
+/// when none is past what was applied, every event up to `L` a worker needs has been applied
+/// (the stream only grows, in order), and the position becomes `L`.
+/// True when the position is the stream's head as read (caught up: the worker is ready).
+async fn head_probe(stream: &jetstream::stream::Stream, shared: &Shared, applier: &mut Applier) -> bool {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let mut info_of = stream.clone();
+    let Ok(info) = info_of.info().await else { return false };
+    let last = info.state.last_sequence;
+    if last <= shared.position().0 {
+        return true;
+    }
+    let mut newest = 0;
+    for subject in dist::WORKER_SUBJECTS {
+        match stream.get_last_raw_message_by_subject(subject).await {
+            Ok(m) => newest = newest.max(m.sequence),
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+            Err(_) => return false,
+        }
+    }
+    if newest > shared.position().0 {
+        return false;
+    }
+    applier.skip_to(Position(last));
+    true
 }
 
 /// Events of a type or schema version this build does not know, skipped (kept as no-ops at

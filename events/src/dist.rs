@@ -13,6 +13,24 @@ use crate::secret::Sha256Digest;
 pub const EVENTS_STREAM: &str = "SLUICE_EVENTS";
 /// Subjects of `EVENTS_STREAM`: `sluice.ev.<category>`.
 pub const EVENTS_SUBJECTS: &str = "sluice.ev.>";
+
+/// The subjects of `SLUICE_EVENTS` a worker consumes: the categories whose events a worker
+/// acts on (they change its tables, or, a kick, its sessions). Decisions (`sluice.ev.decisions`),
+/// the API audit (`.api`) and API keys (`.key`) are the control plane's alone: a worker never
+/// receives them, and moves its position over them (`sync::Applier`).
+pub const WORKER_SUBJECTS: &[&str] = &[
+    "sluice.ev.app",
+    "sluice.ev.stream",
+    "sluice.ev.token",
+    "sluice.ev.subscriber",
+    "sluice.ev.jwks",
+    "sluice.ev.node",
+];
+
+/// Whether a worker receives `event` (its subject is one of `WORKER_SUBJECTS`).
+pub fn reaches_workers(event: &Event) -> bool {
+    WORKER_SUBJECTS.contains(&event_subject(event).as_str())
+}
 /// KV bucket holding the manifest of the newest data-plane snapshot.
 pub const SNAPSHOTS_BUCKET: &str = "sluice-snapshots";
 /// The key of that manifest.

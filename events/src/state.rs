@@ -301,8 +301,15 @@ impl Spare {
             Some(Ok(mut state)) => {
                 for e in &behind {
                     // These events were applied to the published state already, with the
-                    // same outcome; any error was reported then.
+                    // same outcome; any error was reported then. A worker receives only the
+                    // events that reach workers: what lies between was skipped the same way.
+                    if state.data_plane {
+                        let _ = state.skip_to(Position(e.position.0.saturating_sub(1)));
+                    }
                     let _ = state.apply(e);
+                }
+                if state.data_plane {
+                    let _ = state.skip_to(current.position);
                 }
                 state
             }

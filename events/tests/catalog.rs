@@ -146,6 +146,14 @@ fn every_event_type_has_an_example() {
 }
 
 #[test]
+fn workers_receive_every_event_that_changes_their_tables_and_no_decision() {
+    for e in examples() {
+        let acted_on = e.changes_access_tables() || matches!(e, Event::SessionsKicked(_));
+        assert_eq!(sluice_events::dist::reaches_workers(&e), acted_on, "{}", e.event_type());
+    }
+}
+
+#[test]
 fn the_types_that_leave_access_tables_alone_are_listed_for_sql() {
     for e in examples() {
         assert_eq!(!e.changes_access_tables(), Event::NON_TABLE_TYPES.contains(&e.event_type()), "{}", e.event_type());

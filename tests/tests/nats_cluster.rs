@@ -256,6 +256,23 @@ async fn leaders_die_one_at_a_time_and_no_promise_breaks() {
         let durable = spool(&http, *admin).await["durable"].as_u64().unwrap();
         assert_eq!(records.len() as u64, durable, "{node}: {durable} decisions spooled");
     }
+    // The workers received the events that change their tables, never a decision or the API
+    // audit: their consumers filter on `WORKER_SUBJECTS`, and skipped part of the stream.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url_of(0)).await.unwrap());
+    let stream = js.get_stream(sluice_events::dist::EVENTS_STREAM).await.unwrap();
+    let mut consumers = stream.consumers();
+    let mut seen = 0;
+    while let Some(info) = futures::StreamExt::next(&mut consumers).await {
+        let info = info.unwrap();
+        let mut filters = info.config.filter_subjects.clone();
+        filters.sort();
+        let mut wanted: Vec<String> = sluice_events::dist::WORKER_SUBJECTS.iter().map(|s| (*s).to_owned()).collect();
+        wanted.sort();
+        assert_eq!(filters, wanted, "{info:?}");
+        assert!(info.delivered.consumer_sequence < info.delivered.stream_sequence, "{info:?}");
+        seen += 1;
+    }
+    assert!(seen >= 2, "one consumer per worker");
     for mut m in media {
         let _ = m.kill();
         let _ = m.wait();
