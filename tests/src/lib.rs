@@ -208,6 +208,80 @@ impl Postgres {
 }
 
 /// `pg_ctl start` on the cluster in `dir`, waiting until it accepts connections.
+impl Postgres {
+    /// A streaming standby of this cluster (`pg_basebackup -R`, WAL streamed), started on a
+    /// port of its own. It replicates asynchronously unless the primary names it in
+    /// `synchronous_standby_names`.
+    pub fn start_standby(&self) -> anyhow::Result<Postgres> {
+        let dir = tempfile::Builder::new().prefix("sluice-pgs-").tempdir()?;
+        if is_root() {
+            let status = Command::new("chown").args(["postgres:postgres"]).arg(dir.path()).status()?;
+            if !status.success() {
+                bail!("chown postgres {} failed", dir.path().display());
+            }
+        }
+        let data = dir.path().join("data");
+        let out = pg_command("pg_basebackup")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream"])
+            .args(["--no-sync", "-D"])
+            .arg(&data)
+            .output()?;
+        if !out.status.success() {
+            bail!("pg_basebackup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200 -c cluster_name=standby",
+                dir.path().display()
+            );
+            let out = start_server(dir.path(), &opts)?;
+            if out.status.success() {
+                return Ok(Postgres { dir, port, opts, stopped: false });
+            }
+            last_err = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+        }
+        bail!("the standby did not start: {last_err}")
+    }
+
+    /// The postmaster's process id.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        let text = std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid"))?;
+        Ok(text.lines().next().context("empty postmaster.pid")?.trim().parse()?)
+    }
+
+    /// SIGKILLs the postmaster (its children go with it): a crash, nothing flushed.
+    pub fn kill(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid()?;
+        Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
+        // The children notice the postmaster is gone and exit; wait for the data directory's lock.
+        let pidfile = self.dir.path().join("data").join("postmaster.pid");
+        eventually(Duration::from_secs(30), || {
+            // Gone, or a zombie no one has reaped yet.
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map_or(true, |stat| stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+        });
+        let _ = std::fs::remove_file(pidfile);
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// Promotes a standby to primary and waits until it takes writes.
+    pub fn promote(&self) -> anyhow::Result<()> {
+        let status = pg_command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-w", "-t", "30", "promote"])
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            bail!("pg_ctl promote failed");
+        }
+        Ok(())
+    }
+}
+
 fn start_server(dir: &Path, opts: &str) -> std::io::Result<std::process::Output> {
     pg_command("pg_ctl")
         .arg("-D")
