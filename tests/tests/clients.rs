@@ -194,10 +194,6 @@ async fn every_client_in_every_form_with_a_right_and_a_wrong_credential() {
     let policy = json!({"publish": {"methods": ["one_time_token"]}, "play": {"methods": ["hash"]}});
     post(&http, cp, "/v1/apps", json!({"name": "mx", "policy": policy})).await;
     post(&http, cp, "/v1/apps/mx/secrets/hash", json!({"secret": "a-hash-secret-for-clients"})).await;
-    let token = |stream: &'static str| {
-        let http = http.clone();
-        async move { one_time_token(&http, cp, "mx", stream, "publish").await }
-    };
     let hash = |stream: &'static str| {
         let http = http.clone();
         async move {
@@ -210,6 +206,17 @@ async fn every_client_in_every_form_with_a_right_and_a_wrong_credential() {
     let w = media_worker(&plane, "w1", &[("SLUICE_FAILURE_BACKOFF_AFTER", "0")]);
     ready_at_head(&http, &plane.store, w.admin).await;
     let (rtmp, srt) = (format!("rtmp://127.0.0.1:{}", w.rtmp), format!("srt://127.0.0.1:{}", w.srt));
+    // A token reaches the worker through the log: a client handed one at once could be there
+    // first (tens of milliseconds at most, longer on a loaded machine); the tests wait for it.
+    let (store, admin) = (&plane.store, w.admin);
+    let token = |stream: &'static str| {
+        let http = http.clone();
+        async move {
+            let t = one_time_token(&http, cp, "mx", stream, "publish").await;
+            ready_at_head(&http, store, admin).await;
+            t
+        }
+    };
     let long = Duration::from_secs(20);
 
     // ---- Publishing over RTMP ----
@@ -253,7 +260,7 @@ async fn every_client_in_every_form_with_a_right_and_a_wrong_credential() {
         ("slt-pct", |s, t| format!("%23!%3A%3Ar%3Dmx%2F{s}%2Cm%3Dpublish%2Ct%3D{t}")),
     ];
     for (stream, form) in forms {
-        let t = one_time_token(&http, cp, "mx", stream, "publish").await;
+        let t = token(stream).await;
         let (feed, transmit) = srt_live_transmit_publisher(&ts, &format!("{srt}?streamid={}", form(stream, &t)));
         until_live(&http, cp, "mx", stream).await;
         stop(transmit);
