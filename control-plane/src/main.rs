@@ -608,118 +608,14 @@ async fn shutdown() {
     systemd::stopping();
 }
 
-/// The API's TLS (rustls, ring): the certificate and key from PEM files, swapped on SIGHUP for
-/// new handshakes while the connections already open go on.
-mod tls {
-    use axum_server::tls_rustls::RustlsConfig;
-    use std::path::Path;
+#[path = "cli/tls.rs"]
+mod tls;
 
-    pub async fn load(cert: &Path, key: &Path) -> Result<RustlsConfig, String> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        RustlsConfig::from_pem_file(cert, key).await.map_err(|e| {
-            format!("cannot load the API's TLS certificate {} and key {}: {e}", cert.display(), key.display())
-        })
-    }
-}
+#[path = "cli/reload.rs"]
+mod reload;
 
-/// SIGHUP: the settings read again; what can change live does (`config::RELOADABLE`: the log
-/// filter, the API's rate limits, the webhook allow-list, the API's TLS certificate from its
-/// files); changed settings that need a restart are named in one line. A SIGHUP never stops
-/// the control plane (its default action would), and settings that do not read change nothing.
-mod reload {
-    use axum_server::tls_rustls::RustlsConfig;
-    use sluice_control_plane::api::ApiState;
-    use sluice_control_plane::config::{Config, RELOADABLE};
-    use std::path::PathBuf;
-
-    pub struct Reload {
-        pub file: Option<PathBuf>,
-        pub running: Config,
-        pub api: ApiState,
-        pub tls: Option<RustlsConfig>,
-    }
-
-    pub fn sighup(tasks: &sluice_control_plane::task::Tasks, mut reload: Reload) {
-        tasks.spawn("SIGHUP", async move {
-            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
-            while hup.recv().await.is_some() {
-                reload.apply().await;
-            }
-        });
-    }
-
-    impl Reload {
-        async fn apply(&mut self) {
-            let new = match Config::load(self.file.as_deref(), std::env::vars().collect()) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::error!(error = %e, "SIGHUP: the settings do not read; nothing changed");
-                    return;
-                }
-            };
-            let changed = sluice_events::settings::Sources::changed(&self.running.effective, &new.effective);
-            let (live, restart): (Vec<String>, Vec<String>) =
-                changed.into_iter().partition(|k| RELOADABLE.contains(&k.as_str()));
-            super::set_log_filter(&new.log);
-            self.api.limiters.set_rates(new.api.rate_api, new.api.rate_stats, new.api.rate_config);
-            self.api.webhook_allowed.store(std::sync::Arc::new(new.api.webhook_allowed.clone()));
-            if let (Some(tls), Some((cert, key))) = (&self.tls, &new.api_tls) {
-                match tls.reload_from_pem_file(cert, key).await {
-                    Ok(()) => tracing::info!(cert = %cert.display(), "SIGHUP: the API's TLS certificate reloaded"),
-                    Err(e) => tracing::error!(
-                        cert = %cert.display(), error = %e,
-                        "SIGHUP: the API's TLS certificate could not be reloaded; the previous one stays"
-                    ),
-                }
-            }
-            if !restart.is_empty() {
-                tracing::warn!(settings = %restart.join(", "), "SIGHUP: these changed settings need a restart; kept as they were");
-            }
-            tracing::info!(reloaded = %live.join(", "), "SIGHUP: settings reloaded");
-            // What was applied is now the running value; what needs a restart is still the old.
-            for key in &live {
-                match new.effective.get(key) {
-                    Some(v) => self.running.effective.insert(key.clone(), v.clone()),
-                    None => self.running.effective.remove(key),
-                };
-            }
-        }
-    }
-}
-
-/// systemd's notify protocol (`Type=notify` units): `READY=1` once the API serves,
-/// `STOPPING=1` on SIGTERM, `WATCHDOG=1` every half `WatchdogSec` from the runtime (a wedged
-/// runtime stops pinging and systemd restarts it). Without `NOTIFY_SOCKET`, nothing.
-mod systemd {
-    use sd_notify::NotifyState;
-
-    pub fn ready(tasks: &sluice_control_plane::task::Tasks) {
-        let _ = sd_notify::notify(false, &[NotifyState::Ready]);
-        if let Some(usec) = watchdog_usec() {
-            let every = std::time::Duration::from_micros(usec / 2);
-            tasks.spawn("systemd watchdog", async move {
-                loop {
-                    let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
-                    tokio::time::sleep(every).await;
-                }
-            });
-        }
-    }
-
-    /// `WATCHDOG_USEC`, when the watchdog is this process's (`WATCHDOG_PID` unset, as
-    /// libsystemd reads it, or ours).
-    fn watchdog_usec() -> Option<u64> {
-        let usec = std::env::var("WATCHDOG_USEC").ok()?.parse::<u64>().ok().filter(|u| *u > 0)?;
-        match std::env::var("WATCHDOG_PID") {
-            Ok(pid) if pid.parse::<u32>().ok() != Some(std::process::id()) => None,
-            _ => Some(usec),
-        }
-    }
-
-    pub fn stopping() {
-        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
-    }
-}
+#[path = "cli/systemd.rs"]
+mod systemd;
 
 #[cfg(test)]
 mod tests {
@@ -749,40 +645,5 @@ mod tests {
     }
 }
 
-/// Progress of a long walk over the log, on stderr when it is a terminal (events per second,
-/// position, ETA, redrawn at most once a second); silent in scripts and logs.
-mod progress {
-    use std::io::{IsTerminal as _, Write as _};
-    use std::time::Instant;
-
-    /// `sluice_events::progress::Meter` on stderr when it is a terminal.
-    pub struct Meter {
-        meter: sluice_events::progress::Meter,
-        epoch: Instant,
-        tty: bool,
-    }
-
-    impl Meter {
-        pub fn new(what: &'static str, from: u64, to: u64) -> Meter {
-            let meter = sluice_events::progress::Meter::new(what, from, to, 0.0);
-            Meter { meter, epoch: Instant::now(), tty: std::io::stderr().is_terminal() }
-        }
-
-        pub fn at(&mut self, position: u64) {
-            if self.tty
-                && let Some(line) = self.meter.at(position, self.epoch.elapsed().as_secs_f64())
-            {
-                let _ = write!(std::io::stderr(), "\r{line}   ");
-            }
-        }
-
-        /// The final line at `position`, ended with a newline (when one was shown).
-        pub fn done(&mut self, position: u64) {
-            if self.tty
-                && let Some(line) = self.meter.last(position, self.epoch.elapsed().as_secs_f64())
-            {
-                let _ = writeln!(std::io::stderr(), "\r{line}   ");
-            }
-        }
-    }
-}
+#[path = "cli/progress.rs"]
+mod progress;
