@@ -317,8 +317,13 @@ impl Config {
                 .map(str::to_owned)
                 .ok_or_else(|| s.missing("database_url", "a postgres:// URL"))?,
         };
-        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-            return Err(s.invalid("database_url", "a postgres:// URL"));
+        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://"))
+            || crate::pg::Servers::parse(&database_url).is_err()
+        {
+            return Err(s.invalid(
+                "database_url",
+                "a postgres:// URL (hosts as h1:port,h2:port; target_session_attrs read-write, primary or any)",
+            ));
         }
         let sealing_key = s.sealing_key(|path| std::fs::read_to_string(path).ok())?;
         let bootstrap_admin_key: Option<String> = s.optional("bootstrap_admin_key", "an API key secret")?;
@@ -456,6 +461,16 @@ mod tests {
         assert_eq!(c.sls_app.as_str(), "live");
         let err = Config::load(None, env(&[])).unwrap_err().to_string();
         assert!(err.starts_with("missing setting SLUICE_DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn database_url_takes_a_host_list_and_refuses_what_it_cannot_follow() {
+        let list = "postgres://x:pw@a:5432,b:5433/db?target_session_attrs=read-write";
+        assert_eq!(Config::load(None, env(&[("SLUICE_DATABASE_URL", list)])).unwrap().database_url, list);
+        let bad = "postgres://x:pw@a,b/db?target_session_attrs=standby";
+        let err = Config::load(None, env(&[("SLUICE_DATABASE_URL", bad)])).unwrap_err().to_string();
+        assert!(err.contains("SLUICE_DATABASE_URL") && err.contains("target_session_attrs"), "{err}");
+        assert!(!err.contains("pw"), "{err}");
     }
 
     #[test]

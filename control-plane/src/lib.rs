@@ -15,6 +15,7 @@ pub mod jwks;
 pub mod metrics;
 pub mod nodes;
 pub mod outbound;
+pub mod pg;
 pub mod projection;
 pub mod relay;
 pub mod store;
@@ -22,12 +23,4 @@ pub mod task;
 
 pub use store::{Appended, EventStore, ExpectedVersion, StoreError, VerifyError, VerifyReport};
 
-/// Connects a pool (short acquire timeout, so an unreachable Postgres is a clear error fast).
-pub async fn connect(database_url: &str) -> Result<sqlx::PgPool, StoreError> {
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(16)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(database_url)
-        .await
-        .map_err(StoreError::from)
-}
+pub use pg::connect;

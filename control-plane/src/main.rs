@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use sluice_control_plane::bootstrap::{self, Bootstrap};
 use sluice_control_plane::client;
 use sluice_control_plane::config::Config;
-use sluice_control_plane::{EventStore, anchor, connect, store};
+use sluice_control_plane::{EventStore, anchor, store};
 use sluice_events::{AuthState, Position};
 
 #[derive(Parser, Debug)]
@@ -259,7 +259,8 @@ async fn run(
     config_file: Option<PathBuf>,
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     sluice_control_plane::relay::set_nats_auth(config.nats_auth.clone());
-    let pool = connect(&config.database_url).await?;
+    let served = sluice_control_plane::pg::Served::default();
+    let pool = sluice_control_plane::pg::connect_serving(&config.database_url, served.clone()).await?;
     match command {
         Cmd::ReseedNats { after_restore } => {
             let client = sluice_control_plane::relay::connect(&config.nats_url).await?;
@@ -399,7 +400,7 @@ async fn run(
                 println!("read models rebuilt: {rows} decisions");
             }
         }
-        Cmd::Serve => serve(pool, config, config_file).await?,
+        Cmd::Serve => serve(pool, served, config, config_file).await?,
         Cmd::CheckConfig
         | Cmd::Completions { .. }
         | Cmd::Schema
@@ -417,6 +418,7 @@ async fn run(
 
 async fn serve(
     pool: sqlx::PgPool,
+    served: sluice_control_plane::pg::Served,
     config: Config,
     config_file: Option<PathBuf>,
 ) -> Result<(), Box<dyn std::error::Error>> {
@@ -448,6 +450,8 @@ async fn serve(
     }
     let (app, api) = sluice_control_plane::api::build(&config, store).await?;
     tracing::info!(position = %api.writer.projection().position(), "projection caught up (hash chain checked)");
+    let projection = api.writer.projection().clone();
+    served.set(move || projection.head().map_or((0, [0; 32]), |(position, hash)| (position.0, hash.0)));
     // The chain holds from genesis (the projection checked it); it must also agree with the
     // newest anchors reachable, or a rewritten or truncated log would be served.
     let anchors = reachable_anchors(&config).await?;

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use sluice_events::secret::Sha256Digest;
 use sluice_events::state::Spare;
 use sluice_events::{AuthState, Event, KeyId, Keyring, Position, RecordedEvent, Timestamp};
 use tokio::sync::watch;
@@ -20,6 +21,8 @@ struct Side {
     /// Log stream → (version, position) of its last event.
     versions: HashMap<String, (u64, Position)>,
     last_used: HashMap<KeyId, Timestamp>,
+    /// Position and chain hash of the last event applied: what this process has served.
+    head: Option<(Position, Sha256Digest)>,
 }
 
 /// Shared, always-current state. One task applies; readers clone an `Arc`.
@@ -102,6 +105,11 @@ impl Projection {
         self.state.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Position and chain hash of the last event applied (none before any).
+    pub fn head(&self) -> Option<(Position, Sha256Digest)> {
+        self.side.lock().unwrap_or_else(|p| p.into_inner()).head
+    }
+
     pub fn position(&self) -> Position {
         *self.applied.borrow()
     }
@@ -140,6 +148,7 @@ impl Projection {
 
 impl Side {
     fn note(&mut self, e: &RecordedEvent) {
+        self.head = Some((e.position, e.hash));
         match self.versions.get_mut(e.stream.as_str()) {
             Some(v) if v.0 >= e.version => {}
             Some(v) => *v = (e.version, e.position),

@@ -223,7 +223,7 @@ impl Postgres {
         let data = dir.path().join("data");
         let out = pg_command("pg_basebackup")
             .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "postgres", "-R", "-X", "stream"])
-            .args(["--no-sync", "-D"])
+            .args(["--no-sync", "--checkpoint=fast", "-D"])
             .arg(&data)
             .output()?;
         if !out.status.success() {

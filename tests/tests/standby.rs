@@ -1,9 +1,10 @@
-//! Postgres with a streaming standby (issue #19, part): under a write load through the API the
-//! primary is SIGKILLed and the standby promoted; a control plane started on it (the operator's
-//! move, or a load balancer's) serves on. With synchronous replication no acknowledged write is
-//! lost. With asynchronous replication the writes the standby never received are lost, and the
-//! relay sees that `SLUICE_EVENTS` holds a history the log no longer has: it stops relaying and
-//! says so rather than publish a different one.
+//! Postgres with a streaming standby (issue #19): under a write load through the API the primary
+//! is SIGKILLed and the standby promoted; the control plane, given both servers in one multi-host
+//! URL, follows the promotion and serves on without a restart. With synchronous replication no
+//! acknowledged write is lost. With asynchronous replication the writes the standby never
+//! received are lost: the running control plane refuses to move to a primary that lacks what it
+//! served, and a control plane started on it refuses the log (anchors) or stops its relay
+//! (`SLUICE_EVENTS` ahead) rather than publish a different history.
 #![allow(clippy::unwrap_used)]
 
 use std::sync::{Arc, Mutex};
@@ -73,7 +74,15 @@ async fn with_synchronous_replication_a_promotion_loses_no_acknowledged_write() 
     let nats = sluice_tests::Nats::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cp = sluice_tests::free_port();
-    let control = control_with(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp1.log"), &[]);
+    // One URL naming both servers, as libpq takes it: the control plane writes to whichever
+    // is the primary and follows a promotion without a restart.
+    let both = format!(
+        "postgres://postgres@{},{}/ha?target_session_attrs=read-write",
+        authority(&url),
+        authority(&standby.url_for("ha"))
+    );
+    let log = dir.path().join("cp1.log");
+    let _control = control_with(&both, &nats.url(), cp, "cp-1", &log, &[]);
     let http = reqwest::Client::new();
     post(&http, cp, "/v1/apps", json!({"name": "ha"})).await;
 
@@ -82,27 +91,18 @@ async fn with_synchronous_replication_a_promotion_loses_no_acknowledged_write() 
     tokio::time::sleep(Duration::from_secs(3)).await;
     primary.kill().unwrap();
     let killed = Instant::now();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let acknowledged = load.await.unwrap();
-    drop(control);
-    assert!(acknowledged.len() > 20, "{} writes acknowledged", acknowledged.len());
-
     standby.promote().unwrap();
     // The promoted standby inherited `synchronous_standby_names` from the primary's settings:
     // with no standby of its own, every commit would wait for ever. A real failover promotes
     // with a second standby attached, or resets it (docs/operations.md).
     sql(&standby.url(), "ALTER SYSTEM RESET synchronous_standby_names").await;
     sql(&standby.url(), "SELECT pg_reload_conf()").await;
-    let cp2 = sluice_tests::free_port();
-    let new_url = standby.url_for("ha");
-    let log2 = dir.path().join("cp2.log");
-    let _control2 = control_with(&new_url, &nats.url(), cp2, "cp-2", &log2, &[]);
     let first: Arc<Mutex<Option<Duration>>> = Arc::default();
-    until("writes succeed on the promoted standby", || {
+    until("writes succeed again through the same control plane", || {
         let (http, first) = (http.clone(), first.clone());
         async move {
             let r = http
-                .post(format!("http://127.0.0.1:{cp2}/v1/apps/ha/streams"))
+                .post(format!("http://127.0.0.1:{cp}/v1/apps/ha/streams"))
                 .bearer_auth(ADMIN)
                 .json(&json!({"name": "after"}))
                 .send()
@@ -115,15 +115,27 @@ async fn with_synchronous_replication_a_promotion_loses_no_acknowledged_write() 
         }
     })
     .await;
-    let present = streams_on(cp2).await;
+    // The load goes on a little on the new primary, then stops.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acknowledged = load.await.unwrap();
+    assert!(acknowledged.len() > 20, "{} writes acknowledged", acknowledged.len());
+    assert!(read(&log).contains("the Postgres primary moved"), "{}", read(&log));
+    let present = streams_on(cp).await;
     let lost: Vec<&String> = acknowledged.iter().filter(|n| !present.contains(n)).collect();
     assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
     println!(
         "synchronous standby: {} writes acknowledged, 0 lost; writes again {:?} after the primary was killed \
-         (promotion and a control plane started on the standby)",
+         (promotion, and the running control plane following it)",
         acknowledged.len(),
         first.lock().unwrap().unwrap()
     );
+}
+
+/// `host:port` of a single-host URL.
+fn authority(url: &str) -> &str {
+    let rest = url.split_once('@').unwrap().1;
+    &rest[..rest.find('/').unwrap()]
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +146,13 @@ async fn with_asynchronous_replication_lost_writes_stop_the_relay_instead_of_a_n
     let nats = sluice_tests::Nats::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cp = sluice_tests::free_port();
-    let control = control_with(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp1.log"), &[]);
+    let both = format!(
+        "postgres://postgres@{},{}/ha?target_session_attrs=read-write",
+        authority(&url),
+        authority(&standby.url_for("ha"))
+    );
+    let log1 = dir.path().join("cp1.log");
+    let control = control_with(&both, &nats.url(), cp, "cp-1", &log1, &[]);
     let http = reqwest::Client::new();
     post(&http, cp, "/v1/apps", json!({"name": "ha"})).await;
     // The standby has everything so far; then it stops receiving (its WAL receiver frozen), as
@@ -174,10 +192,15 @@ async fn with_asynchronous_replication_lost_writes_stop_the_relay_instead_of_a_n
     })
     .await;
     primary.kill().unwrap();
-    drop(control);
     // What the frozen receiver has in its socket buffers it never reads: it dies unread.
     let _ = std::process::Command::new("kill").args(["-KILL", &receiver.to_string()]).status();
     standby.promote().unwrap();
+    // The running control plane, following the primary, sees the promoted standby lacks the
+    // last event it served and does not write to it.
+    let refused = sluice_tests::eventually(WAIT, || read(&log1).contains("lacks what this control plane served"));
+    assert!(refused, "the running control plane moved to a standby that lost writes: {}", read(&log1));
+    assert!(!read(&log1).contains("the Postgres primary moved"), "{}", read(&log1));
+    drop(control);
 
     // The log lost its tail; the anchors and the stream still have it. The control plane refuses
     // to serve a log shorter than a signed anchor, or, when no anchor covered the lost writes
