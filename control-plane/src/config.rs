@@ -41,6 +41,8 @@ const KNOWN: &[&str] = &[
     "snapshot_every_events",
     "checkpoint_every_events",
     "snapshot_every_secs",
+    "events_max_age_secs",
+    "events_audit_ttl_secs",
     "node_stale_secs",
     "ready_max_lag_ms",
     "anchor_file",
@@ -240,6 +242,8 @@ impl ApiSettings {
     }
 }
 
+const MAX_AGE: &str = "seconds, 0 (for ever) or at least three snapshot intervals (snapshot_every_secs)";
+
 #[derive(Clone)]
 pub struct Config {
     pub database_url: String,
@@ -257,6 +261,13 @@ pub struct Config {
     /// (explain rebuilds from the nearest one).
     pub checkpoint_every_events: u64,
     pub snapshot_every_secs: u64,
+    /// `SLUICE_EVENTS` keeps a message this long (0: for ever). Workers that fall behind the
+    /// retained range catch up from the newest snapshot, so it is at least three snapshot
+    /// intervals.
+    pub events_max_age_secs: u64,
+    /// The messages no worker receives (decisions, the API audit, API keys) expire from
+    /// `SLUICE_EVENTS` after this long (0: kept as long as the rest). The log keeps them.
+    pub events_audit_ttl_secs: u64,
     /// Where signed anchors of the log's head are appended (besides NATS KV `sluice-anchors`).
     pub anchor_file: Option<std::path::PathBuf>,
     /// How often the head is anchored (when it moved).
@@ -294,6 +305,8 @@ impl std::fmt::Debug for Config {
             .field("snapshot_every_events", &self.snapshot_every_events)
             .field("checkpoint_every_events", &self.checkpoint_every_events)
             .field("snapshot_every_secs", &self.snapshot_every_secs)
+            .field("events_max_age_secs", &self.events_max_age_secs)
+            .field("events_audit_ttl_secs", &self.events_audit_ttl_secs)
             .field("anchor_file", &self.anchor_file)
             .field("anchor_every_secs", &self.anchor_every_secs)
             .field("jwks_refresh_secs", &self.jwks_refresh_secs)
@@ -325,6 +338,11 @@ impl Config {
                 "a postgres:// URL (hosts as h1:port,h2:port; target_session_attrs read-write, primary or any)",
             ));
         }
+        let snapshot_every_secs: u64 = s.or("snapshot_every_secs", 60, "seconds")?;
+        let events_max_age_secs: u64 = s.or("events_max_age_secs", 30 * 86_400, MAX_AGE)?;
+        if events_max_age_secs != 0 && events_max_age_secs < 3 * snapshot_every_secs.max(1) {
+            return Err(s.invalid("events_max_age_secs", MAX_AGE));
+        }
         let sealing_key = s.sealing_key(|path| std::fs::read_to_string(path).ok())?;
         let bootstrap_admin_key: Option<String> = s.optional("bootstrap_admin_key", "an API key secret")?;
         if bootstrap_admin_key
@@ -353,7 +371,9 @@ impl Config {
             relay: s.or("relay", true, "true or false")?,
             snapshot_every_events: s.or("snapshot_every_events", 10_000, "a number of events")?,
             checkpoint_every_events: s.or("checkpoint_every_events", 10_000, "a number of events")?,
-            snapshot_every_secs: s.or("snapshot_every_secs", 60, "seconds")?,
+            snapshot_every_secs,
+            events_max_age_secs,
+            events_audit_ttl_secs: s.or("events_audit_ttl_secs", 86_400, "seconds (0: no expiry)")?,
             anchor_file: s.optional("anchor_file", "a file path")?,
             anchor_every_secs: s.or("anchor_every_secs", 10, "seconds")?.max(1),
             jwks_refresh_secs: s.or("jwks_refresh_secs", 300, "seconds")?.max(1),
@@ -471,6 +491,22 @@ mod tests {
         let err = Config::load(None, env(&[("SLUICE_DATABASE_URL", bad)])).unwrap_err().to_string();
         assert!(err.contains("SLUICE_DATABASE_URL") && err.contains("target_session_attrs"), "{err}");
         assert!(!err.contains("pw"), "{err}");
+    }
+
+    #[test]
+    fn events_retention_keeps_at_least_three_snapshots() {
+        let base = [("SLUICE_DATABASE_URL", "postgres://x@h/db")];
+        let c = Config::load(None, env(&base)).unwrap();
+        assert_eq!((c.events_max_age_secs, c.events_audit_ttl_secs), (30 * 86_400, 86_400));
+        let mut e = env(&base);
+        e.insert("SLUICE_SNAPSHOT_EVERY_SECS".into(), "10".into());
+        e.insert("SLUICE_EVENTS_MAX_AGE_SECS".into(), "29".into());
+        let err = Config::load(None, e.clone()).unwrap_err().to_string();
+        assert!(err.contains("SLUICE_EVENTS_MAX_AGE_SECS") && err.contains("three snapshot"), "{err}");
+        e.insert("SLUICE_EVENTS_MAX_AGE_SECS".into(), "30".into());
+        assert_eq!(Config::load(None, e.clone()).unwrap().events_max_age_secs, 30);
+        e.insert("SLUICE_EVENTS_MAX_AGE_SECS".into(), "0".into());
+        assert_eq!(Config::load(None, e).unwrap().events_max_age_secs, 0);
     }
 
     #[test]

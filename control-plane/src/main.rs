@@ -491,6 +491,11 @@ async fn serve(
                 nats_url: config.nats_url.clone(),
                 snapshot_every_events: config.snapshot_every_events.max(1),
                 snapshot_every: std::time::Duration::from_secs(config.snapshot_every_secs.max(1)),
+                retention: sluice_control_plane::relay::Retention {
+                    max_age: std::time::Duration::from_secs(config.events_max_age_secs),
+                    audit_ttl: (config.events_audit_ttl_secs > 0)
+                        .then(|| std::time::Duration::from_secs(config.events_audit_ttl_secs)),
+                },
             },
             api.relay_health.clone(),
         );

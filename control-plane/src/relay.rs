@@ -36,6 +36,16 @@ pub struct RelaySettings {
     pub nats_url: String,
     pub snapshot_every_events: u64,
     pub snapshot_every: Duration,
+    pub retention: Retention,
+}
+
+/// How long `SLUICE_EVENTS` keeps its messages (docs/operations.md, "A bounded SLUICE_EVENTS").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// The stream's `max_age` (zero: for ever). Snapshots make it safe for workers.
+    pub max_age: Duration,
+    /// A per-message TTL on the events no worker receives (none: kept as long as the rest).
+    pub audit_ttl: Option<Duration>,
 }
 
 /// What the relay is doing, for `/ready` and the tests.
@@ -185,20 +195,73 @@ pub async fn nats_options(
     Ok(options)
 }
 
-pub async fn ensure_events_stream(js: &jetstream::Context) -> Result<jetstream::stream::Stream, String> {
-    let stream = js
+/// Creates `SLUICE_EVENTS`, or brings an existing one to `retention` (its `max_age`, and
+/// per-message TTLs allowed when the audit expires); its replicas are checked, not changed.
+pub async fn ensure_events_stream(
+    js: &jetstream::Context,
+    retention: Retention,
+) -> Result<jetstream::stream::Stream, String> {
+    let mut stream = js
         .get_or_create_stream(jetstream::stream::Config {
             name: dist::EVENTS_STREAM.into(),
             subjects: vec![dist::EVENTS_SUBJECTS.into()],
             storage: jetstream::stream::StorageType::File,
-            duplicate_window: Duration::from_secs(120),
+            duplicate_window: duplicate_window(retention),
             num_replicas: replicas(),
+            max_age: retention.max_age,
+            allow_message_ttl: retention.audit_ttl.is_some(),
             ..Default::default()
         })
         .await
         .map_err(|e| e.to_string())?;
     check_replicas(js, dist::EVENTS_STREAM).await?;
+    let mut config = stream.info().await.map_err(|e| e.to_string())?.config.clone();
+    // A TTL once allowed stays allowed (JetStream cannot take it back); unused, it costs nothing.
+    let allow_ttl = config.allow_message_ttl || retention.audit_ttl.is_some();
+    if config.max_age != retention.max_age
+        || config.allow_message_ttl != allow_ttl
+        || config.duplicate_window > duplicate_window(retention)
+    {
+        tracing::info!(
+            max_age_secs = retention.max_age.as_secs(),
+            audit_ttl_secs = retention.audit_ttl.map(|t| t.as_secs()),
+            "relay: {} retention updated",
+            dist::EVENTS_STREAM
+        );
+        (config.max_age, config.allow_message_ttl) = (retention.max_age, allow_ttl);
+        config.duplicate_window = duplicate_window(retention);
+        js.update_stream(&config).await.map_err(|e| format!("{}: {e}", dist::EVENTS_STREAM))?;
+    }
     Ok(stream)
+}
+
+/// JetStream's window for `Nats-Msg-Id` deduplication: two minutes, or the `max_age` when it
+/// is shorter (the server refuses a window longer than the stream keeps anything).
+fn duplicate_window(retention: Retention) -> Duration {
+    match retention.max_age.is_zero() {
+        true => Duration::from_secs(120),
+        false => retention.max_age.min(Duration::from_secs(120)),
+    }
+}
+
+/// The newest message still in the stream at or below its last sequence: the last one, or,
+/// when that one expired (a TTL), the newest left. None when the stream holds nothing.
+async fn newest_message(
+    stream: &jetstream::stream::Stream,
+    last: u64,
+) -> Result<Option<async_nats::jetstream::message::StreamMessage>, String> {
+    match stream.get_raw_message(last).await {
+        Ok(m) => return Ok(Some(m)),
+        Err(e) if e.kind() != async_nats::jetstream::stream::RawMessageErrorKind::NoMessageFound => {
+            return Err(e.to_string());
+        }
+        Err(_) => {}
+    }
+    match stream.get_last_raw_message_by_subject(dist::EVENTS_SUBJECTS).await {
+        Ok(m) => Ok(Some(m)),
+        Err(e) if e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 async fn relay(
@@ -210,8 +273,9 @@ async fn relay(
     health: &RelayHealth,
 ) -> Result<(), RelayError> {
     let js = jetstream::new(connect(&settings.nats_url).await.map_err(nats)?);
-    let stream = ensure_events_stream(&js).await.map_err(RelayError::Nats)?;
-    let mut last = stream.get_info().await.map_err(nats)?.state.last_sequence;
+    let stream = ensure_events_stream(&js, settings.retention).await.map_err(RelayError::Nats)?;
+    let stream_state = stream.get_info().await.map_err(nats)?.state;
+    let mut last = stream_state.last_sequence;
     let head = store.head().await.map_err(|e| RelayError::Store(e.to_string()))?.0;
     if last > head {
         return Err(RelayError::Ahead { stream: last, log: head });
@@ -219,25 +283,34 @@ async fn relay(
     // Positions are not enough: the stream's last message must be the log's row at that
     // position (same hash), or the log was rewritten under the stream and what lies between
     // would never reach the workers.
+    // With retention the last message may have expired: the newest one left is compared.
     if last > 0 {
-        match stream.get_raw_message(last).await {
-            Ok(message) => match dist::decode_event(&message.payload) {
+        match newest_message(&stream, last).await {
+            Ok(Some(message)) => match dist::decode_event(&message.payload) {
                 Ok(relayed) => {
-                    let ours = store.hash_at(Position(last)).await.map_err(|e| RelayError::Store(e.to_string()))?;
+                    let at = relayed.position;
+                    let ours = store.hash_at(at).await.map_err(|e| RelayError::Store(e.to_string()))?;
                     if ours != Some(relayed.hash) {
-                        tracing::error!(position = last, "relay: SLUICE_EVENTS and the log disagree; not relaying");
-                        return Err(RelayError::Diverged { position: last });
+                        tracing::error!(position = at.0, "relay: SLUICE_EVENTS and the log disagree; not relaying");
+                        return Err(RelayError::Diverged { position: at.0 });
                     }
                 }
                 Err(e) => tracing::warn!(position = last, error = %e, "relay: cannot read the stream's last message"),
             },
+            Ok(None) => tracing::info!(position = last, "relay: every message of the stream has expired"),
             Err(e) => tracing::warn!(position = last, error = %e, "relay: cannot fetch the stream's last message"),
         }
     }
     health.diverged_at.store(0, std::sync::atomic::Ordering::Relaxed);
     let snapshots = Snapshots::open(&js).await?;
     let mut snap_at = snapshots.latest_position().await;
-    let mut snap_time = Instant::now();
+    // A worker that fell behind a bounded stream needs a snapshot at least as new as the
+    // stream's first message; when the newest is older (no relay ran for a while), one is
+    // taken at once rather than a snapshot interval later.
+    let mut snap_time = match stream_state.first_sequence > snap_at.0 + 1 {
+        false => Instant::now(),
+        true => Instant::now().checked_sub(settings.snapshot_every).unwrap_or_else(Instant::now),
+    };
     status.send_modify(|s| {
         s.leader = true;
         s.relayed = Position(last);
@@ -263,7 +336,7 @@ async fn relay(
             }
         }
         if !batch.is_empty() {
-            last = publish(&js, &batch, last).await?;
+            last = publish(&js, &batch, last, settings.retention.audit_ttl).await?;
             status.send_modify(|s| s.relayed = Position(last));
         }
         let due = Position(last).0.saturating_sub(snap_at.0) >= settings.snapshot_every_events
@@ -286,17 +359,27 @@ async fn relay(
 
 /// Publishes a batch in order with up to `PIPELINE` acknowledgements outstanding; returns the
 /// new last sequence. Events at or below `last` (already in the stream) are skipped.
-async fn publish(js: &jetstream::Context, batch: &[RecordedEvent], mut last: u64) -> Result<u64, RelayError> {
+async fn publish(
+    js: &jetstream::Context,
+    batch: &[RecordedEvent],
+    mut last: u64,
+    audit_ttl: Option<Duration>,
+) -> Result<u64, RelayError> {
     for chunk in batch.chunks(PIPELINE) {
         let mut acks = Vec::with_capacity(chunk.len());
         for e in chunk {
             if e.position.0 <= last {
                 continue;
             }
-            let msg = PublishMessage::build()
+            let mut msg = PublishMessage::build()
                 .payload(dist::encode_event(e).into())
                 .message_id(e.event_id.to_string())
                 .expected_last_sequence(e.position.0 - 1);
+            if let Some(ttl) = audit_ttl
+                && !dist::reaches_workers(&e.event)
+            {
+                msg = msg.ttl(ttl);
+            }
             let ack = js.send_publish(dist::event_subject(&e.event), msg).await.map_err(nats)?;
             acks.push((e.position.0, e.recorded_at, ack));
         }

@@ -201,6 +201,11 @@ async fn metrics(State(d): State<Arc<Decider>>) -> ([(axum::http::HeaderName, &'
             counter(crate::sync::SKIPPED_EVENTS.load(Ordering::Relaxed)),
         )
         .counters(
+            "sluice_snapshot_catch_ups",
+            "Times the event feed caught up from the newest snapshot because events it needed had aged out of SLUICE_EVENTS.",
+            counter(crate::sync::SNAPSHOT_CATCH_UPS.load(Ordering::Relaxed)),
+        )
+        .counters(
             "sluice_srt_refused_datagrams",
             "SRT datagrams the listener refused (unparseable, or failing their session); logged at most once per 10 s.",
             counter(srt_protocol::listener::REFUSED_DATAGRAMS.load(Ordering::Relaxed)),

@@ -302,7 +302,7 @@ async fn run(config: Config, reload: Reload) -> Result<(), String> {
     }
     tracing::info!(node = %config.node_id, source, position = shared.position().0, "state booted");
     let tasks = task::Tasks::new();
-    sync::follow(&tasks, shared.clone(), config.nats_url.clone());
+    sync::follow(&tasks, shared.clone(), config.nats_url.clone(), keyring.clone());
     tasks.spawn(
         "local snapshot",
         sync::snapshot_loop(

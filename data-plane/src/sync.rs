@@ -146,6 +146,17 @@ impl Applier {
 }
 
 impl Applier {
+    /// Replaces the state with a snapshot's (newer than ours): what a worker does when the
+    /// events it needs have aged out of `SLUICE_EVENTS`. Sessions are checked against it as
+    /// after any change of the tables.
+    pub fn replace(&mut self, state: AuthState) {
+        let position = state.position().0;
+        self.shared.tables_changed_at.store(crate::clock::now().0, Ordering::Relaxed);
+        self.shared.state.store(Arc::new(state));
+        self.shared.applied.send_replace(position);
+        self.spare = Spare::default();
+    }
+
     /// Moves the position to `position` (no event: every one up to it that reaches workers
     /// has been applied; `follow_once` checks that first).
     pub fn skip_to(&mut self, position: Position) {
@@ -308,26 +319,50 @@ pub async fn rebuild_from_log(
 ) -> Result<AuthState, String> {
     let js = jetstream::new(connect(url).await?);
     let stream = js.get_stream(dist::EVENTS_STREAM).await.map_err(|e| format!("{}: {e}", dist::EVENTS_STREAM))?;
-    let last = stream.get_info().await.map_err(|e| e.to_string())?.state.last_sequence;
+    let info = stream.get_info().await.map_err(|e| e.to_string())?;
+    let last = info.state.last_sequence;
     let target = to.map_or(last, |t| t.min(last));
     let mut state = AuthState::for_data_plane(Some(keyring));
     if target == 0 {
         return Ok(state);
     }
-    let consumer = stream
-        .create_consumer(OrderedConfig { deliver_policy: DeliverPolicy::All, ..Default::default() })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
-    while state.position().0 < target {
-        let m = match messages.next().await {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(e.to_string()),
-            None => return Err("the consumer ended".into()),
-        };
-        state.apply(&decode(&m)?).map_err(|e| e.to_string())?;
-        progress(state.position().0, target);
+    if let Some(first) = aged_out(&info, Position::ZERO) {
+        return Err(format!(
+            "{} no longer holds events 1..{} (its max_age): rebuild --from-snapshot instead",
+            dist::EVENTS_STREAM,
+            first - 1
+        ));
     }
+    // Only what a worker receives: the rest (decisions, the audit; they may have expired) is
+    // stepped over, as the feed does.
+    let stop_at = newest_for_workers(&stream).await?.min(target);
+    if stop_at > 0 {
+        let consumer = stream
+            .create_consumer(OrderedConfig {
+                deliver_policy: DeliverPolicy::All,
+                filter_subjects: dist::WORKER_SUBJECTS.iter().map(|s| (*s).to_owned()).collect(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
+        while state.position().0 < stop_at {
+            let m = match messages.next().await {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(e.to_string()),
+                None => return Err("the consumer ended".into()),
+            };
+            let e = decode(&m)?;
+            if e.position.0 > target {
+                break;
+            }
+            let _ = state.skip_to(Position(e.position.0.saturating_sub(1)));
+            state.apply(&e).map_err(|e| e.to_string())?;
+            progress(state.position().0, target);
+        }
+    }
+    let _ = state.skip_to(Position(target));
+    progress(target, target);
     Ok(state)
 }
 
@@ -357,23 +392,43 @@ pub async fn rebuild_from_snapshot(
 
 /// Follows `SLUICE_EVENTS` from the state's next position as a supervised task, reconnecting
 /// after every interruption (meanwhile the worker decides from memory), until shutdown.
-pub fn follow(tasks: &Tasks, shared: Arc<Shared>, nats_url: String) {
+pub fn follow(tasks: &Tasks, shared: Arc<Shared>, nats_url: String, keyring: Arc<Keyring>) {
     let applier = Arc::new(tokio::sync::Mutex::new(Applier::new(shared.clone())));
     tasks.supervise("event feed", Backoff::new(Duration::from_millis(100), Duration::from_secs(2)), move || {
-        let (shared, applier, nats_url) = (shared.clone(), applier.clone(), nats_url.clone());
+        let (shared, applier, nats_url, keyring) = (shared.clone(), applier.clone(), nats_url.clone(), keyring.clone());
         async move {
-            let result = follow_once(&shared, &mut *applier.lock().await, &nats_url).await;
+            let result = follow_once(&shared, &mut *applier.lock().await, &nats_url, keyring).await;
             shared.synced.store(false, Ordering::Release);
             result.map_err(|e| format!("interrupted at position {}; deciding from memory: {e}", shared.position().0))
         }
     });
 }
 
-async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Result<(), String> {
-    let client = connect(url).await?;
+async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str, keyring: Arc<Keyring>) -> Result<(), String> {
+    // An ordered consumer resumes by itself after a reconnection, from the sequence after the
+    // last one it delivered; with a bounded stream that one may be gone, and the consumer
+    // would go on from the first one left, over a gap nobody sees. So with a `max_age` a
+    // disconnection ends this feed: the next one checks the retained range first.
+    let disconnects = Arc::new(AtomicU64::new(0));
+    let counted = disconnects.clone();
+    let options =
+        async_nats::ConnectOptions::new().connection_timeout(Duration::from_secs(2)).event_callback(move |event| {
+            let counted = counted.clone();
+            async move {
+                if matches!(event, async_nats::Event::Disconnected) {
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+    let client = connect_with(options, url).await?;
     let js = jetstream::new(client);
     let stream = js.get_stream(dist::EVENTS_STREAM).await.map_err(|e| format!("{}: {e}", dist::EVENTS_STREAM))?;
-    let last = stream.get_info().await.map_err(|e| e.to_string())?.state.last_sequence;
+    let info = stream.get_info().await.map_err(|e| e.to_string())?;
+    let bounded = !info.config.max_age.is_zero();
+    let last = info.state.last_sequence;
+    if let Some(first) = aged_out(&info, shared.position()) {
+        catch_up_from_snapshot(&js, applier, shared.position(), first, keyring).await?;
+    }
     let from = shared.position().0 + 1;
     let consumer = stream
         .create_consumer(OrderedConfig {
@@ -387,7 +442,7 @@ async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Resul
     probe_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut messages = consumer.messages().await.map_err(|e| e.to_string())?;
     shared.synced.store(true, Ordering::Release);
-    if last < from || head_probe(&stream, shared, applier).await {
+    if last < from || head_probe(&stream, shared, applier).await? {
         // Nothing to catch up on (or nothing a worker receives): the state we have is current.
         shared.ready.store(true, Ordering::Release);
     }
@@ -401,7 +456,7 @@ async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Resul
             () = shared.head_probe.notified() => None,
         };
         let Some(next) = next else {
-            if head_probe(&stream, shared, applier).await {
+            if head_probe(&stream, shared, applier).await? {
                 shared.ready.store(true, Ordering::Release);
             }
             continue;
@@ -411,6 +466,9 @@ async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Resul
             Some(Err(e)) => return Err(e.to_string()),
             None => return Err("the consumer ended".into()),
         };
+        if bounded && disconnects.load(Ordering::Relaxed) > 0 {
+            return Err("the NATS connection was interrupted; following again from our position".into());
+        }
         let mut burst = vec![decode(&first)?];
         let mut pending = first.info().map(|i| i.pending).unwrap_or(0);
         while burst.len() < MAX_BURST {
@@ -423,6 +481,9 @@ async fn follow_once(shared: &Shared, applier: &mut Applier, url: &str) -> Resul
                 Some(None) => return Err("the consumer ended".into()),
                 None => break,
             }
+        }
+        if bounded && disconnects.load(Ordering::Relaxed) > 0 {
+            return Err("the NATS connection was interrupted; following again from our position".into());
         }
         applier.apply(burst).map_err(|g| g.to_string())?;
         if pending == 0 || shared.position().0 >= last {
@@ -443,28 +504,87 @@ const WANTED_PROBE_EVERY: Duration = Duration::from_millis(50);
 /// when none is past what was applied, every event up to `L` a worker needs has been applied
 /// (the stream only grows, in order), and the position becomes `L`.
 /// True when the position is the stream's head as read (caught up: the worker is ready).
-async fn head_probe(stream: &jetstream::stream::Stream, shared: &Shared, applier: &mut Applier) -> bool {
-    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+/// An error when the stream's retention removed events past our position: the feed starts
+/// over, from the newest snapshot.
+async fn head_probe(
+    stream: &jetstream::stream::Stream,
+    shared: &Shared,
+    applier: &mut Applier,
+) -> Result<bool, String> {
     let mut info_of = stream.clone();
-    let Ok(info) = info_of.info().await else { return false };
+    let Ok(info) = info_of.info().await else { return Ok(false) };
+    if let Some(first) = aged_out(info, shared.position()) {
+        return Err(format!(
+            "fell behind {}'s retained range (its first message is {first}, we are at {})",
+            dist::EVENTS_STREAM,
+            shared.position().0
+        ));
+    }
     let last = info.state.last_sequence;
     if last <= shared.position().0 {
-        return true;
+        return Ok(true);
     }
+    let Ok(newest) = newest_for_workers(stream).await else { return Ok(false) };
+    if newest > shared.position().0 {
+        return Ok(false);
+    }
+    applier.skip_to(Position(last));
+    Ok(true)
+}
+
+/// The sequence of the newest message a worker receives (0: none).
+async fn newest_for_workers(stream: &jetstream::stream::Stream) -> Result<u64, String> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
     let mut newest = 0;
     for subject in dist::WORKER_SUBJECTS {
         match stream.get_last_raw_message_by_subject(subject).await {
             Ok(m) => newest = newest.max(m.sequence),
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => {}
-            Err(_) => return false,
+            Err(e) => return Err(e.to_string()),
         }
     }
-    if newest > shared.position().0 {
-        return false;
-    }
-    applier.skip_to(Position(last));
-    true
+    Ok(newest)
 }
+
+/// The stream's first sequence when its `max_age` may have removed events a worker at
+/// `position` has not applied yet. Without a `max_age` nothing a worker receives expires (only
+/// the audit's messages carry a TTL), so a first sequence past ours is only those.
+fn aged_out(info: &jetstream::stream::Info, position: Position) -> Option<u64> {
+    // An empty stream's first sequence is its last + 1, so this covers "everything expired".
+    let first = info.state.first_sequence;
+    (!info.config.max_age.is_zero() && first > position.0 + 1).then_some(first)
+}
+
+/// Replaces the state with the newest NATS snapshot, which must reach at least `first - 1`
+/// (what the stream no longer holds); otherwise an error that names the gap (the relay takes
+/// a snapshot at its start and then every interval, so a retry finds one).
+async fn catch_up_from_snapshot(
+    js: &jetstream::Context,
+    applier: &mut Applier,
+    position: Position,
+    first: u64,
+    keyring: Arc<Keyring>,
+) -> Result<(), String> {
+    let gone = format!(
+        "events {}..{} this worker needs have aged out of {}",
+        position.0 + 1,
+        first.saturating_sub(1),
+        dist::EVENTS_STREAM
+    );
+    let m = manifest(js).await.ok_or_else(|| format!("{gone} and NATS has no snapshot"))?;
+    if m.position.0 + 1 < first {
+        return Err(format!("{gone} and the newest snapshot is at {} (older)", m.position.0));
+    }
+    let (state, _) = fetch(js, &m, keyring).await.ok_or_else(|| format!("{gone} and the snapshot is unusable"))?;
+    tracing::warn!(from = position.0, to = state.position().0, "{gone}; caught up from the newest snapshot");
+    SNAPSHOT_CATCH_UPS.fetch_add(1, Ordering::Relaxed);
+    applier.replace(state);
+    Ok(())
+}
+
+/// Times the feed caught up from a snapshot because the events it needed had aged out of
+/// `SLUICE_EVENTS`: `sluice_snapshot_catch_ups_total`.
+pub static SNAPSHOT_CATCH_UPS: AtomicU64 = AtomicU64::new(0);
 
 /// Events of a type or schema version this build does not know, skipped (kept as no-ops at
 /// their positions): `sluice_events_skipped_total`.
