@@ -170,7 +170,11 @@ impl AnchorError {
 /// with the stored hash at its position. The stored hashes must already be known to form a
 /// chain (`verify`, or the projection's checked fold). Answers the newest anchor checked.
 pub async fn check(store: &EventStore, anchors: &[Anchor]) -> Result<Option<Anchor>, AnchorError> {
-    let mut sorted: Vec<&Anchor> = anchors.iter().collect();
+    // An anchor inside an archived range is superseded by the archive's own (of its last
+    // position, checked by `check_archives`): reading a segment for each would cost a pass.
+    let archives = store.archives().await?;
+    let inside = |p: u64| archives.iter().any(|a| a.first.0 <= p && p < a.last.0);
+    let mut sorted: Vec<&Anchor> = anchors.iter().filter(|a| !inside(a.position)).collect();
     sorted.sort_by_key(|a| a.position);
     let Some(newest) = sorted.last().copied() else { return Ok(None) };
     let head = store.head().await?.0;
@@ -185,6 +189,29 @@ pub async fn check(store: &EventStore, anchors: &[Anchor]) -> Result<Option<Anch
         agrees = Some(a.position);
     }
     Ok(Some(newest.clone()))
+}
+
+/// The archived ranges' anchors: each one genuine (this deployment's key) and naming its
+/// range's last position and hash, each range starting where the previous one ended. Answers
+/// how many were checked.
+pub async fn check_archives(store: &EventStore, signer: &Signer) -> Result<usize, String> {
+    let archives = store.archives().await.map_err(|e| e.to_string())?;
+    let mut prev = (Position::ZERO, sluice_events::event::GENESIS);
+    for a in &archives {
+        let anchor: Anchor = serde_json::from_str(&a.anchor)
+            .map_err(|e| format!("the archive of {}..{} has an unreadable anchor: {e}", a.first, a.last))?;
+        if !signer.genuine(&anchor) || anchor.position != a.last.0 || anchor.hash != a.last_hash {
+            return Err(format!(
+                "the archive of {}..{} is not what was signed when it was archived (its anchor does not match)",
+                a.first, a.last
+            ));
+        }
+        if (a.first.0 - 1, a.prev_hash) != (prev.0.0, prev.1) {
+            return Err(format!("the archive of {}..{} does not follow the one before it", a.first, a.last));
+        }
+        prev = (a.last, a.last_hash);
+    }
+    Ok(archives.len())
 }
 
 /// What the anchor task needs.

@@ -46,6 +46,7 @@ const KNOWN: &[&str] = &[
     "node_stale_secs",
     "ready_max_lag_ms",
     "anchor_file",
+    "archive_dir",
     "anchor_every_secs",
     "jwks_refresh_secs",
     "jwks_kid_refetch_secs",
@@ -270,6 +271,9 @@ pub struct Config {
     pub events_audit_ttl_secs: u64,
     /// Where signed anchors of the log's head are appended (besides NATS KV `sluice-anchors`).
     pub anchor_file: Option<std::path::PathBuf>,
+    /// Where `archive` writes the log's segment files, and every reader of archived positions
+    /// reads them (the fold at start, `verify-log`, `replay`, explain).
+    pub archive_dir: Option<std::path::PathBuf>,
     /// How often the head is anchored (when it moved).
     pub anchor_every_secs: u64,
     /// How often an app's stream-JWT JWKS (`policy.jwt.jwks_url`) is fetched again.
@@ -308,6 +312,7 @@ impl std::fmt::Debug for Config {
             .field("events_max_age_secs", &self.events_max_age_secs)
             .field("events_audit_ttl_secs", &self.events_audit_ttl_secs)
             .field("anchor_file", &self.anchor_file)
+            .field("archive_dir", &self.archive_dir)
             .field("anchor_every_secs", &self.anchor_every_secs)
             .field("jwks_refresh_secs", &self.jwks_refresh_secs)
             .field("jwks_kid_refetch_secs", &self.jwks_kid_refetch_secs)
@@ -375,6 +380,7 @@ impl Config {
             events_max_age_secs,
             events_audit_ttl_secs: s.or("events_audit_ttl_secs", 86_400, "seconds (0: no expiry)")?,
             anchor_file: s.optional("anchor_file", "a file path")?,
+            archive_dir: s.optional("archive_dir", "a directory")?,
             anchor_every_secs: s.or("anchor_every_secs", 10, "seconds")?.max(1),
             jwks_refresh_secs: s.or("jwks_refresh_secs", 300, "seconds")?.max(1),
             jwks_kid_refetch_secs: s.or("jwks_kid_refetch_secs", 60, "seconds")?.max(1),

@@ -26,6 +26,14 @@ enum Cmd {
     Serve,
     /// Apply the database migrations and exit.
     Migrate,
+    /// Move old ranges of the log out of Postgres: every whole partition that ends at least
+    /// `--keep` events before the head is written to a segment file in SLUICE_ARCHIVE_DIR
+    /// (checked, with a signed anchor of its last hash), then detached and dropped.
+    Archive {
+        /// Events to keep in Postgres behind the head, at least.
+        #[arg(long, default_value_t = 10_000_000)]
+        keep: u64,
+    },
     /// Walk the hash chain and check it against the reachable anchors; exit 1 and name the
     /// first bad position if either disagrees. On a terminal it shows its progress.
     VerifyLog {
@@ -303,12 +311,52 @@ async fn run(
             }
             println!("the relay (a running `serve`) now publishes the log again from position 1");
         }
+        Cmd::Archive { keep } => {
+            let Some(dir) = config.archive_dir.clone() else {
+                eprintln!("sluice-control: archive needs SLUICE_ARCHIVE_DIR (where the segment files go)");
+                return Ok(ExitCode::from(2));
+            };
+            std::fs::create_dir_all(&dir)?;
+            store::migrate(&pool).await?;
+            let store = EventStore::start(pool);
+            store.set_archive_dir(Some(dir.clone()));
+            let signer = anchor::Signer::new(config.require_sealing_key()?);
+            let instance = config.instance_id.clone();
+            let started = std::time::Instant::now();
+            let archived = store
+                .archive(&dir, keep, |position, hash| {
+                    let a = signer.sign(position, hash, sluice_control_plane::clock::now().0, &instance);
+                    serde_json::to_string(&a).unwrap_or_default()
+                })
+                .await?;
+            for a in &archived {
+                println!(
+                    "archived {}..{} ({} events, {} bytes) to {}, last hash {}",
+                    a.first,
+                    a.last,
+                    a.events,
+                    a.bytes,
+                    dir.join(&a.segment).display(),
+                    a.last_hash.to_hex()
+                );
+            }
+            match archived.last() {
+                Some(a) => println!(
+                    "{} partition(s) archived and detached in {:.1} s; the live log starts at {}",
+                    archived.len(),
+                    started.elapsed().as_secs_f64(),
+                    a.last.next()
+                ),
+                None => println!("nothing to archive: no whole partition ends {keep} events before the head"),
+            }
+        }
         Cmd::Migrate => {
             store::migrate(&pool).await?;
             println!("migrations applied");
         }
         Cmd::VerifyLog { from } => {
             let store = EventStore::start(pool);
+            store.set_archive_dir(config.archive_dir.clone());
             let (start, prev) = match from {
                 None => (Position::ZERO, sluice_events::event::GENESIS),
                 Some(p) => {
@@ -336,6 +384,16 @@ async fn run(
             match verified {
                 Ok(r) => {
                     println!("ok: {} events, head {}, head hash {}", r.events, r.head, r.head_hash.to_hex());
+                    // The archived ranges were walked with the rest; their own anchors too.
+                    let signer = anchor::Signer::new(config.require_sealing_key()?);
+                    match anchor::check_archives(&store, &signer).await {
+                        Ok(0) => {}
+                        Ok(n) => println!("archived: {n} segment(s), each as signed when it was archived"),
+                        Err(e) => {
+                            println!("BROKEN archive: {e}");
+                            return Ok(ExitCode::FAILURE);
+                        }
+                    }
                     // The chain holds; now against the anchors it can reach.
                     let anchors = reachable_anchors(&config).await?;
                     match anchor::check(&store, &anchors).await {
@@ -367,6 +425,7 @@ async fn run(
         }
         Cmd::Replay { to, read_models } => {
             let store = EventStore::start(pool);
+            store.set_archive_dir(config.archive_dir.clone());
             let limit = to.map(Position).unwrap_or(Position(u64::MAX));
             let mut state = AuthState::new();
             let mut meter = progress::Meter::new("replay", 0, store.head().await?.0.min(limit.0));
@@ -426,6 +485,7 @@ async fn serve(
     set_log_filter(&config.log);
     store::migrate(&pool).await?;
     let store = EventStore::start(pool);
+    store.set_archive_dir(config.archive_dir.clone());
     match bootstrap::run(
         &store,
         config.bootstrap_admin_key.as_deref(),
@@ -458,6 +518,11 @@ async fn serve(
     match anchor::check(api.writer.store(), &anchors).await {
         Ok(Some(a)) => tracing::info!(position = a.position, "the log agrees with its anchors"),
         Ok(None) => tracing::info!("no anchor reachable yet (SLUICE_ANCHOR_FILE, NATS KV sluice-anchors)"),
+        Err(e) => return Err(format!("refusing to serve this log: {e}").into()),
+    }
+    match anchor::check_archives(api.writer.store(), &anchor::Signer::new(config.require_sealing_key()?)).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(segments = n, "the archived ranges are as signed"),
         Err(e) => return Err(format!("refusing to serve this log: {e}").into()),
     }
     api.tasks.spawn(

@@ -205,7 +205,7 @@ fn bad_settings_stop_with_one_clear_line() {
         ),
         (
             &[("SLUICE_DATABASE_URL", "mysql://root:hunter2@db/x")],
-            "sluice-control: invalid setting SLUICE_DATABASE_URL (from the environment): expected a postgres:// URL",
+            "sluice-control: invalid setting SLUICE_DATABASE_URL (from the environment): expected a postgres:// URL (hosts as h1:port,h2:port; target_session_attrs read-write, primary or any)",
         ),
         (
             &[("SLUICE_BOOTSTRAP_ADMIN_KEY", "short")],

@@ -119,6 +119,8 @@ pub struct EventStore {
     pool: PgPool,
     writer: mpsc::Sender<AppendRequest>,
     paths: Arc<PathCounters>,
+    /// Archived ranges' segment files (see `archive`).
+    segments: Arc<std::sync::Mutex<archive::Segments>>,
 }
 
 /// How many group commits took each path (see `commit_batch`).
@@ -182,10 +184,13 @@ macro_rules! select_rows {
     };
 }
 
+mod archive;
 mod plan;
 mod sql;
 mod verify;
 mod writer;
+
+pub use archive::ArchiveInfo;
 
 use sql::canonical_string;
 pub use verify::{VerifyError, VerifyReport};
@@ -256,7 +261,7 @@ impl EventStore {
         let (tx, rx) = mpsc::channel(4096);
         let paths = Arc::new(PathCounters::default());
         tokio::spawn(writer::writer(pool.clone(), rx, paths.clone()));
-        EventStore { pool, writer: tx, paths }
+        EventStore { pool, writer: tx, paths, segments: Arc::default() }
     }
 
     /// Group commits so far, by path.
@@ -347,10 +352,8 @@ impl EventStore {
 
     /// The version of a stream's last event, or `None` if it has none.
     pub async fn stream_version(&self, stream: &str) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT max(version) FROM events WHERE stream = $1")
-            .bind(stream)
-            .fetch_one(&self.pool)
-            .await?;
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT sluice_stream_version($1)").bind(stream).fetch_one(&self.pool).await?;
         Ok(v.map(|v| v as u64))
     }
 
@@ -358,14 +361,10 @@ impl EventStore {
     /// ends the page: the events before it are returned, and a read that starts at it fails
     /// with `Decode`, so a reader neither skips it nor loses what precedes it.
     pub async fn read_all(&self, after: Position, limit: i64) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(select_rows!(" WHERE position > $1 ORDER BY position LIMIT $2"))
-            .bind(after.0 as i64)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = self.rows_after(after, limit).await?;
         let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            match RawRow::from_row(row).map_err(StoreError::from).and_then(RawRow::decode) {
+        for row in rows {
+            match row.decode() {
                 Ok(e) => events.push(e),
                 Err(e) if events.is_empty() => return Err(e),
                 Err(_) => break,
@@ -384,15 +383,10 @@ impl EventStore {
         prev: Sha256Digest,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let rows = sqlx::query(select_rows!(" WHERE position > $1 ORDER BY position LIMIT $2"))
-            .bind(after.0 as i64)
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = self.rows_after(after, limit).await?;
         let (mut last, mut prev) = (after, prev);
         let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let raw = RawRow::from_row(row)?;
+        for raw in rows {
             if raw.position != last.next() {
                 return Err(StoreError::Integrity(format!(
                     "the log has a gap: position {} follows {last} (rows deleted?)",
@@ -419,6 +413,13 @@ impl EventStore {
 
     /// The stored hash of the row at `position`, if there is one.
     pub async fn hash_at(&self, position: Position) -> Result<Option<Sha256Digest>, StoreError> {
+        if let Some(archive) = self.archive_holding(position).await? {
+            if archive.last == position {
+                return Ok(Some(archive.last_hash));
+            }
+            let row = self.rows_after(Position(position.0 - 1), 1).await?;
+            return Ok(row.first().and_then(|r| <[u8; 32]>::try_from(r.hash.as_slice()).ok()).map(Sha256Digest));
+        }
         let h: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
             .bind(position.0 as i64)
             .fetch_optional(&self.pool)
@@ -454,6 +455,22 @@ impl EventStore {
         upto: Position,
         limit: i64,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        // Archived positions come from their segments, every row read and the others left.
+        let mut events = Vec::new();
+        let mut after = after;
+        while after < upto && self.archive_holding(after.next()).await?.is_some() {
+            let rows = self.rows_after(after, PAGE).await?;
+            let Some(tail) = rows.last().map(|r| r.position) else { break };
+            for r in rows.into_iter().filter(|r| r.position <= upto) {
+                if !Event::NON_TABLE_TYPES.contains(&r.event_type.as_str()) && (events.len() as i64) < limit {
+                    events.push(r.decode()?);
+                }
+            }
+            if events.len() as i64 >= limit {
+                return Ok(events);
+            }
+            after = tail;
+        }
         let skipped: Vec<String> = Event::NON_TABLE_TYPES.iter().map(|t| (*t).to_owned()).collect();
         let rows = sqlx::query(select_rows!(
             " WHERE position > $1 AND position <= $2 AND NOT (type = ANY($3)) ORDER BY position LIMIT $4"
@@ -461,10 +478,13 @@ impl EventStore {
         .bind(after.0 as i64)
         .bind(upto.0 as i64)
         .bind(skipped)
-        .bind(limit)
+        .bind(limit - events.len() as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(|r| RawRow::from_row(r).map_err(StoreError::from)?.decode()).collect()
+        for r in &rows {
+            events.push(RawRow::from_row(r).map_err(StoreError::from)?.decode()?);
+        }
+        Ok(events)
     }
 
     /// Every event of one stream, in version order.

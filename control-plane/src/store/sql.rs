@@ -65,8 +65,7 @@ pub(super) async fn read_heads(conn: &mut PgConnection, ids: &[Uuid], streams: &
              JOIN LATERAL (SELECT position FROM events WHERE event_id = k.id) e ON true), \
          vers AS ( \
              SELECT s.stream, v.version FROM unnest($2::text[]) AS s(stream) \
-             JOIN LATERAL (SELECT version FROM events e WHERE e.stream = s.stream \
-                           ORDER BY version DESC LIMIT 1) v ON true), \
+             JOIN LATERAL (SELECT sluice_stream_version(s.stream) AS version) v ON v.version IS NOT NULL), \
          head AS (SELECT position, hash FROM events ORDER BY position DESC LIMIT 1) \
          SELECT (SELECT position FROM head) AS head, \
                 (SELECT hash FROM head) AS head_hash, \

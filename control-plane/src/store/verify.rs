@@ -4,7 +4,7 @@
 use sluice_events::event::GENESIS;
 use sluice_events::{Position, Sha256Digest};
 
-use super::{EventStore, PAGE, RawRow, StoreError};
+use super::{EventStore, PAGE, StoreError};
 
 impl EventStore {
     /// Walks the whole chain: positions contiguous from 1, every hash recomputed.
@@ -22,17 +22,12 @@ impl EventStore {
     ) -> Result<VerifyReport, VerifyError> {
         let mut last = start;
         loop {
-            let rows = sqlx::query(select_rows!(" WHERE position > $1 ORDER BY position LIMIT $2"))
-                .bind(last.0 as i64)
-                .bind(PAGE)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(|e| VerifyError::Store(StoreError::from(e)))?;
+            // Archived ranges are read from their segments: one chain from genesis to the head.
+            let rows = self.rows_after(last, PAGE).await.map_err(VerifyError::Store)?;
             if rows.is_empty() {
                 return Ok(VerifyReport { events: last.0 - start.0, head: last, head_hash: prev });
             }
-            for row in &rows {
-                let raw = RawRow::from_row(row).map_err(|e| VerifyError::Store(e.into()))?;
+            for raw in rows {
                 if raw.position != last.next() {
                     return Err(VerifyError::Gap { expected: last.next(), found: raw.position });
                 }

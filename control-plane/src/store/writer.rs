@@ -310,6 +310,21 @@ pub(super) async fn commit_locked(
         return Ok(Attempt::Done(plan.results));
     }
     let cols = &plan.cols;
+    // The log is partitioned: no index keeps event ids or stream versions unique across
+    // partitions, so they are checked here, under the lock (SQLSTATE 23505, as the indexes
+    // answered), and the partition the last row goes to is made if it does not exist yet.
+    let checked = sqlx::query("SELECT sluice_check_new_rows($1, $2, $3), sluice_ensure_partition($4)")
+        .bind(&cols.event_id)
+        .bind(&cols.stream)
+        .bind(&cols.version)
+        .bind(cols.position.last().copied().unwrap_or(1))
+        .execute(&mut *conn)
+        .await;
+    match checked {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) && !probe_all => return Ok(Attempt::ProbeAll),
+        Err(e) => return Err(e.into()),
+    }
     for range in cols.chunks(MAX_INSERT_BYTES) {
         let inserted = sqlx::query(
             "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash) \
