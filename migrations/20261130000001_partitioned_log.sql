@@ -112,24 +112,6 @@ BEGIN
 END;
 $$;
 
--- Refuses (SQLSTATE 23505, as the unique indexes did) rows whose event id or (stream,
--- version) the log already holds: live, or (a version) at or below an archived stream head.
-CREATE FUNCTION sluice_check_new_rows(ids uuid[], streams text[], versions bigint[]) RETURNS void
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF EXISTS (SELECT 1 FROM unnest(ids) AS k(id) WHERE EXISTS (SELECT 1 FROM events e WHERE e.event_id = k.id)) THEN
-        RAISE EXCEPTION 'sluice: an event id is already in the log' USING ERRCODE = 'unique_violation';
-    END IF;
-    IF EXISTS (
-        SELECT 1 FROM unnest(streams, versions) AS r(stream, version)
-        WHERE EXISTS (SELECT 1 FROM events e WHERE e.stream = r.stream AND e.version = r.version)
-           OR EXISTS (SELECT 1 FROM archived_stream_heads a WHERE a.stream = r.stream AND a.version >= r.version)
-    ) THEN
-        RAISE EXCEPTION 'sluice: a stream version is already in the log' USING ERRCODE = 'unique_violation';
-    END IF;
-END;
-$$;
-
 -- A stream's last version: in the live log, else where its archived events left it.
 CREATE FUNCTION sluice_stream_version(s text) RETURNS bigint
 LANGUAGE sql STABLE AS $$
@@ -137,6 +119,45 @@ LANGUAGE sql STABLE AS $$
         (SELECT e.version FROM events e WHERE e.stream = s ORDER BY e.version DESC LIMIT 1),
         (SELECT a.version FROM archived_stream_heads a WHERE a.stream = s)
     );
+$$;
+
+-- Refuses (SQLSTATE 23505, as the unique indexes did) rows whose event id or (stream,
+-- version) the log already holds, live or archived. `verified` names streams whose last
+-- version the caller has just checked exactly (sluice_append_at's `check_streams`): their
+-- rows follow it and need no second look.
+CREATE FUNCTION sluice_check_new_rows(ids uuid[], streams text[], versions bigint[], verified text[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- LATERAL ... LIMIT 1 forces one index probe per row whatever plan the cached plan settles
+    -- on (a semi-join drifted to sequential scans as the partitions grew).
+    IF EXISTS (
+        SELECT 1 FROM unnest(ids) AS k(id)
+        CROSS JOIN LATERAL (SELECT 1 FROM events e WHERE e.event_id = k.id LIMIT 1) AS hit
+    ) THEN
+        RAISE EXCEPTION 'sluice: an event id is already in the log' USING ERRCODE = 'unique_violation';
+    END IF;
+    -- A stream's versions are 0..its last, without a gap (the writer numbers them so), so a
+    -- batch collides exactly when its first version of a stream is at or below that stream's
+    -- last: one look per stream, not per row (the archived head only for a stream with no
+    -- live event).
+    IF EXISTS (
+        SELECT 1 FROM (
+            SELECT r.stream, min(r.version) AS first
+            FROM unnest(streams, versions) AS r(stream, version)
+            WHERE NOT (r.stream = ANY(verified))
+            GROUP BY r.stream
+        ) AS b
+        CROSS JOIN LATERAL (
+            SELECT coalesce(
+                (SELECT e.version FROM events e WHERE e.stream = b.stream ORDER BY e.version DESC LIMIT 1),
+                (SELECT a.version FROM archived_stream_heads a WHERE a.stream = b.stream)
+            ) AS last
+        ) AS v
+        WHERE v.last >= b.first
+    ) THEN
+        RAISE EXCEPTION 'sluice: a stream version is already in the log' USING ERRCODE = 'unique_violation';
+    END IF;
+END;
 $$;
 
 CREATE OR REPLACE FUNCTION sluice_append_at(
@@ -178,7 +199,7 @@ BEGIN
         RETURN false;
     END IF;
     IF cardinality(p_position) > 0 THEN
-        PERFORM sluice_check_new_rows(p_event_id, p_stream, p_version);
+        PERFORM sluice_check_new_rows(p_event_id, p_stream, p_version, check_streams);
         PERFORM sluice_ensure_partition(p_position[cardinality(p_position)]);
         INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash)
         SELECT r.position, r.event_id, r.stream, r.version, r.type, r.type_version, r.data,

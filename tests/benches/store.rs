@@ -91,7 +91,11 @@ fn meta() -> Metadata {
 /// `writers` tasks append `per_append` events per call until RUN passes; returns events/s
 /// and appends/s. Every append is durable (committed with fsync) before it returns.
 async fn run_appends(store: &EventStore, writers: usize, per_append: usize) -> (f64, f64) {
-    let deadline = Instant::now() + RUN;
+    run_appends_for(store, writers, per_append, RUN).await
+}
+
+async fn run_appends_for(store: &EventStore, writers: usize, per_append: usize, run: Duration) -> (f64, f64) {
+    let deadline = Instant::now() + run;
     let started = Instant::now();
     let tasks: Vec<_> = (0..writers)
         .map(|w| {
@@ -234,8 +238,67 @@ fn main() {
         let fold = started.elapsed().as_secs_f64();
         println!("serve's checked fold over {} events      {fold:.2} s", projection.position().0);
 
+        // The archive path (issue #19): the log topped up to SLUICE_BENCH_ARCHIVE_EVENTS
+        // (default 3,000,000) with batches of decisions, then every whole partition (a million
+        // positions) that ends 500,000 events before the head archived to segment files;
+        // verify-log and the checked fold then read the segments and the table as one log.
+        let target: u64 =
+            std::env::var("SLUICE_BENCH_ARCHIVE_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(3_000_000);
+        let started = Instant::now();
+        while store.head().await.unwrap().0 < target {
+            run_appends_for(&store, 4, 100, Duration::from_secs(2)).await;
+        }
+        let topped = store.head().await.unwrap().0;
+        println!("log topped up to {topped} events in {:.1} s", started.elapsed().as_secs_f64());
+        sqlx::query("CHECKPOINT").execute(&pool).await.unwrap();
+        sqlx::query("VACUUM ANALYZE events").execute(&pool).await.unwrap();
+        run_appends(&store, 2, 1).await;
+        let (big_one, _) = run_appends(&store, 1, 1).await;
+        let (big_batched, _) = run_appends(&store, 4, 100).await;
+        println!("at {topped} events, before archiving: 1 writer {big_one:.0} appends/s, 4 x 100 {big_batched:.0} events/s");
+        let dir = tempfile::tempdir().unwrap();
+        let started = Instant::now();
+        let archived = store
+            .archive(dir.path(), 500_000, |p, h| format!("{{\"position\":{},\"hash\":\"{}\"}}", p.0, h.to_hex()))
+            .await
+            .unwrap();
+        let archive_s = started.elapsed().as_secs_f64();
+        let archived_events: u64 = archived.iter().map(|a| a.events).sum();
+        let segment_bytes: u64 = archived.iter().map(|a| a.bytes).sum();
+        println!(
+            "archive: {} partitions, {archived_events} events, {:.0} MiB of segments in {archive_s:.1} s ({:.0} events/s)",
+            archived.len(),
+            segment_bytes as f64 / 1048576.0,
+            archived_events as f64 / archive_s
+        );
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&pool).await.unwrap();
+        println!("rows left in Postgres {live}");
+        store.set_archive_dir(Some(dir.path().to_owned()));
+        let started = Instant::now();
+        let across = store.verify().await.unwrap();
+        let verify_across = across.events as f64 / started.elapsed().as_secs_f64();
+        println!("verify-log over segments + table, {} events {verify_across:>9.0} events/s", across.events);
+        let started = Instant::now();
+        let projection = sluice_control_plane::projection::Projection::start(&store, None).await.unwrap();
+        let fold_across = started.elapsed().as_secs_f64();
+        println!("serve's checked fold over segments + table, {} events {fold_across:.2} s", projection.position().0);
+        // The same footing as the first runs: the top-up's dirty pages flushed and the live
+        // partitions analysed, before appending again.
+        sqlx::query("CHECKPOINT").execute(&pool).await.unwrap();
+        sqlx::query("VACUUM ANALYZE events").execute(&pool).await.unwrap();
+        // And the same warm-up as the first runs (the reads above went through 1.7 GB of
+        // segments and the whole table: the live partition's pages are cold again).
+        run_appends(&store, 2, 1).await;
+        let (after_one, _) = run_appends(&store, 1, 1).await;
+        let (after_batched, _) = run_appends(&store, 4, 100).await;
+        println!(
+            "after archiving: 1 writer {after_one:.0} appends/s, 4 x 100 {after_batched:.0} events/s, paths {:?}",
+            store.append_paths()
+        );
+
         sqlx::query("CREATE TABLE raw (id bigserial PRIMARY KEY, data jsonb NOT NULL)").execute(&pool).await.unwrap();
-        Some(serde_json::json!({"one": one, "eight": eight, "batched": batched, "batched4": batched4, "verify": verify_rate, "events": report.events, "read_unchecked_s": unchecked, "read_checked_s": checked, "checked_fold_s": fold}))
+        Some(serde_json::json!({"one": one, "eight": eight, "batched": batched, "batched4": batched4, "verify": verify_rate, "events": report.events, "read_unchecked_s": unchecked, "read_checked_s": checked, "checked_fold_s": fold,
+            "archive": {"events_before": topped, "partitions": archived.len(), "archived_events": archived_events, "segment_bytes": segment_bytes, "archive_s": archive_s, "rows_left": live, "verify_across_per_s": verify_across, "fold_across_s": fold_across, "appends_big_one": big_one, "appends_big_4x100": big_batched, "appends_after_one": after_one, "appends_after_4x100": after_batched}}))
     });
     // A probe stops here; the cluster stops when `pg` drops.
     let Some(report) = report else { return };

@@ -586,3 +586,74 @@ async fn the_one_statement_append_refuses_a_stale_head_or_stream_version() {
     assert!(!call(Some(1), Some(hash), None).await.unwrap(), "app-a exists");
     assert_eq!(store.verify().await.unwrap().events, 1);
 }
+
+/// A row of `events` as the releases before partitioning stored it.
+type OldRow = (i64, Uuid, String, i64, String, i16, String, String, chrono::DateTime<chrono::Utc>, Vec<u8>);
+
+#[tokio::test]
+async fn a_log_written_before_partitioning_becomes_its_first_partition() {
+    // A log written by the current store, copied row for row into a database migrated only
+    // as far as the release before partitioning: what an upgrade finds.
+    let pg = Postgres::start().unwrap();
+    let new_url = pg.create_database("current").await.unwrap();
+    let old_url = pg.create_database("upgraded").await.unwrap();
+    let current = connect(&new_url).await.unwrap();
+    store::migrate(&current).await.unwrap();
+    let writer = EventStore::start(current.clone());
+    for i in 0..30 {
+        writer
+            .append(&format!("app-a{i}"), ExpectedVersion::NoStream, vec![created(&format!("a{i}"))], meta())
+            .await
+            .unwrap();
+    }
+    writer.append("app-a0", ExpectedVersion::Exact(0), vec![changed("a0")], meta()).await.unwrap();
+    let old = connect(&old_url).await.unwrap();
+    let mut before = sqlx::migrate!("../migrations");
+    let releases = before.migrations.len();
+    before.migrations = std::borrow::Cow::Owned(before.migrations[..releases - 1].to_vec());
+    before.run(&old).await.unwrap();
+    let rows: Vec<OldRow> =
+        sqlx::query_as(
+            "SELECT position, event_id, stream, version, type, type_version, data::text, metadata::text, recorded_at, \
+             hash FROM events ORDER BY position",
+        )
+        .fetch_all(&current)
+        .await
+        .unwrap();
+    for r in &rows {
+        sqlx::query(
+            "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, \
+             hash) VALUES ($1, $2, $3, $4, $5, $6, $7::json, $8::json, $9, $10)",
+        )
+        .bind(r.0)
+        .bind(r.1)
+        .bind(&r.2)
+        .bind(r.3)
+        .bind(&r.4)
+        .bind(r.5)
+        .bind(&r.6)
+        .bind(&r.7)
+        .bind(r.8)
+        .bind(&r.9)
+        .execute(&old)
+        .await
+        .unwrap();
+    }
+    // The upgrade: the old table becomes the first partition, nothing copied.
+    store::migrate(&old).await.unwrap();
+    let parts: Vec<(String, i64, i64)> =
+        sqlx::query_as("SELECT name, from_position, to_position FROM log_partitions").fetch_all(&old).await.unwrap();
+    assert_eq!(parts, vec![("events_legacy".to_owned(), 1, 1_000_001)]);
+    let upgraded = EventStore::start(old.clone());
+    let report = upgraded.verify().await.unwrap();
+    assert_eq!(report.head, Position(rows.len() as u64));
+    // It appends on, with the versions and ids the old rows hold.
+    let err = upgraded.append("app-a1", ExpectedVersion::NoStream, vec![created("a1")], meta()).await.unwrap_err();
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    let next = upgraded.append("app-a0", ExpectedVersion::Exact(1), vec![changed("a0")], meta()).await.unwrap();
+    assert_eq!(next.stream_version, Some(2));
+    // Still append-only through the parent.
+    assert!(sqlx::query("DELETE FROM events WHERE position = 1").execute(&old).await.is_err());
+    assert!(sqlx::query("TRUNCATE events_legacy").execute(&old).await.is_err());
+    assert_eq!(upgraded.verify().await.unwrap().head, Position(rows.len() as u64 + 1));
+}
