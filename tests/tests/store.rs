@@ -612,14 +612,13 @@ async fn a_log_written_before_partitioning_becomes_its_first_partition() {
     let releases = before.migrations.len();
     before.migrations = std::borrow::Cow::Owned(before.migrations[..releases - 1].to_vec());
     before.run(&old).await.unwrap();
-    let rows: Vec<OldRow> =
-        sqlx::query_as(
-            "SELECT position, event_id, stream, version, type, type_version, data::text, metadata::text, recorded_at, \
+    let rows: Vec<OldRow> = sqlx::query_as(
+        "SELECT position, event_id, stream, version, type, type_version, data::text, metadata::text, recorded_at, \
              hash FROM events ORDER BY position",
-        )
-        .fetch_all(&current)
-        .await
-        .unwrap();
+    )
+    .fetch_all(&current)
+    .await
+    .unwrap();
     for r in &rows {
         sqlx::query(
             "INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, \
