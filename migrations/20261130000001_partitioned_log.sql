@@ -3,10 +3,11 @@
 -- never by a DELETE. `sluice-control archive` does it; docs/operations.md says how.
 --
 -- A partitioned table cannot hold a unique index without the partition key, so the two
--- uniqueness rules of the log move into the append path (which runs under the append lock):
--- an event id or a (stream, version) the log holds is refused (SQLSTATE 23505, as the indexes
--- did: `sluice_check_new_rows`), and a stream's version follows its last version in the live
--- partitions or, once those were archived, in `archived_stream_heads`.
+-- uniqueness rules of the log are kept per partition by its own unique indexes and across
+-- partitions by the append path (which runs under the append lock): an event id or a
+-- (stream, version) an older partition or the archive holds is refused (SQLSTATE 23505, as
+-- the indexes did: `sluice_check_new_rows`), and a stream's version follows its last version
+-- in the live partitions or, once those were archived, in `archived_stream_heads`.
 
 -- Rows per partition. Fixed per partition when it is created; a test may lower it first.
 CREATE TABLE log_settings (
@@ -52,8 +53,9 @@ DROP TRIGGER events_notify ON events_legacy;
 
 CREATE TABLE events (LIKE events_legacy INCLUDING DEFAULTS INCLUDING CONSTRAINTS) PARTITION BY RANGE (position);
 ALTER TABLE events ADD PRIMARY KEY (position);
-CREATE INDEX events_event_id ON events (event_id);
-CREATE INDEX events_stream_version ON events (stream, version);
+-- Each partition has its own unique indexes on event_id and (stream, version) (the old table
+-- keeps its own): an insert is checked against its partition for free, and only the older
+-- live partitions need a probe (sluice_check_new_rows).
 
 CREATE TRIGGER events_no_update_delete
     BEFORE UPDATE OR DELETE ON events
@@ -104,6 +106,8 @@ BEGIN
     WHILE top <= upto LOOP
         name := 'events_' || lpad(top::text, 15, '0');
         EXECUTE format('CREATE TABLE %I PARTITION OF events FOR VALUES FROM (%s) TO (%s)', name, top, top + size);
+        EXECUTE format('CREATE UNIQUE INDEX ON %I (event_id)', name);
+        EXECUTE format('CREATE UNIQUE INDEX ON %I (stream, version)', name);
         EXECUTE format('CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON %I '
                        'FOR EACH STATEMENT EXECUTE FUNCTION sluice_events_append_only()', name);
         INSERT INTO log_partitions (name, from_position, to_position) VALUES (name, top, top + size);
@@ -121,25 +125,36 @@ LANGUAGE sql STABLE AS $$
     );
 $$;
 
--- Refuses (SQLSTATE 23505, as the unique indexes did) rows whose event id or (stream,
--- version) the log already holds, live or archived. `verified` names streams whose last
--- version the caller has just checked exactly (sluice_append_at's `check_streams`): their
--- rows follow it and need no second look.
-CREATE FUNCTION sluice_check_new_rows(ids uuid[], streams text[], versions bigint[], verified text[]) RETURNS void
+-- Makes the partition for `upto` (the last position about to be written), then refuses
+-- (SQLSTATE 23505, as the unique indexes of one table did) rows whose event id or (stream,
+-- version) an older live partition or the archive already holds; the partition the rows go
+-- to checks them itself with its unique indexes. `verified` names streams whose last version
+-- the caller has just checked exactly (sluice_append_at's `check_streams`).
+CREATE FUNCTION sluice_check_new_rows(ids uuid[], streams text[], versions bigint[], verified text[], upto bigint)
+RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    below bigint;
 BEGIN
+    PERFORM sluice_ensure_partition(upto);
+    SELECT from_position INTO below FROM log_partitions
+    WHERE from_position <= upto ORDER BY from_position DESC LIMIT 1;
+    IF NOT EXISTS (SELECT 1 FROM log_partitions WHERE NOT archived AND from_position < below)
+       AND NOT EXISTS (SELECT 1 FROM log_archives) THEN
+        RETURN;
+    END IF;
     -- LATERAL ... LIMIT 1 forces one index probe per row whatever plan the cached plan settles
-    -- on (a semi-join drifted to sequential scans as the partitions grew).
+    -- on (a semi-join drifted to sequential scans as the partitions grew); `position < below`
+    -- leaves the newest partition out at run time.
     IF EXISTS (
         SELECT 1 FROM unnest(ids) AS k(id)
-        CROSS JOIN LATERAL (SELECT 1 FROM events e WHERE e.event_id = k.id LIMIT 1) AS hit
+        CROSS JOIN LATERAL (SELECT 1 FROM events e WHERE e.event_id = k.id AND e.position < below LIMIT 1) AS hit
     ) THEN
         RAISE EXCEPTION 'sluice: an event id is already in the log' USING ERRCODE = 'unique_violation';
     END IF;
     -- A stream's versions are 0..its last, without a gap (the writer numbers them so), so a
-    -- batch collides exactly when its first version of a stream is at or below that stream's
-    -- last: one look per stream, not per row (the archived head only for a stream with no
-    -- live event).
+    -- batch collides with an older partition exactly when one holds a version at or above the
+    -- batch's first for that stream: one look per stream, not per row.
     IF EXISTS (
         SELECT 1 FROM (
             SELECT r.stream, min(r.version) AS first
@@ -147,13 +162,12 @@ BEGIN
             WHERE NOT (r.stream = ANY(verified))
             GROUP BY r.stream
         ) AS b
-        CROSS JOIN LATERAL (
-            SELECT coalesce(
-                (SELECT e.version FROM events e WHERE e.stream = b.stream ORDER BY e.version DESC LIMIT 1),
-                (SELECT a.version FROM archived_stream_heads a WHERE a.stream = b.stream)
-            ) AS last
-        ) AS v
-        WHERE v.last >= b.first
+        WHERE EXISTS (
+            SELECT 1 FROM events e
+            WHERE e.stream = b.stream AND e.version >= b.first AND e.position < below
+        ) OR EXISTS (
+            SELECT 1 FROM archived_stream_heads a WHERE a.stream = b.stream AND a.version >= b.first
+        )
     ) THEN
         RAISE EXCEPTION 'sluice: a stream version is already in the log' USING ERRCODE = 'unique_violation';
     END IF;
@@ -199,8 +213,7 @@ BEGIN
         RETURN false;
     END IF;
     IF cardinality(p_position) > 0 THEN
-        PERFORM sluice_check_new_rows(p_event_id, p_stream, p_version, check_streams);
-        PERFORM sluice_ensure_partition(p_position[cardinality(p_position)]);
+        PERFORM sluice_check_new_rows(p_event_id, p_stream, p_version, check_streams, p_position[cardinality(p_position)]);
         INSERT INTO events (position, event_id, stream, version, type, type_version, data, metadata, recorded_at, hash)
         SELECT r.position, r.event_id, r.stream, r.version, r.type, r.type_version, r.data,
                p_metadata[r.meta], r.recorded_at, r.hash

@@ -656,3 +656,40 @@ async fn a_log_written_before_partitioning_becomes_its_first_partition() {
     assert!(sqlx::query("TRUNCATE events_legacy").execute(&old).await.is_err());
     assert_eq!(upgraded.verify().await.unwrap().head, Position(rows.len() as u64 + 1));
 }
+
+#[tokio::test]
+async fn ids_and_versions_stay_unique_across_partitions() {
+    let (pg, _) = given_a_store().await;
+    let pool = connect(&pg.url()).await.unwrap();
+    // Three positions a partition: every append below crosses into older partitions.
+    sqlx::query("UPDATE log_settings SET partition_size = 3").execute(&pool).await.unwrap();
+    let store = EventStore::start(pool.clone());
+    let first = created("a");
+    let retry = NewEvent { event_id: first.event_id, event: first.event.clone() };
+    store.append("app-a", ExpectedVersion::NoStream, vec![first], meta()).await.unwrap();
+    for i in 0..8 {
+        store
+            .append(&format!("app-b{i}"), ExpectedVersion::NoStream, vec![created(&format!("b{i}"))], meta())
+            .await
+            .unwrap();
+    }
+    let parts: i64 = sqlx::query_scalar("SELECT count(*) FROM log_partitions").fetch_one(&pool).await.unwrap();
+    assert_eq!(parts, 3);
+    // A fresh writer (no belief) and the one that wrote: a retry of the first event is the
+    // same event, not a second one; a second "first" version of app-a is a conflict.
+    for (round, s) in [EventStore::start(connect(&pg.url()).await.unwrap()), store.clone()].into_iter().enumerate() {
+        // One unrelated append first: the writer learns the head, so what follows takes the
+        // one-statement path with app-a believed absent, and only the check can tell.
+        s.append(&format!("app-c{round}"), ExpectedVersion::NoStream, vec![created(&format!("c{round}"))], meta())
+            .await
+            .unwrap();
+        let again = NewEvent { event_id: retry.event_id, event: retry.event.clone() };
+        let r = s.append("app-a", ExpectedVersion::NoStream, vec![again], meta()).await.unwrap();
+        assert!(r.duplicate && r.positions == vec![Position(1)], "{r:?}");
+        let err = s.append("app-a", ExpectedVersion::NoStream, vec![created("a")], meta()).await.unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+        let next = s.append("app-b0", ExpectedVersion::Any, vec![created("b0")], meta()).await.unwrap();
+        assert_eq!(next.stream_version, Some(round as u64 + 1), "Any continues the stream");
+    }
+    assert_eq!(store.verify().await.unwrap().head, Position(13));
+}

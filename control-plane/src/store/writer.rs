@@ -313,7 +313,7 @@ pub(super) async fn commit_locked(
     // The log is partitioned: no index keeps event ids or stream versions unique across
     // partitions, so they are checked here, under the lock (SQLSTATE 23505, as the indexes
     // answered), and the partition the last row goes to is made if it does not exist yet.
-    let checked = sqlx::query("SELECT sluice_check_new_rows($1, $2, $3, '{}'), sluice_ensure_partition($4)")
+    let checked = sqlx::query("SELECT sluice_check_new_rows($1, $2, $3, '{}', $4)")
         .bind(&cols.event_id)
         .bind(&cols.stream)
         .bind(&cols.version)
