@@ -311,118 +311,12 @@ async fn run(
             }
             println!("the relay (a running `serve`) now publishes the log again from position 1");
         }
-        Cmd::Archive { keep } => {
-            let Some(dir) = config.archive_dir.clone() else {
-                eprintln!("sluice-control: archive needs SLUICE_ARCHIVE_DIR (where the segment files go)");
-                return Ok(ExitCode::from(2));
-            };
-            std::fs::create_dir_all(&dir)?;
-            store::migrate(&pool).await?;
-            let store = EventStore::start(pool);
-            store.set_archive_dir(Some(dir.clone()));
-            let signer = anchor::Signer::new(config.require_sealing_key()?);
-            let instance = config.instance_id.clone();
-            let started = std::time::Instant::now();
-            let archived = store
-                .archive(&dir, keep, |position, hash| {
-                    let a = signer.sign(position, hash, sluice_control_plane::clock::now().0, &instance);
-                    serde_json::to_string(&a).unwrap_or_default()
-                })
-                .await?;
-            for a in &archived {
-                println!(
-                    "archived {}..{} ({} events, {} bytes) to {}, last hash {}",
-                    a.first,
-                    a.last,
-                    a.events,
-                    a.bytes,
-                    dir.join(&a.segment).display(),
-                    a.last_hash.to_hex()
-                );
-            }
-            match archived.last() {
-                Some(a) => println!(
-                    "{} partition(s) archived and detached in {:.1} s; the live log starts at {}",
-                    archived.len(),
-                    started.elapsed().as_secs_f64(),
-                    a.last.next()
-                ),
-                None => println!("nothing to archive: no whole partition ends {keep} events before the head"),
-            }
-        }
+        Cmd::Archive { keep } => return log::archive(pool, &config, keep).await,
         Cmd::Migrate => {
             store::migrate(&pool).await?;
             println!("migrations applied");
         }
-        Cmd::VerifyLog { from } => {
-            let store = EventStore::start(pool);
-            store.set_archive_dir(config.archive_dir.clone());
-            let (start, prev) = match from {
-                None => (Position::ZERO, sluice_events::event::GENESIS),
-                Some(p) => {
-                    let anchors = reachable_anchors(&config).await?;
-                    let Some(a) = anchors.iter().find(|a| a.position == p) else {
-                        let known: Vec<u64> = anchors.iter().map(|a| a.position).collect();
-                        eprintln!(
-                            "sluice-control: no anchor at position {p} to resume from (anchors reachable: {known:?})"
-                        );
-                        return Ok(ExitCode::from(2));
-                    };
-                    (Position(p), a.hash)
-                }
-            };
-            let head = store.head().await?.0;
-            let mut meter = progress::Meter::new("verified", start.0, head);
-            let mut reached = start.0;
-            let verified = store
-                .verify_from(start, prev, |p| {
-                    reached = p.0;
-                    meter.at(p.0)
-                })
-                .await;
-            meter.done(reached);
-            match verified {
-                Ok(r) => {
-                    println!("ok: {} events, head {}, head hash {}", r.events, r.head, r.head_hash.to_hex());
-                    // The archived ranges were walked with the rest; their own anchors too.
-                    let signer = anchor::Signer::new(config.require_sealing_key()?);
-                    match anchor::check_archives(&store, &signer).await {
-                        Ok(0) => {}
-                        Ok(n) => println!("archived: {n} segment(s), each as signed when it was archived"),
-                        Err(e) => {
-                            println!("BROKEN archive: {e}");
-                            return Ok(ExitCode::FAILURE);
-                        }
-                    }
-                    // The chain holds; now against the anchors it can reach.
-                    let anchors = reachable_anchors(&config).await?;
-                    match anchor::check(&store, &anchors).await {
-                        Ok(Some(a)) => println!(
-                            "anchored: agrees with {} anchor(s), newest at position {}",
-                            anchors.len(),
-                            a.position
-                        ),
-                        Ok(None) => {
-                            println!("not anchored: no anchor reachable (SLUICE_ANCHOR_FILE, NATS KV sluice-anchors)")
-                        }
-                        Err(e) => {
-                            match e.position() {
-                                Some(p) => println!("BROKEN at anchored position {p}: {e}"),
-                                None => println!("could not check the anchors: {e}"),
-                            }
-                            return Ok(ExitCode::FAILURE);
-                        }
-                    }
-                }
-                Err(e) => {
-                    match e.position() {
-                        Some(p) => println!("BROKEN at position {p}: {e}"),
-                        None => println!("could not verify: {e}"),
-                    }
-                    return Ok(ExitCode::FAILURE);
-                }
-            }
-        }
+        Cmd::VerifyLog { from } => return log::verify(pool, &config, from).await,
         Cmd::Replay { to, read_models } => {
             let store = EventStore::start(pool);
             store.set_archive_dir(config.archive_dir.clone());
@@ -514,7 +408,7 @@ async fn serve(
     served.set(move || projection.head().map_or((0, [0; 32]), |(position, hash)| (position.0, hash.0)));
     // The chain holds from genesis (the projection checked it); it must also agree with the
     // newest anchors reachable, or a rewritten or truncated log would be served.
-    let anchors = reachable_anchors(&config).await?;
+    let anchors = log::reachable_anchors(&config).await?;
     match anchor::check(api.writer.store(), &anchors).await {
         Ok(Some(a)) => tracing::info!(position = a.position, "the log agrees with its anchors"),
         Ok(None) => tracing::info!("no anchor reachable yet (SLUICE_ANCHOR_FILE, NATS KV sluice-anchors)"),
@@ -656,16 +550,6 @@ async fn flush_relay(
     }
 }
 
-/// The genuine anchors in `SLUICE_ANCHOR_FILE` and the newest in NATS KV (when NATS answers).
-async fn reachable_anchors(config: &Config) -> Result<Vec<anchor::Anchor>, Box<dyn std::error::Error>> {
-    let signer = anchor::Signer::new(config.require_sealing_key()?);
-    let mut anchors = config.anchor_file.as_deref().map(|p| anchor::read_file(p, &signer)).unwrap_or_default();
-    if let Some(a) = anchor::read_kv(&config.nats_url, &signer).await {
-        anchors.push(a);
-    }
-    Ok(anchors)
-}
-
 async fn shutdown() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -681,6 +565,9 @@ async fn shutdown() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
     systemd::stopping();
 }
+
+#[path = "cli/log.rs"]
+mod log;
 
 #[path = "cli/tls.rs"]
 mod tls;
