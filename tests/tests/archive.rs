@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use serde_json::{Value, json};
+use serde_json::json;
 use sluice_control_plane::EventStore;
 
 mod cluster;
@@ -29,17 +29,6 @@ fn control_cli(url: &str, dir: &Path, args: &[&str]) -> (bool, String) {
         .output()
         .unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
-}
-
-async fn decide(http: &reqwest::Client, port: u16, body: Value) -> (u16, Value) {
-    let r = http
-        .post(format!("http://127.0.0.1:{port}/v1/decide"))
-        .bearer_auth(NODE_SECRET)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
 }
 
 async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {

@@ -16,17 +16,6 @@ use sluice_tests::{Nats, Postgres, free_port};
 mod cluster;
 use cluster::*;
 
-async fn decide(http: &reqwest::Client, port: u16, body: Value) -> (u16, Value) {
-    let r = http
-        .post(format!("http://127.0.0.1:{port}/v1/decide"))
-        .bearer_auth(NODE_SECRET)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
-}
-
 async fn raw_decide(http: &reqwest::Client, port: u16, body: Vec<u8>) -> (u16, Value) {
     let r = http
         .post(format!("http://127.0.0.1:{port}/v1/decide"))

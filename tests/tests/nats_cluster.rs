@@ -35,14 +35,6 @@ async fn stream_leader(js: &async_nats::jetstream::Context, stream: &str) -> Opt
     s.info().await.ok()?.cluster.as_ref()?.leader.clone()
 }
 
-/// `POST /v1/decide` on a worker's node API.
-async fn decide(http: &reqwest::Client, admin: u16, body: Value) -> (u16, Value) {
-    match http.post(format!("http://127.0.0.1:{admin}/v1/decide")).bearer_auth(NODE_SECRET).json(&body).send().await {
-        Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
-        Err(_) => (0, Value::Null),
-    }
-}
-
 async fn spool(http: &reqwest::Client, admin: u16) -> Value {
     http.get(format!("http://127.0.0.1:{admin}/spool"))
         .bearer_auth(NODE_SECRET)

@@ -76,11 +76,7 @@ async fn with_synchronous_replication_a_promotion_loses_no_acknowledged_write() 
     let cp = sluice_tests::free_port();
     // One URL naming both servers, as libpq takes it: the control plane writes to whichever
     // is the primary and follows a promotion without a restart.
-    let both = format!(
-        "postgres://postgres@{},{}/ha?target_session_attrs=read-write",
-        authority(&url),
-        authority(&standby.url_for("ha"))
-    );
+    let both = both_servers(&url, &standby.url_for("ha"));
     let log = dir.path().join("cp1.log");
     let _control = control_with(&both, &nats.url(), cp, "cp-1", &log, &[]);
     let http = reqwest::Client::new();
@@ -132,10 +128,13 @@ async fn with_synchronous_replication_a_promotion_loses_no_acknowledged_write() 
     );
 }
 
-/// `host:port` of a single-host URL.
-fn authority(url: &str) -> &str {
-    let rest = url.split_once('@').unwrap().1;
-    &rest[..rest.find('/').unwrap()]
+/// One libpq multi-host URL naming the servers of two single-host URLs of database `ha`.
+fn both_servers(primary: &str, standby: &str) -> String {
+    let authority = |url: &str| {
+        let rest = url.split_once('@').unwrap().1;
+        rest[..rest.find('/').unwrap()].to_owned()
+    };
+    format!("postgres://postgres@{},{}/ha?target_session_attrs=read-write", authority(primary), authority(standby))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,11 +145,7 @@ async fn with_asynchronous_replication_lost_writes_stop_the_relay_instead_of_a_n
     let nats = sluice_tests::Nats::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let cp = sluice_tests::free_port();
-    let both = format!(
-        "postgres://postgres@{},{}/ha?target_session_attrs=read-write",
-        authority(&url),
-        authority(&standby.url_for("ha"))
-    );
+    let both = both_servers(&url, &standby.url_for("ha"));
     let log1 = dir.path().join("cp1.log");
     let control = control_with(&both, &nats.url(), cp, "cp-1", &log1, &[]);
     let http = reqwest::Client::new();

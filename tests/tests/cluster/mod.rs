@@ -130,6 +130,14 @@ pub fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
+/// `POST /v1/decide` on a worker's node API (status 0 when the worker does not answer).
+pub async fn decide(http: &reqwest::Client, admin: u16, body: Value) -> (u16, Value) {
+    match http.post(format!("http://127.0.0.1:{admin}/v1/decide")).bearer_auth(NODE_SECRET).json(&body).send().await {
+        Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
+        Err(_) => (0, Value::Null),
+    }
+}
+
 pub async fn get(http: &reqwest::Client, url: String) -> (u16, Value) {
     match http.get(&url).bearer_auth(ADMIN).send().await {
         Ok(r) => (r.status().as_u16(), r.json().await.unwrap_or(Value::Null)),
