@@ -261,8 +261,12 @@ async fn leaders_die_one_at_a_time_and_no_promise_breaks() {
         let mut wanted: Vec<String> = sluice_events::dist::WORKER_SUBJECTS.iter().map(|s| (*s).to_owned()).collect();
         wanted.sort();
         assert_eq!(filters, wanted, "{info:?}");
-        assert!(info.delivered.consumer_sequence < info.delivered.stream_sequence, "{info:?}");
-        seen += 1;
+        // A consumer a worker gave up on while a server was down (its delete failed) lingers,
+        // undelivered, until its inactive threshold: it has the filter, and delivered nothing.
+        if info.delivered.consumer_sequence > 0 {
+            assert!(info.delivered.consumer_sequence < info.delivered.stream_sequence, "{info:?}");
+            seen += 1;
+        }
     }
     assert!(seen >= 2, "one consumer per worker");
     for mut m in media {
