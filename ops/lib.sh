@@ -83,6 +83,14 @@ ensure_media_clients() {
   fi
 }
 
+# The browser of the console's end-to-end tests: Debian's Chromium, driven headless through
+# its WebDriver (chromedriver).
+ensure_browser() {
+  if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    apt_install chromium chromium-driver
+  fi
+}
+
 # What the packaging and TLS tests use: dpkg-deb and adduser (the packages' postinst),
 # systemd-analyze (checks the units; systemd is installed, not started), openssl (test CAs).
 ensure_ops_tools() {

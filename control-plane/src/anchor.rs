@@ -222,7 +222,12 @@ pub struct Settings {
     pub nats_url: String,
     pub file: Option<PathBuf>,
     pub every: Duration,
+    /// The newest anchor signed, for `GET /v1/log`.
+    pub latest: Latest,
 }
+
+/// The newest anchor this control plane checked the log against or signed.
+pub type Latest = std::sync::Arc<std::sync::Mutex<Option<Anchor>>>;
 
 /// Anchors the head every `every` while it moves: the chain from the last anchored position
 /// to the head is checked first (so an anchor only ever covers a checked chain), then the
@@ -269,6 +274,7 @@ pub async fn run(store: EventStore, settings: Settings, from: Position) {
             }
         }
         signed = at;
+        *settings.latest.lock().unwrap_or_else(|p| p.into_inner()) = Some(anchor);
     }
 }
 

@@ -190,6 +190,8 @@ pub struct Filter {
     pub until: Option<DateTime<Utc>>,
     /// Only rows with a log position below this (the cursor; newest first).
     pub before: Option<i64>,
+    /// Only rows with a log position above this (the live tail).
+    pub after: Option<i64>,
     pub limit: i64,
     /// Subjects starting with this (`subscriber:` for Ant Media's connection events).
     pub subject_prefix: Option<String>,
@@ -298,6 +300,9 @@ pub async fn query(pool: &PgPool, f: &Filter) -> Result<Vec<DecisionRow>, StoreE
     }
     if let Some(b) = f.before {
         q.push(" AND position < ").push_bind(b);
+    }
+    if let Some(a) = f.after {
+        q.push(" AND position > ").push_bind(a);
     }
     if let Some(p) = &f.subject_prefix {
         q.push(" AND starts_with(subject, ").push_bind(p.clone()).push(")");

@@ -410,7 +410,10 @@ async fn serve(
     // newest anchors reachable, or a rewritten or truncated log would be served.
     let anchors = log::reachable_anchors(&config).await?;
     match anchor::check(api.writer.store(), &anchors).await {
-        Ok(Some(a)) => tracing::info!(position = a.position, "the log agrees with its anchors"),
+        Ok(Some(a)) => {
+            tracing::info!(position = a.position, "the log agrees with its anchors");
+            *api.anchor.lock().unwrap_or_else(|p| p.into_inner()) = Some(a);
+        }
         Ok(None) => tracing::info!("no anchor reachable yet (SLUICE_ANCHOR_FILE, NATS KV sluice-anchors)"),
         Err(e) => return Err(format!("refusing to serve this log: {e}").into()),
     }
@@ -429,6 +432,7 @@ async fn serve(
                 nats_url: config.nats_url.clone(),
                 file: config.anchor_file.clone(),
                 every: std::time::Duration::from_secs(config.anchor_every_secs),
+                latest: api.anchor.clone(),
             },
             api.writer.projection().position(),
         ),

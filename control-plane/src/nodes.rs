@@ -45,6 +45,18 @@ impl Nodes {
             .collect()
     }
 
+    /// Every live stream on the nodes heard from within `fresh`, by app, stream and node.
+    pub fn streams(&self, fresh: Duration) -> Vec<(String, dist::StreamStat)> {
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: Vec<_> = seen
+            .iter()
+            .filter(|(_, s)| s.at.elapsed() < fresh)
+            .flat_map(|(node, s)| s.beat.streams.iter().map(|st| (node.clone(), st.clone())))
+            .collect();
+        out.sort_by(|a, b| (&a.1.app, &a.1.stream, &a.0).cmp(&(&b.1.app, &b.1.stream, &b.0)));
+        out
+    }
+
     /// Forgets nodes silent for longer than `forget`.
     fn prune(&self, forget: Duration) {
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());

@@ -247,7 +247,15 @@ impl FromRequestParts<ApiState> for Principal {
             return Ok(p.clone());
         }
         let ip = ClientIp::of(parts);
-        let authorization = parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let cookie;
+        let authorization = match parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+            Some(a) => Some(a),
+            // The console's session: the credential it was opened with, checked again here.
+            None => {
+                cookie = super::console::credential(api, parts)?;
+                cookie.as_deref()
+            }
+        };
         let state = api.writer.projection().current();
         let now = now();
         let principal = api.auth.authenticate(authorization, &state, ip, now)?;

@@ -2,11 +2,17 @@
 //! paged by cursor, as JSON, NDJSON or CSV; one decision in full; and `explain`, which
 //! rebuilds the state the decision was made on and runs `decide` again.
 
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, TimeZone, Utc};
+use futures::Stream;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sluice_events::Keyring;
@@ -143,6 +149,55 @@ pub(super) async fn list(State(api): State<ApiState>, Query(q): Query<DecisionsQ
         _ => cursor_header(Json(DecisionPage { decisions: rows, next_cursor: next.clone() }).into_response()),
     })
 }
+
+/// `GET /v1/decisions/stream`: new decisions as they reach the audit table, oldest first, as
+/// Server-Sent Events (`decision`, the row as JSON, its position as the event id). Resumes
+/// after `Last-Event-ID` when the client sends one, else starts at the newest decision.
+pub(super) async fn tail(
+    State(api): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    Query(q): Query<DecisionsQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    if q.cursor.is_some() || q.format.is_some() {
+        return Err(ApiError::invalid("cursor", "the tail takes no cursor or format (it resumes at Last-Event-ID)"));
+    }
+    let mut f = filter(&q, 1000)?;
+    let pool = api.writer.store().pool().clone();
+    let resume = headers.get("last-event-id").and_then(|v| v.to_str().ok()?.trim().parse::<i64>().ok());
+    let start = match resume {
+        Some(p) if p >= 0 => p,
+        Some(_) => return Err(ApiError::invalid("Last-Event-ID", "a decision's position")),
+        None => {
+            decisions::query(&pool, &Filter { limit: 1, ..f.clone() }).await?.first().map_or(0, |r| r.position as i64)
+        }
+    };
+    f.after = Some(start);
+    f.oldest_first = true;
+    let stream =
+        futures::stream::unfold((f, pool, VecDeque::<DecisionRow>::new()), |(mut f, pool, mut buf)| async move {
+            loop {
+                if let Some(row) = buf.pop_front() {
+                    let data = serde_json::to_string(&row).unwrap_or_default();
+                    let event = SseEvent::default().id(row.position.to_string()).event("decision").data(data);
+                    return Some((Ok(event), (f, pool, buf)));
+                }
+                tokio::time::sleep(TAIL_EVERY).await;
+                match decisions::query(&pool, &f).await {
+                    Ok(rows) => {
+                        if let Some(last) = rows.last() {
+                            f.after = Some(last.position as i64);
+                        }
+                        buf.extend(rows);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "decision tail: the audit table could not be read; retrying"),
+                }
+            }
+        });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// How often the tail looks for new decisions.
+const TAIL_EVERY: Duration = Duration::from_millis(500);
 
 fn decision_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text).map_err(|_| ApiError::invalid("id", "expected a decision id (UUID)"))

@@ -48,6 +48,41 @@ pub struct EventPage {
     pub next_after: u64,
 }
 
+/// `GET /v1/log`: the log's head and its newest signed anchor.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LogView {
+    /// The head this control plane has applied.
+    pub head: u64,
+    /// Hex of its chain hash.
+    pub hash: Option<String>,
+    pub anchor: Option<AnchorView>,
+}
+
+/// An anchor of the log (its signature checked here).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct AnchorView {
+    pub position: u64,
+    pub hash: String,
+    /// Unix milliseconds.
+    pub at: i64,
+    pub instance: String,
+}
+
+pub(super) async fn log(State(api): State<ApiState>) -> Json<LogView> {
+    let head = api.writer.projection().head();
+    let anchor = api.anchor.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    Json(LogView {
+        head: head.map_or(0, |(p, _)| p.0),
+        hash: head.map(|(_, h)| h.to_hex()),
+        anchor: anchor.map(|a| AnchorView {
+            position: a.position,
+            hash: a.hash.to_hex(),
+            at: a.at,
+            instance: a.instance,
+        }),
+    })
+}
+
 pub fn view(e: &RecordedEvent) -> EventView {
     EventView {
         position: e.position.0,

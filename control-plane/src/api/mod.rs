@@ -9,6 +9,7 @@ pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod compat;
+pub mod console;
 pub mod decisions;
 pub mod error;
 pub mod events;
@@ -93,6 +94,10 @@ pub struct ApiInner {
     pub lag: Arc<probes::LagWatch>,
     /// `SLUICE_WEBHOOK_ALLOWED` (webhook and JWKS URLs), replaced by a reload.
     pub webhook_allowed: Arc<arc_swap::ArcSwap<sluice_events::webhook::WebhookAllowList>>,
+    /// The newest anchor of the log checked or signed here (`GET /v1/log`).
+    pub anchor: crate::anchor::Latest,
+    /// The console's session cookie is `Secure` (the API serves TLS).
+    pub console_secure: bool,
 }
 
 impl ApiState {
@@ -132,6 +137,8 @@ impl ApiState {
             jwks,
             lag: Arc::default(),
             webhook_allowed,
+            console_secure: config.api_tls.is_some(),
+            anchor: Arc::default(),
             sls_resets: Arc::default(),
             tasks,
         }))
@@ -329,6 +336,7 @@ pub fn router(api: ApiState) -> Router {
         .layer(middleware::from_fn_with_state(api.clone(), limits::allow_list));
     let mut app = Router::new()
         .merge(probes)
+        .merge(console::assets())
         .merge(api_routes)
         .with_state(api)
         .layer(axum::extract::DefaultBodyLimit::max(settings.max_body_bytes))

@@ -9,6 +9,19 @@ use super::ApiState;
 use super::error::ApiError;
 use crate::nodes::NodeList;
 
+/// `GET /v1/stats/streams`: what is live, where.
+#[derive(Debug, serde::Serialize, schemars::JsonSchema)]
+pub struct LiveStreams {
+    /// One row per stream and worker, by app, stream and worker.
+    pub streams: Vec<WorkerStream>,
+}
+
+pub(super) async fn live_streams(State(api): State<ApiState>) -> Json<LiveStreams> {
+    let fresh = Duration::from_secs(api.settings.node_stale_secs);
+    let streams = api.nodes.streams(fresh).into_iter().map(|(node_id, stat)| WorkerStream { node_id, stat }).collect();
+    Json(LiveStreams { streams })
+}
+
 /// `GET /v1/stats/streams/{app}/{stream}`.
 #[derive(Debug, serde::Serialize, schemars::JsonSchema)]
 pub struct StreamStats {

@@ -16,7 +16,9 @@ use sluice_events::{Policy, Role};
 use super::auth::Principal;
 use super::limits::Class;
 use super::{ApiState, ClientIp};
-use super::{antmedia, apps, decisions, events, keys, nodes, openapi, probes, sls, streams, subscribers, tokens};
+use super::{
+    antmedia, apps, console, decisions, events, keys, nodes, openapi, probes, sls, streams, subscribers, tokens,
+};
 
 /// Which part of the surface a route belongs to: its error envelope and where it is mounted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +157,11 @@ pub fn table() -> Vec<Route> {
         Route::new::<(), Value, _, _>(M::GET, "/health", public, None, probe("probes"), "Liveness (SRT Live Server's shape)", 200, probes::health),
         Route::new::<(), Value, _, _>(M::GET, "/ready", public, None, probe("probes"), "Postgres reachable, projection caught up, relay and log agree", 200, probes::ready),
         Route::new::<(), String, _, _>(M::GET, "/metrics", public, None, probe("probes"), "Prometheus metrics (OpenMetrics text): API, log, relay, ingest, nodes, process; with SLUICE_METRICS_TOKEN, a bearer token", 200, probes::metrics).produces("application/openmetrics-text"),
+        // The console's session (`/console` serves the page).
+        Route::new::<console::SignIn, console::Session, _, _>(M::POST, "/console/session", public, config, v1("console"), "Sign in to the console: an API key or JWT, or the static admin; answers a session cookie and its CSRF token", 201, console::sign_in),
+        Route::new::<(), console::Session, _, _>(M::GET, "/console/session", read, api, v1("console"), "The console session's subject, role and CSRF token", 200, console::current),
+        Route::new::<(), (), _, _>(M::DELETE, "/console/session", public, config, v1("console"), "Sign out of the console (the cookie is cleared)", 204, console::sign_out),
+        Route::new::<console::QrRequest, String, _, _>(M::POST, "/console/qr", read, api, v1("console"), "A QR code (SVG) of a TOTP provisioning URI", 200, console::qr).produces("image/svg+xml"),
         Route::new::<(), Value, _, _>(M::GET, "/v1/openapi.json", public, stats, v1("meta"), "This document", 200, openapi::serve),
         // Keys (admin, configuration).
         Route::new::<keys::CreateKey, keys::CreatedKey, _, _>(M::POST, "/v1/keys", admin, config, v1("keys"), "Create an API key (secret returned once)", 201, keys::create),
@@ -188,12 +195,15 @@ pub fn table() -> Vec<Route> {
         Route::new::<(), (), _, _>(M::DELETE, "/v1/apps/{app}/streams/{name}/subscribers/{id}", write, api, v1("subscribers"), "Remove a subscriber", 204, subscribers::remove),
         Route::new::<subscribers::Block, subscribers::SubscriberView, _, _>(M::POST, "/v1/apps/{app}/streams/{name}/subscribers/{id}/block", write, api, v1("subscribers"), "Block a subscriber for N seconds", 200, subscribers::block),
         // The log, decisions, workers.
+        Route::new::<(), events::LogView, _, _>(M::GET, "/v1/log", read, stats, v1("events"), "The log's head and its newest signed anchor", 200, events::log),
         Route::new::<(), events::EventPage, _, _>(M::GET, "/v1/events", admin, api, v1("events"), "Read the log (after, limit)", 200, events::page),
         Route::new::<(), Value, _, _>(M::GET, "/v1/events/stream", admin, api, v1("events"), "Tail the log as Server-Sent Events", 200, events::tail).produces("text/event-stream"),
+        Route::new::<(), Value, _, _>(M::GET, "/v1/decisions/stream", read, api, v1("decisions"), "Tail new decisions as Server-Sent Events (the filters of /v1/decisions but cursor and format)", 200, decisions::tail).produces("text/event-stream"),
         Route::new::<(), decisions::DecisionPage, _, _>(M::GET, "/v1/decisions", read, api, v1("decisions"), "Audit: decisions newest first; filters app, stream, subject, ip (or CIDR), outcome, reason, since, until, node; cursor; format json|ndjson|csv", 200, decisions::list),
         Route::new::<(), Value, _, _>(M::GET, "/v1/decisions/{id}", read, api, v1("decisions"), "One decision as recorded", 200, decisions::one),
         Route::new::<(), crate::decisions::Explanation, _, _>(M::GET, "/v1/decisions/{id}/explain", read, api, v1("decisions"), "Rebuild the state the decision was made on and run decide again", 200, decisions::explain),
         Route::new::<(), crate::nodes::NodeList, _, _>(M::GET, "/v1/nodes", read, stats, v1("nodes"), "Workers: applied position, lag, state digest match, last heartbeat", 200, nodes::list),
+        Route::new::<(), nodes::LiveStreams, _, _>(M::GET, "/v1/stats/streams", read, stats, v1("nodes"), "Every live stream on every worker heard from recently", 200, nodes::live_streams),
         Route::new::<(), nodes::StreamStats, _, _>(M::GET, "/v1/stats/streams/{app}/{stream}", read, stats, v1("nodes"), "A live stream's figures from the workers: bytes, bitrate (1 s, 10 s), players, drops, uptime", 200, nodes::stream_stats),
         // SRT Live Server.
         Route::new::<(), Value, _, _>(M::GET, "/api/stream-ids", read, api, sls_, "SRT Live Server: list stream ids", 200, sls::list),
