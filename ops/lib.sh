@@ -76,6 +76,10 @@ ensure_media_clients() {
     apt_install gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
       gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly
   fi
+  # nginx-rtmp: a media server whose on_publish/on_play/on_update hooks ask the worker.
+  if [ ! -f /usr/lib/nginx/modules/ngx_rtmp_module.so ] || ! command -v nginx >/dev/null; then
+    apt_install nginx libnginx-mod-rtmp
+  fi
   # VLC 3.0 (run as a non-root user by the client suite): RTMP through libavformat
   # (plugins-base), SRT through access_srt (access-extra).
   if ! command -v cvlc >/dev/null || ! ls /usr/lib/*/vlc/plugins/access/libaccess_srt_plugin.so >/dev/null 2>&1; then

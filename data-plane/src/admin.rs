@@ -157,6 +157,7 @@ fn parse_decide(body: &[u8], decider: &Decider) -> Result<AccessRequest, String>
         protocol,
         client_ip: b.client_ip,
         credential: target.credential,
+        client_id: None,
     })
 }
 

@@ -136,6 +136,7 @@ mod tests {
             protocol: Protocol::Srt,
             client_ip: ip.parse().unwrap(),
             credential: Credential::default(),
+            client_id: None,
         };
         let state = AuthState::for_data_plane(None);
         let decision = sluice_events::decide(&state, &req, Timestamp(at));

@@ -35,6 +35,10 @@ const KNOWN: &[&str] = &[
     "node_secret",
     "node_secret_file",
     "probe_listen",
+    "hooks_listen",
+    "hooks_secret",
+    "hooks_secret_file",
+    "hooks_allowed",
     "refusal_window_ms",
     "drain_secs",
     "proxy_protocol_from",
@@ -111,6 +115,15 @@ pub struct Config {
     pub node_secret: Option<SecretString>,
     /// A second listener with the probes and metrics alone (`/health`, `/ready`, `/metrics`).
     pub probe_listen: Option<SocketAddr>,
+    /// The media servers' hooks (`/hooks/nginx-rtmp/{secret}`), served when `hooks_secret`
+    /// is set (`SLUICE_HOOKS_LISTEN`, default 127.0.0.1:9936).
+    pub hooks_listen: SocketAddr,
+    /// The secret in the hooks' path (`SLUICE_HOOKS_SECRET` or `SLUICE_HOOKS_SECRET_FILE`, at
+    /// least 16 characters); unset, no hook is served.
+    pub hooks_secret: Option<SecretString>,
+    /// Addresses a media server may call the hooks from (`SLUICE_HOOKS_ALLOWED`, CIDRs;
+    /// default loopback).
+    pub hooks_allowed: Vec<sluice_events::Cidr>,
     /// Identical refusals (address, app, stream, action, reason) within this window of the
     /// last recorded one are recorded as one, with a count (0: each is recorded).
     pub refusal_window_ms: u64,
@@ -166,6 +179,9 @@ impl std::fmt::Debug for Config {
             .field("webhook_allowed", &self.webhook_allowed)
             .field("node_secret", &self.node_secret)
             .field("probe_listen", &self.probe_listen)
+            .field("hooks_listen", &self.hooks_listen)
+            .field("hooks_secret", &self.hooks_secret)
+            .field("hooks_allowed", &self.hooks_allowed)
             .field("refusal_window_ms", &self.refusal_window_ms)
             .field("drain_secs", &self.drain_secs)
             .field("nats_auth", &self.nats_auth)
@@ -201,22 +217,8 @@ impl Config {
         let entries: Vec<String> = webhook.split(',').map(str::to_owned).collect();
         let webhook_allowed = sluice_events::webhook::WebhookAllowList::parse(&entries)
             .map_err(|_| s.invalid("webhook_allowed", "comma-separated host names or CIDRs"))?;
-        const SECRET: &str = "at least 16 characters (SLUICE_NODE_SECRET, or a file holding them)";
-        let node_secret = match (s.raw("node_secret"), s.raw("node_secret_file")) {
-            (Some((v, _)), _) => Some(v.trim().to_owned())
-                .filter(|v| v.len() >= 16)
-                .map(SecretString::new)
-                .map(Some)
-                .ok_or_else(|| s.invalid("node_secret", SECRET))?,
-            (None, Some((path, _))) => std::fs::read_to_string(path.trim())
-                .ok()
-                .map(|v| v.trim().to_owned())
-                .filter(|v| v.len() >= 16)
-                .map(SecretString::new)
-                .map(Some)
-                .ok_or_else(|| s.invalid("node_secret_file", "a readable file holding at least 16 characters"))?,
-            (None, None) => None,
-        };
+        let node_secret = secret(&s, "node_secret")?;
+        let hooks_secret = secret(&s, "hooks_secret")?;
         Ok(Config {
             nats_url: s.or("nats_url", "nats://127.0.0.1:4222".to_owned(), "a nats:// URL")?,
             sealing_key,
@@ -242,19 +244,14 @@ impl Config {
             webhook_allowed,
             node_secret,
             probe_listen: s.optional("probe_listen", "host:port like 0.0.0.0:9936")?,
+            hooks_listen: s.or("hooks_listen", addr("127.0.0.1:9936"), "host:port like 127.0.0.1:9936")?,
+            hooks_secret,
+            hooks_allowed: cidrs(&s, "hooks_allowed", "127.0.0.0/8,::1/128")?,
             refusal_window_ms: s.or("refusal_window_ms", 1000, "milliseconds (0: record each refusal)")?.min(60_000),
             sls_app: sls_app(&s)?,
             drain_secs: s.or("drain_secs", 30, "seconds")?,
             nats_auth: sluice_events::settings::NatsAuth::load(&s)?,
-            proxy_protocol_from: {
-                let text: String = s.or("proxy_protocol_from", String::new(), "comma-separated CIDRs")?;
-                text.split(',')
-                    .map(str::trim)
-                    .filter(|c| !c.is_empty())
-                    .map(sluice_events::Cidr::parse)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|_| s.invalid("proxy_protocol_from", "comma-separated CIDRs like 10.0.0.0/8"))?
-            },
+            proxy_protocol_from: cidrs(&s, "proxy_protocol_from", "")?,
             log: log_filter(&s)?,
             metrics_listen: s.optional("metrics_listen", "host:port like 0.0.0.0:9937")?,
             metrics_token: metrics_token(&s)?,
@@ -289,6 +286,37 @@ fn metrics_token(s: &Sources) -> Result<Option<SecretString>, SettingsError> {
         Some((v, _)) if v.trim().len() >= 16 => Ok(Some(SecretString::new(v.trim().to_owned()))),
         Some(_) => Err(s.invalid("metrics_token", "at least 16 characters")),
     }
+}
+
+/// A secret of at least 16 characters, from `name` or the file `name_file`.
+fn secret(s: &Sources, name: &str) -> Result<Option<SecretString>, SettingsError> {
+    let file = format!("{name}_file");
+    match (s.raw(name), s.raw(&file)) {
+        (Some((v, _)), _) => Some(v.trim().to_owned())
+            .filter(|v| v.len() >= 16)
+            .map(SecretString::new)
+            .map(Some)
+            .ok_or_else(|| s.invalid(name, "at least 16 characters (or a file of them in the _FILE setting)")),
+        (None, Some((path, _))) => std::fs::read_to_string(path.trim())
+            .ok()
+            .map(|v| v.trim().to_owned())
+            .filter(|v| v.len() >= 16)
+            .map(SecretString::new)
+            .map(Some)
+            .ok_or_else(|| s.invalid(&file, "a readable file holding at least 16 characters")),
+        (None, None) => Ok(None),
+    }
+}
+
+/// Comma-separated CIDRs (`default` when unset).
+fn cidrs(s: &Sources, name: &str, default: &str) -> Result<Vec<sluice_events::Cidr>, SettingsError> {
+    let text: String = s.or(name, default.to_owned(), "comma-separated CIDRs")?;
+    text.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(sluice_events::Cidr::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| s.invalid(name, "comma-separated CIDRs like 10.0.0.0/8"))
 }
 
 fn sls_app(s: &Sources) -> Result<sluice_events::AppName, SettingsError> {

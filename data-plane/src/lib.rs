@@ -13,6 +13,7 @@ pub mod coalesce;
 pub mod config;
 pub mod decide;
 pub mod heartbeat;
+pub mod hooks;
 pub mod limits;
 pub mod local;
 pub mod rtmp;

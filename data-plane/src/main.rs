@@ -403,9 +403,15 @@ async fn run(config: Config, reload: Reload) -> Result<(), String> {
     }
     let srt_settings =
         srt::Settings { listen: config.srt_listen, latency: std::time::Duration::from_millis(config.srt_latency_ms) };
-    srt::spawn(&tasks, srt_settings, admission)
+    srt::spawn(&tasks, srt_settings, admission.clone())
         .await
         .map_err(|e| format!("cannot serve SRT on {} (SLUICE_SRT_LISTEN): {e}", config.srt_listen))?;
+    if let Some(secret) = config.hooks_secret.clone() {
+        let hooks = sluice_data_plane::hooks::Hooks::new(admission, secret, config.hooks_allowed.clone());
+        sluice_data_plane::hooks::serve(&tasks, config.hooks_listen, hooks)
+            .await
+            .map_err(|e| format!("cannot serve the hooks on {} (SLUICE_HOOKS_LISTEN): {e}", config.hooks_listen))?;
+    }
     let node_secret = Arc::new(node_secret(&config)?);
     let decider = Arc::new(decider);
     let metrics_token = config.metrics_token.clone().map(Arc::new);

@@ -428,6 +428,7 @@ mod tests {
             protocol: Protocol::Rtmp,
             client_ip: "192.0.2.1".parse().unwrap(),
             credential: Credential::default(),
+            client_id: None,
         };
         DecisionRecord {
             decision: Decision {

@@ -153,6 +153,7 @@ fn req(app_name: &str, stream: &str, action: Action, credential: Credential) -> 
         protocol: Protocol::Rtmp,
         client_ip: "10.0.0.1".parse().unwrap(),
         credential,
+        client_id: None,
     }
 }
 

@@ -46,6 +46,9 @@ pub struct AccessRequest {
     pub protocol: Protocol,
     pub client_ip: IpAddr,
     pub credential: Credential,
+    /// The media server's own id of the client, when a media server asked through a hook
+    /// (nginx-rtmp's `clientid`, SRS's `client_id`, MediaMTX's `id`).
+    pub client_id: Option<String>,
 }
 
 /// The verdict.
@@ -234,7 +237,16 @@ impl AccessRequest {
     /// A request that could not be read, from `client_ip`, for the audit.
     pub fn malformed(id: Uuid, action: Action, protocol: Protocol, client_ip: IpAddr) -> AccessRequest {
         let (app, stream) = malformed_target();
-        AccessRequest { id, app, stream, action, protocol, client_ip, credential: Credential::default() }
+        AccessRequest {
+            id,
+            app,
+            stream,
+            action,
+            protocol,
+            client_ip,
+            credential: Credential::default(),
+            client_id: None,
+        }
     }
 }
 
@@ -254,6 +266,9 @@ pub struct RecordedRequest {
     /// JSON `{"token":…,"subscriber_code":…}` sealed under the cluster key.
     #[serde(default)]
     pub credential: Option<Sealed>,
+    /// The media server's id of the client (a hook's request); absent for the worker's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
 }
 
 /// The purpose a decision's credential is sealed under: bound to the decision id, so a
@@ -298,6 +313,7 @@ impl RecordedRequest {
             subscriber_id: c.subscriber_id.clone(),
             expires: c.expires,
             credential,
+            client_id: req.client_id.clone(),
         }
     }
 
@@ -319,6 +335,7 @@ impl RecordedRequest {
             protocol: self.protocol,
             client_ip: self.client_ip,
             credential,
+            client_id: self.client_id.clone(),
         })
     }
 }
@@ -452,6 +469,7 @@ mod tests {
                 subscriber_id: Some(SubscriberId::parse("alice").unwrap()),
                 subscriber_code: Some(SecretString::new("123456")),
             },
+            client_id: Some("nginx-7".into()),
         }
     }
 

@@ -112,6 +112,7 @@ fn examples() -> Vec<Event> {
                     subscriber_id: None,
                     expires: None,
                     credential: Some(sealed(3)),
+                    client_id: Some("7".into()),
                 },
                 decided_at: T0,
                 node: Some(NodeId::parse("edge-1").unwrap()),

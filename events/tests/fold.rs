@@ -279,6 +279,7 @@ proptest! {
                 subscriber_id: sub.map(|s| SubscriberId::parse(&s).unwrap()),
                 subscriber_code: code.map(SecretString::new),
             },
+            client_id: None,
         };
         let d = decide(&w.state, &req, Timestamp(now));
         prop_assert_eq!(d.id, req.id);

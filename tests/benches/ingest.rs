@@ -44,6 +44,7 @@ fn record(i: u64, node: &NodeId) -> DecisionRecord {
         protocol: Protocol::Rtmp,
         client_ip: "198.51.100.7".parse().unwrap(),
         credential: Credential::default(),
+        client_id: None,
     };
     DecisionRecord {
         decision: Decision {

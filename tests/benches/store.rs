@@ -68,6 +68,7 @@ fn decisions_append(node: &str, n: usize) -> (String, Vec<NewEvent>) {
                         subscriber_id: None,
                         expires: None,
                         credential: None,
+                        client_id: None,
                     },
                     decided_at: Timestamp(1_800_000_000_000),
                     node: Some(NodeId::parse(node).unwrap()),

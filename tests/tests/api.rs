@@ -363,6 +363,7 @@ async fn stream_jwts_are_verified_from_the_apps_jwks() {
             protocol: Protocol::Rtmp,
             client_ip: "127.0.0.1".parse().unwrap(),
             credential: sluice_events::Credential::token(&token),
+            client_id: None,
         };
         sluice_events::decide(&api.state.writer.projection().current(), &req, sluice_control_plane::clock::now()).reason
     };
@@ -701,6 +702,7 @@ async fn tokens_jwts_hashes_and_subscribers_pass_decide() {
             protocol: Protocol::Rtmp,
             client_ip: "127.0.0.1".parse().unwrap(),
             credential: target.credential,
+            client_id: None,
         };
         sluice_events::decide(&state(), &req, sluice_control_plane::clock::now())
     };

@@ -179,7 +179,7 @@ pub fn drive_input(data: &[u8], max_message: usize) {
 }
 
 /// An RTMP publish or play target as an `AccessRequest`.
-pub(super) fn access_request(
+pub(crate) fn access_request(
     app: &str,
     stream_key: &str,
     action: Action,
@@ -196,6 +196,7 @@ pub(super) fn access_request(
         protocol: Protocol::Rtmp,
         client_ip,
         credential: target.credential,
+        client_id: None,
     })
 }
 

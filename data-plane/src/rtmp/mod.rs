@@ -33,5 +33,6 @@ mod writer;
 
 pub use chunk::chunk_message;
 pub use ctx::{AdmitJob, serve_admissions};
+pub(crate) use input::access_request;
 pub use input::{drive_input, in_guarded_input};
 pub use server::{Settings, spawn};

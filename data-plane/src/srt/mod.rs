@@ -113,6 +113,7 @@ pub fn access_request(
         protocol: Protocol::Srt,
         client_ip,
         credential: parsed.target.credential,
+        client_id: None,
     })
 }
 

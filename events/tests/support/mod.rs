@@ -82,6 +82,7 @@ pub fn request(action: Action, stream: &str, credential: Credential) -> AccessRe
         protocol: Protocol::Rtmp,
         client_ip: "10.0.0.5".parse::<IpAddr>().unwrap(),
         credential,
+        client_id: None,
     }
 }
 
