@@ -39,6 +39,8 @@ const KNOWN: &[&str] = &[
     "hooks_secret",
     "hooks_secret_file",
     "hooks_allowed",
+    "hooks_srs_api",
+    "hooks_mediamtx_api",
     "refusal_window_ms",
     "drain_secs",
     "proxy_protocol_from",
@@ -124,6 +126,12 @@ pub struct Config {
     /// Addresses a media server may call the hooks from (`SLUICE_HOOKS_ALLOWED`, CIDRs;
     /// default loopback).
     pub hooks_allowed: Vec<sluice_events::Cidr>,
+    /// SRS's HTTP API (`SLUICE_HOOKS_SRS_API`, e.g. `http://127.0.0.1:1985`): a revoked session
+    /// admitted through SRS's hooks is kicked there.
+    pub hooks_srs_api: Option<String>,
+    /// MediaMTX's control API (`SLUICE_HOOKS_MEDIAMTX_API`, e.g. `http://127.0.0.1:9997`):
+    /// revoked sessions are kicked there, ended ones noticed.
+    pub hooks_mediamtx_api: Option<String>,
     /// Identical refusals (address, app, stream, action, reason) within this window of the
     /// last recorded one are recorded as one, with a count (0: each is recorded).
     pub refusal_window_ms: u64,
@@ -182,6 +190,8 @@ impl std::fmt::Debug for Config {
             .field("hooks_listen", &self.hooks_listen)
             .field("hooks_secret", &self.hooks_secret)
             .field("hooks_allowed", &self.hooks_allowed)
+            .field("hooks_srs_api", &self.hooks_srs_api)
+            .field("hooks_mediamtx_api", &self.hooks_mediamtx_api)
             .field("refusal_window_ms", &self.refusal_window_ms)
             .field("drain_secs", &self.drain_secs)
             .field("nats_auth", &self.nats_auth)
@@ -247,6 +257,8 @@ impl Config {
             hooks_listen: s.or("hooks_listen", addr("127.0.0.1:9936"), "host:port like 127.0.0.1:9936")?,
             hooks_secret,
             hooks_allowed: cidrs(&s, "hooks_allowed", "127.0.0.0/8,::1/128")?,
+            hooks_srs_api: api_url(&s, "hooks_srs_api")?,
+            hooks_mediamtx_api: api_url(&s, "hooks_mediamtx_api")?,
             refusal_window_ms: s.or("refusal_window_ms", 1000, "milliseconds (0: record each refusal)")?.min(60_000),
             sls_app: sls_app(&s)?,
             drain_secs: s.or("drain_secs", 30, "seconds")?,
@@ -306,6 +318,16 @@ fn secret(s: &Sources, name: &str) -> Result<Option<SecretString>, SettingsError
             .ok_or_else(|| s.invalid(&file, "a readable file holding at least 16 characters")),
         (None, None) => Ok(None),
     }
+}
+
+/// An `http://` or `https://` base URL, without its trailing `/`.
+fn api_url(s: &Sources, name: &str) -> Result<Option<String>, SettingsError> {
+    let Some(url) = s.optional::<String>(name, "an http:// or https:// URL")? else { return Ok(None) };
+    let url = url.trim().trim_end_matches('/').to_owned();
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 10 {
+        return Err(s.invalid(name, "an http:// or https:// URL like http://127.0.0.1:1985"));
+    }
+    Ok(Some(url))
 }
 
 /// Comma-separated CIDRs (`default` when unset).

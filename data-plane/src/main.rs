@@ -407,7 +407,11 @@ async fn run(config: Config, reload: Reload) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot serve SRT on {} (SLUICE_SRT_LISTEN): {e}", config.srt_listen))?;
     if let Some(secret) = config.hooks_secret.clone() {
-        let hooks = sluice_data_plane::hooks::Hooks::new(admission, secret, config.hooks_allowed.clone());
+        let apis = sluice_data_plane::hooks::Apis {
+            srs: config.hooks_srs_api.clone(),
+            mediamtx: config.hooks_mediamtx_api.clone(),
+        };
+        let hooks = sluice_data_plane::hooks::Hooks::new(admission, secret, config.hooks_allowed.clone(), apis);
         sluice_data_plane::hooks::serve(&tasks, config.hooks_listen, hooks)
             .await
             .map_err(|e| format!("cannot serve the hooks on {} (SLUICE_HOOKS_LISTEN): {e}", config.hooks_listen))?;

@@ -311,8 +311,13 @@ word_enum!(
     Role, "role" { Admin => "admin", Write => "write", Read => "read" }
 );
 word_enum!(
-    /// The protocol a request came in on.
-    Protocol, "protocol" { Rtmp => "rtmp", Srt => "srt", Api => "api" }
+    /// The protocol a request came in on: the worker's own (RTMP, SRT), the API's, or what a
+    /// media server reported through its hook (RTSP, HLS, WebRTC, HTTP-FLV and other HTTP
+    /// delivery, MoQ). The list only grows.
+    Protocol, "protocol" {
+        Rtmp => "rtmp", Srt => "srt", Api => "api", Rtsp => "rtsp", Hls => "hls", Webrtc => "webrtc",
+        Http => "http", Moq => "moq"
+    }
 );
 
 impl Role {

@@ -268,3 +268,175 @@ async fn the_hooks_refuse_bad_input_clearly_and_admit_nothing() {
     let r = send(url.clone(), form_type, format!("{form}&call=play_done&name=cam")).await;
     assert_eq!(r.unwrap().status(), 200);
 }
+
+/// What the fake media server API received: (method, path, body).
+type Calls = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
+
+/// A stand-in for SRS's HTTP API and MediaMTX's control API, answering as their code does and
+/// noting each call.
+async fn media_server_api() -> (u16, Calls) {
+    let calls = Calls::default();
+    let app = axum::Router::new().fallback(api_call).with_state(calls.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (port, calls)
+}
+
+async fn api_call(
+    axum::extract::State(calls): axum::extract::State<Calls>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::response::IntoResponse as _;
+    let (method, path) = (req.method().to_string(), req.uri().path().to_owned());
+    let body = axum::body::to_bytes(req.into_body(), 1 << 16).await.unwrap_or_default();
+    calls.lock().unwrap().push((method.clone(), path.clone(), String::from_utf8_lossy(&body).into_owned()));
+    if path.starts_with("/api/v1/clients/") && method == "DELETE" {
+        // SRS: `srs_api_response` of {"code":0,"server":…,"service":…,"pid":…}.
+        return axum::Json(json!({"code": 0, "server": "vid-test", "service": "test", "pid": "1"})).into_response();
+    }
+    if path.starts_with("/v3/") && (path.contains("/kick/") || path.contains("/get/")) {
+        return axum::http::StatusCode::OK.into_response();
+    }
+    axum::http::StatusCode::NOT_FOUND.into_response()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn srs_and_mediamtx_hooks_answer_as_their_code_expects_and_kick_revoked_sessions() {
+    let Plane { pg: _pg, url: _, nats, dir, http, store, cp, control: _cp } = Plane::start("hooks_peers").await;
+    let publish = json!({"methods": ["one_time_token"], "accept_undefined_streams": false});
+    post(&http, cp, "/v1/apps", json!({"name": "tv", "policy": {"publish": publish, "play": {"methods": ["open"]}}}))
+        .await;
+    for name in ["cam", "mtx"] {
+        post(&http, cp, "/v1/apps/tv/streams", json!({"name": name})).await;
+    }
+    let (api, calls) = media_server_api().await;
+    let (admin, hooks) = (free_port(), free_port());
+    let (hooks_listen, api_url) = (format!("127.0.0.1:{hooks}"), format!("http://127.0.0.1:{api}"));
+    let settings = [
+        ("SLUICE_HOOKS_SECRET", HOOK_SECRET),
+        ("SLUICE_HOOKS_LISTEN", hooks_listen.as_str()),
+        ("SLUICE_HOOKS_SRS_API", api_url.as_str()),
+        ("SLUICE_HOOKS_MEDIAMTX_API", api_url.as_str()),
+    ];
+    let _w = worker_with(&nats.url(), admin, &dir.path().join("w1"), "w1", &dir.path().join("w1.log"), &settings);
+    assert!(wait_for_port(hooks, WAIT));
+    let srs = format!("http://127.0.0.1:{hooks}/hooks/srs/{HOOK_SECRET}");
+    let mtx = format!("http://127.0.0.1:{hooks}/hooks/mediamtx/{HOOK_SECRET}");
+    let send = |url: &str, body: Value| http.post(url).json(&body).send();
+
+    // SRS: the body of `SrsHttpHooks::on_publish` (trunk/src/app/srs_app_http_hooks.cpp, SRS 6
+    // develop at 101382a, 2024-10-15), member for member.
+    let token = one_time_token(&http, cp, "tv", "cam", "publish").await;
+    ready_at_head(&http, &store, admin).await;
+    let on_publish = |client_id: &str, token: &str| {
+        json!({
+            "server_id": "vid-0xk989d", "service_id": "8c1ou06d", "action": "on_publish",
+            "client_id": client_id, "ip": "192.0.2.10", "vhost": "__defaultVhost__", "app": "tv",
+            "tcUrl": "rtmp://127.0.0.1:1935/tv", "stream": "cam", "param": format!("?token={token}"),
+            "stream_url": "/tv/cam", "stream_id": "vid-3h8h21s"
+        })
+    };
+    let r = send(&srs, on_publish("341w361a", &token)).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), r#"{"code":0}"#, "SRS reads 200 and code 0 as go on");
+    // A second publisher with the same token: refused (not 200, code not 0).
+    let r = send(&srs, on_publish("9xk2", &token)).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let refused: Value = r.json().await.unwrap();
+    assert_ne!(refused["code"], 0, "{refused}");
+    // `on_play` (the same file: pageUrl instead of stream_url's neighbours) over WebRTC.
+    let on_play = json!({
+        "server_id": "vid-0xk989d", "service_id": "8c1ou06d", "action": "on_play", "client_id": "77p0",
+        "ip": "192.0.2.11", "vhost": "__defaultVhost__", "app": "tv", "stream": "cam",
+        "tcUrl": "webrtc://127.0.0.1/tv", "param": "", "pageUrl": "", "stream_url": "/tv/cam", "stream_id": "vid-3h8h21s"
+    });
+    let r = send(&srs, on_play).await.unwrap();
+    assert_eq!((r.status().as_u16(), r.text().await.unwrap()), (200, r#"{"code":0}"#.to_owned()));
+    // Revoked: deleting the stream kicks the publisher through SRS's API.
+    let r = http.delete(format!("http://127.0.0.1:{cp}/v1/apps/tv/streams/cam")).bearer_auth(ADMIN).send().await;
+    assert_eq!(r.unwrap().status(), 204);
+    until("SRS's API asked to kick the publisher", || async {
+        calls.lock().unwrap().iter().any(|(m, p, _)| m == "DELETE" && p == "/api/v1/clients/341w361a")
+    })
+    .await;
+    let mut on_unpublish = on_publish("341w361a", &token);
+    on_unpublish["action"] = json!("on_unpublish");
+    let r = send(&srs, on_unpublish).await.unwrap();
+    assert_eq!((r.status().as_u16(), r.text().await.unwrap()), (200, r#"{"code":0}"#.to_owned()));
+
+    // MediaMTX: the body of `authenticateHTTP` (internal/auth/manager.go at 3e09466,
+    // 2026-08-22), member for member.
+    let token = one_time_token(&http, cp, "tv", "mtx", "publish").await;
+    ready_at_head(&http, &store, admin).await;
+    let id = "5f0c4a5e-9d1b-4b8e-8f53-0e1d6a3c2b11";
+    let publish = json!({
+        "ip": "192.0.2.20", "user": "", "password": "", "token": "", "action": "publish", "path": "tv/mtx",
+        "protocol": "rtmp", "id": id, "query": format!("token={token}"), "userAgent": "obs-studio"
+    });
+    let r = send(&mtx, publish.clone()).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let r = send(&mtx, publish).await.unwrap();
+    assert_eq!(r.status(), 401, "the token's second use");
+    let read = json!({
+        "ip": "192.0.2.21", "user": "", "password": "", "token": "", "action": "read", "path": "tv/mtx",
+        "protocol": "hls", "id": null, "query": "", "userAgent": "hls.js"
+    });
+    assert_eq!(send(&mtx, read).await.unwrap().status(), 200);
+    let api_call = json!({"ip": "127.0.0.1", "user": "", "password": "", "token": "", "action": "api", "path": "",
+        "protocol": "", "id": null, "query": "", "userAgent": "curl"});
+    assert_eq!(send(&mtx, api_call).await.unwrap().status(), 401);
+    let r = http.delete(format!("http://127.0.0.1:{cp}/v1/apps/tv/streams/mtx")).bearer_auth(ADMIN).send().await;
+    assert_eq!(r.unwrap().status(), 204);
+    until("MediaMTX's API asked to kick the publisher", || async {
+        calls.lock().unwrap().iter().any(|(m, p, _)| m == "POST" && *p == format!("/v3/rtmpconns/kick/{id}"))
+    })
+    .await;
+
+    // Each decision recorded with the protocol the media server reported and its client id.
+    let (_, page) = get(&http, format!("http://127.0.0.1:{cp}/v1/decisions?app=tv&limit=100")).await;
+    let rows = page["decisions"].as_array().unwrap();
+    let protocols: std::collections::BTreeSet<_> = rows.iter().map(|r| r["protocol"].as_str().unwrap()).collect();
+    assert!(protocols.contains("webrtc") && protocols.contains("hls") && protocols.contains("rtmp"), "{protocols:?}");
+    for row in rows {
+        let (_, explained) =
+            get(&http, format!("http://127.0.0.1:{cp}/v1/decisions/{}/explain", row["id"].as_str().unwrap())).await;
+        assert_eq!(explained["matches"], true, "{explained}");
+    }
+
+    // Bad input on both: clear 4xx, nothing decided.
+    let before = rows.len();
+    let cases = [
+        (
+            &srs,
+            json!({"action": "on_publish", "ip": "192.0.2.1", "app": "tv", "stream": "cam"}),
+            400,
+            "missing `client_id`",
+        ),
+        (&srs, json!({"action": "on_format", "client_id": "1"}), 400, "unknown action"),
+        (
+            &srs,
+            json!({"action": "on_play", "client_id": "1", "ip": "x", "app": "tv", "stream": "cam"}),
+            400,
+            "not an IP",
+        ),
+        (&srs, json!({"client_id": "1"}), 400, "action"),
+        (
+            &mtx,
+            json!({"ip": "192.0.2.1", "action": "read", "path": "tv/cam", "protocol": "gopher"}),
+            400,
+            "unknown protocol",
+        ),
+        (&mtx, json!({"ip": "192.0.2.1", "action": "read", "path": "nocam", "protocol": "rtsp"}), 400, "app/stream"),
+        (&mtx, json!({"ip": "192.0.2.1", "action": 7, "path": "tv/cam", "protocol": "rtsp"}), 400, "body"),
+    ];
+    for (url, body, status, says) in cases {
+        let r = send(url, body.clone()).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{body}");
+        assert!(r.text().await.unwrap().contains(says), "{body}");
+    }
+    let r = http.post(&srs).header("content-type", "text/plain").body("{}").send().await.unwrap();
+    assert_eq!(r.status(), 415);
+    let (_, page) = get(&http, format!("http://127.0.0.1:{cp}/v1/decisions?app=tv&limit=100")).await;
+    assert_eq!(page["decisions"].as_array().unwrap().len(), before, "a bad request was decided");
+}

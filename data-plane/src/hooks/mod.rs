@@ -5,16 +5,22 @@
 //!
 //! Served on `SLUICE_HOOKS_LISTEN` (default `127.0.0.1:9936`) when `SLUICE_HOOKS_SECRET` is
 //! set, at `/hooks/<server>/<secret>`: the secret is in the path because nginx-rtmp cannot send
-//! a header, and callers must come from `SLUICE_HOOKS_ALLOWED` (default loopback). Today:
-//! nginx-rtmp (`nginx.rs`).
+//! a header, and callers must come from `SLUICE_HOOKS_ALLOWED` (default loopback):
+//! nginx-rtmp (`nginx.rs`), SRS's `http_hooks` (`srs.rs`), MediaMTX's `authHTTPAddress`
+//! (`mediamtx.rs`).
 //!
 //! Sessions admitted through a hook are kept per (media server address, server kind, client
 //! id, action). A session ended by a change in the log (its token revoked, its stream deleted,
-//! a kick) is remembered as revoked until the media server asks again (nginx-rtmp's
-//! `on_update`), which is then refused, so the media server drops the client; its `done`
-//! call forgets it. Dropping the session releases what it held (the publisher slot).
+//! a kick) is revoked: the worker calls the media server's API to drop the client where that
+//! API is configured (SRS `DELETE /api/v1/clients/{id}`, MediaMTX `POST /v3/…/kick/{id}`), and
+//! answers the server's next re-check with a refusal (nginx-rtmp's `on_update`). The server's
+//! own end-of-session call forgets it; MediaMTX has none, so its sessions are forgotten when
+//! its API no longer lists them. Dropping the session releases what it held (the publisher
+//! slot).
 
+pub mod mediamtx;
 pub mod nginx;
+pub mod srs;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -49,14 +55,56 @@ struct Held {
     _release: oneshot::Sender<()>,
 }
 
+type Sessions = Arc<Mutex<HashMap<ClientKey, Held>>>;
+
+/// How a revoked session is ended in its media server: `method` on the first of `urls` that
+/// answers 2xx (MediaMTX names a connection by its protocol's list, TLS or not).
+#[derive(Debug, Clone)]
+pub struct Kick {
+    pub method: reqwest::Method,
+    pub urls: Vec<String>,
+}
+
+/// How the worker learns that a session ended in a media server that does not say so: a GET of
+/// any of `urls` answering 404 means it is gone.
+#[derive(Debug, Clone)]
+pub struct Liveness {
+    pub urls: Vec<String>,
+}
+
+/// What a hook adds to an admission.
+#[derive(Debug, Default)]
+pub struct Hold {
+    /// Ends the session in the media server when the log revokes it.
+    pub kick: Option<Kick>,
+    /// Polled to forget a session the media server ended.
+    pub liveness: Option<Liveness>,
+    /// Keep the stream's publisher slot while the session lives (false: the media server
+    /// enforces one publisher itself and never says when one ends).
+    pub hold_slot: bool,
+}
+
+/// Where the media servers' APIs are, for kicks (`SLUICE_HOOKS_SRS_API`,
+/// `SLUICE_HOOKS_MEDIAMTX_API`).
+#[derive(Debug, Clone, Default)]
+pub struct Apis {
+    pub srs: Option<String>,
+    pub mediamtx: Option<String>,
+}
+
 /// The hooks' state: the admission step, the credential, and the admitted sessions.
 #[derive(Debug)]
 pub struct Hooks {
     admission: Admission,
     secret: SecretString,
     allowed: Vec<Cidr>,
-    sessions: Mutex<HashMap<ClientKey, Held>>,
+    sessions: Sessions,
+    pub apis: Apis,
+    http: reqwest::Client,
 }
+
+/// How often a session without an end call is looked up in its media server's API.
+const LIVENESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// What a hook's admission answered.
 #[derive(Debug)]
@@ -79,8 +127,9 @@ pub enum Standing {
 }
 
 impl Hooks {
-    pub fn new(admission: Admission, secret: SecretString, allowed: Vec<Cidr>) -> Arc<Hooks> {
-        Arc::new(Hooks { admission, secret, allowed, sessions: Mutex::default() })
+    pub fn new(admission: Admission, secret: SecretString, allowed: Vec<Cidr>, apis: Apis) -> Arc<Hooks> {
+        let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build().unwrap_or_default();
+        Arc::new(Hooks { admission, secret, allowed, sessions: Arc::default(), apis, http })
     }
 
     /// The caller's address and the path's secret, checked before anything is read.
@@ -97,21 +146,41 @@ impl Hooks {
         Ok(())
     }
 
-    /// Decides `req` for `client` and, when admitted, holds the session until `done`.
-    pub async fn admit(&self, client: ClientKey, req: AccessRequest) -> Answer {
+    /// Decides `req` for `client` and, when admitted, holds the session until `done` (or
+    /// until `hold.liveness` says the media server ended it).
+    pub async fn admit(&self, client: ClientKey, req: AccessRequest, hold: Hold) -> Answer {
         // The media server knows whether the stream is live; a play is not refused here for it.
         match self.admission.admit(req, true).await {
             Ok(mut admitted) => {
                 let record = Box::new(admitted.record.clone());
+                if !hold.hold_slot {
+                    admitted.publishing = None;
+                }
                 let revoked = Arc::new(Mutex::new(None));
                 let (release, released) = oneshot::channel::<()>();
-                let mark = revoked.clone();
+                let (mark, http, sessions, key) =
+                    (revoked.clone(), self.http.clone(), self.sessions.clone(), client.clone());
                 tokio::spawn(async move {
-                    tokio::select! {
-                        reason = admitted.session.ended() => {
-                            *mark.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                    let mut released = released;
+                    let mut every = tokio::time::interval(LIVENESS_EVERY);
+                    every.tick().await;
+                    loop {
+                        tokio::select! {
+                            reason = admitted.session.ended() => {
+                                *mark.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+                                if let Some(kick) = &hold.kick {
+                                    kick_session(&http, kick, &key, reason).await;
+                                }
+                                break;
+                            }
+                            _ = &mut released => break,
+                            _ = every.tick(), if hold.liveness.is_some() => {
+                                if let Some(live) = &hold.liveness && gone(&http, live).await {
+                                    sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&key);
+                                    break;
+                                }
+                            }
                         }
-                        _ = released => {}
                     }
                     drop(admitted);
                 });
@@ -119,6 +188,15 @@ impl Hooks {
                 sessions.insert(client, Held { revoked, _release: release });
                 Answer::Allowed(record)
             }
+            Err(Refusal::Refused(record)) => Answer::Refused(record),
+            Err(Refusal::Unavailable(e)) => Answer::Unavailable(e),
+        }
+    }
+
+    /// Decides `req` and holds nothing: a session the media server cannot be asked about.
+    pub async fn decide_only(&self, req: AccessRequest) -> Answer {
+        match self.admission.admit(req, true).await {
+            Ok(admitted) => Answer::Allowed(Box::new(admitted.record.clone())),
             Err(Refusal::Refused(record)) => Answer::Refused(record),
             Err(Refusal::Unavailable(e)) => Answer::Unavailable(e),
         }
@@ -151,6 +229,57 @@ impl Hooks {
     }
 }
 
+/// Ends a revoked session in its media server: the first URL that answers 2xx.
+async fn kick_session(http: &reqwest::Client, kick: &Kick, key: &ClientKey, reason: Reason) {
+    for url in &kick.urls {
+        match http.request(kick.method.clone(), url).send().await {
+            Ok(r) if r.status().is_success() => {
+                tracing::info!(kind = key.kind, client = %key.client_id, reason = reason.as_str(), "revoked session kicked in its media server");
+                return;
+            }
+            Ok(r) => tracing::debug!(%url, status = %r.status(), "kick not taken"),
+            Err(e) => tracing::warn!(kind = key.kind, error = %e, "the media server's API did not answer the kick"),
+        }
+    }
+    tracing::warn!(kind = key.kind, client = %key.client_id, "no kick URL took the revoked session; it ends when the media server asks again");
+}
+
+/// Whether every liveness URL answers 404 (the media server no longer has the session).
+async fn gone(http: &reqwest::Client, live: &Liveness) -> bool {
+    let mut gone = !live.urls.is_empty();
+    for url in &live.urls {
+        match http.get(url).send().await {
+            Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {}
+            _ => gone = false,
+        }
+    }
+    gone
+}
+
+/// A hook request's checks before its body is read as `what` (`content_type`, parsed by
+/// `parse`): the caller's address, the path's secret, the content type.
+pub(super) fn accept<T>(
+    hooks: &Hooks,
+    peer: IpAddr,
+    secret: &str,
+    headers: &axum::http::HeaderMap,
+    content_type: &str,
+    what: &str,
+    parse: impl FnOnce() -> Result<T, String>,
+) -> Result<T, HookError> {
+    hooks.check(peer, secret)?;
+    let sent = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !sent.starts_with(content_type) {
+        return Err(HookError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("expected {content_type} ({what})")));
+    }
+    parse().map_err(|e| HookError::new(StatusCode::BAD_REQUEST, e))
+}
+
+/// The answer, or the refusal as the response.
+pub(super) fn either(answer: Result<Response, HookError>) -> Response {
+    answer.unwrap_or_else(IntoResponse::into_response)
+}
+
 /// A plain-text refusal (what a media server logs).
 pub fn refuse(status: StatusCode, detail: &str) -> Response {
     HookError::new(status, detail).into_response()
@@ -180,6 +309,8 @@ impl IntoResponse for HookError {
 pub fn router(hooks: Arc<Hooks>) -> Router {
     Router::new()
         .route("/hooks/nginx-rtmp/{secret}", axum::routing::post(nginx::hook))
+        .route("/hooks/srs/{secret}", axum::routing::post(srs::hook))
+        .route("/hooks/mediamtx/{secret}", axum::routing::post(mediamtx::hook))
         .with_state(hooks)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
 }
@@ -187,7 +318,7 @@ pub fn router(hooks: Arc<Hooks>) -> Router {
 /// Serves the hooks on `listen` until the process ends.
 pub async fn serve(tasks: &crate::task::Tasks, listen: SocketAddr, hooks: Arc<Hooks>) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(%listen, "media server hooks serving (nginx-rtmp)");
+    tracing::info!(%listen, "media server hooks serving (nginx-rtmp, SRS, MediaMTX)");
     tasks.spawn("hooks listener", async move {
         let app = router(hooks).into_make_service_with_connect_info::<SocketAddr>();
         if let Err(e) = axum::serve(listener, app).await {

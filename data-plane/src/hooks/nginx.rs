@@ -34,21 +34,12 @@ pub async fn hook(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Err(refused) = hooks.check(peer.ip(), &secret) {
-        return refused.into_response();
-    }
-    let form = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !form.starts_with("application/x-www-form-urlencoded") {
-        return refuse(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "expected application/x-www-form-urlencoded (nginx-rtmp's notify)",
-        );
-    }
-    let Ok(fields) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) else {
-        return refuse(StatusCode::BAD_REQUEST, "the body is not a form");
+    let parse = || {
+        serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body).map_err(|_| "the body is not a form".to_owned())
     };
-    match answer(&hooks, peer.ip(), &fields).await {
-        Ok(response) => response,
+    let form = "application/x-www-form-urlencoded";
+    match super::accept(&hooks, peer.ip(), &secret, &headers, form, "nginx-rtmp's notify", parse) {
+        Ok(fields) => super::either(answer(&hooks, peer.ip(), &fields).await),
         Err(refused) => refused.into_response(),
     }
 }
@@ -120,7 +111,9 @@ async fn answer(hooks: &Hooks, server: IpAddr, fields: &[(String, String)]) -> R
     let mut req = crate::rtmp::access_request(&app, &stream_key, action, addr)
         .map_err(|e| HookError::new(StatusCode::BAD_REQUEST, format!("stream: {e}")))?;
     req.client_id = Some(key.client_id.clone());
-    Ok(match hooks.admit(key, req).await {
+    // nginx-rtmp says when a session ends (`*_done`) and re-checks it (`on_update`).
+    let hold = super::Hold { kick: None, liveness: None, hold_slot: true };
+    Ok(match hooks.admit(key, req, hold).await {
         Answer::Allowed(record) => {
             let public = record.decision.stream.as_str();
             if public != name {
