@@ -209,9 +209,10 @@ async function overviewPage() {
           h('td', { class: 'num' }, n.live_sessions), h('td', { class: 'num' }, n.decisions_pending),
           h('td', { class: n.stale ? 'deny' : 'allow' }, n.stale ? 'stale' : n.ready ? 'ready' : 'starting'))),
         'No worker has sent a heartbeat.'),
-      table('Live streams', ['Stream', 'Worker', 'Protocol', 'Bitrate (10 s)', 'Players', 'Uptime'],
+      table('Live streams', ['Stream', 'Worker', 'Publisher', 'Protocol', 'Bitrate (10 s)', 'Players', 'Uptime'],
         live.streams.map((s) => h('tr', { 'data-stream': `${s.app}/${s.stream}` },
-          h('td', {}, `${s.app}/${s.stream}`), h('td', {}, s.node_id), h('td', {}, s.protocol),
+          h('td', {}, `${s.app}/${s.stream}`), h('td', {}, s.node_id), h('td', { class: 'publisher' }, s.publisher || '—'),
+          h('td', {}, s.protocol),
           h('td', { class: 'num' }, bits(s.bitrate_10s)), h('td', { class: 'num' }, s.players),
           h('td', { class: 'num' }, `${s.uptime_secs} s`))),
         'Nothing is live.'));
@@ -410,6 +411,14 @@ async function streamPage(params) {
         } }, 'Revoke') : null))),
       'No token issued.'));
   };
+  const editName = h('input', { id: 'edit-publish-name', value: stream.publish_name || '' });
+  const editDescription = h('input', { id: 'edit-description', value: stream.description || '' });
+  const save = async (ev) => {
+    ev.preventDefault();
+    // Empty clears (null), as the API's PATCH reads it.
+    const body = { publish_name: editName.value || null, description: editDescription.value || null };
+    if (await attempt(() => api('PATCH', path, body), 'Stream saved')) route();
+  };
   const kick = (action, label) => h('button', { type: 'button', class: 'danger', 'data-kick': action || 'all', onclick: async () => {
     await attempt(() => api('POST', `${path}/kick`, action ? { action } : {}), `${label}: sent to every worker`);
   } }, label);
@@ -417,6 +426,9 @@ async function streamPage(params) {
     h('p', {}, stats.live ? h('span', { class: 'allow' }, `Live: ${stats.players} player(s), ${bits(stats.bitrate_10s)}`) : h('span', { class: 'muted' }, 'Not live.'),
       stream.publish_name ? ` Publish name: ${stream.publish_name}.` : ''),
     write ? h('p', {}, kick('publish', 'Kick the publisher'), ' ', kick('play', 'Kick the players')) : null,
+    write ? h('form', { class: 'inline', id: 'edit-stream', onsubmit: save },
+      field('Publish name (empty: none)', editName), field('Description', editDescription),
+      h('button', { type: 'submit', class: 'quiet' }, 'Save stream')) : null,
     write ? h('form', { class: 'inline', id: 'issue-token', onsubmit: issue },
       field('Action', actionSel), field('Expires in (s)', expires), h('button', { type: 'submit' }, 'Issue token')) : null,
     out, tokens,
@@ -528,8 +540,9 @@ async function sessionsPage() {
         await attempt(() => api('POST', `/v1/apps/${enc(s.app)}/streams/${enc(s.stream)}/kick`, { action }), `${label} ${s.app}/${s.stream}: sent`);
       } }, label);
       return h('section', { class: 'panel' }, h('h2', {}, `Worker ${node}`),
-        table(`Live on ${node}`, ['Stream', 'Protocol', 'Players', 'Bitrate (1 s)', 'Uptime', ''],
-          mine.map((s) => h('tr', {}, h('td', {}, `${s.app}/${s.stream}`), h('td', {}, s.protocol), h('td', { class: 'num' }, s.players),
+        table(`Live on ${node}`, ['Stream', 'Publisher', 'Protocol', 'Players', 'Bitrate (1 s)', 'Uptime', ''],
+          mine.map((s) => h('tr', {}, h('td', {}, `${s.app}/${s.stream}`), h('td', {}, s.publisher || '—'), h('td', {}, s.protocol),
+            h('td', { class: 'num' }, s.players),
             h('td', { class: 'num' }, bits(s.bitrate_1s)), h('td', { class: 'num' }, `${s.uptime_secs} s`),
             h('td', {}, can('write') ? [kick(s, 'publish', 'Kick publisher'), ' ', kick(s, 'play', 'Kick players')] : null))),
           'Nothing live on this worker.'));

@@ -132,7 +132,8 @@ impl Admission {
             Some(Ok(slot)) => {
                 let key = slot.key().clone();
                 let protocol = record.request.protocol.as_str();
-                let counters = d.stats.stream_started(key.0.as_str(), key.1.as_str(), protocol);
+                let publisher = Some(record.request.client_ip);
+                let counters = d.stats.stream_started(key.0.as_str(), key.1.as_str(), protocol, publisher);
                 (key, Some(Publishing { counters, stats: d.stats.clone(), slot }))
             }
             _ => ((record.request.app.clone(), record.decision.stream.clone()), None),

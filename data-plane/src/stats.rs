@@ -39,6 +39,7 @@ impl StreamCounters {
 struct Live {
     counters: Arc<StreamCounters>,
     protocol: &'static str,
+    publisher: Option<std::net::IpAddr>,
     /// `bytes_in` at each of the last samples (one a second), newest last.
     samples: VecDeque<u64>,
 }
@@ -90,7 +91,14 @@ impl MediaStats {
     }
 
     /// A publisher went live on `app/stream`.
-    pub fn stream_started(&self, app: &str, stream: &str, protocol: &'static str) -> Arc<StreamCounters> {
+    /// A stream's publisher came in, over `protocol`, from `publisher`.
+    pub fn stream_started(
+        &self,
+        app: &str,
+        stream: &str,
+        protocol: &'static str,
+        publisher: Option<std::net::IpAddr>,
+    ) -> Arc<StreamCounters> {
         let counters = Arc::new(StreamCounters {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
@@ -99,7 +107,7 @@ impl MediaStats {
             srt: Mutex::new(None),
             started: Instant::now(),
         });
-        let live = Live { counters: counters.clone(), protocol, samples: VecDeque::from([0]) };
+        let live = Live { counters: counters.clone(), protocol, publisher, samples: VecDeque::from([0]) };
         self.live.lock().unwrap_or_else(|p| p.into_inner()).insert((app.to_owned(), stream.to_owned()), live);
         counters
     }
@@ -149,6 +157,7 @@ impl MediaStats {
                 app: app.clone(),
                 stream: stream.clone(),
                 protocol: l.protocol.to_owned(),
+                publisher: l.publisher.map(|ip| ip.to_string()),
                 bytes_in: l.counters.bytes_in.load(Ordering::Relaxed),
                 bytes_out: l.counters.bytes_out.load(Ordering::Relaxed),
                 bitrate_1s: bits_per_sec(&l.samples, 1),
@@ -283,7 +292,7 @@ mod tests {
     #[test]
     fn bitrates_come_from_the_samples_and_ended_streams_keep_their_totals() {
         let stats = MediaStats::new();
-        let c = stats.stream_started("live", "cam1", "rtmp");
+        let c = stats.stream_started("live", "cam1", "rtmp", None);
         for _ in 0..10 {
             c.bytes_in.fetch_add(250_000, Ordering::Relaxed);
             stats.sample();
@@ -295,7 +304,7 @@ mod tests {
         assert_eq!(s.bitrate_10s, (9 * 250_000 + 500_000) * 8 / 10);
         stats.decided(false, "token_expired");
         stats.decided(false, "token_expired");
-        let srt = stats.stream_started("live", "cam2", "srt");
+        let srt = stats.stream_started("live", "cam2", "srt", None);
         srt.srt_link(|l| {
             l.rtt_us = 1500;
             l.pkt_rcv_loss = 7;

@@ -284,6 +284,9 @@ pub struct StreamStat {
     /// The public name.
     pub stream: String,
     pub protocol: String,
+    /// The publisher's address (absent in heartbeats of older workers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publisher: Option<String>,
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Bits per second received over the last second and the last ten.

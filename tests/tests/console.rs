@@ -197,6 +197,9 @@ async fn an_operator_runs_a_stream_from_the_console_in_a_real_browser() {
     let mut publisher = ffmpeg_testsrc("flv", &rtmp_url, 120).spawn().unwrap();
     c.goto(&format!("{base}/console#/overview")).await.unwrap();
     present(&c, "tr[data-stream='studio/cam']").await;
+    assert_eq!(text(&c, "tr[data-stream='studio/cam'] td.publisher").await, "127.0.0.1", "the publisher's address");
+    // README shows this one: taken once the notices have faded (a few seconds).
+    until_browser("the notices gone", || async { count(&c, "#toast div").await == 0 }).await;
     shot(&c, "overview").await;
     // Readable on a phone's width: nothing wider than the screen but the tables' own scroll.
     c.set_window_size(390, 844).await.unwrap();
@@ -258,6 +261,16 @@ async fn an_operator_runs_a_stream_from_the_console_in_a_real_browser() {
     let read_key = text(&c, "#key-secret").await;
     assert!(read_key.len() > 20, "{read_key}");
     shot(&c, "keys").await;
+
+    // Edit the stream: its description saved through the console.
+    c.goto(&format!("{base}/console#/stream?app=studio&name=cam")).await.unwrap();
+    fill(&c, "#edit-description", "Main camera").await;
+    click(&c, "#edit-stream button[type=submit]").await;
+    until("the description saved", || async {
+        let (_, s) = get(&http, format!("http://127.0.0.1:{cp}/v1/apps/studio/streams/cam")).await;
+        s["description"] == "Main camera"
+    })
+    .await;
 
     // Subscribers: one added with its QR code.
     c.goto(&format!("{base}/console#/subscribers?app=studio&stream=cam")).await.unwrap();

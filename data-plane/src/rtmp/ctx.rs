@@ -194,7 +194,7 @@ mod tests {
         let dir = Directory::default();
         let key: Key = (sluice_events::AppName::parse("tv").unwrap(), sluice_events::StreamName::parse("cam").unwrap());
         assert!(dir.live(&key).is_none());
-        dir.admitted(&key, 0, 1, stats.stream_started("tv", "cam", "rtmp"));
+        dir.admitted(&key, 0, 1, stats.stream_started("tv", "cam", "rtmp", None));
         assert_eq!(dir.live(&key).map(|(t, _)| t), Some(0));
         dir.release(&key, 2);
         assert!(dir.live(&key).is_some(), "released only by its publisher");

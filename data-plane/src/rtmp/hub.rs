@@ -452,7 +452,7 @@ mod tests {
     #[test]
     fn stream_windows_are_shared_by_players_and_open_on_keyframes() {
         let stats = crate::stats::MediaStats::default();
-        let counters = stats.stream_started("tv", "cam", "rtmp");
+        let counters = stats.stream_started("tv", "cam", "rtmp", None);
         let mut hub = Hub { channels: HashMap::new(), merge: Duration::from_millis(100) };
         let key: Key = (AppName::parse("tv").unwrap(), StreamName::parse("cam").unwrap());
         hub.channels.insert(
