@@ -357,7 +357,7 @@ async fn srs_and_mediamtx_hooks_answer_as_their_code_expects_and_kick_revoked_se
     let r = http.delete(format!("http://127.0.0.1:{cp}/v1/apps/tv/streams/cam")).bearer_auth(ADMIN).send().await;
     assert_eq!(r.unwrap().status(), 204);
     until("SRS's API asked to kick the publisher", || async {
-        calls.lock().unwrap().iter().any(|(m, p, _)| m == "DELETE" && p == "/api/v1/clients/341w361a")
+        calls.lock().unwrap().iter().any(|(m, p, b)| m == "DELETE" && p == "/api/v1/clients/341w361a" && b.is_empty())
     })
     .await;
     let mut on_unpublish = on_publish("341w361a", &token);
@@ -389,7 +389,11 @@ async fn srs_and_mediamtx_hooks_answer_as_their_code_expects_and_kick_revoked_se
     let r = http.delete(format!("http://127.0.0.1:{cp}/v1/apps/tv/streams/mtx")).bearer_auth(ADMIN).send().await;
     assert_eq!(r.unwrap().status(), 204);
     until("MediaMTX's API asked to kick the publisher", || async {
-        calls.lock().unwrap().iter().any(|(m, p, _)| m == "POST" && *p == format!("/v3/rtmpconns/kick/{id}"))
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(m, p, b)| m == "POST" && *p == format!("/v3/rtmpconns/kick/{id}") && b.is_empty())
     })
     .await;
 
@@ -437,6 +441,14 @@ async fn srs_and_mediamtx_hooks_answer_as_their_code_expects_and_kick_revoked_se
     }
     let r = http.post(&srs).header("content-type", "text/plain").body("{}").send().await.unwrap();
     assert_eq!(r.status(), 415);
+    for url in [&srs, &mtx] {
+        let wrong = url.replace(HOOK_SECRET, "another-secret-of-the-same-size");
+        let r = http.post(&wrong).json(&json!({"action": "on_play"})).send().await.unwrap();
+        assert_eq!(r.status(), 403, "{url}");
+        let r =
+            http.post(url).header("content-type", "application/json").body(vec![b' '; 20_000]).send().await.unwrap();
+        assert_eq!(r.status(), 413, "{url}");
+    }
     let (_, page) = get(&http, format!("http://127.0.0.1:{cp}/v1/decisions?app=tv&limit=100")).await;
     assert_eq!(page["decisions"].as_array().unwrap().len(), before, "a bad request was decided");
 }
