@@ -475,3 +475,44 @@ async fn the_console_session_is_a_sealed_http_only_cookie_and_writes_need_its_cs
     let r = http.get(format!("{base}/v1/decisions/stream?format=csv")).bearer_auth(ADMIN).send().await.unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// The other credentials the API takes sign in too: the static admin's user and password, and
+/// an API JWT (its role, its expiry).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_static_admin_and_an_api_jwt_sign_in_with_their_roles() {
+    const JWT_SECRET: &str = "an-api-jwt-secret-of-at-least-32-bytes!";
+    let pg = sluice_tests::Postgres::start().unwrap();
+    let url = pg.create_database("console_creds").await.unwrap();
+    let nats = sluice_tests::Nats::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cp = free_port();
+    let settings = [
+        ("SLUICE_ADMIN_USERNAME", "operator"),
+        ("SLUICE_ADMIN_PASSWORD", "a-long-admin-password"),
+        ("SLUICE_API_JWT_SECRET", JWT_SECRET),
+    ];
+    let _control = control_with(&url, &nats.url(), cp, "cp-1", &dir.path().join("cp.log"), &settings);
+    let http = reqwest::Client::new();
+    let sign_in = |body: Value| http.post(format!("http://127.0.0.1:{cp}/console/session")).json(&body).send();
+    let jwt = |role: &str, exp: u64| {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &json!({"sub": "ci", "role": role, "exp": exp}),
+            &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+        )
+        .unwrap()
+    };
+    let r = sign_in(json!({"user": "operator", "password": "a-long-admin-password"})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let session: Value = r.json().await.unwrap();
+    assert_eq!((session["role"].as_str(), session["subject"].as_str()), (Some("admin"), Some("basic:operator")));
+    let r = sign_in(json!({"key": jwt("write", now_secs() + 600)})).await.unwrap();
+    assert_eq!(r.status(), 201);
+    let session: Value = r.json().await.unwrap();
+    assert_eq!((session["role"].as_str(), session["subject"].as_str()), (Some("write"), Some("jwt:ci")));
+    let r = sign_in(json!({"key": jwt("admin", now_secs() - 600)})).await.unwrap();
+    assert_eq!(r.status(), 401, "an expired JWT");
+    assert!(r.headers().get("set-cookie").is_none());
+    let r = sign_in(json!({"user": "operator", "password": "not-the-password"})).await.unwrap();
+    assert_eq!(r.status(), 401);
+}
