@@ -388,6 +388,12 @@ mod tests {
         assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
         assert_eq!(c.state_dir, PathBuf::from("./.sluice/dataplane"));
         assert_eq!(c.node_id.as_str(), "edge-1");
+        // The media servers' hooks are off until a secret is set.
+        assert_eq!((c.hooks_secret.is_none(), c.hooks_listen.to_string()), (true, "127.0.0.1:9936".to_owned()));
+        assert!(c.hooks_allowed.iter().any(|n| n.contains("127.0.0.1".parse().unwrap())));
+        assert!(!c.hooks_allowed.iter().any(|n| n.contains("10.0.0.1".parse().unwrap())));
+        let apis = [("SLUICE_SEALING_KEY", KEY), ("SLUICE_HOOKS_SRS_API", "http://127.0.0.1:1985/")];
+        assert_eq!(Config::load(None, env(&apis)).unwrap().hooks_srs_api.as_deref(), Some("http://127.0.0.1:1985"));
     }
 
     #[test]
@@ -409,6 +415,12 @@ mod tests {
             ("SLUICE_PROBE_LISTEN", "probes"),
             ("SLUICE_REFUSAL_WINDOW_MS", "a second"),
             ("SLUICE_SLS_APP", "no/slash"),
+            ("SLUICE_HOOKS_SECRET", "short"),
+            ("SLUICE_HOOKS_SECRET_FILE", "/nonexistent/hooks"),
+            ("SLUICE_HOOKS_LISTEN", "hooks"),
+            ("SLUICE_HOOKS_ALLOWED", "loopback"),
+            ("SLUICE_HOOKS_SRS_API", "ftp://srs.internal:1985"),
+            ("SLUICE_HOOKS_MEDIAMTX_API", "mediamtx:9997"),
         ] {
             let err = Config::load(None, env(&[("SLUICE_SEALING_KEY", KEY), (var, bad)])).unwrap_err().to_string();
             assert!(err.starts_with(&format!("invalid setting {var}")) && !err.contains(bad), "{err}");

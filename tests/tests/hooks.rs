@@ -230,6 +230,7 @@ async fn the_hooks_refuse_bad_input_clearly_and_admit_nothing() {
             "wrong hook secret",
         ),
         (url.clone(), "application/json", format!("{form}&call=play&name=cam"), 415, "x-www-form-urlencoded"),
+        (url.replace("nginx-rtmp", "wowza"), form_type, format!("{form}&call=play&name=cam"), 404, "no such hook"),
         (url.clone(), form_type, format!("{form}&name=cam"), 400, "missing `call`"),
         (url.clone(), form_type, format!("{form}&call=publish"), 400, "missing `name`"),
         (url.clone(), form_type, "call=play&name=cam&app=tv&addr=127.0.0.1".into(), 400, "missing `clientid`"),

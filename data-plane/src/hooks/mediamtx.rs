@@ -14,12 +14,9 @@
 //! it kicks a revoked session (`POST /v3/<list>/kick/{id}`) and forgets a session the API no
 //! longer lists.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::IpAddr;
 
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use sluice_events::{Action, Protocol, SecretString};
@@ -29,7 +26,7 @@ use super::{Answer, ClientKey, Hold, HookError, Hooks, Kick, Liveness, refuse};
 pub const KIND: &str = "mediamtx";
 
 #[derive(Debug, Deserialize)]
-struct AuthRequest {
+pub(super) struct AuthRequest {
     ip: Option<String>,
     #[serde(default)]
     user: String,
@@ -48,20 +45,8 @@ struct AuthRequest {
     query: String,
 }
 
-/// `POST /hooks/mediamtx/{secret}`.
-pub async fn hook(
-    State(hooks): State<Arc<Hooks>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(secret): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let parse = || serde_json::from_slice::<AuthRequest>(&body).map_err(|e| format!("body: {e}"));
-    let what = "MediaMTX's authHTTPAddress";
-    match super::accept(&hooks, peer.ip(), &secret, &headers, "application/json", what, parse) {
-        Ok(request) => super::either(answer(&hooks, peer.ip(), request).await),
-        Err(refused) => refused.into_response(),
-    }
+pub(super) fn parse(body: &[u8]) -> Result<AuthRequest, HookError> {
+    serde_json::from_slice(body).map_err(|e| HookError::new(StatusCode::BAD_REQUEST, format!("body: {e}")))
 }
 
 /// MediaMTX's protocol names, and the control API's lists of that protocol's sessions (plain,
@@ -78,7 +63,7 @@ fn protocol(name: &str) -> Result<(Protocol, &'static [&'static str]), HookError
     })
 }
 
-async fn answer(hooks: &Hooks, server: IpAddr, r: AuthRequest) -> Result<Response, HookError> {
+pub(super) async fn answer(hooks: &Hooks, server: IpAddr, r: AuthRequest) -> Result<Response, HookError> {
     let action = match r.action.as_deref() {
         Some("publish") => Action::Publish,
         Some("read" | "playback") => Action::Play,

@@ -115,6 +115,15 @@ pub enum Answer {
     Unavailable(String),
 }
 
+impl From<Refusal> for Answer {
+    fn from(refusal: Refusal) -> Answer {
+        match refusal {
+            Refusal::Refused(record) => Answer::Refused(record),
+            Refusal::Unavailable(e) => Answer::Unavailable(e),
+        }
+    }
+}
+
 /// What the registry knows of a live session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Standing {
@@ -188,8 +197,7 @@ impl Hooks {
                 sessions.insert(client, Held { revoked, _release: release });
                 Answer::Allowed(record)
             }
-            Err(Refusal::Refused(record)) => Answer::Refused(record),
-            Err(Refusal::Unavailable(e)) => Answer::Unavailable(e),
+            Err(refusal) => refusal.into(),
         }
     }
 
@@ -197,8 +205,7 @@ impl Hooks {
     pub async fn decide_only(&self, req: AccessRequest) -> Answer {
         match self.admission.admit(req, true).await {
             Ok(admitted) => Answer::Allowed(Box::new(admitted.record.clone())),
-            Err(Refusal::Refused(record)) => Answer::Refused(record),
-            Err(Refusal::Unavailable(e)) => Answer::Unavailable(e),
+            Err(refusal) => refusal.into(),
         }
     }
 
@@ -256,28 +263,48 @@ async fn gone(http: &reqwest::Client, live: &Liveness) -> bool {
     gone
 }
 
-/// A hook request's checks before its body is read as `what` (`content_type`, parsed by
-/// `parse`): the caller's address, the path's secret, the content type.
-pub(super) fn accept<T>(
-    hooks: &Hooks,
-    peer: IpAddr,
-    secret: &str,
-    headers: &axum::http::HeaderMap,
-    content_type: &str,
-    what: &str,
-    parse: impl FnOnce() -> Result<T, String>,
-) -> Result<T, HookError> {
-    hooks.check(peer, secret)?;
-    let sent = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
-    if !sent.starts_with(content_type) {
-        return Err(HookError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("expected {content_type} ({what})")));
-    }
-    parse().map_err(|e| HookError::new(StatusCode::BAD_REQUEST, e))
+const FORM: &str = "application/x-www-form-urlencoded";
+const JSON: &str = "application/json";
+
+/// `POST /hooks/{server}/{secret}`: the caller's address and the path's secret first, then the
+/// body in that media server's format, decided and answered as it expects.
+async fn hook(
+    axum::extract::State(hooks): axum::extract::State<Arc<Hooks>>,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<SocketAddr>,
+    axum::extract::Path((server, secret)): axum::extract::Path<(String, String)>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let (hooks, peer) = (&*hooks, peer.ip());
+    let answer = async {
+        hooks.check(peer, &secret)?;
+        match server.as_str() {
+            nginx::KIND => {
+                content_type(&headers, FORM, "nginx-rtmp's notify")?;
+                nginx::answer(hooks, peer, &nginx::parse(&body)?).await
+            }
+            srs::KIND => {
+                content_type(&headers, JSON, "SRS's http_hooks")?;
+                srs::answer(hooks, peer, srs::parse(&body)?).await
+            }
+            mediamtx::KIND => {
+                content_type(&headers, JSON, "MediaMTX's authHTTPAddress")?;
+                mediamtx::answer(hooks, peer, mediamtx::parse(&body)?).await
+            }
+            _ => Err(HookError::new(StatusCode::NOT_FOUND, "no such hook: nginx-rtmp, srs or mediamtx")),
+        }
+    };
+    answer.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-/// The answer, or the refusal as the response.
-pub(super) fn either(answer: Result<Response, HookError>) -> Response {
-    answer.unwrap_or_else(IntoResponse::into_response)
+/// The body's content type is `expected` (`what` names the format in the refusal).
+fn content_type(headers: &axum::http::HeaderMap, expected: &str, what: &str) -> Result<(), HookError> {
+    let sent = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    if sent.starts_with(expected) {
+        Ok(())
+    } else {
+        Err(HookError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, format!("expected {expected} ({what})")))
+    }
 }
 
 /// A plain-text refusal (what a media server logs).
@@ -308,9 +335,7 @@ impl IntoResponse for HookError {
 /// The hooks' router.
 pub fn router(hooks: Arc<Hooks>) -> Router {
     Router::new()
-        .route("/hooks/nginx-rtmp/{secret}", axum::routing::post(nginx::hook))
-        .route("/hooks/srs/{secret}", axum::routing::post(srs::hook))
-        .route("/hooks/mediamtx/{secret}", axum::routing::post(mediamtx::hook))
+        .route("/hooks/{server}/{secret}", axum::routing::post(hook))
         .with_state(hooks)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
 }

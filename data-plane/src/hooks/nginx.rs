@@ -9,12 +9,9 @@
 //! refusal drops the session). A publisher that used the stream's publish name is answered
 //! 302 to the public name, so players play the public name as they do on Sluice's own RTMP.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::IpAddr;
 
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sluice_events::Action;
 
@@ -26,22 +23,9 @@ const SESSION_FIELDS: &[&str] =
 
 pub const KIND: &str = "nginx-rtmp";
 
-/// `POST /hooks/nginx-rtmp/{secret}`.
-pub async fn hook(
-    State(hooks): State<Arc<Hooks>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(secret): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let parse = || {
-        serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body).map_err(|_| "the body is not a form".to_owned())
-    };
-    let form = "application/x-www-form-urlencoded";
-    match super::accept(&hooks, peer.ip(), &secret, &headers, form, "nginx-rtmp's notify", parse) {
-        Ok(fields) => super::either(answer(&hooks, peer.ip(), &fields).await),
-        Err(refused) => refused.into_response(),
-    }
+/// The form as pairs, in order (the stream name's query comes last).
+pub(super) fn parse(body: &[u8]) -> Result<Vec<(String, String)>, HookError> {
+    serde_urlencoded::from_bytes(body).map_err(|_| HookError::new(StatusCode::BAD_REQUEST, "the body is not a form"))
 }
 
 fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -54,7 +38,7 @@ fn required<'a>(fields: &'a [(String, String)], name: &str) -> Result<&'a str, H
         .ok_or_else(|| HookError::new(StatusCode::BAD_REQUEST, format!("missing `{name}`")))
 }
 
-async fn answer(hooks: &Hooks, server: IpAddr, fields: &[(String, String)]) -> Result<Response, HookError> {
+pub(super) async fn answer(hooks: &Hooks, server: IpAddr, fields: &[(String, String)]) -> Result<Response, HookError> {
     let call = required(fields, "call")?;
     let client = |action| -> Result<ClientKey, HookError> {
         Ok(ClientKey { server, kind: KIND, client_id: required(fields, "clientid")?.to_owned(), action })

@@ -7,13 +7,10 @@
 //! kicked through SRS's HTTP API (`DELETE /api/v1/clients/{client_id}`) when
 //! `SLUICE_HOOKS_SRS_API` is set.
 
-use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::net::IpAddr;
 
 use axum::Json;
-use axum::body::Bytes;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
@@ -25,7 +22,7 @@ pub const KIND: &str = "srs";
 
 /// What Sluice reads of SRS's request (the rest is ignored: SRS adds fields over versions).
 #[derive(Debug, Deserialize)]
-struct SrsHook {
+pub(super) struct SrsHook {
     action: String,
     client_id: Option<String>,
     ip: Option<String>,
@@ -37,19 +34,8 @@ struct SrsHook {
     tc_url: String,
 }
 
-/// `POST /hooks/srs/{secret}`.
-pub async fn hook(
-    State(hooks): State<Arc<Hooks>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Path(secret): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let parse = || serde_json::from_slice::<SrsHook>(&body).map_err(|e| format!("body: {e}"));
-    match super::accept(&hooks, peer.ip(), &secret, &headers, "application/json", "SRS's http_hooks", parse) {
-        Ok(request) => super::either(answer(&hooks, peer.ip(), request).await),
-        Err(refused) => refused.into_response(),
-    }
+pub(super) fn parse(body: &[u8]) -> Result<SrsHook, HookError> {
+    serde_json::from_slice(body).map_err(|e| HookError::new(StatusCode::BAD_REQUEST, format!("body: {e}")))
 }
 
 fn required(value: Option<String>, name: &str) -> Result<String, HookError> {
@@ -71,7 +57,7 @@ fn allow() -> Response {
     (StatusCode::OK, Json(json!({"code": 0}))).into_response()
 }
 
-async fn answer(hooks: &Hooks, server: IpAddr, r: SrsHook) -> Result<Response, HookError> {
+pub(super) async fn answer(hooks: &Hooks, server: IpAddr, r: SrsHook) -> Result<Response, HookError> {
     let action = match r.action.as_str() {
         "on_publish" => Action::Publish,
         "on_play" => Action::Play,

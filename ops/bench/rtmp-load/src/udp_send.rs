@@ -42,7 +42,6 @@ fn main() {
     let secs: u64 = args[4].parse().expect("SECS");
     let tick = Duration::from_millis(args.get(5).and_then(|t| t.parse().ok()).unwrap_or(20));
     let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    socket.set_nonblocking(false).expect("blocking");
     let fd = socket.as_raw_fd();
     let peers: Vec<SockaddrIn> =
         (0..n).map(|i| SockaddrIn::from(SocketAddrV4::new([127, 0, 0, 1].into(), first + i as u16))).collect();
@@ -52,8 +51,8 @@ fn main() {
     let batched = mode == "gso" || mode == "mmsg-gso";
     let step = if batched { tick } else { interval };
     // One batch's worth of datagrams, contiguous (a GSO message is one buffer of segments).
-    let per_step = if batched { (tick.as_secs_f64() / interval.as_secs_f64()).ceil() as usize } else { 1 };
-    let payload = vec![0x47u8; DATAGRAM * per_step.max(1)];
+    let per_step = if batched { (tick.as_secs_f64() / interval.as_secs_f64()).ceil().max(1.0) as usize } else { 1 };
+    let payload = vec![0x47u8; DATAGRAM * per_step];
     let gso_size = DATAGRAM as u16;
     let mut headers =
         MultiHeaders::<SockaddrIn>::preallocate(n.max(1), if batched { Some(nix::cmsg_space!(u16)) } else { None });
@@ -74,10 +73,12 @@ fn main() {
         }
         // How many source datagrams are due this step (the rate, kept exact over time).
         due_total += step.as_secs_f64() / interval.as_secs_f64();
-        let k = (due_total.floor() as u64).saturating_sub(sent) as usize;
+        // A batch holds at most what one buffer does; the rest waits for the next step.
+        let k =
+            ((due_total.floor() as u64).saturating_sub(sent) as usize).min(if batched { per_step } else { usize::MAX });
         sent += k as u64;
         if k > 0 {
-            let bytes = &payload[..DATAGRAM * k.min(per_step.max(1))];
+            let bytes = &payload[..DATAGRAM * k.min(per_step)];
             match mode.as_str() {
                 "sendto" => {
                     for _ in 0..k {
