@@ -30,6 +30,8 @@ const KNOWN: &[&str] = &[
     "rtmp_player_queue",
     "rtmp_player_behind_secs",
     "srt_latency_ms",
+    "srt_engine",
+    "srt_tick_ms",
     "publish_lease_secs",
     "webhook_allowed",
     "node_secret",
@@ -104,6 +106,12 @@ pub struct Config {
     pub rtmp_player_behind_secs: u64,
     /// The SRT latency offered to callers (libsrt's default is 120 ms).
     pub srt_latency_ms: u64,
+    /// What drives SRT connections: `batched` (one loop, batched system calls) or `tokio`
+    /// (srt-tokio, a task per connection).
+    pub srt_engine: crate::srt::Engine,
+    /// The batched driver's shortest time between two rounds: what a round gathers per
+    /// player, and the most a datagram waits for its round.
+    pub srt_tick_ms: u64,
     /// How long a publisher's cluster-wide lease lives unrenewed (NATS KV
     /// `sluice-publishers`): the time a killed worker's streams stay taken. Renewed every
     /// third of it; the bucket's age limit is set by the first worker that creates it.
@@ -183,6 +191,8 @@ impl std::fmt::Debug for Config {
             .field("rtmp_player_queue", &self.rtmp_player_queue)
             .field("rtmp_player_behind_secs", &self.rtmp_player_behind_secs)
             .field("srt_latency_ms", &self.srt_latency_ms)
+            .field("srt_engine", &self.srt_engine)
+            .field("srt_tick_ms", &self.srt_tick_ms)
             .field("publish_lease_secs", &self.publish_lease_secs)
             .field("webhook_allowed", &self.webhook_allowed)
             .field("node_secret", &self.node_secret)
@@ -250,6 +260,8 @@ impl Config {
             rtmp_player_queue: s.or("rtmp_player_queue", 1024, "a number of media messages")?.max(1),
             rtmp_player_behind_secs: s.or("rtmp_player_behind_secs", 10, "seconds")?.max(1),
             srt_latency_ms: s.or("srt_latency_ms", 120, "milliseconds")?,
+            srt_engine: s.or("srt_engine", crate::srt::Engine::Batched, "batched or tokio")?,
+            srt_tick_ms: s.or("srt_tick_ms", 5, "milliseconds (1 to 50)")?.clamp(1, 50),
             publish_lease_secs: s.or("publish_lease_secs", 10, "seconds")?.max(1),
             webhook_allowed,
             node_secret,

@@ -401,8 +401,12 @@ async fn run(config: Config, reload: Reload) -> Result<(), String> {
     if config.rtmps.is_some() {
         tracing::info!(listen = %config.rtmps_listen, "RTMPS serving");
     }
-    let srt_settings =
-        srt::Settings { listen: config.srt_listen, latency: std::time::Duration::from_millis(config.srt_latency_ms) };
+    let srt_settings = srt::Settings {
+        listen: config.srt_listen,
+        latency: std::time::Duration::from_millis(config.srt_latency_ms),
+        engine: config.srt_engine,
+        tick: std::time::Duration::from_millis(config.srt_tick_ms),
+    };
     srt::spawn(&tasks, srt_settings, admission.clone())
         .await
         .map_err(|e| format!("cannot serve SRT on {} (SLUICE_SRT_LISTEN): {e}", config.srt_listen))?;

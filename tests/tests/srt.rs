@@ -71,7 +71,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
         &[("SLUICE_SRT_LISTEN", &listen), ("SLUICE_FAILURE_BACKOFF_AFTER", "0")],
     );
     ready_at_head(&http, &store, admin).await;
-    assert!(read(&w_log).contains("SRT on srt-tokio"), "{}", read(&w_log));
+    assert!(read(&w_log).contains("SRT on the batched driver"), "{}", read(&w_log));
 
     // Random datagrams to the port change nothing, nor do the ones that panicked srt-protocol
     // 0.4.4's listener task, the SRT server of every caller (data-plane/vendor/README.md).

@@ -23,11 +23,32 @@ pub(super) struct Feed {
     gop: Mutex<Gop>,
 }
 
+/// The packets since the last video keyframe (at most `GOP_MAX_PACKETS`).
 #[derive(Default)]
-struct Gop {
+pub(super) struct Gop {
     packets: Vec<Bytes>,
     /// A keyframe started the packets (false until the first, and after an overlong GOP).
     open: bool,
+}
+
+impl Gop {
+    pub(super) fn push(&mut self, data: &Bytes) {
+        if starts_video_keyframe(data) {
+            self.packets.clear();
+            self.open = true;
+        }
+        if self.open {
+            if self.packets.len() < GOP_MAX_PACKETS {
+                self.packets.push(data.clone());
+            } else {
+                *self = Gop::default();
+            }
+        }
+    }
+
+    pub(super) fn packets(&self) -> &[Bytes] {
+        &self.packets
+    }
 }
 
 impl Feed {
@@ -37,17 +58,7 @@ impl Feed {
 
     pub(super) fn publish(&self, data: Bytes) {
         let mut gop = self.gop.lock().unwrap_or_else(|p| p.into_inner());
-        if starts_video_keyframe(&data) {
-            gop.packets.clear();
-            gop.open = true;
-        }
-        if gop.open {
-            if gop.packets.len() < GOP_MAX_PACKETS {
-                gop.packets.push(data.clone());
-            } else {
-                *gop = Gop::default();
-            }
-        }
+        gop.push(&data);
         let _ = self.tx.send(data);
     }
 

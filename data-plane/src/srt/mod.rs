@@ -19,9 +19,11 @@
 //! change, as RTMP's are. The sockets' statistics feed the stream's `SrtLink` (heartbeats,
 //! `/v1/stats`, SLS `/stats`, Prometheus).
 
+mod driver;
 mod feed;
 mod link;
 mod relay;
+mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,12 +32,15 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use sluice_events::{AccessRequest, Action, AppName, AuthState, Protocol, Reason, SecretKind, wire};
 use srt_protocol::packet::CoreRejectReason;
+use srt_protocol::settings::ConnInitSettings;
 use srt_protocol::settings::KeySettings;
 use srt_tokio::SrtListener;
 use srt_tokio::access::{RejectReason, ServerRejectReason};
-use srt_tokio::options::{ByteCount, KeySize, Passphrase, StreamId};
+use srt_tokio::options::{ByteCount, KeySize, ListenerOptions, Passphrase, SocketOptions, StreamId};
 
-use crate::admit::{Admission, Refusal};
+use crate::admit::{Admission, Admitted, Refusal};
+use crate::limits::Permit;
+use crate::slot::Key;
 use crate::task::Tasks;
 use relay::Hub;
 
@@ -45,24 +50,120 @@ const SEND_BUFFER_PACKETS: u64 = 8192;
 /// and srt-tokio carries them as 2000 + the status on the wire.
 const REJECT_TOO_MANY_REQUESTS: i32 = 2429;
 
+/// A publisher silent this long is closed.
+pub(super) const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The UDP socket's kernel buffers asked for (the kernel caps them at `net.core.rmem_max` and
+/// `wmem_max`).
+const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+/// Which code drives SRT connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// One loop on one thread over srt-protocol's sans-IO core, batched system calls
+    /// (`driver.rs`, issue #21): the default.
+    Batched,
+    /// srt-tokio: a task and channels per connection, one system call per datagram (kept for
+    /// side-by-side measurement, `SLUICE_SRT_ENGINE=tokio`).
+    Tokio,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Engine, String> {
+        match s {
+            "batched" => Ok(Engine::Batched),
+            "tokio" => Ok(Engine::Tokio),
+            _ => Err("batched or tokio".into()),
+        }
+    }
+}
+
 /// What the SRT server is told at start.
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
     /// The receive and send latency offered to callers.
     pub latency: Duration,
+    pub engine: Engine,
+    /// The batched driver's shortest time between two rounds.
+    pub tick: Duration,
 }
 
-/// Binds the SRT port and serves callers on the tokio runtime until the process ends.
+/// The options every SRT connection is made with.
+fn socket_options(settings: &Settings) -> SocketOptions {
+    let mut o = SocketOptions::default();
+    o.sender.peer_latency = settings.latency;
+    o.receiver.latency = settings.latency;
+    // srt-tokio's default send buffer is 32 packets (46,592 bytes): a player falls that far
+    // behind in 150 ms of a 2 Mbit/s stream. libsrt's default, 8,192 packets; what a player
+    // holds is bounded anyway by the drop of packets older than 1.25 × latency.
+    o.sender.buffer_size = ByteCount(SEND_BUFFER_PACKETS * 1456);
+    o
+}
+
+/// Binds the SRT port and serves callers until the worker stops.
 pub async fn spawn(tasks: &Tasks, settings: Settings, admission: Admission) -> std::io::Result<()> {
-    let (listener, mut incoming) = SrtListener::builder()
-        .latency(settings.latency)
-        // srt-tokio's default send buffer is 32 packets (46,592 bytes): a player falls that
-        // far behind in 150 ms of a 2 Mbit/s stream. libsrt's default, 8,192 packets; what a
-        // player holds is bounded anyway by the drop of packets older than 1.25 × latency.
-        .set(|o| o.sender.buffer_size = ByteCount(SEND_BUFFER_PACKETS * 1456))
-        .bind(settings.listen)
-        .await?;
+    match settings.engine {
+        Engine::Batched => spawn_batched(tasks, &settings, admission),
+        Engine::Tokio => spawn_tokio(tasks, &settings, admission).await,
+    }
+}
+
+/// The batched driver on its own thread; deciding on the tokio runtime.
+fn spawn_batched(tasks: &Tasks, settings: &Settings, admission: Admission) -> std::io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    use std::os::fd::AsRawFd as _;
+    let options = ListenerOptions::with(settings.listen, socket_options(settings)).map_err(std::io::Error::other)?;
+    let init = ConnInitSettings::from(options.into_value().socket);
+    let udp = std::net::UdpSocket::bind(settings.listen)?;
+    udp.set_nonblocking(true)?;
+    for result in [
+        setsockopt(udp.as_raw_fd(), sockopt::RcvBuf, &UDP_BUFFER_BYTES),
+        setsockopt(udp.as_raw_fd(), sockopt::SndBuf, &UDP_BUFFER_BYTES),
+    ] {
+        result.map_err(std::io::Error::from)?;
+    }
+    let local = udp.local_addr()?;
+    let (requests, requests_rx) = tokio::sync::mpsc::channel(driver::PENDING_REQUESTS);
+    let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
+    let live = driver::LiveSet::default();
+    let (tick, driver_live) = (settings.tick, live.clone());
+    let (started, ready) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("sluice-srt".into()).spawn(move || {
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(r) => r,
+            Err(e) => return drop(started.send(Err(e))),
+        };
+        runtime.block_on(async move {
+            let io = match tokio::net::UdpSocket::from_std(udp).and_then(udp::Io::new) {
+                Ok(io) => io,
+                Err(e) => return drop(started.send(Err(e))),
+            };
+            let _ = started.send(Ok(()));
+            driver::Driver::new(io, local, init, requests, commands_rx, driver_live, tick).run().await;
+        });
+    })?;
+    ready.recv().map_err(std::io::Error::other)??;
+    tracing::info!(listen = %local, tick_ms = tick.as_millis() as u64, "SRT on the batched driver");
+    tasks.spawn("SRT admission", driver::admission_loop(requests_rx, commands.clone(), admission, live));
+    // When the worker stops, so does the driver (sessions end with a shutdown packet).
+    struct StopOnDrop(tokio::sync::mpsc::UnboundedSender<driver::Command>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send(driver::Command::Stop);
+        }
+    }
+    tasks.spawn("SRT driver", async move {
+        let _stop = StopOnDrop(commands);
+        std::future::pending::<()>().await
+    });
+    Ok(())
+}
+
+/// srt-tokio's listener on the tokio runtime, a task per caller.
+async fn spawn_tokio(tasks: &Tasks, settings: &Settings, admission: Admission) -> std::io::Result<()> {
+    let options = socket_options(settings);
+    let (listener, mut incoming) = SrtListener::builder().set(|o| *o = options).bind(settings.listen).await?;
     tracing::info!(listen = %settings.listen, "SRT on srt-tokio");
     let hub = Arc::new(Hub::default());
     tasks.spawn("SRT listener", async move {
@@ -73,6 +174,32 @@ pub async fn spawn(tasks: &Tasks, settings: Settings, admission: Admission) -> s
         }
     });
     Ok(())
+}
+
+/// One srt-tokio caller: decided, then refused with a reject code or accepted and handed to
+/// its publisher or player loop.
+async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub: Arc<Hub>) {
+    let stream_id = request.stream_id().map(|s: &StreamId| s.as_bytes().to_vec());
+    let matches = |k: &KeySettings| request.passphrase_matches(k);
+    let caller = Caller {
+        remote: request.remote(),
+        stream_id: stream_id.as_deref(),
+        key_size: request.key_size(),
+        passphrase_matches: &matches,
+    };
+    match verdict(caller, &admission, |k| hub.is_live(k)).await {
+        Err(reject) => {
+            let _ = request.reject(reject).await;
+        }
+        Ok(Accepted { keys, admitted, permit }) => {
+            if admitted.publishing.is_some() {
+                relay::publish(request, keys, admitted, &hub).await;
+            } else {
+                relay::play(request, keys, admitted, &hub).await;
+            }
+            drop(permit);
+        }
+    }
 }
 
 /// The reject code for a refusal.
@@ -117,24 +244,44 @@ pub fn access_request(
     })
 }
 
-/// One caller: the wire request in, the admission, the refusal out as a reject code, or the
-/// accepted connection handed to its publisher or player loop.
-async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub: Arc<Hub>) {
-    let peer = request.remote();
+/// What an SRT caller asked, as the listener saw it before accepting: enough to decide.
+pub(super) struct Caller<'a> {
+    pub remote: SocketAddr,
+    pub stream_id: Option<&'a [u8]>,
+    pub key_size: KeySize,
+    /// Whether the caller's key material opens with these settings (srt-protocol's patched
+    /// `AccessControlRequest::passphrase_matches`).
+    pub passphrase_matches: &'a (dyn Fn(&KeySettings) -> bool + Sync),
+}
+
+/// An admitted caller: the key settings to accept it with, the admission (its session, and a
+/// publisher's slot and counters) and its place under the connection limit, both held until
+/// the connection ends.
+pub(super) struct Accepted {
+    pub keys: Option<KeySettings>,
+    pub admitted: Admitted,
+    pub permit: Permit,
+}
+
+/// Decides one caller: drain, connection limit, streamid, encryption, then the one admission
+/// step. `is_live` says whether a stream has a publisher on this worker.
+pub(super) async fn verdict(
+    caller: Caller<'_>,
+    admission: &Admission,
+    is_live: impl Fn(&Key) -> bool,
+) -> Result<Accepted, RejectReason> {
+    let peer = caller.remote;
     if admission.decider.shared.is_draining() {
         // The worker is going away: try another (1503), nothing decided. The UDP socket is
         // every SRT session's, so it stays open for the live ones.
-        let _ = request.reject(RejectReason::Server(ServerRejectReason::Down)).await;
-        return;
+        return Err(RejectReason::Server(ServerRejectReason::Down));
     }
     let Some(permit) = admission.decider.gate.admit(peer.ip()) else {
         tracing::debug!(%peer, "SRT caller refused: connection limit");
-        let _ = request.reject(RejectReason::Server(ServerRejectReason::Overload)).await;
-        return;
+        return Err(RejectReason::Server(ServerRejectReason::Overload));
     };
-    let raw = request.stream_id().map(|s: &StreamId| s.as_bytes().to_vec()).unwrap_or_default();
-    let req = match access_request(&raw, peer.ip(), &admission.decider.shared.state.load(), &admission.decider.sls_app)
-    {
+    let raw = caller.stream_id.unwrap_or_default();
+    let req = match access_request(raw, peer.ip(), &admission.decider.shared.state.load(), &admission.decider.sls_app) {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!(%peer, error = %e, "SRT streamid refused");
@@ -142,58 +289,42 @@ async fn caller(request: srt_tokio::ConnectionRequest, admission: Admission, hub
             if let Err(e) = admission.decider.record_malformed(Action::Play, Protocol::Srt, peer.ip()).await {
                 tracing::debug!(%peer, error = %e, "a malformed SRT request was not recorded");
             }
-            let _ = request.reject(RejectReason::Server(ServerRejectReason::BadRequest)).await;
-            return;
+            return Err(RejectReason::Server(ServerRejectReason::BadRequest));
         }
     };
     // Encryption is the app's: callers must use its passphrase if it has one, and must not
     // encrypt if it has none. A mismatch, a wrong passphrase included (the caller's key
     // material must open with the app's), is refused before anything is decided: nothing to
     // log, no one-time token spent (issue #16 item 4).
-    let keys = match encryption(&admission.decider.shared.state.load(), &req.app, &request) {
+    let keys = match encryption(&admission.decider.shared.state.load(), &req.app, &caller) {
         Ok(keys) => keys,
         Err(reject) => {
             tracing::debug!(%peer, app = %req.app, ?reject, "SRT caller refused: encryption does not match the app's");
-            let _ = request.reject(reject).await;
-            return;
+            return Err(reject);
         }
     };
     // Live under the public name the request resolves to (another player id of a publisher
     // plays the publisher's stream).
-    let live = req.action == Action::Publish || hub.is_live(&(req.app.clone(), req.stream.clone())) || {
+    let live = req.action == Action::Publish || is_live(&(req.app.clone(), req.stream.clone())) || {
         let public = sluice_events::decide::public_stream(&admission.decider.shared.state.load(), &req);
-        public != req.stream && hub.is_live(&(req.app.clone(), public))
+        public != req.stream && is_live(&(req.app.clone(), public))
     };
-    let admitted = match admission.admit(req, live).await {
-        Ok(a) => a,
-        Err(Refusal::Refused(record)) => {
-            let _ = request.reject(reject_reason(record.final_reason)).await;
-            return;
-        }
+    match admission.admit(req, live).await {
+        Ok(admitted) => Ok(Accepted { keys, admitted, permit }),
+        Err(Refusal::Refused(record)) => Err(reject_reason(record.final_reason)),
         Err(Refusal::Unavailable(e)) => {
             tracing::warn!(%peer, error = %e, "SRT caller refused: no decision");
             // Not ready (no state yet) or the spool refuses: 1503, try later.
-            let _ = request.reject(RejectReason::Server(ServerRejectReason::Down)).await;
-            return;
+            Err(RejectReason::Server(ServerRejectReason::Down))
         }
-    };
-    if admitted.publishing.is_some() {
-        relay::publish(request, keys, admitted, &hub).await;
-    } else {
-        relay::play(request, keys, admitted, &hub).await;
     }
-    drop(permit);
 }
 
 /// The key settings to accept a caller of `app` with, or the rejection when the caller's
 /// encryption does not match the app's passphrase (`Unsecure` when one side encrypts and the
 /// other does not, `BadSecret` for a wrong passphrase). An unknown app is left to the decision.
-fn encryption(
-    state: &AuthState,
-    app: &AppName,
-    request: &srt_tokio::ConnectionRequest,
-) -> Result<Option<KeySettings>, RejectReason> {
-    let caller = request.key_size();
+fn encryption(state: &AuthState, app: &AppName, request: &Caller<'_>) -> Result<Option<KeySettings>, RejectReason> {
+    let caller = request.key_size;
     let Some(app) = state.apps.get(app).filter(|a| a.secrets.contains_key(&SecretKind::SrtPassphrase)) else {
         return match caller {
             KeySize::Unspecified => Ok(None),
@@ -209,7 +340,7 @@ fn encryption(
         return Err(RejectReason::Core(CoreRejectReason::Unsecure));
     }
     let keys = KeySettings { key_size: caller, passphrase };
-    if !request.passphrase_matches(&keys) {
+    if !(request.passphrase_matches)(&keys) {
         return Err(RejectReason::Core(CoreRejectReason::BadSecret));
     }
     Ok(Some(keys))

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
@@ -13,14 +13,12 @@ use srt_protocol::settings::KeySettings;
 use srt_tokio::access::{RejectReason, ServerRejectReason};
 use tokio::sync::broadcast;
 
+use super::IDLE_TIMEOUT;
 use super::feed::{Feed, LAGS_BEFORE_CLOSE};
 use super::link::{PlayerLink, publisher_link};
 use crate::admit::Admitted;
 use crate::slot::Key;
 use crate::stats::StreamCounters;
-
-/// A publisher silent this long is closed.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A live stream: its admitted publisher's feed. The publisher slot is `crate::slot`'s; an
 /// entry here exists only while its publisher holds it.

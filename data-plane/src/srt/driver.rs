@@ -1,0 +1,490 @@
+//! The batched SRT driver (issue #21): every SRT connection of the worker driven by one loop
+//! on one thread, over srt-protocol's sans-IO listener and connections, with no task and no
+//! channel per connection.
+//!
+//! A round reads what has arrived, applies the admission side's answers and kicks, releases
+//! each publisher's packets to its players (one shared `Bytes` per packet, whatever the number
+//! of players), runs every connection whose timer is due, and sends what they produced with
+//! `sendmmsg` and GSO (`udp.rs`). Rounds are at least `tick` apart, so a round gathers several
+//! packets per player (SRT paces a player's packets at the stream's rate) and the system calls
+//! and wakeups are per round, not per packet per player.
+//!
+//! Deciding stays on the tokio runtime: the listener's access request goes to `admission_loop`,
+//! which decides it (`super::verdict`) and answers with a `Command`. An admitted session is
+//! held there by a guard task until the driver lets go of its connection, and the guard turns
+//! the session's end (kick on change) into `Command::End`.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use srt_protocol::connection::{Connection, DuplexConnection};
+use srt_protocol::listener::{
+    AccessControlRequest, AccessControlResponse, Action, Input, MultiplexListener, NextInputContext, ResultOf,
+    SessionId,
+};
+use srt_protocol::packet::{RejectReason, ServerRejectReason};
+use srt_protocol::settings::{ConnInitSettings, KeySettings};
+use tokio::sync::{mpsc, oneshot};
+
+use super::feed::Gop;
+use super::link::{PlayerLink, publisher_link};
+use super::udp::Io;
+use super::{Accepted, Caller, IDLE_TIMEOUT, verdict};
+use crate::admit::{Admission, Admitted};
+use crate::limits::Permit;
+use crate::slot::Key;
+use crate::stats::StreamCounters;
+
+/// Access requests waiting for the admission side at most; more are refused 1503 at once.
+pub(super) const PENDING_REQUESTS: usize = 1024;
+
+/// What the tokio side tells the driver.
+pub(super) enum Command {
+    /// The answer to a caller's access request.
+    Decided {
+        session: SessionId,
+        verdict: Result<Role, RejectReason>,
+    },
+    /// A session that is no longer allowed (its admission `id`).
+    End {
+        session: SessionId,
+        id: u64,
+    },
+    Stop,
+}
+
+/// An admitted caller as the driver holds it.
+pub(super) struct Role {
+    /// The admission's session id (a caller's address can come back as another session).
+    id: u64,
+    keys: Option<KeySettings>,
+    key: Key,
+    /// A publisher's stream counters; `None` for a player.
+    publishing: Option<Arc<StreamCounters>>,
+    /// Dropped with the connection: the guard then releases the admission.
+    _held: oneshot::Sender<()>,
+}
+
+enum Kind {
+    Publisher { counters: Arc<StreamCounters>, last_data: Instant },
+    Player { counters: Arc<StreamCounters>, reported: PlayerLink },
+}
+
+struct Conn {
+    conn: DuplexConnection,
+    role: Role,
+    kind: Kind,
+    /// When its timers next need it.
+    next: Instant,
+}
+
+struct Stream {
+    publisher: SessionId,
+    counters: Arc<StreamCounters>,
+    gop: Gop,
+    players: Vec<SessionId>,
+}
+
+/// Which streams have a publisher on this worker, for deciding plays.
+pub(super) type LiveSet = Arc<Mutex<HashSet<Key>>>;
+
+pub(super) struct Driver {
+    listener: MultiplexListener,
+    io: Io,
+    requests: mpsc::Sender<(SessionId, AccessControlRequest)>,
+    commands: mpsc::UnboundedReceiver<Command>,
+    /// Accepted, waiting for the handshake to open the connection.
+    pending: HashMap<SessionId, Role>,
+    conns: HashMap<SessionId, Conn>,
+    streams: HashMap<Key, Stream>,
+    live: LiveSet,
+    tick: Duration,
+    /// Packets a publisher released this round, by stream.
+    released: Vec<(Key, Bytes)>,
+}
+
+impl Driver {
+    pub(super) fn new(
+        io: Io,
+        local: SocketAddr,
+        settings: ConnInitSettings,
+        requests: mpsc::Sender<(SessionId, AccessControlRequest)>,
+        commands: mpsc::UnboundedReceiver<Command>,
+        live: LiveSet,
+        tick: Duration,
+    ) -> Driver {
+        Driver {
+            listener: MultiplexListener::new(Instant::now(), local, settings),
+            io,
+            requests,
+            commands,
+            pending: HashMap::new(),
+            conns: HashMap::new(),
+            streams: HashMap::new(),
+            live,
+            tick,
+            released: Vec::new(),
+        }
+    }
+
+    /// Rounds until `Command::Stop` (or every sender is gone).
+    pub(super) async fn run(mut self) {
+        loop {
+            let started = Instant::now();
+            if !self.round(started) {
+                break;
+            }
+            let wake = self.next_timer(started).max(started + self.tick);
+            tokio::select! {
+                _ = self.io.readable() => {}
+                _ = tokio::time::sleep_until(wake.into()) => {}
+                command = self.commands.recv() => match command {
+                    Some(c) => if !self.command(Instant::now(), c) { break },
+                    None => break,
+                },
+            }
+            // At most one round a tick: what arrives meanwhile waits for it.
+            let earliest = started + self.tick;
+            if Instant::now() < earliest {
+                tokio::time::sleep_until(earliest.into()).await;
+            }
+        }
+        let now = Instant::now();
+        for c in self.conns.values_mut() {
+            c.conn.on_peer_idle_timeout(now);
+            while let Some((p, to)) = c.conn.next_packet(now) {
+                self.io.queue(&p, to);
+            }
+        }
+        self.io.flush();
+    }
+
+    /// One round; false once the driver is told to stop.
+    fn round(&mut self, now: Instant) -> bool {
+        let mut received = Vec::new();
+        self.io.receive(|packet| received.push(packet));
+        for packet in received {
+            self.listen(now, Input::Packet(packet));
+        }
+        while let Ok(command) = self.commands.try_recv() {
+            if !self.command(now, command) {
+                return false;
+            }
+        }
+        self.run_timers(now);
+        self.io.flush();
+        true
+    }
+
+    fn next_timer(&self, now: Instant) -> Instant {
+        self.conns.values().map(|c| c.next).min().unwrap_or(now + Duration::from_millis(100))
+    }
+
+    /// Feeds the listener one input and carries out what it asks until it waits.
+    fn listen(&mut self, now: Instant, input: Input) {
+        let mut input = input;
+        // A handful of actions per input at most; the bound only guards against a loop.
+        for _ in 0..64 {
+            let action = self.listener.handle_input(now, input);
+            let next = NextInputContext::for_action(&action);
+            input = match action {
+                Action::SendPacket((packet, to)) => {
+                    self.io.queue(&packet, to);
+                    next.input_from(Ok::<(), ()>(()))
+                }
+                Action::RequestAccess(session, request) => match self.requests.try_send((session, request)) {
+                    Ok(()) => next.input_from(Ok::<(), ()>(())),
+                    Err(_) => Input::AccessResponse(Some((
+                        session,
+                        AccessControlResponse::Rejected(RejectReason::Server(ServerRejectReason::Down)),
+                    ))),
+                },
+                Action::RejectConnection(session, packet) => {
+                    self.pending.remove(&session);
+                    if let Some((packet, to)) = packet {
+                        self.io.queue(&packet, to);
+                    }
+                    next.input_from(Ok::<(), ()>(()))
+                }
+                Action::OpenConnection(session, opened) => {
+                    let (packet, connection) = *opened;
+                    if let Some((packet, to)) = packet {
+                        self.io.queue(&packet, to);
+                    }
+                    let opened = self.open(now, session, connection);
+                    next.input_from(opened)
+                }
+                Action::DelegatePacket(session, packet) => match self.conns.get_mut(&session) {
+                    Some(c) => {
+                        c.conn.handle_packet_input(now, Ok(packet));
+                        c.next = now;
+                        next.input_from(Ok::<(), ()>(()))
+                    }
+                    None => next.input_from(Err::<(), ()>(())),
+                },
+                Action::DropConnection(session) => {
+                    self.pending.remove(&session);
+                    self.remove(now, session);
+                    next.input_from(Ok::<(), ()>(()))
+                }
+                Action::UpdateStatistics(_) => next.input_from(Ok::<(), ()>(())),
+                Action::WaitForInput | Action::Close => return,
+            };
+        }
+    }
+
+    /// Applies a command; false for `Stop`.
+    fn command(&mut self, now: Instant, command: Command) -> bool {
+        match command {
+            Command::Decided { session, verdict } => {
+                let response = match verdict {
+                    // Nothing live to play any more (its publisher left while it was decided).
+                    Ok(role) if role.publishing.is_none() && !self.streams.contains_key(&role.key) => {
+                        AccessControlResponse::Rejected(RejectReason::Server(ServerRejectReason::Notfound))
+                    }
+                    Ok(role) => {
+                        let keys = role.keys.clone();
+                        self.pending.insert(session, role);
+                        AccessControlResponse::Accepted(keys)
+                    }
+                    Err(reason) => AccessControlResponse::Rejected(reason),
+                };
+                self.listen(now, Input::AccessResponse(Some((session, response))));
+            }
+            Command::End { session, id } => {
+                if let Some(c) = self.conns.get_mut(&session).filter(|c| c.role.id == id) {
+                    // At once: a revoked session gets nothing more, buffered or not.
+                    c.conn.on_peer_idle_timeout(now);
+                    c.next = now;
+                }
+            }
+            Command::Stop => return false,
+        }
+        true
+    }
+
+    fn open(&mut self, now: Instant, session: SessionId, connection: Connection) -> Result<(), ()> {
+        let role = self.pending.remove(&session).ok_or(())?;
+        let conn = DuplexConnection::new(connection);
+        let peer = session.0;
+        let kind = match &role.publishing {
+            Some(counters) => {
+                let (rtt, latency) = (conn.settings().rtt, conn.settings().recv_tsbpd_latency);
+                counters.srt_link(|l| {
+                    l.rtt_us = rtt.as_micros() as u64;
+                    l.latency_ms = latency.as_millis() as u64;
+                });
+                self.streams.insert(
+                    role.key.clone(),
+                    Stream { publisher: session, counters: counters.clone(), gop: Gop::default(), players: Vec::new() },
+                );
+                self.live.lock().unwrap_or_else(|p| p.into_inner()).insert(role.key.clone());
+                tracing::info!(%peer, app = %role.key.0, stream = %role.key.1, "SRT publisher live");
+                Kind::Publisher { counters: counters.clone(), last_data: now }
+            }
+            None => {
+                let Some(stream) = self.streams.get_mut(&role.key) else {
+                    // Gone between the answer and the handshake's end: shut down at once (the
+                    // listener forgets the session at its next datagram).
+                    let mut conn = conn;
+                    conn.on_peer_idle_timeout(now);
+                    while let Some((packet, to)) = conn.next_packet(now) {
+                        self.io.queue(&packet, to);
+                    }
+                    return Err(());
+                };
+                stream.players.push(session);
+                let counters = stream.counters.clone();
+                counters.players.fetch_add(1, Ordering::Relaxed);
+                Kind::Player { counters, reported: PlayerLink::default() }
+            }
+        };
+        let mut c = Conn { conn, role, kind, next: now };
+        // The GOP so far first, so the player decodes at once instead of waiting for the
+        // publisher's next keyframe.
+        if let Kind::Player { counters, .. } = &c.kind
+            && let Some(stream) = self.streams.get(&c.role.key)
+        {
+            for data in stream.gop.packets() {
+                counters.bytes_out.fetch_add(data.len() as u64, Ordering::Relaxed);
+                c.conn.handle_data_input(now, Some((now, data.clone())));
+            }
+        }
+        self.conns.insert(session, c);
+        Ok(())
+    }
+
+    /// Forgets a connection: its stream if it published it, its place among the players; the
+    /// admission it held is released with its `Role`.
+    fn remove(&mut self, now: Instant, session: SessionId) {
+        let Some(c) = self.conns.remove(&session) else { return };
+        match c.kind {
+            Kind::Publisher { .. } => {
+                if self.streams.get(&c.role.key).is_some_and(|s| s.publisher == session) {
+                    let stream = self.streams.remove(&c.role.key).expect("checked");
+                    self.live.lock().unwrap_or_else(|p| p.into_inner()).remove(&c.role.key);
+                    // Its players end once they have sent what they hold.
+                    for player in stream.players {
+                        if let Some(p) = self.conns.get_mut(&player) {
+                            p.conn.handle_data_input(now, None);
+                            p.next = now;
+                        }
+                    }
+                }
+            }
+            Kind::Player { counters, .. } => {
+                counters.players.fetch_sub(1, Ordering::Relaxed);
+                if let Some(stream) = self.streams.get_mut(&c.role.key) {
+                    stream.players.retain(|p| *p != session);
+                }
+            }
+        }
+    }
+
+    /// Runs the connections whose timers are due: publishers first, so the packets they
+    /// release reach their players in the same round.
+    fn run_timers(&mut self, now: Instant) {
+        let mut closed = Vec::new();
+        for (session, c) in self.conns.iter_mut() {
+            if let Kind::Publisher { .. } = c.kind
+                && c.next <= now
+            {
+                drive(c, now, &mut self.io, &mut self.released);
+                if !c.conn.is_open() {
+                    closed.push(*session);
+                }
+            }
+        }
+        for (key, data) in self.released.drain(..) {
+            let Some(stream) = self.streams.get_mut(&key) else { continue };
+            stream.gop.push(&data);
+            let n = data.len() as u64;
+            for player in &stream.players {
+                if let Some(p) = self.conns.get_mut(player) {
+                    p.conn.handle_data_input(now, Some((now, data.clone())));
+                    p.next = now;
+                    if let Kind::Player { counters, .. } = &p.kind {
+                        counters.bytes_out.fetch_add(n, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        let mut none = Vec::new();
+        for (session, c) in self.conns.iter_mut() {
+            if let Kind::Player { .. } = c.kind
+                && c.next <= now
+            {
+                drive(c, now, &mut self.io, &mut none);
+                if !c.conn.is_open() {
+                    closed.push(*session);
+                }
+            }
+        }
+        for session in closed {
+            self.remove(now, session);
+            // The listener forgets the session too, so the address can call again.
+            self.listen(now, Input::Success(ResultOf::DropConnection(session)));
+        }
+    }
+}
+
+/// Runs one connection's timers and collects what it sends (into the round's datagrams) and,
+/// for a publisher, the packets it releases.
+fn drive(c: &mut Conn, now: Instant, io: &mut Io, released: &mut Vec<(Key, Bytes)>) {
+    if c.conn.should_update_statistics(now) {
+        c.conn.update_statistics(now);
+        let s = c.conn.statistics();
+        match &mut c.kind {
+            Kind::Publisher { counters, .. } => counters.srt_link(|l| publisher_link(l, s)),
+            Kind::Player { counters, reported } => {
+                let link = PlayerLink::of(s);
+                counters.srt_link(|l| link.add_since(reported, l));
+                *reported = link;
+            }
+        }
+    }
+    c.conn.check_timers(now);
+    if let Kind::Publisher { counters, last_data } = &mut c.kind {
+        while let Some((_, data)) = c.conn.next_data(now) {
+            counters.bytes_in.fetch_add(data.len() as u64, Ordering::Relaxed);
+            *last_data = now;
+            released.push((c.role.key.clone(), data));
+        }
+        if now.saturating_duration_since(*last_data) > IDLE_TIMEOUT && c.conn.is_open() {
+            tracing::debug!(peer = %c.conn.settings().remote, "SRT publisher idle; closing");
+            c.conn.on_peer_idle_timeout(now);
+        }
+    }
+    while let Some((packet, to)) = c.conn.next_packet(now) {
+        io.queue(&packet, to);
+    }
+    c.next = c.conn.next_timer(now);
+}
+
+/// Decides the listener's access requests on the tokio runtime, one task each, and answers
+/// the driver; an admitted session is then held by its guard.
+pub(super) async fn admission_loop(
+    mut requests: mpsc::Receiver<(SessionId, AccessControlRequest)>,
+    commands: mpsc::UnboundedSender<Command>,
+    admission: Admission,
+    live: LiveSet,
+) {
+    while let Some((session, request)) = requests.recv().await {
+        let (commands, admission, live) = (commands.clone(), admission.clone(), live.clone());
+        tokio::spawn(async move {
+            let matches = |k: &KeySettings| request.passphrase_matches(k);
+            let caller = Caller {
+                remote: request.remote,
+                stream_id: request.stream_id.as_ref().map(|s| s.as_bytes()),
+                key_size: request.key_size,
+                passphrase_matches: &matches,
+            };
+            let is_live = |k: &Key| live.lock().unwrap_or_else(|p| p.into_inner()).contains(k);
+            match verdict(caller, &admission, is_live).await {
+                Err(reason) => {
+                    let _ = commands.send(Command::Decided { session, verdict: Err(reason) });
+                }
+                Ok(Accepted { keys, admitted, permit }) => {
+                    let (held, released) = oneshot::channel();
+                    let role = Role {
+                        id: admitted.session.id,
+                        keys,
+                        key: admitted.key.clone(),
+                        publishing: admitted.publishing.as_ref().map(|p| p.counters.clone()),
+                        _held: held,
+                    };
+                    if commands.send(Command::Decided { session, verdict: Ok(role) }).is_ok() {
+                        guard(session, admitted, permit, released, commands).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Holds an admitted session until the driver lets go of its connection, and tells the
+/// driver when the session must end.
+async fn guard(
+    session: SessionId,
+    mut admitted: Admitted,
+    permit: Permit,
+    mut released: oneshot::Receiver<()>,
+    commands: mpsc::UnboundedSender<Command>,
+) {
+    tokio::select! {
+        reason = admitted.session.ended() => {
+            tracing::info!(peer = %session.0, reason = reason.as_str(), "SRT session ended: no longer allowed");
+            let _ = commands.send(Command::End { session, id: admitted.session.id });
+            let _ = released.await;
+        }
+        _ = &mut released => {}
+    }
+    // The slot, the stream's counters, the session's registration and the connection's
+    // place under the limit end here.
+    drop(admitted);
+    drop(permit);
+}

@@ -1,0 +1,235 @@
+//! The SRT driver's UDP socket: datagrams queued during a round are sent at its end in as few
+//! system calls as the kernel allows (issue #21, `ops/bench/udp-batching` measured each way):
+//! one `sendmmsg` for the round, and inside it, a peer's run of same-size datagrams as one
+//! message with `UDP_SEGMENT` (GSO), which the kernel splits back into datagrams.
+
+use std::io::{self, Cursor, IoSlice};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+
+use bytes::BytesMut;
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+use srt_protocol::packet::{Packet, ReceivePacketError, ReceivePacketResult};
+use tokio::net::UdpSocket;
+
+/// Segments in one GSO message: the kernel takes at most 64, and 64 KiB in all (48 of
+/// SRT's 1,332-byte datagrams).
+const MAX_SEGMENTS: usize = 40;
+/// Messages in one `sendmmsg` (the kernel's `UIO_MAXIOV`).
+const MAX_MESSAGES: usize = 1024;
+/// Datagrams read in one round at most, so a flood cannot starve the rest of the round.
+const MAX_READS: usize = 4096;
+/// The largest datagram read (SRT's maximum packet size is 1,500 bytes).
+const MAX_DATAGRAM: usize = 1500;
+
+/// A message to send: its peer, where it starts in the round's bytes, its length, and the
+/// segment size if it is a GSO message of several datagrams.
+type Message = (SocketAddr, usize, usize, Option<u16>);
+
+/// The round's datagrams (peer, start, length; back to back in one buffer) as messages: with
+/// `gso`, a peer's consecutive datagrams of one size (the last of the run may be shorter) as
+/// one message of at most `MAX_SEGMENTS`; the rest one datagram each. Plain messages come
+/// first, then the GSO ones by segment size, since a `sendmmsg` shares one control message
+/// among all its messages.
+fn messages(queued: &[(SocketAddr, usize, usize)], gso: bool) -> Vec<Message> {
+    let mut messages = Vec::with_capacity(queued.len());
+    let mut i = 0;
+    while i < queued.len() {
+        let (to, start, len) = queued[i];
+        let (mut j, mut end) = (i + 1, start + len);
+        if gso {
+            while j < queued.len() && j - i < MAX_SEGMENTS && queued[j].0 == to && queued[j].1 == end {
+                let next = queued[j].2;
+                if next > len {
+                    break;
+                }
+                end += next;
+                j += 1;
+                if next < len {
+                    break;
+                }
+            }
+        }
+        messages.push((to, start, end - start, (j - i > 1).then_some(len as u16)));
+        i = j;
+    }
+    messages.sort_by_key(|m| m.3);
+    messages
+}
+
+/// Counters of what the socket did, for the benchmarks and the metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct IoStats {
+    pub datagrams_sent: u64,
+    pub send_calls: u64,
+    pub send_dropped: u64,
+    pub datagrams_received: u64,
+}
+
+pub(super) struct Io {
+    socket: UdpSocket,
+    ipv6: bool,
+    /// The round's datagrams, serialized back to back.
+    out: BytesMut,
+    /// Each queued datagram: its peer, where it starts in `out`, its length.
+    queued: Vec<(SocketAddr, usize, usize)>,
+    /// GSO is on until the kernel refuses it once.
+    gso: bool,
+    rx: Vec<u8>,
+    pub stats: IoStats,
+}
+
+impl Io {
+    pub(super) fn new(socket: UdpSocket) -> io::Result<Io> {
+        let ipv6 = socket.local_addr()?.is_ipv6();
+        Ok(Io {
+            socket,
+            ipv6,
+            out: BytesMut::with_capacity(256 * 1024),
+            queued: Vec::with_capacity(1024),
+            gso: true,
+            rx: vec![0; MAX_DATAGRAM],
+            stats: IoStats::default(),
+        })
+    }
+
+    pub(super) async fn readable(&self) {
+        let _ = self.socket.readable().await;
+    }
+
+    /// Reads what has arrived (at most `MAX_READS` datagrams), parsed, in order.
+    pub(super) fn receive(&mut self, mut each: impl FnMut(ReceivePacketResult)) {
+        for _ in 0..MAX_READS {
+            match self.socket.try_recv_from(&mut self.rx) {
+                Ok((n, from)) => {
+                    self.stats.datagrams_received += 1;
+                    let parsed = Packet::parse(&mut Cursor::new(&self.rx[..n]), self.ipv6)
+                        .map(|p| (p, from))
+                        .map_err(ReceivePacketError::from);
+                    each(parsed);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                // An ICMP error of an earlier send (a caller gone); the next read goes on.
+                Err(_) => continue,
+            }
+        }
+    }
+
+    pub(super) fn queue(&mut self, packet: &Packet, to: SocketAddr) {
+        let start = self.out.len();
+        packet.serialize(&mut self.out);
+        self.queued.push((to, start, self.out.len() - start));
+    }
+
+    /// Sends everything queued: runs of same-size datagrams to one peer as GSO messages (the
+    /// last of a run may be shorter), the rest one datagram a message, each kind in
+    /// `sendmmsg` calls of up to 1,024 messages. A datagram the kernel will not take now
+    /// (a full socket buffer) is dropped and counted: SRT retransmits what its peer misses.
+    pub(super) fn flush(&mut self) {
+        if self.queued.is_empty() {
+            return;
+        }
+        let queued = std::mem::take(&mut self.queued);
+        let messages = messages(&queued, self.gso);
+        let mut k = 0;
+        while k < messages.len() {
+            let segment = messages[k].3;
+            let mut end = k;
+            while end < messages.len() && messages[end].3 == segment && end - k < MAX_MESSAGES {
+                end += 1;
+            }
+            let batch = &messages[k..end];
+            if let Err(e) = self.send_batch(batch, segment)
+                && segment.is_some()
+                && self.gso
+                && e != nix::errno::Errno::EAGAIN
+            {
+                // The kernel or the route does not take GSO: send datagram by datagram from now on.
+                tracing::warn!(error = %e, "SRT: UDP GSO refused; sending one datagram a message");
+                self.gso = false;
+                let singles: Vec<_> = batch
+                    .iter()
+                    .flat_map(|&(to, start, len, seg)| {
+                        let seg = usize::from(seg.unwrap_or(len as u16)).max(1);
+                        (start..start + len).step_by(seg).map(move |s| (to, s, seg.min(start + len - s), None))
+                    })
+                    .collect();
+                for chunk in singles.chunks(MAX_MESSAGES) {
+                    let _ = self.send_batch(chunk, None);
+                }
+            }
+            k = end;
+        }
+        self.out.clear();
+        self.queued = queued;
+        self.queued.clear();
+    }
+
+    /// One `sendmmsg` of `batch`; what it did not send is counted as dropped.
+    fn send_batch(&mut self, batch: &[Message], segment: Option<u16>) -> nix::Result<()> {
+        let slices: Vec<[IoSlice<'_>; 1]> =
+            batch.iter().map(|&(_, start, len, _)| [IoSlice::new(&self.out[start..start + len])]).collect();
+        let addresses: Vec<Option<SockaddrStorage>> =
+            batch.iter().map(|&(to, ..)| Some(SockaddrStorage::from(to))).collect();
+        let datagrams = |m: &[Message]| -> u64 {
+            m.iter().map(|&(_, _, len, seg)| seg.map_or(1, |s| len.div_ceil(usize::from(s).max(1)) as u64)).sum()
+        };
+        let segment_size = segment.unwrap_or(0);
+        let gso = [ControlMessage::UdpGsoSegments(&segment_size)];
+        let cmsgs: &[ControlMessage<'_>] = if segment.is_some() { &gso } else { &[] };
+        let mut headers =
+            MultiHeaders::<SockaddrStorage>::preallocate(batch.len(), segment.is_some().then(|| nix::cmsg_space!(u16)));
+        self.stats.send_calls += 1;
+        let sent = sendmmsg(self.socket.as_raw_fd(), &mut headers, &slices, &addresses, cmsgs, MsgFlags::MSG_DONTWAIT)
+            .map(|r| r.count());
+        match sent {
+            Ok(n) => {
+                self.stats.datagrams_sent += datagrams(&batch[..n]);
+                self.stats.send_dropped += datagrams(&batch[n..]);
+                Ok(())
+            }
+            Err(e) => {
+                if segment.is_none() || !self.gso || e == nix::errno::Errno::EAGAIN {
+                    self.stats.send_dropped += datagrams(batch);
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_run_of_one_size_is_one_gso_message_and_the_rest_go_alone() {
+        let (a, b) = (SocketAddr::from(([127, 0, 0, 1], 1)), SocketAddr::from(([127, 0, 0, 1], 2)));
+        // a: three data packets and a shorter one (one message); b: a control packet alone (a
+        // run never grows), then two data packets (one message); a last one of a alone.
+        let mut queued = Vec::new();
+        let mut at = 0;
+        for (to, len) in [(a, 1332), (a, 1332), (a, 1332), (a, 44), (b, 44), (b, 1332), (b, 1332), (a, 1332)] {
+            queued.push((to, at, len));
+            at += len;
+        }
+        let m = messages(&queued, true);
+        assert_eq!(
+            m,
+            [
+                (b, 3 * 1332 + 44, 44, None),
+                (a, 5 * 1332 + 88, 1332, None),
+                (a, 0, 3 * 1332 + 44, Some(1332)),
+                (b, 3 * 1332 + 88, 2 * 1332, Some(1332))
+            ]
+        );
+        // Without GSO, one datagram a message, all of them.
+        assert_eq!(messages(&queued, false).len(), queued.len());
+        // A run is cut at MAX_SEGMENTS.
+        let long: Vec<_> = (0..MAX_SEGMENTS + 3).map(|i| (a, i * 1332, 1332)).collect();
+        let m = messages(&long, true);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.iter().map(|x| x.2 / 1332).sum::<usize>(), MAX_SEGMENTS + 3);
+        assert!(m.iter().all(|x| x.2 / 1332 <= MAX_SEGMENTS));
+    }
+}
