@@ -261,7 +261,7 @@ impl Config {
             rtmp_player_behind_secs: s.or("rtmp_player_behind_secs", 10, "seconds")?.max(1),
             srt_latency_ms: s.or("srt_latency_ms", 120, "milliseconds")?,
             srt_engine: s.or("srt_engine", crate::srt::Engine::Batched, "batched or tokio")?,
-            srt_tick_ms: s.or("srt_tick_ms", 5, "milliseconds (1 to 50)")?.clamp(1, 50),
+            srt_tick_ms: s.or("srt_tick_ms", 10, "milliseconds (1 to 50)")?.clamp(1, 50),
             publish_lease_secs: s.or("publish_lease_secs", 10, "seconds")?.max(1),
             webhook_allowed,
             node_secret,

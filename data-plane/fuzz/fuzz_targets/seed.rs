@@ -1,4 +1,4 @@
-//! Seeds for `srt_listener`: an induction and conclusion handshakes (with a streamid, with key
+//! Seeds for `srt_listener` and `srt_driver`: an induction and conclusion handshakes (with a streamid, with key
 //! material) from srt-protocol's own test vectors of the reference implementation.
 //!
 //! Seeds for `rtmp_session`: the bytes an rml_rtmp client sends to connect and publish (with
@@ -73,8 +73,25 @@ fn srt_seeds() {
     std::fs::write(dir.join("seed-handshake"), all).expect("seed");
 }
 
+/// The same datagrams for `srt_driver`, whose control byte also says how the access request is
+/// answered: as a publisher (0x40), and the key-material handshake with a passphrase (0xC0).
+fn srt_driver_seeds() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/srt_driver");
+    std::fs::create_dir_all(&dir).expect("corpus directory");
+    let mut all = Vec::new();
+    for (i, (peer, hex)) in SRT_SEEDS.iter().enumerate() {
+        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|j| u8::from_str_radix(&hex[j..j + 2], 16).expect("hex")).collect();
+        let control = if *peer == 0 { 0x40 } else { 0xC0 };
+        let record = [&[bytes.len() as u8, control][..], &bytes].concat();
+        std::fs::write(dir.join(format!("seed-{i}")), &record).expect("seed");
+        all.extend_from_slice(&record);
+    }
+    std::fs::write(dir.join("seed-handshake"), all).expect("seed");
+}
+
 fn main() {
     srt_seeds();
+    srt_driver_seeds();
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/rtmp_session");
     std::fs::create_dir_all(&dir).expect("corpus directory");
     for (name, publish) in [("publish", true), ("play", false)] {

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::feed::Gop;
 use super::link::{PlayerLink, publisher_link};
-use super::udp::Io;
+use super::udp::{Io, Transport};
 use super::{Accepted, Caller, IDLE_TIMEOUT, verdict};
 use crate::admit::{Admission, Admitted};
 use crate::limits::Permit;
@@ -92,9 +92,9 @@ struct Stream {
 /// Which streams have a publisher on this worker, for deciding plays.
 pub(super) type LiveSet = Arc<Mutex<HashSet<Key>>>;
 
-pub(super) struct Driver {
+pub(super) struct Driver<T: Transport = Io> {
     listener: MultiplexListener,
-    io: Io,
+    io: T,
     requests: mpsc::Sender<(SessionId, AccessControlRequest)>,
     commands: mpsc::UnboundedReceiver<Command>,
     /// Accepted, waiting for the handshake to open the connection.
@@ -107,16 +107,16 @@ pub(super) struct Driver {
     released: Vec<(Key, Bytes)>,
 }
 
-impl Driver {
+impl<T: Transport> Driver<T> {
     pub(super) fn new(
-        io: Io,
+        io: T,
         local: SocketAddr,
         settings: ConnInitSettings,
         requests: mpsc::Sender<(SessionId, AccessControlRequest)>,
         commands: mpsc::UnboundedReceiver<Command>,
         live: LiveSet,
         tick: Duration,
-    ) -> Driver {
+    ) -> Driver<T> {
         Driver {
             listener: MultiplexListener::new(Instant::now(), local, settings),
             io,
@@ -131,42 +131,10 @@ impl Driver {
         }
     }
 
-    /// Rounds until `Command::Stop` (or every sender is gone).
-    pub(super) async fn run(mut self) {
-        loop {
-            let started = Instant::now();
-            if !self.round(started) {
-                break;
-            }
-            let wake = self.next_timer(started).max(started + self.tick);
-            tokio::select! {
-                _ = self.io.readable() => {}
-                _ = tokio::time::sleep_until(wake.into()) => {}
-                command = self.commands.recv() => match command {
-                    Some(c) => if !self.command(Instant::now(), c) { break },
-                    None => break,
-                },
-            }
-            // At most one round a tick: what arrives meanwhile waits for it.
-            let earliest = started + self.tick;
-            if Instant::now() < earliest {
-                tokio::time::sleep_until(earliest.into()).await;
-            }
-        }
-        let now = Instant::now();
-        for c in self.conns.values_mut() {
-            c.conn.on_peer_idle_timeout(now);
-            while let Some((p, to)) = c.conn.next_packet(now) {
-                self.io.queue(&p, to);
-            }
-        }
-        self.io.flush();
-    }
-
     /// One round; false once the driver is told to stop.
     fn round(&mut self, now: Instant) -> bool {
         let mut received = Vec::new();
-        self.io.receive(|packet| received.push(packet));
+        self.io.receive(&mut |packet| received.push(packet));
         for packet in received {
             self.listen(now, Input::Packet(packet));
         }
@@ -256,10 +224,8 @@ impl Driver {
                 self.listen(now, Input::AccessResponse(Some((session, response))));
             }
             Command::End { session, id } => {
-                if let Some(c) = self.conns.get_mut(&session).filter(|c| c.role.id == id) {
-                    // At once: a revoked session gets nothing more, buffered or not.
-                    c.conn.on_peer_idle_timeout(now);
-                    c.next = now;
+                if self.conns.get(&session).is_some_and(|c| c.role.id == id) {
+                    self.end(now, session);
                 }
             }
             Command::Stop => return false,
@@ -318,6 +284,21 @@ impl Driver {
         Ok(())
     }
 
+    /// Ends a connection at once: a shutdown packet is its last datagram (nothing buffered is
+    /// sent; srt-protocol's own close would drain for twice the latency first), then it is
+    /// forgotten, by the listener too.
+    fn end(&mut self, now: Instant, session: SessionId) {
+        let Some(c) = self.conns.get_mut(&session) else { return };
+        c.conn.on_peer_idle_timeout(now);
+        while let Some((packet, to)) = c.conn.next_packet(now) {
+            if matches!(packet, srt_protocol::packet::Packet::Control(_)) {
+                self.io.queue(&packet, to);
+            }
+        }
+        self.remove(now, session);
+        self.listen(now, Input::Success(ResultOf::DropConnection(session)));
+    }
+
     /// Forgets a connection: its stream if it published it, its place among the players; the
     /// admission it held is released with its `Role`.
     fn remove(&mut self, now: Instant, session: SessionId) {
@@ -348,13 +329,14 @@ impl Driver {
     /// Runs the connections whose timers are due: publishers first, so the packets they
     /// release reach their players in the same round.
     fn run_timers(&mut self, now: Instant) {
-        let mut closed = Vec::new();
+        let (mut closed, mut ending) = (Vec::new(), Vec::new());
         for (session, c) in self.conns.iter_mut() {
             if let Kind::Publisher { .. } = c.kind
                 && c.next <= now
             {
-                drive(c, now, &mut self.io, &mut self.released);
-                if !c.conn.is_open() {
+                if drive(c, now, &mut self.io, &mut self.released) {
+                    ending.push(*session);
+                } else if !c.conn.is_open() {
                     closed.push(*session);
                 }
             }
@@ -378,11 +360,15 @@ impl Driver {
             if let Kind::Player { .. } = c.kind
                 && c.next <= now
             {
-                drive(c, now, &mut self.io, &mut none);
-                if !c.conn.is_open() {
+                if drive(c, now, &mut self.io, &mut none) {
+                    ending.push(*session);
+                } else if !c.conn.is_open() {
                     closed.push(*session);
                 }
             }
+        }
+        for session in ending {
+            self.end(now, session);
         }
         for session in closed {
             self.remove(now, session);
@@ -392,9 +378,61 @@ impl Driver {
     }
 }
 
+impl Driver<Io> {
+    /// Rounds until `Command::Stop` (or every sender is gone).
+    pub(super) async fn run(mut self) {
+        loop {
+            let started = Instant::now();
+            if !self.round(started) {
+                break;
+            }
+            // Busy (a timer due within a tick): the next round a tick after this one, one
+            // wakeup a round, and a datagram waits for it. Quiet: a round as soon as a timer
+            // or a datagram wants one, but not before a tick has passed. Either way a command
+            // (a decision to answer, a kick) is carried out the moment it comes.
+            let earliest = started + self.tick;
+            let busy = self.next_timer(started) <= earliest;
+            let wake = if busy { earliest } else { self.next_timer(started) };
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake.into()) => break,
+                    _ = self.io.readable(), if !busy => {
+                        tokio::time::sleep_until(earliest.into()).await;
+                        break;
+                    }
+                    command = self.commands.recv() => {
+                        let Some(command) = command else { return self.stop() };
+                        if !self.command(Instant::now(), command) {
+                            return self.stop();
+                        }
+                        self.io.flush();
+                        // A connection it opened wants its round before the quiet wake.
+                        if !busy && self.next_timer(Instant::now()) < wake {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        self.stop();
+    }
+
+    /// The worker stops: every connection gets a shutdown packet.
+    fn stop(&mut self) {
+        let now = Instant::now();
+        for c in self.conns.values_mut() {
+            c.conn.on_peer_idle_timeout(now);
+            while let Some((p, to)) = c.conn.next_packet(now) {
+                self.io.queue(&p, to);
+            }
+        }
+        self.io.flush();
+    }
+}
+
 /// Runs one connection's timers and collects what it sends (into the round's datagrams) and,
-/// for a publisher, the packets it releases.
-fn drive(c: &mut Conn, now: Instant, io: &mut Io, released: &mut Vec<(Key, Bytes)>) {
+/// for a publisher, the packets it releases; true if it must end now (a silent publisher).
+fn drive(c: &mut Conn, now: Instant, io: &mut impl Transport, released: &mut Vec<(Key, Bytes)>) -> bool {
     if c.conn.should_update_statistics(now) {
         c.conn.update_statistics(now);
         let s = c.conn.statistics();
@@ -416,13 +454,14 @@ fn drive(c: &mut Conn, now: Instant, io: &mut Io, released: &mut Vec<(Key, Bytes
         }
         if now.saturating_duration_since(*last_data) > IDLE_TIMEOUT && c.conn.is_open() {
             tracing::debug!(peer = %c.conn.settings().remote, "SRT publisher idle; closing");
-            c.conn.on_peer_idle_timeout(now);
+            return true;
         }
     }
     while let Some((packet, to)) = c.conn.next_packet(now) {
         io.queue(&packet, to);
     }
     c.next = c.conn.next_timer(now);
+    false
 }
 
 /// Decides the listener's access requests on the tokio runtime, one task each, and answers
@@ -487,4 +526,207 @@ async fn guard(
     // place under the limit end here.
     drop(admitted);
     drop(permit);
+}
+
+/// A transport that replays datagrams instead of a socket (the fuzz entry and the tests): what
+/// is pushed to `inbox` arrives at the next round; what the driver sends is serialized and
+/// dropped, except the SYN cookie a handshake gives each peer, so its conclusion can carry it.
+#[derive(Default)]
+struct Replay {
+    inbox: std::collections::VecDeque<srt_protocol::packet::ReceivePacketResult>,
+    cookies: [i32; 4],
+    sent: usize,
+}
+
+impl Replay {
+    /// Peer `peer` (0 to 3) sends `datagram`.
+    fn push(&mut self, peer: usize, datagram: &[u8]) {
+        use srt_protocol::packet::{ControlPacket, ControlTypes, Packet, ShakeType};
+        let from = SocketAddr::from(([127, 0, 0, 1 + (peer & 3) as u8], 5000));
+        let mut parsed = Packet::parse(&mut std::io::Cursor::new(datagram), false)
+            .map(|p| (p, from))
+            .map_err(srt_protocol::packet::ReceivePacketError::from);
+        if let Ok((Packet::Control(ControlPacket { control_type: ControlTypes::Handshake(hs), .. }), _)) = &mut parsed
+            && hs.shake_type == ShakeType::Conclusion
+        {
+            hs.syn_cookie = self.cookies[peer & 3];
+        }
+        self.inbox.push_back(parsed);
+    }
+}
+
+impl Transport for Replay {
+    fn receive(&mut self, each: &mut dyn FnMut(srt_protocol::packet::ReceivePacketResult)) {
+        while let Some(p) = self.inbox.pop_front() {
+            each(p);
+        }
+    }
+    fn queue(&mut self, packet: &srt_protocol::packet::Packet, to: SocketAddr) {
+        use srt_protocol::packet::{ControlPacket, ControlTypes, Packet};
+        if let Packet::Control(ControlPacket { control_type: ControlTypes::Handshake(hs), .. }) = packet
+            && let std::net::IpAddr::V4(ip) = to.ip()
+        {
+            self.cookies[usize::from(ip.octets()[3].wrapping_sub(1) & 3)] = hs.syn_cookie;
+        }
+        let mut out = bytes::BytesMut::new();
+        packet.serialize(&mut out);
+        self.sent += 1;
+    }
+    fn flush(&mut self) {}
+}
+
+/// A driver over `Replay`, and the receiver of its access requests.
+fn replay_driver() -> (Driver<Replay>, mpsc::Receiver<(SessionId, AccessControlRequest)>, mpsc::UnboundedSender<Command>)
+{
+    let (requests, asked) = mpsc::channel(PENDING_REQUESTS);
+    let (commands, received) = mpsc::unbounded_channel();
+    let local = SocketAddr::from(([127, 0, 0, 1], 4200));
+    let driver = Driver::new(
+        Replay::default(),
+        local,
+        ConnInitSettings::default(),
+        requests,
+        received,
+        LiveSet::default(),
+        Duration::from_millis(5),
+    );
+    (driver, asked, commands)
+}
+
+/// The fuzz entry (`data-plane/fuzz`, target `srt_driver`): datagrams from four peers into the
+/// driver itself (its listener, access answers, connections, streams and players, kicks,
+/// timers) over `Replay`, with the clock moved by the input. Input: records of
+/// `[length, control, bytes...]`; `control` picks the peer (2 bits), how far the clock moves
+/// (3 bits), and how an access request is answered (3 bits: refused, a publisher or a player
+/// of one of two streams, with or without a passphrase; 7 also kicks the session).
+#[doc(hidden)]
+pub fn fuzz(data: &[u8]) {
+    let (mut driver, mut asked, _commands) = replay_driver();
+    let stats = crate::stats::MediaStats::new();
+    let app = sluice_events::AppName::parse("fuzz").expect("a valid name");
+    let streams = ["a", "b"].map(|s| sluice_events::StreamName::parse(s).expect("a valid name"));
+    let mut held = Vec::new();
+    let mut next_id = 0u64;
+    let mut now = Instant::now();
+    let mut rest = data;
+    while let [len, control, tail @ ..] = rest {
+        let (datagram, tail) = tail.split_at((*len as usize).min(tail.len()));
+        rest = tail;
+        now += Duration::from_millis(u64::from((control >> 2) & 7) * 15);
+        driver.io.push(usize::from(control & 3), datagram);
+        driver.round(now);
+        // The admission side's answers, as `control`'s top bits say.
+        let answer = control >> 5;
+        while let Ok((session, request)) = asked.try_recv() {
+            let verdict = if answer == 0 {
+                Err(RejectReason::Server(ServerRejectReason::Forbidden))
+            } else {
+                let key = (app.clone(), streams[usize::from(answer & 1)].clone());
+                let publishing = (answer & 2 != 0).then(|| stats.stream_started("fuzz", key.1.as_str(), "srt", None));
+                let keys = (answer & 4 != 0)
+                    .then(|| KeySettings { key_size: request.key_size, passphrase: "sluice-fuzz-passphrase".into() });
+                let (tx, rx) = oneshot::channel();
+                held.push(rx);
+                next_id += 1;
+                Ok(Role { id: next_id, keys, key, publishing, _held: tx })
+            };
+            driver.command(now, Command::Decided { session, verdict });
+            if answer == 7 {
+                driver.command(now, Command::End { session, id: next_id });
+            }
+        }
+        driver.round(now);
+    }
+    // Time runs on with nothing arriving: timers, releases, idle and peer timeouts.
+    for _ in 0..8 {
+        now += Duration::from_secs(2);
+        driver.round(now);
+    }
+    driver.command(now, Command::Stop);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An induction and a conclusion with a streamid, from srt-protocol's test vectors of the
+    /// reference implementation (the fuzz targets' seeds).
+    const HANDSHAKE: [&str; 2] = [
+        "8000000000000000000002b00000000000000004000000023c3b0296000005dc00002000000000010669ead20000000000000000000000000000000001000000",
+        "800000000000000000000b1400000000000000050000000563444b2e000005dc00002000ffffffff37eb0ee52154fbd60100007f0000000000000000000000000001000300010401000000bf0014001400050003646362616867666500006a69",
+    ];
+
+    fn bytes(hex: &str) -> Vec<u8> {
+        (0..hex.len()).step_by(2).map(|j| u8::from_str_radix(&hex[j..j + 2], 16).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_caller_is_asked_about_then_live_until_kicked_and_its_admission_is_released() {
+        let (mut driver, mut asked, _commands) = replay_driver();
+        let mut now = Instant::now();
+        for hex in HANDSHAKE {
+            driver.io.push(0, &bytes(hex));
+            driver.round(now);
+            now += Duration::from_millis(10);
+        }
+        let (session, request) = asked.try_recv().expect("the listener asks about the caller");
+        assert_eq!(session.0, SocketAddr::from(([127, 0, 0, 1], 5000)));
+        assert!(request.stream_id.is_some(), "the streamid reaches the admission side");
+        assert!(asked.try_recv().is_err(), "asked once");
+
+        let stats = crate::stats::MediaStats::new();
+        let key = (sluice_events::AppName::parse("live").unwrap(), sluice_events::StreamName::parse("cam").unwrap());
+        let (held, mut released) = oneshot::channel();
+        let counters = stats.stream_started("live", "cam", "srt", None);
+        let role = Role { id: 7, keys: None, key: key.clone(), publishing: Some(counters), _held: held };
+        let sent = driver.io.sent;
+        driver.command(now, Command::Decided { session, verdict: Ok(role) });
+        assert!(driver.io.sent > sent, "the conclusion is answered");
+        assert!(driver.conns.contains_key(&session), "the connection is open");
+        assert!(driver.live.lock().unwrap().contains(&key), "its stream is live for plays");
+        assert!(released.try_recv().is_err(), "the admission is held while the connection lives");
+
+        // A kick for another admission of the same address changes nothing; its own ends it.
+        driver.command(now, Command::End { session, id: 6 });
+        driver.round(now);
+        assert!(driver.conns.contains_key(&session));
+        driver.command(now, Command::End { session, id: 7 });
+        now += Duration::from_millis(10);
+        driver.round(now);
+        assert!(!driver.conns.contains_key(&session), "kicked");
+        assert!(driver.live.lock().unwrap().is_empty(), "its stream is no longer live");
+        assert!(matches!(released.try_recv(), Err(oneshot::error::TryRecvError::Closed)), "the admission is released");
+    }
+
+    #[test]
+    fn a_refused_caller_gets_no_connection_and_garbage_changes_nothing() {
+        let (mut driver, mut asked, _commands) = replay_driver();
+        let now = Instant::now();
+        for hex in HANDSHAKE {
+            driver.io.push(1, &bytes(hex));
+            driver.round(now);
+        }
+        let (session, _) = asked.try_recv().expect("asked");
+        let sent = driver.io.sent;
+        driver.command(
+            now,
+            Command::Decided { session, verdict: Err(RejectReason::Server(ServerRejectReason::Forbidden)) },
+        );
+        assert!(driver.io.sent > sent, "the rejection is sent");
+        assert!(driver.conns.is_empty() && driver.pending.is_empty());
+        for junk in [&b""[..], &[0xff; 3], &[0x80; 64], &bytes(HANDSHAKE[1])[..20]] {
+            driver.io.push(2, junk);
+            driver.round(now);
+        }
+        assert!(driver.conns.is_empty() && asked.try_recv().is_err());
+        // The fuzz entry runs the same paths with every answer.
+        let records: Vec<u8> = HANDSHAKE
+            .iter()
+            .flat_map(|h| {
+                let b = bytes(h);
+                [vec![b.len() as u8, 0x40], b].concat()
+            })
+            .collect();
+        fuzz(&records);
+    }
 }

@@ -25,6 +25,8 @@ mod link;
 mod relay;
 mod udp;
 
+pub use driver::fuzz as fuzz_driver;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,13 +3,14 @@
 //! one `sendmmsg` for the round, and inside it, a peer's run of same-size datagrams as one
 //! message with `UDP_SEGMENT` (GSO), which the kernel splits back into datagrams.
 
-use std::io::{self, Cursor, IoSlice};
-use std::net::SocketAddr;
+use std::io::{self, Cursor, IoSlice, IoSliceMut};
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 
 use bytes::BytesMut;
-use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, sendmmsg};
+use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
 use srt_protocol::packet::{Packet, ReceivePacketError, ReceivePacketResult};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 /// Segments in one GSO message: the kernel takes at most 64, and 64 KiB in all (48 of
@@ -19,6 +20,8 @@ const MAX_SEGMENTS: usize = 40;
 const MAX_MESSAGES: usize = 1024;
 /// Datagrams read in one round at most, so a flood cannot starve the rest of the round.
 const MAX_READS: usize = 4096;
+/// Datagrams one `recvmmsg` reads at most.
+const READ_BATCH: usize = 64;
 /// The largest datagram read (SRT's maximum packet size is 1,500 bytes).
 const MAX_DATAGRAM: usize = 1500;
 
@@ -28,9 +31,11 @@ type Message = (SocketAddr, usize, usize, Option<u16>);
 
 /// The round's datagrams (peer, start, length; back to back in one buffer) as messages: with
 /// `gso`, a peer's consecutive datagrams of one size (the last of the run may be shorter) as
-/// one message of at most `MAX_SEGMENTS`; the rest one datagram each. Plain messages come
-/// first, then the GSO ones by segment size, since a `sendmmsg` shares one control message
-/// among all its messages.
+/// one message of at most `MAX_SEGMENTS`; the rest one datagram each. A `sendmmsg` shares one
+/// control message among all its messages, so they are ordered by segment size; a lone
+/// datagram no longer than the largest segment size goes with that size (the kernel sends a
+/// message no longer than its segment size as one plain datagram), so a round of data and
+/// control packets is one system call.
 fn messages(queued: &[(SocketAddr, usize, usize)], gso: bool) -> Vec<Message> {
     let mut messages = Vec::with_capacity(queued.len());
     let mut i = 0;
@@ -53,8 +58,21 @@ fn messages(queued: &[(SocketAddr, usize, usize)], gso: bool) -> Vec<Message> {
         messages.push((to, start, end - start, (j - i > 1).then_some(len as u16)));
         i = j;
     }
+    if let Some(largest) = messages.iter().filter_map(|m| m.3).max() {
+        for m in messages.iter_mut().filter(|m| m.3.is_none() && m.2 <= usize::from(largest)) {
+            m.3 = Some(largest);
+        }
+    }
     messages.sort_by_key(|m| m.3);
     messages
+}
+
+/// A `recvmmsg` sender as a standard address.
+fn std_address(a: SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4(SocketAddrV4::new(v4.ip().into(), v4.port())));
+    }
+    a.as_sockaddr_in6().map(|v6| SocketAddr::V6(SocketAddrV6::new(v6.ip(), v6.port(), v6.flowinfo(), v6.scope_id())))
 }
 
 /// Counters of what the socket did, for the benchmarks and the metrics.
@@ -64,6 +82,18 @@ pub(super) struct IoStats {
     pub send_calls: u64,
     pub send_dropped: u64,
     pub datagrams_received: u64,
+    pub receive_calls: u64,
+}
+
+/// Where the driver's datagrams come from and go: the UDP socket (`Io`), or the fuzz target's
+/// replay (`driver::fuzz`).
+pub(super) trait Transport {
+    /// What has arrived, parsed, in order.
+    fn receive(&mut self, each: &mut dyn FnMut(ReceivePacketResult));
+    /// A datagram for the end of the round.
+    fn queue(&mut self, packet: &Packet, to: SocketAddr);
+    /// The end of the round: everything queued goes out.
+    fn flush(&mut self);
 }
 
 pub(super) struct Io {
@@ -75,7 +105,10 @@ pub(super) struct Io {
     queued: Vec<(SocketAddr, usize, usize)>,
     /// GSO is on until the kernel refuses it once.
     gso: bool,
-    rx: Vec<u8>,
+    /// `READ_BATCH` buffers for `recvmmsg`.
+    rx: Vec<[u8; MAX_DATAGRAM]>,
+    /// What the last `recvmmsg` read: each datagram's length and sender.
+    read: Vec<(usize, Option<SocketAddr>)>,
     pub stats: IoStats,
 }
 
@@ -88,7 +121,8 @@ impl Io {
             out: BytesMut::with_capacity(256 * 1024),
             queued: Vec::with_capacity(1024),
             gso: true,
-            rx: vec![0; MAX_DATAGRAM],
+            rx: vec![[0; MAX_DATAGRAM]; READ_BATCH],
+            read: Vec::with_capacity(READ_BATCH),
             stats: IoStats::default(),
         })
     }
@@ -96,26 +130,49 @@ impl Io {
     pub(super) async fn readable(&self) {
         let _ = self.socket.readable().await;
     }
+}
 
-    /// Reads what has arrived (at most `MAX_READS` datagrams), parsed, in order.
-    pub(super) fn receive(&mut self, mut each: impl FnMut(ReceivePacketResult)) {
-        for _ in 0..MAX_READS {
-            match self.socket.try_recv_from(&mut self.rx) {
-                Ok((n, from)) => {
-                    self.stats.datagrams_received += 1;
-                    let parsed = Packet::parse(&mut Cursor::new(&self.rx[..n]), self.ipv6)
-                        .map(|p| (p, from))
-                        .map_err(ReceivePacketError::from);
-                    each(parsed);
+impl Transport for Io {
+    /// Reads what has arrived (at most `MAX_READS` datagrams, `READ_BATCH` a `recvmmsg`),
+    /// parsed, in order.
+    fn receive(&mut self, each: &mut dyn FnMut(ReceivePacketResult)) {
+        let mut reads = 0;
+        while reads < MAX_READS {
+            let Io { socket, rx, read, stats, .. } = self;
+            stats.receive_calls += 1;
+            let fd = socket.as_raw_fd();
+            let result = socket.try_io(Interest::READABLE, || {
+                let slices: Vec<[IoSliceMut<'_>; 1]> = rx.iter_mut().map(|b| [IoSliceMut::new(&mut b[..])]).collect();
+                let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slices.len(), None);
+                let results = recvmmsg(fd, &mut headers, &slices, MsgFlags::MSG_DONTWAIT, None)?;
+                read.clear();
+                read.extend(results.map(|r| (r.bytes, r.address.and_then(std_address))));
+                Ok(read.len())
+            });
+            match result {
+                Ok(n) => {
+                    reads += n;
+                    self.stats.datagrams_received += n as u64;
+                    for (i, &(len, from)) in self.read.iter().enumerate() {
+                        // A datagram without a sender cannot be answered: skipped.
+                        let Some(from) = from else { continue };
+                        let parsed = Packet::parse(&mut Cursor::new(&self.rx[i][..len]), self.ipv6)
+                            .map(|p| (p, from))
+                            .map_err(ReceivePacketError::from);
+                        each(parsed);
+                    }
+                    if n < READ_BATCH {
+                        return;
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 // An ICMP error of an earlier send (a caller gone); the next read goes on.
-                Err(_) => continue,
+                Err(_) => reads += 1,
             }
         }
     }
 
-    pub(super) fn queue(&mut self, packet: &Packet, to: SocketAddr) {
+    fn queue(&mut self, packet: &Packet, to: SocketAddr) {
         let start = self.out.len();
         packet.serialize(&mut self.out);
         self.queued.push((to, start, self.out.len() - start));
@@ -125,7 +182,7 @@ impl Io {
     /// last of a run may be shorter), the rest one datagram a message, each kind in
     /// `sendmmsg` calls of up to 1,024 messages. A datagram the kernel will not take now
     /// (a full socket buffer) is dropped and counted: SRT retransmits what its peer misses.
-    pub(super) fn flush(&mut self) {
+    fn flush(&mut self) {
         if self.queued.is_empty() {
             return;
         }
@@ -164,7 +221,9 @@ impl Io {
         self.queued = queued;
         self.queued.clear();
     }
+}
 
+impl Io {
     /// One `sendmmsg` of `batch`; what it did not send is counted as dropped.
     fn send_batch(&mut self, batch: &[Message], segment: Option<u16>) -> nix::Result<()> {
         let slices: Vec<[IoSlice<'_>; 1]> =
@@ -214,15 +273,19 @@ mod tests {
             at += len;
         }
         let m = messages(&queued, true);
+        // The lone datagrams share the GSO messages' call (each no longer than a segment).
         assert_eq!(
             m,
             [
-                (b, 3 * 1332 + 44, 44, None),
-                (a, 5 * 1332 + 88, 1332, None),
                 (a, 0, 3 * 1332 + 44, Some(1332)),
-                (b, 3 * 1332 + 88, 2 * 1332, Some(1332))
+                (b, 3 * 1332 + 44, 44, Some(1332)),
+                (b, 3 * 1332 + 88, 2 * 1332, Some(1332)),
+                (a, 5 * 1332 + 88, 1332, Some(1332))
             ]
         );
+        // A lone datagram longer than every segment goes in a call of its own.
+        let big = [(a, 0, 1332), (a, 1332, 1332), (b, 2664, 1456)];
+        assert_eq!(messages(&big, true), [(b, 2664, 1456, None), (a, 0, 2664, Some(1332))]);
         // Without GSO, one datagram a message, all of them.
         assert_eq!(messages(&queued, false).len(), queued.len());
         // A run is cut at MAX_SEGMENTS.
