@@ -59,13 +59,15 @@ const SRT_SEEDS: [(u8, &str); 4] = [
     (0x20, "800000000000000000175E8A0000000000000005000000036FEFB8D8000005DC00002000FFFFFFFF35E790ED5D16CCEA0100007F00000000000000000000000000010003000103010000002F01F401F40003000E122029010000000002000200000004049D75B0AC924C6E4C9EC40FEB4FE973DB1D215D426C18A2871EBF77E2646D9BAB15DBD7689AEF60EC"),
 ];
 
-fn srt_seeds() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/srt_listener");
+/// The records of `SRT_SEEDS` into `corpus/<target>`, each alone and all in a row, with the
+/// control byte `control` makes of each seed's.
+fn srt_seeds(target: &str, control: fn(u8) -> u8) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
     std::fs::create_dir_all(&dir).expect("corpus directory");
     let mut all = Vec::new();
     for (i, (peer, hex)) in SRT_SEEDS.iter().enumerate() {
         let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|j| u8::from_str_radix(&hex[j..j + 2], 16).expect("hex")).collect();
-        let record = [&[bytes.len() as u8, *peer][..], &bytes].concat();
+        let record = [&[bytes.len() as u8, control(*peer)][..], &bytes].concat();
         std::fs::write(dir.join(format!("seed-{i}")), &record).expect("seed");
         all.extend_from_slice(&record);
     }
@@ -73,25 +75,11 @@ fn srt_seeds() {
     std::fs::write(dir.join("seed-handshake"), all).expect("seed");
 }
 
-/// The same datagrams for `srt_driver`, whose control byte also says how the access request is
-/// answered: as a publisher (0x40), and the key-material handshake with a passphrase (0xC0).
-fn srt_driver_seeds() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/srt_driver");
-    std::fs::create_dir_all(&dir).expect("corpus directory");
-    let mut all = Vec::new();
-    for (i, (peer, hex)) in SRT_SEEDS.iter().enumerate() {
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|j| u8::from_str_radix(&hex[j..j + 2], 16).expect("hex")).collect();
-        let control = if *peer == 0 { 0x40 } else { 0xC0 };
-        let record = [&[bytes.len() as u8, control][..], &bytes].concat();
-        std::fs::write(dir.join(format!("seed-{i}")), &record).expect("seed");
-        all.extend_from_slice(&record);
-    }
-    std::fs::write(dir.join("seed-handshake"), all).expect("seed");
-}
-
 fn main() {
-    srt_seeds();
-    srt_driver_seeds();
+    srt_seeds("srt_listener", |peer| peer);
+    // `srt_driver`'s control byte also says how the access request is answered: as a
+    // publisher (0x40), and the key-material handshake with a passphrase (0xC0).
+    srt_seeds("srt_driver", |peer| if peer == 0 { 0x40 } else { 0xC0 });
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/rtmp_session");
     std::fs::create_dir_all(&dir).expect("corpus directory");
     for (name, publish) in [("publish", true), ("play", false)] {
