@@ -404,3 +404,42 @@ async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_clean
     assert!(!read(&w_log).contains("panicked"), "{}", read(&w_log));
     assert_eq!(get(&http, format!("http://127.0.0.1:{admin}/health")).await.0, 200);
 }
+
+/// The srt-tokio engine, kept to measure the batched driver against (`SLUICE_SRT_ENGINE=tokio`),
+/// still decides, relays and refuses: ffmpeg publishes, another ffmpeg decodes, a caller of an
+/// unknown app is refused 1404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_srt_tokio_engine_still_decides_and_relays() {
+    let Plane { pg: _pg, url: _, nats, dir, http, store, cp, control: _cp } = Plane::start("srt_tokio").await;
+    post(&http, cp, "/v1/apps", json!({"name": "open"})).await;
+    let (admin, srt) = (free_port(), free_port());
+    let w_log = dir.path().join("w1.log");
+    let listen = format!("127.0.0.1:{srt}");
+    let _w = worker_with(
+        &nats.url(),
+        admin,
+        &dir.path().join("w1"),
+        "w1",
+        &w_log,
+        &[("SLUICE_SRT_LISTEN", &listen), ("SLUICE_SRT_ENGINE", "tokio")],
+    );
+    ready_at_head(&http, &store, admin).await;
+    assert!(read(&w_log).contains("SRT on srt-tokio"), "{}", read(&w_log));
+    assert_eq!(reject_code(srt, "#!::r=nosuchapp/cam,m=publish").await, 1404);
+    let publish = format!("{}&pkt_size=1316", srt_url(srt, "#!::r=open/cam,m=publish"));
+    let publisher = ffmpeg_testsrc("mpegts", &publish, 20).spawn().unwrap();
+    let stats = format!("http://127.0.0.1:{cp}/v1/stats/streams/open/cam");
+    until("the stream is live", || async { get(&http, stats.clone()).await.1["live"] == true }).await;
+    let url = srt_url(srt, "#!::r=open/cam,m=request");
+    let played = tokio::task::spawn_blocking(move || ffmpeg_play(&url)).await.unwrap();
+    let frames = stderr(&played)
+        .rsplit("frame=")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .unwrap_or(0);
+    assert!(played.status.success() && frames > 0, "no frames through srt-tokio: {}", stderr(&played));
+    let mut publisher = publisher;
+    publisher.kill().unwrap();
+    publisher.wait().unwrap();
+    assert!(!read(&w_log).contains("panicked"), "{}", read(&w_log));
+}
