@@ -403,6 +403,7 @@ impl Conn {
             let ch = hub.channels.entry(key.clone()).or_default();
             ch.publisher = Some(self.id);
             ch.counters = Some(publishing.counters.clone());
+            hub.wake_timer();
         }
         self.ctx.directory.admitted(&key, self.ctx.thread, self.id, publishing.counters.clone());
         self.watch_kick(session);

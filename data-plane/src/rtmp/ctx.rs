@@ -156,7 +156,10 @@ impl Ctx {
         }
         let id = self.new_id();
         let ch = Channel { publisher: Some(id), mirror: true, counters: Some(counters), ..Channel::default() };
-        self.hub.borrow_mut().channels.insert(key.clone(), ch);
+        let mut hub = self.hub.borrow_mut();
+        hub.channels.insert(key.clone(), ch);
+        hub.wake_timer();
+        drop(hub);
         tracing::info!(app = %key.0, stream = %key.1, from = thread, to = self.thread, "RTMP stream relayed from another media thread");
         let ctx = self.clone();
         let key = key.clone();

@@ -248,9 +248,18 @@ pub(super) struct Hub {
     pub(super) channels: HashMap<Key, Channel>,
     /// How long media may wait in a stream's window for more (0: every message flushed at once).
     pub(super) merge: Duration,
+    /// Wakes the merge timer, which sleeps while the thread has no stream.
+    pub(super) timer: Option<fmpsc::UnboundedSender<()>>,
 }
 
 impl Hub {
+    /// A stream came to this thread: the merge timer runs again.
+    pub(super) fn wake_timer(&self) {
+        if let Some(timer) = &self.timer {
+            let _ = timer.unbounded_send(());
+        }
+    }
+
     /// Flushes the windows that have waited `merge`: the media thread's one timer, so a stream
     /// whose publisher pauses does not hold its last media back.
     pub(super) fn flush_due(&mut self, now: Instant) {
@@ -453,7 +462,7 @@ mod tests {
     fn stream_windows_are_shared_by_players_and_open_on_keyframes() {
         let stats = crate::stats::MediaStats::default();
         let counters = stats.stream_started("tv", "cam", "rtmp", None);
-        let mut hub = Hub { channels: HashMap::new(), merge: Duration::from_millis(100) };
+        let mut hub = Hub { channels: HashMap::new(), merge: Duration::from_millis(100), timer: None };
         let key: Key = (AppName::parse("tv").unwrap(), StreamName::parse("cam").unwrap());
         hub.channels.insert(
             key.clone(),
@@ -567,7 +576,7 @@ mod tests {
 
     #[test]
     fn with_no_merge_window_every_message_is_written_at_once() {
-        let mut hub = Hub { channels: HashMap::new(), merge: Duration::ZERO };
+        let mut hub = Hub { channels: HashMap::new(), merge: Duration::ZERO, timer: None };
         let key: Key = (AppName::parse("tv").unwrap(), StreamName::parse("cam").unwrap());
         hub.channels.insert(key.clone(), Channel { publisher: Some(9), ..Channel::default() });
         let (p, mut rx) = test_player(1, 1);

@@ -97,7 +97,9 @@ pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::
                         return;
                     }
                 };
-                let hub = RefCell::new(Hub { channels: HashMap::new(), merge: settings.merge_write });
+                let (timer, woken) = futures::channel::mpsc::unbounded();
+                let timer = (!settings.merge_write.is_zero()).then_some(timer);
+                let hub = RefCell::new(Hub { channels: HashMap::new(), merge: settings.merge_write, timer });
                 let ctx = Rc::new(Ctx {
                     thread,
                     directory,
@@ -112,7 +114,7 @@ pub fn spawn(settings: Settings, jobs: mpsc::Sender<AdmitJob>, gate: Arc<crate::
                 });
                 monoio::spawn(serve_inbox(ctx.clone(), inbox));
                 if !settings.merge_write.is_zero() {
-                    monoio::spawn(flush_windows(ctx.clone(), settings.merge_write));
+                    monoio::spawn(flush_windows(ctx.clone(), settings.merge_write, woken));
                 }
                 let settings = Rc::new(settings);
                 if let Some((tls_listener, certs)) = rtmps {
@@ -241,9 +243,21 @@ async fn admitted(
 }
 
 /// The media thread's one merge timer, for streams whose publisher pauses: every half
-/// `merge`, windows that have waited `merge` go (so none waits more than 1.5 × `merge`).
-pub(super) async fn flush_windows(ctx: Rc<Ctx>, merge: Duration) {
+/// `merge`, windows that have waited `merge` go (so none waits more than 1.5 × `merge`). A
+/// thread without a stream has no window: the timer sleeps until a stream comes (`woken`)
+/// instead of waking the thread 1 / (merge / 2) times a second for nothing.
+pub(super) async fn flush_windows(
+    ctx: Rc<Ctx>,
+    merge: Duration,
+    mut woken: futures::channel::mpsc::UnboundedReceiver<()>,
+) {
     loop {
+        if ctx.hub.borrow().channels.is_empty() {
+            if woken.next().await.is_none() {
+                return;
+            }
+            while woken.try_recv().is_ok() {}
+        }
         monoio::time::sleep(merge / 2).await;
         ctx.hub.borrow_mut().flush_due(Instant::now());
     }

@@ -148,8 +148,10 @@ impl<T: Transport> Driver<T> {
         true
     }
 
+    /// When a connection's timers next need a round; with none, nothing but a datagram or a
+    /// command does (the listener keeps no timer of ours).
     fn next_timer(&self, now: Instant) -> Instant {
-        self.conns.values().map(|c| c.next).min().unwrap_or(now + Duration::from_millis(100))
+        self.conns.values().map(|c| c.next).min().unwrap_or(now + Duration::from_secs(3600))
     }
 
     /// Feeds the listener one input and carries out what it asks until it waits.
