@@ -8,10 +8,22 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use sluice_control_plane::EventStore;
-use sluice_tests::{Nats, Postgres, free_port};
+use sluice_tests::{Nats, Postgres, Running, free_port};
 
 mod cluster;
 use cluster::*;
+
+/// A worker `w1` serving SRT on a port of its own, with `extra` settings: the running worker,
+/// its admin and SRT ports, and its log.
+fn srt_worker(nats: &Nats, dir: &std::path::Path, extra: &[(&str, &str)]) -> (Running, u16, u16, std::path::PathBuf) {
+    let (admin, srt) = (free_port(), free_port());
+    let log = dir.join("w1.log");
+    let listen = format!("127.0.0.1:{srt}");
+    let settings: Vec<(&str, &str)> =
+        [("SLUICE_SRT_LISTEN", listen.as_str())].into_iter().chain(extra.iter().copied()).collect();
+    let worker = worker_with(&nats.url(), admin, &dir.join("w1"), "w1", &log, &settings);
+    (worker, admin, srt, log)
+}
 
 /// srt-live-transmit as a caller for `secs`: its verbose log (with the reject reason if
 /// refused) and what it received (written to stdout, `file://con`).
@@ -59,17 +71,7 @@ async fn srt_callers_are_decided_from_the_streamid_refused_with_reject_codes_and
     post(&http, cp, "/v1/apps/studio/streams", json!({"name": "idle"})).await;
     let token = post(&http, cp, "/v1/apps/studio/streams/cam1/tokens", json!({"action": "publish"})).await;
     let token = token["token"].as_str().unwrap().to_owned();
-    let (admin, srt) = (free_port(), free_port());
-    let w_log = dir.path().join("w1.log");
-    let listen = format!("127.0.0.1:{srt}");
-    let _w = worker_with(
-        &nats.url(),
-        admin,
-        &dir.path().join("w1"),
-        "w1",
-        &w_log,
-        &[("SLUICE_SRT_LISTEN", &listen), ("SLUICE_FAILURE_BACKOFF_AFTER", "0")],
-    );
+    let (_w, admin, srt, w_log) = srt_worker(&nats, dir.path(), &[("SLUICE_FAILURE_BACKOFF_AFTER", "0")]);
     ready_at_head(&http, &store, admin).await;
     assert!(read(&w_log).contains("SRT on the batched driver"), "{}", read(&w_log));
 
@@ -262,17 +264,7 @@ async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_clean
     let Plane { pg: _pg, url: _, nats, dir, http, store, cp, control: _cp } = Plane::start("srt_bad").await;
     // Open, and streams need no registration.
     post(&http, cp, "/v1/apps", json!({"name": "open"})).await;
-    let (admin, srt) = (free_port(), free_port());
-    let w_log = dir.path().join("w1.log");
-    let listen = format!("127.0.0.1:{srt}");
-    let _w = worker_with(
-        &nats.url(),
-        admin,
-        &dir.path().join("w1"),
-        "w1",
-        &w_log,
-        &[("SLUICE_SRT_LISTEN", &listen), ("SLUICE_MAX_CONNECTIONS_PER_IP", "4")],
-    );
+    let (_w, admin, srt, w_log) = srt_worker(&nats, dir.path(), &[("SLUICE_MAX_CONNECTIONS_PER_IP", "4")]);
     ready_at_head(&http, &store, admin).await;
 
     // Four publishers from 127.0.0.1 hold its four slots (sending, so none idles out).
@@ -371,11 +363,7 @@ async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_clean
     .await;
     let url = srt_url(srt, "#!::r=open/longgop,m=request");
     let played = tokio::task::spawn_blocking(move || ffmpeg_play(&url)).await.unwrap();
-    let frames = stderr(&played)
-        .rsplit("frame=")
-        .next()
-        .and_then(|rest| rest.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
-        .unwrap_or(0);
+    let frames = frames(&played);
     assert!(played.status.success() && frames > 0, "no frames from the GOP cache: {}", stderr(&played));
     let ended = tokio::task::spawn_blocking(move || wait_bounded(publisher, Duration::from_secs(30))).await.unwrap();
     assert!(ended.is_some());
@@ -412,17 +400,7 @@ async fn srt_callers_from_one_address_are_bounded_and_vanished_callers_are_clean
 async fn the_srt_tokio_engine_still_decides_and_relays() {
     let Plane { pg: _pg, url: _, nats, dir, http, store, cp, control: _cp } = Plane::start("srt_tokio").await;
     post(&http, cp, "/v1/apps", json!({"name": "open"})).await;
-    let (admin, srt) = (free_port(), free_port());
-    let w_log = dir.path().join("w1.log");
-    let listen = format!("127.0.0.1:{srt}");
-    let _w = worker_with(
-        &nats.url(),
-        admin,
-        &dir.path().join("w1"),
-        "w1",
-        &w_log,
-        &[("SLUICE_SRT_LISTEN", &listen), ("SLUICE_SRT_ENGINE", "tokio")],
-    );
+    let (_w, admin, srt, w_log) = srt_worker(&nats, dir.path(), &[("SLUICE_SRT_ENGINE", "tokio")]);
     ready_at_head(&http, &store, admin).await;
     assert!(read(&w_log).contains("SRT on srt-tokio"), "{}", read(&w_log));
     assert_eq!(reject_code(srt, "#!::r=nosuchapp/cam,m=publish").await, 1404);
@@ -432,11 +410,7 @@ async fn the_srt_tokio_engine_still_decides_and_relays() {
     until("the stream is live", || async { get(&http, stats.clone()).await.1["live"] == true }).await;
     let url = srt_url(srt, "#!::r=open/cam,m=request");
     let played = tokio::task::spawn_blocking(move || ffmpeg_play(&url)).await.unwrap();
-    let frames = stderr(&played)
-        .rsplit("frame=")
-        .next()
-        .and_then(|rest| rest.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
-        .unwrap_or(0);
+    let frames = frames(&played);
     assert!(played.status.success() && frames > 0, "no frames through srt-tokio: {}", stderr(&played));
     let mut publisher = publisher;
     publisher.kill().unwrap();

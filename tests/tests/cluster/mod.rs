@@ -238,6 +238,15 @@ pub fn ffmpeg_testsrc(format: &str, url: &str, secs: u32) -> Command {
     c
 }
 
+/// The frames ffmpeg says it decoded (its last `frame=` figure), 0 if none.
+pub fn frames(out: &Output) -> u64 {
+    String::from_utf8_lossy(&out.stderr)
+        .rsplit("frame=")
+        .next()
+        .and_then(|rest| rest.split_whitespace().next().and_then(|n| n.parse::<u64>().ok()))
+        .unwrap_or(0)
+}
+
 /// ffmpeg playing `url` for 3 s of media into the null muxer (10 s I/O timeout).
 pub fn ffmpeg_play(url: &str) -> Output {
     Command::new("ffmpeg")
