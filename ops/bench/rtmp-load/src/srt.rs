@@ -1,14 +1,17 @@
 //! `srt-load HOST:PORT STREAMID N SECS`: N SRT receivers (srt-tokio callers) of one stream,
 //! counting payload bytes and the packets their SRT layer dropped as too late (lost to the
 //! application). After a warm-up of 5 s it measures for SECS seconds and prints one JSON line
-//! in `rtmp-load`'s shape plus `lost_packets` and `received_packets`, and `closed_at_ms`: when
-//! each receiver's stream was ended by the server (Unix ms), for the revocation benchmark.
+//! in `rtmp-load`'s shape plus `lost_packets`, `received_packets` and `cpu_seconds` (this
+//! process's, over the window); for the revocation benchmark `closed_at_ms`, when each
+//! receiver's stream was ended by the server, and `last_media_at_ms`, when each last got media
+//! (Unix ms, 0 for none).
 //!
 //! `srt-load --udp FIRST_PORT N SECS`: the same count for N libsrt receivers
 //! (`srt-live-transmit srt://… udp://127.0.0.1:FIRST_PORT+i`) started by the caller: it counts
-//! the datagrams each one forwards. `lost_packets` is then what the SRT layer did not deliver:
-//! srt-live-transmit does not report it, so it stays 0 and the rates tell the loss. The
-//! benchmark uses this mode: libsrt receivers, as real players are.
+//! the datagrams each one forwards (`last_media_at_ms`: the kernel's arrival time of its last
+//! one). `lost_packets` is then what the SRT layer did not deliver: srt-live-transmit does not
+//! report it, so it stays 0 and the rates tell the loss. The benchmark uses this mode by
+//! default: libsrt receivers, as real players are.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -25,6 +28,8 @@ struct Counters {
     bytes: AtomicU64,
     packets: AtomicU64,
     lost: AtomicU64,
+    /// When media last came (Unix ms).
+    last_ms: AtomicU64,
 }
 
 async fn receiver(addr: String, streamid: String, c: Arc<Counters>) -> std::io::Result<()> {
@@ -36,6 +41,7 @@ async fn receiver(addr: String, streamid: String, c: Arc<Counters>) -> std::io::
                 Some(Ok((_, data))) => {
                     c.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                     c.packets.fetch_add(1, Ordering::Relaxed);
+                    c.last_ms.store(unix_ms(), Ordering::Relaxed);
                 }
                 Some(Err(e)) => return Err(e),
                 None => return Ok(()),
@@ -45,14 +51,33 @@ async fn receiver(addr: String, streamid: String, c: Arc<Counters>) -> std::io::
     }
 }
 
-/// Counts the datagrams arriving on one UDP port.
+/// Counts the datagrams arriving on one UDP port, each at the kernel's arrival time (the counter
+/// itself may read late on a busy core).
 async fn udp_counter(port: u16, c: Arc<Counters>) -> std::io::Result<()> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt};
+    use std::os::fd::AsRawFd as _;
     let socket = tokio::net::UdpSocket::bind(("127.0.0.1", port)).await?;
+    let fd = socket.as_raw_fd();
+    setsockopt(fd, sockopt::ReceiveTimestamp, &true)?;
     let mut buf = vec![0u8; 65536];
+    let mut space = nix::cmsg_space!(nix::sys::time::TimeVal);
     loop {
-        let n = socket.recv(&mut buf).await?;
+        let (n, at) = socket
+            .async_io(tokio::io::Interest::READABLE, || {
+                let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+                let m = recvmsg::<SockaddrIn>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_DONTWAIT)?;
+                let at = m.cmsgs().find_map(|c| match c {
+                    ControlMessageOwned::ScmTimestamp(tv) => {
+                        Some(tv.tv_sec() as u64 * 1000 + tv.tv_usec() as u64 / 1000)
+                    }
+                    _ => None,
+                });
+                Ok((m.bytes, at))
+            })
+            .await?;
         c.bytes.fetch_add(n as u64, Ordering::Relaxed);
         c.packets.fetch_add(1, Ordering::Relaxed);
+        c.last_ms.store(at.unwrap_or_else(unix_ms), Ordering::Relaxed);
     }
 }
 
@@ -108,19 +133,29 @@ fn main() {
             snapshot(|c| c.packets.load(Ordering::Relaxed)),
             snapshot(|c| c.lost.load(Ordering::Relaxed)),
         );
-        let t = std::time::Instant::now();
+        let (t, cpu0) = (std::time::Instant::now(), cpu_secs());
         tokio::time::sleep(Duration::from_secs(secs)).await;
+        let cpu = cpu_secs() - cpu0;
         let elapsed = t.elapsed().as_secs_f64();
         let delta = |now: Vec<u64>, then: &[u64]| now.iter().zip(then).map(|(a, b)| a - b).sum::<u64>();
         let extra = serde_json::json!({
             "received_packets": delta(snapshot(|c| c.packets.load(Ordering::Relaxed)), &packets0),
             "lost_packets": delta(snapshot(|c| c.lost.load(Ordering::Relaxed)), &lost0),
+            "cpu_seconds": cpu,
+            "last_media_at_ms": snapshot(|c| c.last_ms.load(Ordering::Relaxed)),
         });
         let bytes = snapshot(|c| c.bytes.load(Ordering::Relaxed));
         let closed = closed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let failed = failed.load(Ordering::Relaxed);
         println!("{}", report::report(failed, elapsed, &bytes0, &bytes, closed, extra));
     });
+}
+
+/// This process's CPU time (user + system), seconds.
+fn cpu_secs() -> f64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let t = |tv: nix::sys::time::TimeVal| tv.tv_sec() as f64 + tv.tv_usec() as f64 / 1e6;
+    getrusage(UsageWho::RUSAGE_SELF).map(|u| t(u.user_time()) + t(u.system_time())).unwrap_or(0.0)
 }
 
 /// The load tool's one clock (it stands outside both planes and their `clock` modules).
