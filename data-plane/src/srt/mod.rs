@@ -132,12 +132,13 @@ fn spawn_batched(tasks: &Tasks, settings: &Settings, admission: Admission) -> st
     let (tick, driver_live) = (settings.tick, live.clone());
     let (started, ready) = std::sync::mpsc::channel();
     std::thread::Builder::new().name("sluice-srt".into()).spawn(move || {
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        // Timers and the socket only: the process and signal drivers would run at every park.
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().enable_io().build() {
             Ok(r) => r,
             Err(e) => return drop(started.send(Err(e))),
         };
         runtime.block_on(async move {
-            let io = match tokio::net::UdpSocket::from_std(udp).and_then(udp::Io::new) {
+            let io = match udp::Io::new(udp) {
                 Ok(io) => io,
                 Err(e) => return drop(started.send(Err(e))),
             };

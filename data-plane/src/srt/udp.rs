@@ -10,8 +10,8 @@ use std::os::fd::AsRawFd;
 use bytes::BytesMut;
 use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
 use srt_protocol::packet::{Packet, ReceivePacketError, ReceivePacketResult};
+use std::net::UdpSocket;
 use tokio::io::Interest;
-use tokio::net::UdpSocket;
 
 /// Segments in one GSO message: the kernel takes at most 64, and 64 KiB in all (48 of
 /// SRT's 1,332-byte datagrams).
@@ -97,6 +97,9 @@ pub(super) trait Transport {
 }
 
 pub(super) struct Io {
+    /// Non-blocking, and in the runtime's epoll only while the driver waits for a datagram
+    /// (`readable`): registered for good, every datagram arriving while the driver sleeps to
+    /// its next round would wake the thread for nothing (250 wakeups a second at 10 players).
     socket: UdpSocket,
     ipv6: bool,
     /// The round's datagrams, serialized back to back.
@@ -114,6 +117,7 @@ pub(super) struct Io {
 
 impl Io {
     pub(super) fn new(socket: UdpSocket) -> io::Result<Io> {
+        socket.set_nonblocking(true)?;
         let ipv6 = socket.local_addr()?.is_ipv6();
         Ok(Io {
             socket,
@@ -127,8 +131,16 @@ impl Io {
         })
     }
 
+    /// Until a datagram is waiting (at once if one already is).
+    // tokio deprecates its safe constructor for I/O safety (a raw fd closed while registered);
+    // here the fd is `self.socket`'s, which outlives the registration, dropped on return.
+    #[allow(deprecated)]
     pub(super) async fn readable(&self) {
-        let _ = self.socket.readable().await;
+        let Ok(fd) = tokio::io::unix::AsyncFd::with_interest(self.socket.as_raw_fd(), Interest::READABLE) else {
+            // Not registrable (never on Linux): the caller's timer paces the driver instead.
+            return std::future::pending().await;
+        };
+        let _ = fd.readable().await;
     }
 }
 
@@ -141,14 +153,14 @@ impl Transport for Io {
             let Io { socket, rx, read, stats, .. } = self;
             stats.receive_calls += 1;
             let fd = socket.as_raw_fd();
-            let result = socket.try_io(Interest::READABLE, || {
+            let result = (|| {
                 let slices: Vec<[IoSliceMut<'_>; 1]> = rx.iter_mut().map(|b| [IoSliceMut::new(&mut b[..])]).collect();
                 let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(slices.len(), None);
                 let results = recvmmsg(fd, &mut headers, &slices, MsgFlags::MSG_DONTWAIT, None)?;
                 read.clear();
                 read.extend(results.map(|r| (r.bytes, r.address.and_then(std_address))));
-                Ok(read.len())
-            });
+                Ok::<_, io::Error>(read.len())
+            })();
             match result {
                 Ok(n) => {
                     reads += n;

@@ -388,26 +388,26 @@ impl<T: Transport> Driver<T> {
 
 impl Driver<Io> {
     /// Rounds until `Command::Stop` (or every sender is gone).
+    ///
+    /// Rounds are at least a tick apart and cost one wakeup each: until a tick after a round
+    /// only a command wakes the driver (a decision to answer, a kick: carried out at once),
+    /// and datagrams wait in the socket, which is not in the runtime's epoll then. After it, a
+    /// round at once if a timer is due or a datagram came; if not, the driver sleeps until a
+    /// datagram, a timer or a command wants one.
     pub(super) async fn run(mut self) {
         loop {
             let started = Instant::now();
             if !self.round(started) {
                 break;
             }
-            // Busy (a timer due within a tick): the next round a tick after this one, one
-            // wakeup a round, and a datagram waits for it. Quiet: a round as soon as a timer
-            // or a datagram wants one, but not before a tick has passed. Either way a command
-            // (a decision to answer, a kick) is carried out the moment it comes.
-            let earliest = started + self.tick;
-            let busy = self.next_timer(started) <= earliest;
-            let wake = if busy { earliest } else { self.next_timer(started) };
-            loop {
+            if !self.commands_until(started + self.tick).await {
+                return self.stop();
+            }
+            let wake = self.next_timer(Instant::now());
+            while wake > Instant::now() {
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake.into()) => break,
-                    _ = self.io.readable(), if !busy => {
-                        tokio::time::sleep_until(earliest.into()).await;
-                        break;
-                    }
+                    _ = self.io.readable() => break,
                     command = self.commands.recv() => {
                         let Some(command) = command else { return self.stop() };
                         if !self.command(Instant::now(), command) {
@@ -415,7 +415,7 @@ impl Driver<Io> {
                         }
                         self.io.flush();
                         // A connection it opened wants its round before the quiet wake.
-                        if !busy && self.next_timer(Instant::now()) < wake {
+                        if self.next_timer(Instant::now()) < wake {
                             break;
                         }
                     }
@@ -423,6 +423,22 @@ impl Driver<Io> {
             }
         }
         self.stop();
+    }
+
+    /// Carries out commands as they come until `deadline`; false on `Stop`.
+    async fn commands_until(&mut self, deadline: Instant) -> bool {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline.into()) => return true,
+                command = self.commands.recv() => {
+                    let Some(command) = command else { return false };
+                    if !self.command(Instant::now(), command) {
+                        return false;
+                    }
+                    self.io.flush();
+                }
+            }
+        }
     }
 
     /// The worker stops: every connection gets a shutdown packet.

@@ -226,8 +226,15 @@ impl DuplexConnection {
         let has_packets_to_send = self.sender.has_packets_to_send();
         let next_message = self.receiver.arq.next_message_release_time();
         let unacked_packets = self.receiver.arq.unacked_packet_count();
-        self.timers
-            .next_timer(now, has_packets_to_send, next_message, unacked_packets)
+        // sluice patch: see `Timers::next_timer`
+        let nak_due = self.receiver.arq.has_loss() || self.status.is_closing();
+        self.timers.next_timer(
+            now,
+            has_packets_to_send,
+            next_message,
+            unacked_packets,
+            nak_due,
+        )
     }
 
     pub fn should_close(&mut self, now: Instant) -> bool {

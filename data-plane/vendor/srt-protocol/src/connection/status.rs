@@ -36,6 +36,16 @@ impl ConnectionStatus {
         matches!(self.connection, Status::Closed)
     }
 
+    /// sluice patch: whether a side is shutting down or draining, so that its timers must be
+    /// checked often (see `Timers::next_timer`).
+    pub fn is_closing(&self) -> bool {
+        use Status::*;
+        !matches!(
+            (&self.connection, &self.sender, &self.receiver),
+            (Open(_), Open(_), Open(_))
+        )
+    }
+
     pub fn should_drain_send_buffer(&self) -> bool {
         use Status::*;
         matches!(self.sender, Shutdown(_) | Drain(_))

@@ -248,6 +248,11 @@ impl AutomaticRepeatRequestAlgorithm {
         Some(Acknowledgement::Full(dsn, statistics, fasn))
     }
 
+    /// sluice patch: see `ReceiveBuffer::has_loss`.
+    pub fn has_loss(&self) -> bool {
+        self.receive_buffer.has_loss()
+    }
+
     pub fn on_nak_event(&mut self, now: Instant) -> Option<CompressedLossList> {
         self.receive_buffer.prepare_loss_list(now, self.rtt.mean())
     }

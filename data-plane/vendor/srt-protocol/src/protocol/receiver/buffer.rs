@@ -207,6 +207,12 @@ impl ReceiveBuffer {
         self.buffer.is_empty()
     }
 
+    /// sluice patch: whether a packet is missing (lost or dropped) before the next expected
+    /// one, i.e. whether the NAK timer has anything to report.
+    pub fn has_loss(&self) -> bool {
+        self.lrsn != self.next_packet_dsn()
+    }
+
     /// Data Sequence Number of the packet following the last acknowledged packet
     pub fn next_ack_dsn(&self) -> SeqNumber {
         self.lrsn

@@ -68,8 +68,17 @@ impl Timers {
         has_packets_to_send: bool,
         next_message: Option<Instant>,
         unacked_packets: u32,
+        nak_due: bool,
     ) -> Instant {
-        let timer = min(self.exp.next_instant(), self.nak.next_instant());
+        // sluice patch: the NAK timer (every 20 ms at least) only when there is a loss to
+        // report or the connection is closing (its drain is checked at the timers); it still
+        // runs whenever the timers are checked. Without this, every connection, a player's
+        // that receives nothing included, asked for a wakeup every 20 ms for nothing.
+        let timer = if nak_due {
+            min(self.exp.next_instant(), self.nak.next_instant())
+        } else {
+            self.exp.next_instant()
+        };
         let timer = next_message.map_or(timer, |message| min(timer, message));
         let timer = if unacked_packets > 0 {
             min(self.full_ack.next_instant(), timer)
@@ -277,11 +286,11 @@ mod tests {
 
         // next timer should be ack, 10ms
         let now = start;
-        let actual_timer = timers.next_timer(now, false, None, 1);
+        let actual_timer = timers.next_timer(now, false, None, 1, true);
         assert_eq!(TimeSpan::from_interval(now, actual_timer), ms(10));
 
         // ack should be disabled if there are no packets waiting acknowledgement
-        let actual_timer = timers.next_timer(now, false, None, 0);
+        let actual_timer = timers.next_timer(now, false, None, 0, true);
         assert!(TimeSpan::from_interval(now, actual_timer) > ms(10));
 
         // fast forward the clock, ACK will fire before other timers
@@ -293,8 +302,11 @@ mod tests {
 
         // NAK will have a lower bound period of 20ms
         let nak = ms(20);
-        let actual_timer = timers.next_timer(now, false, Some(start + ms(10_000)), 1);
+        let actual_timer = timers.next_timer(now, false, Some(start + ms(10_000)), 1, true);
         assert_eq!(TimeSpan::from_interval(start, actual_timer), nak);
+        // sluice patch: with no loss to report, no wakeup for the NAK timer (ACK still due)
+        let no_loss = timers.next_timer(now, false, Some(start + ms(10_000)), 0, false);
+        assert_eq!(TimeSpan::from_interval(start, no_loss), ms(300));
 
         // the NAK timer should trigger
         assert!(timers.check_full_ack(actual_timer).is_some());
@@ -310,7 +322,7 @@ mod tests {
         assert!(timers.check_nak(now).is_some());
 
         // next timer should be EXP
-        let actual_timer = timers.next_timer(now, false, Some(start + ms(10_000)), 1);
+        let actual_timer = timers.next_timer(now, false, Some(start + ms(10_000)), 1, true);
         assert_eq!(
             TimeSpan::from_interval(start, actual_timer),
             exp_lower_bound
