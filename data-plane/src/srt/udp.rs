@@ -24,6 +24,11 @@ const MAX_READS: usize = 4096;
 const READ_BATCH: usize = 64;
 /// The largest datagram read (SRT's maximum packet size is 1,500 bytes).
 const MAX_DATAGRAM: usize = 1500;
+/// Queued bytes that make a round send what it has so far: the round's buffer keeps its
+/// capacity, so without a bound one burst (retransmissions to hundreds of players that fell
+/// behind) would hold memory for good. 4 MiB is about three rounds of 500 players of a
+/// 2.2 Mbit/s stream.
+const FLUSH_BYTES: usize = 4 << 20;
 
 /// A message to send: its peer, where it starts in the round's bytes, its length, and the
 /// segment size if it is a GSO message of several datagrams.
@@ -90,7 +95,7 @@ pub(super) struct IoStats {
 pub(super) trait Transport {
     /// What has arrived, parsed, in order.
     fn receive(&mut self, each: &mut dyn FnMut(ReceivePacketResult));
-    /// A datagram for the end of the round.
+    /// A datagram for the end of the round (or sooner, once a bound of bytes is queued).
     fn queue(&mut self, packet: &Packet, to: SocketAddr);
     /// The end of the round: everything queued goes out.
     fn flush(&mut self);
@@ -137,8 +142,8 @@ impl Io {
     #[allow(deprecated)]
     pub(super) async fn readable(&self) {
         let Ok(fd) = tokio::io::unix::AsyncFd::with_interest(self.socket.as_raw_fd(), Interest::READABLE) else {
-            // Not registrable (never on Linux): the caller's timer paces the driver instead.
-            return std::future::pending().await;
+            // Not registrable (out of memory): the driver then reads at every tick.
+            return;
         };
         let _ = fd.readable().await;
     }
@@ -188,6 +193,9 @@ impl Transport for Io {
         let start = self.out.len();
         packet.serialize(&mut self.out);
         self.queued.push((to, start, self.out.len() - start));
+        if self.out.len() >= FLUSH_BYTES {
+            self.flush();
+        }
     }
 
     /// Sends everything queued: runs of same-size datagrams to one peer as GSO messages (the
@@ -272,6 +280,43 @@ impl Io {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_sends_what_it_has_once_its_buffer_is_full() {
+        use srt_protocol::packet::{
+            DataEncryption, DataPacket, MsgNumber, PacketLocation, SeqNumber, SocketId, TimeStamp,
+        };
+        let io_socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let peer = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = peer.local_addr().expect("address");
+        let mut io = Io::new(io_socket).expect("io");
+        let data = |n: u32| {
+            Packet::Data(DataPacket {
+                seq_number: SeqNumber::new_truncate(n),
+                message_loc: PacketLocation::ONLY,
+                in_order_delivery: false,
+                encryption: DataEncryption::None,
+                retransmitted: false,
+                message_number: MsgNumber::new_truncate(n),
+                timestamp: TimeStamp::from_micros(0),
+                dest_sockid: SocketId(7),
+                payload: bytes::Bytes::from(vec![0x47; 1316]),
+            })
+        };
+        // Three times the bound in one round: never more than the bound plus one datagram held.
+        let mut most = 0;
+        for n in 0..(3 * FLUSH_BYTES / 1332) as u32 {
+            io.queue(&data(n), to);
+            most = most.max(io.out.len());
+        }
+        assert!(most < FLUSH_BYTES + MAX_DATAGRAM, "held {most} bytes");
+        assert!(
+            io.stats.send_calls > 0
+                && io.stats.datagrams_sent + io.stats.send_dropped >= 2 * (FLUSH_BYTES / 1332) as u64
+        );
+        io.flush();
+        assert!(io.out.is_empty() && io.queued.is_empty());
+    }
 
     #[test]
     fn a_peers_run_of_one_size_is_one_gso_message_and_the_rest_go_alone() {
