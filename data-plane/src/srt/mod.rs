@@ -127,30 +127,25 @@ fn spawn_batched(tasks: &Tasks, settings: &Settings, admission: Admission) -> st
     }
     let local = udp.local_addr()?;
     let (requests, requests_rx) = tokio::sync::mpsc::channel(driver::PENDING_REQUESTS);
-    let (commands, commands_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (commands, commands_rx) = driver::commands()?;
     let live = driver::LiveSet::default();
     let (tick, driver_live) = (settings.tick, live.clone());
     let (started, ready) = std::sync::mpsc::channel();
+    // A plain thread: the driver waits in `ppoll` itself (a runtime's park, timer wheel and
+    // registrations cost more than the round at a few players).
     std::thread::Builder::new().name("sluice-srt".into()).spawn(move || {
-        // Timers and the socket only: the process and signal drivers would run at every park.
-        let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().enable_io().build() {
-            Ok(r) => r,
+        let io = match udp::Io::new(udp) {
+            Ok(io) => io,
             Err(e) => return drop(started.send(Err(e))),
         };
-        runtime.block_on(async move {
-            let io = match udp::Io::new(udp) {
-                Ok(io) => io,
-                Err(e) => return drop(started.send(Err(e))),
-            };
-            let _ = started.send(Ok(()));
-            driver::Driver::new(io, local, init, requests, commands_rx, driver_live, tick).run().await;
-        });
+        let _ = started.send(Ok(()));
+        driver::Driver::new(io, local, init, requests, commands_rx, driver_live, tick).run();
     })?;
     ready.recv().map_err(std::io::Error::other)??;
     tracing::info!(listen = %local, tick_ms = tick.as_millis() as u64, "SRT on the batched driver");
     tasks.spawn("SRT admission", driver::admission_loop(requests_rx, commands.clone(), admission, live));
     // When the worker stops, so does the driver (sessions end with a shutdown packet).
-    struct StopOnDrop(tokio::sync::mpsc::UnboundedSender<driver::Command>);
+    struct StopOnDrop(driver::Commands);
     impl Drop for StopOnDrop {
         fn drop(&mut self) {
             let _ = self.0.send(driver::Command::Stop);

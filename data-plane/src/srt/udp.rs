@@ -6,12 +6,14 @@
 use std::io::{self, Cursor, IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use bytes::BytesMut;
+use nix::poll::{PollFd, PollFlags, ppoll};
 use nix::sys::socket::{ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use nix::sys::time::TimeSpec;
 use srt_protocol::packet::{Packet, ReceivePacketError, ReceivePacketResult};
 use std::net::UdpSocket;
-use tokio::io::Interest;
 
 /// Segments in one GSO message: the kernel takes at most 64, and 64 KiB in all (48 of
 /// SRT's 1,332-byte datagrams).
@@ -102,9 +104,9 @@ pub(super) trait Transport {
 }
 
 pub(super) struct Io {
-    /// Non-blocking, and in the runtime's epoll only while the driver waits for a datagram
-    /// (`readable`): registered for good, every datagram arriving while the driver sleeps to
-    /// its next round would wake the thread for nothing (250 wakeups a second at 10 players).
+    /// Non-blocking, and watched only while the driver waits for a datagram (`wait`): watched
+    /// for good, every datagram arriving while the driver sleeps to its next round would wake
+    /// the thread for nothing (250 wakeups a second at 10 players).
     socket: UdpSocket,
     ipv6: bool,
     /// The round's datagrams, serialized back to back.
@@ -136,17 +138,27 @@ impl Io {
         })
     }
 
-    /// Until a datagram is waiting (at once if one already is).
-    // tokio deprecates its safe constructor for I/O safety (a raw fd closed while registered);
-    // here the fd is `self.socket`'s, which outlives the registration, dropped on return.
-    #[allow(deprecated)]
-    pub(super) async fn readable(&self) {
-        let Ok(fd) = tokio::io::unix::AsyncFd::with_interest(self.socket.as_raw_fd(), Interest::READABLE) else {
-            // Not registrable (out of memory): the driver then reads at every tick.
-            return;
-        };
-        let _ = fd.readable().await;
+    /// Until `wake` is readable (a command for the driver), a datagram is waiting (only with
+    /// `datagrams`), or `timeout` has passed: one `ppoll`, nothing registered, so the socket
+    /// wakes the thread only while the driver wants a datagram. Says which of the two is ready
+    /// (neither: the timeout, or a signal).
+    pub(super) fn wait(&self, wake: &impl AsRawFd, datagrams: bool, timeout: Duration) -> Ready {
+        let mut fds =
+            [PollFd::new(wake.as_raw_fd(), PollFlags::POLLIN), PollFd::new(self.socket.as_raw_fd(), PollFlags::POLLIN)];
+        let watched = if datagrams { 2 } else { 1 };
+        if ppoll(&mut fds[..watched], Some(TimeSpec::from_duration(timeout)), None).is_err() {
+            return Ready::default();
+        }
+        let ready = |fd: &PollFd| fd.revents().is_some_and(|r| !r.is_empty());
+        Ready { command: ready(&fds[0]), datagram: datagrams && ready(&fds[1]) }
     }
+}
+
+/// What `Io::wait` found ready.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Ready {
+    pub command: bool,
+    pub datagram: bool,
 }
 
 impl Transport for Io {
@@ -280,6 +292,28 @@ impl Io {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_sees_a_command_always_and_a_datagram_only_when_asked() {
+        use std::os::unix::net::UnixStream;
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let to = socket.local_addr().expect("address");
+        let io = Io::new(socket).expect("io");
+        let (wake, woken) = UnixStream::pair().expect("pair");
+        let short = Duration::from_millis(5);
+        let nothing = io.wait(&woken, true, short);
+        assert!(!nothing.command && !nothing.datagram);
+        UdpSocket::bind("127.0.0.1:0").expect("bind").send_to(b"x", to).expect("send");
+        // A datagram waits unseen while the driver wants commands only.
+        let quiet = io.wait(&woken, false, short);
+        assert!(!quiet.command && !quiet.datagram);
+        let datagram = io.wait(&woken, true, Duration::from_secs(60));
+        assert!(datagram.datagram && !datagram.command);
+        std::io::Write::write_all(&mut &wake, &[1]).expect("wake");
+        let both = io.wait(&woken, true, Duration::from_secs(60));
+        assert!(both.command && both.datagram);
+        assert!(io.wait(&woken, false, Duration::from_secs(60)).command);
+    }
 
     #[test]
     fn a_round_sends_what_it_has_once_its_buffer_is_full() {

@@ -8,7 +8,7 @@ use super::*;
 /// the driver; an admitted session is then held by its guard.
 pub(in crate::srt) async fn admission_loop(
     mut requests: mpsc::Receiver<(SessionId, AccessControlRequest)>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: Commands,
     admission: Admission,
     live: LiveSet,
 ) {
@@ -52,7 +52,7 @@ async fn guard(
     mut admitted: Admitted,
     permit: Permit,
     mut released: oneshot::Receiver<()>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: Commands,
 ) {
     tokio::select! {
         reason = admitted.session.ended() => {

@@ -15,7 +15,9 @@
 //! the session's end (kick on change) into `Command::End`.
 
 use std::collections::{HashMap, HashSet};
+use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -47,6 +49,50 @@ pub use replay::fuzz;
 
 /// Access requests waiting for the admission side at most; more are refused 1503 at once.
 pub(super) const PENDING_REQUESTS: usize = 1024;
+
+/// The tokio side's way to the driver: the command, then a byte on a socket the driver polls
+/// (`Inbox`), so the driver's thread needs no runtime of its own. Once every sender is gone
+/// the socket reads as closed, which wakes the driver to stop.
+#[derive(Clone)]
+pub(super) struct Commands {
+    tx: mpsc::UnboundedSender<Command>,
+    wake: Arc<UnixStream>,
+}
+
+impl Commands {
+    /// Err once the driver is gone.
+    pub(super) fn send(&self, command: Command) -> Result<(), ()> {
+        self.tx.send(command).map_err(drop)?;
+        // A full socket means a wake is already waiting.
+        let _ = (&*self.wake).write(&[1]);
+        Ok(())
+    }
+}
+
+/// The driver's end of `Commands`.
+pub(super) struct Inbox {
+    rx: mpsc::UnboundedReceiver<Command>,
+    wake: UnixStream,
+}
+
+impl Inbox {
+    /// Forgets the wakes so far (the commands themselves are read after, so none is missed).
+    fn drain(&self) {
+        let mut bytes = [0; 64];
+        // Until nothing is left, or the end of the stream (the senders gone: `take_commands`
+        // then finds the channel closed).
+        while matches!((&self.wake).read(&mut bytes), Ok(n) if n > 0) {}
+    }
+}
+
+/// A channel from the tokio side to the driver.
+pub(super) fn commands() -> std::io::Result<(Commands, Inbox)> {
+    let (wake, woken) = UnixStream::pair()?;
+    wake.set_nonblocking(true)?;
+    woken.set_nonblocking(true)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    Ok((Commands { tx, wake: Arc::new(wake) }, Inbox { rx, wake: woken }))
+}
 
 /// What the tokio side tells the driver.
 pub(super) enum Command {
@@ -102,7 +148,7 @@ pub(super) struct Driver<T: Transport = Io> {
     listener: MultiplexListener,
     io: T,
     requests: mpsc::Sender<(SessionId, AccessControlRequest)>,
-    commands: mpsc::UnboundedReceiver<Command>,
+    commands: Inbox,
     /// Accepted, waiting for the handshake to open the connection.
     pending: HashMap<SessionId, Role>,
     conns: HashMap<SessionId, Conn>,
@@ -119,7 +165,7 @@ impl<T: Transport> Driver<T> {
         local: SocketAddr,
         settings: ConnInitSettings,
         requests: mpsc::Sender<(SessionId, AccessControlRequest)>,
-        commands: mpsc::UnboundedReceiver<Command>,
+        commands: Inbox,
         live: LiveSet,
         tick: Duration,
     ) -> Driver<T> {
@@ -144,10 +190,8 @@ impl<T: Transport> Driver<T> {
         for packet in received {
             self.listen(now, Input::Packet(packet));
         }
-        while let Ok(command) = self.commands.try_recv() {
-            if !self.command(now, command) {
-                return false;
-            }
+        if !self.take_commands(now) {
+            return false;
         }
         self.run_timers(now);
         self.io.flush();
@@ -210,6 +254,21 @@ impl<T: Transport> Driver<T> {
                 Action::UpdateStatistics(_) => next.input_from(Ok::<(), ()>(())),
                 Action::WaitForInput | Action::Close => return,
             };
+        }
+    }
+
+    /// Applies the commands waiting; false on `Stop` or once every sender is gone.
+    fn take_commands(&mut self, now: Instant) -> bool {
+        loop {
+            match self.commands.rx.try_recv() {
+                Ok(command) => {
+                    if !self.command(now, command) {
+                        return false;
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return true,
+                Err(mpsc::error::TryRecvError::Disconnected) => return false,
+            }
         }
     }
 
@@ -387,38 +446,36 @@ impl<T: Transport> Driver<T> {
 }
 
 impl Driver<Io> {
-    /// Rounds until `Command::Stop` (or every sender is gone).
+    /// Rounds until `Command::Stop` (or every sender is gone), on the calling thread.
     ///
     /// Rounds are at least a tick apart and cost one wakeup each: until a tick after a round
     /// only a command wakes the driver (a decision to answer, a kick: carried out at once),
-    /// and datagrams wait in the socket, which is not in the runtime's epoll then. After it, a
-    /// round at once if a timer is due or a datagram came; if not, the driver sleeps until a
-    /// datagram, a timer or a command wants one.
-    pub(super) async fn run(mut self) {
+    /// and datagrams wait in the socket, which is not watched then. After it, a round at once
+    /// if a timer is due or a datagram came; if not, the driver sleeps until a datagram, a
+    /// timer or a command wants one. Each wait is one `ppoll`, with no runtime around it.
+    pub(super) fn run(mut self) {
         loop {
             let started = Instant::now();
-            if !self.round(started) {
+            if !self.round(started) || !self.commands_until(started + self.tick) {
                 break;
             }
-            if !self.commands_until(started + self.tick).await {
-                return self.stop();
-            }
             let wake = self.next_timer(Instant::now());
-            while wake > Instant::now() {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(wake.into()) => break,
-                    _ = self.io.readable() => break,
-                    command = self.commands.recv() => {
-                        let Some(command) = command else { return self.stop() };
-                        if !self.command(Instant::now(), command) {
-                            return self.stop();
-                        }
-                        self.io.flush();
-                        // A connection it opened wants its round before the quiet wake.
-                        if self.next_timer(Instant::now()) < wake {
-                            break;
-                        }
+            loop {
+                let now = Instant::now();
+                if wake <= now {
+                    break;
+                }
+                let ready = self.io.wait(&self.commands.wake, true, wake - now);
+                if ready.command {
+                    self.commands.drain();
+                    if !self.take_commands(Instant::now()) {
+                        return self.stop();
                     }
+                    self.io.flush();
+                }
+                // A datagram, the timeout, or a connection a command opened wants its round.
+                if ready.datagram || !ready.command || self.next_timer(Instant::now()) < wake {
+                    break;
                 }
             }
         }
@@ -426,17 +483,18 @@ impl Driver<Io> {
     }
 
     /// Carries out commands as they come until `deadline`; false on `Stop`.
-    async fn commands_until(&mut self, deadline: Instant) -> bool {
+    fn commands_until(&mut self, deadline: Instant) -> bool {
         loop {
-            tokio::select! {
-                _ = tokio::time::sleep_until(deadline.into()) => return true,
-                command = self.commands.recv() => {
-                    let Some(command) = command else { return false };
-                    if !self.command(Instant::now(), command) {
-                        return false;
-                    }
-                    self.io.flush();
+            let now = Instant::now();
+            if now >= deadline {
+                return true;
+            }
+            if self.io.wait(&self.commands.wake, false, deadline - now).command {
+                self.commands.drain();
+                if !self.take_commands(Instant::now()) {
+                    return false;
                 }
+                self.io.flush();
             }
         }
     }
@@ -486,4 +544,54 @@ fn drive(c: &mut Conn, now: Instant, io: &mut impl Transport, released: &mut Vec
     }
     c.next = c.conn.next_timer(now);
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A driver on a loopback socket, run on its own thread; the receiver hears when `run`
+    /// returns.
+    fn running() -> (Commands, std::sync::mpsc::Receiver<()>) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let local = socket.local_addr().expect("address");
+        let io = Io::new(socket).expect("io");
+        let (requests, _asked) = mpsc::channel(PENDING_REQUESTS);
+        let (commands, inbox) = commands().expect("a socket pair");
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _asked = _asked;
+            let driver = Driver::new(
+                io,
+                local,
+                ConnInitSettings::default(),
+                requests,
+                inbox,
+                LiveSet::default(),
+                Duration::from_millis(10),
+            );
+            driver.run();
+            let _ = done.send(());
+        });
+        (commands, finished)
+    }
+
+    #[test]
+    fn an_idle_driver_wakes_for_a_stop() {
+        let (commands, finished) = running();
+        // Idle, it waits with no timer; the command's byte is what wakes it.
+        assert!(finished.recv_timeout(Duration::from_millis(200)).is_err(), "ran off by itself");
+        commands.send(Command::Stop).expect("the driver is there");
+        finished.recv_timeout(Duration::from_secs(60)).expect("the driver stopped");
+    }
+
+    #[test]
+    fn an_idle_driver_stops_once_every_sender_is_gone() {
+        let (commands, finished) = running();
+        let other = commands.clone();
+        drop(commands);
+        assert!(finished.recv_timeout(Duration::from_millis(200)).is_err(), "stopped with a sender left");
+        drop(other);
+        finished.recv_timeout(Duration::from_secs(60)).expect("the driver stopped");
+    }
 }

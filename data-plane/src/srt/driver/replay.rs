@@ -51,10 +51,9 @@ impl Transport for Replay {
 }
 
 /// A driver over `Replay`, and the receiver of its access requests.
-fn replay_driver() -> (Driver<Replay>, mpsc::Receiver<(SessionId, AccessControlRequest)>, mpsc::UnboundedSender<Command>)
-{
+fn replay_driver() -> (Driver<Replay>, mpsc::Receiver<(SessionId, AccessControlRequest)>, Commands) {
     let (requests, asked) = mpsc::channel(PENDING_REQUESTS);
-    let (commands, received) = mpsc::unbounded_channel();
+    let (commands, received) = commands().expect("a socket pair");
     let local = SocketAddr::from(([127, 0, 0, 1], 4200));
     let driver = Driver::new(
         Replay::default(),
