@@ -134,6 +134,14 @@ mod tests {
         (0..hex.len()).step_by(2).map(|j| u8::from_str_radix(&hex[j..j + 2], 16).unwrap()).collect()
     }
 
+    /// Inputs the fuzzer found that panicked the driver (`data-plane/fuzz/regressions`).
+    #[test]
+    fn the_fuzzers_crashes_do_not_panic() {
+        // A caller's key material with no key flag, answered with a passphrase: srt-protocol
+        // unwrapped 8 bytes of wrap and asserted more than 16 (data-plane/vendor/README.md).
+        fuzz(include_bytes!("../../../fuzz/regressions/srt_driver-key-material-without-key"));
+    }
+
     #[test]
     fn a_caller_is_asked_about_then_live_until_kicked_and_its_admission_is_released() {
         let (mut driver, mut asked, _commands) = replay_driver();

@@ -524,6 +524,12 @@ impl KeyingMaterialMessage {
 
         // next 6 bits is reserved, then two bits of KF
         let key_flags = KeyFlags::from_bits_truncate(buf.get_u8() & 0b0000_0011);
+        // sluice patch: key material with no key (neither even nor odd) is invalid (libsrt
+        // refuses it too); accepted, its 8 bytes of wrap reached `aes_unwrap`'s assertion of
+        // more than 16, a panic any caller could trigger with a handshake
+        if key_flags.is_empty() {
+            return Err(PacketParseError::BadSrtExtensionMessage);
+        }
 
         // second 32-bit word: keki
         let keki = buf.get_u32();
@@ -723,6 +729,31 @@ mod tests {
         let deser = Packet::parse(&mut Cursor::new(buf), false).unwrap();
 
         assert_eq!(sid, deser);
+    }
+
+    // sluice patch: key material with no key flag is refused (it reached a panic before)
+    #[test]
+    fn key_material_without_a_key_is_refused() {
+        let salt = b"\x00\x00\x00\x00\x00\x00\x00\x00\x85\x2c\x3c\xcd\x02\x65\x1a\x22";
+        let wrapped = b"U\x06\xe9\xfd\xdfd\xf1'nr\xf4\xe9f\x81#(\xb7\xb5D\x19{\x9b\xcdx";
+        let km = KeyingMaterialMessage {
+            pt: PacketType::KeyingMaterial,
+            key_flags: KeyFlags::EVEN,
+            keki: 0,
+            cipher: CipherType::Ctr,
+            auth: Auth::None,
+            salt: salt[..].into(),
+            wrapped_keys: wrapped[..].into(),
+        };
+        let mut buf = Vec::new();
+        km.serialize(&mut buf);
+        assert_eq!(KeyingMaterialMessage::parse(&mut Cursor::new(&buf[..])).unwrap(), km);
+        // The same message with its key flags (the first word's last two bits) cleared.
+        buf[3] &= !0b11;
+        assert_eq!(
+            KeyingMaterialMessage::parse(&mut Cursor::new(&buf[..])),
+            Err(PacketParseError::BadSrtExtensionMessage)
+        );
     }
 
     #[test]

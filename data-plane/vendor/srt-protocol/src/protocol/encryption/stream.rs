@@ -81,9 +81,10 @@ impl StreamEncryptionKeys {
         let salt = Salt::try_from(key_material.salt.as_slice()).map_err(|_| InvalidSaltLength)?;
         let kek = KeyEncryptionKey::new(key_settings, &salt);
 
-        if key_material.key_flags.bits().count_ones() as usize * key_settings.key_size.as_usize()
-            + 8
-            != key_material.wrapped_keys.len()
+        // sluice patch: no key at all is refused here too, not left to `aes_unwrap`'s assertion
+        if key_material.key_flags.is_empty()
+            || key_material.key_flags.bits().count_ones() as usize * key_settings.key_size.as_usize() + 8
+                != key_material.wrapped_keys.len()
         {
             return Err(KeyMaterialError::InvalidKeyFlags(
                 key_material.key_flags,
